@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LLMFlashError
-from .ffn import FFNWeights
+from .ffn import DenseFFN, FFNWeights
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class LlamaAdapter(Adapter):
 
     def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
         mlp = self.layers(model)[layer].mlp
+        if isinstance(mlp, DenseFFN):  # already swapped: same weights
+            return mlp.w
         bias = getattr(mlp, "act_bias", None)  # a relufied model's learned shift, if any
         return FFNWeights(
             gate=mlp.gate_proj.weight.detach(),  # [d_ffn, d]
@@ -113,6 +115,8 @@ class OPTAdapter(Adapter):
 
     def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
         lyr = self.layers(model)[layer]
+        if isinstance(lyr.fc1, DenseFFN):
+            return lyr.fc1.w
         return FFNWeights(
             gate=None,
             up=lyr.fc1.weight.detach(),

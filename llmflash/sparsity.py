@@ -38,15 +38,10 @@ def calibrate_thresholds(
     install_dense_ffns(model, SparsityRule("relu"), observer=observe)
     for ids in tqdm(list(batches), desc="calibrating thresholds", disable=not progress):
         model(ids)
+    per_layer_sorted = [torch.cat(samples[layer]).sort().values for layer in sorted(samples)]
     out: dict[str, list[float]] = {}
     for target in targets:
-        row = []
-        for layer in sorted(samples):
-            vals = torch.cat(samples[layer])
-            if vals.numel() > 16_000_000:
-                vals = vals[:16_000_000]
-            row.append(float(torch.quantile(vals, float(target))))
-        out[f"{target:g}"] = row
+        out[f"{target:g}"] = [float(v[min(int(target * v.numel()), v.numel() - 1)]) for v in per_layer_sorted]
     return out
 
 
@@ -76,3 +71,41 @@ class ActiveCounter:
     def overall(self) -> float:
         t = sum(self.total)
         return sum(self.active) / t if t else float("nan")
+
+
+CALIBRATION_SOURCE = "wiki:train"
+CALIBRATION_TOKENS = 16_384
+CALIBRATION_SEQ_LEN = 512
+
+
+def rule_for(
+    model: nn.Module, tokenizer, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
+    cache_key: str | None = None,
+) -> SparsityRule:
+    """The sparsity rule for a command's ``--sparsity relu|threshold``.
+
+    Thresholds come from ``thresholds`` (a flash directory's manifest) or are calibrated on ``wiki:train``
+    (32k tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
+    model's FFNs for ``DenseFFN`` modules (same weights).
+    """
+    import json
+
+    from .errors import LLMFlashError
+    from .paths import atomic_file, cache_dir
+    from .text import load_texts, token_stream, windows
+
+    if sparsity == "relu":
+        return SparsityRule("relu")
+    if sparsity != "threshold":
+        raise LLMFlashError(f"unknown sparsity {sparsity!r}: use relu or threshold")
+    if thresholds is None:
+        path = cache_dir() / "thresholds" / f"{cache_key}.json" if cache_key else None
+        if path is not None and path.is_file():
+            thresholds = json.loads(path.read_text())
+        else:
+            stream = token_stream(tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
+            thresholds = calibrate_thresholds(model, windows(stream, CALIBRATION_SEQ_LEN))
+            if path is not None:
+                with atomic_file(path) as tmp:
+                    tmp.write_text(json.dumps(thresholds))
+    return threshold_rule(thresholds, target)
