@@ -146,3 +146,24 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok, src
+
+
+@dataclass
+class LoadedModel:
+    """An in-memory model with what commands need beside it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # display name (alias, directory name, hub id)
+    thresholds: Optional[dict] = None  # calibrated thresholds when loaded from a flash directory
+
+
+def load_any(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """``MODEL`` or a converted flash ``DIR`` (detected by its manifest.json), fully in memory."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from .flashdir import load_in_memory  # the flash directory reader (convert/layout)
+
+        return load_in_memory(path, dtype)
+    model, tok, src = load_model(spec, dtype)
+    return LoadedModel(model, tok, src.name)
