@@ -1,0 +1,455 @@
+"""Flash storage: page-aligned buffers and a parallel direct-I/O reader.
+
+The paper reads FFN neurons from SSD with many small random reads kept in flight at once. On Linux the fastest way to
+do that from Python (measured: see /work/shared/reference/machine.md) is
+
+- files opened with ``O_DIRECT`` (no page cache: what we read is what the disk delivered, and DRAM use stays honest);
+- reads into preallocated page-aligned buffers (``mmap.mmap(-1, n)``), offsets and lengths multiples of 4096;
+- a persistent pool of 16-32 threads, each taking a contiguous slice of the read list and looping ``os.preadv``
+  (which releases the GIL): about 1-2 us of Python per read against about 50 us of device time.
+
+``FlashReader.submit`` returns a ticket so reads stay in flight while the caller computes; ``wait`` blocks on it.
+Filesystems that refuse ``O_DIRECT`` (tmpfs) fall back to buffered reads followed by ``POSIX_FADV_DONTNEED``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from functools import reduce
+from operator import add, or_
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Optional, Union
+
+import numpy as np
+
+from .errors import LLMFlashError
+
+log = logging.getLogger(__name__)
+
+ALIGN_BYTES = 4096  # O_DIRECT needs 512; 4096 matches pages and SSD sectors
+MIN_READS_PER_WORKER = 2  # a small read list wakes fewer workers (a wake-up costs about as much as a read's Python)
+_SMALL_LIST = 64  # read lists up to this length are validated in plain Python
+READ_RANGE_CHUNK_BYTES = 4 << 20  # read_range: one preadv per 4 MiB, several in flight
+
+Buffer = Union[mmap.mmap, memoryview]
+
+
+def align_up(n: int, a: int = ALIGN_BYTES) -> int:
+    return -(-n // a) * a
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """A zero-filled, page-aligned anonymous buffer of ``align_up(nbytes)`` bytes (at least one page).
+
+    Private and prefaulted (MAP_POPULATE, about 0.6-0.9 s/GiB on this VM): O_DIRECT reads into pages never touched
+    fault them in one by one under the reads (measured: 4 KiB reads into a fresh 64 MiB buffer ran at half speed),
+    and shared anonymous memory (``mmap.mmap(-1, n)``'s default) faults 2-3x slower than private. Transparent huge
+    pages were tried: sometimes faster, sometimes 3-5x slower (direct compaction), so not used.
+    """
+    return mmap.mmap(-1, max(align_up(nbytes), ALIGN_BYTES), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
+
+
+def buffer_address(buf) -> int:
+    """Address of the first byte of a writable buffer (mmap, memoryview, bytearray, numpy array)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def proc_read_bytes() -> int:
+    """Bytes this process made the kernel fetch from storage (``read_bytes`` of /proc/self/io), or -1 if unknown.
+
+    Summed over all threads of the process, including O_DIRECT reads from worker threads; page-cache hits do not count.
+    """
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def drop_file_cache(path: Union[str, Path]) -> None:
+    """Evict ``path`` from the page cache (dirty pages are written first, else they would stay)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise LLMFlashError(f"{path} does not exist") from None
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ReadStats:
+    """Cumulative counters of a FlashReader (bytes actually returned by the kernel, not bytes requested)."""
+
+    bytes_read: int = 0
+    reads: int = 0
+    wait_ms: float = 0.0  # caller time spent in read()/submit()/wait() (blocked on I/O or submitting)
+
+    def reset(self) -> None:
+        self.bytes_read, self.reads, self.wait_ms = 0, 0, 0.0
+
+    def snapshot(self) -> "ReadStats":
+        return replace(self)
+
+    copy = snapshot
+
+    def __sub__(self, other: "ReadStats") -> "ReadStats":
+        return ReadStats(self.bytes_read - other.bytes_read, self.reads - other.reads, self.wait_ms - other.wait_ms)
+
+
+def _open_flash(path: Union[str, Path], direct: bool) -> tuple[int, bool]:
+    """Open ``path`` read-only, with O_DIRECT if asked and the filesystem allows it. Returns (fd, direct)."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if direct:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except FileNotFoundError:
+            raise LLMFlashError(f"flash file {path} does not exist; run `llmflash convert` to create it") from None
+        except IsADirectoryError:
+            raise LLMFlashError(f"{path} is a directory, not a flash file") from None
+        except PermissionError:
+            raise LLMFlashError(f"cannot read {path}: permission denied") from None
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise LLMFlashError(f"cannot open {path}: {err.strerror}") from None
+        else:
+            # Some filesystems accept O_DIRECT at open and refuse the reads: probe one aligned read.
+            probe = aligned_buffer(ALIGN_BYTES)
+            try:
+                os.preadv(fd, [probe], 0)
+                return fd, True
+            except OSError as err:
+                os.close(fd)
+                if err.errno != errno.EINVAL:
+                    raise LLMFlashError(f"cannot read {path}: {err.strerror}") from None
+            finally:
+                probe.close()
+        log.warning("%s: the filesystem refuses O_DIRECT; using buffered reads + POSIX_FADV_DONTNEED "
+                    "(slower, more CPU per read)", path)
+    try:
+        return os.open(path, flags), False
+    except FileNotFoundError:
+        raise LLMFlashError(f"flash file {path} does not exist; run `llmflash convert` to create it") from None
+    except OSError as err:
+        raise LLMFlashError(f"cannot open {path}: {err.strerror}") from None
+
+
+class ReadTicket:
+    """Reads in flight from one ``FlashReader.submit``; pass it to ``FlashReader.wait``."""
+
+    __slots__ = ("n_reads", "bytes_read", "reads", "elapsed_ms", "_remaining", "_done", "_error", "_start_ns",
+                 "_views", "_fo", "_nb", "_do")
+
+    def __init__(self, n_reads: int, n_slices: int):
+        self.n_reads = n_reads  # reads requested
+        self.bytes_read = 0  # bytes returned by the kernel (filled in as slices finish)
+        self.reads = 0  # reads performed
+        self.elapsed_ms = 0.0  # submit -> last read done
+        self._remaining = n_slices
+        self._error: Optional[BaseException] = None
+        self._start_ns = time.perf_counter_ns()
+        self._done = threading.Lock()
+        if n_slices:
+            self._done.acquire()  # released by the worker that finishes the last slice
+
+    @property
+    def done(self) -> bool:
+        return self._remaining == 0
+
+
+class _Shared:
+    """What worker threads need (they must not reference the FlashReader, so that it can be garbage collected).
+
+    Owns the file descriptor: it is closed by ``FlashReader.close`` or, if the reader is dropped without closing,
+    when the last worker has exited (reads still in flight keep it open).
+    """
+
+    __slots__ = ("fd", "direct", "lock", "stats")
+
+    def __init__(self, fd: int, direct: bool):
+        self.fd, self.direct = fd, direct
+        self.lock = threading.Lock()
+        self.stats = ReadStats()
+
+    def close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close_fd()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _read_slice(shared: _Shared, mv: memoryview, fo: list, nb: list, do: list, lo: int, hi: int) -> tuple[int, int]:
+    """Reads lo..hi-1 of a ticket; returns (bytes, reads). Raises with the counts so far on the exception."""
+    fd, preadv = shared.fd, os.preadv
+    total, j = 0, lo
+    try:
+        if shared.direct:
+            for j in range(lo, hi):
+                o = do[j]
+                n = nb[j]
+                got = preadv(fd, [mv[o:o + n]], fo[j])
+                if got != n:
+                    got = _short_read(fd, mv, fo[j], n, o, got)
+                total += got
+        else:
+            fadvise, dontneed = os.posix_fadvise, os.POSIX_FADV_DONTNEED
+            for j in range(lo, hi):
+                o = do[j]
+                n = nb[j]
+                got = preadv(fd, [mv[o:o + n]], fo[j])
+                if got != n:
+                    got = _short_read(fd, mv, fo[j], n, o, got)
+                fadvise(fd, fo[j], n, dontneed)
+                total += got
+    except BaseException as err:
+        try:
+            err.counts = (total, j - lo)  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        raise
+    return total, hi - lo
+
+
+def _short_read(fd: int, mv: memoryview, file_off: int, n: int, dest_off: int, got: int) -> int:
+    """Finish a short read: retry while progress stays aligned, stop at EOF and zero the rest of the destination."""
+    while 0 < got < n and got % ALIGN_BYTES == 0:
+        more = os.preadv(fd, [mv[dest_off + got:dest_off + n]], file_off + got)
+        if more == 0:
+            break
+        got += more
+    if got < n:
+        mv[dest_off + got:dest_off + n] = bytes(n - got)
+    return got
+
+
+def _worker(tasks: SimpleQueue, shared: _Shared) -> None:
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        ticket, mv, lo, hi = task
+        error = None
+        try:
+            nbytes, nreads = _read_slice(shared, mv, ticket._fo, ticket._nb, ticket._do, lo, hi)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            error = err
+            nbytes, nreads = getattr(err, "counts", (0, 0))
+        del task, mv
+        with shared.lock:
+            shared.stats.bytes_read += nbytes
+            shared.stats.reads += nreads
+            ticket.bytes_read += nbytes
+            ticket.reads += nreads
+            if error is not None and ticket._error is None:
+                ticket._error = error
+            ticket._remaining -= 1
+            last = ticket._remaining == 0
+        if last:
+            ticket.elapsed_ms = (time.perf_counter_ns() - ticket._start_ns) / 1e6
+            _release_views(ticket)
+            ticket._done.release()
+
+
+def _release_views(ticket: ReadTicket) -> None:
+    views, ticket._views = ticket._views, ()
+    ticket._fo = ticket._nb = ticket._do = None
+    for v in reversed(views):  # lets the caller close its mmap once the reads are done
+        try:
+            v.release()
+        except BufferError:
+            pass
+
+
+def _check_reads(fo: np.ndarray, nb: np.ndarray, do: np.ndarray, fo_l: list, nb_l: list, do_l: list,
+                 mv: memoryview) -> None:
+    """Alignment, sign and bounds of a read list (numpy for long lists, plain Python for short ones)."""
+    if mv.readonly:
+        raise ValueError("the destination buffer is read-only")
+    if len(fo_l) <= _SMALL_LIST:  # plain Python beats numpy's per-call overhead on short lists
+        bits = reduce(or_, fo_l) | reduce(or_, nb_l) | reduce(or_, do_l)
+        end = max(map(add, do_l, nb_l))
+    else:
+        v = fo | nb
+        v |= do
+        bits = int(np.bitwise_or.reduce(v))
+        end = int((do + nb).max())
+    if bits < 0:
+        raise ValueError("negative file offset, length or destination offset")
+    if bits & (ALIGN_BYTES - 1) or buffer_address(mv) % ALIGN_BYTES:
+        raise ValueError(
+            f"unaligned read: file offsets, lengths, destination offsets and the destination address must be "
+            f"multiples of {ALIGN_BYTES} bytes (use aligned_buffer / align_up)")
+    if end > mv.nbytes:
+        raise ValueError(f"destination too small: reads end at byte {end}, buffer holds {mv.nbytes}")
+
+
+class FlashReader:
+    """Parallel positional reads from one file into aligned buffers, through a persistent thread pool.
+
+    ``read(dest, file_offsets, nbytes, dest_offsets)`` performs read j = ``nbytes[j]`` bytes at ``file_offsets[j]``
+    into ``dest[dest_offsets[j]:][:nbytes[j]]``; all values multiples of ``ALIGN_BYTES``. The read list is cut into
+    contiguous slices, one per worker; each worker loops ``os.preadv``. ``stats`` counts bytes the kernel returned.
+    """
+
+    def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True):
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        self.path = Path(path)
+        self.n_threads = n_threads
+        self._shared: Optional[_Shared] = None
+        fd, self.direct = _open_flash(self.path, direct)
+        self.size_bytes = os.fstat(fd).st_size
+        self._shared = _Shared(fd, self.direct)
+        self.stats = self._shared.stats
+        self._tasks: SimpleQueue = SimpleQueue()
+        self._threads = [
+            threading.Thread(target=_worker, args=(self._tasks, self._shared), name=f"llmflash-io-{i}", daemon=True)
+            for i in range(n_threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def submit(
+        self, dest: Buffer, file_offsets: np.ndarray, nbytes: np.ndarray, dest_offsets: np.ndarray
+    ) -> ReadTicket:
+        """Start the reads and return at once; the destination must stay alive and untouched until ``wait``."""
+        t0 = time.perf_counter_ns()
+        if self._shared is None:
+            raise ValueError(f"FlashReader({self.path}) is closed")
+        fo = np.asarray(file_offsets, dtype=np.int64)
+        nb = np.asarray(nbytes, dtype=np.int64)
+        do = np.asarray(dest_offsets, dtype=np.int64)
+        n = len(fo)
+        if len(nb) != n or len(do) != n:
+            raise ValueError(f"read lists differ in length: {n} file offsets, {len(nb)} lengths, "
+                             f"{len(do)} dest offsets")
+        if n == 0:
+            return ReadTicket(0, 0)
+        mv = memoryview(dest)
+        views = [mv]
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+            views.append(mv)
+        fo_l, nb_l, do_l = fo.tolist(), nb.tolist(), do.tolist()
+        try:
+            _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv)
+        except ValueError:
+            for v in reversed(views):
+                v.release()
+            raise
+
+        k = min(len(self._threads), -(-n // MIN_READS_PER_WORKER))  # slices (= workers woken)
+        ticket = ReadTicket(n, k)
+        ticket._fo, ticket._nb, ticket._do = fo_l, nb_l, do_l
+        ticket._views = tuple(views)
+        put = self._tasks.put
+        lo = 0
+        for i in range(1, k + 1):
+            hi = i * n // k
+            put((ticket, mv, lo, hi))
+            lo = hi
+        del mv, views
+        with self._shared.lock:
+            self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        return ticket
+
+    def wait(self, ticket: ReadTicket) -> None:
+        """Block until the ticket's reads are done; re-raise the first error a worker met."""
+        if ticket._remaining:
+            t0 = time.perf_counter_ns()
+            ticket._done.acquire()
+            ticket._done.release()
+            with self._shared.lock:  # type: ignore[union-attr]
+                self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        if ticket._error is not None:
+            err, ticket._error = ticket._error, None
+            try:
+                err.add_note(f"while reading {self.path}")
+            except AttributeError:  # Python < 3.11
+                pass
+            raise err
+
+    def read(self, dest: Buffer, file_offsets: np.ndarray, nbytes: np.ndarray, dest_offsets: np.ndarray) -> None:
+        """Blocking read: ``wait(submit(...))``."""
+        self.wait(self.submit(dest, file_offsets, nbytes, dest_offsets))
+
+    # --- lifetime ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish reads in flight, stop the workers and close the file. Idempotent."""
+        shared = self._stop_workers()
+        if shared is None:
+            return
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        shared.close_fd()
+
+    def _stop_workers(self) -> Optional[_Shared]:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            for _ in self._threads:
+                self._tasks.put(None)  # after the tasks already queued
+        return shared
+
+    def __enter__(self) -> "FlashReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # No join here (this may run at interpreter shutdown): the workers exit after the reads already queued and
+        # the last one to go drops the _Shared, which closes the file.
+        try:
+            self._stop_workers()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._shared is None else f"{self.n_threads} threads"
+        return f"FlashReader({str(self.path)!r}, direct={self.direct}, {state})"
+
+
+def read_range(path: Union[str, Path], offset: int = 0, nbytes: Optional[int] = None, n_threads: int = 4) -> mmap.mmap:
+    """Read ``nbytes`` (default: to the end of the file) at ``offset`` into a new aligned buffer, bypassing the cache.
+
+    ``offset`` must be a multiple of ``ALIGN_BYTES``. The buffer holds ``align_up(nbytes)`` bytes; the data is
+    ``buf[:nbytes]`` and the rest is zero. A file shorter than the range is an ``LLMFlashError``.
+    """
+    if offset % ALIGN_BYTES:
+        raise ValueError(f"read_range offset {offset} is not a multiple of {ALIGN_BYTES}")
+    with FlashReader(path, n_threads=n_threads) as reader:
+        if nbytes is None:
+            nbytes = max(reader.size_bytes - offset, 0)
+        if offset + nbytes > reader.size_bytes:
+            raise LLMFlashError(f"{path} is truncated: {reader.size_bytes} bytes, expected at least "
+                                f"{offset + nbytes}; recreate it")
+        buf = aligned_buffer(nbytes)
+        total = align_up(nbytes)
+        if total:
+            dest_offsets = np.arange(0, total, READ_RANGE_CHUNK_BYTES, dtype=np.int64)
+            lengths = np.minimum(READ_RANGE_CHUNK_BYTES, total - dest_offsets)
+            reader.read(buf, dest_offsets + offset, lengths, dest_offsets)
+        if len(buf) > nbytes:
+            buf[nbytes:] = bytes(len(buf) - nbytes)  # bytes past the range (read for alignment) are not data
+    return buf

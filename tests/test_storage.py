@@ -1,0 +1,334 @@
+"""Aligned buffers, the parallel direct-I/O reader, and ``profile-io``."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmflash import storage
+from llmflash.errors import LLMFlashError
+from llmflash.storage import (
+    ALIGN_BYTES, FlashReader, ReadStats, aligned_buffer, align_up, drop_file_cache, proc_read_bytes, read_range,
+)
+
+A = ALIGN_BYTES
+
+
+def _random_file(path: Path, nbytes: int, seed: int = 0) -> bytes:
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    return data
+
+
+def _random_reads(rng, file_bytes: int, n: int, max_pages: int = 16):
+    """n reads of 1..max_pages pages at random aligned file offsets, into shuffled non-overlapping dest slots."""
+    pages = rng.integers(1, max_pages + 1, n)
+    nbytes = pages * A
+    file_offsets = rng.integers(0, (file_bytes - max_pages * A) // A, n) * A
+    order = rng.permutation(n)
+    dest_offsets = np.zeros(n, dtype=np.int64)
+    dest_offsets[order] = np.concatenate([[0], np.cumsum(nbytes[order])[:-1]])
+    return file_offsets.astype(np.int64), nbytes.astype(np.int64), dest_offsets, int(nbytes.sum())
+
+
+def _check(buf, data: bytes, file_offsets, nbytes, dest_offsets) -> None:
+    for fo, nb, do in zip(file_offsets.tolist(), nbytes.tolist(), dest_offsets.tolist()):
+        assert buf[do:do + nb] == data[fo:fo + nb]
+
+
+@pytest.fixture
+def flash_file(tmp_path):
+    path = tmp_path / "flash.bin"
+    return path, _random_file(path, 8 << 20)
+
+
+def test_align_up():
+    assert [align_up(n) for n in (0, 1, 4096, 4097)] == [0, 4096, 4096, 8192]
+    assert align_up(5, 4) == 8
+
+
+def test_aligned_buffer_is_page_aligned_and_zeroed():
+    for n in (1, 4096, 12345, 3 << 20):
+        buf = aligned_buffer(n)
+        assert ctypes.addressof(ctypes.c_char.from_buffer(buf)) % A == 0
+        assert len(buf) == align_up(n)
+        assert buf[:] == bytes(len(buf))
+        buf.close()
+    assert len(aligned_buffer(0)) == A  # never an empty mapping
+
+
+def test_reader_reads_exact_bytes_and_counts(flash_file):
+    path, data = flash_file
+    rng = np.random.default_rng(1)
+    with FlashReader(path, n_threads=8) as reader:
+        assert reader.direct  # ext4 under tmp_path
+        total_bytes, total_reads = 0, 0
+        for n in (1, 3, 17, 500):  # fewer reads than workers, and many per worker
+            fo, nb, do, nbytes = _random_reads(rng, len(data), n)
+            buf = aligned_buffer(nbytes)
+            reader.read(buf, fo, nb, do)
+            _check(buf, data, fo, nb, do)
+            total_bytes += nbytes
+            total_reads += n
+            assert reader.stats.bytes_read == total_bytes and reader.stats.reads == total_reads
+        assert reader.stats.wait_ms > 0
+        snap = reader.stats.snapshot()
+        reader.stats.reset()
+        assert reader.stats == ReadStats() and snap.reads == total_reads
+
+
+def test_reader_into_memoryview_and_buffer_released(flash_file):
+    path, data = flash_file
+    buf = aligned_buffer(64 * A)
+    view = memoryview(buf)[8 * A:]  # an aligned window of the buffer
+    with FlashReader(path, n_threads=4) as reader:
+        fo = np.array([0, 10 * A, 100 * A], dtype=np.int64)
+        nb = np.array([A, 2 * A, 4 * A], dtype=np.int64)
+        do = np.array([0, A, 3 * A], dtype=np.int64)
+        reader.read(view, fo, nb, do)
+        _check(memoryview(buf)[8 * A:], data, fo, nb, do)
+        reader.read(buf, [], [], [])  # an empty list is fine
+    view.release()
+    buf.close()  # no views left behind by the reader
+
+
+def test_short_read_at_eof_counts_returned_bytes(tmp_path):
+    path = tmp_path / "odd.bin"
+    data = _random_file(path, 3 * A + 1000)
+    buf = aligned_buffer(4 * A)
+    buf[:] = b"\xff" * len(buf)
+    with FlashReader(path, n_threads=2) as reader:
+        reader.read(buf, np.array([2 * A], np.int64), np.array([2 * A], np.int64), np.array([0], np.int64))
+        assert reader.stats.bytes_read == A + 1000 and reader.stats.reads == 1
+    assert buf[:A + 1000] == data[2 * A:]
+    assert buf[A + 1000:2 * A] == bytes(A - 1000)  # zero-filled remainder
+
+
+def test_submit_wait_two_in_flight(flash_file):
+    path, data = flash_file
+    rng = np.random.default_rng(2)
+    with FlashReader(path, n_threads=4) as reader:
+        fo1, nb1, do1, n1 = _random_reads(rng, len(data), 300)
+        fo2, nb2, do2, n2 = _random_reads(rng, len(data), 40)
+        buf1, buf2 = aligned_buffer(n1), aligned_buffer(n2)
+        t1 = reader.submit(buf1, fo1, nb1, do1)
+        t2 = reader.submit(buf2, fo2, nb2, do2)
+        reader.wait(t2)
+        reader.wait(t1)
+        assert t1.done and t2.done and t1.bytes_read == n1 and t2.reads == 40
+        reader.wait(t1)  # waiting twice is harmless
+        _check(buf1, data, fo1, nb1, do1)
+        _check(buf2, data, fo2, nb2, do2)
+        assert reader.stats.bytes_read == n1 + n2 and reader.stats.reads == 340
+
+
+def test_bad_read_lists_raise_clear_errors(flash_file):
+    path, _ = flash_file
+    buf = aligned_buffer(4 * A)
+    one = np.zeros(1, np.int64)
+    with FlashReader(path, n_threads=2) as reader:
+        with pytest.raises(ValueError, match="unaligned"):
+            reader.read(buf, one, np.array([100], np.int64), one)
+        with pytest.raises(ValueError, match="unaligned"):
+            reader.read(buf, np.array([512], np.int64), np.array([A], np.int64), one)
+        with pytest.raises(ValueError, match="unaligned"):  # destination address not aligned
+            reader.read(memoryview(buf)[512:], one, np.array([A], np.int64), one)
+        with pytest.raises(ValueError, match="too small"):
+            reader.read(buf, one, np.array([8 * A], np.int64), one)
+        with pytest.raises(ValueError, match="read-only"):
+            reader.read(bytes(4 * A), one, np.array([A], np.int64), one)
+        with pytest.raises(ValueError, match="differ in length"):
+            reader.read(buf, one, np.array([A, A], np.int64), one)
+        with pytest.raises(ValueError, match="negative"):
+            reader.read(buf, np.array([-A], np.int64), np.array([A], np.int64), one)
+        assert reader.stats.reads == 0
+    buf.close()  # failed calls left no views behind
+
+
+def test_worker_errors_reach_the_caller(flash_file, monkeypatch):
+    path, data = flash_file
+    real_preadv = os.preadv
+
+    def failing_preadv(fd, buffers, offset, *args):
+        if offset == 5 * A:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_preadv(fd, buffers, offset, *args)
+
+    with FlashReader(path, n_threads=4) as reader:
+        monkeypatch.setattr(os, "preadv", failing_preadv)
+        fo = np.arange(40, dtype=np.int64) * A
+        buf = aligned_buffer(40 * A)
+        with pytest.raises(OSError, match="simulated"):
+            reader.read(buf, fo, np.full(40, A, np.int64), fo)
+        # the failing worker stops its slice (reads 0-9) at read 5; the others finish theirs; all counted exactly
+        assert reader.stats.reads == 35 and reader.stats.bytes_read == 35 * A
+        monkeypatch.setattr(os, "preadv", real_preadv)
+        reader.read(buf, fo, np.full(40, A, np.int64), fo)  # the pool survives
+        assert buf[:] == data[:40 * A]
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(LLMFlashError, match="nope.bin"):
+        FlashReader(tmp_path / "nope.bin")
+
+
+def test_close_stops_threads_and_is_idempotent(flash_file):
+    path, _ = flash_file
+    before = threading.active_count()
+    reader = FlashReader(path, n_threads=6)
+    assert threading.active_count() == before + 6
+    reader.close()
+    reader.close()
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="closed"):
+        reader.read(aligned_buffer(A), [0], [A], [0])
+    fds = len(os.listdir("/proc/self/fd"))
+    FlashReader(path, n_threads=6)  # dropped at once: __del__ stops its threads, the last one closes the file
+    gc.collect()
+    for _ in range(200):
+        if threading.active_count() == before:
+            break
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_kernel_sees_the_bytes_we_count(tmp_path):
+    """read_bytes of /proc/self/io sums over threads, so O_DIRECT reads from the workers show up."""
+    if proc_read_bytes() < 0:
+        pytest.skip("/proc/self/io is not available")
+    path = tmp_path / "acct.bin"
+    data = _random_file(path, 16 << 20)
+    rng = np.random.default_rng(3)
+    fo, nb, do, nbytes = _random_reads(rng, len(data), 400)
+    buf = aligned_buffer(nbytes)
+    with FlashReader(path, n_threads=16) as reader:
+        drop_file_cache(path)
+        k0 = proc_read_bytes()
+        reader.read(buf, fo, nb, do)
+        kernel = proc_read_bytes() - k0
+        assert reader.stats.bytes_read == nbytes
+    assert abs(kernel - nbytes) <= 0.05 * nbytes, (kernel, nbytes)
+    # and O_DIRECT left the page cache empty: a buffered read of the same bytes goes to the disk again
+    k0 = proc_read_bytes()
+    with open(path, "rb") as f:
+        f.seek(int(fo[0]))
+        assert f.read(int(nb[0])) == data[fo[0]:fo[0] + nb[0]]
+    assert proc_read_bytes() - k0 >= nb[0]
+
+
+def _shm_file(tmp_name: str) -> tuple[Path, bytes]:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("/dev/shm is missing")
+    path = Path("/dev/shm") / f"llmflash-test-{os.getpid()}-{tmp_name}"
+    return path, _random_file(path, 2 << 20, seed=4)
+
+
+@pytest.mark.parametrize("refuse", ["none", "open", "first_read"])
+def test_fallback_without_o_direct(refuse, monkeypatch, caplog):
+    """tmpfs refused O_DIRECT before Linux 6.6 (newer kernels accept it): refusals are also simulated."""
+    path, data = _shm_file(refuse)
+    try:
+        real_open, real_preadv = os.open, os.preadv
+        if refuse == "open":
+            def fake_open(p, flags, *a, **k):
+                if flags & os.O_DIRECT:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                return real_open(p, flags, *a, **k)
+
+            monkeypatch.setattr(storage.os, "open", fake_open)
+        elif refuse == "first_read":
+            direct_fds = set()
+
+            def fake_open(p, flags, *a, **k):
+                fd = real_open(p, flags, *a, **k)
+                (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # fd numbers are reused
+                return fd
+
+            def fake_preadv(fd, bufs, off, *a):
+                if fd in direct_fds:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                return real_preadv(fd, bufs, off, *a)
+
+            monkeypatch.setattr(storage.os, "open", fake_open)
+            monkeypatch.setattr(storage.os, "preadv", fake_preadv)
+        rng = np.random.default_rng(5)
+        fo, nb, do, nbytes = _random_reads(rng, len(data), 50, max_pages=4)
+        buf = aligned_buffer(nbytes)
+        with caplog.at_level(logging.WARNING, logger="llmflash.storage"):
+            with FlashReader(path, n_threads=4) as reader:
+                reader.read(buf, fo, nb, do)
+                direct = reader.direct
+        _check(buf, data, fo, nb, do)
+        assert reader.stats.bytes_read == nbytes
+        warnings = [r for r in caplog.records if "O_DIRECT" in r.getMessage()]
+        if refuse == "none":
+            assert len(warnings) == (0 if direct else 1)
+        else:
+            assert not direct and len(warnings) == 1
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_read_range(flash_file):
+    path, data = flash_file
+    whole = read_range(path)
+    assert len(whole) == len(data) and whole[:] == data
+    part = read_range(path, 3 * A, 10000)
+    assert len(part) == align_up(10000) and part[:10000] == data[3 * A:3 * A + 10000]
+    assert part[10000:] == bytes(len(part) - 10000)
+    with pytest.raises(LLMFlashError, match="truncated"):
+        read_range(path, 0, len(data) + 1)
+    with pytest.raises(ValueError):
+        read_range(path, 100, 10)
+
+
+# --- profile-io -----------------------------------------------------------------------------------------------
+def test_profile_io_rows(tmp_path):
+    from llmflash.profile_io import PROFILE_FILE_NAME, plot_profile, profile_io
+
+    rows = profile_io(tmp_path, 32 << 20, chunk_sizes=(4096, 65536), thread_counts=(1, 8), repeats=1,
+                      reads_per_point=200, progress=False)
+    assert sorted((r["chunk_bytes"], r["threads"]) for r in rows) == [(4096, 1), (4096, 8), (65536, 1), (65536, 8)]
+    for r in rows:
+        assert r["gbps"] > 0 and len(r["gbps_runs"]) == 1 and r["direct"] is True
+        assert r["bytes_read"] == r["reads"] * r["chunk_bytes"]
+        if r["kernel_read_bytes"] >= 0:
+            assert abs(r["kernel_read_bytes"] - r["bytes_read"]) <= 0.05 * r["bytes_read"]
+    test_file = tmp_path / PROFILE_FILE_NAME
+    assert test_file.stat().st_size == 32 << 20
+    with open(test_file, "rb") as f:
+        assert f.read(A).count(0) < A // 16  # non-zero data
+    mtime = test_file.stat().st_mtime_ns
+    profile_io(tmp_path, 32 << 20, chunk_sizes=(8192,), thread_counts=(2,), repeats=1, progress=False)
+    assert test_file.stat().st_mtime_ns == mtime  # reused
+    plot_profile(rows, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_io_cli(tmp_path, capsys):
+    from llmflash.cli import main
+
+    out = tmp_path / "out.json"
+    assert main(["profile-io", "--dir", str(tmp_path), "--size-gb", "0.03", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and rows
+    assert all({"chunk_bytes", "threads", "gbps"} <= set(r) for r in rows)
+    assert "GB/s" in capsys.readouterr().out
+
+    assert main(["profile-io", "--dir", str(tmp_path / "missing"), "--size-gb", "0.03"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["profile-io", "--dir", str(tmp_path), "--size-gb", "1000000"]) == 2
+    assert "free space" in capsys.readouterr().err
