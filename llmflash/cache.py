@@ -1,0 +1,126 @@
+"""The sliding-window neuron cache: one preallocated DRAM matrix per layer (the paper's Section 3.3).
+
+Per layer: a matrix of ``capacity`` rows (one per cached neuron, in the flash row format so direct-I/O reads land in
+place), the original neuron id of each row, and a count of used rows. A neuron stays while it was active in one of
+the last ``window`` tokens. Deleting moves the last rows into the freed slots; inserting appends at the end; compute
+uses the first ``count`` rows in whatever order they are. Nothing is allocated per token except small index arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .layout import FlashLayout
+from .storage import aligned_buffer
+
+NEVER = np.iinfo(np.int64).min // 2
+
+
+class RowStore:
+    """``capacity`` rows of every segment of one layer, in page-aligned buffers (direct-I/O destinations)."""
+
+    def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype) -> None:
+        self.layout = layout
+        self.capacity = capacity
+        self.buffers = [aligned_buffer(max(1, capacity) * seg.stride_bytes) for seg in layout.segments]
+        elem = layout.elem_bytes
+        self.rows: list[Tensor] = [  # per segment: [capacity, stride_bytes / elem]
+            torch.frombuffer(buf, dtype=dtype, count=capacity * seg.stride_bytes // elem).view(capacity, -1)
+            if capacity else torch.empty(0, seg.stride_bytes // elem, dtype=dtype)
+            for buf, seg in zip(self.buffers, layout.segments)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.buffers)
+
+    def part(self, name: str, n: int) -> Tensor:
+        """View [n, d] of one part (gate/up/down) over the first n rows."""
+        s, off = self.layout.locate(name)
+        return self.rows[s][:n, off : off + self.layout.d_model]
+
+
+@dataclass
+class CacheUpdate:
+    load_ids: np.ndarray  # sorted neuron ids to read into rows [dest_row, dest_row + len)
+    dest_row: int
+    overflow_ids: np.ndarray  # needed now but beyond capacity: computed from the staging buffer, not cached
+    deleted: int  # rows freed this step
+    moved: int  # rows moved to fill holes
+
+
+class NeuronCache:
+    """One layer's window of active neurons: ``update`` decides what to delete and what to read."""
+
+    def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype) -> None:
+        self.d_ffn = layout.d_ffn
+        self.capacity = min(capacity, layout.d_ffn)
+        self.window = window
+        self.store = RowStore(layout, self.capacity, dtype)
+        self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
+        self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
+        self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + self.ids.nbytes + self.slot.nbytes + self.last.nbytes
+
+    def cached_ids(self) -> np.ndarray:
+        return self.ids[: self.count]
+
+    def update(self, need: np.ndarray, step: int) -> CacheUpdate:
+        """Slide the window to ``step`` with ``need`` (sorted unique ids) active now; plan the reads."""
+        self.last[need] = step
+        live = self.ids[: self.count]
+        expired = np.flatnonzero(self.last[live] <= step - self.window)  # rows whose neuron left the window
+        deleted = expired.size
+        moved = self._delete(expired)
+        missing = need[self.slot[need] < 0]
+        free = self.capacity - self.count
+        if missing.size > free:  # over capacity: drop cached neurons not needed now, least recently needed first
+            live = self.ids[: self.count]
+            candidates = np.flatnonzero(self.last[live] < step)
+            k = min(missing.size - free, candidates.size)
+            if k:
+                victims = candidates[np.argsort(self.last[live[candidates]], kind="stable")[:k]]
+                deleted += victims.size
+                moved += self._delete(victims)
+            free = self.capacity - self.count
+        load, overflow = missing[:free], missing[free:]
+        dest = self.count
+        end = dest + load.size
+        self.ids[dest:end] = load
+        self.slot[load] = np.arange(dest, end)
+        self.count = end
+        return CacheUpdate(load, dest, overflow, deleted, moved)
+
+    def _delete(self, rows: np.ndarray) -> int:
+        """Remove ``rows`` by moving the last surviving rows into the holes. Returns the number of rows moved."""
+        if rows.size == 0:
+            return 0
+        n_after = self.count - rows.size
+        self.slot[self.ids[rows]] = -1
+        holes = rows[rows < n_after]
+        tail_keep = np.ones(self.count - n_after, dtype=bool)
+        tail_keep[rows[rows >= n_after] - n_after] = False
+        src = np.arange(n_after, self.count)[tail_keep]
+        if holes.size:
+            h, s = torch.from_numpy(holes), torch.from_numpy(src)
+            for mat in self.store.rows:
+                mat[h] = mat[s]
+            self.ids[holes] = self.ids[src]
+            self.slot[self.ids[holes]] = holes
+        self.ids[n_after : self.count] = -1
+        self.count = n_after
+        return int(holes.size)
+
+    def clear(self) -> None:
+        self.slot[self.ids[: self.count]] = -1
+        self.ids[:] = -1
+        self.last[:] = NEVER
+        self.count = 0

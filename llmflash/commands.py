@@ -1,0 +1,198 @@
+"""Command handlers for ``convert``, ``generate``, ``eval-ppl`` and ``demo`` (thin: parse, call the API, print)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .engine import MODES, Engine, EngineConfig, GenerationResult
+from .errors import LLMFlashError
+from .report import fmt_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a model into a flash directory")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
+    p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy generation from a flash directory")
+    p.add_argument("dir", metavar="DIR")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _engine_args(p)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval-ppl", help="perplexity on a text file (dense, oracle or predictor sparsity)")
+    p.add_argument("model", metavar="DIR|MODEL")
+    p.add_argument("--text-file", required=True, help="UTF-8 file, or wiki:eval / wiki:train / hf:NAME")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--mode", default="dense", choices=("dense", "oracle", "predictor"))
+    p.add_argument("--predictors", metavar="PATH")
+    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--threshold-sparsity", type=float, default=0.8)
+    p.add_argument("--window", type=int, default=5, help="predictor mode: sliding window in tokens")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("demo", help="the main job: dense vs naive vs sparse flash inference on the default model")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", default="The history of the printing press begins")
+    p.add_argument("--dram-budget", type=float, default=0.5)
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=cmd_demo)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="oracle", choices=MODES)
+    p.add_argument("--dram-budget", type=float, default=0.5, help="fraction of the model's weight bytes (default 0.5)")
+    p.add_argument("--window", type=int, default=5, help="sliding window in tokens (paper: 4-5)")
+    p.add_argument("--threads", type=int, default=16, help="parallel reads in flight")
+    p.add_argument("--predictors", metavar="PATH")
+    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if not args.dram_budget > 0:
+        raise LLMFlashError(f"--dram-budget {args.dram_budget} is not a fraction of the model: use e.g. 0.5")
+    if args.threads < 1:
+        raise LLMFlashError("--threads must be at least 1")
+    return EngineConfig(
+        mode=args.mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
+        sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- handlers
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .flashdir import convert, open_flash_dir
+
+    out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
+    fd = open_flash_dir(out)
+    b = fd.manifest["bytes"]
+    print(f"converted {args.model} -> {out}: {fmt_bytes(b['model'])} of weights "
+          f"({fmt_bytes(b['resident_tensors'])} resident, {fmt_bytes(b['ffn_file'])} in {'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
+          f"{fd.layout.neuron_stride_bytes} bytes per neuron)")
+    return 0
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise LLMFlashError(f"prompt file {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() == 0:
+        raise LLMFlashError("the prompt is empty")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise LLMFlashError("--max-new-tokens must be at least 1")
+    engine = Engine(args.dir, engine_config(args))
+    try:
+        res = engine.generate(encode(engine.tokenizer, _prompt(args)), args.max_new_tokens, stop_at_eos=not args.ignore_eos)
+    finally:
+        engine.close()
+    print(res.text)
+    print(summary_line(res))
+    if args.json:
+        write_json(args.json, res.to_json())
+    return 0
+
+
+def summary_line(res: GenerationResult) -> str:
+    s = res.summary()
+    if not s:
+        return f"[{res.mode}] no token after the prompt"
+    return (
+        f"[{res.mode}] {len(res.per_token)} tokens, {s['ms_per_token']:.1f} ms/token (io {s['io_ms']:.1f}, "
+        f"mem {s['mem_ms']:.1f}, compute {s['compute_ms']:.1f}), {fmt_bytes(s['bytes_read_per_token'])} read/token "
+        f"in {s['reads_per_token']:.0f} reads, DRAM {fmt_bytes(res.dram_bytes)} = "
+        f"{res.dram_bytes / res.model_bytes:.0%} of the model"
+    )
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    result = eval_ppl(args.model, args.text_file, max_tokens=args.max_tokens, seq_len=args.seq_len, mode=args.mode,
+                      predictors=args.predictors, sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity,
+                      window=args.window)
+    print(f"{result['model']} [{args.mode}, {args.sparsity}]: perplexity {result['ppl']:.3f} over {result['tokens']} "
+          f"tokens, FFN active fraction {result['ffn_active_fraction']:.3f}")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def eval_ppl(
+    spec: str, text_file: str, *, max_tokens: int = 8192, seq_len: int = 512, mode: str = "dense",
+    predictors: Optional[str] = None, sparsity: str = "relu", threshold_sparsity: float = 0.8, window: int = 5,
+) -> dict:
+    """Perplexity of ``DIR`` or ``MODEL`` in DRAM, with the FFN computed under the mode's active set.
+
+    ``dense`` and ``oracle`` compute the same thing (the rule's active neurons are exactly the true set);
+    ``predictor``: a neuron is computed for token t only if predicted active for one of tokens t-k+1..t.
+    """
+    from .evaluate import perplexity
+    from .models import load_any
+    from .sparsity import rule_for
+    from .text import load_texts
+
+    docs = load_texts(text_file)
+    lm = load_any(spec)
+    if sparsity == "threshold" and lm.thresholds is None and Path(spec).is_dir():
+        from .engine import calibrate_flash_dir
+        from .flashdir import open_flash_dir
+
+        lm.thresholds = calibrate_flash_dir(open_flash_dir(spec))
+    rule = rule_for(lm.model, lm.tokenizer, sparsity, threshold_sparsity, thresholds=lm.thresholds, cache_key=lm.name)
+    mask_fn = None
+    if mode == "predictor":
+        if not predictors:
+            raise LLMFlashError("--mode predictor needs --predictors PATH")
+        from predictors.evaluate import window_mask_fn
+        from predictors.model import PredictorSet
+
+        from .arch import adapter_for
+
+        ps = PredictorSet.load(predictors)
+        spec_ffn = adapter_for(lm.model.config).ffn_spec(lm.model.config)
+        ps.check_compatible(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, lm.name)
+        mask_fn = window_mask_fn(ps, window)
+    bos = getattr(lm.model.config, "model_type", "").startswith("gemma")
+    out = perplexity(lm.model, lm.tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, rule=rule, mask_fn=mask_fn, bos=bos)
+    return {"model": lm.name, "mode": mode, "sparsity": sparsity, "text_file": text_file, "seq_len": seq_len,
+            "window": window if mode == "predictor" else None, **out}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0

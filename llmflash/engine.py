@@ -1,0 +1,509 @@
+"""The inference engine: a Hugging Face model whose FFNs are served from flash.
+
+Embeddings, attention and norms are resident (loaded once with direct I/O). Each layer's FFN is one of:
+
+- ``ResidentFFN`` (``DenseFFN`` over weights read once into DRAM): ``dense`` mode; the layers that fit in ``hybrid``;
+- ``StreamedFFN``: the whole layer read through a staging buffer every token: ``naive``; the rest of ``hybrid``;
+- ``SparseFFN``: only the active neurons, kept in a sliding-window ``NeuronCache``; the active set comes from an
+  ``ActiveSetProvider`` (``oracle``: the true set; ``predictor``: trained low-rank predictors).
+
+Per generated token the engine records I/O, memory-management and compute milliseconds and the bytes and reads that
+reached the flash files. Latency = I/O + memory management + compute, added serially as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .cache import NeuronCache, RowStore
+from .errors import BudgetError, LLMFlashError
+from .ffn import DenseFFN, FFNWeights, activation_fn, ffn_output, neuron_outputs
+from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
+from .layout import read_plan
+from .report import median
+from .storage import FlashReader
+
+log = logging.getLogger(__name__)
+
+MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
+SPARSE_MODES = ("oracle", "predictor")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    mode: str = "oracle"
+    dram_budget: float = 0.5  # fraction of the model's weight bytes the engine may hold
+    window: int = 5  # tokens in the sliding window (paper: 4-5)
+    io_threads: int = 16
+    sparsity: str = "relu"  # relu | threshold
+    threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
+    predictors: Optional[str] = None  # predictor directory (predictor mode)
+    staging_rows: int = 512  # rows of the staging buffer (streamed layers, overflow, prefill)
+    max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
+    min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
+    compute_threads: int = 1  # torch threads; decode matmuls are tiny and the I/O threads need the other core
+
+
+@dataclass
+class TokenStats:
+    io_ms: float = 0.0
+    mem_ms: float = 0.0
+    compute_ms: float = 0.0
+    total_ms: float = 0.0
+    bytes_read: int = 0
+    reads: int = 0
+    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract)
+    predictor_ms: float = 0.0  # part of compute_ms
+    loaded_neurons: int = 0
+    cached_neurons: int = 0
+
+
+@dataclass
+class Meter:
+    """Accumulates the current token's costs; FFN modules add to it."""
+
+    io_ms: float = 0.0
+    mem_ms: float = 0.0
+    excluded_ms: float = 0.0
+    predictor_ms: float = 0.0
+    loaded_neurons: int = 0
+    step: int = 0  # index of the token being processed (for the window)
+
+    def reset(self) -> None:
+        self.io_ms = self.mem_ms = self.excluded_ms = self.predictor_ms = 0.0
+        self.loaded_neurons = 0
+
+
+def _now_ms() -> float:
+    return time.perf_counter() * 1e3
+
+
+# ------------------------------------------------------------------------------------------------ active-set providers
+
+
+class ActiveSetProvider(Protocol):
+    nbytes: int  # DRAM it holds that counts in the budget
+    counted: bool  # False: its time is not charged to the token (the oracle)
+
+    def active(self, layer: int, x: Tensor) -> Tensor:  # x [T, d] -> bool [T, n]
+        ...
+
+
+class OracleProvider:
+    """The true active set, from the real FFN activation (weights held outside the budget, time not counted)."""
+
+    counted = False
+    nbytes = 0
+
+    def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]]) -> None:
+        self.w = weights
+        self.act = activation_fn(activation)
+        self.thresholds = thresholds
+        self.held_bytes = sum(
+            t.numel() * t.element_size() for w in weights for t in (w.gate, w.up) if t is not None
+        )
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        w = self.w[layer]
+        a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
+        return neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer]) != 0
+
+
+class PredictorProvider:
+    """Trained low-rank predictors choose the active set (the paper's method)."""
+
+    counted = True
+
+    def __init__(self, predictors) -> None:
+        self.p = predictors
+        self.nbytes = int(predictors.nbytes)
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        return self.p.predict(layer, x)
+
+
+# ------------------------------------------------------------------------------------------------------ FFN modules
+
+
+class _FlashFFNBase(nn.Module):
+    """What streamed and sparse FFNs share: the layer's biases, rule, reader and the staging buffer."""
+
+    def __init__(self, engine: "Engine", layer: int) -> None:
+        super().__init__()
+        self.e = engine
+        self.layer = layer
+        self.act_bias, self.out_bias = engine.biases[layer]
+        self.threshold = engine.thresholds[layer]
+        self.act = activation_fn(engine.fd.activation)
+
+    def _read(self, store: RowStore, ids: np.ndarray, dest_row: int) -> None:
+        """Read rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest_row`` (timed as I/O)."""
+        e = self.e
+        t0 = _now_ms()
+        for seg, buf in zip(e.fd.layout.segments, store.buffers):
+            fo, nb, do = read_plan(seg, self.layer, ids, dest_row, e.cfg.max_read_bytes)
+            e.reader.read(buf, fo, nb, do)
+        e.meter.io_ms += _now_ms() - t0
+
+    def _rows_output(self, store: RowStore, n: int, ids: np.ndarray, x: Tensor) -> tuple[Tensor, Tensor]:
+        """FFN contribution of store rows [0, n) holding neurons ``ids``: returns (y [T, d], h [T, n])."""
+        bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids)]
+        gated = self.e.fd.gated
+        a = store.part("gate" if gated else "up", n)
+        u = store.part("up", n) if gated else None
+        h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, n]
+        return h @ store.part("down", n), h
+
+    def _stream(self, x: Tensor, ids: np.ndarray) -> Tensor:
+        """sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer chunk by chunk."""
+        e = self.e
+        y = torch.zeros(x.shape[0], e.fd.layout.d_model, dtype=x.dtype)
+        step = e.staging.capacity
+        for start in range(0, ids.size, step):
+            chunk = ids[start : start + step]
+            self._read(e.staging, chunk, 0)
+            y += self._rows_output(e.staging, chunk.size, chunk, x)[0]
+        return y
+
+    def _finish(self, y: Tensor, shape: torch.Size) -> Tensor:
+        if self.out_bias is not None:
+            y = y + self.out_bias
+        return y.view(shape)
+
+
+class StreamedFFN(_FlashFFNBase):
+    """The whole layer read from flash on every call (naive and hybrid baselines)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [T, d]
+        return self._finish(self._stream(x2, self.e.all_ids), x.shape)
+
+
+class SparseFFN(_FlashFFNBase):
+    """Only the active neurons: read those new to the window into the layer's ``NeuronCache``, compute on its rows."""
+
+    def __init__(self, engine: "Engine", layer: int, capacity: int) -> None:
+        super().__init__(engine, layer)
+        self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype)
+
+    def _need(self, x: Tensor) -> np.ndarray:
+        """Union of the provider's active sets over the rows of x: sorted neuron ids."""
+        e = self.e
+        t0 = _now_ms()
+        mask = e.provider.active(self.layer, x)  # [T, n]
+        ids = mask.any(dim=0).nonzero().flatten().numpy()
+        dt = _now_ms() - t0
+        if e.provider.counted:
+            e.meter.predictor_ms += dt
+        else:
+            e.meter.excluded_ms += dt
+        return ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = self.e
+        x2 = x.reshape(-1, x.shape[-1])  # [T, d]
+        if x2.shape[0] > 1:  # prefill: exact dense output by streaming, then warm the window with the last tokens
+            y = self._stream(x2, e.all_ids)
+            need = self._need(x2[-e.cfg.window :])
+            upd = self.cache.update(need, e.meter.step)
+            self._read(self.cache.store, upd.load_ids, upd.dest_row)
+            return self._finish(y, x.shape)
+        need = self._need(x2)
+        t0 = _now_ms()
+        upd = self.cache.update(need, e.meter.step)
+        e.meter.mem_ms += _now_ms() - t0
+        e.meter.loaded_neurons += upd.load_ids.size
+        self._read(self.cache.store, upd.load_ids, upd.dest_row)
+        n = self.cache.count
+        y, _ = self._rows_output(self.cache.store, n, self.cache.ids[:n], x2)
+        if upd.overflow_ids.size:
+            y = y + self._stream(x2, upd.overflow_ids)
+        return self._finish(y, x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class GenerationResult:
+    mode: str
+    model: str
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    dram_bytes: int
+    model_bytes: int
+    prefill_ms: float
+    per_token: list[TokenStats] = field(default_factory=list)
+    dram_breakdown: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        pt = self.per_token
+        if not pt:
+            return {}
+        n_bytes = sum(t.bytes_read for t in pt)
+        n_reads = sum(t.reads for t in pt)
+        io_s = sum(t.io_ms for t in pt) / 1e3
+        return {
+            "ms_per_token": median([t.total_ms for t in pt]),
+            "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
+            "io_ms": median([t.io_ms for t in pt]),
+            "mem_ms": median([t.mem_ms for t in pt]),
+            "compute_ms": median([t.compute_ms for t in pt]),
+            "predictor_ms": median([t.predictor_ms for t in pt]),
+            "bytes_read_per_token": n_bytes / len(pt),
+            "reads_per_token": n_reads / len(pt),
+            "mean_read_bytes": n_bytes / n_reads if n_reads else 0.0,
+            "read_gbps": n_bytes / io_s / 1e9 if io_s > 0 else 0.0,
+            "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
+            "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode, "model": self.model, "tokens": self.tokens, "text": self.text,
+            "prompt_tokens": self.prompt_tokens, "dram_bytes": self.dram_bytes, "model_bytes": self.model_bytes,
+            "dram_fraction": self.dram_bytes / self.model_bytes, "dram_breakdown": self.dram_breakdown,
+            "prefill_ms": self.prefill_ms, "summary": self.summary(), "per_token": [asdict(t) for t in self.per_token],
+            "config": self.config,
+        }
+
+
+class Engine:
+    """Load a flash directory for one mode and generate from it (see the module docstring)."""
+
+    def __init__(self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig()) -> None:
+        if config.mode not in MODES:
+            raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
+        if config.window < 1:
+            raise LLMFlashError("--window must be at least 1")
+        self.cfg = config
+        if config.compute_threads > 0:
+            torch.set_num_threads(config.compute_threads)
+        self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
+        fd.verify_ffn()
+        self.tokenizer = fd.tokenizer()
+        self.meter = Meter()
+        layout = fd.layout
+        self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
+        self.thresholds = self._thresholds()
+        self.reader = FlashReader(fd.ffn_path, n_threads=config.io_threads)
+        self.resident_reader: Optional[FlashReader] = None
+
+        resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
+        self.model, self.adapter, self.biases = build_skeleton(fd, resident)
+        resident_bytes = fd.resident_path.stat().st_size
+        layer_bytes = layout.neuron_stride_bytes * layout.d_ffn
+        self.staging = RowStore(layout, min(config.staging_rows, layout.d_ffn), fd.dtype)
+        self.provider: Optional[ActiveSetProvider] = None
+        self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
+        budget_bytes = int(config.dram_budget * fd.model_bytes)
+        mode = config.mode
+
+        if mode in SPARSE_MODES:
+            self.provider = self._make_provider()
+            self.dram["predictors"] = self.provider.nbytes
+            fixed = sum(self.dram.values())
+            per_row = layout.neuron_stride_bytes * layout.n_layers
+            minimum = fixed + config.min_cache_rows * per_row
+            self._check_budget(budget_bytes, minimum)
+            capacity = min(layout.d_ffn, (budget_bytes - fixed) // per_row)
+            modules = [SparseFFN(self, layer, capacity) for layer in range(layout.n_layers)]
+            self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
+            self.cache_rows = capacity
+        elif mode == "dense":
+            modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
+            del self.dram["staging"]
+            self.dram["ffn_resident"] = layer_bytes * layout.n_layers
+        elif mode == "hybrid":
+            self._check_budget(budget_bytes, sum(self.dram.values()))
+            n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_bytes)
+            modules = [self._resident_ffn(l) if l < n_resident else StreamedFFN(self, l) for l in range(layout.n_layers)]
+            self.dram["ffn_resident"] = layer_bytes * n_resident
+            self.hybrid_resident_layers = n_resident
+        else:  # naive: everything from flash every token
+            self._check_budget(budget_bytes, sum(self.dram.values()))
+            modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
+            self.resident_reader = FlashReader(fd.resident_path, n_threads=config.io_threads)
+        for layer, m in enumerate(modules):
+            self.adapter.install_ffn(self.model, layer, m)
+        self.ffn_modules = modules
+        self.dram_bytes = sum(self.dram.values())
+        log.info("engine %s: DRAM %d of %d model bytes (%s)", mode, self.dram_bytes, fd.model_bytes, self.dram)
+
+    # -- construction helpers
+
+    def _check_budget(self, budget_bytes: int, minimum: int) -> None:
+        if budget_bytes < minimum:
+            mb = self.fd.model_bytes
+            parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.dram.items() if v)
+            raise BudgetError(
+                f"--dram-budget {self.cfg.dram_budget:g} ({budget_bytes / 2**20:.1f} MiB) is below the minimum "
+                f"{minimum / mb:.3f} ({minimum / 2**20:.1f} MiB of the model's {mb / 2**20:.1f} MiB) for mode "
+                f"{self.cfg.mode} ({parts}, plus {self.cfg.min_cache_rows} cached rows per layer in sparse modes)"
+            )
+
+    def _thresholds(self) -> list[Optional[float]]:
+        n = self.fd.layout.n_layers
+        if self.cfg.sparsity == "relu":
+            return [None] * n
+        if self.cfg.sparsity != "threshold":
+            raise LLMFlashError(f"unknown sparsity {self.cfg.sparsity!r}: use relu or threshold")
+        from .sparsity import threshold_rule
+
+        table = self.fd.thresholds()
+        if table is None:
+            table = calibrate_flash_dir(self.fd)
+        return list(threshold_rule(table, self.cfg.threshold_sparsity).thresholds)
+
+    def _layer_rows(self, layer: int, parts: tuple[str, ...]) -> FFNWeights:
+        """A layer's weights read once from flash into DRAM (direct I/O)."""
+        store = RowStore(self.fd.layout, self.fd.layout.d_ffn, self.fd.dtype)
+        for seg, buf in zip(self.fd.layout.segments, store.buffers):
+            if not set(seg.parts) & set(parts):
+                continue
+            fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
+            self.reader.read(buf, fo, nb, do)
+        w = ffn_weights_from_rows(self.fd, store.rows, self.biases[layer])
+        w._store = store  # keep the buffers alive with the views
+        return w
+
+    def _resident_ffn(self, layer: int) -> DenseFFN:
+        return DenseFFN(layer, self._layer_rows(layer, ("gate", "up", "down")), self.fd.activation, self.thresholds[layer])
+
+    def _make_provider(self) -> ActiveSetProvider:
+        if self.cfg.mode == "oracle":
+            parts = ("gate", "up") if self.fd.gated else ("up",)
+            weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
+            provider = OracleProvider(weights, self.fd.activation, self.thresholds)
+            self.oracle_bytes = sum(len(b) for w in weights for b in w._store.buffers)
+            return provider
+        if not self.cfg.predictors:
+            raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
+        from predictors.model import PredictorSet
+
+        p = PredictorSet.load(self.cfg.predictors)
+        lay = self.fd.layout
+        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name)
+        return PredictorProvider(p)
+
+    # -- running
+
+    def _reread_resident(self) -> None:
+        """naive: the resident weights come from flash again (into the same buffer: identical bytes)."""
+        assert self.resident_reader is not None
+        size = self.fd.resident_path.stat().st_size
+        buf = self.fd.resident_buffer
+        chunk = 1 << 20
+        offs = np.arange(0, size, chunk, dtype=np.int64)
+        nb = np.minimum(chunk, ((size - offs + 4095) // 4096) * 4096).astype(np.int64)
+        t0 = _now_ms()
+        self.resident_reader.read(buf, offs, nb, offs)
+        self.meter.io_ms += _now_ms() - t0
+
+    def _reader_totals(self) -> tuple[int, int]:
+        b, r = self.reader.stats.bytes_read, self.reader.stats.reads
+        if self.resident_reader is not None:
+            b += self.resident_reader.stats.bytes_read
+            r += self.resident_reader.stats.reads
+        return b, r
+
+    @torch.inference_mode()
+    def _forward(self, ids: Tensor, cache) -> Tensor:
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+
+    def reset(self) -> None:
+        for m in self.ffn_modules:
+            if isinstance(m, SparseFFN):
+                m.cache.clear()
+        self.meter = Meter()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int = 64, stop_at_eos: bool = True) -> GenerationResult:
+        """Greedy decoding, batch 1. ``prompt_ids``: [L] token ids."""
+        from transformers import DynamicCache
+
+        self.reset()
+        cache = DynamicCache()
+        ids = prompt_ids.view(1, -1)
+        t0 = _now_ms()
+        logits = self._forward(ids, cache)
+        prefill_ms = _now_ms() - t0
+        eos = self.tokenizer.eos_token_id
+        tokens: list[int] = []
+        stats: list[TokenStats] = []
+        for step in range(max_new_tokens):
+            nxt = int(torch.argmax(logits))
+            tokens.append(nxt)
+            if stop_at_eos and nxt == eos:
+                break
+            if step == max_new_tokens - 1:
+                break
+            self.meter.reset()
+            self.meter.step = step + 1
+            b0, r0 = self._reader_totals()
+            t0 = _now_ms()
+            if self.resident_reader is not None:
+                self._reread_resident()
+            logits = self._forward(torch.tensor([[nxt]]), cache)
+            total = _now_ms() - t0 - self.meter.excluded_ms
+            b1, r1 = self._reader_totals()
+            m = self.meter
+            stats.append(TokenStats(
+                io_ms=m.io_ms, mem_ms=m.mem_ms, compute_ms=total - m.io_ms - m.mem_ms, total_ms=total,
+                bytes_read=b1 - b0, reads=r1 - r0, excluded_ms=m.excluded_ms, predictor_ms=m.predictor_ms,
+                loaded_neurons=m.loaded_neurons,
+                cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)),
+            ))
+        return GenerationResult(
+            mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
+            model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
+            config=asdict(self.cfg),
+        )
+
+    @torch.inference_mode()
+    def score(self, ids: Tensor) -> Tensor:
+        """Log-probabilities of ``ids[1:]`` computed token by token through the engine's decode path. [L-1]."""
+        from transformers import DynamicCache
+
+        self.reset()
+        cache = DynamicCache()
+        out = []
+        ids = ids.view(-1)
+        logits = self._forward(ids[:1].view(1, 1), cache)
+        for i in range(1, ids.numel()):
+            out.append(torch.log_softmax(logits.float(), -1)[ids[i]])
+            self.meter.step = i
+            if self.resident_reader is not None:
+                self._reread_resident()
+            logits = self._forward(ids[i : i + 1].view(1, 1), cache)
+        return torch.stack(out)
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.resident_reader is not None:
+            self.resident_reader.close()
+
+
+def calibrate_flash_dir(fd: FlashDir) -> dict:
+    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json)."""
+    from .flashdir import load_in_memory
+    from .sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_thresholds
+    from .text import load_texts, token_stream, windows
+
+    log.info("calibrating thresholds for %s on %s", fd.path, CALIBRATION_SOURCE)
+    lm = load_in_memory(fd.path)
+    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
+    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
+    fd.save_thresholds(table)
+    return table

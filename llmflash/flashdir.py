@@ -1,0 +1,413 @@
+"""A converted flash directory: writing it (``convert``), opening and checking it, and rebuilding the model from it.
+
+Contents of ``DIR``::
+
+    manifest.json             format, model config, dtype, byte counts, FFN layout, checksums, source fingerprint
+    resident.safetensors      embeddings, attention, norms, per-neuron FFN biases (everything that stays in DRAM)
+    ffn.bin                   the FFN neurons (see ``layout``), 4096-byte aligned rows
+    tokenizer files           saved by the tokenizer
+    thresholds.json           (later, on demand) calibrated thresholds for ``--sparsity threshold``
+
+Writing is atomic (a temporary sibling directory renamed at the end). ``ffn.bin`` is checked against per-layer
+CRC32s once after any change (the result is remembered in ``.verified``, keyed by size and mtime).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch import Adapter, adapter_for
+from .errors import FlashFileError, LLMFlashError
+from .ffn import FFNWeights
+from .layout import ALIGN_BYTES, FlashLayout, align_up
+from .paths import atomic_dir, atomic_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llmflash-flash"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+THRESHOLDS = "thresholds.json"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACT_BIAS = "llmflash.ffn.{}.act_bias"
+OUT_BIAS = "llmflash.ffn.{}.out_bias"
+
+
+def _crc(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------- convert
+
+
+def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
+    """[n, len(parts) * d]: each neuron's parts side by side."""
+    mats = {"gate": w.gate, "up": w.up, "down": w.down}
+    return torch.cat([mats[p] for p in parts], dim=1)
+
+
+def convert(
+    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
+) -> Path:
+    """Convert ``MODEL`` into a flash directory at ``out`` (see the module docstring). Returns ``out``."""
+    from safetensors.torch import save_file
+
+    from .models import load_model
+
+    if dtype not in TORCH_DTYPES:
+        raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
+    out = Path(out).expanduser()
+    model, tok, src = load_model(spec, torch.float32)
+    name = src.name
+    if out.exists():
+        existing = _existing_model_name(out)
+        if existing is None and any(out.iterdir()) and not force:
+            raise LLMFlashError(f"{out} exists and is not a flash directory: choose another --out or pass --force")
+        if existing is not None and existing != name and not force:
+            raise LLMFlashError(f"{out} holds a conversion of {existing!r}, not {name!r}: choose another --out or pass --force")
+    adapter = adapter_for(model.config)
+    spec_ffn = adapter.ffn_spec(model.config)
+    layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
+    tdt = TORCH_DTYPES[dtype]
+
+    ffn_names = {n for layer in range(spec_ffn.n_layers) for n in adapter.ffn_param_names(layer)}
+    resident: dict[str, Tensor] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for pname, p in model.state_dict().items():
+        if pname in ffn_names or (tied and pname == "lm_head.weight"):
+            continue
+        resident[pname] = p.detach().to(tdt).contiguous()
+    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
+    for layer, w in enumerate(ffn_weights):
+        if w.act_bias is not None:
+            resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
+            resident.pop(_bias_param_name(adapter, layer, "act"), None)
+        if w.out_bias is not None:
+            resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
+            resident.pop(_bias_param_name(adapter, layer, "out"), None)
+
+    elem = layout.elem_bytes
+    ffn_payload = sum(layout.neuron_payload_bytes * layout.d_ffn for _ in range(layout.n_layers))
+    resident_tensor_bytes = sum(t.numel() * t.element_size() for t in resident.values())
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
+            layer_crc: list[list[int]] = [[] for _ in layout.segments]
+            with open(tmp / FFN_FILE, "wb") as f:
+                bar = tqdm(total=layout.n_layers, desc=f"writing {FFN_FILE}", disable=not progress)
+                for layer, w in enumerate(ffn_weights):
+                    for s, seg in enumerate(layout.segments):
+                        rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
+                        padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
+                        padded[:, : rows.shape[1]] = rows
+                        buf = padded.view(torch.uint8).numpy().tobytes()
+                        assert f.tell() == seg.layer_offsets[layer]
+                        f.write(buf)
+                        layer_crc[s].append(_crc(buf))
+                    bar.update(1)
+                bar.close()
+                f.flush()
+                os.fsync(f.fileno())
+            tok.save_pretrained(tmp)
+            resident_bytes = (tmp / RESIDENT).stat().st_size
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "llmflash_version": __version__,
+                "model": {"name": name, "source": spec, "model_type": model.config.model_type},
+                "config": model.config.to_dict(),
+                "dtype": dtype,
+                "ffn": {
+                    "gated": spec_ffn.gated,
+                    "activation": spec_ffn.activation,
+                    "layout": layout.to_json(),
+                },
+                "bytes": {
+                    "model": resident_tensor_bytes + ffn_payload,
+                    "resident_tensors": resident_tensor_bytes,
+                    "ffn_payload": ffn_payload,
+                    "ffn_file": layout.file_bytes,
+                    "resident_file": resident_bytes,
+                },
+                "checksums": {
+                    RESIDENT: _file_crc(tmp / RESIDENT),
+                    FFN_FILE: {"per_layer_segment_crc32": layer_crc},
+                },
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    except OSError as err:
+        raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
+    log.info("converted %s to %s (%d bytes of weights)", spec, out, resident_tensor_bytes + ffn_payload)
+    return out
+
+
+def _bias_param_name(adapter: Adapter, layer: int, which: str) -> str:
+    p = adapter.layer_prefix(layer)
+    if adapter.__class__.__name__ == "OPTAdapter":
+        return p + ("fc1.bias" if which == "act" else "fc2.bias")
+    return p + "mlp.act_bias"
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc & 0xFFFFFFFF
+
+
+def _existing_model_name(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / MANIFEST).read_text())["model"]["name"]
+    except Exception:  # noqa: BLE001 - not a flash dir
+        return None
+
+
+# -------------------------------------------------------------------------------------------------------------- open
+
+
+@dataclass
+class FlashDir:
+    """An opened, validated flash directory."""
+
+    path: Path
+    manifest: dict
+    layout: FlashLayout
+    resident_buffer: object = None  # the aligned buffer resident tensors view (after read_resident)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def model_bytes(self) -> int:
+        return int(self.manifest["bytes"]["model"])
+
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / FFN_FILE
+
+    @property
+    def resident_path(self) -> Path:
+        return self.path / RESIDENT
+
+    @property
+    def activation(self) -> str:
+        return self.manifest["ffn"]["activation"]
+
+    @property
+    def gated(self) -> bool:
+        return bool(self.manifest["ffn"]["gated"])
+
+    def config(self):
+        from transformers import AutoConfig
+
+        cfg = dict(self.manifest["config"])
+        model_type = cfg.pop("model_type")
+        return AutoConfig.for_model(model_type, **cfg)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except Exception as err:  # noqa: BLE001
+            raise FlashFileError(f"{self.path}: cannot load the tokenizer ({str(err).splitlines()[0][:150]}); re-run convert") from None
+
+    def thresholds(self) -> Optional[dict]:
+        p = self.path / THRESHOLDS
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def save_thresholds(self, thresholds: dict) -> None:
+        try:
+            with atomic_file(self.path / THRESHOLDS) as tmp:
+                tmp.write_text(json.dumps(thresholds))
+        except LLMFlashError:
+            log.warning("cannot save thresholds in %s (read-only?): they will be recalibrated next time", self.path)
+
+    # -- checks
+
+    def verify_ffn(self, progress: bool = False) -> None:
+        """Check ``ffn.bin`` against the manifest's per-layer CRC32s (skipped if unchanged since the last check)."""
+        st = self.ffn_path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{_file_crc_manifest(self.manifest)}"
+        marker = self.path / ".verified"
+        if marker.is_file() and marker.read_text() == stamp:
+            return
+        from .storage import read_range
+
+        expected = self.manifest["checksums"][FFN_FILE]["per_layer_segment_crc32"]
+        for layer in tqdm(range(self.layout.n_layers), desc="verifying ffn.bin", disable=not progress):
+            for s, seg in enumerate(self.layout.segments):
+                nbytes = seg.stride_bytes * self.layout.d_ffn
+                buf = read_range(self.ffn_path, seg.layer_offsets[layer], nbytes)
+                if _crc(memoryview(buf)[:nbytes]) != expected[s][layer]:
+                    raise FlashFileError(
+                        f"checksum error in {self.ffn_path} (layer {layer}): the file is corrupt; re-run convert"
+                    )
+        try:
+            marker.write_text(stamp)
+        except OSError:
+            pass
+
+    def read_resident(self) -> dict[str, Tensor]:
+        """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer."""
+        from .storage import read_range
+
+        size = self.resident_path.stat().st_size
+        buf = read_range(self.resident_path, 0, size)
+        if _crc(memoryview(buf)[:size]) != self.manifest["checksums"][RESIDENT]:
+            raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
+        self.resident_buffer = buf  # naive mode re-reads the file into this same buffer every token
+        return parse_safetensors(buf, size)
+
+
+def _file_crc_manifest(manifest: dict) -> int:
+    return _crc(json.dumps(manifest["checksums"], sort_keys=True).encode())
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+def parse_safetensors(buf, size: int) -> dict[str, Tensor]:
+    """Zero-copy tensors over a safetensors file held in ``buf`` (the file's first ``size`` bytes)."""
+    (header_len,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
+    header = json.loads(bytes(memoryview(buf)[8 : 8 + header_len]))
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dt = _ST_DTYPES[info["dtype"]]
+        count = (end - start) // torch.empty(0, dtype=dt).element_size()
+        t = torch.frombuffer(buf, dtype=dt, count=count, offset=base + start) if count else torch.empty(0, dtype=dt)
+        out[name] = t.view(info["shape"])
+    return out
+
+
+def open_flash_dir(path: str | Path) -> FlashDir:
+    """Open and validate ``DIR`` (manifest, file sizes, format). One-line ``FlashFileError`` on any problem."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FlashFileError(f"flash directory {path} does not exist: create it with `llmflash convert MODEL --out {path}`")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise FlashFileError(f"{path} has no {MANIFEST}: not a flash directory (run `llmflash convert MODEL --out {path}`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError("wrong format tag")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise FlashFileError(f"{mpath} was written by a newer llmflash: upgrade llmflash")
+        layout = FlashLayout.from_json(manifest["ffn"]["layout"])
+    except FlashFileError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise FlashFileError(f"{mpath} is corrupt ({err}): re-run convert") from None
+    for fname, expected in ((FFN_FILE, layout.file_bytes), (RESIDENT, manifest["bytes"]["resident_file"])):
+        f = path / fname
+        if not f.is_file():
+            raise FlashFileError(f"{f} is missing: re-run convert")
+        if f.stat().st_size != expected:
+            raise FlashFileError(
+                f"{f} has {f.stat().st_size} bytes but the manifest expects {expected}: the file is truncated or from "
+                f"another model; re-run convert"
+            )
+    fd = FlashDir(path, manifest, layout)
+    cfg = manifest["config"]
+    if cfg.get("num_hidden_layers") != layout.n_layers:
+        raise FlashFileError(f"{mpath}: config and layout disagree on the number of layers: re-run convert")
+    return fd
+
+
+# ----------------------------------------------------------------------------------------------------- the skeleton
+
+
+def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[nn.Module, Adapter, dict[int, tuple]]:
+    """The Hugging Face model with resident weights loaded and FFN weights absent (to be provided by FFN modules).
+
+    Returns (model, adapter, ffn_biases) with ffn_biases[layer] = (act_bias or None, out_bias or None).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = fd.config()
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=fd.dtype, attn_implementation="eager")
+    adapter = adapter_for(config)
+    biases = {}
+    state = {}
+    for name, t in resident.items():
+        if name.startswith("llmflash.ffn."):
+            continue
+        state[name] = t
+    for layer in range(fd.layout.n_layers):
+        biases[layer] = (resident.get(ACT_BIAS.format(layer)), resident.get(OUT_BIAS.format(layer)))
+        adapter.install_ffn(model, layer, nn.Identity())  # placeholder, replaced by the engine's FFN modules
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise FlashFileError(f"{fd.resident_path} has tensors this model does not ({unexpected[:3]}...): re-run convert")
+    if getattr(config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise FlashFileError(f"{fd.resident_path} lacks weights {still_meta[:3]}: re-run convert")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, adapter, biases
+
+
+def ffn_weights_from_rows(fd: FlashDir, rows: list[Tensor], biases: tuple) -> FFNWeights:
+    """Views of gate/up/down over per-segment row tensors [n, stride_elems] (as read from ``ffn.bin``)."""
+    d = fd.layout.d_model
+
+    def part(p: str) -> Tensor:
+        s, off = fd.layout.locate(p)
+        return rows[s][:, off : off + d]
+
+    return FFNWeights(part("gate") if fd.gated else None, part("up"), part("down"), biases[0], biases[1])
+
+
+def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule)."""
+    from .ffn import DenseFFN
+    from .models import LoadedModel
+    from .storage import read_range
+
+    fd = open_flash_dir(path)
+    fd.verify_ffn()
+    model, adapter, biases = build_skeleton(fd, fd.read_resident())
+    for layer in range(fd.layout.n_layers):
+        rows = []
+        for seg in fd.layout.segments:
+            nbytes = seg.stride_bytes * fd.layout.d_ffn
+            buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
+            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
+        w = ffn_weights_from_rows(fd, rows, biases[layer])
+        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
+    model = model.to(dtype)
+    return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())
+
+
+__all__ = ["convert", "open_flash_dir", "FlashDir", "build_skeleton", "load_in_memory", "ALIGN_BYTES"]

@@ -1,0 +1,209 @@
+"""The flash engine on tiny random models: layout, cache, sparse == dense, byte accounting, budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmflash.cache import NeuronCache
+from llmflash.engine import Engine, EngineConfig
+from llmflash.errors import BudgetError
+from llmflash.flashdir import convert, load_in_memory, open_flash_dir
+from llmflash.layout import FlashLayout, read_plan, runs
+from llmflash.sparsity import calibrate_thresholds
+from llmflash.storage import proc_read_bytes
+from tiny import save_tiny, tiny_llama, tiny_opt
+
+BIG = 8.0  # tiny models are mostly padding: give them room
+PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
+
+
+@pytest.fixture(scope="module")
+def flash_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash")
+    out = {}
+    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384)),
+                        ("silu", tiny_llama(seed=1, d_model=128, d_ffn=384))):
+        save_tiny(model, root / name)
+        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False)
+    out["llama-unbundled"] = convert(str(root / "llama"), root / "llama-unb", bundled=False, progress=False)
+    # thresholds for the SiLU model, calibrated on random tokens
+    lm = load_in_memory(out["silu"])
+    g = torch.Generator().manual_seed(0)
+    table = calibrate_thresholds(lm.model, [torch.randint(0, 256, (1, 64), generator=g) for _ in range(4)], progress=False)
+    open_flash_dir(out["silu"]).save_thresholds(table)
+    return out
+
+
+def _gen(path, mode, n=12, **kw):
+    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
+    try:
+        return e.generate(PROMPT, n, stop_at_eos=False)
+    finally:
+        e.close()
+
+
+def _ppl(path, mode, ids, **kw):
+    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
+    try:
+        return math.exp(-float(e.score(ids).double().mean()))
+    finally:
+        e.close()
+
+
+# ------------------------------------------------------------------------------------------------------------ layout
+
+
+def test_runs_merge_neighbours_and_split_long_runs():
+    first, length = runs(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 22, 23]), 4)
+    assert first.tolist() == [0, 4, 8, 20, 22] and length.tolist() == [4, 4, 2, 1, 2]
+
+
+def test_layout_rows_are_aligned_and_disjoint():
+    for bundled in (True, False):
+        lay = FlashLayout.build(3, 576, 1536, True, "float32", bundled)
+        spans = []
+        for seg in lay.segments:
+            assert seg.stride_bytes % 4096 == 0 and seg.stride_bytes >= seg.row_bytes
+            for off in seg.layer_offsets:
+                assert off % 4096 == 0
+                spans.append((off, off + seg.stride_bytes * lay.d_ffn))
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] == lay.file_bytes
+    fo, nb, do = read_plan(lay.segments[0], 1, np.array([3, 4, 5, 9]), 10, 1 << 20)
+    stride = lay.segments[0].stride_bytes
+    assert nb.tolist() == [3 * stride, stride] and do.tolist() == [10 * stride, 13 * stride]
+
+
+def test_convert_writes_manifest_and_resident_split(flash_dirs):
+    fd = open_flash_dir(flash_dirs["llama"])
+    m = fd.manifest
+    assert m["ffn"]["gated"] and m["ffn"]["activation"] == "relu"
+    assert m["bytes"]["model"] == m["bytes"]["resident_tensors"] + m["bytes"]["ffn_payload"]
+    assert fd.ffn_path.stat().st_size == fd.layout.file_bytes
+    assert (fd.path / "tokenizer_config.json").is_file()
+    assert not open_flash_dir(flash_dirs["llama-unbundled"]).layout.bundled
+
+
+# ------------------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
+    lay = FlashLayout.build(1, 16, 64, True, "float32", True)
+    cache = NeuronCache(lay, 64, window=3, dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    history = []
+    for step in range(40):
+        need = np.unique(rng.choice(64, size=rng.integers(1, 12), replace=False))
+        upd = cache.update(need, step)
+        # "read": write each loaded neuron's id into its row so we can check rows move with their ids
+        for j, nid in enumerate(upd.load_ids):
+            cache.store.rows[0][upd.dest_row + j, 0] = float(nid)
+        history.append(set(need.tolist()))
+        window = set().union(*history[-3:])
+        cached = cache.cached_ids()
+        assert set(cached.tolist()) == window and len(cached) == len(window)
+        assert np.array_equal(cache.slot[cached], np.arange(cache.count))
+        assert torch.equal(cache.store.rows[0][: cache.count, 0], torch.from_numpy(cached).float())
+        assert upd.overflow_ids.size == 0
+
+
+def test_cache_over_capacity_evicts_least_recent_and_overflows():
+    lay = FlashLayout.build(1, 16, 64, True, "float32", True)
+    cache = NeuronCache(lay, 8, window=5, dtype=torch.float32)
+    cache.update(np.arange(0, 6), 0)
+    upd = cache.update(np.arange(10, 20), 1)  # 10 needed, capacity 8: evict all old, 2 overflow
+    assert cache.count == 8 and upd.overflow_ids.size == 2
+    assert set(cache.cached_ids().tolist()) <= set(range(10, 20))
+
+
+# ------------------------------------------------------------------------------------------------ sparse equals dense
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "llama-unbundled"])
+def test_every_mode_generates_the_dense_tokens(flash_dirs, name):
+    ref = _gen(flash_dirs[name], "dense").tokens
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(flash_dirs[name], mode).tokens == ref, mode
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_oracle_perplexity_equals_dense(flash_dirs, name):
+    ids = torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(3))
+    dense, oracle = _ppl(flash_dirs[name], "dense", ids), _ppl(flash_dirs[name], "oracle", ids, window=2)
+    assert abs(oracle - dense) / dense < 1e-5
+
+
+def test_threshold_sparsity_oracle_equals_thresholded_dense(flash_dirs):
+    kw = dict(sparsity="threshold", threshold_sparsity=0.8)
+    dense = _gen(flash_dirs["silu"], "dense", **kw)
+    oracle = _gen(flash_dirs["silu"], "oracle", **kw)
+    assert oracle.tokens == dense.tokens
+    plain = _gen(flash_dirs["silu"], "dense")
+    assert plain.dram_bytes == dense.dram_bytes
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(4))
+    d, o = _ppl(flash_dirs["silu"], "dense", ids, **kw), _ppl(flash_dirs["silu"], "oracle", ids, **kw)
+    assert abs(o - d) / d < 1e-5
+
+
+def test_tight_budget_with_overflow_still_exact(flash_dirs):
+    """A cache too small for the active set computes the overflow from the staging buffer: still exact."""
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + 384 * lay.neuron_stride_bytes
+    budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 20 rows per layer
+    ref = _gen(flash_dirs["llama"], "dense").tokens
+    res = _gen(flash_dirs["llama"], "oracle", budget=budget, staging_rows=384)
+    assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+
+
+# ------------------------------------------------------------------------------------------------ honest accounting
+
+
+def test_bytes_read_match_the_kernel(flash_dirs):
+    """Everything the engine's readers count (prefill + per-token) is what the kernel read for the process."""
+    if proc_read_bytes() < 0:
+        pytest.skip("/proc/self/io unavailable")
+    for mode in ("naive", "oracle"):
+        e = Engine(flash_dirs["llama"], EngineConfig(mode=mode, dram_budget=BIG))
+        try:
+            e.generate(PROMPT[:2], 1, stop_at_eos=False)  # warm up lazy imports
+            counted0, kernel0 = e._reader_totals()[0], proc_read_bytes()
+            res = e.generate(PROMPT, 10, stop_at_eos=False)
+            counted, kernel = e._reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+        finally:
+            e.close()
+        assert sum(t.bytes_read for t in res.per_token) > 0
+        assert abs(kernel - counted) <= 0.05 * counted, (mode, kernel, counted)
+
+
+def test_naive_reads_the_whole_model_every_token(flash_dirs):
+    fd = open_flash_dir(flash_dirs["opt"])
+    res = _gen(flash_dirs["opt"], "naive", n=6)
+    whole = fd.layout.file_bytes + fd.resident_path.stat().st_size
+    for t in res.per_token:
+        assert whole <= t.bytes_read <= whole + 4096
+
+
+def test_sparse_mode_reads_only_new_neurons(flash_dirs):
+    res = _gen(flash_dirs["llama"], "oracle", n=16, window=4)
+    fd = open_flash_dir(flash_dirs["llama"])
+    per_neuron = fd.layout.neuron_stride_bytes
+    for t in res.per_token:
+        assert t.bytes_read == t.loaded_neurons * per_neuron
+
+
+# ------------------------------------------------------------------------------------------------------------ budget
+
+
+def test_budget_holds_and_too_small_budget_states_minimum(flash_dirs):
+    fd = open_flash_dir(flash_dirs["llama"])
+    for mode in ("naive", "hybrid", "oracle"):
+        res = _gen(flash_dirs["llama"], mode, n=3, budget=3.0)
+        assert res.dram_bytes <= 3.0 * fd.model_bytes
+    with pytest.raises(BudgetError, match="minimum"):
+        Engine(flash_dirs["llama"], EngineConfig(mode="oracle", dram_budget=0.05))
