@@ -1,0 +1,149 @@
+"""The command line: contract JSON keys, and one clear line + non-zero exit for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmflash.cli import main
+from tiny import save_tiny, tiny_llama, tiny_opt
+
+BIG = "8"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(tiny_llama(relu=True, d_model=128, d_ffn=384), root / "llama")
+    save_tiny(tiny_opt(d_model=128, d_ffn=256), root / "opt")
+    assert main(["convert", str(root / "llama"), "--out", str(root / "llama-flash")]) == 0
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
+    return root
+
+
+def _one_line_error(capsys, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("llmflash ")
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+def test_generate_json_has_contract_keys(models, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    rc = main(["generate", str(models / "llama-flash"), "--prompt", "Hello", "--max-new-tokens", "6", "--mode", "oracle",
+               "--dram-budget", BIG, "--ignore-eos", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    for k in ("mode", "model", "tokens", "text", "dram_bytes", "model_bytes", "prefill_ms", "summary", "per_token"):
+        assert k in d
+    for k in ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_read_per_token", "reads_per_token", "mean_read_bytes"):
+        assert k in d["summary"]
+    assert len(d["tokens"]) == 6 and len(d["per_token"]) == 5
+    for k in ("io_ms", "mem_ms", "compute_ms", "total_ms", "bytes_read", "reads"):
+        assert k in d["per_token"][0]
+
+
+def test_eval_ppl_json_on_dir_and_model(models, tmp_path, capsys):
+    for target in (models / "llama-flash", models / "llama"):
+        out = tmp_path / "p.json"
+        assert main(["eval-ppl", str(target), "--text-file", str(models / "text.txt"), "--max-tokens", "300",
+                     "--seq-len", "64", "--json", str(out)]) == 0
+        d = json.loads(out.read_text())
+        assert d["ppl"] > 1 and d["tokens"] > 200 and 0 < d["ffn_active_fraction"] < 1
+        assert len(d["per_layer_active_fraction"]) == 3
+
+
+def test_corrupted_flash_file_names_the_file(models, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(models / "llama-flash", bad)
+    (bad / ".verified").unlink(missing_ok=True)
+    with open(bad / "ffn.bin", "r+b") as f:
+        f.seek(4096 * 5 + 100)
+        f.write(b"\x13\x37" * 8)
+    rc = main(["generate", str(bad), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG])
+    _one_line_error(capsys, rc, "checksum", "ffn.bin")
+
+
+def test_corrupted_resident_file_is_caught(models, tmp_path, capsys):
+    bad = tmp_path / "bad2"
+    shutil.copytree(models / "llama-flash", bad)
+    with open(bad / "resident.safetensors", "r+b") as f:
+        f.seek(-64, 2)
+        f.write(b"\x00\xff" * 16)
+    rc = main(["generate", str(bad), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG])
+    _one_line_error(capsys, rc, "checksum", "resident.safetensors")
+
+
+def test_flash_files_from_another_model(models, tmp_path, capsys):
+    other = tmp_path / "opt-flash"
+    assert main(["convert", str(models / "opt"), "--out", str(other)]) == 0
+    mixed = tmp_path / "mixed"
+    shutil.copytree(models / "llama-flash", mixed)
+    shutil.copy(other / "ffn.bin", mixed / "ffn.bin")
+    rc = main(["generate", str(mixed), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG])
+    _one_line_error(capsys, rc, "ffn.bin", "another model")
+    # converting another model into an existing flash directory is refused without --force
+    rc = main(["convert", str(models / "opt"), "--out", str(models / "llama-flash")])
+    _one_line_error(capsys, rc, "--force")
+    assert json.loads((models / "llama-flash" / "manifest.json").read_text())["model"]["name"] == "llama"
+
+
+def test_budget_below_minimum_states_the_minimum(models, capsys):
+    rc = main(["generate", str(models / "llama-flash"), "--prompt", "Hi", "--dram-budget", "0.1"])
+    _one_line_error(capsys, rc, "below the minimum")
+
+
+def test_missing_or_garbage_model(tmp_path, capsys):
+    rc = main(["convert", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, rc, "does not exist")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a gguf file" * 100)
+    rc = main(["convert", str(junk), "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, rc, "cannot load model")
+    rc = main(["convert", "no-such-alias", "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, rc, "unknown model")
+    rc = main(["generate", str(tmp_path / "missing-dir"), "--prompt", "Hi"])
+    _one_line_error(capsys, rc, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    if not mounted:
+        yield Path("/sys/llmflash-read-only")  # sysfs refuses new entries
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_read_only_output_location(models, read_only_dir, capsys):
+    rc = main(["convert", str(models / "llama"), "--out", str(read_only_dir / "flash")])
+    _one_line_error(capsys, rc, "cannot write")
+    rc = main(["generate", str(models / "llama-flash"), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG,
+               "--json", str(read_only_dir / "out.json")])
+    _one_line_error(capsys, rc, "cannot write")
+
+
+def test_interrupted_convert_leaves_nothing_that_looks_valid(models, tmp_path, monkeypatch, capsys):
+    import llmflash.flashdir as fdmod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fdmod, "_file_crc", boom)  # dies after ffn.bin is written, before the manifest
+    rc = main(["convert", str(models / "llama"), "--out", str(tmp_path / "half")])
+    assert rc == 130
+    assert not (tmp_path / "half").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
