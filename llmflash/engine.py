@@ -281,7 +281,11 @@ class GenerationResult:
 class Engine:
     """Load a flash directory for one mode and generate from it (see the module docstring)."""
 
-    def __init__(self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(
+        self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig(),
+        provider: Optional[ActiveSetProvider] = None,
+    ) -> None:
+        """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace)."""
         if config.mode not in MODES:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:
@@ -310,7 +314,7 @@ class Engine:
         mode = config.mode
 
         if mode in SPARSE_MODES:
-            self.provider = self._make_provider()
+            self.provider = provider if provider is not None else self._make_provider()
             self.dram["predictors"] = self.provider.nbytes
             fixed = sum(self.dram.values())
             per_row = layout.neuron_stride_bytes * layout.n_layers
