@@ -306,7 +306,6 @@ class Engine:
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
         resident_bytes = fd.resident_path.stat().st_size
-        layer_bytes = layout.neuron_stride_bytes * layout.d_ffn
         self.staging = RowStore(layout, min(config.staging_rows, layout.d_ffn), fd.dtype)
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
@@ -327,12 +326,13 @@ class Engine:
         elif mode == "dense":
             modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
             del self.dram["staging"]
-            self.dram["ffn_resident"] = layer_bytes * layout.n_layers
+            self.dram["ffn_resident"] = sum(self._ffn_bytes(m.w) for m in modules)
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
-            n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_bytes)
+            layer_payload = layout.neuron_payload_bytes * layout.d_ffn
+            n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_payload)
             modules = [self._resident_ffn(l) if l < n_resident else StreamedFFN(self, l) for l in range(layout.n_layers)]
-            self.dram["ffn_resident"] = layer_bytes * n_resident
+            self.dram["ffn_resident"] = layer_payload * n_resident
             self.hybrid_resident_layers = n_resident
         else:  # naive: everything from flash every token
             self._check_budget(budget_bytes, sum(self.dram.values()))
@@ -370,16 +370,19 @@ class Engine:
         return list(threshold_rule(table, self.cfg.threshold_sparsity).thresholds)
 
     def _layer_rows(self, layer: int, parts: tuple[str, ...]) -> FFNWeights:
-        """A layer's weights read once from flash into DRAM (direct I/O)."""
+        """A layer's weights read once from flash (direct I/O) into compact DRAM tensors (padding dropped)."""
         store = RowStore(self.fd.layout, self.fd.layout.d_ffn, self.fd.dtype)
         for seg, buf in zip(self.fd.layout.segments, store.buffers):
-            if not set(seg.parts) & set(parts):
-                continue
-            fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
-            self.reader.read(buf, fo, nb, do)
+            if set(seg.parts) & set(parts):
+                fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
+                self.reader.read(buf, fo, nb, do)
         w = ffn_weights_from_rows(self.fd, store.rows, self.biases[layer])
-        w._store = store  # keep the buffers alive with the views
-        return w
+        keep = lambda name, t: t.contiguous() if (t is not None and name in parts) else None  # noqa: E731
+        return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down), w.act_bias, w.out_bias)
+
+    @staticmethod
+    def _ffn_bytes(w: FFNWeights) -> int:
+        return sum(t.numel() * t.element_size() for t in (w.gate, w.up, w.down) if t is not None)
 
     def _resident_ffn(self, layer: int) -> DenseFFN:
         return DenseFFN(layer, self._layer_rows(layer, ("gate", "up", "down")), self.fd.activation, self.thresholds[layer])
@@ -389,7 +392,7 @@ class Engine:
             parts = ("gate", "up") if self.fd.gated else ("up",)
             weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
             provider = OracleProvider(weights, self.fd.activation, self.thresholds)
-            self.oracle_bytes = sum(len(b) for w in weights for b in w._store.buffers)
+            self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (see the contract)
             return provider
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")

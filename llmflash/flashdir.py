@@ -72,7 +72,7 @@ def convert(
     if dtype not in TORCH_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
     out = Path(out).expanduser()
-    model, tok, src = load_model(spec, torch.float32)
+    model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
     name = src.name
     if out.exists():
         existing = _existing_model_name(out)
