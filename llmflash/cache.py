@@ -124,3 +124,27 @@ class NeuronCache:
         self.ids[:] = -1
         self.last[:] = NEVER
         self.count = 0
+
+
+def split_rows(total_rows: int, weights: list[float], cap: int, floor: int) -> list[int]:
+    """Rows per layer proportional to ``weights`` (expected demand), each within [floor, cap], summing to at most
+    ``total_rows`` (water-filling: what a capped layer cannot use goes to the others)."""
+    n = len(weights)
+    if total_rows >= cap * n:
+        return [cap] * n
+    rows = [floor] * n
+    left = total_rows - floor * n
+    open_ = [i for i in range(n) if rows[i] < cap]
+    while left > 0 and open_:
+        wsum = sum(max(weights[i], 1e-9) for i in open_)
+        grant = {i: int(left * max(weights[i], 1e-9) / wsum) for i in open_}
+        if not any(grant.values()):  # rounding: hand out the remainder one row at a time, heaviest first
+            for i in sorted(open_, key=lambda i: -weights[i])[:left]:
+                rows[i] += 1
+            break
+        for i in open_:
+            add = min(grant[i], cap - rows[i])
+            rows[i] += add
+            left -= add
+        open_ = [i for i in open_ if rows[i] < cap]
+    return rows

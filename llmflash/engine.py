@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import NeuronCache, RowStore
+from .cache import NeuronCache, RowStore, split_rows
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, ffn_output, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
@@ -125,6 +125,10 @@ class PredictorProvider:
     def __init__(self, predictors) -> None:
         self.p = predictors
         self.nbytes = int(predictors.nbytes)
+        # expected rows each layer's cache needs: its predicted active fraction (the window adds to all alike)
+        per_layer = predictors.meta.get("layers") or []
+        fractions = [l.get("predicted_active_fraction") for l in per_layer if isinstance(l, dict)]
+        self.layer_demand = fractions if len(fractions) == predictors.n_layers and all(fractions) else None
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.p.predict(layer, x)
@@ -319,10 +323,11 @@ class Engine:
             per_row = layout.neuron_stride_bytes * layout.n_layers
             minimum = fixed + config.min_cache_rows * per_row
             self._check_budget(budget_bytes, minimum)
-            capacity = min(layout.d_ffn, (budget_bytes - fixed) // per_row)
-            modules = [SparseFFN(self, layer, capacity) for layer in range(layout.n_layers)]
+            total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
+            demand = getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers
+            self.cache_rows = split_rows(total_rows, list(demand), layout.d_ffn, config.min_cache_rows)
+            modules = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
-            self.cache_rows = capacity
         elif mode == "dense":
             modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
             del self.dram["staging"]
@@ -400,7 +405,7 @@ class Engine:
 
         p = PredictorSet.load(self.cfg.predictors)
         lay = self.fd.layout
-        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name)
+        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
         return PredictorProvider(p)
 
     # -- running
