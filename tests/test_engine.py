@@ -207,3 +207,39 @@ def test_budget_holds_and_too_small_budget_states_minimum(flash_dirs):
         assert res.dram_bytes <= 3.0 * fd.model_bytes
     with pytest.raises(BudgetError, match="minimum"):
         Engine(flash_dirs["llama"], EngineConfig(mode="oracle", dram_budget=0.05))
+
+
+# ---------------------------------------------------------------------------------------------------- predictor mode
+
+
+def _predictors(path, tmp_path, threshold_logit: float):
+    from predictors.model import LowRankPredictor, PredictorSet
+
+    fd = open_flash_dir(path)
+    lay = fd.layout
+    torch.manual_seed(0)
+    mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
+    meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
+    out = tmp_path / f"pred{threshold_logit}"
+    PredictorSet.from_modules(mods, [threshold_logit] * lay.n_layers, meta).save(out)
+    return out
+
+
+def test_predictor_mode_reads_what_is_predicted_and_misses_are_missing(flash_dirs, tmp_path):
+    path = flash_dirs["llama"]
+    ref = _gen(path, "dense")
+    everything = _gen(path, "predictor", predictors=str(_predictors(path, tmp_path, -1e9)))
+    assert everything.tokens == ref.tokens  # predicting every neuron active is exact
+    nothing = _gen(path, "predictor", predictors=str(_predictors(path, tmp_path, 1e9)))
+    assert all(t.bytes_read == 0 for t in nothing.per_token)  # nothing predicted: nothing read, FFN output 0
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(5))
+    pnone = str(_predictors(path, tmp_path, 1e9))
+    assert abs(_ppl(path, "predictor", ids, predictors=pnone) - _ppl(path, "dense", ids)) > 1e-3
+    assert nothing.dram_breakdown["predictors"] > 0
+
+
+def test_predictors_for_another_model_are_refused(flash_dirs, tmp_path):
+    from llmflash.errors import LLMFlashError
+
+    with pytest.raises(LLMFlashError, match="trained for llama, not opt"):
+        _gen(flash_dirs["opt"], "predictor", predictors=str(_predictors(flash_dirs["llama"], tmp_path, 0.0)))
