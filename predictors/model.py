@@ -1,0 +1,223 @@
+"""Low-rank activation predictors (after Deja Vu): which FFN neurons will be active for a token.
+
+Per layer, from the FFN input x (after the post-attention norm)::
+
+    z = (x @ A.T) @ B.T + b        # A: [r, d_model] (no bias), B: [d_ffn, r], b: [d_ffn]
+    active = sigmoid(z) >= p_l      # p_l: the layer's decision threshold, calibrated to a recall target
+
+so ``predict`` is two small matmuls and a comparison against logit(p_l). On disk a predictor set is a directory::
+
+    predictors.safetensors   fp16: layers.L.down [r_L, d_model], layers.L.up [d_ffn, r_L], layers.L.bias [d_ffn]
+    predictors.json          model name, sizes, rule (thresholds), data hash, training config, per-layer stats
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmflash.errors import LLMFlashError
+from llmflash.ffn import SparsityRule
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "predictors.safetensors"
+SIDECAR = "predictors.json"
+FORMAT = "llmflash-predictors/1"
+
+
+class LowRankPredictor(nn.Module):
+    """Linear(d_model -> r, no bias) -> Linear(r -> d_ffn) -> logits (the sigmoid lives in the loss / threshold)."""
+
+    def __init__(self, d_model: int, d_ffn: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_ffn, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))  # [..., d] -> [..., r] -> [..., n]
+
+
+def logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+@dataclass
+class _Layer:
+    down: Tensor  # [r, d]
+    up: Tensor  # [n, r]
+    bias: Tensor  # [n]
+    threshold_logit: float  # predict active where z >= this
+
+
+def same_model(a: str, b: str) -> bool:
+    norm = lambda s: Path(str(s).rstrip("/")).name.lower()  # noqa: E731 - a directory path and its name match
+    return norm(a) == norm(b)
+
+
+class PredictorSet:
+    """All layers' predictors, in the model's compute dtype, ready for ``predict`` on every generated token."""
+
+    def __init__(self, layers: list[_Layer], meta: dict, dtype: torch.dtype = torch.float32) -> None:
+        self._layers = layers
+        self.meta = meta
+        self.n_layers: int = len(layers)
+        self.d_model: int = int(meta["d_model"])
+        self.d_ffn: int = int(meta["d_ffn"])
+        self.model_name: str = meta["model"]
+        self.rule: dict = meta["rule"]
+        self.dtype = dtype
+        self.to(dtype)
+
+    # -- runtime ----------------------------------------------------------------------------------------------------
+    def predict(self, layer: int, x: Tensor) -> Tensor:
+        """x [..., d_model] -> bool [..., d_ffn]: the neurons predicted active."""
+        p = self._layers[layer]
+        if x.dtype != self.dtype:
+            self.to(x.dtype)
+            p = self._layers[layer]
+        return F.linear(F.linear(x, p.down), p.up, p.bias) >= p.threshold_logit  # [..., r] -> [..., n] -> bool
+
+    def scores(self, layer: int, x: Tensor) -> Tensor:
+        """The logits z [..., d_ffn] (before the layer's threshold)."""
+        p = self._layers[layer]
+        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)
+
+    def check_compatible(
+        self, n_layers: int, d_model: int, d_ffn: int, model_name: Optional[str] = None, rule_kind: Optional[str] = None
+    ) -> None:
+        """Raise ``LLMFlashError`` unless these predictors were trained for a model of this shape (and name, rule)."""
+        mine = (self.n_layers, self.d_model, self.d_ffn)
+        if mine != (n_layers, d_model, d_ffn):
+            raise LLMFlashError(
+                f"predictors for {self.model_name} (layers, d_model, d_ffn = {mine}) do not fit this model "
+                f"({(n_layers, d_model, d_ffn)}): train predictors for it with `llmflash collect` + `llmflash train-predictors`"
+            )
+        if model_name and not same_model(model_name, self.model_name):
+            raise LLMFlashError(
+                f"predictors were trained for {self.model_name}, not {model_name}: train predictors for {model_name} "
+                "with `llmflash collect` + `llmflash train-predictors`"
+            )
+        if rule_kind and rule_kind != self.rule.get("kind"):
+            raise LLMFlashError(
+                f"predictors were trained for the {self.rule.get('kind')} sparsity rule, not {rule_kind}: "
+                f"pass --sparsity {self.rule.get('kind')} or train predictors for {rule_kind}"
+            )
+
+    def sparsity_rule(self) -> SparsityRule:
+        """The rule whose active sets the predictors were trained on (threshold rule: the same thresholds)."""
+        if self.rule.get("kind") == "threshold":
+            return SparsityRule("threshold", tuple(float(t) for t in self.rule["thresholds"]), self.rule.get("target_sparsity"))
+        return SparsityRule(self.rule.get("kind", "relu"))
+
+    @property
+    def ranks(self) -> list[int]:
+        return [p.down.shape[0] for p in self._layers]
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM the predictors take in their current dtype (counted in the engine's budget)."""
+        return sum(t.numel() * t.element_size() for p in self._layers for t in (p.down, p.up, p.bias))
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for p in self._layers for t in (p.down, p.up, p.bias))
+
+    @property
+    def macs_per_token(self) -> int:
+        """Multiply-adds of one token's predictions over all layers."""
+        return sum(p.down.numel() + p.up.numel() for p in self._layers)
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Per-layer decision thresholds as probabilities."""
+        return [1 / (1 + math.exp(-p.threshold_logit)) for p in self._layers]
+
+    def set_threshold_logit(self, layer: int, value: float) -> None:
+        self._layers[layer].threshold_logit = float(value)
+
+    def to(self, dtype: torch.dtype) -> "PredictorSet":
+        for p in self._layers:
+            p.down, p.up, p.bias = (t.to(dtype).contiguous() for t in (p.down, p.up, p.bias))
+        self.dtype = dtype
+        return self
+
+    # -- building and files -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_modules(cls, modules: list[LowRankPredictor], threshold_logits: list[float], meta: dict) -> "PredictorSet":
+        layers = [
+            _Layer(m.down.weight.detach().clone(), m.up.weight.detach().clone(), m.up.bias.detach().clone(), float(t))
+            for m, t in zip(modules, threshold_logits)
+        ]
+        return cls(layers, meta, torch.float32)
+
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write PREDDIR atomically (fp16 weights + sidecar with the per-layer thresholds and stats)."""
+        from safetensors.torch import save_file
+
+        from llmflash.paths import atomic_dir
+
+        tensors = {}
+        for i, p in enumerate(self._layers):
+            tensors[f"layers.{i}.down"] = p.down.to(torch.float16).contiguous()
+            tensors[f"layers.{i}.up"] = p.up.to(torch.float16).contiguous()
+            tensors[f"layers.{i}.bias"] = p.bias.to(torch.float16).contiguous()
+        meta = dict(self.meta)
+        meta["format"] = FORMAT
+        meta["n_layers"] = self.n_layers
+        meta["ranks"] = self.ranks
+        meta["weights_dtype"] = "float16"
+        meta["threshold_logits"] = [p.threshold_logit for p in self._layers]
+        with atomic_dir(Path(path), overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "model": self.model_name})
+            meta["weights_sha256"] = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()
+            (tmp / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
+        self.meta = meta
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "PredictorSet":
+        """Read PREDDIR (or its predictors.json / .safetensors); ``LLMFlashError`` if missing or corrupt."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path).expanduser()
+        if path.is_file() and path.name in (WEIGHTS, SIDECAR):
+            path = path.parent
+        hint = "train them with `llmflash train-predictors`"
+        if not (path / SIDECAR).is_file() or not (path / WEIGHTS).is_file():
+            raise LLMFlashError(f"no predictors at {path} (need {SIDECAR} and {WEIGHTS}): {hint}")
+        try:
+            meta = json.loads((path / SIDECAR).read_text())
+        except (OSError, ValueError) as err:
+            raise LLMFlashError(f"{path / SIDECAR} is corrupt ({str(err)[:100]}): {hint}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise LLMFlashError(f"{path / SIDECAR} is not a predictors file of format {FORMAT}: {hint}")
+        raw = (path / WEIGHTS).read_bytes()
+        if meta.get("weights_sha256") and hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
+            raise LLMFlashError(f"{path / WEIGHTS} does not match its checksum in {SIDECAR} (corrupt or replaced): {hint}")
+        try:
+            tensors = load_file(str(path / WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LLMFlashError(f"{path / WEIGHTS} is corrupt ({str(err)[:100]}): {hint}") from None
+        try:
+            n, d, n_layers = int(meta["d_ffn"]), int(meta["d_model"]), int(meta["n_layers"])
+            layers = []
+            for i in range(n_layers):
+                down, up, bias = (tensors[f"layers.{i}.{k}"].float() for k in ("down", "up", "bias"))
+                r = down.shape[0]
+                if down.shape != (r, d) or up.shape != (n, r) or bias.shape != (n,):
+                    raise ValueError(f"layer {i} has shapes {tuple(down.shape)}, {tuple(up.shape)}, {tuple(bias.shape)}")
+                layers.append(_Layer(down, up, bias, float(meta["threshold_logits"][i])))
+        except (KeyError, ValueError, IndexError, TypeError) as err:
+            raise LLMFlashError(f"{path} holds inconsistent predictors ({str(err)[:120]}): {hint}") from None
+        return cls(layers, meta, dtype)
