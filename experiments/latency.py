@@ -1,0 +1,114 @@
+"""Table 3: end-to-end latency per token, split into flash I/O, memory management and compute (measured).
+
+Modes at half the model in DRAM (dense: everything in DRAM, the reference): dense, naive, hybrid and ours (hybrid +
+predictor + window k=5 + bundling). Times are medians over generated tokens (after a warm-up of the window for the
+sparse mode), added serially as in the paper: total = I/O + memory management + compute. The real model's sparse
+mode uses its predictors when they exist, else the true (oracle) sets; the scale model's uses the trace source's
+predicted sets (simulated), with a real low-rank predictor of the paper's size computed every token. The dense row
+of the scale model needs ~14 GB of free memory and is skipped (and said so) when it is not there.
+"""
+
+from __future__ import annotations
+
+import common
+
+ORDER = ["dense", "naive", "hybrid", "ours"]
+PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
+    "naive": (2196, 0, 986, 3182), "ours": (105, 58, 506, 669),
+}
+
+
+def free_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    p = common.parser("latency", __doc__)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--compute-threads", type=int, default=None, help="torch threads (default: the engine's, 1)")
+    args = p.parse_args()
+    table = common.load_bandwidth(16)
+    setups = []
+    if common.wanted(args, "real"):
+        setups.append(common.real_setup(args.model))
+    if common.wanted(args, "scale"):
+        setups.append(common.scale_setup())
+    data: dict = {"paper_opt_6_7b_cpu": PAPER, "models": {}}
+    rows = []
+    for setup in setups:
+        runs = {}
+        for key in ORDER:
+            if key == "dense" and "geometry" in setup:
+                need = open_model_bytes(setup) + (3 << 30)
+                if free_bytes() < need:
+                    print(f"[{setup['model']}] dense skipped: {free_bytes() / 1e9:.1f} GB available, needs "
+                          f"{need / 1e9:.1f} GB")
+                    runs[key] = None
+                    continue
+            print(f"[{setup['model']}] {key} ...", flush=True)
+            runs[key] = common.standard_run(setup, key, args.quick, budget=1.0 if key == "dense" else args.budget,
+                                            table=table, compute_threads=args.compute_threads)
+        data["models"][setup["model"]] = {"setup": setup, "runs": runs}
+        naive = runs["naive"]["summary"]["ms_per_token"]
+        for key in ORDER:
+            r = runs.get(key)
+            if r is None:
+                rows.append({"model": setup["model"], "method": key, "skipped": "not enough free memory"})
+                continue
+            s = r["summary"]
+            rows.append({"model": setup["model"], "method": key, "mode": r["mode"], "io_ms": s["io_ms"],
+                         "mem_ms": s["mem_ms"], "compute_ms": s["compute_ms"], "total_ms": s["ms_per_token"],
+                         "sum_of_parts_ms": s["io_ms"] + s["mem_ms"] + s["compute_ms"],
+                         "predictor_ms": s["predictor_ms"], "tokens_per_s": s["tokens_per_s"],
+                         "speedup_vs_naive": naive / s["ms_per_token"], "dram_fraction": r["dram_fraction"],
+                         "gb_read_per_token": s["bytes_read_per_token"] / 1e9, "read_gbps": s["read_gbps"],
+                         "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"],
+                         "label": "measured", "shared_from": r.get("shared_from")})
+    common.save(args.out, "latency", args, data=data, rows=rows, csv_name="table3",
+                extra_config={"budget": args.budget, "setups": setups})
+    plot(rows, args.out / "latency.png")
+    for r in rows:
+        if "total_ms" in r:
+            print(f"{r['model']:<16}{r['method']:<8} io {r['io_ms']:>9.1f}  mem {r['mem_ms']:>7.1f}  compute "
+                  f"{r['compute_ms']:>8.1f}  total {r['total_ms']:>9.1f} ms  ({r['speedup_vs_naive']:.1f}x vs naive)")
+
+
+def open_model_bytes(setup) -> int:
+    from llmflash.flashdir import open_flash_dir
+
+    return open_flash_dir(setup["flash_dir"]).model_bytes
+
+
+def plot(rows: list[dict], png) -> None:
+    import numpy as np
+
+    plt = common.plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rs = [r for r in rows if r["model"] == m and "total_ms" in r]
+        x = np.arange(len(rs))
+        bottom = np.zeros(len(rs))
+        for part, col in (("io_ms", "tab:red"), ("mem_ms", "tab:green"), ("compute_ms", "tab:blue")):
+            v = np.array([max(r[part], 0) for r in rs])
+            ax.bar(x, v, 0.6, bottom=bottom, color=col, label=part.replace("_ms", "").replace("mem", "memory mgmt")
+                   .replace("io", "flash I/O"))
+            bottom += v
+        for i, r in enumerate(rs):
+            ax.annotate(f"{r['total_ms']:,.0f} ms\n{r['speedup_vs_naive']:.1f}x", (x[i], bottom[i]),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["method"] for r in rs])
+        ax.set_ylabel("latency per token (ms, median)")
+        ax.set_ylim(0, bottom.max() * 1.2)
+        ax.set_title(f"{m}: per-token latency (measured; label: total, speedup vs naive)", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    common.savefig(fig, png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Real DRAM limits with memory cgroups (v1), shared by ``memory_limit.py`` and ``cgroup_budget.py``.
+
+A child process runs inside ``/sys/fs/cgroup/memory/llmflash-<name>-<pid>`` whose ``memory.limit_in_bytes`` is the
+limit; page cache the child causes is charged to the group too, so an mmap-based loader cannot borrow the page
+cache beyond the limit. The group is removed afterwards. Needs root and cgroup v1 (see machine.md).
+
+Also the children themselves (``python experiments/memlimit.py CHILD ...``):
+- ``skeleton DIR``: the runtime overhead: the model skeleton with its resident weights and a zero FFN, generating a
+  few tokens (interpreter, torch, transformers, tokenizer, KV cache, activations, allocator slack);
+- ``mmap DIR``: a plain mmap-based loader: resident tensors and FFN rows as zero-copy views of ``mmap``-ed files
+  (private, file-backed), the dense model computed from them, greedy decoding;
+- ``hf MODELDIR``: transformers' ``from_pretrained`` of a Hugging Face model directory, greedy decoding;
+- ``engine DIR``: the llmflash engine with the scale model's trace provider (the CLI has no trace option).
+Each child prints one JSON line ``RESULT {...}`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+CG_ROOT = Path("/sys/fs/cgroup/memory")
+HERE = Path(__file__).resolve().parent
+
+
+def available() -> Optional[str]:
+    """None when memory cgroups can be used, else why not."""
+    if not CG_ROOT.is_dir():
+        return f"{CG_ROOT} does not exist (needs cgroup v1 with the memory controller)"
+    if os.geteuid() != 0:
+        return "creating memory cgroups needs root"
+    return None
+
+
+def _read(cg: Path, name: str) -> int:
+    try:
+        return int((cg / name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _oom_kills(cg: Path) -> int:
+    try:
+        for line in (cg / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s: float = 600,
+                env: Optional[dict] = None) -> dict:
+    """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage).
+
+    Returns {completed, returncode, wall_s, limit_bytes, max_usage_bytes, failcnt, oom_kills, timed_out, result
+    (the child's RESULT JSON if any), stdout_tail, stderr_tail}.
+    """
+    why = available()
+    if why:
+        return {"completed": False, "error": why}
+    cg = CG_ROOT / f"llmflash-{name}-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit_bytes if limit_bytes else -1))
+        try:
+            (cg / "memory.swappiness").write_text("0")
+        except OSError:
+            pass
+        wrapper = ["/bin/sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", *cmd]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(wrapper, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, **(env or {})))
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            out, err = proc.communicate()
+        wall = time.perf_counter() - t0
+        result = None
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[7:])
+        return {
+            "completed": proc.returncode == 0 and result is not None and not timed_out, "returncode": proc.returncode,
+            "timed_out": timed_out, "wall_s": wall, "limit_bytes": limit_bytes,
+            "max_usage_bytes": _read(cg, "memory.max_usage_in_bytes"), "failcnt": _read(cg, "memory.failcnt"),
+            "oom_kills": _oom_kills(cg), "result": result, "stdout_tail": out[-1500:], "stderr_tail": err[-1500:],
+            "cmd": cmd,
+        }
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def python_child(kind: str, *args: str) -> list[str]:
+    return [sys.executable, str(HERE / "memlimit.py"), kind, *args]
+
+
+def measure_overhead(flash_dir: str, prompt_tokens: int, tokens: int, timeout_s: float = 600) -> dict:
+    """Runtime overhead (bytes the cgroup sees beyond the resident weights) of the skeleton with a zero FFN."""
+    from llmflash.flashdir import open_flash_dir
+    from llmflash.paths import cache_dir
+
+    session = os.environ.get("LLMFLASH_SESSION")
+    cached = cache_dir() / "sessions" / session / f"overhead-{Path(flash_dir).name}-{prompt_tokens}-{tokens}.json" \
+        if session else None
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text())
+    r = run_limited(python_child("skeleton", flash_dir, "--prompt-tokens", str(prompt_tokens), "--tokens", str(tokens)),
+                    None, "overhead", timeout_s)
+    if not r.get("completed"):
+        raise RuntimeError(f"overhead measurement failed: {r.get('error') or r.get('stderr_tail')}")
+    fd = open_flash_dir(flash_dir)
+    resident = fd.resident_path.stat().st_size
+    out = {"overhead_bytes": r["max_usage_bytes"] - resident, "skeleton_max_usage_bytes": r["max_usage_bytes"],
+           "resident_file_bytes": resident, "child_rss_bytes": (r["result"] or {}).get("rss_bytes"),
+           "method": "peak cgroup usage (memory.max_usage_in_bytes) of a child holding the model skeleton with its "
+                     "resident weights and a zero FFN, after a prompt and a few generated tokens, minus the resident "
+                     "weights' bytes"}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the children
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def _prompt(tokenizer, fd, n: int):
+    import torch
+
+    if fd is not None and fd.name.endswith("-scale"):
+        return torch.tensor([2])
+    sys.path.insert(0, str(HERE))
+    import common
+
+    return common.prompt_ids(tokenizer, n)
+
+
+def _greedy(model, ids, n: int) -> tuple[list[int], list[float]]:
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    times = []
+    with torch.inference_mode():
+        logits = model(input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True).logits[0, -1]
+        out = []
+        for _ in range(n):
+            nxt = int(torch.argmax(logits))
+            out.append(nxt)
+            t0 = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            times.append((time.perf_counter() - t0) * 1e3)
+    return out, times
+
+
+def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
+    import torch
+    from torch import nn
+
+    from llmflash.flashdir import build_skeleton, open_flash_dir
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    torch.set_num_threads(1)
+    fd = open_flash_dir(flash_dir)
+    model, adapter, _ = build_skeleton(fd, fd.read_resident())
+    for layer in range(fd.layout.n_layers):
+        adapter.install_ffn(model, layer, Zero())
+    tok = fd.tokenizer()
+    _greedy(model, _prompt(tok, fd, prompt_tokens), tokens)
+    return {"rss_bytes": _rss()}
+
+
+def child_mmap(flash_dir: str, prompt_tokens: int, tokens: int, sparsity: str, threshold_sparsity: float) -> dict:
+    """Dense inference over mmap-ed weights (the page cache holds whatever the cgroup lets it)."""
+    import torch
+
+    from llmflash.ffn import DenseFFN
+    from llmflash.flashdir import build_skeleton, ffn_weights_from_rows, open_flash_dir, parse_safetensors
+
+    torch.set_num_threads(1)
+    fd = open_flash_dir(flash_dir)
+    maps = []
+
+    def mapped(path: Path):
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        maps.append(m)
+        return m
+
+    res = mapped(fd.resident_path)
+    resident = parse_safetensors(res, fd.resident_path.stat().st_size)
+    model, adapter, biases = build_skeleton(fd, resident)
+    ffn = mapped(fd.ffn_path)
+    thresholds = [None] * fd.layout.n_layers
+    if sparsity == "threshold":
+        from llmflash.sparsity import threshold_rule
+
+        thresholds = list(threshold_rule(fd.thresholds(), threshold_sparsity).thresholds)
+    elem = fd.layout.elem_bytes
+    for layer in range(fd.layout.n_layers):
+        rows = []
+        for seg in fd.layout.segments:
+            count = seg.stride_bytes * fd.layout.d_ffn // elem
+            t = torch.frombuffer(ffn, dtype=fd.dtype, count=count, offset=seg.layer_offsets[layer])
+            rows.append(t.view(fd.layout.d_ffn, -1))
+        w = ffn_weights_from_rows(fd, rows, biases[layer])
+        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation, thresholds[layer]))
+    tok = fd.tokenizer()
+    out, times = _greedy(model, _prompt(tok, fd, prompt_tokens), tokens)
+    return {"tokens": out, "ms_per_token": sorted(times)[len(times) // 2] if times else None, "per_token_ms": times,
+            "rss_peak_bytes": _rss()}
+
+
+def child_hf(model_dir: str, prompt_tokens: int, tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out, times = _greedy(model, _prompt(tok, None, prompt_tokens), tokens)
+    return {"tokens": out, "ms_per_token": sorted(times)[len(times) // 2] if times else None, "per_token_ms": times,
+            "rss_peak_bytes": _rss()}
+
+
+def child_engine(flash_dir: str, tokens: int, budget: float, warmup: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    import common
+    from llmflash.engine import EngineConfig
+
+    fac, key = common.trace_provider_factory("predicted")
+    r = common.run(flash_dir, EngineConfig(mode="predictor", dram_budget=budget), tokens, prompt=common.SCALE_PROMPT,
+                   provider_factory=fac, provider_key=key, warmup=warmup, share=False)
+    s = r["summary"]
+    return {"tokens": r["tokens"], "ms_per_token": s["ms_per_token"], "summary": s, "dram_bytes": r["dram_bytes"],
+            "rss_peak_bytes": _rss()}
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="children for memory-limit runs (see the module docstring)")
+    p.add_argument("kind", choices=("skeleton", "mmap", "hf", "engine"))
+    p.add_argument("path")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--sparsity", default="relu")
+    p.add_argument("--threshold-sparsity", type=float, default=0.8)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--warmup", type=int, default=5)
+    a = p.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if a.kind == "skeleton":
+        res = child_skeleton(a.path, a.prompt_tokens, a.tokens)
+    elif a.kind == "mmap":
+        res = child_mmap(a.path, a.prompt_tokens, a.tokens, a.sparsity, a.threshold_sparsity)
+    elif a.kind == "hf":
+        res = child_hf(a.path, a.prompt_tokens, a.tokens)
+    else:
+        res = child_engine(a.path, a.tokens, a.budget, a.warmup)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ----------------------------------------------------------------------------------------------- shared by scripts
+
+
+def cli_generate_cmd(setup: dict, prompt_file: str, tokens: int, json_out: str, budget: float = 0.5) -> list[str]:
+    """``llmflash generate DIR ...`` for the real model's sparse mode (the command issue 2 asks to run limited)."""
+    cmd = [sys.executable, "-m", "llmflash.cli", "generate", setup["flash_dir"], "--prompt-file", prompt_file,
+           "--max-new-tokens", str(tokens), "--mode", setup["sparse_mode"], "--dram-budget", str(budget),
+           "--sparsity", setup["sparsity"], "--ignore-eos", "--json", json_out]
+    if setup["sparsity"] == "threshold":
+        cmd += ["--threshold-sparsity", str(setup.get("threshold_sparsity") or 0.8)]
+    if setup.get("predictors") and setup["sparse_mode"] == "predictor":
+        cmd += ["--predictors", setup["predictors"]]
+    return cmd
+
+
+def oracle_allowance(setup: dict) -> int:
+    """Bytes the oracle holds outside the DRAM budget (by contract its cost of finding the true set is not
+    counted): the gate/up weights (``Engine.oracle_bytes``). Zero for predictor mode."""
+    from llmflash.flashdir import open_flash_dir
+
+    if setup.get("sparse_mode") != "oracle":
+        return 0
+    fd = open_flash_dir(setup["flash_dir"])
+    lay = fd.layout
+    parts = 2 if fd.gated else 1
+    return parts * lay.d_model * lay.elem_bytes * lay.d_ffn * lay.n_layers
+
+
+def run_cli_limited(setup: dict, limit: int, tokens: int, workdir: Path, name: str = "ours",
+                    timeout_s: float = 600) -> dict:
+    """``llmflash generate`` (sparse mode, half-model budget) inside a cgroup limited to ``limit`` bytes."""
+    sys.path.insert(0, str(HERE))
+    import common
+    from llmflash.flashdir import open_flash_dir
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = open_flash_dir(setup["flash_dir"]).tokenizer()
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text(tok.decode(common.prompt_ids(tok)))
+    out_json = workdir / f"{name}.json"
+    out_json.unlink(missing_ok=True)
+    r = run_limited(cli_generate_cmd(setup, str(prompt_file), tokens, str(out_json)), limit, name, timeout_s)
+    if out_json.is_file():
+        g = json.loads(out_json.read_text())
+        r["result"] = {"ms_per_token": g["summary"]["ms_per_token"], "summary": g["summary"], "tokens": g["tokens"],
+                       "dram_bytes": g["dram_bytes"], "model_bytes": g["model_bytes"]}
+        r["completed"] = r["returncode"] == 0 and not r["timed_out"]
+        out_json.unlink()
+    return r

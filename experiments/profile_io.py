@@ -1,0 +1,65 @@
+"""Figure 2b: random-read throughput of this machine's disk versus read size and parallel reads (measured).
+
+Calls ``llmflash.profile_io.profile_io`` on the cache directory's filesystem (where the flash directories live),
+page cache bypassed (O_DIRECT), each point the median of several interleaved runs. The result,
+``results/profile_io/profile.json``, is also the bandwidth table that the other experiments use to compute I/O time
+as bytes / bandwidth at the read size.
+"""
+
+from __future__ import annotations
+
+import common
+from llmflash.paths import cache_dir
+from llmflash.profile_io import CHUNK_SIZES, THREAD_COUNTS, format_table, plot_profile, profile_io
+
+QUICK_CHUNKS = (4096, 8192, 16384, 32768, 65536, 262144, 1048576)
+QUICK_THREADS = (1, 16, 32)
+# The paper's M1 Max SSD (Figure 2b and the text), for reference on the plot.
+PAPER = [(8192, 1.25, "paper M1 Max, 8 KiB random"), (16384, 2.25, "paper M1 Max, 16 KiB bundles"),
+         (1 << 20, 6.1, "paper M1 Max, sequential")]
+
+
+def main() -> None:
+    p = common.parser("profile_io", __doc__, models=False)
+    p.add_argument("--size-gb", type=float, default=1.0, help="test file size (reused when present)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per point (default 3 quick, 5 full)")
+    args = p.parse_args()
+    repeats = args.repeats or (3 if args.quick else 5)
+    kw = dict(chunk_sizes=QUICK_CHUNKS, thread_counts=QUICK_THREADS, reads_per_point=1000) if args.quick else \
+        dict(chunk_sizes=sorted(set(CHUNK_SIZES) | {8192}), thread_counts=THREAD_COUNTS)
+    rows = profile_io(cache_dir(), int(args.size_gb * 1e9), repeats=repeats, **kw)
+    print(format_table(rows))
+    out = args.out
+    common.save(out, "profile", args, data={"label": "measured", "rows": rows, "paper_reference": PAPER},
+                rows=rows, extra_config={"repeats": repeats, "dir": str(cache_dir()), **{k: list(v) for k, v in kw.items()
+                                                                                        if k != "reads_per_point"}})
+    plot_profile(rows, out / "profile.png")
+    _annotate(out / "profile.png", rows)
+
+
+def _annotate(png, rows) -> None:
+    """Redraw with the paper's reference points (plot_profile's figure plus markers)."""
+    plt = common.plt()
+    chunks = sorted({r["chunk_bytes"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for t in sorted({r["threads"] for r in rows}):
+        pts = sorted((r["chunk_bytes"], r["gbps"]) for r in rows if r["threads"] == t)
+        ax.plot([c for c, _ in pts], [g for _, g in pts], marker="o", label=f"this VM, {t} parallel read{'s' if t > 1 else ''}")
+    for c, g, lab in PAPER:
+        ax.scatter([c], [g], marker="*", s=120, color="grey", zorder=5)
+        ax.annotate(lab, (c, g), textcoords="offset points", xytext=(-10, 6), fontsize=7, ha="right")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(chunks)
+    ax.set_xticklabels([f"{c // 1024}" for c in chunks])
+    ax.minorticks_off()
+    ax.set_xlabel("read size (KiB)")
+    ax.set_ylabel("random-read throughput (GB/s, 1 GB = 1e9 bytes)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Random O_DIRECT reads vs read size and parallelism (median of runs)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    common.savefig(fig, png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""Active-set statistics of real models, and the synthetic trace source that drives the scale model.
+
+Statistics (``window_stats``, ``popularity``, ``closest_friends``) work on boolean masks [T, n] (tokens x neurons)
+of one layer, over consecutive tokens of a text. With S_t the active set at token t and n the layer's neurons:
+
+- aggregated usage U(k) = |S_t u S_{t-1} u ... u S_{t-k+1}| / n: what a window of k tokens holds (Figure 4a);
+- new share N(k) = |S_t minus (S_{t-1} u ... u S_{t-k})| / n: what must be loaded for token t when the last k tokens'
+  neurons are cached (the engine's ``NeuronCache`` with ``window=k`` loads exactly this); N(0) = |S_t| / n.
+
+The trace source (``TraceModel``) is a latent-Gaussian model of one layer's neurons, documented here and in
+``paper_notes_experiments.md``:
+
+    u_i(t) = b_i + z_i(t)          b_i ~ N(0, sigma_b^2) fixed per neuron (popularity), z_i an AR(1) process with
+                                   unit variance and lag-one correlation rho (persistence: the residual stream, and so
+                                   the pre-activation, changes slowly from token to token)
+    active_i(t)    = u_i(t) > theta_l                      theta_l sets the layer's active fraction a_l
+    predicted_i(t) = u_i(t) + e_i(t) > theta'_l            e_i: the predictor's error, AR(1) with the same rho and
+                                                           std sigma_e,l; (sigma_e,l, theta'_l) solved so that the
+                                                           recall is 95% and 7% of inactive neurons are predicted
+                                                           (the paper's OPT-6.7B predictors: ~5% false negatives,
+                                                           ~7% false positives, ~3x the true set, ~10% of the FFN)
+
+Popularity follows from sigma_b (a neuron's long-run activation rate is Phi((b_i - theta_l) / 1)); persistence and
+window reuse from rho. (sigma_b, rho) are fitted (``fit_temporal``) to two statistics: for the scale model, the
+paper's OPT-6.7B predicted sets (N(5) = 2.4% of the FFN per token, U(5) = 24%); for validation, the same two
+statistics of a real model's true sets, after which the whole U(k), N(k) curves and the popularity concentration
+of the fit are compared with the real model's (``experiments/trace_validation.py``).
+
+``TraceProvider`` plugs a trace into ``Engine(..., provider=...)``: for each layer call it advances that layer's
+trace by one token per row of x and returns the true or the predicted sets. In predicted mode it also runs a real
+low-rank predictor of the paper's size (ranks 128, and 1024 for the last 4 layers, random weights) on x, so the
+predictor's compute and DRAM are real; its output is discarded in favour of the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def window_stats(seqs: Sequence[np.ndarray], k_max: int = 32, warm: Optional[int] = None) -> dict:
+    """U(k) for k = 1..k_max and N(k) for k = 0..k_max, averaged over tokens t >= warm of each sequence.
+
+    ``seqs``: boolean masks [T, n] of one layer (each a run of consecutive tokens). Returns fractions of n.
+    """
+    warm = k_max if warm is None else warm
+    age_hist = np.zeros(k_max + 1, np.int64)  # ages 0..k_max-1, and >= k_max
+    gap_hist = np.zeros(k_max + 2, np.int64)  # gaps of active neurons 1..k_max, and > k_max
+    n_tok, n, active = 0, None, 0
+    for m in seqs:
+        T, n = m.shape
+        last = np.full(n, -(10**9), np.int64)
+        for t in range(T):
+            idx = np.flatnonzero(m[t])
+            if t >= warm:
+                gaps = np.minimum(t - last[idx], k_max + 1)
+                gap_hist += np.bincount(gaps, minlength=k_max + 2)
+                active += idx.size
+            last[idx] = t
+            if t >= warm:
+                age_hist += np.bincount(np.minimum(t - last, k_max), minlength=k_max + 1)
+                n_tok += 1
+    if not n_tok:
+        raise ValueError("no token past the warm-up: give longer sequences or a smaller k_max")
+    union = np.cumsum(age_hist[:k_max]) / (n_tok * n)  # U(k) = share of neurons with age < k
+    tail = gap_hist[::-1].cumsum()[::-1]  # tail[g] = active with gap >= g
+    new = np.array([active] + [tail[k + 1] for k in range(1, k_max + 1)]) / (n_tok * n)
+    return {"k_union": list(range(1, k_max + 1)), "union": union.tolist(), "k_new": list(range(0, k_max + 1)),
+            "new": new.tolist(), "active": active / (n_tok * n), "tokens": n_tok}
+
+
+def persistence(seqs: Sequence[np.ndarray]) -> float:
+    """P(active at t | active at t-1)."""
+    both = prev = 0
+    for m in seqs:
+        both += int((m[1:] & m[:-1]).sum())
+        prev += int(m[:-1].sum())
+    return both / prev if prev else float("nan")
+
+
+def popularity(seqs: Sequence[np.ndarray], shares: Sequence[float] = (0.01, 0.05, 0.1, 0.2, 0.5)) -> dict:
+    """Long-run activation rate per neuron and the share of all activations that the top x% of neurons account for."""
+    counts = sum(m.sum(0, dtype=np.int64) for m in seqs)
+    tokens = sum(m.shape[0] for m in seqs)
+    order = np.sort(counts)[::-1]
+    total = max(int(order.sum()), 1)
+    n = order.size
+    top = {f"{s:g}": float(order[: max(1, int(round(s * n)))].sum() / total) for s in shares}
+    return {"rate_sorted": (order / tokens).tolist(), "top_share": top, "never_active": float((counts == 0).mean())}
+
+
+def coactivation(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(C [n, n] float32 co-activation counts, counts [n]) over all tokens."""
+    m = np.concatenate([s for s in seqs]).astype(np.float32)
+    c = m.T @ m
+    return c, np.diag(c).copy()
+
+
+def closest_friends(c: np.ndarray, counts: np.ndarray) -> dict:
+    """Each neuron's closest friend (the neuron most often active when it is) and how often that friend co-fires."""
+    cc = c.copy()
+    np.fill_diagonal(cc, -1)
+    friend = cc.argmax(1)
+    alive = counts > 0
+    rate = np.where(alive, cc[np.arange(c.shape[0]), friend] / np.maximum(counts, 1), np.nan)
+    hot = np.argsort(counts)[::-1][: max(1, c.shape[0] // 100)]
+    return {"friend": friend, "rate": rate, "alive": alive,
+            "friend_is_top1pct": float(np.isin(friend[alive], hot).mean()) if alive.any() else float("nan"),
+            "distinct_friends": int(np.unique(friend[alive]).size)}
+
+
+# ---------------------------------------------------------------------------------------------- the trace model
+
+
+def _phi(x):
+    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _Phi(x):
+    from scipy.special import ndtr
+
+    return ndtr(x)
+
+
+def _predictor_noise(a: float, sigma_b: float, recall: float, fpr: float) -> tuple[float, float]:
+    """(sigma_e, theta') such that P(pred | active) = recall and P(pred | inactive) = fpr, for active fraction a."""
+    from scipy.optimize import brentq
+    from scipy.special import ndtri
+
+    sd = math.sqrt(1 + sigma_b**2)
+    theta = sd * ndtri(1 - a)
+    u = np.linspace(-9 * sd, 9 * sd, 12001)
+    w = _phi(u / sd) / sd * (u[1] - u[0])
+    pos = u > theta
+
+    def rates(se: float, tp: float) -> tuple[float, float]:
+        p = _Phi((u - tp) / se) * w
+        return p[pos].sum() / w[pos].sum(), p[~pos].sum() / w[~pos].sum()
+
+    def tp_for(se: float) -> float:
+        return brentq(lambda tp: rates(se, tp)[0] - recall, theta - 100 * sd, theta + 20 * sd)
+
+    se = brentq(lambda se: rates(se, tp_for(se))[1] - fpr, 1e-3, 5 * sd)
+    return se, tp_for(se)
+
+
+@dataclass(frozen=True)
+class TraceParams:
+    active: tuple[float, ...]  # true active fraction per layer
+    sigma_b: float  # popularity spread
+    rho: float  # per-token persistence of the latent
+    recall: float = 0.95  # predicted mode: share of active neurons predicted
+    fpr: float = 0.07  # predicted mode: share of inactive neurons predicted
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def paper_active_profile(n_layers: int = 32) -> tuple[float, ...]:
+    """OPT-6.7B's active fraction per layer (paper, Figure 9): 1.56% at layer 1, 2.66% at 16, 5.36% at 32, mean
+    3.30%. Monotone cubic (PCHIP) through those three points and one more knot at layer 22 whose value is solved so
+    that the mean is 3.30%."""
+    from scipy.interpolate import PchipInterpolator
+    from scipy.optimize import brentq
+
+    x = np.arange(1, n_layers + 1) * (32 / n_layers)
+
+    def prof(y22: float) -> np.ndarray:
+        return PchipInterpolator([1, 16, 22, 32], [1.56, 2.66, y22, 5.36])(x) / 100
+
+    y = brentq(lambda v: prof(v).mean() - 0.033, 2.7, 5.3)
+    return tuple(float(v) for v in prof(y))
+
+
+# fitted by fit_temporal(paper_active_profile(), new5=0.024, union5=0.24, kind="predicted") (see
+# experiments/trace_validation.py, which re-runs the fit and checks the trace against these targets)
+PAPER_SIGMA_B = 1.00
+PAPER_RHO = 0.66
+
+
+def paper_params(n_layers: int = 32, seed: int = 0) -> TraceParams:
+    return TraceParams(paper_active_profile(n_layers), PAPER_SIGMA_B, PAPER_RHO, seed=seed)
+
+
+@dataclass
+class _LayerState:
+    b: np.ndarray
+    theta: float
+    sigma_e: float
+    theta_p: float
+    rng: np.random.Generator
+    z: np.ndarray = field(default=None)  # type: ignore[assignment]
+    e: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+
+class TraceModel:
+    """Per-layer latent processes (see the module docstring); ``step(layer)`` advances one layer by one token."""
+
+    def __init__(self, params: TraceParams, n: int, layers: Optional[Sequence[int]] = None) -> None:
+        from scipy.special import ndtri
+
+        self.p = params
+        self.n = n
+        self.layers = list(range(len(params.active))) if layers is None else list(layers)
+        sd = math.sqrt(1 + params.sigma_b**2)
+        q = ndtri((np.arange(n) + 0.5) / n)  # stratified: the layer's biases are the normal quantiles, shuffled
+        self._noise_cache: dict[float, tuple[float, float]] = {}
+        self.state: dict[int, _LayerState] = {}
+        for layer in self.layers:
+            a = params.active[layer]
+            rng = np.random.default_rng([params.seed, layer, 1])
+            b = (params.sigma_b * q[rng.permutation(n)]).astype(np.float32)
+            key = round(a, 6)
+            if key not in self._noise_cache:
+                self._noise_cache[key] = _predictor_noise(a, params.sigma_b, params.recall, params.fpr)
+            se, tp = self._noise_cache[key]
+            self.state[layer] = _LayerState(b, float(sd * ndtri(1 - a)), se, tp, rng)
+        self.reset()
+
+    def reset(self) -> None:
+        for layer, s in self.state.items():
+            s.rng = np.random.default_rng([self.p.seed, layer, 2])
+            s.z = s.rng.standard_normal(self.n, dtype=np.float32)
+            s.e = s.rng.standard_normal(self.n, dtype=np.float32)
+
+    def step(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(true mask [n], predicted mask [n]) for the layer's next token."""
+        s = self.state[layer]
+        r, c = self.p.rho, math.sqrt(1 - self.p.rho**2)
+        s.z *= r
+        s.z += c * s.rng.standard_normal(self.n, dtype=np.float32)
+        s.e *= r
+        s.e += c * s.rng.standard_normal(self.n, dtype=np.float32)
+        u = s.b + s.z
+        return u > s.theta, (u + s.sigma_e * s.e) > s.theta_p
+
+    def masks(self, layer: int, tokens: int, kind: str = "true") -> np.ndarray:
+        """[tokens, n] masks of one layer from a fresh start (statistics)."""
+        out = np.empty((tokens, self.n), bool)
+        for t in range(tokens):
+            out[t] = self.step(layer)[0 if kind == "true" else 1]
+        return out
+
+
+def fit_temporal(active: Sequence[float], new5: float, union5: float, kind: str = "true", n: int = 4096,
+                 tokens: int = 160, n_layers_sim: int = 6, seed: int = 0, x0=(1.0, 0.85)) -> dict:
+    """Fit (sigma_b, rho) so that a trace with these per-layer active fractions has mean N(5) = new5 and
+    U(5) = union5 (of its true or predicted sets). Simulated on ``n_layers_sim`` representative layers."""
+    from scipy.optimize import minimize
+
+    active = list(active)
+    pick = sorted(set(np.linspace(0, len(active) - 1, n_layers_sim).round().astype(int).tolist()))
+    sub = tuple(active[i] for i in pick)
+
+    def stats(sigma_b: float, rho: float) -> tuple[float, float]:
+        tm = TraceModel(TraceParams(sub, sigma_b, rho, seed=seed), n)
+        ws = [window_stats([tm.masks(layer, tokens, kind)], k_max=5, warm=20) for layer in range(len(sub))]
+        return float(np.mean([w["new"][5] for w in ws])), float(np.mean([w["union"][4] for w in ws]))
+
+    def loss(v) -> float:
+        sb, rho = math.exp(v[0]), 1 / (1 + math.exp(-v[1]))
+        nn_, uu = stats(sb, rho)
+        return (math.log(nn_ / new5)) ** 2 + (math.log(uu / union5)) ** 2
+
+    v0 = [math.log(x0[0]), math.log(x0[1] / (1 - x0[1]))]
+    res = minimize(loss, v0, method="Nelder-Mead", options={"xatol": 0.01, "fatol": 1e-5, "maxfev": 80})
+    sb, rho = math.exp(res.x[0]), 1 / (1 + math.exp(-res.x[1]))
+    got = stats(sb, rho)
+    return {"sigma_b": sb, "rho": rho, "new5": got[0], "union5": got[1], "target_new5": new5,
+            "target_union5": union5, "kind": kind, "loss": float(res.fun), "evaluations": int(res.nfev)}
+
+
+# ------------------------------------------------------------------------------------------------ engine providers
+
+
+PAPER_RANKS = (128,) * 28 + (1024,) * 4
+
+
+class TraceProvider:
+    """An ``Engine`` active-set provider replaying a ``TraceModel`` (true or predicted sets).
+
+    ``kind="true"``: like the oracle (time not counted, no DRAM). ``kind="predicted"``: a real low-rank predictor
+    (``ranks``, random weights in the model dtype) runs on x for its compute and DRAM, and the trace's predicted set
+    is returned. ``perm`` (per layer: file position -> original neuron id) serves a reordered flash layout.
+    """
+
+    def __init__(self, model: TraceModel, kind: str = "predicted", d_model: int = 4096,
+                 ranks: Optional[Sequence[int]] = PAPER_RANKS, dtype: torch.dtype = torch.bfloat16,
+                 perm: Optional[Sequence[np.ndarray]] = None) -> None:
+        if kind not in ("true", "predicted"):
+            raise ValueError(kind)
+        self.model = model
+        self.kind = kind
+        self.counted = kind == "predicted"
+        self.perm = None if perm is None else [np.asarray(p) for p in perm]
+        self.pred: list[tuple[Tensor, Tensor, Tensor]] = []
+        if kind == "predicted":
+            g = torch.Generator().manual_seed(model.p.seed + 7)
+            n = model.n
+            for layer in range(len(model.p.active)):
+                r = ranks[min(layer, len(ranks) - 1)] if ranks else 128
+                r = min(r, d_model)
+                self.pred.append(((torch.randn(r, d_model, generator=g) * 0.02).to(dtype),
+                                  (torch.randn(n, r, generator=g) * 0.02).to(dtype), torch.zeros(n, dtype=dtype)))
+        self.nbytes = sum(t.numel() * t.element_size() for p in self.pred for t in p)
+        pp = model.p  # expected share of each layer's neurons needed per token (the engine sizes caches by it)
+        self.layer_demand = [a if kind == "true" else pp.recall * a + pp.fpr * (1 - a) for a in pp.active]
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        if self.pred:
+            down, up, bias = self.pred[layer]
+            _ = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+        which = 0 if self.kind == "true" else 1
+        rows = [self.model.step(layer)[which] for _ in range(x.shape[0])]
+        m = np.stack(rows)
+        if self.perm is not None:
+            m = m[:, self.perm[layer]]
+        self.calls += 1
+        return torch.from_numpy(m)
+
+
+class PermutedProvider:
+    """Wraps a provider whose ids are original neuron ids, for a flash directory whose rows were permuted
+    (``perm[layer][j]`` = original id stored at row j)."""
+
+    def __init__(self, inner, perm: Sequence[np.ndarray]) -> None:
+        self.inner = inner
+        self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
+        self.nbytes = inner.nbytes
+        self.counted = inner.counted
+        self.layer_demand = getattr(inner, "layer_demand", None)
+
+    def reset(self) -> None:
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        return self.inner.active(layer, x)[:, self.perm[layer]]
+
+
+class NoReuseProvider:
+    """Wraps a provider so that every token loads its whole active set: the layer's neuron cache is emptied before
+    each call (the paper's "+predictor" row without a window: no reuse between tokens). Call ``bind(engine)``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.nbytes = inner.nbytes
+        self.counted = inner.counted
+        self.layer_demand = getattr(inner, "layer_demand", None)
+        self.engine = None
+
+    def bind(self, engine) -> "NoReuseProvider":
+        self.engine = engine
+        return self
+
+    def reset(self) -> None:
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        if self.engine is not None:
+            self.engine.ffn_modules[layer].cache.clear()
+        return self.inner.active(layer, x)
+
+
+# ------------------------------------------------------------------------------------------- real activations
+
+
+def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float = 0.8, source: str = "wiki:eval",
+                  max_tokens: int = 4096, seq_len: int = 512, predictors: Optional[str] = None, progress: bool = True,
+                  cache: bool = True) -> dict:
+    """True active sets of a real model (converted flash directory) on text: per layer, a list of boolean masks
+    [T, n], one per window of ``seq_len`` consecutive tokens. Cached (bit-packed) under the cache directory.
+
+    With ``predictors`` (a predictor directory), also the predicted sets (``pred_masks``, same shapes).
+    Returns {"masks": [[mask per window] per layer], "ppl", "tokens", "per_layer_active_fraction", ...}.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from .flashdir import load_in_memory, open_flash_dir
+    from .paths import atomic_file, cache_dir
+    from .sparsity import SparsityRule, threshold_rule
+    from .text import load_texts
+
+    fd = open_flash_dir(flash_dir)
+    pset = None
+    pred_id = None
+    if predictors:
+        from predictors.model import PredictorSet
+
+        pset = PredictorSet.load(predictors)
+        pred_id = [str(predictors), pset.meta.get("weights_sha256")]
+    key = json.dumps([fd.name, str(Path(flash_dir).resolve()), fd.manifest["checksums"], sparsity,
+                      threshold_sparsity, source, max_tokens, seq_len, pred_id], sort_keys=True, default=str)
+    path = cache_dir() / "traces" / f"{fd.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if cache and path.is_file():
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        def get(prefix):
+            return [[np.unpackbits(z[f"{prefix}{layer}_w{w}"], axis=1, count=meta["n"]).astype(bool)
+                     for w in range(meta["windows"])] for layer in range(meta["n_layers"])]
+
+        return dict(meta, masks=get("l"), pred_masks=get("p") if meta.get("predictors") else None)
+    lm = load_in_memory(flash_dir)
+    rule = SparsityRule("relu")
+    if sparsity == "threshold":
+        table = lm.thresholds
+        if table is None:
+            from .engine import calibrate_flash_dir
+
+            table = calibrate_flash_dir(fd)
+        rule = threshold_rule(table, threshold_sparsity)
+    n_layers, n = fd.layout.n_layers, fd.layout.d_ffn
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+    per_layer_pred: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+
+    def observe(layer: int, x: Tensor, h: Tensor) -> None:
+        per_layer[layer].append((h.reshape(-1, h.shape[-1]) != 0).numpy())
+        if pset is not None:
+            per_layer_pred[layer].append(pset.predict(layer, x.reshape(-1, x.shape[-1])).numpy())
+
+    bos = getattr(lm.model.config, "model_type", "").startswith("gemma")
+    res = _perplexity_with_observer(lm, load_texts(source), seq_len, max_tokens, rule, observe, bos, progress)
+    meta = {"model": fd.name, "sparsity": sparsity, "threshold_sparsity": threshold_sparsity if sparsity == "threshold"
+            else None, "source": source, "seq_len": seq_len, "ppl": res["ppl"], "tokens": res["tokens"],
+            "per_layer_active_fraction": res["per_layer_active_fraction"],
+            "ffn_active_fraction": res["ffn_active_fraction"], "n_layers": n_layers, "n": n,
+            "windows": len(per_layer[0]), "predictors": pred_id}
+    if cache:
+        arrays = {f"l{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
+                  for w, m in enumerate(per_layer[layer])}
+        if pset is not None:
+            arrays.update({f"p{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
+                           for w, m in enumerate(per_layer_pred[layer])})
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    return dict(meta, masks=per_layer, pred_masks=per_layer_pred if pset is not None else None)
+
+
+def _perplexity_with_observer(lm, docs, seq_len, max_tokens, rule, observe, bos, progress) -> dict:
+    """``evaluate.perplexity``'s loop (same windows, same ``ActiveCounter``) with a second observer for the masks."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .ffn import install_dense_ffns
+    from .sparsity import ActiveCounter
+    from .text import token_stream, windows
+
+    counter = ActiveCounter(lm.model.config.num_hidden_layers)
+
+    def both(layer, x, h):
+        counter(layer, x, h)
+        observe(layer, x, h)
+
+    install_dense_ffns(lm.model, rule, observer=both)
+    stream = token_stream(lm.tokenizer, docs, max_tokens=max_tokens, bos=bos)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in tqdm(list(windows(stream, seq_len)), desc="activations", disable=not progress):
+            logits = lm.model(ids).logits[0, :-1].float()
+            nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return {"ppl": math.exp(nll / max(count, 1)), "tokens": count, "ffn_active_fraction": counter.overall(),
+            "per_layer_active_fraction": counter.per_layer()}
+
+
+# ------------------------------------------------------------------------------- co-activation and neuron order
+
+
+def coactivation_order(c: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """A file order of one layer's neurons in which neurons that fire together are neighbours (Ripple-style).
+
+    Greedy nearest-neighbour chain on the cosine co-activation similarity C_ij / sqrt(c_i c_j): start from the most
+    active neuron, append the unplaced neuron most similar to the last placed one (ties and never-active neurons by
+    activation count). Returns ``order`` with order[j] = the original id stored at row j.
+    """
+    n = c.shape[0]
+    norm = np.sqrt(np.maximum(counts, 1)).astype(np.float32)
+    sim = c / norm[:, None] / norm[None, :]
+    sim += 1e-6 * (counts / max(counts.max(), 1))[None, :]  # tie-break towards popular neurons
+    np.fill_diagonal(sim, -np.inf)
+    placed = np.zeros(n, bool)
+    order = np.empty(n, np.int64)
+    cur = int(np.argmax(counts))
+    for j in range(n):
+        order[j] = cur
+        placed[cur] = True
+        if j == n - 1:
+            break
+        row = np.where(placed, -np.inf, sim[cur])
+        cur = int(np.argmax(row))
+    return order
+
+
+def popularity_order(counts: np.ndarray) -> np.ndarray:
+    """Neurons sorted by activation count, most active first (order[j] = original id at row j)."""
+    return np.argsort(-np.asarray(counts), kind="stable")
+
+
+def new_sets(seq: np.ndarray, window: int) -> list[np.ndarray]:
+    """Per token t of one sequence [T, n]: ids active at t and in none of the previous ``window`` tokens
+    (``window=0``: the whole active set), i.e. what the engine's window cache loads."""
+    out = []
+    last = np.full(seq.shape[1], -(10**9), np.int64)
+    for t in range(seq.shape[0]):
+        ids = np.flatnonzero(seq[t])
+        out.append(ids if window == 0 else ids[t - last[ids] > window])
+        last[ids] = t
+    return out
+
+
+def read_sizes(ids_rows: np.ndarray, stride_bytes: int, max_read_bytes: int = 256 * 1024) -> np.ndarray:
+    """Byte sizes of the reads that bring rows ``ids_rows`` (any order) with neighbouring rows merged, as
+    ``layout.read_plan`` plans them."""
+    from .layout import runs
+
+    if ids_rows.size == 0:
+        return np.empty(0, np.int64)
+    _, length = runs(np.unique(ids_rows), max(1, max_read_bytes // stride_bytes))
+    return length * stride_bytes
+
+
+def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bool = True):
+    """A copy of flash directory ``src`` whose FFN rows are permuted per layer (row j of layer l holds original neuron
+    ``perms[l][j]``), per-neuron FFN biases permuted alike, manifest checksums updated. Returns the path."""
+    import json
+    import os
+    import shutil
+    import zlib
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .flashdir import ACT_BIAS, FFN_FILE, MANIFEST, RESIDENT, _file_crc, open_flash_dir
+    from .paths import atomic_dir
+    from .storage import read_range
+
+    fd = open_flash_dir(src)
+    lay = fd.layout
+    out = Path(out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        crcs: list[list[int]] = [[] for _ in lay.segments]
+        with open(tmp / FFN_FILE, "wb") as f:
+            for layer in tqdm(range(lay.n_layers), desc="writing permuted ffn.bin", disable=not progress):
+                perm = np.asarray(perms[layer], np.int64)
+                for s, seg in enumerate(lay.segments):
+                    nbytes = seg.stride_bytes * lay.d_ffn
+                    buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
+                    rows = np.frombuffer(buf, np.uint8, count=nbytes).reshape(lay.d_ffn, seg.stride_bytes)
+                    new = np.ascontiguousarray(rows[perm])
+                    del rows
+                    buf.close()
+                    assert f.tell() == seg.layer_offsets[layer]
+                    f.write(new.data)
+                    crcs[s].append(zlib.crc32(new.data) & 0xFFFFFFFF)
+            f.flush()
+            os.fsync(f.fileno())
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(fd.resident_path))
+        bias_names = [ACT_BIAS.format(layer) for layer in range(lay.n_layers) if ACT_BIAS.format(layer) in tensors]
+        if bias_names:
+            for layer in range(lay.n_layers):
+                name = ACT_BIAS.format(layer)
+                if name in tensors:
+                    tensors[name] = tensors[name][torch.as_tensor(np.asarray(perms[layer]))].contiguous()
+            save_file(tensors, str(tmp / RESIDENT), metadata={"format": "pt"})
+        else:
+            shutil.copyfile(fd.resident_path, tmp / RESIDENT)
+        del tensors
+        for item in Path(src).iterdir():
+            if item.is_file() and item.name not in (MANIFEST, FFN_FILE, RESIDENT) and not item.name.startswith("."):
+                shutil.copyfile(item, tmp / item.name)
+        m = json.loads(json.dumps(fd.manifest))
+        m["checksums"][FFN_FILE] = {"per_layer_segment_crc32": crcs}
+        m["checksums"][RESIDENT] = _file_crc(tmp / RESIDENT)
+        m["bytes"]["resident_file"] = (tmp / RESIDENT).stat().st_size
+        (tmp / MANIFEST).write_text(json.dumps(m, indent=1, default=str))
+        np.save(tmp / "permutation.npy", np.stack([np.asarray(p, np.int64) for p in perms]))
+    return out

@@ -1,0 +1,94 @@
+"""The experiment glue (experiments/common.py, memlimit.py, coactivation helpers) and ``llmflash reproduce`` (fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmflash.cli import build_parser, main
+from llmflash.engine import EngineConfig
+from llmflash.flashdir import convert
+from tiny import save_tiny, tiny_llama
+
+EXP = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXP))
+
+import common  # noqa: E402
+import memlimit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def flash(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    save_tiny(tiny_llama(relu=True, d_model=64, d_ffn=256), root / "m")
+    return convert(str(root / "m"), root / "flash", progress=False)
+
+
+def test_bandwidth_interpolation_and_computed_io():
+    table = [(4096, 0.3), (16384, 0.8), (65536, 1.2)]
+    assert common.bandwidth_at(table, 4096) == 0.3 and common.bandwidth_at(table, 1 << 20) == 1.2
+    assert abs(common.bandwidth_at(table, 8192) - 0.55) < 1e-9  # halfway in log2
+    ms = common.computed_io_ms({16384: 1000, 65536: 10}, table)
+    assert abs(ms - (16384 * 1000 / 0.8e9 + 65536 * 10 / 1.2e9) * 1e3) < 1e-9
+
+
+def test_run_records_every_read_and_shares_within_a_session(flash, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFLASH_SESSION", "test")
+    table = [(4096, 0.5), (1 << 20, 1.0)]
+    cfg = EngineConfig(mode="oracle", dram_budget=8.0)
+    r = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
+    s = r["summary"]
+    assert s["tokens_measured"] == 4 and s["warmup_tokens"] == 1
+    hist = {int(k): v for k, v in s["read_size_histogram"].items()}
+    assert sum(k * v for k, v in hist.items()) == s["bytes_read_per_token"] * 4  # the recorder saw every byte
+    assert sum(hist.values()) == s["reads_per_token"] * 4
+    assert s["computed_io_ms"] > 0 and 0 < s["read_efficiency"]
+    again = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
+    assert again.get("shared_from") is not None and again["tokens"] == r["tokens"]
+    w5 = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table)  # a new key
+    assert w5.get("shared_from") is None and w5["tokens"] == r["tokens"]
+    assert w5["summary"]["bytes_read_per_token"] <= s["bytes_read_per_token"]  # the window reuses rows
+
+
+def test_friend_bundling_and_computed_reads():
+    import coactivation
+
+    seq = np.zeros((6, 8), bool)
+    seq[:, 0] = True  # a hot neuron, everyone's friend
+    seq[1, 3] = seq[3, 5] = True
+    friend = np.array([1, 0, 0, 0, 0, 0, 0, 0])
+    r = coactivation.friend_bundling([seq], friend, window=2)
+    assert r["plain_per_token"] == pytest.approx(3 / 6) and r["records_per_token"] == pytest.approx(3 / 6)
+    reads = coactivation.computed_reads([seq], np.arange(8), 4096, 0, None)
+    assert reads["reads_per_token"] == pytest.approx(8 / 6)
+    order = np.array([3, 0, 5, 1, 2, 4, 6, 7])  # 3 and 5 on either side of 0: merged reads
+    assert coactivation.computed_reads([seq], order, 4096, 0, None)["reads_per_token"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(memlimit.available() is not None, reason="needs root and cgroup v1 memory")
+def test_cgroup_limit_is_enforced():
+    code = "import sys; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); print('RESULT {}')"
+    small = memlimit.run_limited([sys.executable, "-c", code], 100 << 20, "test-small", timeout_s=60)
+    assert not small["completed"] and (small["oom_kills"] > 0 or small["returncode"] != 0)
+    big = memlimit.run_limited([sys.executable, "-c", code], 1 << 30, "test-big", timeout_s=60)
+    assert big["completed"] and big["max_usage_bytes"] >= 300 << 20
+    assert not any(p.name.startswith("llmflash-test") for p in memlimit.CG_ROOT.iterdir())  # removed
+
+
+def test_reproduce_command(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["reproduce", "--quick", "--only", "profile_io"])
+    assert args.quick and args.only == "profile_io"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["reproduce", "--help"])
+    assert "full settings" in capsys.readouterr().out
+    assert main(["reproduce", "--only", "nope"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    for name in ("ablation", "latency", "dram_budget", "stability", "coactivation", "memory_limit", "cgroup_budget",
+                 "profile_io", "active_fraction", "window_usage", "trace_validation"):
+        assert (EXP / f"{name}.py").is_file()
