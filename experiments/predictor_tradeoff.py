@@ -39,7 +39,7 @@ from llmflash.text import load_texts
 from predictors.collect import Activations, CollectConfig, collect
 from predictors.evaluate import eval_on_activations, window_mask_fn
 from predictors.model import PredictorSet
-from predictors.train import TrainConfig, calibrate, train_predictors
+from predictors.train import TrainConfig, calibrate, pinned_neurons, train_predictors
 
 log = logging.getLogger("predictor_tradeoff")
 
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--ppl-tokens", type=int, default=8_192)
     ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--pin-ratio", type=float, default=0.5, help="pin massive-activation neurons (0: none)")
     ap.add_argument("--dtype-bytes", type=int, default=4, help="bytes per weight on flash (fp32 SmolLM2: 4)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is best on a busy machine)")
     ap.add_argument("--out", type=Path, default=repo_root() / "results" / "predictors")
@@ -125,10 +126,13 @@ def main() -> None:
     log.info("oracle perplexity %.3f (active fraction %.3f)", oracle["ppl"], oracle["ffn_active_fraction"])
 
     rows = []
-    base = TrainConfig(epochs=args.epochs, last_layers=args.last_layers)
+    base = TrainConfig(epochs=args.epochs, last_layers=args.last_layers, pin_ratio=args.pin_ratio or None)
+    pins = pinned_neurons(train_act, base.pin_ratio)
     for rank in [int(r) for r in args.ranks.split(",")]:
         cfg = replace(base, rank=rank, rank_last=2 * rank)
         pset = trained_set(train_act, cfg, tag)
+        for layer, ids in enumerate(pins):  # pinning does not change training: applied to the cached sets
+            pset.pin(layer, ids)
         for target in [float(t) for t in args.recall_targets.split(",")]:
             calibrate(pset, train_act, target, cfg.holdout_fraction)
             ev = eval_on_activations(pset, eval_act, args.window)
@@ -145,6 +149,7 @@ def main() -> None:
                 "true_bytes_per_token": ev["true_active_fraction"] * ffn_bytes_per_token,
                 "window_new_bytes_per_token": ev["window_new_fraction"] * ffn_bytes_per_token,
                 "ppl_oracle": oracle["ppl"], "ppl_predictor": ppl["ppl"], "ppl_ratio": ppl["ppl"] / oracle["ppl"],
+                "pinned_neurons": sum(len(p) for p in pins),
                 "predictor_bytes_fp16": 2 * pset.n_params, "predictor_macs_per_token": pset.macs_per_token,
                 "predictor_compute_share": pset.macs_per_token / dense_macs,
             }

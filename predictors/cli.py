@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=48, help="rank of every layer but the last ones")
     p.add_argument("--rank-last", type=int, default=None, help="rank of the last --last-layers layers (default 2 x rank)")
     p.add_argument("--last-layers", type=int, default=4)
+    p.add_argument("--ranks", default=None, help="explicit per-layer ranks, comma-separated (overrides --rank*)")
     p.add_argument("--recall-target", type=float, default=0.95, help="per-layer held-out recall the thresholds aim at")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--patience", type=int, default=1)
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--holdout-fraction", type=float, default=0.1)
     p.add_argument("--max-train-tokens", type=int, default=None, help="subsample the training tokens per layer")
+    p.add_argument("--pin-ratio", type=float, default=0.5,
+                   help="always predict neurons whose largest contribution reaches this x the layer's median token "
+                        "contribution (massive-activation neurons); 0 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing PREDDIR")
     p.add_argument("--json", type=Path, default=None, metavar="OUT")
@@ -78,7 +82,7 @@ def run_collect(args: argparse.Namespace) -> int:
     n_layers, d_model, d_ffn = _spec_of(lm.model)
     est = args.max_tokens * bytes_per_token(n_layers, d_model, d_ffn)
     print(f"collecting up to {args.max_tokens} tokens from {args.text_file} through {lm.name} ({args.sparsity} rule): "
-          f"about {fmt_bytes(est)} in {args.out}")
+          f"about {fmt_bytes(est)} in {args.out}", flush=True)
     man = collect(lm, docs, args.text_file, args.out, rule, CollectConfig(args.max_tokens, args.seq_len), overwrite=args.force)
     mean_active = sum(man["true_active_fraction"]) / len(man["true_active_fraction"])
     print(f"collected {man['tokens']} tokens x {man['n_layers']} layers in {args.out}: true active fraction "
@@ -98,17 +102,26 @@ def run_train(args: argparse.Namespace) -> int:
     if args.rank < 1 or (args.rank_last is not None and args.rank_last < 1) or args.epochs < 1:
         raise LLMFlashError("--rank, --rank-last and --epochs must be positive")
     act = Activations.open(args.actdir)
-    cfg = TrainConfig(
+    try:
+        ranks = None if args.ranks is None else tuple(int(r) for r in args.ranks.split(","))
+    except ValueError:
+        raise LLMFlashError(f"--ranks {args.ranks!r} is not a comma-separated list of integers") from None
+    if ranks is not None and min(ranks) < 1:
+        raise LLMFlashError("--ranks must all be positive")
+    cfg = TrainConfig(ranks=ranks, 
         rank=args.rank, rank_last=args.rank_last or 2 * args.rank, last_layers=args.last_layers,
         recall_target=args.recall_target, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
         lr=args.lr, holdout_fraction=args.holdout_fraction, max_train_tokens=args.max_train_tokens, seed=args.seed,
+        pin_ratio=args.pin_ratio if args.pin_ratio > 0 else None,
     )
     pset = train_predictors(act, cfg)
     pset.save(args.out, overwrite=args.force)
     layers = pset.meta["layers"]
     mean = lambda k: sum(s[k] for s in layers) / len(layers)  # noqa: E731
     pred, true = mean("predicted_active_fraction"), mean("true_active_fraction")
-    print(f"trained {pset.n_layers} predictors (ranks {min(pset.ranks)}-{max(pset.ranks)}, {fmt_bytes(2 * pset.n_params)} fp16) "
+    n_pinned = sum(len(s["pinned"]) for s in layers)
+    print(f"trained {pset.n_layers} predictors (ranks {min(pset.ranks)}-{max(pset.ranks)}, {fmt_bytes(2 * pset.n_params)} fp16, "
+          f"{n_pinned} neurons pinned) "
           f"in {args.out}; held-out recall {mean('recall'):.3f}, precision {mean('precision'):.3f}, predicted/true active "
           f"{pred:.3f}/{true:.3f} = {pred / true:.2f}x")
     if args.json:
@@ -131,8 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     pset = PredictorSet.load(args.predictors)
     docs = load_texts(args.text_file)
     lm = load_any(args.model)
-    n_layers, d_model, d_ffn = _spec_of(lm.model)
-    pset.check_compatible(n_layers, d_model, d_ffn, lm.name, args.sparsity)
+    pset.check_model(lm.model, lm.name, args.sparsity)
     rule = pset.sparsity_rule()
     res = eval_predictors(lm.model, lm.tokenizer, docs, pset, rule, max_tokens=args.max_tokens, seq_len=args.seq_len,
                           window=args.window)

@@ -6,6 +6,12 @@ An activation directory (ACTDIR, in the git-ignored cache or wherever ``--out`` 
     tokens.npy               int32 [N]: the token ids, N = number of collected tokens
     x_LL.npy                 float16 [N, d_model]: layer LL's FFN input (after the post-attention norm)
     labels_LL.npy            uint8 [N, ceil(d_ffn / 8)]: np.packbits(h != 0) along the neuron axis (big bit order)
+    neuron_stats.npz         per layer and neuron: max_contribution [L, n] (max over tokens of |h_i| * ||down_i||),
+                             active_count [L, n]; per layer and token: token_mass [L, N] (sum over neurons of the same)
+
+The contribution statistics find the rare "massive activation" neurons (a handful per model, e.g. the ones that build
+the attention sink at the first token): missing one of them once wrecks the rest of the sequence, so training pins
+them (always predicted) whatever their count-based recall says.
 
 Rows are in text order, in windows of ``seq_len`` tokens (each window a fresh sequence, as in perplexity). The
 directory is written atomically: an interrupted run leaves no ACTDIR that looks complete.
@@ -36,6 +42,7 @@ from llmflash.text import token_stream, windows
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STATS = "neuron_stats.npz"
 FORMAT = "llmflash-activations/1"
 
 
@@ -88,8 +95,11 @@ def collect(
     progress: bool = True, overwrite: bool = False,
 ) -> dict:
     """Run ``docs`` through the model (FFNs swapped for ``DenseFFN`` with ``rule``) and write ACTDIR ``out``."""
+    from .model import ffn_fingerprint
+
     model = lm.model
     spec = adapter_for(model.config).ffn_spec(model.config)
+    fingerprint = ffn_fingerprint(model)
     stream = token_stream(lm.tokenizer, docs, max_tokens=cfg.max_tokens)  # [N]
     wins = [w for w in windows(stream, cfg.seq_len)]
     n_tokens = sum(w.shape[1] for w in wins)
@@ -102,6 +112,10 @@ def collect(
     state = {"pos": 0}
     hashes = [hashlib.sha256() for _ in range(spec.n_layers)]
     active = [0] * spec.n_layers
+    max_contribution = torch.zeros(spec.n_layers, spec.d_ffn)  # [L, n]
+    active_count = torch.zeros(spec.n_layers, spec.d_ffn, dtype=torch.int64)  # [L, n]
+    token_mass = torch.zeros(spec.n_layers, n_tokens)  # [L, N]
+    down_norm: list[Tensor] = []  # per layer ||down_i|| [n], filled once the FFNs are installed
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         xs = [open_memmap(tmp / x_name(i), "w+", np.float16, (n_tokens, spec.d_model)) for i in range(spec.n_layers)]
         ys = [open_memmap(tmp / labels_name(i), "w+", np.uint8, (n_tokens, n_bytes_packed)) for i in range(spec.n_layers)]
@@ -116,8 +130,13 @@ def collect(
             hashes[layer].update(rows_x.tobytes())
             hashes[layer].update(rows_y.tobytes())
             active[layer] += int(is_active.sum())
+            contribution = h.reshape(-1, spec.d_ffn).abs().float() * down_norm[layer]  # [T, n]
+            torch.maximum(max_contribution[layer], contribution.max(dim=0).values, out=max_contribution[layer])
+            active_count[layer] += is_active.sum(dim=0)
+            token_mass[layer, start : start + rows_x.shape[0]] = contribution.sum(dim=1)
 
-        install_dense_ffns(model, rule, observer=observe)
+        modules = install_dense_ffns(model, rule, observer=observe)
+        down_norm.extend(m.w.down.float().norm(dim=1) for m in modules)
         for ids in tqdm(wins, desc=f"collect ({size / 1e9:.1f} GB)", unit="win", disable=not progress):
             model(ids)
             state["pos"] += ids.shape[1]
@@ -126,12 +145,15 @@ def collect(
         del xs, ys
         tokens = stream[:n_tokens].to(torch.int32).numpy()
         np.save(tmp / "tokens.npy", tokens)
+        np.savez(tmp / STATS, max_contribution=max_contribution.numpy(), active_count=active_count.numpy(),
+                 token_mass=token_mass.numpy())
         total = hashlib.sha256(tokens.tobytes())
         for h in hashes:
             total.update(h.digest())
         manifest = {
             "format": FORMAT,
             "model": lm.name,
+            "model_fingerprint": fingerprint,
             "d_model": spec.d_model,
             "d_ffn": spec.d_ffn,
             "n_layers": spec.n_layers,
@@ -197,6 +219,14 @@ class Activations:
         if arr.shape != (self.n_tokens, (self.d_ffn + 7) // 8):
             raise LLMFlashError(f"{self.path / labels_name(layer)} has the wrong shape {arr.shape}: collect again")
         return arr
+
+    def neuron_stats(self) -> Optional[dict[str, np.ndarray]]:
+        """max_contribution [L, n], active_count [L, n], token_mass [L, N]; None for a directory without them."""
+        path = self.path / STATS
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
     def split(self, holdout_fraction: float) -> tuple[slice, slice]:
         """Train rows and held-out rows: the held-out part is the last whole windows (other articles)."""

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "predictors.safetensors"
 SIDECAR = "predictors.json"
 FORMAT = "llmflash-predictors/1"
+PIN_LOGIT = 30_000.0  # the bias of a pinned neuron: always predicted (fits fp16)
 
 
 class LowRankPredictor(nn.Module):
@@ -58,6 +59,24 @@ class _Layer:
     up: Tensor  # [n, r]
     bias: Tensor  # [n]
     threshold_logit: float  # predict active where z >= this
+
+
+def ffn_fingerprint(model: nn.Module) -> list[float]:
+    """Per layer (||gate||, ||up||, ||down||, ||act_bias||): tells apart two versions of a model with one name (a
+    re-trained relufication) while a flash directory of the same weights in fp16 / bf16 still matches."""
+    from llmflash.arch import adapter_for
+
+    adapter = adapter_for(model.config)
+    out = []
+    for layer in range(adapter.ffn_spec(model.config).n_layers):
+        w = adapter.ffn_weights(model, layer)
+        for t in (w.gate, w.up, w.down, w.act_bias):
+            out.append(0.0 if t is None else float(t.float().norm()))
+    return out
+
+
+def fingerprints_match(a: list[float], b: list[float], rtol: float = 1e-2) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
 
 
 def same_model(a: str, b: str) -> bool:
@@ -114,6 +133,19 @@ class PredictorSet:
                 f"pass --sparsity {self.rule.get('kind')} or train predictors for {rule_kind}"
             )
 
+    def check_model(self, model: nn.Module, model_name: Optional[str] = None, rule_kind: Optional[str] = None) -> None:
+        """``check_compatible`` from an in-memory model, plus its FFN weights' fingerprint (same name, other weights)."""
+        from llmflash.arch import adapter_for
+
+        spec = adapter_for(model.config).ffn_spec(model.config)
+        self.check_compatible(spec.n_layers, spec.d_model, spec.d_ffn, model_name, rule_kind)
+        mine = self.meta.get("model_fingerprint")
+        if mine and not fingerprints_match(mine, ffn_fingerprint(model)):
+            raise LLMFlashError(
+                f"predictors were trained for other weights of {self.model_name} (the FFN fingerprint differs: "
+                "a re-trained model?): collect and train predictors again"
+            )
+
     def sparsity_rule(self) -> SparsityRule:
         """The rule whose active sets the predictors were trained on (threshold rule: the same thresholds)."""
         if self.rule.get("kind") == "threshold":
@@ -145,6 +177,14 @@ class PredictorSet:
 
     def set_threshold_logit(self, layer: int, value: float) -> None:
         self._layers[layer].threshold_logit = float(value)
+
+    def pin(self, layer: int, neurons: list[int]) -> None:
+        """Always predict ``neurons`` of ``layer`` active (their bias becomes ``PIN_LOGIT``)."""
+        if neurons:
+            self._layers[layer].bias[torch.as_tensor(neurons, dtype=torch.long)] = PIN_LOGIT
+
+    def pinned(self, layer: int) -> list[int]:
+        return (self._layers[layer].bias >= PIN_LOGIT / 2).nonzero().flatten().tolist()
 
     def to(self, dtype: torch.dtype) -> "PredictorSet":
         for p in self._layers:

@@ -6,6 +6,12 @@ probability intact, which is what one per-layer threshold needs), Adam with a co
 per feature (folded into the weights at the end). After every epoch the layer's decision threshold is calibrated on
 the held-out tokens to the recall target, and training stops when the fraction of neurons it must mark at that recall
 no longer improves (early stopping on held-out recall-at-target); the best epoch is kept.
+
+Pinned neurons: a few neurons per model fire rarely but enormously ("massive activations": the attention sink of the
+first token, some delimiter tokens). Their count-based recall is irrelevant, their cost of being missed is not: one
+miss can wreck the rest of the sequence. A neuron whose largest contribution |h_i| * ||down_i|| (from the collected
+``neuron_stats``) reaches ``pin_ratio`` x the layer's median per-token contribution mass is pinned: always predicted
+(its bias is set to ``PIN_LOGIT``). That costs a handful of always-resident neurons.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from tqdm.auto import tqdm
 from llmflash.errors import LLMFlashError
 
 from .collect import Activations, unpack_labels
-from .model import LowRankPredictor, PredictorSet
+from .model import PIN_LOGIT, LowRankPredictor, PredictorSet
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ class TrainConfig:
     rank: int = 48  # layers 0 .. n_layers - last_layers - 1
     rank_last: int = 96  # the last ``last_layers`` layers (the paper gives the last layers more)
     last_layers: int = 4
+    ranks: Optional[tuple[int, ...]] = None  # explicit per-layer ranks (override rank / rank_last)
     recall_target: float = 0.95  # per-layer threshold calibrated on held-out tokens to this recall
     epochs: int = 4
     patience: int = 1  # epochs without improvement before stopping
@@ -42,9 +49,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     holdout_fraction: float = 0.1  # the last windows of the collected tokens
     max_train_tokens: Optional[int] = None  # subsample the training tokens (time); None: all
+    pin_ratio: Optional[float] = 0.5  # pin neurons whose max contribution >= this x median token mass; None: never
     seed: int = 0
 
     def rank_for(self, layer: int, n_layers: int) -> int:
+        if self.ranks is not None:
+            return self.ranks[layer]
         return self.rank_last if layer >= n_layers - self.last_layers else self.rank
 
 
@@ -59,6 +69,7 @@ class LayerStats:
     predicted_active_fraction: float
     true_active_fraction: float
     samples: int  # training tokens
+    pinned: list  # neuron ids always predicted
     epochs: int
     seconds: float
 
@@ -156,11 +167,28 @@ def train_layer(
     return model, best[2], epoch
 
 
+def pinned_neurons(act: Activations, pin_ratio: Optional[float]) -> list[list[int]]:
+    """Per layer, the neurons to pin (see the module docstring); empty lists without statistics."""
+    stats = act.neuron_stats()
+    if pin_ratio is None or stats is None:
+        if pin_ratio is not None:
+            log.warning("%s has no neuron statistics (collected by an older version): no neurons pinned", act.path)
+        return [[] for _ in range(act.n_layers)]
+    out = []
+    for layer in range(act.n_layers):
+        median_mass = float(np.median(stats["token_mass"][layer]))
+        out.append(np.flatnonzero(stats["max_contribution"][layer] >= pin_ratio * median_mass).tolist())
+    return out
+
+
 def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progress: bool = True) -> PredictorSet:
     """Train every layer's predictor from ``act``; thresholds calibrated on the held-out tokens."""
     if not 0.5 <= cfg.recall_target < 1.0:
         raise LLMFlashError(f"--recall-target {cfg.recall_target} is out of range: use a value in [0.5, 1)")
+    if cfg.ranks is not None and len(cfg.ranks) != act.n_layers:
+        raise LLMFlashError(f"--ranks gives {len(cfg.ranks)} ranks for a model of {act.n_layers} layers: give one per layer")
     train_rows, hold_rows = act.split(cfg.holdout_fraction)
+    pins = pinned_neurons(act, cfg.pin_ratio)
     modules, thresholds, stats = [], [], []
     bar = tqdm(range(act.n_layers), desc="train predictors", unit="layer", disable=not progress)
     for layer in bar:
@@ -172,6 +200,7 @@ def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progres
         with torch.no_grad():  # the weights as stored (fp16), so the threshold fits what is loaded
             for param in model.parameters():
                 param.copy_(param.to(torch.float16).float())
+            model.up.bias[pins[layer]] = PIN_LOGIT
         scores = _scores(model, x_ho)  # the runtime computation (float32)
         thr = threshold_for_recall(scores, y_ho, cfg.recall_target)
         r = rates(*confusion(scores >= thr, y_ho))
@@ -179,11 +208,13 @@ def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progres
         thresholds.append(thr)
         stats.append(LayerStats(
             layer, rank, float(torch.sigmoid(torch.tensor(thr))), thr, r["recall"], r["precision"],
-            r["predicted_active_fraction"], r["true_active_fraction"], int(x_tr.shape[0]), epochs, time.perf_counter() - t0,
+            r["predicted_active_fraction"], r["true_active_fraction"], int(x_tr.shape[0]), pins[layer], epochs,
+            time.perf_counter() - t0,
         ))
         bar.set_postfix(recall=f"{r['recall']:.3f}", over=f"{r['predicted_active_fraction'] / max(r['true_active_fraction'], 1e-9):.2f}")
     meta = {
         "model": act.model_name,
+        "model_fingerprint": act.manifest.get("model_fingerprint"),
         "d_model": act.d_model,
         "d_ffn": act.d_ffn,
         "rule": act.rule,

@@ -246,3 +246,32 @@ def test_trained_predictor_recall_on_held_out(trained):
                           seq_len=128, progress=False)
     assert res["recall"] > 0.85 and 0 < res["over_prediction"] < 3
     assert res["window_new_fraction"] <= res["predicted_active_fraction"] <= res["window_active_fraction"]
+
+
+def test_massive_activation_neuron_is_pinned(tmp_path):
+    """A neuron whose contribution dwarfs the rest is always predicted, whatever its count-based recall."""
+    from llmflash.models import LoadedModel
+
+    model = tiny_llama(relu=True)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 7] *= 1000.0  # neuron 7 of layer 1: a huge output row
+    lm = LoadedModel(model, tiny_tokenizer(), "tiny-massive")
+    collect(lm, [TEXT], "inline", tmp_path / "act", SparsityRule("relu"), CollectConfig(max_tokens=2048, seq_len=128),
+            progress=False)
+    act = Activations.open(tmp_path / "act")
+    assert act.neuron_stats()["token_mass"].shape == (3, 2048)
+    pset = train_predictors(act, FAST, progress=False)
+    assert 7 in pset.pinned(1) and pset.meta["layers"][1]["pinned"] == pset.pinned(1)
+    assert bool(pset.predict(1, torch.randn(20, act.d_model))[:, 7].all())
+    pset.save(tmp_path / "pred")
+    assert PredictorSet.load(tmp_path / "pred").pinned(1) == pset.pinned(1)
+
+
+def test_check_model_tells_retrained_weights_apart(trained):
+    import copy
+
+    model, _, pset, _ = trained
+    pset.check_model(model, "tiny-llama", "relu")
+    pset.check_model(copy.deepcopy(model).to(torch.bfloat16), "tiny-llama")  # same weights, another dtype: fine
+    with pytest.raises(LLMFlashError, match="fingerprint"):
+        pset.check_model(tiny_llama(relu=True, seed=1), "tiny-llama")
