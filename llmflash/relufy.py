@@ -8,9 +8,14 @@ parametrization on top of them:
 - the per-neuron ``act_bias`` (``--shift``) and the RMSNorm weights.
 
 The loss is the KL divergence from the original model (the teacher, frozen, SiLU) on the logits, plus an L1 penalty
-on the FFN activations ``relu(gate x + b)`` whose weight rises during training (ProSparse). The weight either
-follows a fixed linear schedule up to ``--l1-final`` or, with ``--target-sparsity``, is steered by a feedback
-controller so that the measured sparsity follows a linear ramp from the plain-ReLU sparsity to the target.
+on the FFN activations ``relu(gate x + b)`` whose weight rises linearly to ``--l1-final`` (ProSparse). With
+``--target-sparsity`` (and ``--shift``) the sparsity is also steered directly: after every step the shifts move (in
+units of each layer's pre-activation scale sigma_l) so that the measured active fraction follows a ramp (geometric in
+the active fraction) from the plain-ReLU value to the target; the per-neuron shifts learned by gradient decide which
+neurons stay active. ``--steer layer`` (default) steers every layer to the target; ``--steer global`` moves all
+layers by the same multiple of sigma_l from the overall fraction, which on SmolLM2 left layers 1-5 at 0.1-1% active
+and layer 0 at 49% (the shipped run; see results/relufy). A first version steered the L1 weight instead: its lag made
+the weight explode and wrecked the model; steering the shift has no lag.
 
 The artifact (``--out``) is small: ``relufy.safetensors`` (LoRA factors in fp16; act_bias and norms in fp32),
 ``relufy_config.json`` (hyperparameters, data description, hardware, time, results) and ``curve.csv``.
@@ -69,6 +74,7 @@ class ReluMLP(nn.Module):
         self.down_proj = down_proj
         self.act_bias = nn.Parameter(act_bias.clone())
         self.observe: Optional[Callable[["ReluMLP", Tensor, Tensor], None]] = None
+        self.silu_mix = 0.0  # training only: blend in the original SiLU while annealing (0 = pure ReLU)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.gate_proj(x)
@@ -76,6 +82,8 @@ class ReluMLP(nn.Module):
         a = F.relu(z)
         if self.observe is not None:
             self.observe(self, z, a)
+        if self.silu_mix > 0:
+            a = (1.0 - self.silu_mix) * a + self.silu_mix * F.silu(g)
         return self.down_proj(a * self.up_proj(x))
 
 
@@ -176,6 +184,31 @@ def apply_relufication(model: nn.Module, artifact_dir: Path) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def balance_shifts(model: nn.Module, ids: Tensor, active_fraction: float) -> list[float]:
+    """Training-free: move each layer's shifts by one constant so that the layer is active on a fraction
+    ``active_fraction`` of (token, neuron) pairs of ``ids`` [B, L]. Exact in one forward pass: each layer is
+    calibrated on its real input, after the layers before it were. Returns the per-layer offsets subtracted."""
+    mlps = relu_mlps(model) if not all(isinstance(l.mlp, ReluMLP) for l in _llama_layers(model)) else [l.mlp for l in _llama_layers(model)]
+    offsets: list[float] = []
+
+    def calibrate(mlp: ReluMLP, args) -> None:
+        z = (mlp.gate_proj(args[0]) + mlp.act_bias).float().flatten()
+        if z.numel() > 16_000_000:
+            z = z[torch.randperm(z.numel(), device=z.device)[:16_000_000]]
+        q = float(torch.quantile(z, 1.0 - active_fraction))
+        mlp.act_bias.sub_(q)
+        offsets.append(q)
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in mlps]
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return offsets
+
+
 def base_fingerprint(model: nn.Module) -> float:
     """A cheap identity check of the base weights (sum of |w| of the first layer's FFN gate)."""
     w = _llama_layers(model)[0].mlp.gate_proj
@@ -206,11 +239,12 @@ class RelufyConfig:
     lora_scale: float = 1.0
     shift: bool = False  # learn the per-neuron shift (act_bias, shifted ReLU); else plain ReLU
     train_norms: bool = True
-    target_sparsity: Optional[float] = None  # controller mode; None: fixed L1 schedule up to l1_final
+    target_sparsity: Optional[float] = None  # steer the shifts to this sparsity (needs shift); None: L1 alone
     ramp_frac: float = 0.5  # fraction of the steps over which the target (or the L1 weight) rises
-    l1_final: float = 1.0  # fixed mode: final L1 weight
-    l1_init: float = 0.05  # controller mode: initial L1 weight
-    controller_gain: float = 3.0  # d log(l1) per step per unit of sparsity error
+    anneal_frac: float = 0.0  # fraction of the steps over which the activation goes from SiLU to ReLU (0: at once)
+    l1_final: float = 1.0  # final weight of the L1 penalty (rises linearly over ramp_frac)
+    shift_gain: float = 0.5  # steering: shift (in units of sigma_l) per unit of log(active / target active)
+    steer: str = "layer"  # "layer": each layer to the target; "global": one multiple of sigma_l from the overall fraction
     kl_temperature: float = 1.0
     ce_weight: float = 0.0  # optional next-token cross-entropy on the text (0: pure distillation)
     text: str = "wiki:train"
@@ -222,7 +256,7 @@ class RelufyConfig:
     eval_every: int = 50
     final_eval_tokens: int = 32768
     posthoc_sparsities: tuple[float, ...] = ()  # extra uniform shifts at the end (training-free frontier points)
-    keep_steps: tuple[int, ...] = ()  # also save the artifact at these steps (out/step-N)
+    keep_sparsities: tuple[float, ...] = ()  # also save the artifact when the ramp first reaches these (out/sparsity-S)
     seed: int = 0
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA
@@ -297,7 +331,9 @@ def _evaluate(model: nn.Module, windows: Tensor, collector: Optional[_Collector]
         count += ids[:, 1:].numel()
     out = {"ppl": math.exp(nll / max(count, 1)), "tokens": count}
     if collector is not None:
-        out["active_fraction"] = float(torch.stack(collector.active).mean()) if collector.active else float("nan")
+        per_layer = torch.stack(collector.active).view(-1, len(collector.sigma)).mean(0)
+        out["active_fraction"] = float(per_layer.mean())
+        out["per_layer_active_fraction"] = [round(float(v), 5) for v in per_layer]
         collector.reset()
         collector.want_l1 = True
     return out
@@ -328,7 +364,7 @@ def _sample_from_teacher(teacher, stream: Tensor, n_tokens: int, seq_len: int, g
     """Sequences [n, seq_len] sampled from the teacher (temperature 1), each prompted by 16 tokens of the text."""
     prompt_len = min(16, seq_len // 4)
     n_seq = max(1, n_tokens // seq_len)
-    batch = 256 if device.type == "cuda" else 2
+    batch = 512 if device.type == "cuda" else 2
     out = []
     for start in range(0, n_seq, batch):
         b = min(batch, n_seq - start)
@@ -397,6 +433,10 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
         raise LLMFlashError(f"{out} already exists: choose another --out or pass --force")
     if cfg.target_sparsity is not None and not 0.0 < cfg.target_sparsity < 1.0:
         raise LLMFlashError("--target-sparsity must be between 0 and 1")
+    if cfg.target_sparsity is not None and not cfg.shift:
+        raise LLMFlashError("--target-sparsity steers the shifts: add --shift")
+    if cfg.steer not in ("layer", "global"):
+        raise LLMFlashError(f"--steer must be layer or global, not {cfg.steer!r}")
     if cfg.batch_seqs % cfg.micro_batch_seqs:
         raise LLMFlashError("the batch must be a whole number of micro-batches (--batch-tokens / --micro-batch-tokens)")
     t_start = time.time()
@@ -406,8 +446,6 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
     gen = torch.Generator().manual_seed(cfg.seed)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     teacher, tok, src = load_model(model_spec, torch.float32)
     student, _, _ = load_model(model_spec, torch.float32)
@@ -489,17 +527,18 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
         m.observe = collector
 
     teacher_eval = _evaluate(teacher, eval_windows, None, cfg.micro_batch_seqs)
+    final_teacher = _evaluate(teacher, final_windows, None, cfg.micro_batch_seqs)
     start_eval = _evaluate(student, eval_windows, collector, cfg.micro_batch_seqs)
     start_sparsity = 1.0 - start_eval["active_fraction"]
     log.info("teacher held-out ppl %.3f; plain ReLU: ppl %.3f, sparsity %.3f", teacher_eval["ppl"], start_eval["ppl"], start_sparsity)
 
     total = cfg.steps
-    l1_weight = cfg.l1_init if cfg.target_sparsity is not None else 0.0
+    l1_weight = 0.0
     curve: list[dict] = [{
         "step": 0, "tokens": 0, "eval_ppl": start_eval["ppl"], "eval_ppl_ratio": start_eval["ppl"] / teacher_eval["ppl"],
         "eval_active_fraction": start_eval["active_fraction"],
     }]
-    kept: dict[int, dict[str, Tensor]] = {}
+    kept: dict[str, tuple[int, dict[str, Tensor]]] = {}
     step_times: list[float] = []
     t_train = time.time()
     bar = tqdm(total=total, desc="relufy", disable=not progress)
@@ -509,17 +548,20 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
         t_step = time.time()
         frac = step / max(1, total)
         ramp = min(1.0, frac / cfg.ramp_frac) if cfg.ramp_frac > 0 else 1.0
-        if cfg.target_sparsity is not None:
-            target = start_sparsity + (cfg.target_sparsity - start_sparsity) * ramp
+        l1_weight = cfg.l1_final * ramp
+        if cfg.target_sparsity is not None:  # geometric in the active fraction: gentle near the end
+            target = 1.0 - (1.0 - start_sparsity) * ((1.0 - cfg.target_sparsity) / (1.0 - start_sparsity)) ** ramp
         else:
             target = float("nan")
-            l1_weight = cfg.l1_final * ramp
         lr_f = _lr_factor(step, total, cfg)
+        mix = max(0.0, 1.0 - frac / cfg.anneal_frac) if cfg.anneal_frac > 0 else 0.0
+        for m in mlps:
+            m.silu_mix = mix
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_f
         batch = first if step == 0 else draw_batch()
         sums = {"loss": 0.0, "kl": 0.0, "l1": 0.0, "ce": 0.0}
-        actives: list[float] = []
+        actives: list[Tensor] = []
         for mb in batch.split(cfg.micro_batch_seqs):
             collector.reset()
             with torch.no_grad(), autocast():
@@ -537,14 +579,21 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
             sums["loss"] += float(loss.detach()) / micro_n
             sums["kl"] += float(kl.detach()) / micro_n
             sums["l1"] += float(l1.detach()) / micro_n
-            actives.append(float(torch.stack(collector.active).mean()))
+            actives.append(torch.stack(collector.active))  # [n_layers]
             del t_logits, s_logits, kl, l1, loss
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sparsity = 1.0 - sum(actives) / len(actives)
-        if cfg.target_sparsity is not None:  # integral controller on log(l1 weight)
-            l1_weight = float(min(1e4, max(1e-5, l1_weight * math.exp(cfg.controller_gain * (target - sparsity)))))
+        layer_active = torch.stack(actives).mean(0).float()  # [n_layers]
+        sparsity = 1.0 - float(layer_active.mean())
+        if cfg.target_sparsity is not None:  # steer the shifts (no lag: the active fraction follows at once)
+            if cfg.steer == "global":
+                delta = torch.full_like(layer_active, cfg.shift_gain * math.log(max(1e-6, 1.0 - sparsity) / (1.0 - target)))
+            else:
+                delta = cfg.shift_gain * torch.log(layer_active.clamp_min(1e-6) / (1.0 - target))
+            with torch.no_grad():
+                for m, s_l, d_l in zip(mlps, sigma, delta.to(sigma.device)):
+                    m.act_bias.sub_(d_l * s_l)
         step += 1
         bar.update(1)
         if device.type == "cuda":
@@ -559,28 +608,33 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
                 bar.total = total
         row = {
             "step": step, "tokens": step * cfg.batch_seqs * cfg.seq_len, "lr_factor": lr_f, "target_sparsity": target,
-            "l1_weight": l1_weight, "loss": sums["loss"], "kl": sums["kl"], "l1": sums["l1"], "sparsity": sparsity,
+            "l1_weight": l1_weight, "silu_mix": mix, "loss": sums["loss"], "kl": sums["kl"], "l1": sums["l1"], "sparsity": sparsity,
         }
         if cfg.ce_weight > 0:
             row["ce"] = sums["ce"]
-        if step % cfg.eval_every == 0 or step == total:
+        keep = [k for k in cfg.keep_sparsities if f"{k:g}" not in kept and target == target and target >= k - 1e-9]
+        if step % cfg.eval_every == 0 or step == total or keep:
+            for m in mlps:
+                m.silu_mix = 0.0  # evaluate the pure ReLU model
             ev = _evaluate(student, eval_windows, collector, cfg.micro_batch_seqs)
             row.update(eval_ppl=ev["ppl"], eval_ppl_ratio=ev["ppl"] / teacher_eval["ppl"], eval_active_fraction=ev["active_fraction"])
             log.info("step %d: kl %.4f sparsity %.3f | held-out ppl %.3f (x%.3f) active %.3f | l1 %.3g",
                      step, sums["kl"], sparsity, ev["ppl"], ev["ppl"] / teacher_eval["ppl"], ev["active_fraction"], l1_weight)
             bar.set_postfix(kl=f"{sums['kl']:.3f}", sp=f"{sparsity:.3f}", ppl=f"{ev['ppl']:.2f}")
         curve.append(row)
-        if step in cfg.keep_steps:
-            kept[step] = _trainable_state(student, loras, mlps, cfg)
+        for k in keep:
+            kept[f"{k:g}"] = (step, _trainable_state(student, loras, mlps, cfg))
     bar.close()
     train_s = time.time() - t_train
+    for m in mlps:
+        m.silu_mix = 0.0
     with torch.no_grad():  # the artifact stores the LoRA factors in fp16: evaluate exactly what is saved
         for lora in loras.values():
             lora.lora_A.copy_(lora.lora_A.half().float())
             lora.lora_B.copy_(lora.lora_B.half().float())
 
+    end = _evaluate(student, eval_windows, collector, cfg.micro_batch_seqs)  # what the artifact gives
     # Final held-out evaluation on more tokens, and training-free extra shifts (frontier points).
-    final_teacher = _evaluate(teacher, final_windows, None, cfg.micro_batch_seqs)
     final = _evaluate(student, final_windows, collector, cfg.micro_batch_seqs)
     frontier = [{
         "kind": "trained", "step": total, "extra_shift_sigma": 0.0, "eval_tokens": final["tokens"],
@@ -592,9 +646,10 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
     state = _trainable_state(student, loras, mlps, cfg)
     wall_s = time.time() - t_start
     summary = {
-        "teacher_ppl": teacher_eval["ppl"], "final_ppl": curve[-1].get("eval_ppl"),
-        "final_ppl_ratio": curve[-1].get("eval_ppl_ratio"), "final_active_fraction": curve[-1].get("eval_active_fraction"),
+        "teacher_ppl": teacher_eval["ppl"], "final_ppl": end["ppl"], "final_ppl_ratio": end["ppl"] / teacher_eval["ppl"],
+        "final_active_fraction": end["active_fraction"],
         "eval_tokens": teacher_eval["tokens"], "large_eval": frontier[0], "steps": total,
+        "per_layer_active_fraction": end["per_layer_active_fraction"],
         "plain_relu": {"ppl": start_eval["ppl"], "active_fraction": start_eval["active_fraction"]},
     }
     meta = {
@@ -623,8 +678,8 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_artifact(tmp, state, meta, curve, frontier)
-        for s, st in kept.items():
-            _write_artifact(tmp / f"step-{s}", st, meta | {"step": s}, [r for r in curve if r["step"] <= s], [])
+        for k, (at, st) in kept.items():
+            _write_artifact(tmp / f"sparsity-{k}", st, meta | {"step": at}, [r for r in curve if r["step"] <= at], [])
     log.info("relufied %s in %.0f s: held-out ppl %.3f (x%.3f), active fraction %.4f", model_spec, wall_s,
              summary["final_ppl"], summary["final_ppl_ratio"], summary["final_active_fraction"])
     return meta
@@ -691,10 +746,14 @@ def register(subparsers) -> None:
     p.add_argument("--time-budget-s", type=float, default=None, help="shrink --steps to fit this many seconds of training")
     p.add_argument("--shift", action="store_true", help="learn a per-neuron shift (shifted ReLU); default: plain ReLU")
     p.add_argument("--target-sparsity", type=float, default=None,
-                   help="steer the L1 weight so the sparsity ramps to this value (default: fixed schedule to --l1-final)")
+                   help="steer the shifts (needs --shift) so the sparsity ramps to this value (default: L1 alone)")
     p.add_argument("--ramp-frac", type=float, default=d.ramp_frac, help="share of the steps over which sparsity/L1 rises")
-    p.add_argument("--l1-final", type=float, default=d.l1_final, help="final L1 weight of the fixed schedule")
-    p.add_argument("--l1-init", type=float, default=d.l1_init, help="initial L1 weight of the controller")
+    p.add_argument("--anneal-frac", type=float, default=d.anneal_frac,
+                   help="share of the steps over which the activation is blended from SiLU to ReLU (0: swap at once)")
+    p.add_argument("--l1-final", type=float, default=d.l1_final, help="final weight of the rising L1 penalty")
+    p.add_argument("--shift-gain", type=float, default=d.shift_gain, help="steering gain of --target-sparsity")
+    p.add_argument("--steer", choices=("layer", "global"), default=d.steer,
+                   help="steer each layer to the target (default) or all layers by one multiple of their scale")
     p.add_argument("--lr", type=float, default=d.lr, help="LoRA learning rate")
     p.add_argument("--bias-lr", type=float, default=d.bias_lr, help="shift learning rate")
     p.add_argument("--norm-lr", type=float, default=d.norm_lr)
@@ -713,7 +772,8 @@ def register(subparsers) -> None:
     p.add_argument("--final-eval-tokens", type=int, default=d.final_eval_tokens)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--posthoc", default="", help="comma-separated sparsities for training-free extra shifts at the end")
-    p.add_argument("--keep-steps", default="", help="comma-separated steps at which to save the artifact too")
+    p.add_argument("--keep-sparsities", default="",
+                   help="comma-separated sparsities: also save the artifact when the ramp first reaches each")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--json", default=None, help="write the run's config and results here")
@@ -735,10 +795,11 @@ def config_from_args(args) -> RelufyConfig:
         micro_batch_seqs=min(args.micro_batch_tokens, args.batch_tokens) // args.seq_len, seq_len=args.seq_len,
         lr=args.lr, bias_lr=args.bias_lr, norm_lr=args.norm_lr, ffn_rank=args.ffn_rank, attn_rank=args.attn_rank,
         shift=args.shift, train_norms=not args.no_norms, target_sparsity=args.target_sparsity, ramp_frac=args.ramp_frac,
-        l1_final=args.l1_final, l1_init=args.l1_init, ce_weight=args.ce_weight, text=args.text,
+        anneal_frac=args.anneal_frac,
+        l1_final=args.l1_final, shift_gain=args.shift_gain, steer=args.steer, ce_weight=args.ce_weight, text=args.text,
         train_tokens=args.train_tokens, teacher_sample_tokens=args.teacher_sample_tokens, eval_text=args.eval_text,
         eval_tokens=args.eval_tokens, final_eval_tokens=args.final_eval_tokens, eval_every=args.eval_every,
-        posthoc_sparsities=_floats(args.posthoc), keep_steps=tuple(int(x) for x in _floats(args.keep_steps)),
+        posthoc_sparsities=_floats(args.posthoc), keep_sparsities=_floats(args.keep_sparsities),
         seed=args.seed, device=args.device,
     )
 
