@@ -28,10 +28,10 @@ def main() -> int:
         return 2
     setup = common.real_setup(args.model)
     fd = open_flash_dir(setup["flash_dir"])
-    ov = memlimit.measure_overhead(setup["flash_dir"], common.PROMPT_TOKENS, 4)
+    n = args.tokens or (16 if args.quick else 64)
+    ov = memlimit.measure_overhead(setup["flash_dir"], common.PROMPT_TOKENS, n)
     allowance = memlimit.oracle_allowance(setup)
     limit = int(args.budget * fd.model_bytes) + ov["overhead_bytes"] + allowance
-    n = args.tokens or (16 if args.quick else 64)
     r = memlimit.run_cli_limited(setup, limit, n, cache_dir() / "cgroup_budget", "generate", 600)
     res = r.get("result") or {}
     out = {

@@ -132,10 +132,9 @@ def main() -> None:
 
         perm_dir = cache_dir() / "flash" / f"{setup['model']}-coact-order"
         write_permuted_flash_dir(setup["flash_dir"], perm_dir, orders, progress=False)
-        n, warm = (24, 2) if args.quick else (128, 2)
-        base = common.standard_run(setup, "ours", args.quick, n=n, warmup=warm, table=table)
-        reord = common.standard_run(setup, "ours", args.quick, n=n, warmup=warm, table=table, perm=orders,
-                                    flash_dir=str(perm_dir), label="ours, co-activation order")
+        base = common.standard_run(setup, "ours", args.quick, table=table)
+        reord = common.standard_run(setup, "ours", args.quick, table=table, perm=orders, flash_dir=str(perm_dir),
+                                    label="ours, co-activation order")
         real["measured"] = {"original": base, "coactivation_order": reord,
                             "same_tokens": base["tokens"] == reord["tokens"]}
         data["real"] = real
@@ -154,9 +153,8 @@ def main() -> None:
         for layer in range(len(params.active)):
             counts = tm.masks(layer, 256, "predicted").sum(0)
             orders.append(popularity_order(counts))
-        n = 13 if args.quick else 40
-        base = common.standard_run(setup, "ours", args.quick, n=n, table=table)
-        reord = common.standard_run(setup, "ours", args.quick, n=n, table=table, perm=orders,
+        base = common.standard_run(setup, "ours", args.quick, table=table)
+        reord = common.standard_run(setup, "ours", args.quick, table=table, perm=orders,
                                     label="ours, popularity order (trace)")
         data["scale"] = {"label": "measured (simulated active sets)", "original": base, "popularity_order": reord}
         print(f"scale: reads/token {base['summary']['reads_per_token']:.0f} -> {reord['summary']['reads_per_token']:.0f}, "
@@ -210,7 +208,7 @@ def plot(data: dict, png) -> None:
     if "real" in data:
         t = data["real"]["totals_per_token"]
         for name in ("original", "popularity", "coactivation"):
-            labels.append(f"real\n{name}\n(computed)")
+            labels.append(f"real\n{name}\n(computed, no\ncache limit)")
             reads.append(t[f"{name}_w{WINDOW}_reads"])
             ios.append(t[f"{name}_w{WINDOW}_io_ms"])
             colors.append("tab:blue")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import hashlib
 import json
 import math
@@ -351,6 +352,10 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         wall = time.perf_counter() - t0
     finally:
         engine.close()
+    extras = {"hybrid_resident_layers": getattr(engine, "hybrid_resident_layers", None),
+              "cache_rows": getattr(engine, "cache_rows", None)}
+    del engine, provider  # the FFN modules point back at the engine: free its GBs of buffers now, not at some
+    gc.collect()  # later cyclic collection (several scale-model engines in one process ran out of memory)
     out = {
         "label": label, "mode": cfg.mode, "model": res.model, "flash_dir": str(flash_dir), "config": asdict(cfg),
         "provider": provider_key, "no_reuse": no_reuse, "permuted": perm is not None, "summary": summarize(res, rec, warmup, table), "prompt_tokens": res.prompt_tokens,
@@ -358,8 +363,7 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         "dram_breakdown": res.dram_breakdown, "prefill_ms": res.prefill_ms, "wall_s": wall,
         "per_token": [asdict(t) for t in res.per_token], "text": res.text, "tokens": res.tokens,
         "load_average": os.getloadavg(), "script": Path(sys.argv[0]).stem,
-        "hybrid_resident_layers": getattr(engine, "hybrid_resident_layers", None),
-        "cache_rows": getattr(engine, "cache_rows", None),
+        **extras,
     }
     if sp is not None:
         write_json(sp, out)
@@ -376,12 +380,13 @@ def real_cfg(setup: dict, mode: str, **kw) -> EngineConfig:
 
 def trace_provider_factory(kind: str = "predicted", perm=None, seed: int = 0):
     """A factory of scale-model providers (the trace source), and the key that identifies it."""
-    from llmflash.trace import PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
+    from llmflash.trace import PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
 
     def make():
         return TraceProvider(TraceModel(paper_params(seed=seed), 16384), kind=kind, perm=perm)
 
-    key = {"trace": "paper_params", "sigma_b": PAPER_SIGMA_B, "rho": PAPER_RHO, "kind": kind, "seed": seed,
+    key = {"trace": "paper_params", "sigma_b": PAPER_SIGMA_B, "rho": PAPER_RHO, "flicker": PAPER_FLICKER, "kind": kind,
+           "seed": seed,
            "perm": None if perm is None else hashlib.sha256(np.concatenate(perm).tobytes()).hexdigest()[:12]}
     return make, key
 
@@ -411,7 +416,7 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
     if model == SCALE:  # ~12 s per naive token, ~6 s hybrid, ~1 s sparse on this VM
         if row in ("naive", "hybrid", "dense"):
             return (2, 0) if quick else (8, 0)
-        return (13, 5) if quick else (40, 5)
+        return (11, 5) if quick else (40, 5)
     if row in ("naive", "hybrid", "dense"):
         return (12, 0) if quick else (64, 0)
     return (24, 2) if quick else (128, 2)

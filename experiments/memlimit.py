@@ -27,6 +27,11 @@ from typing import Optional
 
 CG_ROOT = Path("/sys/fs/cgroup/memory")
 HERE = Path(__file__).resolve().parent
+# Every limited child (ours and the baselines alike) runs with allocator settings that hand freed memory back to the
+# kernel: glibc's dynamic mmap threshold otherwise keeps tens of MB of freed temporaries, and oneDNN's primitive
+# cache keeps scratch memory per matmul shape (the sparse path's shapes change every token): measured +250 MB over
+# 16 tokens of the scale model without them.
+LIMIT_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
 
 def available() -> Optional[str]:
@@ -55,9 +60,22 @@ def _oom_kills(cg: Path) -> int:
     return -1
 
 
+def evict(paths) -> None:
+    """Drop files (or every file of directories) from the page cache, so that the next process to read them pays
+    for (and, in a cgroup, is charged for) their pages: pages cached earlier by anyone else would otherwise be free."""
+    from llmflash.storage import drop_file_cache
+
+    for p in paths or ():
+        p = Path(p)
+        for f in (p.iterdir() if p.is_dir() else [p]):
+            if f.is_file():
+                drop_file_cache(f)
+
+
 def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s: float = 600,
-                env: Optional[dict] = None) -> dict:
-    """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage).
+                env: Optional[dict] = None, cold: Optional[list] = None) -> dict:
+    """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage). The files or
+    directories in ``cold`` are evicted from the page cache first.
 
     Returns {completed, returncode, wall_s, limit_bytes, max_usage_bytes, failcnt, oom_kills, timed_out, result
     (the child's RESULT JSON if any), stdout_tail, stderr_tail}.
@@ -65,6 +83,7 @@ def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s
     why = available()
     if why:
         return {"completed": False, "error": why}
+    evict(cold)
     cg = CG_ROOT / f"llmflash-{name}-{os.getpid()}"
     cg.mkdir()
     try:
@@ -76,7 +95,7 @@ def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s
         wrapper = ["/bin/sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", *cmd]
         t0 = time.perf_counter()
         proc = subprocess.Popen(wrapper, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, **(env or {})))
+                                env=dict(os.environ, **LIMIT_ENV, **(env or {})))
         timed_out = False
         try:
             out, err = proc.communicate(timeout=timeout_s)
@@ -110,7 +129,8 @@ def python_child(kind: str, *args: str) -> list[str]:
 
 
 def measure_overhead(flash_dir: str, prompt_tokens: int, tokens: int, timeout_s: float = 600) -> dict:
-    """Runtime overhead (bytes the cgroup sees beyond the resident weights) of the skeleton with a zero FFN."""
+    """Runtime overhead (bytes the cgroup sees beyond the resident weights) of the skeleton with a zero FFN: the same
+    interpreter, libraries and modules as the engine runs, the prompt and ``tokens`` generated tokens."""
     from llmflash.flashdir import open_flash_dir
     from llmflash.paths import cache_dir
 
@@ -120,7 +140,7 @@ def measure_overhead(flash_dir: str, prompt_tokens: int, tokens: int, timeout_s:
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text())
     r = run_limited(python_child("skeleton", flash_dir, "--prompt-tokens", str(prompt_tokens), "--tokens", str(tokens)),
-                    None, "overhead", timeout_s)
+                    None, "overhead", timeout_s, cold=[flash_dir])
     if not r.get("completed"):
         raise RuntimeError(f"overhead measurement failed: {r.get('error') or r.get('stderr_tail')}")
     fd = open_flash_dir(flash_dir)
@@ -185,6 +205,11 @@ def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
         def forward(self, x):
             return torch.zeros_like(x)
 
+    sys.path.insert(0, str(HERE))
+    import common  # noqa: F401 - the same modules as the engine children (engine, trace source, scipy)
+    from llmflash import engine, trace  # noqa: F401
+
+    trace.paper_active_profile()
     torch.set_num_threads(1)
     fd = open_flash_dir(flash_dir)
     model, adapter, _ = build_skeleton(fd, fd.read_resident())
@@ -319,7 +344,7 @@ def oracle_allowance(setup: dict) -> int:
 
 
 def run_cli_limited(setup: dict, limit: int, tokens: int, workdir: Path, name: str = "ours",
-                    timeout_s: float = 600) -> dict:
+                    timeout_s: float = 600, budget: float = 0.5) -> dict:
     """``llmflash generate`` (sparse mode, half-model budget) inside a cgroup limited to ``limit`` bytes."""
     sys.path.insert(0, str(HERE))
     import common
@@ -331,7 +356,8 @@ def run_cli_limited(setup: dict, limit: int, tokens: int, workdir: Path, name: s
     prompt_file.write_text(tok.decode(common.prompt_ids(tok)))
     out_json = workdir / f"{name}.json"
     out_json.unlink(missing_ok=True)
-    r = run_limited(cli_generate_cmd(setup, str(prompt_file), tokens, str(out_json)), limit, name, timeout_s)
+    r = run_limited(cli_generate_cmd(setup, str(prompt_file), tokens, str(out_json), budget), limit, name, timeout_s,
+                    cold=[setup["flash_dir"]])
     if out_json.is_file():
         g = json.loads(out_json.read_text())
         r["result"] = {"ms_per_token": g["summary"]["ms_per_token"], "summary": g["summary"], "tokens": g["tokens"],

@@ -6,9 +6,13 @@ few tokens, minus the resident weights (see ``memlimit.measure_overhead``). When
 oracle (no predictors yet), the oracle's weights, held outside the budget by contract, are added to the limit for
 every loader alike. Inside that limit (page cache charged to the group):
 - ours: ``llmflash generate DIR --mode <sparse> --dram-budget 0.5`` (scale model: the engine with the trace provider);
+  if it is killed, again with ``--dram-budget 0.48`` in the same limit (room for the engine's working memory that its
+  budget does not count: cache index arrays, compute temporaries);
 - mmap: the same flash directory's files mmap-ed, dense compute over zero-copy views (llama.cpp-style loading);
 - from_pretrained: transformers' loader of the original Hugging Face directory (real model, when one is cached).
-Reported: completed or not (OOM kill, timeout), ms per token (median), peak cgroup usage.
+Every run starts with the model's files evicted from the page cache (else pages cached earlier, charged to another
+group, would be free for the child). Reported: completed or not (OOM kill, timeout), ms per token (median), peak
+cgroup usage.
 """
 
 from __future__ import annotations
@@ -20,15 +24,28 @@ from llmflash.paths import cache_dir
 
 
 def hf_dir_for(setup: dict):
-    if setup["model"] == "smollm2":
-        d = cache_dir() / "models" / "smollm2-135m-instruct"
-        return d if (d / "config.json").is_file() else None
-    return None
+    """A private copy of the model's Hugging Face directory (another process mapping the shared copy would keep its
+    pages cached and charged to another group: free memory for the child). None when there is no such directory."""
+    import shutil
+
+    if setup["model"] != "smollm2":
+        return None
+    src = cache_dir() / "models" / "smollm2-135m-instruct"
+    if not (src / "config.json").is_file():
+        return None
+    dst = cache_dir() / "memory_limit" / "hf-smollm2"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and (not (dst / f.name).is_file() or (dst / f.name).stat().st_size != f.stat().st_size):
+            shutil.copyfile(f, dst / f.name)
+    return dst
 
 
 def main() -> None:
     p = common.parser("memory_limit", __doc__)
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--retry-step", type=float, default=0.02,
+                   help="if ours fails in the limit, run it again with the engine's budget this much lower (same limit)")
     args = p.parse_args()
     why = memlimit.available()
     if why:
@@ -45,40 +62,50 @@ def main() -> None:
         fd = open_flash_dir(setup["flash_dir"])
         real = kind == "real"
         ptoks = common.PROMPT_TOKENS if real else 1
-        ours_tokens = (24 if args.quick else 64) if real else (13 if args.quick else 40)
-        base_tokens = (12 if args.quick else 32) if real else (2 if args.quick else 4)
+        ours_tokens = (24 if args.quick else 64) if real else (11 if args.quick else 40)
+        base_tokens = (12 if args.quick else 32) if real else (1 if args.quick else 4)
         print(f"[{setup['model']}] measuring the runtime overhead ...", flush=True)
-        ov = memlimit.measure_overhead(setup["flash_dir"], ptoks, 4)
+        ov = memlimit.measure_overhead(setup["flash_dir"], ptoks, ours_tokens)
         allowance = memlimit.oracle_allowance(setup) if real else 0
         limit = int(args.budget * fd.model_bytes) + ov["overhead_bytes"] + allowance
         print(f"    overhead {ov['overhead_bytes'] / 1e6:.0f} MB; limit {limit / 1e9:.3f} GB "
               f"(= {args.budget:g} x {fd.model_bytes / 1e9:.3f} GB + overhead + oracle allowance {allowance / 1e6:.0f} MB)")
         runs = {}
         timeout = 300 if args.quick else 900
-        print(f"[{setup['model']}] ours in the limit ...", flush=True)
-        if real:
-            runs["ours"] = memlimit.run_cli_limited(setup, limit, ours_tokens, work, "ours", timeout)
-        else:
-            runs["ours"] = memlimit.run_limited(
-                memlimit.python_child("engine", setup["flash_dir"], "--tokens", str(ours_tokens), "--budget",
-                                      str(args.budget)), limit, "ours-scale", timeout)
+        def ours(budget: float, name: str) -> dict:
+            print(f"[{setup['model']}] {name} (engine budget {budget:g}) in the limit ...", flush=True)
+            if real:
+                r = memlimit.run_cli_limited(setup, limit, ours_tokens, work, name, timeout, budget=budget)
+            else:
+                r = memlimit.run_limited(
+                    memlimit.python_child("engine", setup["flash_dir"], "--tokens", str(ours_tokens), "--budget",
+                                          str(budget)), limit, name, timeout, cold=[setup["flash_dir"]])
+            r["engine_budget"] = budget
+            return r
+
+        runs["ours"] = ours(args.budget, "ours")
+        if not runs["ours"].get("completed"):  # what the engine needs beyond its own accounting: leave it room
+            b = round(args.budget - args.retry_step, 3)
+            runs[f"ours_budget_{b:g}"] = ours(b, f"ours_budget_{b:g}")
         print(f"[{setup['model']}] mmap loader in the limit ...", flush=True)
         runs["mmap"] = memlimit.run_limited(
             memlimit.python_child("mmap", setup["flash_dir"], "--prompt-tokens", str(ptoks), "--tokens",
                                   str(base_tokens), "--sparsity", setup["sparsity"], "--threshold-sparsity",
-                                  str(setup.get("threshold_sparsity") or 0.8)), limit, "mmap", timeout)
+                                  str(setup.get("threshold_sparsity") or 0.8)), limit, "mmap", timeout,
+            cold=[setup["flash_dir"]])
         if not args.quick:
             print(f"[{setup['model']}] mmap loader without a limit (reference) ...", flush=True)
             runs["mmap_unlimited"] = memlimit.run_limited(
                 memlimit.python_child("mmap", setup["flash_dir"], "--prompt-tokens", str(ptoks), "--tokens",
                                       str(base_tokens), "--sparsity", setup["sparsity"], "--threshold-sparsity",
-                                      str(setup.get("threshold_sparsity") or 0.8)), None, "mmap-free", timeout)
+                                      str(setup.get("threshold_sparsity") or 0.8)), None, "mmap-free", timeout,
+                cold=[setup["flash_dir"]])
         hf = hf_dir_for(setup) if real else None
         if hf is not None:
             print(f"[{setup['model']}] from_pretrained in the limit ...", flush=True)
             runs["from_pretrained"] = memlimit.run_limited(
                 memlimit.python_child("hf", str(hf), "--prompt-tokens", str(ptoks), "--tokens", str(base_tokens)),
-                limit, "hf", timeout)
+                limit, "hf", timeout, cold=[hf])
         data["models"][setup["model"]] = {"setup": setup, "overhead": ov, "limit_bytes": limit,
                                           "oracle_allowance_bytes": allowance, "model_bytes": fd.model_bytes,
                                           "runs": runs}
@@ -106,7 +133,7 @@ def plot(rows: list[dict], png) -> None:
         rs = [r for r in rows if r["model"] == m]
         x = np.arange(len(rs))
         vals = [r["ms_per_token"] if r["completed"] and r["ms_per_token"] else 0 for r in rs]
-        cols = ["tab:blue" if r["loader"] == "ours" else "tab:grey" for r in rs]
+        cols = ["tab:blue" if r["loader"].startswith("ours") else "tab:grey" for r in rs]
         ax.bar(x, vals, color=cols)
         for i, r in enumerate(rs):
             txt = f"{r['ms_per_token']:,.0f} ms" if r["completed"] and r["ms_per_token"] else \

@@ -1,15 +1,16 @@
 """Validation of the scale model's trace source (``llmflash.trace``), against a real model and the paper.
 
-1. Real model (measured activations, wiki:eval): the trace family is fitted to two numbers only (its true sets'
-   N(5), the share of neurons new to a 5-token window, and U(5), the window's size), with the real per-layer active
-   fractions; then the whole curves U(k), N(k) for k = 1..32, the persistence P(active at t | active at t-1) and the
-   popularity concentration (share of activations by the top 1/5/10/20/50% of neurons) of the fitted trace
-   (simulated) are compared with the real model's.
-2. Paper (OPT-6.7B): the scale trace (``paper_params``: the paper's per-layer active profile, sigma_b and rho fitted
-   to the paper's predicted-set window numbers) is simulated at full size (32 layers x 16384 neurons) and its
-   statistics compared with the paper's: 3.3% active per layer (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
+1. Real model (measured activations, wiki:eval): the trace family (sigma_b, rho, flicker) is fitted to three
+   numbers of its true sets (N(1) and N(5), the shares of neurons new to a 1- and a 5-token window, and U(5), the
+   5-token window's size), with the real per-layer active fractions; then the whole curves U(k), N(k) for
+   k = 1..32, the persistence P(active at t | active at t-1) and the popularity concentration (share of activations
+   by the top 1/5/10/20/50% of neurons) of the fitted trace (simulated) are compared with the real model's.
+2. Paper (OPT-6.7B): the scale trace (``paper_params``: the paper's per-layer active profile, the flicker share
+   fitted on smollm2-relu, sigma_b and rho fitted to the paper's predicted-set window numbers) is simulated at full
+   size (32 layers x 16384 neurons) and its statistics compared with the paper's: 3.3% active per layer (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
    predicted sets ~10% of the FFN with ~5% false negatives and ~7% false positives, 2.4% of the FFN new per token
-   with k = 5, a window of ~24%. ``--refit`` re-runs the fit of (sigma_b, rho) to the paper's numbers.
+   with k = 5, a window of ~24%. ``--refit`` re-runs the fit of (sigma_b, rho) to the paper's numbers (flicker
+   fixed at the value in use).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 import common
-from llmflash.trace import (PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceParams, collect_masks, fit_temporal,
-                            paper_params, persistence, popularity, window_stats)
+from llmflash.trace import (PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceParams, collect_masks,
+                            fit_trace, paper_params, persistence, popularity, window_stats)
 
 K = 32
 PAPER_TARGETS = {"active_mean": 0.033, "active_layer1": 0.0156, "active_layer16": 0.0266, "active_layer32": 0.0536,
@@ -52,9 +53,14 @@ def main() -> None:
                           max_tokens=tokens)
         real = stats_of(r["masks"])
         act = r["per_layer_active_fraction"]
-        fit = fit_temporal(act, real["new"][5], real["union"][4], kind="true", n=r["n"])
-        print(f"fitted to {setup['model']}: sigma_b {fit['sigma_b']:.3f}, rho {fit['rho']:.3f}")
-        tm = TraceModel(TraceParams(tuple(act), fit["sigma_b"], fit["rho"]), r["n"])
+        ws = [window_stats(seqs, K) for seqs in r["masks"]]
+        targets = {"new1": [w["new"][1] for w in ws], "new5": [w["new"][5] for w in ws],
+                   "union5": [w["union"][4] for w in ws]}
+        fit = fit_trace(act, targets, kind="true", free=("sigma_b", "rho", "flicker"), n=r["n"], tokens=192,
+                        n_layers_sim=6 if args.quick else 10, maxfev=60 if args.quick else 150)
+        print(f"fitted to {setup['model']}: sigma_b {fit['sigma_b']:.3f}, rho {fit['rho']:.4f}, "
+              f"flicker {fit['flicker']:.3f} (loss {fit['loss']:.3f})")
+        tm = TraceModel(TraceParams(tuple(act), fit["sigma_b"], fit["rho"], flicker=fit["flicker"]), r["n"])
         seq_len = r["seq_len"]
         n_seq = max(1, min(len(r["masks"][0]), 4 if args.quick else 16))
         sim = []
@@ -81,11 +87,12 @@ def main() -> None:
     if common.wanted(args, "scale"):
         params = paper_params()
         if args.refit:
-            f = fit_temporal(params.active, PAPER_TARGETS["new5_predicted"], PAPER_TARGETS["union5_predicted"],
-                             kind="predicted")
+            f = fit_trace(params.active, {"new5": PAPER_TARGETS["new5_predicted"],
+                                          "union5": PAPER_TARGETS["union5_predicted"]},
+                          kind="predicted", fixed={"flicker": PAPER_FLICKER}, tokens=160, maxfev=80)
             data["paper_refit"] = f
             print(f"refit to the paper: sigma_b {f['sigma_b']:.3f} (in use {PAPER_SIGMA_B}), rho {f['rho']:.3f} "
-                  f"(in use {PAPER_RHO})")
+                  f"(in use {PAPER_RHO}), flicker {PAPER_FLICKER} fixed")
         tm = TraceModel(params, 16384)
         n_tok = 96 if args.quick else 256
         per_layer = []
@@ -132,8 +139,8 @@ def plot(data: dict, png) -> None:
         ax.plot(k, np.array(ts["union"]) * 100, "b--", label="U(k) fitted trace (simulated)")
         ax.plot(k, np.array(rs["new"][1:]) * 100, "r-", label="N(k) real (measured)")
         ax.plot(k, np.array(ts["new"][1:]) * 100, "r--", label="N(k) fitted trace (simulated)")
-        ax.scatter([5, 5], [rs["union"][4] * 100, rs["new"][5] * 100], marker="x", color="k", zorder=5,
-                   label="the two fitted points")
+        ax.scatter([5, 1, 5], [rs["union"][4] * 100, rs["new"][1] * 100, rs["new"][5] * 100], marker="x", color="k",
+                   zorder=5, label="the three fitted statistics (layer means)")
         ax.set_yscale("log")
         ax.set_xlabel("window size k (tokens)")
         ax.set_ylabel("% of FFN neurons (log)")

@@ -89,7 +89,7 @@ def test_paper_profile_and_predictor_rates():
     prof = paper_active_profile()
     assert abs(np.mean(prof) - 0.033) < 1e-6
     assert abs(prof[0] - 0.0156) < 1e-4 and abs(prof[15] - 0.0266) < 1e-4 and abs(prof[31] - 0.0536) < 1e-4
-    tm = TraceModel(TraceParams((0.02, 0.05), 1.0, 0.66), 4096)
+    tm = TraceModel(TraceParams((0.02, 0.05), 1.0, 0.66, flicker=0.2), 4096)
     for layer, a in enumerate((0.02, 0.05)):
         pairs = [tm.step(layer) for _ in range(120)]
         t = np.stack([p[0] for p in pairs])
@@ -97,6 +97,15 @@ def test_paper_profile_and_predictor_rates():
         assert abs(t.mean() - a) / a < 0.1
         assert abs((t & q).sum() / t.sum() - 0.95) < 0.02
         assert abs((q & ~t).sum() / (~t).sum() - 0.07) < 0.01
+
+
+def test_flicker_lowers_persistence_not_the_active_share():
+    fr = {}
+    for f in (0.0, 0.5):
+        tm = TraceModel(TraceParams((0.05,), 1.0, 0.95, flicker=f), 2048)
+        m = tm.masks(0, 150)
+        fr[f] = (m.mean(), persistence([m]))
+    assert abs(fr[0.5][0] - 0.05) < 0.01 and fr[0.5][1] < fr[0.0][1]
 
 
 def test_window_stats_match_the_engines_cache():
