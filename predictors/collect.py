@@ -37,6 +37,7 @@ from llmflash.errors import LLMFlashError
 from llmflash.ffn import SparsityRule, install_dense_ffns
 from llmflash.models import LoadedModel
 from llmflash.paths import atomic_dir
+from llmflash.report import fmt_bytes
 from llmflash.text import token_stream, windows
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def collect(
     if n_tokens == 0:
         raise LLMFlashError(f"{text_source} gives no tokens to collect")
     size = n_tokens * bytes_per_token(spec.n_layers, spec.d_model, spec.d_ffn)
-    log.info("collecting %d tokens x %d layers: about %.2f GB in %s", n_tokens, spec.n_layers, size / 1e9, out)
+    log.info("collecting %d tokens x %d layers: about %s in %s", n_tokens, spec.n_layers, fmt_bytes(size), out)
 
     n_bytes_packed = (spec.d_ffn + 7) // 8
     state = {"pos": 0}
@@ -137,7 +138,7 @@ def collect(
 
         modules = install_dense_ffns(model, rule, observer=observe)
         down_norm.extend(m.w.down.float().norm(dim=1) for m in modules)
-        for ids in tqdm(wins, desc=f"collect ({size / 1e9:.1f} GB)", unit="win", disable=not progress):
+        for ids in tqdm(wins, desc=f"collect ({fmt_bytes(size)})", unit="win", disable=not progress):
             model(ids)
             state["pos"] += ids.shape[1]
         for arr in xs + ys:

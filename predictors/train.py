@@ -74,8 +74,16 @@ class LayerStats:
     seconds: float
 
 
-def threshold_for_recall(scores: Tensor, labels: Tensor, recall_target: float) -> float:
-    """The largest logit threshold t such that predicting ``scores >= t`` keeps recall >= target."""
+def threshold_for_recall(scores: Tensor, labels: Tensor, recall_target: float, pinned: Optional[list[int]] = None) -> float:
+    """The largest logit threshold t such that predicting ``scores >= t`` keeps recall >= target.
+
+    scores, labels: [T, n]. ``pinned`` neurons are always predicted: they are left out, and the threshold gives the
+    other neurons' positives the recall target on their own (so the overall recall is at least the target).
+    """
+    if pinned:
+        free = torch.ones(scores.shape[-1], dtype=torch.bool)
+        free[torch.as_tensor(pinned, dtype=torch.long)] = False
+        scores, labels = scores[:, free], labels[:, free]
     pos = scores[labels]  # [P]
     if pos.numel() == 0:
         return float("inf")
@@ -115,6 +123,7 @@ def _layer_data(act: Activations, layer: int, rows: slice, max_tokens: Optional[
 
 def train_layer(
     x_train: Tensor, y_train: Tensor, x_hold: Tensor, y_hold: Tensor, rank: int, cfg: TrainConfig, layer: int = 0,
+    pinned: Optional[list[int]] = None,
 ) -> tuple[LowRankPredictor, float, int]:
     """Fit one layer's predictor. x: float32 [T, d]; y: bool [T, n]. Returns (predictor, threshold logit, epochs)."""
     gen = torch.Generator().manual_seed(cfg.seed + layer)
@@ -148,7 +157,7 @@ def train_layer(
             sched.step()
         model.eval()
         scores = _scores(model, xs_hold)
-        thr = threshold_for_recall(scores, y_hold, cfg.recall_target)
+        thr = threshold_for_recall(scores, y_hold, cfg.recall_target, pinned)
         frac = float((scores >= thr).float().mean())
         log.info("layer %d epoch %d: loss %.4f, held-out predicted fraction %.4f at recall %.3f", layer, epoch, float(loss.detach()), frac, cfg.recall_target)
         if frac < best[0] - 1e-4:
@@ -196,13 +205,13 @@ def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progres
         x_tr, y_tr = _layer_data(act, layer, train_rows, cfg.max_train_tokens, cfg.seed)
         x_ho, y_ho = _layer_data(act, layer, hold_rows, None, cfg.seed)
         rank = cfg.rank_for(layer, act.n_layers)
-        model, _, epochs = train_layer(x_tr, y_tr, x_ho, y_ho, rank, cfg, layer)
+        model, _, epochs = train_layer(x_tr, y_tr, x_ho, y_ho, rank, cfg, layer, pins[layer])
         with torch.no_grad():  # the weights as stored (fp16), so the threshold fits what is loaded
             for param in model.parameters():
                 param.copy_(param.to(torch.float16).float())
             model.up.bias[pins[layer]] = PIN_LOGIT
         scores = _scores(model, x_ho)  # the runtime computation (float32)
-        thr = threshold_for_recall(scores, y_ho, cfg.recall_target)
+        thr = threshold_for_recall(scores, y_ho, cfg.recall_target, pins[layer])
         r = rates(*confusion(scores >= thr, y_ho))
         modules.append(model)
         thresholds.append(thr)
@@ -235,7 +244,7 @@ def calibrate(pset: PredictorSet, act: Activations, recall_target: float, holdou
     for layer in range(act.n_layers):
         x_ho, y_ho = _layer_data(act, layer, hold_rows, None, 0)
         scores = pset.scores(layer, x_ho)
-        thr = threshold_for_recall(scores, y_ho, recall_target)
+        thr = threshold_for_recall(scores, y_ho, recall_target, pset.pinned(layer))
         pset.set_threshold_logit(layer, thr)
         out.append({"layer": layer, **rates(*confusion(scores >= thr, y_ho))})
     return out

@@ -275,3 +275,18 @@ def test_check_model_tells_retrained_weights_apart(trained):
     pset.check_model(copy.deepcopy(model).to(torch.bfloat16), "tiny-llama")  # same weights, another dtype: fine
     with pytest.raises(LLMFlashError, match="fingerprint"):
         pset.check_model(tiny_llama(relu=True, seed=1), "tiny-llama")
+
+
+def test_threshold_calibration_leaves_pinned_neurons_out():
+    from predictors.train import threshold_for_recall
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4000, 10, generator=gen)
+    labels = torch.rand(4000, 10, generator=gen) < 0.01
+    labels[:, 0] = True  # neuron 0 carries most positives and is pinned
+    scores[:, 0] = 30_000.0
+    thr = threshold_for_recall(scores, labels, 0.9, pinned=[0])
+    free = labels[:, 1:]
+    recall_free = float(((scores[:, 1:] >= thr) & free).sum() / free.sum())
+    assert 0.9 <= recall_free < 0.93  # the other neurons get the target on their own
+    assert threshold_for_recall(scores, labels, 0.9) > 1_000  # without it, the pinned neuron alone meets the target
