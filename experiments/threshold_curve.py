@@ -5,7 +5,7 @@ Thresholds (|h| under a per-layer threshold, CATS-style) are calibrated on wiki:
 ``--sparsity threshold`` uses) and evaluated on held-out wiki:eval (first 8,192 tokens, windows of 512), next to the
 dense model. The relufied model's points (results/relufy/frontier.csv, if present) go on the same plot.
 
-    python experiments/threshold_curve.py [--targets 0.5,0.7,0.8,0.9] [--max-tokens 8192]
+    python experiments/threshold_curve.py [--targets 0.5,0.7,0.8,0.9] [--max-tokens 8192] [--plot-only]
 
 Writes results/threshold_curve/{threshold_curve.csv, threshold_curve.png, config.json}.
 """
@@ -37,8 +37,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV (e.g. after new relufy results)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.plot_only:
+        with open(args.out / "threshold_curve.csv") as f:
+            rows = [{k: (v if k == "rule" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        plot(rows, args.out / "threshold_curve.png")
+        return
     targets = [float(t) for t in args.targets.split(",")]
     t0 = time.time()
     model, tok, _ = load_model("smollm2")
@@ -93,12 +99,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate(f"{r['target_sparsity']:g}", (1 - r["active_fraction"], r["ppl_ratio"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
     pts = relufy_points()
-    for kind, style, label in (("trained", "s", "relufied (trained)"), ("posthoc_shift", "^", "relufied + extra shift"),
-                               ("cpu", "*", "smollm2-relu (CPU, shipped)")):
-        sel = [p for p in pts if p.get("kind") == kind]
+    for kind, style, label in (("ramp", ".", "relufied: held-out evals along training (GPU)"),
+                               ("posthoc_shift", "^", "relufied + extra uniform shift (GPU)"),
+                               ("cpu", "*", "smollm2-relu as shipped (CPU)")):
+        sel = [p for p in pts if p.get("kind") == kind and float(p["ppl_ratio"]) < 100]
         if sel:
-            ax.plot([1 - float(p["eval_active_fraction"]) for p in sel], [float(p["ppl_ratio"]) for p in sel], style,
-                    label=label, markersize=9 if kind == "cpu" else 6)
+            ax.plot([1 - float(p["active_fraction"]) for p in sel], [float(p["ppl_ratio"]) for p in sel], style,
+                    label=label, markersize=12 if kind == "cpu" else 6)
     ax.axhline(1.3, color="grey", lw=0.8, ls="--")
     ax.axvline(0.9, color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
