@@ -43,7 +43,9 @@ BASE = dict(shift=True, ramp_frac=0.55, anneal_frac=0.1, l1_final=0.3, ffn_rank=
             micro_batch_seqs=32, seq_len=512, lr=1e-3, bias_lr=2e-3, norm_lr=3e-4, eval_every=50, eval_tokens=8192,
             final_eval_tokens=65536, steps=100_000, device="cuda")
 PLANS: dict[str, list[dict]] = {
-    # First call (already run; its lessons are in BASE): L1-weight controller, 4 x 100 s. Kept for the record.
+    # First call, for the record: it ran with an older relufy.py that steered the L1 *weight* (removed: it blew up) and
+    # with rank 32 + attention rank 8, batches of 64 x 512 in micro-batches of 16; the exact configs are in
+    # results/relufy/raw/sweep-*/relufy_config.json. Running it now would steer the shifts instead.
     "sweep": [
         dict(name="s90", target_sparsity=0.90, time_budget_s=100, posthoc_sparsities=(0.92, 0.94)),
         dict(name="s90an", target_sparsity=0.90, anneal_frac=0.15, time_budget_s=100, posthoc_sparsities=(0.92, 0.94)),
