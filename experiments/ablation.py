@@ -77,7 +77,7 @@ def main() -> None:
         rows += table_rows(setup["model"], runs)
     common.save(args.out, "ablation", args, data=results, rows=rows, csv_name="table2",
                 extra_config={"budget": args.budget, "setups": setups})
-    plot(rows, args.out / "ablation.png")
+    plot(rows, args.out / "ablation.png", args.budget)
     print_table(rows)
 
 
@@ -92,7 +92,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['speedup_vs_naive']:>7.1f}x")
 
 
-def plot(rows: list[dict], png) -> None:
+def plot(rows: list[dict], png, budget: float = 0.5) -> None:
     import numpy as np
 
     plt = common.plt()
@@ -112,8 +112,8 @@ def plot(rows: list[dict], png) -> None:
         ax.set_xticklabels([r["row"].replace("_", "\n") for r in rs], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("flash I/O per token (ms, log scale)")
-        ax.set_title(f"{m}: Table 2 ablation at {rs[0]['dram_fraction']:.0%}-{rs[-1]['dram_fraction']:.0%} DRAM\n"
-                     "(labels: bytes read per token)", fontsize=10)
+        ax.set_title(f"{m}: Table 2 ablation, DRAM budget {budget:.0%} of the model\n"
+                     "(labels: bytes read from flash per token)", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     common.savefig(fig, png)

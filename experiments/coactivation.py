@@ -25,6 +25,7 @@ from llmflash.trace import (TraceModel, closest_friends, coactivation, coactivat
                             paper_params, popularity_order, read_sizes, write_permuted_flash_dir)
 
 WINDOW = 5
+SHORT = {"original": "orig.", "popularity": "popul.", "coactivation": "coact."}
 
 
 def friend_bundling(seqs, friend: np.ndarray, window: int) -> dict:
@@ -208,19 +209,19 @@ def plot(data: dict, png) -> None:
     if "real" in data:
         t = data["real"]["totals_per_token"]
         for name in ("original", "popularity", "coactivation"):
-            labels.append(f"real\n{name}\n(computed, no\ncache limit)")
+            labels.append(f"real\n{SHORT[name]}\ncomputed*")
             reads.append(t[f"{name}_w{WINDOW}_reads"])
             ios.append(t[f"{name}_w{WINDOW}_io_ms"])
             colors.append("tab:blue")
         m = data["real"]["measured"]
         for name in ("original", "coactivation_order"):
-            labels.append(f"real\n{name.split('_')[0]}\n(measured)")
+            labels.append(f"real\n{SHORT[name.split('_')[0]]}\nmeasured")
             reads.append(m[name]["summary"]["reads_per_token"])
             ios.append(m[name]["summary"]["io_ms"])
             colors.append("tab:cyan")
     if "scale" in data:
         for name in ("original", "popularity_order"):
-            labels.append(f"scale\n{name.split('_')[0]}\n(measured)")
+            labels.append(f"scale\n{SHORT[name.split('_')[0]]}\nmeasured")
             reads.append(data["scale"][name]["summary"]["reads_per_token"])
             ios.append(data["scale"][name]["summary"]["io_ms"])
             colors.append("tab:orange")
@@ -232,7 +233,8 @@ def plot(data: dict, png) -> None:
     ax.set_yscale("log")
     for i, v in enumerate(ios):
         ax.annotate(f"{v:.0f} ms", (x[i], reads[i]), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    ax.set_title("Neuron order in the file: reads per token (labels: I/O ms per token)", fontsize=9)
+    ax.set_title("Neuron order in the file (orig./popul./coact.): reads per token\n(labels: I/O ms per token; "
+                 "*computed with an unlimited cache)", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     common.savefig(fig, png)
 

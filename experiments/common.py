@@ -109,6 +109,7 @@ def plt():
 
 
 def savefig(fig, path: Path) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -416,7 +417,7 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
     if model == SCALE:  # ~12 s per naive token, ~6 s hybrid, ~1 s sparse on this VM
         if row in ("naive", "hybrid", "dense"):
             return (2, 0) if quick else (8, 0)
-        return (11, 5) if quick else (40, 5)
+        return (9, 5) if quick else (40, 5)
     if row in ("naive", "hybrid", "dense"):
         return (12, 0) if quick else (64, 0)
     return (24, 2) if quick else (128, 2)

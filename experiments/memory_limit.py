@@ -62,7 +62,7 @@ def main() -> None:
         fd = open_flash_dir(setup["flash_dir"])
         real = kind == "real"
         ptoks = common.PROMPT_TOKENS if real else 1
-        ours_tokens = (24 if args.quick else 64) if real else (11 if args.quick else 40)
+        ours_tokens = (24 if args.quick else 64) if real else (9 if args.quick else 40)
         base_tokens = (12 if args.quick else 32) if real else (1 if args.quick else 4)
         print(f"[{setup['model']}] measuring the runtime overhead ...", flush=True)
         ov = memlimit.measure_overhead(setup["flash_dir"], ptoks, ours_tokens)

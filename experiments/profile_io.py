@@ -47,7 +47,9 @@ def _annotate(png, rows) -> None:
         ax.plot([c for c, _ in pts], [g for _, g in pts], marker="o", label=f"this VM, {t} parallel read{'s' if t > 1 else ''}")
     for c, g, lab in PAPER:
         ax.scatter([c], [g], marker="*", s=120, color="grey", zorder=5)
-        ax.annotate(lab, (c, g), textcoords="offset points", xytext=(-10, 6), fontsize=7, ha="right")
+        right = c < max(chunks)
+        ax.annotate(lab, (c, g), textcoords="offset points", xytext=(8, -3) if right else (-10, 6), fontsize=7,
+                    ha="left" if right else "right")
     ax.set_xscale("log", base=2)
     ax.set_xticks(chunks)
     ax.set_xticklabels([f"{c // 1024}" for c in chunks])

@@ -1,7 +1,7 @@
 """Figure 8: stability of the per-token latency over a long generation (measured).
 
 Ours (predictor + window k=5 + bundling) at half the model in DRAM, greedy, 1000 generated tokens (--quick: 96 on
-the real model, 32 on the scale model): per-token flash I/O, memory management and compute time and bytes read,
+the real model, 20 on the scale model): per-token flash I/O, memory management and compute time and bytes read,
 with a rolling median. The KV cache grows with the sequence, so attention compute rises slowly; the flash part
 should stay flat once the window is warm.
 """
@@ -15,7 +15,7 @@ import common
 
 def main() -> None:
     p = common.parser("stability", __doc__)
-    p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 1000; quick 96 real / 32 scale)")
+    p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 1000; quick 96 real / 20 scale)")
     args = p.parse_args()
     table = common.load_bandwidth(16)
     setups = []
@@ -26,7 +26,7 @@ def main() -> None:
     data: dict = {"models": {}}
     rows = []
     for kind, setup in setups:
-        n = args.tokens or ((96 if kind == "real" else 32) if args.quick else 1000)
+        n = args.tokens or ((96 if kind == "real" else 20) if args.quick else 1000)
         print(f"[{setup['model']}] ours, {n} tokens ...", flush=True)
         r = common.standard_run(setup, "ours", args.quick, n=n, warmup=0 if kind == "real" else 5, table=table)
         data["models"][setup["model"]] = {"setup": setup, "run": r}
