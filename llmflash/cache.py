@@ -38,10 +38,10 @@ class RowStore:
     def nbytes(self) -> int:
         return sum(len(b) for b in self.buffers)
 
-    def part(self, name: str, n: int) -> Tensor:
-        """View [n, d] of one part (gate/up/down) over the first n rows."""
+    def part(self, name: str, n: int, start: int = 0) -> Tensor:
+        """View [n, d] of one part (gate/up/down) over rows [start, start + n)."""
         s, off = self.layout.locate(name)
-        return self.rows[s][:n, off : off + self.layout.d_model]
+        return self.rows[s][start : start + n, off : off + self.layout.d_model]
 
 
 @dataclass

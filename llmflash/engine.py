@@ -46,7 +46,7 @@ class EngineConfig:
     sparsity: str = "relu"  # relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
     predictors: Optional[str] = None  # predictor directory (predictor mode)
-    staging_rows: int = 512  # rows of the staging buffer (streamed layers, overflow, prefill)
+    staging_rows: int = 1024  # rows of the staging buffer (streamed layers, overflow, prefill); two halves in flight
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
     compute_threads: int = 1  # torch threads; decode matmuls are tiny and the I/O threads need the other core
@@ -148,33 +148,49 @@ class _FlashFFNBase(nn.Module):
         self.threshold = engine.thresholds[layer]
         self.act = activation_fn(engine.fd.activation)
 
-    def _read(self, store: RowStore, ids: np.ndarray, dest_row: int) -> None:
-        """Read rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest_row`` (timed as I/O)."""
+    def _submit(self, store: RowStore, ids: np.ndarray, dest_row: int) -> list:
+        """Start reading rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest_row``."""
         e = self.e
         t0 = _now_ms()
+        tickets = []
         for seg, buf in zip(e.fd.layout.segments, store.buffers):
             fo, nb, do = read_plan(seg, self.layer, ids, dest_row, e.cfg.max_read_bytes)
-            e.reader.read(buf, fo, nb, do)
+            tickets.append(e.reader.submit(buf, fo, nb, do))
         e.meter.io_ms += _now_ms() - t0
+        return tickets
 
-    def _rows_output(self, store: RowStore, n: int, ids: np.ndarray, x: Tensor) -> tuple[Tensor, Tensor]:
-        """FFN contribution of store rows [0, n) holding neurons ``ids``: returns (y [T, d], h [T, n])."""
+    def _wait(self, tickets: list) -> None:
+        t0 = _now_ms()
+        for t in tickets:
+            self.e.reader.wait(t)
+        self.e.meter.io_ms += _now_ms() - t0
+
+    def _read(self, store: RowStore, ids: np.ndarray, dest_row: int) -> None:
+        """Read rows ``ids`` (sorted) into ``store`` rows from ``dest_row``; timed as I/O."""
+        self._wait(self._submit(store, ids, dest_row))
+
+    def _rows_output(self, store: RowStore, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
         bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids)]
         gated = self.e.fd.gated
-        a = store.part("gate" if gated else "up", n)
-        u = store.part("up", n) if gated else None
+        a = store.part("gate" if gated else "up", n, start)
+        u = store.part("up", n, start) if gated else None
         h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, n]
-        return h @ store.part("down", n), h
+        return h @ store.part("down", n, start), h
 
     def _stream(self, x: Tensor, ids: np.ndarray) -> Tensor:
-        """sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer chunk by chunk."""
+        """Sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer, double-buffered:
+        the next chunk's reads are in flight while the current chunk is computed. Only waiting counts as I/O."""
         e = self.e
         y = torch.zeros(x.shape[0], e.fd.layout.d_model, dtype=x.dtype)
-        step = e.staging.capacity
-        for start in range(0, ids.size, step):
-            chunk = ids[start : start + step]
-            self._read(e.staging, chunk, 0)
-            y += self._rows_output(e.staging, chunk.size, chunk, x)[0]
+        half = max(1, e.staging.capacity // 2)
+        chunks = [ids[i : i + half] for i in range(0, ids.size, half)]
+        pending = self._submit(e.staging, chunks[0], 0) if chunks else []
+        for k, chunk in enumerate(chunks):
+            self._wait(pending)
+            if k + 1 < len(chunks):
+                pending = self._submit(e.staging, chunks[k + 1], ((k + 1) % 2) * half)
+            y += self._rows_output(e.staging, chunk.size, chunk, x, start=(k % 2) * half)[0]
         return y
 
     def _finish(self, y: Tensor, shape: torch.Size) -> Tensor:
