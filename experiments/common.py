@@ -128,19 +128,13 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8) -> dict:
     from llmflash.demo import default_setup, flash_dir_for
     from llmflash.models import relu_artifact_dir
 
-    preds = REPO / "predictors" / "artifacts" / "smollm2-relu"
     if model == "auto":
-        s = default_setup()
-    elif model == "smollm2":
-        s = {"model": "smollm2", "sparse_mode": "oracle", "sparsity": "threshold", "predictors": None}
-    elif model == "smollm2-relu":
-        if not relu_artifact_dir().is_dir():
-            raise LLMFlashError(f"smollm2-relu artifacts are missing ({relu_artifact_dir()}); use --model smollm2")
-        has = (preds / "predictors.json").is_file()
-        s = {"model": "smollm2-relu", "sparse_mode": "predictor" if has else "oracle", "sparsity": "relu",
-             "predictors": str(preds) if has else None}
-    else:
+        model = "smollm2-relu" if relu_artifact_dir().is_dir() else "smollm2"
+    if model == "smollm2-relu" and not relu_artifact_dir().is_dir():
+        raise LLMFlashError(f"smollm2-relu artifacts are missing ({relu_artifact_dir()}); use --model smollm2")
+    if model not in ("smollm2", "smollm2-relu"):
         raise LLMFlashError(f"unknown --model {model!r}: use auto, smollm2 or smollm2-relu")
+    s = default_setup(model)
     s = dict(s, threshold_sparsity=threshold_sparsity if s["sparsity"] == "threshold" else None)
     s["flash_dir"] = str(flash_dir_for(s["model"]))
     s["label"] = s["model"] + (f" (threshold {threshold_sparsity:.0%} sparsity)" if s["sparsity"] == "threshold" else "")

@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt", default="The history of the printing press begins")
     p.add_argument("--dram-budget", type=float, default=0.5)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-relu"),
+                   help="smollm2: threshold sparsity (default); smollm2-relu: the relufied model")
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=cmd_demo)
 
@@ -191,7 +193,8 @@ def eval_ppl(
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
-    result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget)
+    result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget,
+                      model=args.model)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)

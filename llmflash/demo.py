@@ -14,16 +14,17 @@ from .report import environment, fmt_bytes
 log = logging.getLogger(__name__)
 
 
-def default_setup() -> dict:
-    """The relufied model with its predictors when they are available, else SmolLM2 with threshold sparsity."""
-    from .models import relu_artifact_dir
-
+def default_setup(model: str = "smollm2") -> dict:
+    """``smollm2``: the original model with the threshold rule (80% sparsity), exact oracle. ``smollm2-relu``: the
+    relufied model with its committed predictors when they exist (its quality is still far from the original's)."""
+    if model == "smollm2":
+        return {"model": "smollm2", "sparse_mode": "oracle", "sparsity": "threshold", "predictors": None}
+    if model != "smollm2-relu":
+        raise LLMFlashError(f"demo runs smollm2 or smollm2-relu, not {model!r}")
     preds = Path(__file__).resolve().parent.parent / "predictors" / "artifacts" / "smollm2-relu"
-    if relu_artifact_dir().is_dir():
-        if (preds / "predictors.json").is_file():
-            return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "relu", "predictors": str(preds)}
-        return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "relu", "predictors": None}
-    return {"model": "smollm2", "sparse_mode": "oracle", "sparsity": "threshold", "predictors": None}
+    if (preds / "predictors.json").is_file():
+        return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "relu", "predictors": str(preds)}
+    return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "relu", "predictors": None}
 
 
 def flash_dir_for(model: str) -> Path:
@@ -37,8 +38,8 @@ def flash_dir_for(model: str) -> Path:
 
 
 def run_demo(max_new_tokens: int = 32, prompt: str = "The history of the printing press begins",
-             dram_budget: float = 0.5) -> dict:
-    setup = default_setup()
+             dram_budget: float = 0.5, model: str = "smollm2") -> dict:
+    setup = default_setup(model)
     path = flash_dir_for(setup["model"])
     fd = open_flash_dir(path)
     rows = []
