@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from llmflash.engine import Engine, EngineConfig, GenerationResult  # noqa: E402
 from llmflash.errors import LLMFlashError  # noqa: E402
-from llmflash.flashdir import FlashDir, open_flash_dir, parse_safetensors  # noqa: E402
+from llmflash.flashdir import FlashDir, open_flash_dir  # noqa: E402
 from llmflash.paths import cache_dir  # noqa: E402
 from llmflash.report import environment, median, write_json  # noqa: E402
 
@@ -109,11 +109,19 @@ def plt():
 
 
 def savefig(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt().close(fig)
+    from llmflash.report import save_figure
+
+    save_figure(fig, path)
+
+
+def setups(args) -> list[tuple[str, dict]]:
+    """The (kind, setup) pairs the script's --models asks for: the real model and/or the scale model."""
+    out = []
+    if wanted(args, "real"):
+        out.append(("real", real_setup(args.model)))
+    if wanted(args, "scale"):
+        out.append(("scale", scale_setup()))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- setups

@@ -21,11 +21,7 @@ def main() -> None:
                    help="also run hybrid (auto: yes except for the scale model in --quick)")
     args = p.parse_args()
     table = common.load_bandwidth(16)
-    setups = []
-    if common.wanted(args, "real"):
-        setups.append(("real", common.real_setup(args.model)))
-    if common.wanted(args, "scale"):
-        setups.append(("scale", common.scale_setup()))
+    setups = common.setups(args)
     rows, data = [], {"models": {}}
     for kind, setup in setups:
         budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (QUICK[kind] if args.quick else FULL)

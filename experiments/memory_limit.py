@@ -52,11 +52,7 @@ def main() -> None:
         raise SystemExit(f"memory_limit: {why}")
     data: dict = {"models": {}}
     rows = []
-    setups = []
-    if common.wanted(args, "real"):
-        setups.append(("real", common.real_setup(args.model)))
-    if common.wanted(args, "scale"):
-        setups.append(("scale", common.scale_setup()))
+    setups = common.setups(args)
     work = cache_dir() / "memory_limit"
     for kind, setup in setups:
         fd = open_flash_dir(setup["flash_dir"])

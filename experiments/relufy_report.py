@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from llmflash.paths import atomic_file, repo_root
+from llmflash.report import save_figure
 from llmflash.report import write_json
 
 RESULTS = repo_root() / "results" / "relufy"
@@ -104,10 +105,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     axes[2].set_ylabel("held-out ppl / original")
     axes[2].set_xlabel("step (16,384 tokens each)")
     fig.suptitle("Relufying SmolLM2-135M on one H100 (the shipped run, 7 min of training)", fontsize=10)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_frontier(rows: list[dict], path: Path) -> None:
@@ -139,10 +137,7 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     ax.set_title("SmolLM2-135M relufication frontier (held-out wiki:eval)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

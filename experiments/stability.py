@@ -18,11 +18,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 1000; quick 96 real / 20 scale)")
     args = p.parse_args()
     table = common.load_bandwidth(16)
-    setups = []
-    if common.wanted(args, "real"):
-        setups.append(("real", common.real_setup(args.model)))
-    if common.wanted(args, "scale"):
-        setups.append(("scale", common.scale_setup()))
+    setups = common.setups(args)
     data: dict = {"models": {}}
     rows = []
     for kind, setup in setups:

@@ -22,6 +22,7 @@ from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
 from llmflash.paths import atomic_file, repo_root
+from llmflash.report import save_figure
 from llmflash.report import environment, write_json
 from llmflash.sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, rule_for
 from llmflash.text import load_texts
@@ -114,10 +115,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("SmolLM2-135M: sparsity vs perplexity (held-out wiki:eval)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from llmflash.ffn import SparsityRule, install_dense_ffns
 from llmflash.models import load_model
 from llmflash.paths import atomic_file, repo_root
+from llmflash.report import save_figure
 from llmflash.report import environment, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
 from llmflash.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
@@ -108,10 +109,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     ax.set_title("BIG-bench multiple choice, zero-shot log-likelihood (SmolLM2-135M)")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_ylim(0, 1)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

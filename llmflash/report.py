@@ -63,3 +63,13 @@ def median(xs: list[float]) -> float:
         return math.nan
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically (tight layout) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
