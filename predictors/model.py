@@ -222,6 +222,9 @@ class PredictorSet:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "model": self.model_name})
             meta["weights_sha256"] = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()
             (tmp / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
+            for f in (WEIGHTS, SIDECAR):
+                (tmp / f).chmod(0o644)
+            tmp.chmod(0o755)  # a package artifact: readable by every user
         self.meta = meta
 
     @classmethod
