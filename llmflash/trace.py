@@ -8,7 +8,7 @@ of one layer, over consecutive tokens of a text. With S_t the active set at toke
   neurons are cached (the engine's ``NeuronCache`` with ``window=k`` loads exactly this); N(0) = |S_t| / n.
 
 The trace source (``TraceModel``) is a latent-Gaussian model of one layer's neurons, documented here and in
-``paper_notes_experiments.md``:
+``paper_notes.md``:
 
     u_i(t) = b_i + z_i(t)          b_i ~ N(0, sigma_b^2) fixed per neuron (popularity);
     z_i(t) = sqrt(1-f) s_i(t) + sqrt(f) w_i(t)
