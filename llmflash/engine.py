@@ -531,9 +531,14 @@ class Engine:
         return torch.stack(out)
 
     def close(self) -> None:
+        """Close the readers and drop the model, caches and staging buffers now (FFN modules refer back to the
+        engine, so without this their buffers would wait for the garbage collector)."""
         self.reader.close()
         if self.resident_reader is not None:
             self.resident_reader.close()
+        self.model = None
+        self.ffn_modules = []
+        self.provider = None
 
 
 def calibrate_flash_dir(fd: FlashDir) -> dict:
