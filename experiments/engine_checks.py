@@ -1,0 +1,74 @@
+"""Issue 2's acceptance checks on a real model, in one process: naive and the sparse path against profile-io at
+their read sizes (16 threads), the bytes the readers counted against the kernel's count, and the share of memory
+management in a token. Run it on a quiet machine (the disk is shared and noisy: repeat and take medians).
+
+    python experiments/engine_checks.py --model smollm2 --mode oracle          # threshold rule, 80% sparsity
+    python experiments/engine_checks.py --model smollm2-relu --mode predictor  # relu rule, committed predictors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from llmflash.demo import default_setup, flash_dir_for
+from llmflash.engine import Engine, EngineConfig
+from llmflash.profile_io import profile_io
+from llmflash.paths import cache_dir
+from llmflash.report import environment, write_json
+from llmflash.storage import proc_read_bytes
+
+CHUNKS = (4096, 8192, 16384, 32768, 262144)
+
+
+def run(model: str, mode: str, tokens: int, prompt: str) -> dict:
+    setup = default_setup(model)
+    path = flash_dir_for(model)
+    out: dict = {"model": model, "setup": setup, "tokens": tokens, "prompt": prompt}
+    for m in ("naive", mode):
+        e = Engine(path, EngineConfig(mode=m, dram_budget=0.5, sparsity=setup["sparsity"],
+                                      predictors=setup["predictors"] if m == "predictor" else None))
+        ids = e.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        e.generate(ids[:4], 2, stop_at_eos=False)  # warm-up
+        counted0, kernel0 = e._reader_totals()[0], proc_read_bytes()
+        res = e.generate(ids, tokens, stop_at_eos=False)
+        counted, kernel = e._reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+        e.close()
+        out[m] = {**res.summary(), "kernel_read_bytes": kernel, "counted_read_bytes": counted,
+                  "mem_share": statistics.median(t.mem_ms / t.total_ms for t in res.per_token),
+                  "dram_fraction": res.dram_bytes / res.model_bytes}
+    rows = profile_io(cache_dir(), 1 << 30, chunk_sizes=CHUNKS, thread_counts=(16,), repeats=3)
+    out["profile_io"] = rows
+    sizes = np.log2([r["chunk_bytes"] for r in rows])
+    gbps = [r["gbps"] for r in rows]
+    for m in ("naive", mode):  # profile-io's throughput at this mode's mean read size (log-linear interpolation)
+        ref = float(np.interp(np.log2(max(out[m]["mean_read_bytes"], 1)), sizes, gbps))
+        out[m]["profile_io_gbps_at_read_size"] = ref
+        out[m]["read_efficiency"] = out[m]["read_gbps"] / ref if ref else float("nan")
+    out["environment"] = environment()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-relu"))
+    p.add_argument("--mode", default="oracle", choices=("oracle", "predictor"))
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--prompt", default="The history of the printing press begins")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "results" / "engine_checks")
+    args = p.parse_args()
+    out = run(args.model, args.mode, args.tokens, args.prompt)
+    write_json(args.out / f"{args.model}-{args.mode}.json", out)
+    for m in ("naive", args.mode):
+        r = out[m]
+        print(f"{m}: {r['ms_per_token']:.1f} ms/token, reads {r['read_gbps']:.3f} GB/s at {r['mean_read_bytes'] / 1024:.1f} KiB "
+              f"= {r['read_efficiency']:.0%} of profile-io ({r['profile_io_gbps_at_read_size']:.3f}); kernel/counted bytes "
+              f"{r['kernel_read_bytes']}/{r['counted_read_bytes']}; memory management {r['mem_share']:.1%} of a token")
+
+
+if __name__ == "__main__":
+    main()
