@@ -64,8 +64,14 @@ def dense_macs_per_token(model) -> int:
 
 
 def activations(lm, rule, source: str, tokens: int, tag: str, split: str) -> Activations:
+    from predictors.model import ffn_fingerprint, fingerprints_match
+
     path = cache_dir() / "activations" / f"{tag}-{split}-{tokens}"
-    if not (path / "manifest.json").is_file():
+    stale = False
+    if (path / "manifest.json").is_file():  # a re-trained model of the same name: collect again
+        cached = json.loads((path / "manifest.json").read_text()).get("model_fingerprint")
+        stale = cached is not None and not fingerprints_match(cached, ffn_fingerprint(lm.model))
+    if stale or not (path / "manifest.json").is_file():
         log.info("collecting %d tokens of %s into %s", tokens, source, path)
         collect(lm, load_texts(source), source, path, rule, CollectConfig(max_tokens=tokens), overwrite=True)
     act = Activations.open(path)
