@@ -84,18 +84,13 @@ def main() -> None:
             b = round(args.budget - args.retry_step, 3)
             runs[f"ours_budget_{b:g}"] = ours(b, f"ours_budget_{b:g}")
         print(f"[{setup['model']}] mmap loader in the limit ...", flush=True)
-        runs["mmap"] = memlimit.run_limited(
-            memlimit.python_child("mmap", setup["flash_dir"], "--prompt-tokens", str(ptoks), "--tokens",
-                                  str(base_tokens), "--sparsity", setup["sparsity"], "--threshold-sparsity",
-                                  str(setup.get("threshold_sparsity") or 0.8)), limit, "mmap", timeout,
-            cold=[setup["flash_dir"]])
+        mmap_cmd = memlimit.python_child("mmap", setup["flash_dir"], "--prompt-tokens", str(ptoks), "--tokens",
+                                         str(base_tokens), "--sparsity", setup["sparsity"], "--threshold-sparsity",
+                                         str(setup.get("threshold_sparsity") or 0.8))
+        runs["mmap"] = memlimit.run_limited(mmap_cmd, limit, "mmap", timeout, cold=[setup["flash_dir"]])
         if not args.quick:
             print(f"[{setup['model']}] mmap loader without a limit (reference) ...", flush=True)
-            runs["mmap_unlimited"] = memlimit.run_limited(
-                memlimit.python_child("mmap", setup["flash_dir"], "--prompt-tokens", str(ptoks), "--tokens",
-                                      str(base_tokens), "--sparsity", setup["sparsity"], "--threshold-sparsity",
-                                      str(setup.get("threshold_sparsity") or 0.8)), None, "mmap-free", timeout,
-                cold=[setup["flash_dir"]])
+            runs["mmap_unlimited"] = memlimit.run_limited(mmap_cmd, None, "mmap-free", timeout, cold=[setup["flash_dir"]])
         hf = hf_dir_for(setup) if real else None
         if hf is not None:
             print(f"[{setup['model']}] from_pretrained in the limit ...", flush=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
-from llmflash.paths import atomic_file, repo_root
-from llmflash.report import save_figure
+from llmflash.paths import repo_root
+from llmflash.report import save_figure, write_csv
 from llmflash.report import environment, write_json
 from llmflash.sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, rule_for
 from llmflash.text import load_texts
@@ -63,11 +63,7 @@ def main() -> None:
         log.info("threshold %.2f: ppl %.3f (x%.3f), active %.4f", target, res["ppl"], res["ppl"] / dense["ppl"],
                  res["ffn_active_fraction"])
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out / "threshold_curve.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(args.out / "threshold_curve.csv", rows)
     write_json(args.out / "config.json", {
         "model": "smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)",
         "rule": "per-layer threshold on |h| = |silu(gate x) * up x| (CATS-style), calibrated by llmflash.sparsity.rule_for",

@@ -9,7 +9,6 @@ Writes results/zeroshot/{zeroshot.csv, zeroshot.json, zeroshot.png, config.json}
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import numpy as np
 
 from llmflash.ffn import SparsityRule, install_dense_ffns
 from llmflash.models import load_model
-from llmflash.paths import atomic_file, repo_root
-from llmflash.report import save_figure
+from llmflash.paths import repo_root
+from llmflash.report import save_figure, write_csv
 from llmflash.report import environment, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
 from llmflash.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
@@ -65,11 +64,7 @@ def main() -> None:
                           "ffn_active_fraction": counter.overall()}
         log.info("%s: mean acc %.3f, FFN active %.3f", label, summary[label]["mean_acc"], counter.overall())
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out / "zeroshot.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(args.out / "zeroshot.csv", rows)
     write_json(args.out / "zeroshot.json", {"per_task": rows, "summary": summary})
     write_json(args.out / "config.json", {
         "benchmark": f"BIG-bench {BIGBENCH_VERSION} JSON tasks (sdist, read with tarfile, not installed)",

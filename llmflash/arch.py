@@ -46,6 +46,10 @@ class Adapter:
     def ffn_param_names(self, layer: int) -> list[str]:
         raise NotImplementedError
 
+    def ffn_bias_names(self, layer: int) -> list[str]:
+        """State-dict names of the FFN's per-neuron/output biases (stored resident under llmflash's own names)."""
+        return []
+
     def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
         raise NotImplementedError
 
@@ -76,6 +80,9 @@ class LlamaAdapter(Adapter):
     def ffn_param_names(self, layer: int) -> list[str]:
         p = f"{self.layer_prefix(layer)}mlp."
         return [p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"]
+
+    def ffn_bias_names(self, layer: int) -> list[str]:
+        return [f"{self.layer_prefix(layer)}mlp.act_bias"]  # a relufied model's learned shift
 
     def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
         mlp = self.layers(model)[layer].mlp
@@ -112,6 +119,10 @@ class OPTAdapter(Adapter):
         # fc1.bias (one float per neuron) and fc2.bias (d floats) stay resident: they are tiny.
         p = self.layer_prefix(layer)
         return [p + "fc1.weight", p + "fc2.weight"]
+
+    def ffn_bias_names(self, layer: int) -> list[str]:
+        p = self.layer_prefix(layer)
+        return [p + "fc1.bias", p + "fc2.bias"]
 
     def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
         lyr = self.layers(model)[layer]

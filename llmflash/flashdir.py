@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -32,7 +31,7 @@ from . import __version__
 from .arch import Adapter, adapter_for
 from .errors import FlashFileError, LLMFlashError
 from .ffn import FFNWeights
-from .layout import ALIGN_BYTES, FlashLayout, align_up
+from .layout import ALIGN_BYTES, FlashLayout
 from .paths import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,8 @@ def convert(
     layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
     tdt = TORCH_DTYPES[dtype]
 
-    ffn_names = {n for layer in range(spec_ffn.n_layers) for n in adapter.ffn_param_names(layer)}
+    ffn_names = {n for layer in range(spec_ffn.n_layers)
+                 for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
     resident: dict[str, Tensor] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for pname, p in model.state_dict().items():
@@ -96,10 +96,8 @@ def convert(
     for layer, w in enumerate(ffn_weights):
         if w.act_bias is not None:
             resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
-            resident.pop(_bias_param_name(adapter, layer, "act"), None)
         if w.out_bias is not None:
             resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
-            resident.pop(_bias_param_name(adapter, layer, "out"), None)
 
     elem = layout.elem_bytes
     ffn_payload = sum(layout.neuron_payload_bytes * layout.d_ffn for _ in range(layout.n_layers))
@@ -154,13 +152,6 @@ def convert(
         raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
     log.info("converted %s to %s (%d bytes of weights)", spec, out, resident_tensor_bytes + ffn_payload)
     return out
-
-
-def _bias_param_name(adapter: Adapter, layer: int, which: str) -> str:
-    p = adapter.layer_prefix(layer)
-    if adapter.__class__.__name__ == "OPTAdapter":
-        return p + ("fc1.bias" if which == "act" else "fc2.bias")
-    return p + "mlp.act_bias"
 
 
 def _file_crc(path: Path) -> int:

@@ -73,3 +73,14 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     with atomic_file(Path(path)) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys) as CSV, atomically."""
+    import csv
+
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
