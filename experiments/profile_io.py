@@ -33,34 +33,7 @@ def main() -> None:
     common.save(out, "profile", args, data={"label": "measured", "rows": rows, "paper_reference": PAPER},
                 rows=rows, extra_config={"repeats": repeats, "dir": str(cache_dir()), **{k: list(v) for k, v in kw.items()
                                                                                         if k != "reads_per_point"}})
-    plot_profile(rows, out / "profile.png")
-    _annotate(out / "profile.png", rows)
-
-
-def _annotate(png, rows) -> None:
-    """Redraw with the paper's reference points (plot_profile's figure plus markers)."""
-    plt = common.plt()
-    chunks = sorted({r["chunk_bytes"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for t in sorted({r["threads"] for r in rows}):
-        pts = sorted((r["chunk_bytes"], r["gbps"]) for r in rows if r["threads"] == t)
-        ax.plot([c for c, _ in pts], [g for _, g in pts], marker="o", label=f"this VM, {t} parallel read{'s' if t > 1 else ''}")
-    for c, g, lab in PAPER:
-        ax.scatter([c], [g], marker="*", s=120, color="grey", zorder=5)
-        right = c < max(chunks)
-        ax.annotate(lab, (c, g), textcoords="offset points", xytext=(8, -3) if right else (-10, 6), fontsize=7,
-                    ha="left" if right else "right")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(chunks)
-    ax.set_xticklabels([f"{c // 1024}" for c in chunks])
-    ax.minorticks_off()
-    ax.set_xlabel("read size (KiB)")
-    ax.set_ylabel("random-read throughput (GB/s, 1 GB = 1e9 bytes)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Random O_DIRECT reads vs read size and parallelism (median of runs)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    common.savefig(fig, png)
+    plot_profile(rows, out / "profile.png", reference=PAPER)
 
 
 if __name__ == "__main__":

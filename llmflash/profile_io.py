@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import LLMFlashError
 from .paths import atomic_file, cache_dir
-from .report import median, write_json
+from .report import median, save_figure, write_json
 from .storage import ALIGN_BYTES, FlashReader, aligned_buffer, drop_file_cache, proc_read_bytes
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,11 @@ def profile_io(
     return rows
 
 
-def plot_profile(rows: list[dict], png_path) -> None:
-    """GB/s versus chunk size (log2 axis, in KiB), one line per thread count: the paper's Figure 2b."""
+def plot_profile(rows: list[dict], png_path, reference: Sequence[tuple[int, float, str]] = ()) -> None:
+    """GB/s versus chunk size (log2 axis, in KiB), one line per thread count: the paper's Figure 2b.
+
+    ``reference``: (chunk bytes, GB/s, label) points drawn as grey stars (e.g. the paper's SSD).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,6 +169,11 @@ def plot_profile(rows: list[dict], png_path) -> None:
     for t in sorted({r["threads"] for r in rows}):
         pts = sorted((r["chunk_bytes"], r["gbps"]) for r in rows if r["threads"] == t)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{t} thread{'s' if t > 1 else ''}")
+    for c, g, label in reference:
+        ax.scatter([c], [g], marker="*", s=120, color="grey", zorder=5)
+        right = c < max(chunks)
+        ax.annotate(label, (c, g), textcoords="offset points", xytext=(8, -3) if right else (-10, 6), fontsize=7,
+                    ha="left" if right else "right")
     ax.set_xscale("log", base=2)
     ax.set_xticks(chunks)
     ax.set_xticklabels([f"{c // 1024}" for c in chunks])
@@ -176,12 +184,8 @@ def plot_profile(rows: list[dict], png_path) -> None:
     direct = all(r.get("direct", True) for r in rows)
     ax.set_title(f"Random reads vs chunk size ({'O_DIRECT' if direct else 'buffered'}, median of runs)")
     ax.grid(True, alpha=0.3)
-    ax.legend(title="parallel reads")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    with atomic_file(png_path) as tmp:
-        fig.savefig(tmp, format=png_path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
+    ax.legend(title="parallel reads", fontsize=8)
+    save_figure(fig, png_path)
 
 
 def format_table(rows: list[dict]) -> str:
