@@ -2,7 +2,8 @@
 
     python experiments/relufy_report.py
 
-Reads raw/final (the shipped run: curve, frontier, config, log), raw/sweep-* (the first GPU call), cpu_eval.json
+Reads raw/final (the shipped run: curve, frontier, config, log), raw/sweep-* (the first GPU call), raw/layer and
+raw/layer-r56 (per-layer steering, plan layer2 of experiments/relufy_gpu.py, not shipped), cpu_eval.json
 (experiments/relufy_cpu_eval.py) and results/threshold_curve/threshold_curve.csv if present. Writes curve.csv,
 curve.png (loss, sparsity and held-out perplexity vs step), frontier.csv + frontier.png (sparsity vs perplexity ratio,
 every point labelled with where it was measured) and config.json (recipe, data, hardware, device time, commands).
@@ -23,7 +24,10 @@ RESULTS = repo_root() / "results" / "relufy"
 RAW = RESULTS / "raw"
 THRESHOLD = repo_root() / "results" / "threshold_curve" / "threshold_curve.csv"
 # Device time this work spent (from the device tool's lease reports): stage 0.6 min + sweep 9.1 + stage 0.9 + final 8.2.
-DEVICE_MINUTES = {"staging call 1": 0.6, "sweep (4 runs x 100 s)": 9.1, "staging call 2": 0.9, "final run": 8.2}
+DEVICE_MINUTES = {"staging call 1": 0.6, "sweep (4 runs x 100 s)": 9.1, "staging call 2": 0.9, "final run": 8.2,
+                  "per-layer runs (plan layer2, 2 runs side by side, staging excluded)": 8.6}
+# Plan layer2 of experiments/relufy_gpu.py (run with '{"time_budget_s": 450}'): --steer layer, both runs on one H100.
+PER_LAYER_RUNS = {"layer": "rank 40, ramp 0.55", "layer-r56": "rank 56, ramp 0.75"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -54,6 +58,20 @@ def frontier_rows() -> list[dict]:
             rows.append({"kind": "sweep", "run": sweep.name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                          "eval_tokens": int(r["eval_tokens"]), "active_fraction": num(r["eval_active_fraction"]),
                          "ppl": num(r["eval_ppl"]), "reference_ppl": num(r["teacher_ppl"]), "ppl_ratio": num(r["ppl_ratio"])})
+    for name in PER_LAYER_RUNS:  # the second GPU call (plan layer2): --steer layer, not shipped
+        if not (RAW / name).is_dir():
+            continue
+        cfg = json.loads((RAW / name / "relufy_config.json").read_text())
+        for r in read_csv(RAW / name / "curve.csv"):
+            if r.get("eval_ppl"):
+                rows.append({"kind": "layer_ramp", "run": name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
+                             "eval_tokens": 8176, "active_fraction": num(r["eval_active_fraction"]), "ppl": num(r["eval_ppl"]),
+                             "reference_ppl": cfg["results"]["teacher_ppl"], "ppl_ratio": num(r["eval_ppl_ratio"])})
+        for r in read_csv(RAW / name / "frontier.csv"):
+            rows.append({"kind": "layer_" + r["kind"], "run": name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
+                         "eval_tokens": int(r["eval_tokens"]), "active_fraction": num(r["eval_active_fraction"]),
+                         "ppl": num(r["eval_ppl"]), "reference_ppl": num(r["teacher_ppl"]), "ppl_ratio": num(r["ppl_ratio"]),
+                         "extra_shift_sigma": num(r["extra_shift_sigma"])})
     cpu = RESULTS / "cpu_eval.json"
     if cpu.is_file():
         data = json.loads(cpu.read_text())
@@ -114,7 +132,7 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    fig, ax = plt.subplots(figsize=(9, 7))
     styles = {"ramp": ("o", "final run, held-out evals along the ramp"), "trained": ("s", "final run, end (65k tokens)"),
               "posthoc_shift": ("^", "final run + extra uniform shift (no training)"), "sweep": ("x", "first GPU call (L1 controller)"),
               "cpu": ("*", "shipped smollm2-relu, CPU")}
@@ -123,6 +141,15 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         if sel:
             ax.plot([r["sparsity"] for r in sel], [r["ppl_ratio"] for r in sel], marker, ls="", label=label,
                     ms=12 if kind == "cpu" else 5)
+    for name, (marker, color) in zip(PER_LAYER_RUNS, (("P", "tab:brown"), ("X", "tab:pink"))):
+        ramp = [r for r in rows if r["run"] == name and r["kind"] == "layer_ramp"]
+        end = [r for r in rows if r["run"] == name and r["kind"] == "layer_trained"]
+        if ramp:
+            ax.plot([r["sparsity"] for r in ramp], [r["ppl_ratio"] for r in ramp], marker, ls="", color=color, ms=4, alpha=0.5,
+                    label=f"per-layer steering (not shipped), {PER_LAYER_RUNS[name]}: evals along the ramp")
+        if end:
+            ax.plot([r["sparsity"] for r in end], [r["ppl_ratio"] for r in end], marker, ls="", color=color, ms=10,
+                    markeredgecolor="black", label=f"per-layer steering (not shipped), {PER_LAYER_RUNS[name]}: end (65k tokens)")
     if THRESHOLD.is_file():
         th = [r for r in read_csv(THRESHOLD) if r["rule"] == "threshold"]
         ax.plot([1 - num(r["active_fraction"]) for r in th], [num(r["ppl_ratio"]) for r in th], "d-", color="grey",
@@ -135,7 +162,7 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("FFN sparsity on wiki:eval (1 - active fraction)")
     ax.set_ylabel("perplexity / original SmolLM2's")
     ax.set_title("SmolLM2-135M relufication frontier (held-out wiki:eval)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
@@ -171,7 +198,10 @@ def main() -> None:
                                   "--batch-tokens 16384 --micro-batch-tokens 16384 --lr 1e-3 --bias-lr 2e-3 --time-budget-s 465 "
                                   "--steps 100000 --eval-every 50 --final-eval-tokens 65536 --posthoc 0.92,0.94,0.96 "
                                   "--keep-sparsities 0.85 --device cuda",
+            "per-layer runs (GPU, not shipped)": "python3 experiments/relufy_gpu.py run layer2 '{\"time_budget_s\": 450}'   "
+                                                 "(outputs in raw/layer, raw/layer-r56)",
             "CPU measurement": "python experiments/relufy_cpu_eval.py",
+            "diagnostics (CPU)": "OMP_NUM_THREADS=2 python3 experiments/relufy_diagnostics.py",
             "this report": "python experiments/relufy_report.py",
         },
     })
