@@ -14,10 +14,10 @@ model whose decoder layers hold ``mlp.gate_proj / up_proj / down_proj`` (Llama, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import LLMFlashError
 from .ffn import DenseFFN, FFNWeights
@@ -59,6 +59,11 @@ class Adapter:
     def layer_prefix(self, layer: int) -> str:
         raise NotImplementedError
 
+    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(weight, bias) of the norm whose output enters the FFN (x = normalized(h) * weight + bias); (None, None)
+        when unknown. The engine's lookahead rescales one layer's FFN input into a guess of the next one's."""
+        return None, None
+
 
 class LlamaAdapter(Adapter):
     """Gated FFN in ``layer.mlp`` (SwiGLU/GeGLU): bundle = gate row + up row + down column."""
@@ -99,6 +104,16 @@ class LlamaAdapter(Adapter):
 
     def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
         self.layers(model)[layer].mlp = module
+
+    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        lyr = self.layers(model)[layer]
+        norm = getattr(lyr, "pre_feedforward_layernorm", None) or getattr(lyr, "post_attention_layernorm", None)
+        if norm is None or getattr(norm, "weight", None) is None:
+            return None, None
+        w = norm.weight.detach()
+        if model.config.model_type.startswith("gemma"):  # Gemma's RMSNorm scales by (1 + weight)
+            w = 1.0 + w
+        return w, None
 
 
 class OPTAdapter(Adapter):
@@ -142,6 +157,12 @@ class OPTAdapter(Adapter):
         lyr.fc1 = module
         lyr.activation_fn = nn.Identity()
         lyr.fc2 = nn.Identity()
+
+    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        norm = self.layers(model)[layer].final_layer_norm
+        if not getattr(model.config, "do_layer_norm_before", True):  # post-norm OPT (350m): the FFN sees the raw stream
+            return None, None
+        return norm.weight.detach(), None if norm.bias is None else norm.bias.detach()
 
 
 _ADAPTERS: list[Adapter] = [LlamaAdapter(), OPTAdapter()]

@@ -73,16 +73,22 @@ class NeuronCache:
     def cached_ids(self) -> np.ndarray:
         return self.ids[: self.count]
 
-    def update(self, need: np.ndarray, step: int) -> CacheUpdate:
-        """Slide the window to ``step`` with ``need`` (sorted unique ids) active now; plan the reads."""
+    def update(self, need: np.ndarray, step: int, evict: bool = True) -> CacheUpdate:
+        """Slide the window to ``step`` with ``need`` (sorted unique ids) active now; plan the reads.
+
+        ``evict=False``: a second call for the same step while rows are being read in: nothing is deleted or moved,
+        new rows only go after the existing ones, and what does not fit overflows.
+        """
         self.last[need] = step
-        live = self.ids[: self.count]
-        expired = np.flatnonzero(self.last[live] <= step - self.window)  # rows whose neuron left the window
-        deleted = expired.size
-        moved = self._delete(expired)
+        deleted = moved = 0
+        if evict:
+            live = self.ids[: self.count]
+            expired = np.flatnonzero(self.last[live] <= step - self.window)  # rows whose neuron left the window
+            deleted = expired.size
+            moved = self._delete(expired)
         missing = need[self.slot[need] < 0]
         free = self.capacity - self.count
-        if missing.size > free:  # over capacity: drop cached neurons not needed now, least recently needed first
+        if evict and missing.size > free:  # over capacity: drop cached neurons not needed now, least recently needed first
             live = self.ids[: self.count]
             candidates = np.flatnonzero(self.last[live] < step)
             k = min(missing.size - free, candidates.size)

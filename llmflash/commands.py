@@ -67,6 +67,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", metavar="PATH")
     p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
     p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
+    p.add_argument("--lookahead", action="store_true",
+                   help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -77,6 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         mode=args.mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
+        lookahead=args.lookahead,
     )
 
 

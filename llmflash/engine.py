@@ -11,6 +11,14 @@ Per generated token the engine records I/O, memory-management and compute millis
 reached the flash files. A token's latency is its wall time; ``io_ms`` is the time spent waiting for reads (a
 sparse layer computes its already-cached rows, and a streamed layer its current chunk, while the next reads are in
 flight), ``mem_ms`` the cache bookkeeping, and ``compute_ms`` the rest.
+
+Lookahead (``EngineConfig.lookahead``, sparse modes, off by default): a layer with few new neurons per token issues few reads, and a
+wave of a few dozen reads is latency-bound (the disk needs many in flight). So while layer l runs, the engine also
+guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual stream changes
+little from one layer to the next; Deja Vu's observation) and starts reading the guessed neurons that are new to l+1's
+window. At layer l+1 the real set is predicted as usual and only what the guess missed is read then. The guess only
+moves reads earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros for a ReLU
+rule when a guessed neuron is inactive).
 """
 
 from __future__ import annotations
@@ -48,10 +56,16 @@ class EngineConfig:
     sparsity: str = "relu"  # relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
     predictors: Optional[str] = None  # predictor directory (predictor mode)
-    staging_rows: int = 1024  # rows of the staging buffer (streamed layers, overflow, prefill); two halves in flight
+    # rows of the staging buffer (two halves in flight): whole layers in naive/hybrid (1024: reads big enough to keep
+    # the disk busy), only overflow and prefill in the sparse modes (384: the rest of the budget goes to the cache)
+    staging_rows: Optional[int] = None
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
     compute_threads: int = 1  # torch threads; decode matmuls are tiny and the I/O threads need the other core
+    # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
+    # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
+    # (results/lookahead/lookahead.json)
+    lookahead: bool = False
 
 
 @dataclass
@@ -100,6 +114,9 @@ class ActiveSetProvider(Protocol):
     def active(self, layer: int, x: Tensor) -> Tensor:  # x [T, d] -> bool [T, n]
         ...
 
+    # Optional: ``guess(layer, x)`` -> bool [T, n], the set of ``layer`` guessed from an approximation of its input
+    # (lookahead); a provider without it gets no lookahead.
+
 
 class OracleProvider:
     """The true active set, from the real FFN activation (weights held outside the budget, time not counted)."""
@@ -120,6 +137,8 @@ class OracleProvider:
         a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
         return neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer]) != 0
 
+    guess = active
+
 
 class PredictorProvider:
     """Trained low-rank predictors choose the active set (the paper's method)."""
@@ -136,6 +155,11 @@ class PredictorProvider:
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.p.predict(layer, x)
+
+    def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
+        return self.p.active_ids(layer, x)
+
+    guess = active
 
 
 # ------------------------------------------------------------------------------------------------------ FFN modules
@@ -219,13 +243,23 @@ class SparseFFN(_FlashFFNBase):
     def __init__(self, engine: "Engine", layer: int, capacity: int) -> None:
         super().__init__(engine, layer)
         self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype)
+        self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
+        self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
+        self._prefetch: Optional[tuple[list, int, int]] = None  # (tickets, first row, rows) read ahead for this layer
 
-    def _need(self, x: Tensor) -> np.ndarray:
-        """Union of the provider's active sets over the rows of x: sorted neuron ids."""
+    def _ids(self, mask: Tensor) -> np.ndarray:
+        return mask.any(dim=0).nonzero().flatten().numpy()
+
+    def _need(self, x: Tensor, guess: bool = False) -> np.ndarray:
+        """Union of the provider's active sets (or guessed sets) over the rows of x: sorted neuron ids."""
         e = self.e
         t0 = _now_ms()
-        mask = e.provider.active(self.layer, x)  # [T, n]
-        ids = mask.any(dim=0).nonzero().flatten().numpy()
+        if guess:
+            ids = self._ids(e.provider.guess(self.layer, x))
+        elif hasattr(e.provider, "active_ids"):  # the provider's own fast path
+            ids = e.provider.active_ids(self.layer, x)
+        else:
+            ids = self._ids(e.provider.active(self.layer, x))  # x [T, d] -> bool [T, n]
         dt = _now_ms() - t0
         if e.provider.counted:
             e.meter.predictor_ms += dt
@@ -233,29 +267,70 @@ class SparseFFN(_FlashFFNBase):
             e.meter.excluded_ms += dt
         return ids
 
+    def prefetch(self, x_guess: Tensor) -> None:
+        """Lookahead: enter the guessed set into the window now and start reading its new rows."""
+        e = self.e
+        guess = self._need(x_guess, guess=True)
+        t0 = _now_ms()
+        upd = self.cache.update(guess, e.meter.step)  # slides the window; guessed overflow is dropped
+        e.meter.mem_ms += _now_ms() - t0
+        e.meter.loaded_neurons += upd.load_ids.size
+        self._prefetch = (self._submit(self.cache.store, upd.load_ids, upd.dest_row), upd.dest_row, upd.load_ids.size)
+
+    def drain(self) -> None:
+        """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
+        if self._prefetch is not None:
+            for t in self._prefetch[0]:
+                self.e.reader.wait(t)
+            self._prefetch = None
+
     def forward(self, x: Tensor) -> Tensor:
         e = self.e
         x2 = x.reshape(-1, x.shape[-1])  # [T, d]
         if x2.shape[0] > 1:  # prefill: exact dense output by streaming, then warm the window with the last tokens
+            self.drain()
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
             upd = self.cache.update(need, e.meter.step)
             self._read(self.cache.store, upd.load_ids, upd.dest_row)
             return self._finish(y, x.shape)
         need = self._need(x2)
+        pre, self._prefetch = self._prefetch, None
         t0 = _now_ms()
-        upd = self.cache.update(need, e.meter.step)
+        if pre is not None:
+            late = int((self.cache.slot[need] < 0).sum())  # what the guess missed
+            if late > self.cache.capacity - self.cache.count:  # rows must move to make room: let the early reads land
+                # (issued a layer ago, they have mostly arrived by now)
+                e.meter.mem_ms += _now_ms() - t0
+                self._wait(pre[0])
+                pre = None
+                t0 = _now_ms()
+        # after a lookahead the window has already slid for this step: nothing may move while its reads are in flight
+        upd = self.cache.update(need, e.meter.step, evict=pre is None)
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
         pending = self._submit(self.cache.store, upd.load_ids, upd.dest_row)
-        old = upd.dest_row
-        y, _ = self._rows_output(self.cache.store, old, self.cache.ids[:old], x2)
+        overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
+        overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
+        if self.next is not None:  # start the next layer's reads before computing this one
+            scale, shift = self.guess_map
+            self.next.prefetch(x2 * scale + shift)
+        ready = pre[1] if pre is not None else upd.dest_row
+        ids = self.cache.ids
+        y, _ = self._rows_output(self.cache.store, ready, ids[:ready], x2)
+        if pre is not None:
+            self._wait(pre[0])
+            if pre[2]:
+                y = y + self._rows_output(self.cache.store, pre[2], ids[pre[1] : pre[1] + pre[2]], x2, start=pre[1])[0]
         self._wait(pending)
         if upd.load_ids.size:
-            y = y + self._rows_output(self.cache.store, upd.load_ids.size, upd.load_ids, x2, start=old)[0]
-        if upd.overflow_ids.size:
-            y = y + self._stream(x2, upd.overflow_ids)
+            y = y + self._rows_output(self.cache.store, upd.load_ids.size, upd.load_ids, x2, start=upd.dest_row)[0]
+        if overflow_pending is not None:
+            self._wait(overflow_pending)
+            y = y + self._rows_output(e.staging, overflow.size, overflow, x2)[0]
+        elif overflow.size:
+            y = y + self._stream(x2, overflow)
         return self._finish(y, x.shape)
 
 
@@ -336,7 +411,8 @@ class Engine:
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
         resident_bytes = fd.resident_path.stat().st_size
-        self.staging = RowStore(layout, min(config.staging_rows, layout.d_ffn), fd.dtype)
+        staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
+        self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
         budget_bytes = int(config.dram_budget * fd.model_bytes)
@@ -354,6 +430,8 @@ class Engine:
             self.cache_rows = split_rows(total_rows, list(demand), layout.d_ffn, config.min_cache_rows)
             modules = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
+            if config.lookahead and hasattr(self.provider, "guess"):
+                self._link_lookahead(modules)
         elif mode == "dense":
             modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
             del self.dram["staging"]
@@ -386,6 +464,21 @@ class Engine:
                 f"{minimum / mb:.3f} ({minimum / 2**20:.1f} MiB of the model's {mb / 2**20:.1f} MiB) for mode "
                 f"{self.cfg.mode} ({parts}, plus {self.cfg.min_cache_rows} cached rows per layer in sparse modes)"
             )
+
+    def _link_lookahead(self, modules: list["SparseFFN"]) -> None:
+        """Chain each sparse layer to the next, with the map from its FFN input to a guess of the next one's."""
+        norms = [self.adapter.ffn_input_norm(self.model, layer) for layer in range(len(modules))]
+        d = self.fd.layout.d_model
+        dtype = self.fd.dtype
+        for layer, (m, nxt) in enumerate(zip(modules[:-1], modules[1:])):
+            (w0, b0), (w1, b1) = norms[layer], norms[layer + 1]
+            if w0 is None or w1 is None:  # unknown norm: the input itself is the guess
+                scale, shift = torch.ones(d), torch.zeros(d)
+            else:  # x = n(h) * w + b  =>  n(h) = (x - b0) / w0  =>  guess = n(h) * w1 + b1
+                w0 = w0.float().where(w0.float().abs() > 1e-6, torch.full_like(w0.float(), 1e-6))
+                scale = w1.float() / w0
+                shift = (torch.zeros(d) if b1 is None else b1.float()) - (torch.zeros(d) if b0 is None else b0.float()) * scale
+            m.next, m.guess_map = nxt, (scale.to(dtype), shift.to(dtype))
 
     def _thresholds(self) -> list[Optional[float]]:
         n = self.fd.layout.n_layers
@@ -429,7 +522,7 @@ class Engine:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
         from predictors.model import PredictorSet
 
-        p = PredictorSet.load(self.cfg.predictors)
+        p = PredictorSet.load(self.cfg.predictors, dtype=torch.float16)  # as stored: half the DRAM of fp32, same sets
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
         return PredictorProvider(p)
@@ -464,6 +557,7 @@ class Engine:
     def reset(self) -> None:
         for m in self.ffn_modules:
             if isinstance(m, SparseFFN):
+                m.drain()
                 m.cache.clear()
         self.meter = Meter()
 

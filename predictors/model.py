@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,11 +102,15 @@ class PredictorSet:
     # -- runtime ----------------------------------------------------------------------------------------------------
     def predict(self, layer: int, x: Tensor) -> Tensor:
         """x [..., d_model] -> bool [..., d_ffn]: the neurons predicted active."""
+        p = self._layers[layer]  # computed in the predictors' own dtype (the engine keeps them in fp16, as stored)
+        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias) >= p.threshold_logit  # [..., r] -> [..., n]
+
+    def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
+        """Sorted ids of the neurons predicted active for any row of x [T, d_model]: the engine's per-token call
+        (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
         p = self._layers[layer]
-        if x.dtype != self.dtype:
-            self.to(x.dtype)
-            p = self._layers[layer]
-        return F.linear(F.linear(x, p.down), p.up, p.bias) >= p.threshold_logit  # [..., r] -> [..., n] -> bool
+        z = F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias).float().numpy()  # [T, n]
+        return np.flatnonzero(z[0] >= p.threshold_logit if z.shape[0] == 1 else (z >= p.threshold_logit).any(axis=0))
 
     def scores(self, layer: int, x: Tensor) -> Tensor:
         """The logits z [..., d_ffn] (before the layer's threshold)."""

@@ -121,6 +121,19 @@ def test_cache_over_capacity_evicts_least_recent_and_overflows():
     assert set(cache.cached_ids().tolist()) <= set(range(10, 20))
 
 
+def test_cache_second_update_of_a_step_moves_nothing():
+    """After a lookahead's update (its rows still being read), the real update may only append or overflow."""
+    lay = FlashLayout.build(1, 16, 64, True, "float32", True)
+    cache = NeuronCache(lay, 12, window=2, dtype=torch.float32)
+    cache.update(np.arange(0, 8), 0)
+    guess = cache.update(np.array([1, 2, 20, 21]), 1)  # slides the window (nothing expires yet), loads 20, 21
+    before = cache.ids[: cache.count].copy()
+    upd = cache.update(np.array([2, 3, 30, 31, 32, 33]), 1, evict=False)
+    assert np.array_equal(cache.ids[: before.size], before)  # no row moved
+    assert upd.dest_row == guess.dest_row + 2 and upd.deleted == 0 and upd.moved == 0
+    assert upd.load_ids.tolist() == [30, 31] and upd.overflow_ids.tolist() == [32, 33]  # full: the rest overflows
+
+
 # ------------------------------------------------------------------------------------------------ sparse equals dense
 
 
@@ -148,6 +161,17 @@ def test_threshold_sparsity_oracle_equals_thresholded_dense(flash_dirs):
     ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(4))
     d, o = _ppl(flash_dirs["silu"], "dense", ids, **kw), _ppl(flash_dirs["silu"], "oracle", ids, **kw)
     assert abs(o - d) / d < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_lookahead_moves_reads_not_results(flash_dirs, name):
+    """Reading the next layer's guessed neurons early changes when bytes arrive, never the output (oracle, ReLU)."""
+    on = _gen(flash_dirs[name], "oracle", n=10, window=2, lookahead=True)
+    off = _gen(flash_dirs[name], "oracle", n=10, window=2)
+    assert on.tokens == off.tokens == _gen(flash_dirs[name], "dense", n=10).tokens
+    assert sum(t.loaded_neurons for t in on.per_token) >= sum(t.loaded_neurons for t in off.per_token)
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(6))
+    assert abs(_ppl(flash_dirs[name], "oracle", ids, window=2, lookahead=True) / _ppl(flash_dirs[name], "dense", ids) - 1) < 1e-5
 
 
 def test_tight_budget_with_overflow_still_exact(flash_dirs):

@@ -142,6 +142,16 @@ def test_predict_shapes_and_dtype(trained):
     half = PredictorSet.load(root / "pred", dtype=torch.bfloat16)
     assert half.nbytes == pset.nbytes // 2
     assert half.predict(0, torch.randn(3, d, dtype=torch.bfloat16)).dtype == torch.bool
+    assert half.predict(0, torch.randn(3, d)).dtype == torch.bool  # computed in the predictors' dtype
+
+
+def test_active_ids_is_the_union_of_predict(trained):
+    _, act, pset, _ = trained
+    for rows in (1, 6):
+        x = torch.randn(rows, act.d_model)
+        for layer in range(pset.n_layers):
+            expect = pset.predict(layer, x).any(dim=0).nonzero().flatten().numpy()
+            assert pset.active_ids(layer, x).tolist() == expect.tolist()
 
 
 def test_incompatible_or_corrupt_predictors_rejected(trained, tmp_path):
