@@ -28,7 +28,7 @@ def free_bytes() -> int:
 def main() -> None:
     p = common.parser("latency", __doc__)
     p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--compute-threads", type=int, default=None, help="torch threads (default: the engine's, 1)")
+    p.add_argument("--compute-threads", type=int, default=None, help="torch threads (default: the engine's auto: 1 for SmolLM2, all cores for the scale model)")
     args = p.parse_args()
     table = common.load_bandwidth(16)
     setups = []

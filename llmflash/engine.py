@@ -24,6 +24,7 @@ rule when a guessed neuron is inactive).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .storage import FlashReader
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
+AUTO_THREADS_D_MODEL = 2048
 SPARSE_MODES = ("oracle", "predictor")
 
 
@@ -61,7 +63,9 @@ class EngineConfig:
     staging_rows: Optional[int] = None
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
-    compute_threads: int = 1  # torch threads; decode matmuls are tiny and the I/O threads need the other core
+    # torch threads; 0 = auto: 1 for small models (their decode matvecs are too small to split, and the I/O threads
+    # need a core), every core from d_model >= AUTO_THREADS_D_MODEL (GBs of matvecs per token: results/latency)
+    compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
     # (results/lookahead/lookahead.json)
@@ -396,9 +400,10 @@ class Engine:
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
-        if config.compute_threads > 0:
-            torch.set_num_threads(config.compute_threads)
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
+        self.compute_threads = config.compute_threads or (
+            1 if fd.layout.d_model < AUTO_THREADS_D_MODEL else max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(self.compute_threads)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
         self.meter = Meter()
@@ -603,7 +608,7 @@ class Engine:
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
-            config=asdict(self.cfg),
+            config=asdict(self.cfg) | {"compute_threads": self.compute_threads},
         )
 
     @torch.inference_mode()
