@@ -82,9 +82,11 @@ def plot(summary: dict, path: Path) -> None:
         bottom += v
     rest = np.array([summary[k]["compute_ms"] - summary[k]["predictor_ms"] for k in ("off", "on")])
     ax.bar(labels, rest, bottom=bottom, label="other compute")
-    for i, k in enumerate(("off", "on")):
-        ax.text(i, summary[k]["total_ms"] * 1.01, f"{summary[k]['total_ms']:.0f} ms", ha="center", va="bottom")
+    for i, k in enumerate(("off", "on")):  # the parts' medians need not add up to the total's median
+        ax.text(i, max(summary[k]["total_ms"], bottom[i] + rest[i]) * 1.01, f"total {summary[k]['total_ms']:.0f} ms",
+                ha="center", va="bottom")
     ax.set_ylabel("ms per token (median of run medians)")
+    ax.margins(y=0.12)
     ax.set_title("smollm2-relu, predictor mode, half the model in DRAM")
     ax.legend(fontsize=8, loc="lower right")
     common.savefig(fig, path)
@@ -94,8 +96,14 @@ def main() -> None:
     ap = common.parser("lookahead", __doc__.splitlines()[0], models=False)
     ap.add_argument("--repeats", type=int, default=None, help="runs per setting (default 5, --quick 3)")
     ap.add_argument("--tokens", type=int, default=24, help="measured tokens per run (after 4 warm-up tokens)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's lookahead.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.plot_only:
+        import json
+
+        plot(json.loads((args.out / "lookahead.json").read_text())["summary"], args.out / "lookahead.png")
+        return
     repeats = args.repeats or (3 if args.quick else 5)
     setup = common.real_setup("smollm2-relu")
     if not setup.get("predictors"):
