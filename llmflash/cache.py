@@ -88,7 +88,7 @@ class NeuronCache:
             moved = self._delete(expired)
         missing = need[self.slot[need] < 0]
         free = self.capacity - self.count
-        if evict and missing.size > free:  # over capacity: drop cached neurons not needed now, least recently needed first
+        if evict and missing.size > free:  # over capacity: drop cached neurons not needed now, least recent first
             live = self.ids[: self.count]
             candidates = np.flatnonzero(self.last[live] < step)
             k = min(missing.size - free, candidates.size)

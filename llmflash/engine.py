@@ -12,13 +12,13 @@ reached the flash files. A token's latency is its wall time; ``io_ms`` is the ti
 sparse layer computes its already-cached rows, and a streamed layer its current chunk, while the next reads are in
 flight), ``mem_ms`` the cache bookkeeping, and ``compute_ms`` the rest.
 
-Lookahead (``EngineConfig.lookahead``, sparse modes, off by default): a layer with few new neurons per token issues few reads, and a
-wave of a few dozen reads is latency-bound (the disk needs many in flight). So while layer l runs, the engine also
-guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual stream changes
-little from one layer to the next; Deja Vu's observation) and starts reading the guessed neurons that are new to l+1's
-window. At layer l+1 the real set is predicted as usual and only what the guess missed is read then. The guess only
-moves reads earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros for a ReLU
-rule when a guessed neuron is inactive).
+Lookahead (``EngineConfig.lookahead``, sparse modes, off by default): a layer with few new neurons per token issues
+few reads, and a wave of a few dozen reads is latency-bound (the disk needs many in flight). So while layer l runs,
+the engine also guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual
+stream changes little from one layer to the next; Deja Vu's observation) and starts reading the guessed neurons that
+are new to l+1's window. At layer l+1 the real set is predicted as usual and only what the guess missed is read then.
+The guess only moves reads earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros
+for a ReLU rule when a guessed neuron is inactive).
 """
 
 from __future__ import annotations
@@ -401,8 +401,8 @@ class Engine:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
-        self.compute_threads = config.compute_threads or (
-            1 if fd.layout.d_model < AUTO_THREADS_D_MODEL else max(1, len(os.sched_getaffinity(0))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.compute_threads = config.compute_threads or (1 if fd.layout.d_model < AUTO_THREADS_D_MODEL else cores)
         torch.set_num_threads(self.compute_threads)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
@@ -482,7 +482,8 @@ class Engine:
             else:  # x = n(h) * w + b  =>  n(h) = (x - b0) / w0  =>  guess = n(h) * w1 + b1
                 w0 = w0.float().where(w0.float().abs() > 1e-6, torch.full_like(w0.float(), 1e-6))
                 scale = w1.float() / w0
-                shift = (torch.zeros(d) if b1 is None else b1.float()) - (torch.zeros(d) if b0 is None else b0.float()) * scale
+                b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
+                shift = b1f - b0f * scale
             m.next, m.guess_map = nxt, (scale.to(dtype), shift.to(dtype))
 
     def _thresholds(self) -> list[Optional[float]]:
