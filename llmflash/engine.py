@@ -70,6 +70,11 @@ class EngineConfig:
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
     # (results/lookahead/lookahead.json)
     lookahead: bool = False
+    # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
+    # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
+    # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
+    # d_model >= AUTO_THREADS_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
+    row_bucket: int = -1
 
 
 @dataclass
@@ -205,12 +210,18 @@ class _FlashFFNBase(nn.Module):
 
     def _rows_output(self, store: RowStore, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
+        bucket = self.e.row_bucket
+        m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
         bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids)]
+        if bias is not None and m > n:
+            bias = torch.cat([bias, bias.new_zeros(m - n)])
         gated = self.e.fd.gated
-        a = store.part("gate" if gated else "up", n, start)
-        u = store.part("up", n, start) if gated else None
-        h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, n]
-        return h @ store.part("down", n, start), h
+        a = store.part("gate" if gated else "up", m, start)
+        u = store.part("up", m, start) if gated else None
+        h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, m]
+        if m > n:
+            h[..., n:] = 0  # padding rows (stale or zero rows of the store) contribute nothing
+        return h @ store.part("down", m, start), h[..., :n]
 
     def _stream(self, x: Tensor, ids: np.ndarray) -> Tensor:
         """Sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer, double-buffered:
@@ -404,6 +415,8 @@ class Engine:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.compute_threads = config.compute_threads or (1 if fd.layout.d_model < AUTO_THREADS_D_MODEL else cores)
         torch.set_num_threads(self.compute_threads)
+        large = fd.layout.d_model >= AUTO_THREADS_D_MODEL
+        self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
         self.meter = Meter()
@@ -609,7 +622,7 @@ class Engine:
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
-            config=asdict(self.cfg) | {"compute_threads": self.compute_threads},
+            config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "row_bucket": self.row_bucket},
         )
 
     @torch.inference_mode()

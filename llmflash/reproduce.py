@@ -36,6 +36,7 @@ EXPERIMENTS = (  # name, what it reproduces, takes --model/--models
     ("coactivation", "Appendix D: closest friends, friend bundling, co-activation ordering", True),
     ("memory_limit", "ours vs mmap/from_pretrained loaders inside a memory cgroup", True),
     ("cgroup_budget", "issue 2: `llmflash generate --dram-budget 0.5` in a half-model cgroup", True),
+    ("memory_growth", "engine: the scale model's memory per token, with and without row bucketing", False),
 )
 NAMES = tuple(e[0] for e in EXPERIMENTS)
 

@@ -174,6 +174,16 @@ def test_lookahead_moves_reads_not_results(flash_dirs, name):
     assert abs(_ppl(flash_dirs[name], "oracle", ids, window=2, lookahead=True) / _ppl(flash_dirs[name], "dense", ids) - 1) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_row_bucket_pads_shapes_not_results(flash_dirs, name):
+    """Computing cached rows in padded regions (fewer matmul shapes) leaves the output unchanged."""
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(7))
+    plain = _ppl(flash_dirs[name], "oracle", ids, window=2)
+    padded = _ppl(flash_dirs[name], "oracle", ids, window=2, row_bucket=64)
+    assert abs(padded / plain - 1) < 1e-5
+    assert _gen(flash_dirs[name], "oracle", n=8, row_bucket=64).tokens == _gen(flash_dirs[name], "dense", n=8).tokens
+
+
 def test_tight_budget_with_overflow_still_exact(flash_dirs):
     """A cache too small for the active set computes the overflow from the staging buffer: still exact."""
     fd = open_flash_dir(flash_dirs["llama"])
