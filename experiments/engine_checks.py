@@ -9,7 +9,6 @@ management in a token. Run it on a quiet machine (the disk is shared and noisy: 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 

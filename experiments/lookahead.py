@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import common
-from llmflash.engine import Engine, EngineConfig
+from llmflash.engine import EngineConfig, lookahead_map
 from llmflash.paths import cache_dir
 
 log = logging.getLogger("lookahead")
@@ -34,22 +34,21 @@ PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes
 
 def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[dict]:
     """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
+    from llmflash.arch import adapter_for
     from llmflash.models import load_model
     from predictors.model import PredictorSet
 
     ps = PredictorSet.load(setup["predictors"])
     model, _, _ = load_model(setup["model"])
-    from llmflash.arch import adapter_for
-
     adapter = adapter_for(model.config)
-    norms = [adapter.ffn_input_norm(model, layer)[0].float() for layer in range(ps.n_layers)]
     rows = []
     x_prev = None
     for layer in range(ps.n_layers):
         x = torch.from_numpy(np.load(act_dir / f"x_{layer:02d}.npy", mmap_mode="r")[:max_tokens].astype(np.float32))
         if x_prev is not None:
+            scale, shift = lookahead_map(adapter, model, layer - 1)  # what the engine does
             exact = ps.predict(layer, x)
-            guess = ps.predict(layer, x_prev * (norms[layer] / norms[layer - 1]))
+            guess = ps.predict(layer, x_prev * scale + shift)
             rows.append({"layer": layer, "covered": float((exact & guess).sum() / exact.sum().clamp_min(1)),
                          "guess_over_predicted": float(guess.sum() / exact.sum().clamp_min(1))})
         x_prev = x
@@ -58,15 +57,10 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
 
 def measure(setup: dict, lookahead: bool, tokens: int, warmup: int) -> dict:
     cfg = EngineConfig(mode="predictor", dram_budget=0.5, predictors=setup["predictors"], lookahead=lookahead)
-    e = Engine(setup["flash_dir"], cfg)
-    try:
-        res = e.generate(common.prompt_ids(e.tokenizer), tokens + warmup, stop_at_eos=False)
-    finally:
-        e.close()
-    pt = res.per_token[warmup:]
-    row = {k: statistics.median(getattr(t, k) for t in pt) for k in ("total_ms", *PARTS)}
-    row["reads_per_token"] = sum(t.reads for t in pt) / len(pt)
-    row["mb_per_token"] = sum(t.bytes_read for t in pt) / len(pt) / 1e6
+    s = common.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
+    row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
+    row["reads_per_token"] = s["reads_per_token"]
+    row["mb_per_token"] = s["bytes_read_per_token"] / 1e6
     return row
 
 

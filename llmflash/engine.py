@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .cache import NeuronCache, RowStore, split_rows
 from .errors import BudgetError, LLMFlashError
-from .ffn import DenseFFN, FFNWeights, activation_fn, ffn_output, neuron_outputs
+from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .layout import read_plan
 from .report import median
@@ -45,7 +45,7 @@ from .storage import FlashReader
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
-AUTO_THREADS_D_MODEL = 2048
+LARGE_D_MODEL = 2048
 SPARSE_MODES = ("oracle", "predictor")
 
 
@@ -64,7 +64,7 @@ class EngineConfig:
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
     # torch threads; 0 = auto: 1 for small models (their decode matvecs are too small to split, and the I/O threads
-    # need a core), every core from d_model >= AUTO_THREADS_D_MODEL (GBs of matvecs per token: results/latency)
+    # need a core), every core from d_model >= LARGE_D_MODEL (GBs of matvecs per token: results/latency)
     compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
@@ -73,7 +73,7 @@ class EngineConfig:
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
-    # d_model >= AUTO_THREADS_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
+    # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
     row_bucket: int = -1
 
 
@@ -413,9 +413,9 @@ class Engine:
         self.cfg = config
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.compute_threads = config.compute_threads or (1 if fd.layout.d_model < AUTO_THREADS_D_MODEL else cores)
+        self.compute_threads = config.compute_threads or (1 if fd.layout.d_model < LARGE_D_MODEL else cores)
         torch.set_num_threads(self.compute_threads)
-        large = fd.layout.d_model >= AUTO_THREADS_D_MODEL
+        large = fd.layout.d_model >= LARGE_D_MODEL
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
@@ -485,19 +485,9 @@ class Engine:
 
     def _link_lookahead(self, modules: list["SparseFFN"]) -> None:
         """Chain each sparse layer to the next, with the map from its FFN input to a guess of the next one's."""
-        norms = [self.adapter.ffn_input_norm(self.model, layer) for layer in range(len(modules))]
-        d = self.fd.layout.d_model
-        dtype = self.fd.dtype
         for layer, (m, nxt) in enumerate(zip(modules[:-1], modules[1:])):
-            (w0, b0), (w1, b1) = norms[layer], norms[layer + 1]
-            if w0 is None or w1 is None:  # unknown norm: the input itself is the guess
-                scale, shift = torch.ones(d), torch.zeros(d)
-            else:  # x = n(h) * w + b  =>  n(h) = (x - b0) / w0  =>  guess = n(h) * w1 + b1
-                w0 = w0.float().where(w0.float().abs() > 1e-6, torch.full_like(w0.float(), 1e-6))
-                scale = w1.float() / w0
-                b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
-                shift = b1f - b0f * scale
-            m.next, m.guess_map = nxt, (scale.to(dtype), shift.to(dtype))
+            scale, shift = lookahead_map(self.adapter, self.model, layer)
+            m.next, m.guess_map = nxt, (scale.to(self.fd.dtype), shift.to(self.fd.dtype))
 
     def _thresholds(self) -> list[Optional[float]]:
         n = self.fd.layout.n_layers
@@ -652,6 +642,22 @@ class Engine:
         self.model = None
         self.ffn_modules = []
         self.provider = None
+
+
+def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor]:
+    """(scale, shift) [d], float32: ``x * scale + shift`` turns layer ``layer``'s FFN input into a guess of layer + 1's.
+
+    x = n(h) * w0 + b0, so n(h) = (x - b0) / w0 and the guess is n(h) * w1 + b1 (the residual stream h taken as
+    unchanged); an adapter that does not know its norms gives the identity.
+    """
+    (w0, b0), (w1, b1) = adapter.ffn_input_norm(model, layer), adapter.ffn_input_norm(model, layer + 1)
+    d = adapter.ffn_spec(model.config).d_model
+    if w0 is None or w1 is None:
+        return torch.ones(d), torch.zeros(d)
+    w0 = w0.float().where(w0.float().abs() > 1e-6, torch.full_like(w0.float(), 1e-6))
+    scale = w1.float() / w0
+    b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
+    return scale, b1f - b0f * scale
 
 
 def calibrate_flash_dir(fd: FlashDir) -> dict:

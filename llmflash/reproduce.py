@@ -13,7 +13,6 @@ The scale model (OPT-6.7B geometry, 13.3 GB of synthetic bf16 weights) is writte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

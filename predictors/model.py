@@ -102,20 +102,19 @@ class PredictorSet:
     # -- runtime ----------------------------------------------------------------------------------------------------
     def predict(self, layer: int, x: Tensor) -> Tensor:
         """x [..., d_model] -> bool [..., d_ffn]: the neurons predicted active."""
-        p = self._layers[layer]  # computed in the predictors' own dtype (the engine keeps them in fp16, as stored)
-        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias) >= p.threshold_logit  # [..., r] -> [..., n]
+        return self.scores(layer, x) >= self._layers[layer].threshold_logit
 
     def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
         """Sorted ids of the neurons predicted active for any row of x [T, d_model]: the engine's per-token call
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
-        p = self._layers[layer]
-        z = F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias).float().numpy()  # [T, n]
-        return np.flatnonzero(z[0] >= p.threshold_logit if z.shape[0] == 1 else (z >= p.threshold_logit).any(axis=0))
+        z, t = self.scores(layer, x).float().numpy(), self._layers[layer].threshold_logit  # [T, n]
+        return np.flatnonzero(z[0] >= t if z.shape[0] == 1 else (z >= t).any(axis=0))
 
     def scores(self, layer: int, x: Tensor) -> Tensor:
-        """The logits z [..., d_ffn] (before the layer's threshold)."""
+        """The logits z [..., d_ffn] (before the layer's threshold), computed in the predictors' own dtype (the engine
+        keeps them in fp16, as stored)."""
         p = self._layers[layer]
-        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)
+        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)  # [..., r] -> [..., n]
 
     def check_compatible(
         self, n_layers: int, d_model: int, d_ffn: int, model_name: Optional[str] = None, rule_kind: Optional[str] = None
