@@ -529,9 +529,9 @@ class Engine:
             return provider
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
-        from predictors.model import PredictorSet
+        from predictors.model import ENGINE_DTYPE, PredictorSet
 
-        p = PredictorSet.load(self.cfg.predictors, dtype=torch.float16)  # as stored: half the DRAM of fp32, same sets
+        p = PredictorSet.load(self.cfg.predictors, dtype=ENGINE_DTYPE)  # int8 weight-only: a quarter of fp32's DRAM
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
         return PredictorProvider(p)

@@ -9,6 +9,12 @@ so ``predict`` is two small matmuls and a comparison against logit(p_l). On disk
 
     predictors.safetensors   fp16: layers.L.down [r_L, d_model], layers.L.up [d_ffn, r_L], layers.L.bias [d_ffn]
     predictors.json          model name, sizes, rule (thresholds), data hash, training config, per-layer stats
+
+At run time (``ENGINE_DTYPE``) the engine holds them in int8, weight-only: each row of A and B quantized with its own
+scale (bf16), the rank padded with zero rows to a multiple of 16, the activations in bf16, and the bias folded into a
+per-neuron cut (``threshold - b``, fp32). Half the DRAM of fp16 and ~45% less time per token, because at decode the
+predictor streams its weights from DRAM (measured: 1.5 vs 2.8 ms for smollm2-relu's 30 layers, cold caches). On
+held-out smollm2-relu tokens the sets are the same to 1e-4 (recall 0.9903 vs 0.9904, over-prediction 1.433 vs 1.434).
 """
 
 from __future__ import annotations
@@ -54,12 +60,76 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+ENGINE_DTYPE = torch.int8  # the form the engine, eval-predictors and predictor-mode evaluations use
+_INT8_K = 16  # torch's int8 weight-only kernel needs an inner dimension that is a multiple of this
+
+
+def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [m, k] -> (int8 [m, k], bf16 scales [m]) with w ~= q * scale[:, None] (symmetric, one scale per row)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16)
+    return torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x [T, k] @ (q * scale[:, None]).T -> bf16 [T, m]; torch's int8 weight-only CPU kernel where it applies."""
+    x = x.to(torch.bfloat16).contiguous()
+    if x.shape[-1] % _INT8_K == 0 and x.shape[0] > 0 and hasattr(torch, "_weight_int8pack_mm"):
+        return torch._weight_int8pack_mm(x, q, scale)
+    return F.linear(x.float(), q.float() * scale.float()[:, None]).to(torch.bfloat16)
+
+
 @dataclass
 class _Layer:
-    down: Tensor  # [r, d]
-    up: Tensor  # [n, r]
+    down: Tensor  # [r, d] (int8 form: [r16, d], rows r.. zero)
+    up: Tensor  # [n, r] (int8 form: [n, r16])
     bias: Tensor  # [n]
     threshold_logit: float  # predict active where z >= this
+    rank: int = 0  # r (0: down.shape[0])
+    down_scale: Optional[Tensor] = None  # int8 form: bf16 [r16]
+    up_scale: Optional[Tensor] = None  # int8 form: bf16 [n]
+    cut: Optional[np.ndarray] = None  # int8 form: float32 [n], threshold_logit - bias
+
+    def __post_init__(self) -> None:
+        self.rank = self.rank or int(self.down.shape[0])
+
+    @property
+    def quantized(self) -> bool:
+        return self.down_scale is not None
+
+    def set_cut(self) -> None:
+        if self.quantized:
+            self.cut = (self.threshold_logit - self.bias.float()).numpy()
+
+    def float_weights(self) -> tuple[Tensor, Tensor]:
+        """(A [r, d], B [n, r]) in fp32, dequantized from the int8 form if need be."""
+        if not self.quantized:
+            return self.down.float(), self.up.float()
+        a = self.down.float() * self.down_scale.float()[:, None]
+        b = self.up.float() * self.up_scale.float()[:, None]
+        return a[: self.rank], b[:, : self.rank]
+
+    def quantize(self) -> None:
+        """To the int8 form (in place)."""
+        if self.quantized:
+            return
+        a, b = self.down.float(), self.up.float()
+        pad = -self.rank % _INT8_K
+        if pad:  # zero rows of A give zero features, whatever columns of B they meet
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        self.down, self.down_scale = _quantize_rows(a)
+        self.up, self.up_scale = _quantize_rows(b)
+        self.bias = self.bias.to(torch.float16)
+        self.set_cut()
+
+    def to_float(self, dtype: torch.dtype) -> None:
+        a, b = self.float_weights()
+        self.down, self.up, self.bias = (t.to(dtype).contiguous() for t in (a, b, self.bias))
+        self.down_scale = self.up_scale = self.cut = None
+
+    def tensors(self) -> list:
+        return [t for t in (self.down, self.up, self.bias, self.down_scale, self.up_scale, self.cut) if t is not None]
 
 
 def ffn_fingerprint(model: nn.Module) -> list[float]:
@@ -107,13 +177,25 @@ class PredictorSet:
     def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
         """Sorted ids of the neurons predicted active for any row of x [T, d_model]: the engine's per-token call
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
-        z, t = self.scores(layer, x).float().numpy(), self._layers[layer].threshold_logit  # [T, n]
+        p = self._layers[layer]
+        if p.quantized:  # bias folded into the cut: two kernels, one comparison
+            z, t = self._features(p, x.reshape(-1, x.shape[-1])).float().numpy(), p.cut  # [T, n]
+        else:
+            z, t = self.scores(layer, x.reshape(-1, x.shape[-1])).float().numpy(), p.threshold_logit
         return np.flatnonzero(z[0] >= t if z.shape[0] == 1 else (z >= t).any(axis=0))
 
+    @staticmethod
+    def _features(p: _Layer, x: Tensor) -> Tensor:
+        """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
+        return _int8_linear(_int8_linear(x, p.down, p.down_scale), p.up, p.up_scale)
+
     def scores(self, layer: int, x: Tensor) -> Tensor:
-        """The logits z [..., d_ffn] (before the layer's threshold), computed in the predictors' own dtype (the engine
-        keeps them in fp16, as stored)."""
+        """The logits z [..., d_ffn] (before the layer's threshold), computed in the predictors' own form (the engine
+        keeps them in int8: ``ENGINE_DTYPE``)."""
         p = self._layers[layer]
+        if p.quantized:
+            z = self._features(p, x.reshape(-1, x.shape[-1])).float() + p.bias.float()
+            return z.view(*x.shape[:-1], -1)
         return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)  # [..., r] -> [..., n]
 
     def check_compatible(
@@ -158,21 +240,21 @@ class PredictorSet:
 
     @property
     def ranks(self) -> list[int]:
-        return [p.down.shape[0] for p in self._layers]
+        return [p.rank for p in self._layers]
 
     @property
     def nbytes(self) -> int:
-        """DRAM the predictors take in their current dtype (counted in the engine's budget)."""
-        return sum(t.numel() * t.element_size() for p in self._layers for t in (p.down, p.up, p.bias))
+        """DRAM the predictors take in their current form (counted in the engine's budget)."""
+        return sum(int(t.nbytes) for p in self._layers for t in p.tensors())
 
     @property
     def n_params(self) -> int:
-        return sum(t.numel() for p in self._layers for t in (p.down, p.up, p.bias))
+        return sum(p.rank * (self.d_model + self.d_ffn) + self.d_ffn for p in self._layers)
 
     @property
     def macs_per_token(self) -> int:
         """Multiply-adds of one token's predictions over all layers."""
-        return sum(p.down.numel() + p.up.numel() for p in self._layers)
+        return sum(p.rank * (self.d_model + self.d_ffn) for p in self._layers)
 
     @property
     def thresholds(self) -> list[float]:
@@ -181,18 +263,21 @@ class PredictorSet:
 
     def set_threshold_logit(self, layer: int, value: float) -> None:
         self._layers[layer].threshold_logit = float(value)
+        self._layers[layer].set_cut()
 
     def pin(self, layer: int, neurons: list[int]) -> None:
         """Always predict ``neurons`` of ``layer`` active (their bias becomes ``PIN_LOGIT``)."""
         if neurons:
             self._layers[layer].bias[torch.as_tensor(neurons, dtype=torch.long)] = PIN_LOGIT
+            self._layers[layer].set_cut()
 
     def pinned(self, layer: int) -> list[int]:
         return (self._layers[layer].bias >= PIN_LOGIT / 2).nonzero().flatten().tolist()
 
     def to(self, dtype: torch.dtype) -> "PredictorSet":
+        """A float dtype, or ``torch.int8``: the int8 weight-only form (see the module's docstring)."""
         for p in self._layers:
-            p.down, p.up, p.bias = (t.to(dtype).contiguous() for t in (p.down, p.up, p.bias))
+            p.quantize() if dtype == torch.int8 else p.to_float(dtype)
         self.dtype = dtype
         return self
 
@@ -213,8 +298,9 @@ class PredictorSet:
 
         tensors = {}
         for i, p in enumerate(self._layers):
-            tensors[f"layers.{i}.down"] = p.down.to(torch.float16).contiguous()
-            tensors[f"layers.{i}.up"] = p.up.to(torch.float16).contiguous()
+            a, b = p.float_weights()
+            tensors[f"layers.{i}.down"] = a.to(torch.float16).contiguous()
+            tensors[f"layers.{i}.up"] = b.to(torch.float16).contiguous()
             tensors[f"layers.{i}.bias"] = p.bias.to(torch.float16).contiguous()
         meta = dict(self.meta)
         meta["format"] = FORMAT
@@ -232,8 +318,9 @@ class PredictorSet:
         self.meta = meta
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "PredictorSet":
-        """Read PREDDIR (or its predictors.json / .safetensors); ``LLMFlashError`` if missing or corrupt."""
+    def load(cls, path: str | Path, dtype: torch.dtype = ENGINE_DTYPE) -> "PredictorSet":
+        """Read PREDDIR (or its predictors.json / .safetensors); ``LLMFlashError`` if missing or corrupt. ``dtype``:
+        the form to hold them in (default the engine's int8 form; torch.float32 for exact fp16-stored weights)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from llmflash.arch import adapter_for
@@ -123,7 +124,7 @@ def test_cli_refuses_existing_output_and_bad_actdir(tmp_path, text_file, capsys)
 
 def test_round_trip_save_load(trained):
     model, act, pset, root = trained
-    loaded = PredictorSet.load(root / "pred")
+    loaded = PredictorSet.load(root / "pred", dtype=torch.float32)
     assert loaded.n_layers == 3 and loaded.ranks == [8, 8, 12] and loaded.model_name == "tiny-llama"
     assert loaded.rule == {"kind": "relu"} and loaded.meta["data_hash"] == act.data_hash
     assert loaded.nbytes == pset.nbytes > 0
@@ -131,6 +132,28 @@ def test_round_trip_save_load(trained):
     for layer in range(3):
         assert torch.equal(loaded.predict(layer, x), pset.predict(layer, x))
         assert loaded.thresholds[layer] == pytest.approx(pset.thresholds[layer])
+
+
+def test_int8_engine_form(trained):
+    """The engine's int8 form: a quarter of fp32's bytes (ranks padded to 16), nearly the same sets, thresholds and
+    pins applied through the folded cut, and a file saved from it loads again."""
+    _, act, pset, root = trained
+    q = PredictorSet.load(root / "pred")  # ENGINE_DTYPE
+    assert q.dtype == torch.int8 and q.ranks == [8, 8, 12]
+    assert q.nbytes < pset.nbytes  # (8-row ranks padded to 16 here; 3.6 vs 13.3 MiB for smollm2-relu)
+    x = torch.randn(200, act.d_model)
+    for layer in range(3):
+        agree = (q.predict(layer, x) == pset.predict(layer, x)).float().mean().item()
+        assert agree > 0.98
+        assert q.scores(layer, x).shape == (200, act.d_ffn) and q.scores(layer, x[0]).shape == (act.d_ffn,)
+        assert np.array_equal(q.active_ids(layer, x[:3]), q.predict(layer, x[:3]).any(0).nonzero().flatten().numpy())
+    q.set_threshold_logit(0, 1e4)  # nothing passes ...
+    assert q.active_ids(0, x[:1]).size == 0
+    q.pin(0, [3, 5])  # ... except the pinned neurons
+    assert q.active_ids(0, x[:1]).tolist() == [3, 5]
+    q.save(root / "pred-int8")
+    again = PredictorSet.load(root / "pred-int8", dtype=torch.float32)
+    assert again.ranks == [8, 8, 12] and again.pinned(0) == [3, 5]
 
 
 def test_predict_shapes_and_dtype(trained):
