@@ -320,8 +320,8 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     """One timed generation: Engine(flash_dir, cfg, provider) generating ``n_tokens`` greedy tokens.
 
     ``no_reuse``: the engine's provider is wrapped so that each token loads its whole active set (no window reuse).
-    ``perm``: the flash directory's rows are permuted (per layer: row -> original id) and the engine's own provider
-    (predictors) speaks original ids: it is wrapped accordingly (the oracle needs nothing: it reads the permuted rows).
+    ``perm``: the flash directory's rows are permuted (per layer: row -> original id; recorded in the directory, from
+    which the engine maps its predictors' ids itself; the oracle needs nothing: it reads the permuted rows).
     Returns {label, mode, config, summary (see ``summarize``), per_token, dram_bytes, model_bytes, ...}. When
     ``LLMFLASH_SESSION`` is set (``llmflash reproduce``), a run with the same key made earlier in the session by
     another script is reused instead of measured again (marked ``shared_from``).
@@ -339,10 +339,10 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     provider = provider_factory() if provider_factory else None
     engine = Engine(fd, cfg, provider=provider)
     try:
-        from llmflash.trace import NoReuseProvider, PermutedProvider
+        from llmflash.trace import NoReuseProvider
 
-        if perm is not None and provider is None and cfg.mode == "predictor":
-            engine.provider = PermutedProvider(engine.provider, perm)
+        if perm is not None and provider is None and fd.neuron_order is None:
+            raise LLMFlashError(f"{flash_dir} records no neuron order: write it with llmflash.trace.write_permuted_flash_dir")
         if no_reuse:
             engine.provider = NoReuseProvider(engine.provider)
             engine.provider.bind(engine)

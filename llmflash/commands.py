@@ -25,6 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("reorder", help="copy a flash directory with neurons that fire together stored side by side "
+                                       "(Ripple-style: fewer, longer reads)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--order", default="coactivation", choices=("coactivation", "popularity"))
+    p.add_argument("--text-file", default="wiki:train",
+                   help="text the order is fitted on: UTF-8 file, wiki:train (default) or hf:NAME")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--threshold-sparsity", type=float, default=0.8)
+    p.set_defaults(func=cmd_reorder)
+
     p = sub.add_parser("generate", help="greedy generation from a flash directory")
     p.add_argument("dir", metavar="DIR")
     g = p.add_mutually_exclusive_group(required=True)
@@ -95,6 +107,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {args.model} -> {out}: {fmt_bytes(b['model'])} of weights "
           f"({fmt_bytes(b['resident_tensors'])} resident, {fmt_bytes(b['ffn_file'])} in {'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
           f"{fd.layout.neuron_stride_bytes} bytes per neuron)")
+    return 0
+
+
+def cmd_reorder(args: argparse.Namespace) -> int:
+    from .flashdir import open_flash_dir
+    from .trace import reorder_flash_dir
+
+    src = open_flash_dir(args.dir)
+    if Path(args.out).expanduser().resolve() == src.path.resolve():
+        raise LLMFlashError("--out must be another directory than DIR")
+    out = reorder_flash_dir(src.path, Path(args.out), order=args.order, sparsity=args.sparsity,
+                            threshold_sparsity=args.threshold_sparsity, source=args.text_file, max_tokens=args.max_tokens)
+    info = open_flash_dir(out).manifest["neuron_order"]
+    print(f"reordered {src.path} -> {out}: neurons by {info['kind']}, fitted on {info['tokens']} tokens of {info['source']}")
     return 0
 
 

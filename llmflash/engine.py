@@ -63,8 +63,9 @@ class EngineConfig:
     staging_rows: Optional[int] = None
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
-    # torch threads; 0 = auto: 1 for small models (their decode matvecs are too small to split, and the I/O threads
-    # need a core), every core from d_model >= LARGE_D_MODEL (GBs of matvecs per token: results/latency)
+    # torch threads; 0 = auto: every core in the sparse modes and from d_model >= LARGE_D_MODEL (GBs of matvecs per
+    # token: results/latency); 1 for small models in dense, naive and hybrid, whose whole-layer reads keep the second
+    # core busy (smollm2-relu naive: 618-719 ms/token with 1 thread, 862-898 with 2; predictor: 132-152 vs 156-157)
     compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
@@ -169,6 +170,34 @@ class PredictorProvider:
         return self.p.active_ids(layer, x)
 
     guess = active
+
+
+class PermutedProvider:
+    """Wraps a provider that speaks the model's own neuron ids, for a flash directory whose rows are stored in another
+    order (``perm[layer][j]`` = the neuron at row j; ``FlashDir.neuron_order``): its sets come out as row ids."""
+
+    def __init__(self, inner, perm) -> None:
+        self.inner = inner
+        self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
+        self.row_of = [np.argsort(np.asarray(p)) for p in perm]  # neuron id -> row
+        self.nbytes = inner.nbytes
+        self.counted = inner.counted
+        self.layer_demand = getattr(inner, "layer_demand", None)
+        if hasattr(inner, "active_ids"):
+            self.active_ids = self._active_ids
+
+    def reset(self) -> None:
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        return self.inner.active(layer, x)[:, self.perm[layer]]
+
+    def guess(self, layer: int, x: Tensor) -> Tensor:
+        return self.inner.guess(layer, x)[:, self.perm[layer]]
+
+    def _active_ids(self, layer: int, x: Tensor) -> np.ndarray:
+        return np.sort(self.row_of[layer][self.inner.active_ids(layer, x)])
 
 
 # ------------------------------------------------------------------------------------------------------ FFN modules
@@ -413,7 +442,8 @@ class Engine:
         self.cfg = config
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.compute_threads = config.compute_threads or (1 if fd.layout.d_model < LARGE_D_MODEL else cores)
+        small = fd.layout.d_model < LARGE_D_MODEL and config.mode not in SPARSE_MODES
+        self.compute_threads = config.compute_threads or (1 if small else cores)
         torch.set_num_threads(self.compute_threads)
         large = fd.layout.d_model >= LARGE_D_MODEL
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
@@ -534,7 +564,8 @@ class Engine:
         p = PredictorSet.load(self.cfg.predictors, dtype=ENGINE_DTYPE)  # int8 weight-only: a quarter of fp32's DRAM
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
-        return PredictorProvider(p)
+        order = self.fd.neuron_order  # a reordered file (`llmflash reorder`): predictor ids -> rows
+        return PredictorProvider(p) if order is None else PermutedProvider(PredictorProvider(p), order)
 
     # -- running
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -42,6 +43,7 @@ MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 FFN_FILE = "ffn.bin"
 THRESHOLDS = "thresholds.json"
+ORDER_FILE = "permutation.npy"  # optional: int64 [n_layers, d_ffn], row j of layer l holds original neuron [l, j]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACT_BIAS = "llmflash.ffn.{}.act_bias"
 OUT_BIAS = "llmflash.ffn.{}.out_bias"
@@ -208,6 +210,27 @@ class FlashDir:
     @property
     def gated(self) -> bool:
         return bool(self.manifest["ffn"]["gated"])
+
+    @property
+    def neuron_order(self) -> Optional[np.ndarray]:
+        """int64 [n_layers, d_ffn] when the FFN rows are stored in another order than the model's (``llmflash
+        reorder``): row j of layer l holds original neuron ``order[l, j]``; None for the model's own order."""
+        info = self.manifest.get("neuron_order")
+        if not info:
+            return None
+        if getattr(self, "_order", None) is None:
+            f = self.path / ORDER_FILE
+            lay = self.layout
+            try:
+                order = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise FlashFileError(f"{f} is missing or corrupt ({str(err)[:80]}): re-run reorder") from None
+            if order.shape != (lay.n_layers, lay.d_ffn) or _crc(np.ascontiguousarray(order, np.int64).data) != info.get("crc32"):
+                raise FlashFileError(f"{f} does not match the manifest (shape {order.shape}, or its checksum): re-run reorder")
+            if not (np.sort(order, axis=1) == np.arange(lay.d_ffn)).all():
+                raise FlashFileError(f"{f} is not a permutation of each layer's neurons: re-run reorder")
+            self._order = order.astype(np.int64)
+        return self._order
 
     def config(self):
         from transformers import AutoConfig
@@ -381,7 +404,9 @@ def ffn_weights_from_rows(fd: FlashDir, rows: list[Tensor], biases: tuple) -> FF
 
 
 def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule)."""
+    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule), its
+    neurons in the model's own order (a reordered directory's rows are put back: activations, masks and predictors
+    collected from it speak the model's neuron ids)."""
     from .ffn import DenseFFN
     from .models import LoadedModel
     from .storage import read_range
@@ -396,6 +421,10 @@ def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32):
             buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
             rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
         w = ffn_weights_from_rows(fd, rows, biases[layer])
+        if fd.neuron_order is not None:
+            row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
+            pick = lambda t: None if t is None else t[row_of]  # noqa: E731
+            w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
         adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
     model = model.to(dtype)
     return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())

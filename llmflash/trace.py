@@ -364,23 +364,7 @@ class TraceProvider:
         return torch.from_numpy(m)
 
 
-class PermutedProvider:
-    """Wraps a provider whose ids are original neuron ids, for a flash directory whose rows were permuted
-    (``perm[layer][j]`` = original id stored at row j)."""
-
-    def __init__(self, inner, perm: Sequence[np.ndarray]) -> None:
-        self.inner = inner
-        self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        return self.inner.active(layer, x)[:, self.perm[layer]]
+from .engine import PermutedProvider  # noqa: E402,F401 - re-exported (it lived here)
 
 
 class NoReuseProvider:
@@ -568,9 +552,11 @@ def read_sizes(ids_rows: np.ndarray, stride_bytes: int, max_read_bytes: int = 25
     return length * stride_bytes
 
 
-def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bool = True):
-    """A copy of flash directory ``src`` whose FFN rows are permuted per layer (row j of layer l holds original neuron
-    ``perms[l][j]``), per-neuron FFN biases permuted alike, manifest checksums updated. Returns the path."""
+def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bool = True, meta: Optional[dict] = None):
+    """A copy of flash directory ``src`` whose FFN rows are permuted per layer (row j of layer l holds ``src``'s row
+    ``perms[l][j]``), per-neuron FFN biases permuted alike, manifest checksums updated, and the order relative to the
+    model's own neuron ids (composed with ``src``'s, if it has one) recorded in ``permutation.npy`` and the manifest
+    (``meta`` describes how it was chosen): the engine maps predictor ids through it. Returns the path."""
     import json
     import os
     import shutil
@@ -579,7 +565,7 @@ def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bo
 
     from tqdm.auto import tqdm
 
-    from .flashdir import ACT_BIAS, FFN_FILE, MANIFEST, RESIDENT, _file_crc, open_flash_dir
+    from .flashdir import ACT_BIAS, FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, _crc, _file_crc, open_flash_dir
     from .paths import atomic_dir
     from .storage import read_range
 
@@ -619,10 +605,37 @@ def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bo
         for item in Path(src).iterdir():
             if item.is_file() and item.name not in (MANIFEST, FFN_FILE, RESIDENT) and not item.name.startswith("."):
                 shutil.copyfile(item, tmp / item.name)
+        order = np.stack([np.asarray(p, np.int64) for p in perms])  # [L, n]: src rows
+        if fd.neuron_order is not None:
+            order = np.take_along_axis(fd.neuron_order, order, axis=1)  # -> the model's own ids
+        order = np.ascontiguousarray(order)
+        np.save(tmp / ORDER_FILE, order)
         m = json.loads(json.dumps(fd.manifest))
         m["checksums"][FFN_FILE] = {"per_layer_segment_crc32": crcs}
         m["checksums"][RESIDENT] = _file_crc(tmp / RESIDENT)
         m["bytes"]["resident_file"] = (tmp / RESIDENT).stat().st_size
+        m["neuron_order"] = {**(meta or {}), "file": ORDER_FILE, "crc32": _crc(order.data)}
         (tmp / MANIFEST).write_text(json.dumps(m, indent=1, default=str))
-        np.save(tmp / "permutation.npy", np.stack([np.asarray(p, np.int64) for p in perms]))
     return out
+
+
+def reorder_flash_dir(src, out, order: str = "coactivation", sparsity: str = "relu", threshold_sparsity: float = 0.8,
+                      source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True):
+    """Write a copy of flash directory ``src`` with each layer's neurons ordered in the file so that neurons that fire
+    together are neighbours (``order="coactivation"``, Ripple-style: ``coactivation_order``) or by how often they fire
+    (``"popularity"``), both fitted on the true active sets of ``max_tokens`` tokens of ``source`` (training text,
+    not the text it will run on). A token's active neurons then sit in fewer, longer runs of the file: fewer reads
+    for the same bytes. Returns the path; the engine reads it like any flash directory."""
+    if order not in ("coactivation", "popularity"):
+        raise ValueError(f"unknown order {order!r}: coactivation or popularity")
+    from .flashdir import open_flash_dir
+
+    tr = collect_masks(src, sparsity, threshold_sparsity, source=source, max_tokens=max_tokens, progress=progress)
+    before = open_flash_dir(src).neuron_order  # the masks speak the model's neuron ids (``load_in_memory``)
+    perms = []
+    for layer, masks in enumerate(tr["masks"]):
+        c, counts = coactivation(masks)
+        ids = coactivation_order(c, counts) if order == "coactivation" else popularity_order(counts)
+        perms.append(ids if before is None else np.argsort(before[layer])[ids])  # as rows of src
+    meta = {"kind": order, "source": source, "tokens": int(tr["tokens"]), "sparsity": sparsity}
+    return write_permuted_flash_dir(src, out, perms, progress=progress, meta=meta)
