@@ -159,6 +159,34 @@ def scale_setup() -> dict:
             "geometry": asdict(OPT_6_7B)}
 
 
+COACT_FIT_SOURCE = "wiki:train"  # the text the neuron order is fitted on (the prompts come from wiki:eval)
+
+
+def coact_fit_tokens(quick: bool) -> int:
+    return 2048 if quick else 16384
+
+
+def real_coact_dir(setup: dict, quick: bool) -> str:
+    """The real model reordered by co-activation (``llmflash reorder``), fitted on training text; cached beside the
+    original and rebuilt when it was fitted otherwise or its source changed."""
+    from llmflash.trace import reorder_flash_dir
+
+    out = cache_dir() / "flash" / f"{setup['model']}-coact-order"
+    src = open_flash_dir(setup["flash_dir"])
+    tokens = coact_fit_tokens(quick)
+    try:
+        info = open_flash_dir(out).manifest.get("neuron_order") or {}
+        if (info.get("kind"), info.get("source"), info.get("requested_tokens"), info.get("src_checksums")) == (
+                "coactivation", COACT_FIT_SOURCE, tokens, src.manifest["checksums"]):
+            return str(out)
+    except LLMFlashError:
+        pass
+    reorder_flash_dir(src.path, out, "coactivation", setup["sparsity"], setup.get("threshold_sparsity") or 0.8,
+                      source=COACT_FIT_SOURCE, max_tokens=tokens, progress=False,
+                      extra_meta={"requested_tokens": tokens, "src_checksums": src.manifest["checksums"]})
+    return str(out)
+
+
 def real_unbundled_dir(setup: dict) -> str:
     """The real model converted with --no-bundling (cached beside the bundled one)."""
     from llmflash.flashdir import convert
@@ -411,6 +439,7 @@ ROWS = {
     "predictor_w1": "hybrid + predictor, window 1 (reuse of the previous token only)",
     "window_unbundled": "hybrid + predictor + window k=5 (unbundled layout)",
     "ours": "hybrid + predictor + window k=5 + bundling (ours)",
+    "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
 }
 
 
@@ -435,7 +464,10 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     n = n0 if n is None else n
     warmup = w0 if warmup is None else warmup
     extra = {} if compute_threads is None else {"compute_threads": compute_threads}
-    directory = flash_dir or (setup["flash_dir"] if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
+    if row == "ours_coact" and scale:
+        raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
+    directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
+                              if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
     kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm)
     if row in ("dense", "naive", "hybrid"):

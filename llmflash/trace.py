@@ -620,7 +620,8 @@ def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bo
 
 
 def reorder_flash_dir(src, out, order: str = "coactivation", sparsity: str = "relu", threshold_sparsity: float = 0.8,
-                      source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True):
+                      source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True,
+                      extra_meta: Optional[dict] = None):
     """Write a copy of flash directory ``src`` with each layer's neurons ordered in the file so that neurons that fire
     together are neighbours (``order="coactivation"``, Ripple-style: ``coactivation_order``) or by how often they fire
     (``"popularity"``), both fitted on the true active sets of ``max_tokens`` tokens of ``source`` (training text,
@@ -637,5 +638,5 @@ def reorder_flash_dir(src, out, order: str = "coactivation", sparsity: str = "re
         c, counts = coactivation(masks)
         ids = coactivation_order(c, counts) if order == "coactivation" else popularity_order(counts)
         perms.append(ids if before is None else np.argsort(before[layer])[ids])  # as rows of src
-    meta = {"kind": order, "source": source, "tokens": int(tr["tokens"]), "sparsity": sparsity}
+    meta = {"kind": order, "source": source, "tokens": int(tr["tokens"]), "sparsity": sparsity, **(extra_meta or {})}
     return write_permuted_flash_dir(src, out, perms, progress=progress, meta=meta)
