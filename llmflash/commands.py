@@ -81,6 +81,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
+    p.add_argument("--compute-threads", type=int, default=0,
+                   help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
+    p.add_argument("--predictor-dtype", default="int8", choices=("int8", "float16", "float32"),
+                   help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -88,10 +92,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise LLMFlashError(f"--dram-budget {args.dram_budget} is not a fraction of the model: use e.g. 0.5")
     if args.threads < 1:
         raise LLMFlashError("--threads must be at least 1")
+    if args.compute_threads < 0:
+        raise LLMFlashError("--compute-threads must be 0 (auto) or more")
     return EngineConfig(
         mode=args.mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
-        lookahead=args.lookahead,
+        lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
     )
 
 

@@ -58,6 +58,9 @@ class EngineConfig:
     sparsity: str = "relu"  # relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
     predictors: Optional[str] = None  # predictor directory (predictor mode)
+    # the form the predictors are held in: int8 (weight-only, per-row scales: a quarter of fp32's DRAM and the fastest
+    # here), float16 (as stored) or float32
+    predictor_dtype: str = "int8"
     # rows of the staging buffer (two halves in flight): whole layers in naive/hybrid (1024: reads big enough to keep
     # the disk busy), only overflow and prefill in the sparse modes (384: the rest of the budget goes to the cache)
     staging_rows: Optional[int] = None
@@ -561,7 +564,10 @@ class Engine:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
         from predictors.model import ENGINE_DTYPE, PredictorSet
 
-        p = PredictorSet.load(self.cfg.predictors, dtype=ENGINE_DTYPE)  # int8 weight-only: a quarter of fp32's DRAM
+        dtypes = {"int8": ENGINE_DTYPE, "float16": torch.float16, "float32": torch.float32}
+        if self.cfg.predictor_dtype not in dtypes:
+            raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(dtypes)}")
+        p = PredictorSet.load(self.cfg.predictors, dtype=dtypes[self.cfg.predictor_dtype])
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
         order = self.fd.neuron_order  # a reordered file (`llmflash reorder`): predictor ids -> rows

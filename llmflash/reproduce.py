@@ -31,7 +31,7 @@ EXPERIMENTS = (  # name, what it reproduces, takes --model/--models
     ("latency", "Table 3: I/O / memory / compute / total per token", True),
     ("dram_budget", "Figure 7: latency vs DRAM budget", True),
     ("stability", "Figure 8: latency over 1000 generated tokens", True),
-    ("lookahead", "engine: reading the next layer's guessed neurons early, off vs on (real model)", False),
+    ("engine_options", "engine: int8 vs fp16 predictors, compute threads, lookahead, A/B (real model)", False),
     ("coactivation", "Appendix D: closest friends, friend bundling, co-activation ordering", True),
     ("memory_limit", "ours vs mmap/from_pretrained loaders inside a memory cgroup", True),
     ("cgroup_budget", "issue 2: `llmflash generate --dram-budget 0.5` in a half-model cgroup", True),

@@ -91,6 +91,6 @@ def test_reproduce_command(capsys):
     assert "unknown experiment" in capsys.readouterr().err
     from llmflash.reproduce import NAMES
 
-    assert "lookahead" in NAMES
+    assert "engine_options" in NAMES
     for name in NAMES:  # every experiment reproduce knows has its script
         assert (EXP / f"{name}.py").is_file()

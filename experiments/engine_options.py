@@ -1,0 +1,146 @@
+"""Engine options, A/B on the real model: which settings make a token faster here (engine follow-ups of issues 4-5)?
+
+Arms, each the default engine (smollm2-relu, predictor mode, half the model in DRAM, the experiments' 128-token wiki
+prompt) with one change, run alternating (the disk and the machine drift) ``--repeats`` times each:
+
+- ``default``: int8 predictors, compute threads auto (every core in the sparse modes), no lookahead;
+- ``fp16_predictors``: the predictors held in fp16 as stored (``EngineConfig.predictor_dtype``): their time and the
+  cache's bytes (int8 frees 3 MiB of the budget for the neuron caches);
+- ``one_thread``: one compute thread (the auto setting for dense, naive and hybrid on small models);
+- ``lookahead``: layer l+1's set guessed from layer l's FFN input and its new neurons read early.
+
+Measured: medians of the per-token I/O wait, memory management, predictor and compute times (and the predictor's
+share of compute, issue 4's "< 5%"). Computed, when ``llmflash collect`` has made activations: how much of layer l's
+predicted set the lookahead guess covers (layer l's predictor on layer l-1's FFN input rescaled by the ratio of the
+two FFN norms' weights, as the engine does).
+
+    python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24]
+
+Writes results/engine_options/{engine_options.json, engine_options.csv, engine_options.png, config.json}.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from llmflash.engine import EngineConfig, lookahead_map
+from llmflash.paths import cache_dir
+
+log = logging.getLogger("engine_options")
+ARMS = {  # name -> EngineConfig changes
+    "default": {},
+    "fp16_predictors": {"predictor_dtype": "float16"},
+    "one_thread": {"compute_threads": 1},
+    "lookahead": {"lookahead": True},
+}
+PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes the predictor: shown without it
+
+
+def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[dict]:
+    """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
+    from llmflash.arch import adapter_for
+    from llmflash.models import load_model
+    from predictors.model import PredictorSet
+
+    ps = PredictorSet.load(setup["predictors"])
+    model, _, _ = load_model(setup["model"])
+    adapter = adapter_for(model.config)
+    rows = []
+    x_prev = None
+    for layer in range(ps.n_layers):
+        x = torch.from_numpy(np.load(act_dir / f"x_{layer:02d}.npy", mmap_mode="r")[:max_tokens].astype(np.float32))
+        if x_prev is not None:
+            scale, shift = lookahead_map(adapter, model, layer - 1)  # what the engine does
+            exact = ps.predict(layer, x)
+            guess = ps.predict(layer, x_prev * scale + shift)
+            rows.append({"layer": layer, "covered": float((exact & guess).sum() / exact.sum().clamp_min(1)),
+                         "guess_over_predicted": float(guess.sum() / exact.sum().clamp_min(1))})
+        x_prev = x
+    return rows
+
+
+def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
+    cfg = EngineConfig(mode="predictor", dram_budget=0.5, predictors=setup["predictors"], **changes)
+    s = common.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
+    row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
+    row["predictor_share_of_compute"] = s["predictor_ms"] / s["compute_ms"]
+    row["reads_per_token"] = s["reads_per_token"]
+    row["mb_per_token"] = s["bytes_read_per_token"] / 1e6
+    return row
+
+
+def plot(summary: dict, path: Path) -> None:
+    plt = common.plt()
+    arms = [a for a in ARMS if a in summary]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    bottom = np.zeros(len(arms))
+    parts = {"I/O wait": "io_ms", "memory management": "mem_ms", "predictor": "predictor_ms"}
+    for name, key in parts.items():
+        v = np.array([summary[a][key] for a in arms])
+        ax.bar(arms, v, bottom=bottom, label=name)
+        bottom += v
+    rest = np.array([summary[a]["compute_ms"] - summary[a]["predictor_ms"] for a in arms])
+    ax.bar(arms, rest, bottom=bottom, label="other compute")
+    for i, a in enumerate(arms):  # the parts' medians need not add up to the total's median
+        ax.text(i, max(summary[a]["total_ms"], bottom[i] + rest[i]) * 1.01,
+                f"total {summary[a]['total_ms']:.0f} ms\npredictor {100 * summary[a]['predictor_share_of_compute']:.1f}%"
+                " of compute", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("ms per token (median of run medians)")
+    ax.margins(y=0.18)
+    ax.set_title("smollm2-relu, predictor mode, half the model in DRAM: one change per arm (measured)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    common.savefig(fig, path)
+
+
+def main() -> None:
+    ap = common.parser("engine_options", __doc__.splitlines()[0], models=False)
+    ap.add_argument("--repeats", type=int, default=None, help="runs per arm (default 5, --quick 2)")
+    ap.add_argument("--tokens", type=int, default=24, help="measured tokens per run (after 4 warm-up tokens)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's engine_options.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.plot_only:
+        import json
+
+        plot(json.loads((args.out / "engine_options.json").read_text())["summary"], args.out / "engine_options.png")
+        return
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms):
+        raise SystemExit(f"--arms: choose from {', '.join(ARMS)}")
+    repeats = args.repeats or (2 if args.quick else 5)
+    setup = common.real_setup("smollm2-relu")
+    if not setup.get("predictors"):
+        raise SystemExit("smollm2-relu has no predictors: these checks need predictor mode")
+    act_dir = cache_dir() / "act" / "smollm2-relu-eval"
+    coverage = guess_coverage(setup, act_dir) if "lookahead" in arms and (act_dir / "x_00.npy").is_file() else []
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    for r in range(repeats):
+        for a in arms:  # alternating: the disk and the machine drift
+            runs[a].append(measure(setup, ARMS[a], args.tokens, warmup=4))
+            log.info("run %d %s: %s", r, a, {k: round(v, 3) for k, v in runs[a][-1].items()})
+    summary = {a: {f: statistics.median(r[f] for r in v) for f in v[0]} for a, v in runs.items()}
+    ratios = {f"{a}_over_default_total": summary[a]["total_ms"] / summary["default"]["total_ms"]
+              for a in arms if a != "default" and "default" in summary}
+    data = {"setup": setup, "repeats": repeats, "tokens": args.tokens, "arms": {a: ARMS[a] for a in arms},
+            "runs": runs, "summary": summary, "ratios": ratios, "guess_coverage": coverage,
+            "mean_guess_coverage": float(np.mean([c["covered"] for c in coverage])) if coverage else None,
+            "labels": {"runs": "measured", "guess_coverage": "computed from collected activations (smollm2-relu-eval)"}}
+    rows = [{"arm": a, "repeat": i, **row} for a in arms for i, row in enumerate(runs[a])]
+    common.save(args.out, "engine_options", args, data, rows)
+    plot(summary, args.out / "engine_options.png")
+    for a in arms:
+        log.info("%-16s total %.1f ms (predictor %.2f ms = %.1f%% of compute)%s", a, summary[a]["total_ms"],
+                 summary[a]["predictor_ms"], 100 * summary[a]["predictor_share_of_compute"],
+                 f", {ratios[a + '_over_default_total']:.3f}x default" if a + "_over_default_total" in ratios else "")
+
+
+if __name__ == "__main__":
+    main()
