@@ -5,7 +5,7 @@ the 80% threshold rule (the paper's Table 4 in spirit: Falcon-7B 74.62 -> 72.52 
 The relufied model's oracle mode computes exactly its true active set, so its oracle accuracy is the smollm2-relu row.
 
     python experiments/zeroshot.py [--limit 30] [--tasks a,b,c] [--variants smollm2,smollm2-relu,predictor,threshold]
-                                   [--reuse]
+                                   [--reuse [--rescore predictor]]
 
 Writes results/zeroshot/{zeroshot.csv, zeroshot.json, zeroshot.png, config.json}. Runs on the CPU in minutes.
 """
@@ -70,6 +70,7 @@ def main() -> None:
                     help=f"comma-separated, from: {', '.join(VARIANTS)} (threshold: the original under the 80%% rule)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the rows of variants already in --out (same tasks and limit) instead of scoring them again")
+    ap.add_argument("--rescore", default="", help="with --reuse: comma-separated variants to score again anyway")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -78,8 +79,9 @@ def main() -> None:
     chosen = variants(args.variants)
     old_rows, old_summary = previous_rows(args.out, tasks, args.limit) if args.reuse else ([], {})
     rows, summary, reused = [], {}, []
+    rescore = {VARIANTS[k][0] for k in args.rescore.split(",") if k} if args.rescore else set()
     for label, alias, sparsity in chosen:
-        if label in old_summary:
+        if label in old_summary and label not in rescore:
             rows += [r for r in old_rows if r["model"] == label]
             summary[label] = old_summary[label]
             reused.append(label)
