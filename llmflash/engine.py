@@ -570,8 +570,9 @@ class Engine:
         p = PredictorSet.load(self.cfg.predictors, dtype=dtypes[self.cfg.predictor_dtype])
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
-        order = self.fd.neuron_order  # a reordered file (`llmflash reorder`): predictor ids -> rows
-        return PredictorProvider(p) if order is None else PermutedProvider(PredictorProvider(p), order)
+        if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
+            p.permute_outputs(self.fd.neuron_order)
+        return PredictorProvider(p)
 
     # -- running
 

@@ -71,11 +71,14 @@ def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
+_INT8_MM = getattr(torch, "_weight_int8pack_mm", None)
+
+
 def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x [T, k] @ (q * scale[:, None]).T -> bf16 [T, m]; torch's int8 weight-only CPU kernel where it applies."""
     x = x.to(torch.bfloat16).contiguous()
-    if x.shape[-1] % _INT8_K == 0 and x.shape[0] > 0 and hasattr(torch, "_weight_int8pack_mm"):
-        return torch._weight_int8pack_mm(x, q, scale)
+    if _INT8_MM is not None and x.shape[1] % _INT8_K == 0 and x.shape[0] > 0:
+        return _INT8_MM(x, q, scale)
     return F.linear(x.float(), q.float() * scale.float()[:, None]).to(torch.bfloat16)
 
 
@@ -273,6 +276,19 @@ class PredictorSet:
 
     def pinned(self, layer: int) -> list[int]:
         return (self._layers[layer].bias >= PIN_LOGIT / 2).nonzero().flatten().tolist()
+
+    def permute_outputs(self, order) -> "PredictorSet":
+        """Reorder every layer's outputs so that output j is neuron ``order[layer][j]`` (a reordered flash directory:
+        ``FlashDir.neuron_order``): the sets then come out as the file's row ids at no cost per call. In place."""
+        for layer, p in enumerate(self._layers):
+            idx = torch.as_tensor(np.asarray(order[layer]), dtype=torch.long)
+            if idx.shape != (self.d_ffn,):
+                raise LLMFlashError(f"a neuron order of shape {tuple(idx.shape)} does not fit layer {layer}'s {self.d_ffn} neurons")
+            p.up, p.bias = p.up[idx].contiguous(), p.bias[idx].contiguous()
+            if p.quantized:
+                p.up_scale = p.up_scale[idx].contiguous()
+                p.set_cut()
+        return self
 
     def to(self, dtype: torch.dtype) -> "PredictorSet":
         """A float dtype, or ``torch.int8``: the int8 weight-only form (see the module's docstring)."""

@@ -151,6 +151,11 @@ def test_int8_engine_form(trained):
     assert q.active_ids(0, x[:1]).size == 0
     q.pin(0, [3, 5])  # ... except the pinned neurons
     assert q.active_ids(0, x[:1]).tolist() == [3, 5]
+    order = [np.random.default_rng(i).permutation(act.d_ffn) for i in range(3)]
+    perm = PredictorSet.load(root / "pred").permute_outputs(order)  # outputs as rows of a reordered file
+    fresh = PredictorSet.load(root / "pred")
+    for layer in range(3):
+        assert torch.equal(perm.predict(layer, x), fresh.predict(layer, x)[:, order[layer]])
     q.save(root / "pred-int8")
     again = PredictorSet.load(root / "pred-int8", dtype=torch.float32)
     assert again.ranks == [8, 8, 12] and again.pinned(0) == [3, 5]
