@@ -456,7 +456,7 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
 
 def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
-                 perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None) -> dict:
+                 perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
@@ -469,7 +469,7 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
-    kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm)
+    kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share)
     if row in ("dense", "naive", "hybrid"):
         mode, win = row, window
     else:

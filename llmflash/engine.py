@@ -66,9 +66,10 @@ class EngineConfig:
     staging_rows: Optional[int] = None
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
-    # torch threads; 0 = auto: every core in the sparse modes and from d_model >= LARGE_D_MODEL (GBs of matvecs per
-    # token: results/latency); 1 for small models in dense, naive and hybrid, whose whole-layer reads keep the second
-    # core busy (smollm2-relu naive: 618-719 ms/token with 1 thread, 862-898 with 2; predictor: 132-152 vs 156-157)
+    # torch threads; 0 = auto: every core in the sparse modes (results/engine_options, one_thread arm) and from
+    # d_model >= LARGE_D_MODEL (GBs of matvecs per token: results/latency); 1 for small models in dense, naive and
+    # hybrid, whose whole-layer reads keep the second core busy. On a machine busy with other work use 1: torch's
+    # worker threads then wait for a core at every small op
     compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
@@ -173,34 +174,6 @@ class PredictorProvider:
         return self.p.active_ids(layer, x)
 
     guess = active
-
-
-class PermutedProvider:
-    """Wraps a provider that speaks the model's own neuron ids, for a flash directory whose rows are stored in another
-    order (``perm[layer][j]`` = the neuron at row j; ``FlashDir.neuron_order``): its sets come out as row ids."""
-
-    def __init__(self, inner, perm) -> None:
-        self.inner = inner
-        self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
-        self.row_of = [np.argsort(np.asarray(p)) for p in perm]  # neuron id -> row
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-        if hasattr(inner, "active_ids"):
-            self.active_ids = self._active_ids
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        return self.inner.active(layer, x)[:, self.perm[layer]]
-
-    def guess(self, layer: int, x: Tensor) -> Tensor:
-        return self.inner.guess(layer, x)[:, self.perm[layer]]
-
-    def _active_ids(self, layer: int, x: Tensor) -> np.ndarray:
-        return np.sort(self.row_of[layer][self.inner.active_ids(layer, x)])
 
 
 # ------------------------------------------------------------------------------------------------------ FFN modules

@@ -364,7 +364,24 @@ class TraceProvider:
         return torch.from_numpy(m)
 
 
-from .engine import PermutedProvider  # noqa: E402,F401 - re-exported (it lived here)
+class PermutedProvider:
+    """Wraps a provider whose ids are original neuron ids, for a flash directory whose rows were permuted
+    (``perm[layer][j]`` = original id stored at row j). (The engine's own predictors need no wrapper: it permutes
+    their outputs at load, ``PredictorSet.permute_outputs``.)"""
+
+    def __init__(self, inner, perm: Sequence[np.ndarray]) -> None:
+        self.inner = inner
+        self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
+        self.nbytes = inner.nbytes
+        self.counted = inner.counted
+        self.layer_demand = getattr(inner, "layer_demand", None)
+
+    def reset(self) -> None:
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        return self.inner.active(layer, x)[:, self.perm[layer]]
 
 
 class NoReuseProvider:
