@@ -73,7 +73,7 @@ class EngineConfig:
     compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
-    # (results/lookahead/lookahead.json)
+    # (results/engine_options, lookahead arm)
     lookahead: bool = False
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
