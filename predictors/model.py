@@ -12,9 +12,10 @@ so ``predict`` is two small matmuls and a comparison against logit(p_l). On disk
 
 At run time (``ENGINE_DTYPE``) the engine holds them in int8, weight-only: each row of A and B quantized with its own
 scale (bf16), the rank padded with zero rows to a multiple of 16, the activations in bf16, and the bias folded into a
-per-neuron cut (``threshold - b``, fp32). Half the DRAM of fp16 and ~45% less time per token, because at decode the
-predictor streams its weights from DRAM (measured: 1.5 vs 2.8 ms for smollm2-relu's 30 layers, cold caches). On
-held-out smollm2-relu tokens the sets are the same to 1e-4 (recall 0.9903 vs 0.9904, over-prediction 1.433 vs 1.434).
+per-neuron cut (``threshold - b``, fp32). Half the DRAM of fp16 and less time per token, because at decode the
+predictor streams its weights from DRAM (smollm2-relu in the engine: 2.6 vs 3.7 ms per token, results/engine_options).
+On held-out smollm2-relu tokens the sets barely move (recall 0.9913 vs 0.9914, over-prediction 1.444x for both:
+results/predictors/eval_smollm2-relu.json and paper_notes.md).
 """
 
 from __future__ import annotations
