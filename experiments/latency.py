@@ -108,8 +108,8 @@ def repeated_speedups(setup: dict, runs: dict, args, table) -> dict[str, list[fl
     repeats = args.repeats or (3 if args.quick else 5)
     rows = [k for k in SPARSE_ROWS if runs.get(k)]
     out = {k: [runs["naive"]["summary"]["ms_per_token"] / runs[k]["summary"]["ms_per_token"]] for k in rows}
+    n_naive = 6 if args.quick else 16
     for i in range(repeats - 1):
-        n_naive = 6 if args.quick else 16
         naive = common.standard_run(setup, "naive", args.quick, budget=args.budget, table=table, n=n_naive,
                                     share=False)["summary"]["ms_per_token"]
         for k in rows:

@@ -79,7 +79,7 @@ def main() -> None:
     chosen = variants(args.variants)
     old_rows, old_summary = previous_rows(args.out, tasks, args.limit) if args.reuse else ([], {})
     rows, summary, reused = [], {}, []
-    rescore = {VARIANTS[k][0] for k in args.rescore.split(",") if k} if args.rescore else set()
+    rescore = {label for label, _, _ in variants(args.rescore)} if args.rescore else set()
     for label, alias, sparsity in chosen:
         if label in old_summary and label not in rescore:
             rows += [r for r in old_rows if r["model"] == label]

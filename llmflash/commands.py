@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .engine import MODES, Engine, EngineConfig, GenerationResult
+from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
 from .report import fmt_bytes, write_json
 
@@ -83,7 +83,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
     p.add_argument("--compute-threads", type=int, default=0,
                    help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
-    p.add_argument("--predictor-dtype", default="int8", choices=("int8", "float16", "float32"),
+    p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
 
 

@@ -45,6 +45,7 @@ from .storage import FlashReader
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
+PREDICTOR_DTYPES = ("int8", "float16", "float32")  # EngineConfig.predictor_dtype
 LARGE_D_MODEL = 2048
 SPARSE_MODES = ("oracle", "predictor")
 
@@ -418,10 +419,10 @@ class Engine:
         self.cfg = config
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        small = fd.layout.d_model < LARGE_D_MODEL and config.mode not in SPARSE_MODES
-        self.compute_threads = config.compute_threads or (1 if small else cores)
-        torch.set_num_threads(self.compute_threads)
         large = fd.layout.d_model >= LARGE_D_MODEL
+        one_thread = not large and config.mode not in SPARSE_MODES
+        self.compute_threads = config.compute_threads or (1 if one_thread else cores)
+        torch.set_num_threads(self.compute_threads)
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
@@ -537,10 +538,10 @@ class Engine:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
         from predictors.model import ENGINE_DTYPE, PredictorSet
 
-        dtypes = {"int8": ENGINE_DTYPE, "float16": torch.float16, "float32": torch.float32}
-        if self.cfg.predictor_dtype not in dtypes:
-            raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(dtypes)}")
-        p = PredictorSet.load(self.cfg.predictors, dtype=dtypes[self.cfg.predictor_dtype])
+        if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
+            raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
+        dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
+        p = PredictorSet.load(self.cfg.predictors, dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
@@ -665,7 +666,8 @@ def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor
     d = adapter.ffn_spec(model.config).d_model
     if w0 is None or w1 is None:
         return torch.ones(d), torch.zeros(d)
-    w0 = w0.float().where(w0.float().abs() > 1e-6, torch.full_like(w0.float(), 1e-6))
+    w0 = w0.float()
+    w0 = w0.where(w0.abs() > 1e-6, torch.full_like(w0, 1e-6))
     scale = w1.float() / w0
     b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
     return scale, b1f - b0f * scale

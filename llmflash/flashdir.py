@@ -182,6 +182,7 @@ class FlashDir:
     manifest: dict
     layout: FlashLayout
     resident_buffer: object = None  # the aligned buffer resident tensors view (after read_resident)
+    _order: Optional[np.ndarray] = None  # neuron_order, once loaded and checked
 
     @property
     def name(self) -> str:
@@ -218,7 +219,7 @@ class FlashDir:
         info = self.manifest.get("neuron_order")
         if not info:
             return None
-        if getattr(self, "_order", None) is None:
+        if self._order is None:
             f = self.path / ORDER_FILE
             lay = self.layout
             try:

@@ -135,6 +135,10 @@ class _Layer:
     def tensors(self) -> list:
         return [t for t in (self.down, self.up, self.bias, self.down_scale, self.up_scale, self.cut) if t is not None]
 
+    def features(self, x: Tensor) -> Tensor:
+        """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
+        return _int8_linear(_int8_linear(x, self.down, self.down_scale), self.up, self.up_scale)
+
 
 def ffn_fingerprint(model: nn.Module) -> list[float]:
     """Per layer (||gate||, ||up||, ||down||, ||act_bias||): tells apart two versions of a model with one name (a
@@ -183,22 +187,17 @@ class PredictorSet:
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
         p = self._layers[layer]
         if p.quantized:  # bias folded into the cut: two kernels, one comparison
-            z, t = self._features(p, x.reshape(-1, x.shape[-1])).float().numpy(), p.cut  # [T, n]
+            z, t = p.features(x.reshape(-1, x.shape[-1])).float().numpy(), p.cut  # [T, n]
         else:
             z, t = self.scores(layer, x.reshape(-1, x.shape[-1])).float().numpy(), p.threshold_logit
         return np.flatnonzero(z[0] >= t if z.shape[0] == 1 else (z >= t).any(axis=0))
-
-    @staticmethod
-    def _features(p: _Layer, x: Tensor) -> Tensor:
-        """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
-        return _int8_linear(_int8_linear(x, p.down, p.down_scale), p.up, p.up_scale)
 
     def scores(self, layer: int, x: Tensor) -> Tensor:
         """The logits z [..., d_ffn] (before the layer's threshold), computed in the predictors' own form (the engine
         keeps them in int8: ``ENGINE_DTYPE``)."""
         p = self._layers[layer]
         if p.quantized:
-            z = self._features(p, x.reshape(-1, x.shape[-1])).float() + p.bias.float()
+            z = p.features(x.reshape(-1, x.shape[-1])).float() + p.bias.float()
             return z.view(*x.shape[:-1], -1)
         return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)  # [..., r] -> [..., n]
 
