@@ -9,6 +9,7 @@ uses the first ``count`` rows in whatever order they are. Nothing is allocated p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,8 +21,25 @@ from .storage import aligned_buffer
 NEVER = np.iinfo(np.int64).min // 2
 
 
-class RowStore:
-    """``capacity`` rows of every segment of one layer, in page-aligned buffers (direct-I/O destinations)."""
+class _Rows:
+    """``capacity`` rows of every segment of one layer: ``rows[s]`` is [capacity, stride_bytes / elem]."""
+
+    layout: FlashLayout
+    capacity: int
+    rows: list[Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.rows)
+
+    def part(self, name: str, n: int, start: int = 0) -> Tensor:
+        """View [n, d] of one part (gate/up/down) over rows [start, start + n)."""
+        s, off = self.layout.locate(name)
+        return self.rows[s][start : start + n, off : off + self.layout.d_model]
+
+
+class RowStore(_Rows):
+    """Rows in page-aligned host buffers (direct-I/O destinations)."""
 
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype) -> None:
         self.layout = layout
@@ -38,10 +56,22 @@ class RowStore:
     def nbytes(self) -> int:
         return sum(len(b) for b in self.buffers)
 
-    def part(self, name: str, n: int, start: int = 0) -> Tensor:
-        """View [n, d] of one part (gate/up/down) over rows [start, start + n)."""
-        s, off = self.layout.locate(name)
-        return self.rows[s][start : start + n, off : off + self.layout.d_model]
+
+class DeviceRows(_Rows):
+    """Rows in an accelerator's memory: the compute copy of a neuron cache or staging buffer whose reads land in a
+    host ``RowStore`` first (direct I/O cannot write into GPU memory) and are copied over with ``load``."""
+
+    def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.layout = layout
+        self.capacity = capacity
+        self.rows = [torch.zeros(max(capacity, 0), seg.stride_bytes // layout.elem_bytes, dtype=dtype, device=device)
+                     for seg in layout.segments]
+
+    def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:
+        """Copy host rows [host_start, host_start + n) into rows [start, start + n) (synchronous)."""
+        if n:
+            for dst, src in zip(self.rows, host.rows):
+                dst[start : start + n].copy_(src[host_start : host_start + n])
 
 
 @dataclass
@@ -56,11 +86,15 @@ class CacheUpdate:
 class NeuronCache:
     """One layer's window of active neurons: ``update`` decides what to delete and what to read."""
 
-    def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype) -> None:
+    def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
+                 device: Optional[torch.device] = None) -> None:
+        """``device``: keep the rows there (``DeviceRows``; the engine lands reads in a host buffer and copies them
+        in); None: in a host ``RowStore`` that the reads write directly."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
-        self.store = RowStore(layout, self.capacity, dtype)
+        self.store: RowStore | DeviceRows = (RowStore(layout, self.capacity, dtype) if device is None
+                                             else DeviceRows(layout, self.capacity, dtype, device))
         self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
         self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
         self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed
@@ -118,6 +152,8 @@ class NeuronCache:
         if holes.size:
             h, s = torch.from_numpy(holes), torch.from_numpy(src)
             for mat in self.store.rows:
+                if mat.device != h.device:  # rows on an accelerator
+                    h, s = h.to(mat.device), s.to(mat.device)
                 mat[h] = mat[s]
             self.ids[holes] = self.ids[src]
             self.slot[self.ids[holes]] = holes

@@ -85,6 +85,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
+    p.add_argument("--device", default="cpu",
+                   help="where to compute: cpu (default) or cuda[:N] (resident weights, neuron caches and predictors in "
+                        "GPU memory; reads land in host buffers and are copied over)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -98,6 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         mode=args.mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
         lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
+        device=args.device,
     )
 
 

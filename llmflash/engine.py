@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import NeuronCache, RowStore, split_rows
+from .cache import DeviceRows, NeuronCache, RowStore, split_rows
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .layout import read_plan
 from .report import median
-from .storage import FlashReader
+from .storage import FlashReader, pin_buffer, unpin_buffer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ class EngineConfig:
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
     # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
     row_bucket: int = -1
+    # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
+    # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
+    # buffers); reads still land in page-locked host buffers (direct I/O cannot write into GPU memory) and are copied
+    # over, timed as memory management. The paper's GPU setting (its Table 3, RTX 4090 rows)
+    device: str = "cpu"
 
 
 @dataclass
@@ -174,6 +179,9 @@ class PredictorProvider:
     def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
         return self.p.active_ids(layer, x)
 
+    def to_device(self, device: torch.device) -> None:
+        self.p.to_device(device)
+
     guess = active
 
 
@@ -214,11 +222,22 @@ class _FlashFFNBase(nn.Module):
         """Read rows ``ids`` (sorted) into ``store`` rows from ``dest_row``; timed as I/O."""
         self._wait(self._submit(store, ids, dest_row))
 
-    def _rows_output(self, store: RowStore, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+    def _upload(self, host: RowStore, rows, n: int, host_start: int, start: int):
+        """The rows to compute on once reads into ``host`` rows [host_start, +n) have landed: ``host`` itself on the
+        CPU; on an accelerator, ``rows`` (``DeviceRows``) after the n rows are copied in at ``start`` (timed as memory
+        management)."""
+        if not isinstance(rows, DeviceRows):
+            return host
+        t0 = _now_ms()
+        rows.load(host, n, host_start, start)
+        self.e.meter.mem_ms += _now_ms() - t0
+        return rows
+
+    def _rows_output(self, store, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
         bucket = self.e.row_bucket
         m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
-        bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids)]
+        bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids).to(self.act_bias.device)]
         if bias is not None and m > n:
             bias = torch.cat([bias, bias.new_zeros(m - n)])
         gated = self.e.fd.gated
@@ -233,7 +252,7 @@ class _FlashFFNBase(nn.Module):
         """Sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer, double-buffered:
         the next chunk's reads are in flight while the current chunk is computed. Only waiting counts as I/O."""
         e = self.e
-        y = torch.zeros(x.shape[0], e.fd.layout.d_model, dtype=x.dtype)
+        y = torch.zeros(x.shape[0], e.fd.layout.d_model, dtype=x.dtype, device=x.device)
         half = max(1, e.staging.capacity // 2)
         chunks = [ids[i : i + half] for i in range(0, ids.size, half)]
         pending = self._submit(e.staging, chunks[0], 0) if chunks else []
@@ -241,7 +260,9 @@ class _FlashFFNBase(nn.Module):
             self._wait(pending)
             if k + 1 < len(chunks):
                 pending = self._submit(e.staging, chunks[k + 1], ((k + 1) % 2) * half)
-            y += self._rows_output(e.staging, chunk.size, chunk, x, start=(k % 2) * half)[0]
+            start = (k % 2) * half
+            rows = self._upload(e.staging, e.staging_rows, chunk.size, start, start)
+            y += self._rows_output(rows, chunk.size, chunk, x, start=start)[0]
         return y
 
     def _finish(self, y: Tensor, shape: torch.Size) -> Tensor:
@@ -263,13 +284,20 @@ class SparseFFN(_FlashFFNBase):
 
     def __init__(self, engine: "Engine", layer: int, capacity: int) -> None:
         super().__init__(engine, layer)
-        self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype)
+        self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype,
+                                 device=engine.device if engine.offload else None)
         self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
         self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
         self._prefetch: Optional[tuple[list, int, int]] = None  # (tickets, first row, rows) read ahead for this layer
 
+    def _landing(self, dest_row: int) -> tuple[RowStore, int]:
+        """Where reads meant for cache rows from ``dest_row`` land: in the cache itself (CPU), or in the engine's host
+        landing buffer from row 0 (accelerator; ``_upload`` then copies them into the cache)."""
+        store = self.cache.store
+        return (store, dest_row) if isinstance(store, RowStore) else (self.e.landing, 0)
+
     def _ids(self, mask: Tensor) -> np.ndarray:
-        return mask.any(dim=0).nonzero().flatten().numpy()
+        return mask.any(dim=0).nonzero().flatten().cpu().numpy()
 
     def _need(self, x: Tensor, guess: bool = False) -> np.ndarray:
         """Union of the provider's active sets (or guessed sets) over the rows of x: sorted neuron ids."""
@@ -313,7 +341,9 @@ class SparseFFN(_FlashFFNBase):
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
             upd = self.cache.update(need, e.meter.step)
-            self._read(self.cache.store, upd.load_ids, upd.dest_row)
+            land, row = self._landing(upd.dest_row)
+            self._read(land, upd.load_ids, row)
+            self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
             return self._finish(y, x.shape)
         need = self._need(x2)
         pre, self._prefetch = self._prefetch, None
@@ -331,7 +361,8 @@ class SparseFFN(_FlashFFNBase):
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
-        pending = self._submit(self.cache.store, upd.load_ids, upd.dest_row)
+        land, row = self._landing(upd.dest_row)
+        pending = self._submit(land, upd.load_ids, row)
         overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
         if self.next is not None:  # start the next layer's reads before computing this one
@@ -346,10 +377,12 @@ class SparseFFN(_FlashFFNBase):
                 y = y + self._rows_output(self.cache.store, pre[2], ids[pre[1] : pre[1] + pre[2]], x2, start=pre[1])[0]
         self._wait(pending)
         if upd.load_ids.size:
-            y = y + self._rows_output(self.cache.store, upd.load_ids.size, upd.load_ids, x2, start=upd.dest_row)[0]
+            rows = self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
+            y = y + self._rows_output(rows, upd.load_ids.size, upd.load_ids, x2, start=upd.dest_row)[0]
         if overflow_pending is not None:
             self._wait(overflow_pending)
-            y = y + self._rows_output(e.staging, overflow.size, overflow, x2)[0]
+            rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
+            y = y + self._rows_output(rows, overflow.size, overflow, x2)[0]
         elif overflow.size:
             y = y + self._stream(x2, overflow)
         return self._finish(y, x.shape)
@@ -407,6 +440,9 @@ class GenerationResult:
 class Engine:
     """Load a flash directory for one mode and generate from it (see the module docstring)."""
 
+    # tests: take the accelerator's code path (device rows, host landing buffer, copies) with CPU tensors
+    copy_on_cpu: bool = False
+
     def __init__(
         self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig(),
         provider: Optional[ActiveSetProvider] = None,
@@ -417,6 +453,11 @@ class Engine:
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
+        self.device = _device(config.device)
+        self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
+        if self.offload and config.lookahead:
+            raise LLMFlashError("--lookahead runs on the CPU only: drop it or use --device cpu")
+        self._pinned: list = []
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         large = fd.layout.d_model >= LARGE_D_MODEL
@@ -435,24 +476,38 @@ class Engine:
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
+        self._resident_pairs = self._move_resident() if self.offload else []
         resident_bytes = fd.resident_path.stat().st_size
         staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
         self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
+        self.staging_rows: RowStore | DeviceRows = self.staging  # what streamed chunks are computed from
+        self.landing: Optional[RowStore] = None  # accelerator, sparse modes: where the cache's reads land
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
+        if self.offload:
+            self.staging_rows = DeviceRows(layout, self.staging.capacity, fd.dtype, self.device)
+            self.dram["staging_device"] = self.staging_rows.nbytes
+            self._pin(self.staging.buffers)
         budget_bytes = int(config.dram_budget * fd.model_bytes)
         mode = config.mode
 
         if mode in SPARSE_MODES:
             self.provider = provider if provider is not None else self._make_provider()
+            if self.offload and hasattr(self.provider, "to_device"):
+                self.provider.to_device(self.device)
             self.dram["predictors"] = self.provider.nbytes
             fixed = sum(self.dram.values())
-            per_row = layout.neuron_stride_bytes * layout.n_layers
+            per_row = layout.neuron_stride_bytes * (layout.n_layers + self.offload)  # + a landing row
             minimum = fixed + config.min_cache_rows * per_row
             self._check_budget(budget_bytes, minimum)
             total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
-            demand = getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers
-            self.cache_rows = split_rows(total_rows, list(demand), layout.d_ffn, config.min_cache_rows)
+            demand = list(getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers)
+            self.cache_rows = split_rows(total_rows, demand, layout.d_ffn, config.min_cache_rows)
+            if self.offload:  # the host landing buffer holds up to one layer's whole cache, inside the budget
+                self.cache_rows = split_rows(total_rows - max(self.cache_rows), demand, layout.d_ffn, config.min_cache_rows)
+                self.landing = RowStore(layout, max(self.cache_rows), fd.dtype)
+                self.dram["landing"] = self.landing.nbytes
+                self._pin(self.landing.buffers)
             modules = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
             if config.lookahead and hasattr(self.provider, "guess"):
@@ -472,6 +527,10 @@ class Engine:
             self._check_budget(budget_bytes, sum(self.dram.values()))
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
             self.resident_reader = FlashReader(fd.resident_path, n_threads=config.io_threads)
+            if self.offload:  # the resident weights are copied to the accelerator again every token
+                self._pin([fd.resident_buffer])
+        if mode != "naive":
+            self._resident_pairs = []  # only naive copies the resident weights again
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
@@ -479,6 +538,33 @@ class Engine:
         log.info("engine %s: DRAM %d of %d model bytes (%s)", mode, self.dram_bytes, fd.model_bytes, self.dram)
 
     # -- construction helpers
+
+    def _move_resident(self) -> list[tuple[Tensor, Tensor]]:
+        """Accelerator: move the resident model and the FFN biases there. Returns (host view of the resident buffer,
+        device tensor) pairs: naive mode copies them again after re-reading the buffer every token."""
+        host = {k: v for k, v in self.model.state_dict().items()}
+        self.model.to(self.device)
+        dev = self.model.state_dict()
+        pairs, seen = [], set()
+        for name, h in host.items():
+            d = dev[name]
+            if d.data_ptr() not in seen:
+                seen.add(d.data_ptr())
+                pairs.append((h, d))
+        moved = {}
+        for layer, biases in self.biases.items():
+            moved[layer] = tuple(None if b is None else b.to(self.device) for b in biases)
+            pairs += [(h, d) for h, d in zip(biases, moved[layer]) if h is not None]
+        self.biases = moved
+        return pairs
+
+    def _pin(self, buffers: list) -> None:
+        if self.device.type == "cuda":
+            self._pinned += [b for b in buffers if pin_buffer(b)]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _check_budget(self, budget_bytes: int, minimum: int) -> None:
         if budget_bytes < minimum:
@@ -517,7 +603,7 @@ class Engine:
                 fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
                 self.reader.read(buf, fo, nb, do)
         w = ffn_weights_from_rows(self.fd, store.rows, self.biases[layer])
-        keep = lambda name, t: t.contiguous() if (t is not None and name in parts) else None  # noqa: E731
+        keep = lambda name, t: t.to(self.device).contiguous() if (t is not None and name in parts) else None  # noqa: E731
         return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down), w.act_bias, w.out_bias)
 
     @staticmethod
@@ -541,6 +627,9 @@ class Engine:
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
+        if dtype == ENGINE_DTYPE and self.device.type != "cpu":
+            log.info("int8 predictors use a CPU kernel: holding them in float16 on %s", self.device)
+            dtype = torch.float16
         p = PredictorSet.load(self.cfg.predictors, dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
@@ -563,6 +652,12 @@ class Engine:
         dt = _now_ms() - t0
         self.meter.io_ms += dt
         self.meter.read_ms += dt
+        if self._resident_pairs:  # accelerator: and on to its memory
+            t0 = _now_ms()
+            for h, d in self._resident_pairs:
+                d.copy_(h)
+            self._sync()
+            self.meter.mem_ms += _now_ms() - t0
 
     def _reader_totals(self) -> tuple[int, int]:
         b, r = self.reader.stats.bytes_read, self.reader.stats.reads
@@ -589,9 +684,10 @@ class Engine:
 
         self.reset()
         cache = DynamicCache()
-        ids = prompt_ids.view(1, -1)
+        ids = prompt_ids.view(1, -1).to(self.device)
         t0 = _now_ms()
         logits = self._forward(ids, cache)
+        self._sync()
         prefill_ms = _now_ms() - t0
         eos = self.tokenizer.eos_token_id
         tokens: list[int] = []
@@ -609,7 +705,8 @@ class Engine:
             t0 = _now_ms()
             if self.resident_reader is not None:
                 self._reread_resident()
-            logits = self._forward(torch.tensor([[nxt]]), cache)
+            logits = self._forward(torch.tensor([[nxt]], device=self.device), cache)
+            self._sync()
             total = _now_ms() - t0 - self.meter.excluded_ms
             b1, r1 = self._reader_totals()
             m = self.meter
@@ -635,7 +732,7 @@ class Engine:
         self.reset()
         cache = DynamicCache()
         out = []
-        ids = ids.view(-1)
+        ids = ids.view(-1).to(self.device)
         logits = self._forward(ids[:1].view(1, 1), cache)
         for i in range(1, ids.numel()):
             out.append(torch.log_softmax(logits.float(), -1)[ids[i]])
@@ -643,7 +740,7 @@ class Engine:
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(ids[i : i + 1].view(1, 1), cache)
-        return torch.stack(out)
+        return torch.stack(out).cpu()
 
     def close(self) -> None:
         """Close the readers and drop the model, caches and staging buffers now (FFN modules refer back to the
@@ -651,9 +748,26 @@ class Engine:
         self.reader.close()
         if self.resident_reader is not None:
             self.resident_reader.close()
+        if self._pinned:
+            self._sync()
+            for b in self._pinned:
+                unpin_buffer(b)
+            self._pinned = []
         self.model = None
         self.ffn_modules = []
         self.provider = None
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LLMFlashError(f"--device {name!r} is not a device: use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LLMFlashError(f"--device {name}: no CUDA device is visible to torch {torch.__version__}")
+    if device.type not in ("cpu", "cuda"):
+        raise LLMFlashError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor]:

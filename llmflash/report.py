@@ -42,11 +42,14 @@ def environment() -> dict:
         commit = ""
     import os
 
-    return {
+    env = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "numpy": numpy.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "commit": commit,
+        "torch_threads": torch.get_num_threads(), "commit": commit or os.environ.get("LLMFLASH_COMMIT", ""),
     }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
 
 
 def fmt_bytes(n: float) -> str:

@@ -62,6 +62,32 @@ def buffer_address(buf) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+def pin_buffer(buf) -> bool:
+    """Page-lock ``buf`` for CUDA (``cudaHostRegister``) so that host->GPU copies from it run at full speed and
+    without a bounce buffer. False where CUDA is absent or refuses (the copies then still work, slower)."""
+    import torch
+
+    if not torch.cuda.is_available() or len(buf) == 0:
+        return False
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(buffer_address(buf), len(buf), 0)
+    except (AttributeError, RuntimeError, TypeError) as err:
+        log.warning("could not pin a %d-byte buffer for CUDA: %s", len(buf), err)
+        return False
+    if int(rc) != 0:
+        log.warning("cudaHostRegister of a %d-byte buffer failed (error %d): copies to the GPU will be slower",
+                    len(buf), int(rc))
+        return False
+    return True
+
+
+def unpin_buffer(buf) -> None:
+    """Undo ``pin_buffer`` (before the buffer is unmapped)."""
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(buffer_address(buf))
+
+
 def proc_read_bytes() -> int:
     """Bytes this process made the kernel fetch from storage (``read_bytes`` of /proc/self/io), or -1 if unknown.
 

@@ -351,10 +351,15 @@ class TraceProvider:
     def reset(self) -> None:
         self.model.reset()
 
+    def to_device(self, device: torch.device) -> None:
+        """Run the predictor's compute on ``device`` (an engine on an accelerator)."""
+        self.pred = [tuple(t.to(device) for t in p) for p in self.pred]
+
     def active(self, layer: int, x: Tensor) -> Tensor:
         if self.pred:
             down, up, bias = self.pred[layer]
-            _ = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+            z = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+            z.cpu()  # a real predictor's set reaches the host before its reads are issued (a sync on a GPU)
         which = 0 if self.kind == "true" else 1
         rows = [self.model.step(layer)[which] for _ in range(x.shape[0])]
         m = np.stack(rows)
@@ -379,6 +384,10 @@ class PermutedProvider:
     def reset(self) -> None:
         if hasattr(self.inner, "reset"):
             self.inner.reset()
+
+    def to_device(self, device: torch.device) -> None:
+        if hasattr(self.inner, "to_device"):
+            self.inner.to_device(device)
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.inner.active(layer, x)[:, self.perm[layer]]

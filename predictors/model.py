@@ -132,6 +132,11 @@ class _Layer:
         self.down, self.up, self.bias = (t.to(dtype).contiguous() for t in (a, b, self.bias))
         self.down_scale = self.up_scale = self.cut = None
 
+    def to_device(self, device: torch.device) -> None:
+        self.down, self.up, self.bias = (t.to(device) for t in (self.down, self.up, self.bias))
+        if self.quantized:
+            self.down_scale, self.up_scale = self.down_scale.to(device), self.up_scale.to(device)
+
     def tensors(self) -> list:
         return [t for t in (self.down, self.up, self.bias, self.down_scale, self.up_scale, self.cut) if t is not None]
 
@@ -187,9 +192,9 @@ class PredictorSet:
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
         p = self._layers[layer]
         if p.quantized:  # bias folded into the cut: two kernels, one comparison
-            z, t = p.features(x.reshape(-1, x.shape[-1])).float().numpy(), p.cut  # [T, n]
+            z, t = p.features(x.reshape(-1, x.shape[-1])).float().cpu().numpy(), p.cut  # [T, n]
         else:
-            z, t = self.scores(layer, x.reshape(-1, x.shape[-1])).float().numpy(), p.threshold_logit
+            z, t = self.scores(layer, x.reshape(-1, x.shape[-1])).float().cpu().numpy(), p.threshold_logit
         return np.flatnonzero(z[0] >= t if z.shape[0] == 1 else (z >= t).any(axis=0))
 
     def scores(self, layer: int, x: Tensor) -> Tensor:
@@ -288,6 +293,13 @@ class PredictorSet:
             if p.quantized:
                 p.up_scale = p.up_scale[idx].contiguous()
                 p.set_cut()
+        return self
+
+    def to_device(self, device: torch.device) -> "PredictorSet":
+        """Move the weights to ``device`` (the engine on an accelerator; use a float form there: the int8 kernel is
+        CPU-only). In place."""
+        for p in self._layers:
+            p.to_device(device)
         return self
 
     def to(self, dtype: torch.dtype) -> "PredictorSet":

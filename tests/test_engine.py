@@ -11,7 +11,7 @@ import torch
 
 from llmflash.cache import NeuronCache
 from llmflash.engine import Engine, EngineConfig
-from llmflash.errors import BudgetError
+from llmflash.errors import BudgetError, LLMFlashError
 from llmflash.flashdir import convert, load_in_memory, open_flash_dir
 from llmflash.layout import FlashLayout, read_plan, runs
 from llmflash.sparsity import calibrate_thresholds
@@ -193,6 +193,50 @@ def test_tight_budget_with_overflow_still_exact(flash_dirs):
     ref = _gen(flash_dirs["llama"], "dense").tokens
     res = _gen(flash_dirs["llama"], "oracle", budget=budget, staging_rows=384)
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_accelerator_path_on_cpu_gives_the_dense_tokens(flash_dirs, name, monkeypatch):
+    """The accelerator's code path (compute rows kept apart from the host buffers that reads land in, rows copied
+    over, resident weights copied again in naive), taken with CPU tensors: same tokens, same log-probabilities, and
+    the host landing buffer inside the budget, also when the cache overflows into the staging buffer."""
+    ref = _gen(flash_dirs[name], "dense").tokens
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(8))
+    dense_ppl = _ppl(flash_dirs[name], "dense", ids)
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    for mode in ("dense", "naive", "hybrid", "oracle"):
+        assert _gen(flash_dirs[name], mode).tokens == ref, mode
+    assert abs(_ppl(flash_dirs[name], "oracle", ids, window=2) / dense_ppl - 1) < 1e-5
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + 2 * 384 * lay.neuron_stride_bytes
+    budget = (fixed + 20 * lay.neuron_stride_bytes * (lay.n_layers + 1)) / fd.model_bytes  # 20 rows per layer
+    res = _gen(flash_dirs[name], "oracle", budget=budget, staging_rows=384)
+    assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+    assert {"landing", "staging_device"} <= set(res.dram_breakdown)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_cuda_engine_gives_its_dense_tokens(flash_dirs, name):
+    """On a GPU every mode generates the GPU's dense tokens (same device: same arithmetic) and the budget holds."""
+    ref = _gen(flash_dirs[name], "dense", device="cuda")
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(flash_dirs[name], mode, device="cuda").tokens == ref.tokens, mode
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    budget = (fd.resident_path.stat().st_size + 2 * 384 * lay.neuron_stride_bytes
+              + 20 * lay.neuron_stride_bytes * (lay.n_layers + 1)) / fd.model_bytes
+    res = _gen(flash_dirs[name], "oracle", budget=budget, staging_rows=384, device="cuda")
+    assert res.tokens == ref.tokens and res.dram_bytes <= budget * fd.model_bytes
+
+
+def test_bad_device_is_one_clear_error(flash_dirs):
+    with pytest.raises(LLMFlashError, match="--device"):
+        Engine(flash_dirs["llama"], EngineConfig(mode="oracle", device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(LLMFlashError, match="no CUDA device"):
+            Engine(flash_dirs["llama"], EngineConfig(mode="oracle", device="cuda"))
 
 
 # ------------------------------------------------------------------------------------------------ honest accounting
