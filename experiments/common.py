@@ -457,7 +457,7 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
 def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", io_threads: Optional[int] = None) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
@@ -467,6 +467,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     extra = {} if compute_threads is None else {"compute_threads": compute_threads}
     if device != "cpu":
         extra["device"] = device
+    if io_threads is not None:
+        extra["io_threads"] = io_threads
     if row == "ours_coact" and scale:
         raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]

@@ -10,7 +10,8 @@ counted as memory management). Naive reads the whole model every token (resident
 naive row) and copies it to the GPU.
 
 It writes the scale model on that machine (13.4 GB, ``LLMFLASH_CACHE``), profiles its disk with ``profile-io`` (the
-reference for the read efficiency), then runs naive and ours alternately ``--repeats`` times (the speedup of each
+reference for the read efficiency; every run uses the reader thread count it finds fastest for ours' 16 KiB reads
+among 16, 32 and 64), then runs naive and ours alternately ``--repeats`` times (the speedup of each
 repeat is naive / ours from adjacent runs), then hybrid and dense once. Active sets come from the trace source
 (simulated, as everywhere for the scale model); reads, copies and compute are measured.
 
@@ -34,7 +35,8 @@ from llmflash.report import write_json
 
 PAPER_GPU = {"naive": (2196, 0, 22, 2218), "ours": (30, 34, 20, 84)}  # Table 3, RTX 4090: I/O, mem, compute, total ms
 PROFILE_CHUNKS = (4096, 16384, 65536, 262144, 1048576)
-PROFILE_THREADS = 16  # the engine's io_threads
+PROFILE_THREADS = (16, 32, 64)  # candidate reader thread counts (the engine's default is 16)
+ENGINE_READ_BYTES = 16384  # ours' typical read on the scale model: one 16 KiB neuron bundle
 WARMUP = 5  # ours: tokens that fill the window before the statistics start
 
 
@@ -47,7 +49,7 @@ def profile_disk(size_gb: float) -> list[dict]:
         return json.loads(path.read_text())
     (cache_dir() / "profile").mkdir(exist_ok=True)
     rows = profile_io(cache_dir() / "profile", int(size_gb * 1e9), chunk_sizes=PROFILE_CHUNKS,
-                      thread_counts=(1, PROFILE_THREADS), repeats=2, progress=False)
+                      thread_counts=(1, *PROFILE_THREADS), repeats=2, progress=False)
     write_json(path, rows)
     return rows
 
@@ -71,6 +73,8 @@ def main() -> None:
     p.add_argument("--naive-tokens", type=int, default=3, help="naive and hybrid: tokens per run (default 3)")
     p.add_argument("--profile-gb", type=float, default=2.0, help="size of the profile-io test file (GB)")
     p.add_argument("--skip", default="", help="comma-separated extra rows to skip: hybrid, dense")
+    p.add_argument("--io-threads", type=int, default=0,
+                   help="reader threads (0 = the count profile-io finds fastest for 16 KiB reads among 16, 32, 64)")
     p.add_argument("--prepare-only", action="store_true", help="write the scale model and profile the disk, then stop")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -82,7 +86,11 @@ def main() -> None:
           + ", ".join(f"{r['chunk_bytes'] // 1024} KiB x{r['threads']}: {r['gbps']:.2f} GB/s" for r in profile), flush=True)
     if args.prepare_only:
         return
-    table = sorted((r["chunk_bytes"], r["gbps"]) for r in profile if r["threads"] == PROFILE_THREADS)
+    # reader threads for every run (naive and ours alike): the count profile-io found fastest at ours' read size
+    io_threads = args.io_threads or max((r for r in profile if r["chunk_bytes"] == ENGINE_READ_BYTES
+                                         and r["threads"] in PROFILE_THREADS), key=lambda r: r["gbps"])["threads"]
+    table = sorted((r["chunk_bytes"], r["gbps"]) for r in profile if r["threads"] == io_threads)
+    print(f"reader threads: {io_threads}", flush=True)
     runs: dict[str, list[dict]] = {"naive": [], "ours": []}
     rows: list[dict] = []
     data = {"paper_opt_6_7b_gpu": PAPER_GPU, "profile_io": profile, "setup": setup, "runs": runs,
@@ -93,14 +101,14 @@ def main() -> None:
         data["speedups"] = speedups
         data["speedup_median"] = statistics.median(speedups) if speedups else None
         common.save(args.out, "gpu_scale", args, data=data, rows=rows,
-                    extra_config={"budget": args.budget, "device": args.device, "model_write_s": t_model,
-                                  "profile_s": t_profile})
+                    extra_config={"budget": args.budget, "device": args.device, "io_threads": io_threads,
+                                  "model_write_s": t_model, "profile_s": t_profile})
 
     for i in range(args.repeats):
         naive = common.standard_run(setup, "naive", False, budget=args.budget, table=table, n=args.naive_tokens,
-                                    warmup=0, share=False, device=args.device)
+                                    warmup=0, share=False, device=args.device, io_threads=io_threads)
         ours = common.standard_run(setup, "ours", False, budget=args.budget, table=table, n=args.tokens,
-                                   warmup=WARMUP, share=False, device=args.device)
+                                   warmup=WARMUP, share=False, device=args.device, io_threads=io_threads)
         runs["naive"].append(naive)
         runs["ours"].append(ours)
         n_ms = naive["summary"]["ms_per_token"]
@@ -116,7 +124,7 @@ def main() -> None:
         if key in skip:
             continue
         r = common.standard_run(setup, key, False, budget=budget, table=table, n=n, warmup=0 if key != "dense" else 2,
-                                share=False, device=args.device)
+                                share=False, device=args.device, io_threads=io_threads)
         runs[key] = [r]
         rows.append(summary_row(key, 1, r, naive_ms))
         print(f"{key}: {r['summary']['ms_per_token']:,.1f} ms per token ({rows[-1]['speedup_vs_naive']:.1f}x)", flush=True)

@@ -96,7 +96,7 @@ class TokenStats:
     total_ms: float = 0.0
     bytes_read: int = 0
     reads: int = 0
-    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract)
+    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
     read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
     loaded_neurons: int = 0
@@ -136,6 +136,9 @@ class ActiveSetProvider(Protocol):
 
     # Optional: ``guess(layer, x)`` -> bool [T, n], the set of ``layer`` guessed from an approximation of its input
     # (lookahead); a provider without it gets no lookahead.
+    # Optional: ``pop_replay_ms()`` -> ms of its calls since the last pop that replayed recorded or simulated sets
+    # (a trace standing in for a predictor's output): excluded from the token's time like the oracle's; the rest of a
+    # counted provider's call is predictor time.
 
 
 class OracleProvider:
@@ -310,8 +313,10 @@ class SparseFFN(_FlashFFNBase):
         else:
             ids = self._ids(e.provider.active(self.layer, x))  # x [T, d] -> bool [T, n]
         dt = _now_ms() - t0
-        if e.provider.counted:
-            e.meter.predictor_ms += dt
+        if e.provider.counted:  # a trace replays simulated sets: that part stands for no real work
+            replay = e.provider.pop_replay_ms() if hasattr(e.provider, "pop_replay_ms") else 0.0
+            e.meter.predictor_ms += dt - replay
+            e.meter.excluded_ms += replay
         else:
             e.meter.excluded_ms += dt
         return ids

@@ -160,6 +160,9 @@ def test_trace_provider_in_the_engine(scale_dirs):
         finally:
             e.close()
         assert prov.counted == (prov.kind == "predicted") and len(r.per_token) == 5
+        if prov.counted:  # the predictor network is charged, drawing the trace's sets is not
+            assert all(t.predictor_ms > 0 and t.excluded_ms > 0 for t in r.per_token)
+            assert prov.replay_ms == 0.0  # every call's replay time was handed to the engine
     # the predicted provider holds real predictor weights that count in the budget
     assert TraceProvider(TraceModel(params, n), "predicted", d_model=TINY.d_model, ranks=(8,)).nbytes > 0
     # PermutedProvider: column j of its mask is the inner mask's column perm[j]
