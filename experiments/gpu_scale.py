@@ -75,8 +75,19 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated extra rows to skip: hybrid, dense")
     p.add_argument("--io-threads", type=int, default=0,
                    help="reader threads (0 = the count profile-io finds fastest for 16 KiB reads among 16, 32, 64)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the figure from OUT/gpu_scale.json (no GPU needed)")
     p.add_argument("--prepare-only", action="store_true", help="write the scale model and profile the disk, then stop")
     args = p.parse_args()
+    if args.replot:
+        data = json.loads((args.out / "gpu_scale.json").read_text())
+        naive_ms = [n["summary"]["ms_per_token"] for n in data["runs"]["naive"]]
+        rows = [summary_row(k, i + 1, r, naive_ms[i] if k in ("naive", "ours") else statistics.median(naive_ms))
+                for k, rs in data["runs"].items() for i, r in enumerate(rs)]
+        plot(rows, data, args.out / "gpu_scale.png")
+        return
+    if args.quick:
+        args.repeats, args.skip = min(args.repeats, 2), "hybrid,dense"
     t_start = time.perf_counter()
     setup = common.scale_setup()
     t_model = time.perf_counter() - t_start
@@ -138,42 +149,50 @@ def plot(rows: list[dict], data: dict, png) -> None:
     import numpy as np
 
     plt = common.plt()
-    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.4, 1, 1]})
-    order = ["naive", "hybrid", "ours", "dense"]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6), gridspec_kw={"width_ratios": [1.3, 0.9, 0.9, 1]})
+    ax, ax1, ax2, ax3 = axes
     best = {}
-    for key in order:  # the median repeat of each method
+    for key in ("naive", "hybrid", "ours", "dense"):  # the median repeat of each method
         rs = sorted((r for r in rows if r["method"] == key), key=lambda r: r["total_ms"])
         if rs:
             best[key] = rs[len(rs) // 2]
-    bars = [(k, best[k]) for k in order if k in best]
-    bars += [(f"paper {k}\n(RTX 4090)", dict(zip(("io_ms", "mem_ms", "compute_ms", "total_ms"), v)))
-             for k, v in PAPER_GPU.items()]
+    paper = {f"paper {k}": dict(zip(("io_ms", "mem_ms", "compute_ms", "total_ms"), v)) for k, v in PAPER_GPU.items()}
+    bars = list(best.items()) + list(paper.items())
     x = np.arange(len(bars))
-    bottom = np.zeros(len(bars))
-    for part, col, name in (("io_ms", "tab:red", "flash I/O"), ("mem_ms", "tab:green", "memory mgmt + host->GPU"),
-                            ("compute_ms", "tab:blue", "compute")):
-        v = np.array([max(b[part], 0.1) for _, b in bars])
-        ax.bar(x, v, 0.6, bottom=bottom, color=col, label=name)
-        bottom += v
+    colors = ["tab:gray" if k.startswith("paper") else "tab:purple" for k, _ in bars]
+    ax.bar(x, [b["total_ms"] for _, b in bars], 0.6, color=colors)
     for i, (_, b) in enumerate(bars):
-        ax.annotate(f"{b['total_ms']:,.0f} ms", (x[i], bottom[i]), textcoords="offset points", xytext=(0, 3),
+        ax.annotate(f"{b['total_ms']:,.0f} ms", (x[i], b["total_ms"]), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=8)
     ax.set_xticks(x)
-    ax.set_xticklabels([k for k, _ in bars], fontsize=8)
+    ax.set_xticklabels([k.replace("paper ", "paper\n") for k, _ in bars], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("latency per token (ms, log scale)")
-    ax.set_title("Scale model on a GPU: per-token latency (measured; paper: its Table 3)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("Per-token latency: this GPU machine (measured, purple) vs the paper's RTX 4090 (grey)", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
+    parts = [k for k in ("ours", "dense") if k in best] + ["paper ours"]
+    bottom = np.zeros(len(parts))
+    for part, col, name in (("io_ms", "tab:red", "flash I/O (waiting)"), ("mem_ms", "tab:green", "memory mgmt + host->GPU"),
+                            ("compute_ms", "tab:blue", "compute")):
+        v = np.array([(best.get(k) or paper.get(k))[part] for k in parts])
+        ax1.bar(np.arange(len(parts)), v, 0.6, bottom=bottom, color=col, label=name)
+        bottom += v
+    ax1.set_xticks(np.arange(len(parts)))
+    ax1.set_xticklabels(parts, fontsize=8)
+    ax1.set_ylabel("ms per token")
+    ax1.set_title("Where ours' time goes (stacked)", fontsize=9)
+    ax1.legend(fontsize=8)
+    ax1.grid(True, axis="y", alpha=0.3)
     sp = data["speedups"]
     ax2.plot(range(1, len(sp) + 1), sp, "o-", label="naive / ours, per repeat")
     ax2.axhline(15, color="grey", ls="--", label="target 15x")
     ax2.axhline(PAPER_GPU["naive"][3] / PAPER_GPU["ours"][3], color="tab:orange", ls=":", label="paper, RTX 4090 (26x)")
+    ax2.set_xticks(range(1, len(sp) + 1))
     ax2.set_xlabel("repeat (naive and ours run back to back)")
     ax2.set_ylabel("speedup over naive (x)")
     ax2.set_ylim(0, max(sp + [30]) * 1.1)
     ax2.set_title(f"Speedup, median {data['speedup_median']:.1f}x (measured)", fontsize=9)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower right")
     ax2.grid(True, alpha=0.3)
     prof = sorted((r["chunk_bytes"], r["gbps"], r["threads"]) for r in data["profile_io"])
     for t in sorted({r[2] for r in prof}):
@@ -181,12 +200,13 @@ def plot(rows: list[dict], data: dict, png) -> None:
         ax3.plot(*zip(*pts), "o-", label=f"profile-io, {t} threads")
     for key, mk in (("ours", "*"), ("naive", "s")):
         if key in best and best[key]["mean_read_kib"]:
-            ax3.plot(best[key]["mean_read_kib"], best[key]["read_gbps"], mk, ms=11, label=f"{key} in the engine (mean read)")
+            ax3.plot(best[key]["mean_read_kib"], best[key]["read_gbps"], mk, ms=11,
+                     label=f"{key} in the engine (mean read, bytes / I/O wait)")
     ax3.set_xscale("log", base=2)
     ax3.set_xlabel("read size (KiB)")
     ax3.set_ylabel("GB/s")
     ax3.set_title("That machine's disk, direct I/O (measured)", fontsize=9)
-    ax3.legend(fontsize=8)
+    ax3.legend(fontsize=7)
     ax3.grid(True, alpha=0.3)
     common.savefig(fig, png)
 
