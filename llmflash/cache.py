@@ -4,6 +4,8 @@ Per layer: a matrix of ``capacity`` rows (one per cached neuron, in the flash ro
 place), the original neuron id of each row, and a count of used rows. A neuron stays while it was active in one of
 the last ``window`` tokens. Deleting moves the last rows into the freed slots; inserting appends at the end; compute
 uses the first ``count`` rows in whatever order they are. Nothing is allocated per token except small index arrays.
+With the engine on a GPU the matrix lives in GPU memory (``DeviceRows``): reads land in a host buffer and are copied
+into rows [count, count + new); deletions move rows on the GPU.
 """
 
 from __future__ import annotations

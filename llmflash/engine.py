@@ -12,6 +12,12 @@ reached the flash files. A token's latency is its wall time; ``io_ms`` is the ti
 sparse layer computes its already-cached rows, and a streamed layer its current chunk, while the next reads are in
 flight), ``mem_ms`` the cache bookkeeping, and ``compute_ms`` the rest.
 
+On an accelerator (``EngineConfig.device="cuda"``, the paper's GPU setting) the resident model, the FFN biases, the
+neuron caches (``DeviceRows``) and the predictors live in GPU memory. Direct I/O cannot write there, so reads land in
+page-locked host buffers: a sparse layer's new rows in a landing buffer the size of the largest layer cache, streamed
+chunks in the staging buffer, and are copied over (timed as memory management; naive also copies the resident weights
+again after re-reading them). The cache's bookkeeping is unchanged; its row moves happen on the GPU.
+
 Lookahead (``EngineConfig.lookahead``, sparse modes, off by default): a layer with few new neurons per token issues
 few reads, and a wave of a few dozen reads is latency-bound (the disk needs many in flight). So while layer l runs,
 the engine also guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual
@@ -81,6 +87,12 @@ class EngineConfig:
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
     # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
     row_bucket: int = -1
+    # sparse modes: DRAM held back from the budget for the compute's working memory (contiguous copies of cached rows,
+    # what the allocator and oneDNN keep per matmul shape), in units of the largest layer cache. -1 = auto: 4 from
+    # d_model >= LARGE_D_MODEL (the scale model's process grew 185-383 MiB past its buffers, 3-6 of its 61 MB layer
+    # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit); 0 for
+    # small models, whose working memory is within the runtime's overhead.
+    working_reserve: float = -1
     # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
     # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
     # buffers); reads still land in page-locked host buffers (direct I/O cannot write into GPU memory) and are copied
@@ -502,14 +514,23 @@ class Engine:
                 self.provider.to_device(self.device)
             self.dram["predictors"] = self.provider.nbytes
             fixed = sum(self.dram.values())
-            per_row = layout.neuron_stride_bytes * (layout.n_layers + self.offload)  # + a landing row
+            reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0)
+            # per cached row: one per layer, plus a landing row (accelerator) and the working reserve's share
+            per_row = int(layout.neuron_stride_bytes * (layout.n_layers + self.offload + reserve))
             minimum = fixed + config.min_cache_rows * per_row
             self._check_budget(budget_bytes, minimum)
             total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
             demand = list(getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers)
             self.cache_rows = split_rows(total_rows, demand, layout.d_ffn, config.min_cache_rows)
-            if self.offload:  # the host landing buffer holds up to one layer's whole cache, inside the budget
-                self.cache_rows = split_rows(total_rows - max(self.cache_rows), demand, layout.d_ffn, config.min_cache_rows)
+            # held back from the caches, sized by the largest one: the host landing buffer (accelerator: up to one
+            # layer's whole cache) and the working reserve
+            reserve_rows = int(reserve * max(self.cache_rows))
+            held = reserve_rows + (max(self.cache_rows) if self.offload else 0)
+            if held:
+                self.cache_rows = split_rows(total_rows - held, demand, layout.d_ffn, config.min_cache_rows)
+            if reserve_rows:
+                self.dram["working_reserve"] = reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
+            if self.offload:
                 self.landing = RowStore(layout, max(self.cache_rows), fd.dtype)
                 self.dram["landing"] = self.landing.nbytes
                 self._pin(self.landing.buffers)

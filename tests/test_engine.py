@@ -242,6 +242,26 @@ def test_bad_device_is_one_clear_error(flash_dirs):
 # ------------------------------------------------------------------------------------------------ honest accounting
 
 
+def test_working_reserve_is_held_back_from_the_caches(flash_dirs):
+    """``working_reserve`` (auto for large models) takes rows from the caches, and the total stays in the budget."""
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    budget = (fd.resident_path.stat().st_size + 384 * lay.neuron_stride_bytes
+              + 60 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes
+    engines = [Engine(fd, EngineConfig(mode="oracle", dram_budget=budget, staging_rows=384, working_reserve=r))
+               for r in (-1, 2)]
+    try:
+        plain, held = engines
+        assert "working_reserve" not in plain.dram  # auto: none for small models
+        assert held.dram["working_reserve"] == 2 * max(plain.cache_rows) * lay.neuron_stride_bytes
+        assert sum(held.cache_rows) < sum(plain.cache_rows)
+        assert held.dram_bytes <= budget * fd.model_bytes and plain.dram_bytes <= budget * fd.model_bytes
+    finally:
+        for e in engines:
+            e.close()
+
+
+
 def test_bytes_read_match_the_kernel(flash_dirs):
     """Everything the engine's readers count (prefill + per-token) is what the kernel read for the process."""
     if proc_read_bytes() < 0:
