@@ -365,6 +365,10 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         return out
     fd = open_shared(flash_dir)
     provider = provider_factory() if provider_factory else None
+    cuda = cfg.device.startswith("cuda")
+    if cuda:  # the GPU memory this run takes, from a clean slate (what the caching allocator holds counts)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     engine = Engine(fd, cfg, provider=provider)
     try:
         from llmflash.trace import NoReuseProvider
@@ -385,6 +389,9 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         engine.close()
     extras = {"hybrid_resident_layers": getattr(engine, "hybrid_resident_layers", None),
               "cache_rows": getattr(engine, "cache_rows", None)}
+    if cuda:
+        extras.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
     del engine, provider  # the FFN modules point back at the engine: free its GBs of buffers now, not at some
     gc.collect()  # later cyclic collection (several scale-model engines in one process ran out of memory)
     out = {

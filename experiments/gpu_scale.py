@@ -61,7 +61,15 @@ def summary_row(key: str, repeat: int, r: dict, naive_ms: float) -> dict:
             "predictor_ms": s["predictor_ms"], "speedup_vs_naive": naive_ms / s["ms_per_token"],
             "dram_fraction": r["dram_fraction"], "gb_read_per_token": s["bytes_read_per_token"] / 1e9,
             "mean_read_kib": s["mean_read_bytes"] / 1024, "read_gbps": s["read_gbps"],
-            "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"], "label": "measured"}
+            "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"], "label": "measured",
+            "budget_gb": r["dram_bytes"] / 1e9, "host_buffers_gb": host_bytes(r) / 1e9,
+            "gpu_accounted_gb": (r["dram_bytes"] - host_bytes(r)) / 1e9,
+            "gpu_peak_reserved_gb": r.get("gpu_peak_reserved_bytes", float("nan")) / 1e9}
+
+
+def host_bytes(r: dict) -> int:
+    """The engine's host-side buffers (reads land there; counted in its budget with the GPU-side bytes)."""
+    return sum(v for k, v in r["dram_breakdown"].items() if k in ("staging", "landing"))
 
 
 def main() -> None:
@@ -126,7 +134,8 @@ def main() -> None:
         rows += [summary_row("naive", i + 1, naive, n_ms), summary_row("ours", i + 1, ours, n_ms)]
         print(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours {ours['summary']['ms_per_token']:,.1f} ms per token: "
               f"{rows[-1]['speedup_vs_naive']:.1f}x (ours io {rows[-1]['io_ms']:.1f}, mem {rows[-1]['mem_ms']:.1f}, "
-              f"compute {rows[-1]['compute_ms']:.1f} ms; read efficiency {rows[-1]['read_efficiency'] or 0:.2f})",
+              f"compute {rows[-1]['compute_ms']:.1f} ms; read efficiency {rows[-1]['read_efficiency'] or 0:.2f}; "
+              f"GPU memory peak {rows[-1]['gpu_peak_reserved_gb']:.2f} GB of {rows[-1]['gpu_accounted_gb']:.2f} accounted)",
               flush=True)
         write()
     naive_ms = statistics.median(r["summary"]["ms_per_token"] for r in runs["naive"])
