@@ -90,9 +90,9 @@ class EngineConfig:
     # sparse modes: DRAM held back from the budget for the compute's working memory (contiguous copies of cached rows,
     # what the allocator and oneDNN keep per matmul shape), in units of the largest layer cache. -1 = auto: 4 from
     # d_model >= LARGE_D_MODEL (the scale model's process grew 185-383 MiB past its buffers, 3-6 of its 61 MB layer
-    # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit) computing
-    # on the CPU; 0 for small models, whose working memory is within the runtime's overhead, and on a GPU, where the
-    # caching allocator's peak stays inside the budget (results/gpu_scale: gpu_peak_reserved_bytes).
+    # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit; on a GPU
+    # the caching allocator's peak was 130 MB above the accounted bytes without it: results/gpu_scale); 0 for small
+    # models, whose working memory is within the runtime's overhead.
     working_reserve: float = -1
     # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
     # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
@@ -515,7 +515,7 @@ class Engine:
                 self.provider.to_device(self.device)
             self.dram["predictors"] = self.provider.nbytes
             fixed = sum(self.dram.values())
-            reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large and not self.offload else 0.0)
+            reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0)
             # per cached row: one per layer, plus a landing row (accelerator) and the working reserve's share
             per_row = int(layout.neuron_stride_bytes * (layout.n_layers + self.offload + reserve))
             minimum = fixed + config.min_cache_rows * per_row
