@@ -66,7 +66,7 @@ class DeviceRows(_Rows):
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
         self.capacity = capacity
-        self.rows = [torch.zeros(max(capacity, 0), seg.stride_bytes // layout.elem_bytes, dtype=dtype, device=device)
+        self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=dtype, device=device)
                      for seg in layout.segments]
 
     def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:

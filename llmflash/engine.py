@@ -494,7 +494,10 @@ class Engine:
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
+        # naive on an accelerator copies the resident weights again every token: (host view, device tensor) pairs
         self._resident_pairs = self._move_resident() if self.offload else []
+        if config.mode != "naive":
+            self._resident_pairs = []
         resident_bytes = fd.resident_path.stat().st_size
         staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
         self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
@@ -556,8 +559,6 @@ class Engine:
             self.resident_reader = FlashReader(fd.resident_path, n_threads=config.io_threads)
             if self.offload:  # the resident weights are copied to the accelerator again every token
                 self._pin([fd.resident_buffer])
-        if mode != "naive":
-            self._resident_pairs = []  # only naive copies the resident weights again
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
@@ -569,7 +570,7 @@ class Engine:
     def _move_resident(self) -> list[tuple[Tensor, Tensor]]:
         """Accelerator: move the resident model and the FFN biases there. Returns (host view of the resident buffer,
         device tensor) pairs: naive mode copies them again after re-reading the buffer every token."""
-        host = {k: v for k, v in self.model.state_dict().items()}
+        host = dict(self.model.state_dict())
         self.model.to(self.device)
         dev = self.model.state_dict()
         pairs, seen = [], set()
