@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-file", default="wiki:train",
                    help="text the order is fitted on: UTF-8 file, wiki:train (default) or hf:NAME")
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8)
     p.set_defaults(func=cmd_reorder)
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--mode", default="dense", choices=("dense", "oracle", "predictor"))
     p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8)
     p.add_argument("--window", type=int, default=5, help="predictor mode: sliding window in tokens")
     p.add_argument("--json", metavar="OUT")
@@ -77,7 +77,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (paper: 4-5)")
     p.add_argument("--threads", type=int, default=16, help="parallel reads in flight")
     p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="relu", choices=("relu", "threshold"))
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
@@ -190,7 +190,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def eval_ppl(
     spec: str, text_file: str, *, max_tokens: int = 8192, seq_len: int = 512, mode: str = "dense",
-    predictors: Optional[str] = None, sparsity: str = "relu", threshold_sparsity: float = 0.8, window: int = 5,
+    predictors: Optional[str] = None, sparsity: str = "auto", threshold_sparsity: float = 0.8, window: int = 5,
 ) -> dict:
     """Perplexity of ``DIR`` or ``MODEL`` in DRAM, with the FFN computed under the mode's active set.
 

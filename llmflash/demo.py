@@ -23,8 +23,8 @@ def default_setup(model: str = "smollm2") -> dict:
         raise LLMFlashError(f"demo runs smollm2 or smollm2-relu, not {model!r}")
     preds = Path(__file__).resolve().parent.parent / "predictors" / "artifacts" / "smollm2-relu"
     if (preds / "predictors.json").is_file():
-        return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "relu", "predictors": str(preds)}
-    return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "relu", "predictors": None}
+        return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "auto", "predictors": str(preds)}
+    return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "auto", "predictors": None}
 
 
 def flash_dir_for(model: str) -> Path:

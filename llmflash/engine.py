@@ -62,7 +62,7 @@ class EngineConfig:
     dram_budget: float = 0.5  # fraction of the model's weight bytes the engine may hold
     window: int = 5  # tokens in the sliding window (paper: 4-5)
     io_threads: int = 16
-    sparsity: str = "relu"  # relu | threshold
+    sparsity: str = "auto"  # auto (the model's own rule, else relu) | relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
     predictors: Optional[str] = None  # predictor directory (predictor mode)
     # the form the predictors are held in: int8 (weight-only, per-row scales: a quarter of fp32's DRAM and the fastest
@@ -612,11 +612,15 @@ class Engine:
 
     def _thresholds(self) -> list[Optional[float]]:
         n = self.fd.layout.n_layers
+        from .sparsity import model_rule, threshold_rule
+
+        if self.cfg.sparsity == "auto":
+            own = model_rule(self.fd.manifest.get("config", {}))
+            return list(own.thresholds) if own is not None and own.thresholds else [None] * n
         if self.cfg.sparsity == "relu":
             return [None] * n
         if self.cfg.sparsity != "threshold":
-            raise LLMFlashError(f"unknown sparsity {self.cfg.sparsity!r}: use relu or threshold")
-        from .sparsity import threshold_rule
+            raise LLMFlashError(f"unknown sparsity {self.cfg.sparsity!r}: use auto, relu or threshold")
 
         table = self.fd.thresholds()
         if table is None:
@@ -660,7 +664,7 @@ class Engine:
             dtype = torch.float16
         p = PredictorSet.load(self.cfg.predictors, dtype=dtype)
         lay = self.fd.layout
-        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self.cfg.sparsity)
+        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind="threshold" if any(t is not None for t in self.thresholds) else "relu")
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
             p.permute_outputs(self.fd.neuron_order)
         return PredictorProvider(p)

@@ -24,6 +24,8 @@ from torch import nn
 
 from .errors import LLMFlashError
 from .paths import atomic_dir, cache_dir, package_dir
+from .sparse_model import CONFIG_FILE as SPARSE_CONFIG
+from .sparse_model import apply_artifact
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +130,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     if src.kind == "alias":
         model, tok = _load_gguf_cached(smollm2_gguf_path(), dtype, "smollm2-135m-instruct")
         if spec == "smollm2-relu":
-            from .relufy import apply_relufication  # the relufication artifacts (issue: relufy)
-
             art = relu_artifact_dir()
-            if not art.is_dir():
-                raise LLMFlashError(f"smollm2-relu artifacts are missing ({art}): run `llmflash relufy smollm2 --out {art}`")
-            model = apply_relufication(model, art)
+            if (art / SPARSE_CONFIG).is_file():
+                model = apply_artifact(model.float(), art).to(dtype)
+            elif (art / "relufy_config.json").is_file():
+                from .relufy import apply_relufication  # the first (LoRA + shifted ReLU) format
+
+                model = apply_relufication(model, art)
+            else:
+                raise LLMFlashError(f"smollm2-relu artifacts are missing ({art}): restore them with `git checkout {art}`")
         model.config.name_or_path = spec
     elif src.kind == "gguf":
         assert src.path is not None

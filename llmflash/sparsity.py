@@ -73,6 +73,20 @@ class ActiveCounter:
         return sum(self.active) / t if t else float("nan")
 
 
+def model_rule(config) -> SparsityRule | None:
+    """The sparsity rule a model carries (``llmflash_sparsity`` in its config: a trained sparse model's thresholds).
+
+    ``config`` is a transformers config or its dict (a flash directory's manifest keeps the dict).
+    """
+    spec = config.get("llmflash_sparsity") if isinstance(config, dict) else getattr(config, "llmflash_sparsity", None)
+    if not spec or spec.get("kind") != "threshold" or not spec.get("thresholds"):
+        return None
+    return SparsityRule("threshold", tuple(float(t) for t in spec["thresholds"]), spec.get("target_sparsity"))
+
+
+SPARSITY_CHOICES = ("auto", "relu", "threshold")
+
+
 CALIBRATION_SOURCE = "wiki:train"
 CALIBRATION_TOKENS = 16_384
 CALIBRATION_SEQ_LEN = 512
@@ -82,7 +96,9 @@ def rule_for(
     model: nn.Module, tokenizer, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
     cache_key: str | None = None,
 ) -> SparsityRule:
-    """The sparsity rule for a command's ``--sparsity relu|threshold``.
+    """The sparsity rule for a command's ``--sparsity auto|relu|threshold``.
+
+    ``auto``: the model's own rule (a trained sparse model's thresholds, ``model_rule``), else ``relu``.
 
     Thresholds come from ``thresholds`` (a flash directory's manifest) or are calibrated on ``wiki:train``
     (32k tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
@@ -94,10 +110,12 @@ def rule_for(
     from .paths import atomic_file, cache_dir
     from .text import load_texts, token_stream, windows
 
+    if sparsity == "auto":
+        return model_rule(model.config) or SparsityRule("relu")
     if sparsity == "relu":
         return SparsityRule("relu")
     if sparsity != "threshold":
-        raise LLMFlashError(f"unknown sparsity {sparsity!r}: use relu or threshold")
+        raise LLMFlashError(f"unknown sparsity {sparsity!r}: use auto, relu or threshold")
     if thresholds is None:
         path = cache_dir() / "thresholds" / f"{cache_key}.json" if cache_key else None
         if path is not None and path.is_file():

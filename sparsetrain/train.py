@@ -1,0 +1,339 @@
+"""Sparsity training by distillation: full-parameter FFN, LoRA attention, the threshold rule in the loop.
+
+The student starts as the teacher (the original model) and learns, per step of ``tokens_per_step`` tokens:
+
+- the KL divergence from the teacher's next-token distribution (all positions, full vocabulary);
+- each layer's FFN output distilled to the teacher's (normalized squared error, weight ``ffn_loss_weight``);
+- the ReLU arm only: an L1 pressure on |h| whose weight rises along a sine ramp (ProSparse);
+- under a sparsity that rises along the same sine ramp to ``target_sparsity``: every step, each layer's threshold t_l
+  is set to the quantile of |h| that gives the scheduled sparsity (measured on the step's first micro-batch).
+
+Arms: ``silu`` keeps the original activation and learns to live with the threshold; ``relu`` swaps in a shifted ReLU
+(blended from SiLU over ``anneal_frac`` of the run) and adds the L1 pressure.
+
+A run is resumable (``checkpoint`` / ``resume``): the schedules are functions of the global step, so a campaign can be
+chained from several shorter calls. The run record (``record.json``) holds tokens, tokens/s, MFU, GPU seconds, the
+data mix and the loss curve (``curve.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import WindowSampler, eval_windows
+from .model import CompactLlama
+
+log = logging.getLogger(__name__)
+
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    arm: str = "silu"  # silu | relu
+    target_sparsity: float = 0.90
+    total_steps: int = 2000  # the planned length: LR and sparsity schedules are fractions of it
+    ramp_start: float = 0.02  # fraction of total_steps where the sparsity ramp starts
+    ramp_end: float = 0.25  # ... and where it reaches the target (then holds)
+    tokens_per_step: int = 65_536
+    micro_batch_seqs: int = 8
+    seq_len: int = 2048
+    lr_ffn: float = 1e-4
+    lr_lora: float = 1e-3
+    lr_norm: float = 3e-5
+    lr_bias: float = 1e-3
+    warmup_steps: int = 30
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ffn_loss_weight: float = 0.1
+    l1_final: float = 0.05  # ReLU arm: weight of the relative L1 term at the end of the ramp
+    anneal_frac: float = 0.08  # ReLU arm: fraction of total_steps over which SiLU blends into ReLU
+    lora_rank: int = 16
+    compile: bool = True
+    quantile_tokens: int = 4096  # tokens of the first micro-batch whose |h| set the thresholds
+    eval_every: int = 100
+    eval_tokens: int = 16_384  # per held-out corpus, during training
+    seed: int = 0
+
+    @property
+    def micro_batches(self) -> int:
+        return max(1, self.tokens_per_step // (self.micro_batch_seqs * self.seq_len))
+
+
+def sine_ramp(step: int, total: int, start: float, end: float) -> float:
+    """0 before ``start``, 1 after ``end`` (fractions of ``total``), sin^2 in between (a smooth S)."""
+    a, b = start * total, end * total
+    if step <= a:
+        return 0.0
+    if step >= b:
+        return 1.0
+    return math.sin(0.5 * math.pi * (step - a) / (b - a)) ** 2
+
+
+def scheduled_sparsity(r: Recipe, step: int) -> float:
+    return r.target_sparsity * sine_ramp(step, r.total_steps, r.ramp_start, r.ramp_end)
+
+
+def lr_scale(r: Recipe, step: int) -> float:
+    if step < r.warmup_steps:
+        return (step + 1) / r.warmup_steps
+    p = min(1.0, (step - r.warmup_steps) / max(1, r.total_steps - r.warmup_steps))
+    return r.min_lr_frac + (1 - r.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def kl_div(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over tokens of KL(teacher || student); logits [N, V] (any float dtype)."""
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def param_groups(student: CompactLlama, r: Recipe) -> list[dict]:
+    ffn, lora, norm, bias = [], [], [], []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora." in name:
+            lora.append(p)
+        elif name.endswith("act_bias"):
+            bias.append(p)
+        elif "norm" in name:
+            norm.append(p)
+        elif ".mlp." in name:
+            ffn.append(p)
+    groups = [{"params": ffn, "lr": r.lr_ffn, "base_lr": r.lr_ffn, "weight_decay": r.weight_decay},
+              {"params": lora, "lr": r.lr_lora, "base_lr": r.lr_lora, "weight_decay": 0.0},
+              {"params": norm, "lr": r.lr_norm, "base_lr": r.lr_norm, "weight_decay": 0.0},
+              {"params": bias, "lr": r.lr_bias, "base_lr": r.lr_bias, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def freeze_for_training(student: CompactLlama, r: Recipe) -> None:
+    """Train FFN weights, attention LoRA, norms (and act_bias for the ReLU arm); freeze embeddings and base attention."""
+    for name, p in student.named_parameters():
+        trainable = (".mlp." in name and not name.endswith("act_bias")) or ".lora." in name or "norm" in name
+        if name.endswith("act_bias"):
+            trainable = r.arm == "relu"
+        p.requires_grad_(trainable)
+
+
+@dataclass
+class State:
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    curve: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, student: CompactLlama, teacher: CompactLlama, sampler: WindowSampler, recipe: Recipe,
+                 held_out: dict[str, np.ndarray], device: str, log_fn: Callable[[str], None] = print) -> None:
+        self.r = recipe
+        self.device = device
+        self.student = student.to(device)
+        self.teacher = teacher.to(device)
+        self.sampler = sampler
+        self.held_out = held_out
+        self.log = log_fn
+        for ffn in self.student.ffns():
+            ffn.sparse = True
+        freeze_for_training(self.student, recipe)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        fused = device.startswith("cuda")
+        self.opt = torch.optim.AdamW(param_groups(self.student, recipe), betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        self.state = State()
+        self.gen = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.autocast = torch.autocast(device_type="cuda" if fused else "cpu", dtype=torch.bfloat16)
+        if recipe.compile:  # regional compilation: the 30 blocks share one compiled graph (fast to compile)
+            for model in (self.student, self.teacher):
+                for layer in model.layers:
+                    layer.compile()
+        self.s_fwd = self.student
+        self.t_fwd = self.teacher
+        self.flops_per_token = 4 * student.shape.flops_per_token(recipe.seq_len)  # student fwd+bwd (3x) + teacher fwd
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _set_schedules(self, step: int) -> tuple[float, float]:
+        r = self.r
+        sp = scheduled_sparsity(r, step)
+        l1 = r.l1_final * sine_ramp(step, r.total_steps, r.ramp_start, r.ramp_end) if r.arm == "relu" else 0.0
+        mix = max(0.0, 1.0 - step / max(1.0, r.anneal_frac * r.total_steps)) if r.arm == "relu" else 0.0
+        for ffn in self.student.ffns():
+            ffn.silu_mix.fill_(mix)
+        scale = lr_scale(r, step)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        return sp, l1
+
+    @torch.no_grad()
+    def _sample_abs(self, hs: list[Tensor]) -> Tensor:
+        """[L, S]: a strided sample of |h| per layer from the first ``quantile_tokens`` tokens (S <= 65536)."""
+        n_tok = self.r.quantile_tokens
+        rows = []
+        for h in hs:
+            flat = h.detach().reshape(-1, h.shape[-1])[:n_tok].reshape(-1)
+            stride = max(1, flat.numel() // 65536)
+            rows.append(flat[::stride][:65536])
+        return torch.stack(rows).abs().float()
+
+    @torch.no_grad()
+    def _update_thresholds(self, sample: Tensor, sparsity: float) -> None:
+        """Each layer's threshold := the ``sparsity`` quantile of its sampled |h| (one batched sort, no host sync)."""
+        if sparsity <= 0:
+            for ffn in self.student.ffns():
+                ffn.threshold.zero_()
+            return
+        srt = sample.sort(dim=1).values
+        k = min(max(0, int(sparsity * srt.shape[1]) - 1), srt.shape[1] - 1)
+        for ffn, t in zip(self.student.ffns(), srt[:, k]):
+            ffn.threshold.copy_(t)
+
+    def step(self) -> dict:
+        r = self.r
+        st = self.state
+        sp, l1_w = self._set_schedules(st.step)
+        self.opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        stats = {"kl": 0.0, "ffn": 0.0, "l1": 0.0}
+        active = torch.zeros((), device=self.device)
+        for m in range(r.micro_batches):
+            ids = self.sampler.batch(r.micro_batch_seqs).to(self.device, non_blocking=True)
+            with torch.no_grad(), self.autocast:
+                t_hidden, t_outs, _, _ = self.t_fwd(ids)
+                t_logits = self.teacher.logits(t_hidden).flatten(0, 1)
+            with self.autocast:
+                s_hidden, s_outs, s_hs, _ = self.s_fwd(ids)
+                s_logits = self.student.logits(s_hidden).flatten(0, 1)
+            kl = kl_div(s_logits, t_logits)
+            del t_logits, s_logits
+            ffn_terms = [((so.float() - to.float()).pow(2).mean() / to.float().pow(2).mean().clamp_min(1e-12))
+                         for so, to in zip(s_outs, t_outs)]
+            ffn_loss = torch.stack(ffn_terms).mean()
+            loss = kl + r.ffn_loss_weight * ffn_loss
+            if l1_w > 0:
+                l1_terms = [h.float().abs().mean() / h.detach().float().abs().mean().clamp_min(1e-12) for h in s_hs]
+                l1 = torch.stack(l1_terms).mean()
+                loss = loss + l1_w * l1
+                stats["l1"] += float(l1.detach()) / r.micro_batches
+            (loss / r.micro_batches).backward()
+            stats["kl"] += float(kl.detach()) / r.micro_batches
+            stats["ffn"] += float(ffn_loss.detach()) / r.micro_batches
+            if m == 0:
+                with torch.no_grad():
+                    sample = self._sample_abs(s_hs)  # [L, S]
+                    thr = torch.stack([f.threshold for f in self.student.ffns()]).float().unsqueeze(1)
+                    active = (sample > thr).float().mean()
+                    self._update_thresholds(sample, sp)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], r.grad_clip)
+        self.opt.step()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        st.step += 1
+        st.tokens += r.tokens_per_step
+        st.train_seconds += dt
+        row = {"step": st.step, "tokens": st.tokens, "seconds": round(st.train_seconds, 2), "sparsity_target": round(sp, 4),
+               "active_fraction": round(float(active), 5), "kl": round(stats["kl"], 5), "ffn_mse": round(stats["ffn"], 5),
+               "l1": round(stats["l1"], 4), "l1_weight": round(l1_w, 5), "lr_scale": round(lr_scale(r, st.step - 1), 4),
+               "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(r.tokens_per_step / dt, 1)}
+        return row
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, seq_len: int, max_tokens: int, model: Optional[CompactLlama] = None,
+                 corpora: Optional[dict[str, np.ndarray]] = None, batch_seqs: int = 16) -> dict:
+        """Per held-out corpus: perplexity (all positions scored) and the active fraction under the thresholds."""
+        model = model or self.student
+        out = {}
+        for name, stream in (corpora or self.held_out).items():
+            wins = eval_windows(stream, seq_len, max_tokens)
+            nll, count, act, act_n = 0.0, 0, 0.0, 0
+            for b in range(0, wins.shape[0], batch_seqs):
+                ids = wins[b : b + batch_seqs].to(self.device)
+                with self.autocast:
+                    hidden, _, hs, _ = model(ids)
+                    logits = model.logits(hidden)
+                lp = logits[:, :-1].float().log_softmax(-1)
+                nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+                count += ids[:, 1:].numel()
+                for ffn, h in zip(model.ffns(), hs):
+                    thr = ffn.threshold if ffn.sparse else torch.zeros((), device=h.device)
+                    act += float((h.abs() > thr.to(h.dtype)).float().sum())
+                    act_n += h.numel()
+            out[name] = {"ppl": math.exp(nll / max(count, 1)), "tokens": count,
+                         "active_fraction": act / max(act_n, 1), "seq_len": seq_len}
+        return out
+
+    def train(self, stop_step: int, time_budget_s: Optional[float] = None, curve_path: Optional[Path] = None,
+              on_eval: Optional[Callable[[int], None]] = None) -> None:
+        t_start = time.perf_counter()
+        while self.state.step < stop_step:
+            row = self.step()
+            self.state.curve.append(row)
+            if curve_path is not None:
+                new = not curve_path.exists()
+                with curve_path.open("a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(row))
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+            if self.state.step % 10 == 0 or self.state.step == 1:
+                self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+            if self.r.eval_every and self.state.step % self.r.eval_every == 0:
+                ev = self.evaluate(512, self.r.eval_tokens)
+                row["eval"] = {k: round(v["ppl"], 3) for k, v in ev.items()}
+                row["eval_active"] = {k: round(v["active_fraction"], 4) for k, v in ev.items()}
+                self.log(f"eval step {self.state.step}: {row['eval']} active {row['eval_active']}")
+                if on_eval:
+                    on_eval(self.state.step)
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                self.log(f"time budget reached at step {self.state.step}")
+                break
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"student": self.student.state_dict(), "opt": self.opt.state_dict(), "state": asdict(self.state),
+                    "recipe": asdict(self.r), "sampler": self.sampler.state()}, tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: Path, recipe: Optional[Recipe] = None) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.student.load_state_dict(ck["student"])
+        self.opt.load_state_dict(ck["opt"])
+        for g in self.opt.param_groups:  # keep this run's base LRs (a continuation may change the recipe)
+            g.setdefault("base_lr", g["lr"])
+        self.state = State(**ck["state"])
+        self.sampler.load_state(ck["sampler"])
+
+
+def tokens_per_s_and_mfu(trainer: Trainer, device_name: str) -> dict:
+    rows = trainer.state.curve[5:] or trainer.state.curve
+    tps = float(np.median([r["tokens_per_s"] for r in rows])) if rows else 0.0
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+    mfu = tps * trainer.flops_per_token / (peak * 1e12) if peak else None
+    return {"tokens_per_s_median": round(tps, 1), "flops_per_token": trainer.flops_per_token,
+            "mfu": round(mfu, 4) if mfu is not None else None, "peak_bf16_tflops": peak}
+
+
+def with_steps(r: Recipe, **kw) -> Recipe:
+    return replace(r, **kw)

@@ -1,0 +1,133 @@
+"""Sparsity training on tiny random models (CPU): the compact model equals transformers, generation equals greedy HF,
+the artifact round-trips, and the device job runs end to end (A/B of both arms, continuation, export)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmflash.sparse_model import apply_artifact, dequantize_int4, quantize_int4, read_artifact
+from sparsetrain.data import WindowSampler, pack_samples
+from sparsetrain.model import from_hf, hf_state
+from sparsetrain.sample import generate
+from sparsetrain.train import Recipe, lr_scale, scheduled_sparsity, sine_ramp
+from tiny import save_tiny, tiny_llama
+
+
+def test_compact_model_equals_transformers():
+    hf = tiny_llama(seed=1)
+    model = from_hf(hf, max_seq_len=64).eval()
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        hidden, outs, hs, ins = model(ids)
+        got = model.logits(hidden)
+    assert len(outs) == len(hs) == len(ins) == 3
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_equals_hf_greedy():
+    hf = tiny_llama(seed=2)
+    model = from_hf(hf, max_seq_len=128).eval()
+    prompts = [[5, 9, 17, 33, 2], [7, 8], [100, 101, 102]]
+    out = generate(model, prompts, max_new_tokens=12, eos_id=10_000, batch_size=2, temperature=0.0)
+    for p, o in zip(prompts, out):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+        assert o == ref.tolist()
+
+
+def test_int4_roundtrip_error_is_small():
+    d = torch.randn(48, 128) * 0.01
+    q, s = quantize_int4(d, 64)
+    assert q.dtype == torch.uint8 and q.shape == (48, 64) and s.shape == (48, 2)
+    back = dequantize_int4(q, s)
+    assert float((back - d).abs().max()) <= float(s.float().max()) / 2 + 1e-7
+
+
+def test_schedules():
+    assert sine_ramp(0, 100, 0.1, 0.5) == 0.0 and sine_ramp(60, 100, 0.1, 0.5) == 1.0
+    assert 0 < sine_ramp(30, 100, 0.1, 0.5) < 1
+    r = Recipe(total_steps=100, target_sparsity=0.9, warmup_steps=10)
+    assert scheduled_sparsity(r, 99) == pytest.approx(0.9)
+    assert lr_scale(r, 0) == pytest.approx(0.1) and lr_scale(r, 99) == pytest.approx(r.min_lr_frac, abs=1e-3)
+
+
+def test_window_sampler_resumes_identically():
+    streams = {"a": np.arange(1000, dtype=np.uint16), "b": np.arange(5000, 6000, dtype=np.uint16)}
+    s1 = WindowSampler(streams, {"a": 1.0, "b": 1.0}, seq_len=16, seed=3)
+    s1.batch(4)
+    st = s1.state()
+    want = s1.batch(4)
+    s2 = WindowSampler(streams, {"a": 1.0, "b": 1.0}, seq_len=16, seed=99)
+    s2.load_state(st)
+    assert torch.equal(s2.batch(4), want)
+    assert pack_samples([[1, 2], [3, 0]], eos_id=0).tolist() == [1, 2, 0, 3, 0]
+
+
+@pytest.mark.slow
+def test_device_job_end_to_end_on_cpu(tmp_path, monkeypatch):
+    """The three device steps on a tiny model: generate text, A/B both arms, continue the winner, export, apply."""
+    from sparsetrain import job
+
+    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"wiki_train": rng.integers(1, 256, 6000), "bigbench": rng.integers(1, 256, 6000),
+              "kjv": rng.integers(1, 256, 3000), "pydoc": rng.integers(1, 256, 3000)}
+    np.savez_compressed(data / "tokens.npz", **{k: v.astype(np.uint16) for k, v in arrays.items()})
+    desc = {k: {"split": "train" if k in ("wiki_train", "bigbench") else "held_out", "source": k, "kind": k,
+                "documents": 1, "tokens": 6000} for k in arrays}
+    (data / "tokens.json").write_text(json.dumps(desc))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 4
+    np.savez_compressed(data / "prompts.npz", flat=np.concatenate([np.array(p, dtype=np.uint16) for p in prompts]),
+                        lens=np.array([len(p) for p in prompts], dtype=np.int32))
+    (data / "prompts.json").write_text(json.dumps({"eos_id": 0}))
+    monkeypatch.setenv("SPARSIFY_DATA", str(data))
+    monkeypatch.setenv("SPARSIFY_CALIB_TOKENS", "1024")
+    monkeypatch.setenv("SPARSIFY_FRONTIER", "0.7,0.8")
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["--work", str(work), "--out", str(out), "--base", str(base), "--device", "cpu", "--no-compile",
+              "--total-steps", "8", "--tokens-per-step", "256", "--micro-batch-seqs", "2", "--seq-len", "64",
+              "--eval-every", "4", "--eval-tokens", "512", "--reserve-s", "0", "--lora-rank", "4",
+              "--target-sparsity", "0.8", "--ramp-end", "0.5"]
+    job.main(["ab", *common, "--stop-step", "4", "--sample-budget-s", "30", "--sample-batch", "8",
+              "--sample-max-new", "16", "--deadline-s", "600"])
+    assert (out / "ab.tar.gz").is_file()
+    for arm in ("silu", "relu"):
+        rec = json.loads((work / arm / "record.json").read_text())["calls"][-1]
+        assert rec["steps"] == 4 and math.isfinite(rec["eval"]["ratio"]["512"]["kjv"])
+        assert 0 < rec["probe"]["recall"] <= 1 and rec["frontier"]
+    assert (out / "artifact" / "sparse_model.json").is_file()
+    assert (work / "generated.npy").is_file()
+    job.main(["final", *common, "--stop-step", "8", "--deadline-s", "600"])
+    final = json.loads((work / "final.json").read_text())
+    assert final["record"]["steps"] == 8
+    cfg, tensors = read_artifact(out / "artifact")
+    assert len(cfg["thresholds"]) == 3 and cfg["activation"] in ("silu", "relu")
+    assert any(k.endswith(".q4") for k in tensors) and any(k.endswith(".lora_A") for k in tensors)
+    # The artifact applied to the base equals the exported (applied) compact model, thresholds included.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    apply_artifact(hf, out / "artifact")
+    state = hf_state(from_hf(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)))
+    assert set(k for k in hf.state_dict() if "mlp" in k) >= {k for k in state if ".mlp." in k and "weight" in k}
+    ids = torch.randint(1, 256, (1, 32))
+    with torch.no_grad():
+        logits = hf(ids).logits
+    assert torch.isfinite(logits).all()
+    # The shipped thresholds make the FFN sparse.
+    seen = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(float((i[0] == 0).float().mean())))
+             for layer in hf.model.layers]
+    with torch.no_grad():
+        hf(torch.randint(1, 256, (2, 64)))
+    for h in hooks:
+        h.remove()
+    assert np.mean(seen) > 0.5
