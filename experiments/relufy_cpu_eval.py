@@ -6,7 +6,7 @@ Perplexity with ``llmflash.evaluate.perplexity`` (wiki:eval, first 8,192 tokens,
 active fraction (relu rule: exact zeros, over all layers and tokens) of ``smollm2`` and ``smollm2-relu`` (loaded with
 ``llmflash.models.load_model`` from the committed artifact). ``--dense-ppl`` reuses the original's perplexity measured
 the same way elsewhere (experiments/threshold_curve.py's dense row: same function, text, tokens) instead of measuring it
-again (the shared 2-core machine is slow). Writes results/relufy/cpu_eval.json.
+again (the shared 2-core machine is slow). Writes results/relufy/v1/cpu_eval.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from llmflash.report import environment, write_json
 from llmflash.text import load_texts
 
 log = logging.getLogger("relufy_cpu_eval")
-OUT = repo_root() / "results" / "relufy" / "cpu_eval.json"
+OUT = repo_root() / "results" / "relufy" / "v1" / "cpu_eval.json"
 
 
 def main() -> None:

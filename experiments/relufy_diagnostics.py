@@ -25,7 +25,7 @@
     against the original's per-token losses on the same tokens ride along; so does the position profile of each
     mask of (a), for comparison (``habs`` at 90% has no steering and shows how much of the effect is the text's own).
 
-Writes results/relufy/diagnostics.json (everything, with the run's config: command, environment, load average, wall
+Writes results/relufy/v1/diagnostics.json (everything, with the run's config: command, environment, load average, wall
 time), diagnostics.csv (one row per mask point and per position bin) and diagnostics.png (two panels). Every number in
 them is measured on this machine's CPU except the ratios, computed from two measured perplexities.
 """
@@ -53,7 +53,7 @@ from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.text import load_texts, token_stream, windows
 
 log = logging.getLogger("relufy_diagnostics")
-OUT = repo_root() / "results" / "relufy"
+OUT = repo_root() / "results" / "relufy" / "v1"
 KINDS = ("shift", "jump", "silujump", "habs")
 KIND_LABELS = {
     "shift": "shifted ReLU on gate: relu(g - t) * up",

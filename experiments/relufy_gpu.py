@@ -42,7 +42,7 @@ PART_DIRS = [REPO / ".device-stage" / f"relufy-{k}" for k in range(1, N_PARTS + 
 LAST = PART_DIRS[-1]  # also holds the checksum, the text and the wheel
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The recipe (after the sweep of the first GPU call, see results/relufy/README.md): shifted ReLU whose shifts are
+# The recipe (after the sweep of the first GPU call, see results/relufy/v1/README.md): shifted ReLU whose shifts are
 # steered along a geometric ramp of the active fraction, a small rising L1, SiLU->ReLU blend over the first 10%,
 # LoRA rank 40 on gate/up/down only (attention LoRA doubled the kernel launches of a launch-bound step), norms.
 BASE = dict(shift=True, ramp_frac=0.55, anneal_frac=0.1, l1_final=0.3, ffn_rank=40, attn_rank=0, batch_seqs=32,
@@ -51,7 +51,7 @@ BASE = dict(shift=True, ramp_frac=0.55, anneal_frac=0.1, l1_final=0.3, ffn_rank=
 PLANS: dict[str, list[dict]] = {
     # First call, for the record: it ran with an older relufy.py that steered the L1 *weight* (removed: it blew up) and
     # with rank 32 + attention rank 8, batches of 64 x 512 in micro-batches of 16; the exact configs are in
-    # results/relufy/raw/sweep-*/relufy_config.json. Running it now would steer the shifts instead.
+    # results/relufy/v1/raw/sweep-*/relufy_config.json. Running it now would steer the shifts instead.
     "sweep": [
         dict(name="s90", target_sparsity=0.90, time_budget_s=100, posthoc_sparsities=(0.92, 0.94)),
         dict(name="s90an", target_sparsity=0.90, anneal_frac=0.15, time_budget_s=100, posthoc_sparsities=(0.92, 0.94)),

@@ -1,4 +1,4 @@
-"""Turn the relufication runs' raw outputs (results/relufy/raw, brought back from the GPU) into results/relufy/.
+"""Turn the relufication runs' raw outputs (results/relufy/v1/raw, brought back from the GPU) into results/relufy/v1/.
 
     python experiments/relufy_report.py
 
@@ -20,7 +20,7 @@ from llmflash.paths import atomic_file, repo_root
 from llmflash.report import save_figure
 from llmflash.report import write_json
 
-RESULTS = repo_root() / "results" / "relufy"
+RESULTS = repo_root() / "results" / "relufy" / "v1"
 RAW = RESULTS / "raw"
 THRESHOLD = repo_root() / "results" / "threshold_curve" / "threshold_curve.csv"
 # Device time this work spent (from the device tool's lease reports): stage 0.6 min + sweep 9.1 + stage 0.9 + final 8.2.

@@ -29,7 +29,7 @@ from llmflash.text import load_texts
 
 log = logging.getLogger("threshold_curve")
 OUT = repo_root() / "results" / "threshold_curve"
-RELUFY_FRONTIER = repo_root() / "results" / "relufy" / "frontier.csv"
+RELUFY_FRONTIER = repo_root() / "results" / "relufy" / "campaign" / "frontier.csv"
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .engine import Engine, EngineConfig
 from .flashdir import convert, open_flash_dir
 from .errors import LLMFlashError
+from .models import relu_artifact_tag
 from .paths import cache_dir
 from .report import environment, fmt_bytes
 
@@ -29,7 +30,7 @@ def default_setup(model: str = "smollm2") -> dict:
 
 def flash_dir_for(model: str) -> Path:
     """Convert once and reuse: the cache holds one flash directory per model."""
-    out = cache_dir() / "flash" / model
+    out = cache_dir() / "flash" / (f"{model}-{relu_artifact_tag()}" if model == "smollm2-relu" else model)
     try:
         open_flash_dir(out)
         return out

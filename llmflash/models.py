@@ -60,6 +60,14 @@ def relu_artifact_dir() -> Path:
     return package_dir() / "artifacts" / "smollm2-relu"
 
 
+def relu_artifact_tag() -> str:
+    """A short hash of the shipped smollm2-relu artifact's description: conversions cached under it stay current."""
+    import hashlib
+
+    cfg = relu_artifact_dir() / SPARSE_CONFIG
+    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:8] if cfg.is_file() else "v1"
+
+
 def resolve(spec: str) -> ModelSource:
     if spec in ALIASES:
         return ModelSource(spec, "alias", name=spec)
