@@ -189,7 +189,7 @@ def real_coact_dir(setup: dict, quick: bool) -> str:
 
 def real_unbundled_dir(setup: dict) -> str:
     """The real model converted with --no-bundling (cached beside the bundled one)."""
-    from llmflash.flashdir import convert
+    from llmflash.convert import convert
 
     out = cache_dir() / "flash" / f"{setup['model']}-unbundled"
     try:

@@ -25,10 +25,10 @@ import logging
 import statistics
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
-import common
 from llmflash.engine import EngineConfig, lookahead_map
 from llmflash.paths import cache_dir
 
@@ -46,7 +46,7 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
     """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
     from llmflash.arch import adapter_for
     from llmflash.models import load_model
-    from predictors.model import PredictorSet
+    from llmflash.predictor import PredictorSet
 
     ps = PredictorSet.load(setup["predictors"])
     model, _, _ = load_model(setup["model"])

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmflash.ffn import SparsityRule, install_dense_ffns
+from llmflash.arch import install_dense_ffns
+from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
 from llmflash.paths import repo_root
-from llmflash.report import save_figure, write_csv
-from llmflash.report import environment, write_json
+from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
 from llmflash.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
 
@@ -93,8 +93,8 @@ def main() -> None:
         counter = ActiveCounter(n_layers)
         mask_fn = None
         if sparsity == "predictor":
+            from llmflash.predictor import PredictorSet
             from predictors import default_predictors, window_mask_fn
-            from predictors.model import PredictorSet
 
             pset = PredictorSet.load(default_predictors(alias))
             pset.check_model(model, alias)

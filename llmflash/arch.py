@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LLMFlashError
-from .ffn import DenseFFN, FFNWeights
+from .ffn import DenseFFN, FFNWeights, MaskFn, Observer, SparsityRule
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,18 @@ def install_ffns(model: nn.Module, make: Callable[[int], nn.Module]) -> None:
 
 def ffn_input_dtype(model: nn.Module) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def install_dense_ffns(
+    model: nn.Module, rule: SparsityRule = SparsityRule(), observer: Optional[Observer] = None,
+    mask_fn: Optional[MaskFn] = None,
+) -> list[DenseFFN]:
+    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied)."""
+    adapter = adapter_for(model.config)
+    spec = adapter.ffn_spec(model.config)
+    modules = []
+    for layer in range(spec.n_layers):
+        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn)
+        adapter.install_ffn(model, layer, m)
+        modules.append(m)
+    return modules

@@ -109,7 +109,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .flashdir import convert, open_flash_dir
+    from .convert import convert
+    from .flashdir import open_flash_dir
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
     fd = open_flash_dir(out)
@@ -215,9 +216,9 @@ def eval_ppl(
         if not predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH")
         from predictors.evaluate import window_mask_fn
-        from predictors.model import PredictorSet
 
         from .arch import adapter_for
+        from .predictor import PredictorSet
 
         ps = PredictorSet.load(predictors)
         spec_ffn = adapter_for(lm.model.config).ffn_spec(lm.model.config)

@@ -650,7 +650,7 @@ class Engine:
             return provider
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
-        from predictors.model import ENGINE_DTYPE, PredictorSet
+        from .predictor import ENGINE_DTYPE, PredictorSet
 
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
@@ -817,7 +817,7 @@ def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor
 
 def calibrate_flash_dir(fd: FlashDir) -> dict:
     """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json)."""
-    from .flashdir import load_in_memory
+    from .models import load_in_memory
     from .sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_thresholds
     from .text import load_texts, token_stream, windows
 

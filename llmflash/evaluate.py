@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
-from .ffn import MaskFn, SparsityRule, install_dense_ffns
+from .arch import adapter_for, install_dense_ffns
+from .ffn import MaskFn, SparsityRule
 from .sparsity import ActiveCounter
 from .text import token_stream, windows
 

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .arch import Adapter, adapter_for
 from .errors import FlashFileError, LLMFlashError
 from .ffn import FFNWeights
 from .layout import ALIGN_BYTES, FlashLayout
-from .paths import atomic_dir, atomic_file
+from .paths import atomic_file
+from .storage import read_range
 
 log = logging.getLogger(__name__)
 
@@ -53,122 +53,12 @@ def _crc(buf) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
 
 
-# ----------------------------------------------------------------------------------------------------------- convert
-
-
-def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
-    """[n, len(parts) * d]: each neuron's parts side by side."""
-    mats = {"gate": w.gate, "up": w.up, "down": w.down}
-    return torch.cat([mats[p] for p in parts], dim=1)
-
-
-def convert(
-    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
-) -> Path:
-    """Convert ``MODEL`` into a flash directory at ``out`` (see the module docstring). Returns ``out``."""
-    from safetensors.torch import save_file
-
-    from .models import load_model
-
-    if dtype not in TORCH_DTYPES:
-        raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
-    out = Path(out).expanduser()
-    model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
-    name = src.name
-    if out.exists():
-        existing = _existing_model_name(out)
-        if existing is None and any(out.iterdir()) and not force:
-            raise LLMFlashError(f"{out} exists and is not a flash directory: choose another --out or pass --force")
-        if existing is not None and existing != name and not force:
-            raise LLMFlashError(f"{out} holds a conversion of {existing!r}, not {name!r}: choose another --out or pass --force")
-    adapter = adapter_for(model.config)
-    spec_ffn = adapter.ffn_spec(model.config)
-    layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
-    tdt = TORCH_DTYPES[dtype]
-
-    ffn_names = {n for layer in range(spec_ffn.n_layers)
-                 for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
-    resident: dict[str, Tensor] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for pname, p in model.state_dict().items():
-        if pname in ffn_names or (tied and pname == "lm_head.weight"):
-            continue
-        resident[pname] = p.detach().to(tdt).contiguous()
-    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
-    for layer, w in enumerate(ffn_weights):
-        if w.act_bias is not None:
-            resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
-        if w.out_bias is not None:
-            resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
-
-    elem = layout.elem_bytes
-    ffn_payload = sum(layout.neuron_payload_bytes * layout.d_ffn for _ in range(layout.n_layers))
-    resident_tensor_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-    try:
-        with atomic_dir(out, overwrite=True) as tmp:
-            save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
-            layer_crc: list[list[int]] = [[] for _ in layout.segments]
-            with open(tmp / FFN_FILE, "wb") as f:
-                bar = tqdm(total=layout.n_layers, desc=f"writing {FFN_FILE}", disable=not progress)
-                for layer, w in enumerate(ffn_weights):
-                    for s, seg in enumerate(layout.segments):
-                        rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
-                        padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
-                        padded[:, : rows.shape[1]] = rows
-                        buf = padded.view(torch.uint8).numpy().tobytes()
-                        assert f.tell() == seg.layer_offsets[layer]
-                        f.write(buf)
-                        layer_crc[s].append(_crc(buf))
-                    bar.update(1)
-                bar.close()
-                f.flush()
-                os.fsync(f.fileno())
-            tok.save_pretrained(tmp)
-            resident_bytes = (tmp / RESIDENT).stat().st_size
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "llmflash_version": __version__,
-                "model": {"name": name, "source": spec, "model_type": model.config.model_type},
-                "config": model.config.to_dict(),
-                "dtype": dtype,
-                "ffn": {
-                    "gated": spec_ffn.gated,
-                    "activation": spec_ffn.activation,
-                    "layout": layout.to_json(),
-                },
-                "bytes": {
-                    "model": resident_tensor_bytes + ffn_payload,
-                    "resident_tensors": resident_tensor_bytes,
-                    "ffn_payload": ffn_payload,
-                    "ffn_file": layout.file_bytes,
-                    "resident_file": resident_bytes,
-                },
-                "checksums": {
-                    RESIDENT: _file_crc(tmp / RESIDENT),
-                    FFN_FILE: {"per_layer_segment_crc32": layer_crc},
-                },
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    except OSError as err:
-        raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
-    log.info("converted %s to %s (%d bytes of weights)", spec, out, resident_tensor_bytes + ffn_payload)
-    return out
-
-
 def _file_crc(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc & 0xFFFFFFFF
-
-
-def _existing_model_name(path: Path) -> Optional[str]:
-    try:
-        return json.loads((path / MANIFEST).read_text())["model"]["name"]
-    except Exception:  # noqa: BLE001 - not a flash dir
-        return None
 
 
 # -------------------------------------------------------------------------------------------------------------- open
@@ -268,7 +158,6 @@ class FlashDir:
         marker = self.path / ".verified"
         if marker.is_file() and marker.read_text() == stamp:
             return
-        from .storage import read_range
 
         expected = self.manifest["checksums"][FFN_FILE]["per_layer_segment_crc32"]
         for layer in tqdm(range(self.layout.n_layers), desc="verifying ffn.bin", disable=not progress):
@@ -286,7 +175,6 @@ class FlashDir:
 
     def read_resident(self) -> dict[str, Tensor]:
         """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer."""
-        from .storage import read_range
 
         size = self.resident_path.stat().st_size
         buf = read_range(self.resident_path, 0, size)
@@ -404,31 +292,4 @@ def ffn_weights_from_rows(fd: FlashDir, rows: list[Tensor], biases: tuple) -> FF
     return FFNWeights(part("gate") if fd.gated else None, part("up"), part("down"), biases[0], biases[1])
 
 
-def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule), its
-    neurons in the model's own order (a reordered directory's rows are put back: activations, masks and predictors
-    collected from it speak the model's neuron ids)."""
-    from .ffn import DenseFFN
-    from .models import LoadedModel
-    from .storage import read_range
-
-    fd = open_flash_dir(path)
-    fd.verify_ffn()
-    model, adapter, biases = build_skeleton(fd, fd.read_resident())
-    for layer in range(fd.layout.n_layers):
-        rows = []
-        for seg in fd.layout.segments:
-            nbytes = seg.stride_bytes * fd.layout.d_ffn
-            buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
-        w = ffn_weights_from_rows(fd, rows, biases[layer])
-        if fd.neuron_order is not None:
-            row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
-            pick = lambda t: None if t is None else t[row_of]  # noqa: E731
-            w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
-        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
-    model = model.to(dtype)
-    return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())
-
-
-__all__ = ["convert", "open_flash_dir", "FlashDir", "build_skeleton", "load_in_memory", "ALIGN_BYTES"]
+__all__ = ["open_flash_dir", "FlashDir", "build_skeleton", "ALIGN_BYTES"]

@@ -8,7 +8,7 @@ whole model is never materialised) into ``cache_dir()/flash/opt-6.7b-scale``:
 
 - ``resident.safetensors`` (embeddings, attention, norms, FFN biases) streamed tensor by tensor;
 - ``ffn.bin`` in the bundled layout (up row + down column = 16 KiB per neuron in 16-bit floats);
-- ``manifest.json`` with the same schema as ``flashdir.convert`` writes, so ``Engine`` opens it unchanged;
+- ``manifest.json`` with the same schema as ``convert.convert`` writes, so ``Engine`` opens it unchanged;
 - a byte-level tokenizer (256 byte tokens; the model's text output is meaningless anyway);
 - ``scale.json``: how it was made, and the per-layer CRCs of the unbundled reading of ``ffn.bin``.
 
@@ -43,7 +43,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import LLMFlashError
-from .flashdir import ACT_BIAS, FFN_FILE, FORMAT, FORMAT_VERSION, MANIFEST, OUT_BIAS, RESIDENT, TORCH_DTYPES, open_flash_dir
+from .flashdir import (
+    ACT_BIAS,
+    FFN_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    OUT_BIAS,
+    RESIDENT,
+    TORCH_DTYPES,
+    open_flash_dir,
+)
 from .layout import FlashLayout
 from .paths import atomic_dir, cache_dir
 
@@ -177,7 +187,7 @@ def _byte_tokenizer(vocab: int):
 
 def _manifest(g: ScaleGeometry, layout: FlashLayout, res_crc: int, res_tensor_bytes: int, res_file: int,
               ffn_crcs: list[list[int]]) -> dict:
-    """The same schema as ``flashdir.convert`` writes."""
+    """The same schema as ``convert.convert`` writes."""
     cfg = g.opt_config()
     payload = layout.neuron_payload_bytes * layout.d_ffn * layout.n_layers
     return {

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .ffn import SparsityRule, install_dense_ffns
+from .arch import install_dense_ffns
+from .ffn import SparsityRule
 
 log = logging.getLogger(__name__)
 

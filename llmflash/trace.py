@@ -453,7 +453,8 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
     import json
     from pathlib import Path
 
-    from .flashdir import load_in_memory, open_flash_dir
+    from .flashdir import open_flash_dir
+    from .models import load_in_memory
     from .paths import atomic_file, cache_dir
     from .sparsity import SparsityRule, threshold_rule
     from .text import load_texts
@@ -462,7 +463,7 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
     pset = None
     pred_id = None
     if predictors:
-        from predictors.model import PredictorSet
+        from .predictor import PredictorSet
 
         pset = PredictorSet.load(predictors)
         pred_id = [str(predictors), pset.meta.get("weights_sha256")]
@@ -519,7 +520,7 @@ def _perplexity_with_observer(lm, docs, seq_len, max_tokens, rule, observe, bos,
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from .ffn import install_dense_ffns
+    from .arch import install_dense_ffns
     from .sparsity import ActiveCounter
     from .text import token_stream, windows
 

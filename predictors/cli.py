@@ -133,11 +133,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from llmflash.errors import LLMFlashError
     from llmflash.evaluate import perplexity
     from llmflash.models import load_any
+    from llmflash.predictor import PredictorSet
     from llmflash.report import fmt_bytes, write_json
     from llmflash.text import load_texts
 
     from .evaluate import eval_predictors, window_mask_fn
-    from .model import PredictorSet
 
     if args.window < 1:
         raise LLMFlashError("--window must be at least 1")

@@ -32,9 +32,9 @@ from numpy.lib.format import open_memmap
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmflash.arch import adapter_for
+from llmflash.arch import adapter_for, install_dense_ffns
 from llmflash.errors import LLMFlashError
-from llmflash.ffn import SparsityRule, install_dense_ffns
+from llmflash.ffn import SparsityRule
 from llmflash.models import LoadedModel
 from llmflash.paths import atomic_dir
 from llmflash.report import fmt_bytes
@@ -96,7 +96,7 @@ def collect(
     progress: bool = True, overwrite: bool = False,
 ) -> dict:
     """Run ``docs`` through the model (FFNs swapped for ``DenseFFN`` with ``rule``) and write ACTDIR ``out``."""
-    from .model import ffn_fingerprint
+    from llmflash.predictor import ffn_fingerprint
 
     model = lm.model
     spec = adapter_for(model.config).ffn_spec(model.config)

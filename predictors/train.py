@@ -28,9 +28,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llmflash.errors import LLMFlashError
+from llmflash.predictor import PIN_LOGIT, LowRankPredictor, PredictorSet
 
 from .collect import Activations, unpack_labels
-from .model import PIN_LOGIT, LowRankPredictor, PredictorSet
 
 log = logging.getLogger(__name__)
 

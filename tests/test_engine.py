@@ -8,15 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import save_tiny, tiny_llama, tiny_opt
 
 from llmflash.cache import NeuronCache
+from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import BudgetError, LLMFlashError
-from llmflash.flashdir import convert, load_in_memory, open_flash_dir
+from llmflash.flashdir import open_flash_dir
 from llmflash.layout import FlashLayout, read_plan, runs
+from llmflash.models import load_in_memory
 from llmflash.sparsity import calibrate_thresholds
 from llmflash.storage import proc_read_bytes
-from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = 8.0  # tiny models are mostly padding: give them room
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
@@ -311,7 +313,7 @@ def test_budget_holds_and_too_small_budget_states_minimum(flash_dirs):
 
 
 def _predictors(path, tmp_path, threshold_logit: float):
-    from predictors.model import LowRankPredictor, PredictorSet
+    from llmflash.predictor import LowRankPredictor, PredictorSet
 
     fd = open_flash_dir(path)
     lay = fd.layout

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import save_tiny, tiny_llama
 
 from llmflash.cli import build_parser, main
+from llmflash.convert import convert
 from llmflash.engine import EngineConfig
-from llmflash.flashdir import convert
-from tiny import save_tiny, tiny_llama
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXP))

@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from tiny import save_tiny, tiny_llama, tiny_opt, tiny_tokenizer
 
 from llmflash.arch import adapter_for
 from llmflash.cli import main
 from llmflash.errors import LLMFlashError
 from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule, neuron_outputs
+from llmflash.predictor import PredictorSet
 from predictors.collect import Activations, CollectConfig, collect
 from predictors.evaluate import predicted_mask_fn, window_mask_fn, window_union
-from predictors.model import PredictorSet
 from predictors.train import TrainConfig, train_predictors
-from tiny import save_tiny, tiny_llama, tiny_opt, tiny_tokenizer
 
 TEXT = "\n\n".join(
     f"Note {i}: the quick brown fox jumps over the lazy dog {i * 7} times, then rests by the river bank." * 3

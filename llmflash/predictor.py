@@ -1,4 +1,7 @@
-"""Low-rank activation predictors (after Deja Vu): which FFN neurons will be active for a token.
+"""The predictor runtime: low-rank activation predictors (after Deja Vu), which FFN neurons will be active for a token.
+
+Training, collection and evaluation live in the top-level ``predictors`` package; this module is what the engine
+loads and runs.
 
 Per layer, from the FFN input x (after the post-attention norm)::
 
@@ -33,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmflash.errors import LLMFlashError
-from llmflash.ffn import SparsityRule
+from .arch import adapter_for
+from .errors import LLMFlashError
+from .ffn import SparsityRule
+from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +153,6 @@ class _Layer:
 def ffn_fingerprint(model: nn.Module) -> list[float]:
     """Per layer (||gate||, ||up||, ||down||, ||act_bias||): tells apart two versions of a model with one name (a
     re-trained relufication) while a flash directory of the same weights in fp16 / bf16 still matches."""
-    from llmflash.arch import adapter_for
-
     adapter = adapter_for(model.config)
     out = []
     for layer in range(adapter.ffn_spec(model.config).n_layers):
@@ -229,8 +232,6 @@ class PredictorSet:
 
     def check_model(self, model: nn.Module, model_name: Optional[str] = None, rule_kind: Optional[str] = None) -> None:
         """``check_compatible`` from an in-memory model, plus its FFN weights' fingerprint (same name, other weights)."""
-        from llmflash.arch import adapter_for
-
         spec = adapter_for(model.config).ffn_spec(model.config)
         self.check_compatible(spec.n_layers, spec.d_model, spec.d_ffn, model_name, rule_kind)
         mine = self.meta.get("model_fingerprint")
@@ -321,8 +322,6 @@ class PredictorSet:
     def save(self, path: str | Path, overwrite: bool = True) -> None:
         """Write PREDDIR atomically (fp16 weights + sidecar with the per-layer thresholds and stats)."""
         from safetensors.torch import save_file
-
-        from llmflash.paths import atomic_dir
 
         tensors = {}
         for i, p in enumerate(self._layers):
