@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmflash.reorder import coactivation, coactivation_order, collect_masks, popularity_order, write_permuted_flash_dir
+from research.trace import TraceModel, closest_friends, new_sets, paper_params, read_sizes
+
 import common
-from llmflash.trace import (TraceModel, closest_friends, coactivation, coactivation_order, collect_masks, new_sets,
-                            paper_params, popularity_order, read_sizes, write_permuted_flash_dir)
 
 WINDOW = 5
 SHORT = {"original": "orig.", "popularity": "popul.", "coactivation": "coact."}

@@ -150,7 +150,7 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8) -> dict:
 
 
 def scale_setup() -> dict:
-    from llmflash.scale import OPT_6_7B, scale_dir, write_scale_model
+    from research.scale import OPT_6_7B, scale_dir, write_scale_model
 
     path = write_scale_model(geometry=OPT_6_7B)
     return {"model": OPT_6_7B.name, "sparse_mode": "predictor", "sparsity": "relu", "predictors": None,
@@ -169,7 +169,7 @@ def coact_fit_tokens(quick: bool) -> int:
 def real_coact_dir(setup: dict, quick: bool) -> str:
     """The real model reordered by co-activation (``llmflash reorder``), fitted on training text; cached beside the
     original and rebuilt when it was fitted otherwise or its source changed."""
-    from llmflash.trace import reorder_flash_dir
+    from llmflash.reorder import reorder_flash_dir
 
     out = cache_dir() / "flash" / f"{setup['model']}-coact-order"
     src = open_flash_dir(setup["flash_dir"])
@@ -206,7 +206,7 @@ def real_unbundled_dir(setup: dict) -> str:
 
 
 def scale_unbundled_dir() -> str:
-    from llmflash.scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
+    from research.scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
 
     return str(unbundled_scale_dir(write_scale_model(geometry=OPT_6_7B), OPT_6_7B))
 
@@ -371,10 +371,10 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(fd, cfg, provider=provider)
     try:
-        from llmflash.trace import NoReuseProvider
+        from research.trace import NoReuseProvider
 
         if perm is not None and provider is None and fd.neuron_order is None:
-            raise LLMFlashError(f"{flash_dir} records no neuron order: write it with llmflash.trace.write_permuted_flash_dir")
+            raise LLMFlashError(f"{flash_dir} records no neuron order: write it with llmflash.reorder.write_permuted_flash_dir")
         if no_reuse:
             engine.provider = NoReuseProvider(engine.provider)
             engine.provider.bind(engine)
@@ -418,7 +418,7 @@ def real_cfg(setup: dict, mode: str, **kw) -> EngineConfig:
 
 def trace_provider_factory(kind: str = "predicted", perm=None, seed: int = 0):
     """A factory of scale-model providers (the trace source), and the key that identifies it."""
-    from llmflash.trace import PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
+    from research.trace import PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
 
     def make():
         return TraceProvider(TraceModel(paper_params(seed=seed), 16384), kind=kind, perm=perm)

@@ -16,10 +16,10 @@ import numpy as np
 
 from llmflash.demo import default_setup, flash_dir_for
 from llmflash.engine import Engine, EngineConfig
-from llmflash.profile_io import profile_io
 from llmflash.paths import cache_dir
 from llmflash.report import environment, write_json
 from llmflash.storage import proc_read_bytes
+from research.profile_io import profile_io
 
 CHUNKS = (4096, 8192, 16384, 32768, 262144)
 

@@ -28,10 +28,10 @@ import shutil
 import statistics
 import time
 
-import common
-
 from llmflash.paths import cache_dir
 from llmflash.report import write_json
+
+import common
 
 PAPER_GPU = {"naive": (2196, 0, 22, 2218), "ours": (30, 34, 20, 84)}  # Table 3, RTX 4090: I/O, mem, compute, total ms
 PROFILE_CHUNKS = (4096, 16384, 65536, 262144, 1048576)
@@ -42,7 +42,7 @@ WARMUP = 5  # ours: tokens that fill the window before the statistics start
 
 def profile_disk(size_gb: float) -> list[dict]:
     """profile-io on the disk the model lives on (cached next to the model for a later call)."""
-    from llmflash.profile_io import profile_io
+    from research.profile_io import profile_io
 
     path = cache_dir() / "gpu_profile.json"
     if path.is_file():

@@ -1,4 +1,4 @@
-"""Validation of the scale model's trace source (``llmflash.trace``), against a real model and the paper.
+"""Validation of the scale model's trace source (``research.trace``), against a real model and the paper.
 
 1. Real model (measured activations, wiki:eval): the trace family (sigma_b, rho, flicker) is fitted to three
    numbers of its true sets (N(1) and N(5), the shares of neurons new to a 1- and a 5-token window, and U(5), the
@@ -17,9 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmflash.reorder import collect_masks
+from research.trace import (
+    PAPER_FLICKER,
+    PAPER_RHO,
+    PAPER_SIGMA_B,
+    TraceModel,
+    TraceParams,
+    fit_trace,
+    paper_params,
+    persistence,
+    popularity,
+    window_stats,
+)
+
 import common
-from llmflash.trace import (PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceParams, collect_masks,
-                            fit_trace, paper_params, persistence, popularity, window_stats)
 
 K = 32
 PAPER_TARGETS = {"active_mean": 0.033, "active_layer1": 0.0156, "active_layer16": 0.0266, "active_layer32": 0.0536,

@@ -25,7 +25,7 @@ from llmflash.models import load_model
 from llmflash.paths import repo_root
 from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
-from llmflash.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
+from research.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
 
 log = logging.getLogger("zeroshot")
 OUT = repo_root() / "results" / "zeroshot"

@@ -123,7 +123,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_reorder(args: argparse.Namespace) -> int:
     from .flashdir import open_flash_dir
-    from .trace import reorder_flash_dir
+    from .reorder import reorder_flash_dir
 
     src = open_flash_dir(args.dir)
     if Path(args.out).expanduser().resolve() == src.path.resolve():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ from tqdm.auto import tqdm
 from .arch import Adapter, adapter_for
 from .errors import FlashFileError, LLMFlashError
 from .ffn import FFNWeights
-from .layout import ALIGN_BYTES, FlashLayout
+from .layout import FlashLayout
 from .paths import atomic_file
-from .storage import read_range
+from .storage import ALIGN_BYTES, read_range
 
 log = logging.getLogger(__name__)
 

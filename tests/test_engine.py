@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny, tiny_llama, tiny_opt
 
 from llmflash.cache import NeuronCache
 from llmflash.convert import convert
@@ -19,6 +17,8 @@ from llmflash.layout import FlashLayout, read_plan, runs
 from llmflash.models import load_in_memory
 from llmflash.sparsity import calibrate_thresholds
 from llmflash.storage import proc_read_bytes
+
+from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = 8.0  # tiny models are mostly padding: give them room
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
@@ -349,7 +349,7 @@ def test_reordered_dir_same_model_same_sets(flash_dirs, tmp_path):
     """A reordered copy: loaded in memory it is the same model (neurons put back), predictor mode reads the rows of
     the same neurons and gives the same tokens, orders compose, and a damaged order file is refused."""
     from llmflash.errors import FlashFileError
-    from llmflash.trace import write_permuted_flash_dir
+    from llmflash.reorder import write_permuted_flash_dir
 
     src = flash_dirs["llama"]
     lay = open_flash_dir(src).layout

@@ -8,17 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny, tiny_llama
 
 from llmflash.cli import build_parser, main
 from llmflash.convert import convert
 from llmflash.engine import EngineConfig
 
+from tiny import save_tiny, tiny_llama
+
 EXP = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXP))
 
-import common  # noqa: E402
 import memlimit  # noqa: E402
+
+import common  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_reproduce_command(capsys):
     assert "full settings" in capsys.readouterr().out
     assert main(["reproduce", "--only", "nope"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
-    from llmflash.reproduce import NAMES
+    from research.reproduce import NAMES
 
     assert "engine_options" in NAMES
     for name in NAMES:  # every experiment reproduce knows has its script

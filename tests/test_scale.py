@@ -8,29 +8,27 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny, tiny_llama, tiny_opt
 
 from llmflash.cache import NeuronCache
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.flashdir import MANIFEST, open_flash_dir
-from llmflash.scale import TINY, ScaleGeometry, unbundled_scale_dir, write_scale_model
-from llmflash.trace import (
+from llmflash.reorder import coactivation_order, popularity_order, write_permuted_flash_dir
+from research.scale import TINY, ScaleGeometry, unbundled_scale_dir, write_scale_model
+from research.trace import (
     NoReuseProvider,
     PermutedProvider,
     TraceModel,
     TraceParams,
     TraceProvider,
-    coactivation_order,
     new_sets,
     paper_active_profile,
-    paper_params,
     persistence,
-    popularity_order,
     read_sizes,
     window_stats,
-    write_permuted_flash_dir,
 )
+
+from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = 8.0
 # 2 * d_model * 2 bytes = 8 KiB: the bundled ffn.bin is also a valid unbundled file (hard-linked, not rewritten)

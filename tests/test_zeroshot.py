@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from tiny import tiny_llama, tiny_tokenizer
 
 from llmflash.arch import install_dense_ffns
 from llmflash.ffn import SparsityRule
-from llmflash.zeroshot import choice_logprobs, format_examples, load_task, score_task
+from research.zeroshot import choice_logprobs, format_examples, load_task, score_task
+
+from tiny import tiny_llama, tiny_tokenizer
 
 TASK = {
     "name": "synthetic",

@@ -21,7 +21,7 @@ size (layer L's region starts at the same offset; its first half read as up rows
 different, equally random weights). ``unbundled_scale_dir`` therefore hard-links ``ffn.bin`` under a manifest with
 the unbundled layout instead of writing another 8.6 GB (geometries with padding get a separate file).
 
-Active sets for the scale model come from a trace source (``llmflash.trace``), not from these random weights.
+Active sets for the scale model come from a trace source (``research.trace``), not from these random weights.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import LLMFlashError
-from .flashdir import (
+from llmflash import __version__
+from llmflash.errors import LLMFlashError
+from llmflash.flashdir import (
     ACT_BIAS,
     FFN_FILE,
     FORMAT,
@@ -54,8 +54,8 @@ from .flashdir import (
     TORCH_DTYPES,
     open_flash_dir,
 )
-from .layout import FlashLayout
-from .paths import atomic_dir, cache_dir
+from llmflash.layout import FlashLayout
+from llmflash.paths import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def unbundled_scale_dir(bundled_dir: Optional[Path] = None, geometry: ScaleGeome
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmflash.scale", description="write the OPT-6.7B-geometry scale model")
+    p = argparse.ArgumentParser(prog="python -m research.scale", description="write the OPT-6.7B-geometry scale model")
     p.add_argument("--tiny", action="store_true", help="a tiny geometry (tests)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--unbundled", action="store_true", help="also make the unbundled ablation directory")
