@@ -175,15 +175,16 @@ def real_coact_dir(setup: dict, quick: bool) -> str:
     src = open_flash_dir(setup["flash_dir"])
     tokens = coact_fit_tokens(quick)
     try:
-        info = open_flash_dir(out).manifest.get("neuron_order") or {}
+        order = open_flash_dir(out).manifest.neuron_order
+        info = order.meta if order is not None else {}
         if (info.get("kind"), info.get("source"), info.get("requested_tokens"), info.get("src_checksums")) == (
-                "coactivation", COACT_FIT_SOURCE, tokens, src.manifest["checksums"]):
+                "coactivation", COACT_FIT_SOURCE, tokens, src.manifest.checksums.to_json()):
             return str(out)
     except LLMFlashError:
         pass
     reorder_flash_dir(src.path, out, "coactivation", setup["sparsity"], setup.get("threshold_sparsity") or 0.8,
                       source=COACT_FIT_SOURCE, max_tokens=tokens, progress=False,
-                      extra_meta={"requested_tokens": tokens, "src_checksums": src.manifest["checksums"]})
+                      extra_meta={"requested_tokens": tokens, "src_checksums": src.manifest.checksums.to_json()})
     return str(out)
 
 
@@ -199,7 +200,7 @@ def real_unbundled_dir(setup: dict) -> str:
     except LLMFlashError:
         pass
     src = open_flash_dir(setup["flash_dir"])
-    convert(setup["model"], out, dtype=src.manifest["dtype"], bundled=False, force=True)
+    convert(setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
     if src.thresholds() is not None:  # same weights, same calibrated thresholds
         open_flash_dir(out).save_thresholds(src.thresholds())
     return str(out)

@@ -114,9 +114,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
     fd = open_flash_dir(out)
-    b = fd.manifest["bytes"]
-    print(f"converted {args.model} -> {out}: {fmt_bytes(b['model'])} of weights "
-          f"({fmt_bytes(b['resident_tensors'])} resident, {fmt_bytes(b['ffn_file'])} in {'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
+    b = fd.manifest.bytes
+    print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "
+          f"({fmt_bytes(b.resident_tensors)} resident, {fmt_bytes(b.ffn_file)} in "
+          f"{'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
           f"{fd.layout.neuron_stride_bytes} bytes per neuron)")
     return 0
 
@@ -130,8 +131,10 @@ def cmd_reorder(args: argparse.Namespace) -> int:
         raise LLMFlashError("--out must be another directory than DIR")
     out = reorder_flash_dir(src.path, Path(args.out), order=args.order, sparsity=args.sparsity,
                             threshold_sparsity=args.threshold_sparsity, source=args.text_file, max_tokens=args.max_tokens)
-    info = open_flash_dir(out).manifest["neuron_order"]
-    print(f"reordered {src.path} -> {out}: neurons by {info['kind']}, fitted on {info['tokens']} tokens of {info['source']}")
+    order = open_flash_dir(out).manifest.neuron_order
+    info = order.meta if order is not None else {}
+    print(f"reordered {src.path} -> {out}: neurons by {info.get('kind')}, fitted on {info.get('tokens')} tokens of "
+          f"{info.get('source')}")
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,25 +11,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import __version__
 from .arch import adapter_for
 from .errors import LLMFlashError
 from .ffn import FFNWeights
-from .flashdir import (
-    ACT_BIAS,
-    FFN_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    OUT_BIAS,
-    RESIDENT,
-    TORCH_DTYPES,
-    _crc,
-    _file_crc,
-)
+from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
 from .layout import FlashLayout
+from .manifest import FFN_FILE, MANIFEST, ModelInfo
 from .models import load_model
-from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +31,7 @@ def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
 def convert(
     spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
 ) -> Path:
-    """Convert ``MODEL`` into a flash directory at ``out`` (see the module docstring). Returns ``out``."""
-    from safetensors.torch import save_file
-
+    """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``."""
     if dtype not in TORCH_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
     out = Path(out).expanduser()
@@ -79,57 +64,21 @@ def convert(
             resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
 
     elem = layout.elem_bytes
-    ffn_payload = sum(layout.neuron_payload_bytes * layout.d_ffn for _ in range(layout.n_layers))
-    resident_tensor_bytes = sum(t.numel() * t.element_size() for t in resident.values())
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
-            save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
-            layer_crc: list[list[int]] = [[] for _ in layout.segments]
-            with open(tmp / FFN_FILE, "wb") as f:
-                bar = tqdm(total=layout.n_layers, desc=f"writing {FFN_FILE}", disable=not progress)
-                for layer, w in enumerate(ffn_weights):
-                    for s, seg in enumerate(layout.segments):
-                        rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
-                        padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
-                        padded[:, : rows.shape[1]] = rows
-                        buf = padded.view(torch.uint8).numpy().tobytes()
-                        assert f.tell() == seg.layer_offsets[layer]
-                        f.write(buf)
-                        layer_crc[s].append(_crc(buf))
-                    bar.update(1)
-                bar.close()
-                f.flush()
-                os.fsync(f.fileno())
-            tok.save_pretrained(tmp)
-            resident_bytes = (tmp / RESIDENT).stat().st_size
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "llmflash_version": __version__,
-                "model": {"name": name, "source": spec, "model_type": model.config.model_type},
-                "config": model.config.to_dict(),
-                "dtype": dtype,
-                "ffn": {
-                    "gated": spec_ffn.gated,
-                    "activation": spec_ffn.activation,
-                    "layout": layout.to_json(),
-                },
-                "bytes": {
-                    "model": resident_tensor_bytes + ffn_payload,
-                    "resident_tensors": resident_tensor_bytes,
-                    "ffn_payload": ffn_payload,
-                    "ffn_file": layout.file_bytes,
-                    "resident_file": resident_bytes,
-                },
-                "checksums": {
-                    RESIDENT: _file_crc(tmp / RESIDENT),
-                    FFN_FILE: {"per_layer_segment_crc32": layer_crc},
-                },
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        with write_flash_dir(out, layout) as wr:
+            wr.save_resident(resident)
+            for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
+                for s, seg in enumerate(layout.segments):
+                    rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
+                    padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
+                    padded[:, : rows.shape[1]] = rows
+                    wr.write_ffn(layer, s, padded.view(torch.uint8).numpy().tobytes())
+            tok.save_pretrained(wr.dir)
+            manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), model.config.to_dict(), dtype,
+                                 spec_ffn.gated, spec_ffn.activation)
     except OSError as err:
         raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
-    log.info("converted %s to %s (%d bytes of weights)", spec, out, resident_tensor_bytes + ffn_payload)
+    log.info("converted %s to %s (%d bytes of weights)", spec, out, manifest.bytes.model)
     return out
 
 

@@ -11,25 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .arch import install_dense_ffns
 from .engine import calibrate_flash_dir
 from .ffn import SparsityRule
-from .flashdir import ACT_BIAS, FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, _crc, _file_crc, open_flash_dir
+from .flashdir import ACT_BIAS, _crc, open_flash_dir, write_flash_dir
+from .manifest import FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, NeuronOrder
 from .models import load_in_memory
-from .paths import atomic_dir, atomic_file, cache_dir
+from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
 from .sparsity import ActiveCounter, threshold_rule
 from .storage import read_range
@@ -59,7 +58,7 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
     if predictors:
         pset = PredictorSet.load(predictors)
         pred_id = [str(predictors), pset.meta.get("weights_sha256")]
-    key = json.dumps([fd.name, str(Path(flash_dir).resolve()), fd.manifest["checksums"], sparsity,
+    key = json.dumps([fd.name, str(Path(flash_dir).resolve()), fd.manifest.checksums.to_json(), sparsity,
                       threshold_sparsity, source, max_tokens, seq_len, pred_id], sort_keys=True, default=str)
     path = cache_dir() / "traces" / f"{fd.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache and path.is_file():
@@ -166,50 +165,40 @@ def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bo
     (``meta`` describes how it was chosen): the engine maps predictor ids through it. Returns the path."""
     fd = open_flash_dir(src)
     lay = fd.layout
+    m = fd.manifest
     out = Path(out)
-    with atomic_dir(out, overwrite=True) as tmp:
-        crcs: list[list[int]] = [[] for _ in lay.segments]
-        with open(tmp / FFN_FILE, "wb") as f:
-            for layer in tqdm(range(lay.n_layers), desc="writing permuted ffn.bin", disable=not progress):
-                perm = np.asarray(perms[layer], np.int64)
-                for s, seg in enumerate(lay.segments):
-                    nbytes = seg.stride_bytes * lay.d_ffn
-                    buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-                    rows = np.frombuffer(buf, np.uint8, count=nbytes).reshape(lay.d_ffn, seg.stride_bytes)
-                    new = np.ascontiguousarray(rows[perm])
-                    del rows
-                    buf.close()
-                    assert f.tell() == seg.layer_offsets[layer]
-                    f.write(new.data)
-                    crcs[s].append(zlib.crc32(new.data) & 0xFFFFFFFF)
-            f.flush()
-            os.fsync(f.fileno())
-
+    with write_flash_dir(out, lay) as wr:
+        for layer in tqdm(range(lay.n_layers), desc="writing permuted ffn.bin", disable=not progress):
+            perm = np.asarray(perms[layer], np.int64)
+            for s, seg in enumerate(lay.segments):
+                nbytes = seg.stride_bytes * lay.d_ffn
+                buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
+                rows = np.frombuffer(buf, np.uint8, count=nbytes).reshape(lay.d_ffn, seg.stride_bytes)
+                new = np.ascontiguousarray(rows[perm])
+                del rows
+                buf.close()
+                wr.write_ffn(layer, s, new.data)
         tensors = load_file(str(fd.resident_path))
-        bias_names = [ACT_BIAS.format(layer) for layer in range(lay.n_layers) if ACT_BIAS.format(layer) in tensors]
-        if bias_names:
+        if any(ACT_BIAS.format(layer) in tensors for layer in range(lay.n_layers)):
             for layer in range(lay.n_layers):
                 name = ACT_BIAS.format(layer)
                 if name in tensors:
                     tensors[name] = tensors[name][torch.as_tensor(np.asarray(perms[layer]))].contiguous()
-            save_file(tensors, str(tmp / RESIDENT), metadata={"format": "pt"})
+            wr.save_resident(tensors)
         else:
-            shutil.copyfile(fd.resident_path, tmp / RESIDENT)
+            shutil.copyfile(fd.resident_path, wr.dir / RESIDENT)
+            wr.resident_written(m.bytes.resident_tensors)
         del tensors
         for item in Path(src).iterdir():
             if item.is_file() and item.name not in (MANIFEST, FFN_FILE, RESIDENT) and not item.name.startswith("."):
-                shutil.copyfile(item, tmp / item.name)
+                shutil.copyfile(item, wr.dir / item.name)
         order = np.stack([np.asarray(p, np.int64) for p in perms])  # [L, n]: src rows
         if fd.neuron_order is not None:
             order = np.take_along_axis(fd.neuron_order, order, axis=1)  # -> the model's own ids
         order = np.ascontiguousarray(order)
-        np.save(tmp / ORDER_FILE, order)
-        m = json.loads(json.dumps(fd.manifest))
-        m["checksums"][FFN_FILE] = {"per_layer_segment_crc32": crcs}
-        m["checksums"][RESIDENT] = _file_crc(tmp / RESIDENT)
-        m["bytes"]["resident_file"] = (tmp / RESIDENT).stat().st_size
-        m["neuron_order"] = {**(meta or {}), "file": ORDER_FILE, "crc32": _crc(order.data)}
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1, default=str))
+        np.save(wr.dir / ORDER_FILE, order)
+        wr.finish(m.model, m.config, m.dtype, m.gated, m.activation,
+                  neuron_order=NeuronOrder(ORDER_FILE, _crc(order.data), dict(meta or {})))
     return out
 
 

@@ -137,7 +137,7 @@ def test_read_only_output_location(models, read_only_dir, capsys):
 
 
 def test_interrupted_convert_leaves_nothing_that_looks_valid(models, tmp_path, monkeypatch, capsys):
-    import llmflash.convert as fdmod
+    import llmflash.flashdir as fdmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -84,8 +84,8 @@ def test_layout_rows_are_aligned_and_disjoint():
 def test_convert_writes_manifest_and_resident_split(flash_dirs):
     fd = open_flash_dir(flash_dirs["llama"])
     m = fd.manifest
-    assert m["ffn"]["gated"] and m["ffn"]["activation"] == "relu"
-    assert m["bytes"]["model"] == m["bytes"]["resident_tensors"] + m["bytes"]["ffn_payload"]
+    assert m.gated and m.activation == "relu"
+    assert m.bytes.model == m.bytes.resident_tensors + m.bytes.ffn_payload
     assert fd.ffn_path.stat().st_size == fd.layout.file_bytes
     assert (fd.path / "tokenizer_config.json").is_file()
     assert not open_flash_dir(flash_dirs["llama-unbundled"]).layout.bundled
@@ -378,6 +378,6 @@ def test_cli_reorder_by_coactivation(flash_dirs, tmp_path):
     assert main(["reorder", str(flash_dirs["llama"]), "--out", str(out), "--text-file", str(text),
                  "--max-tokens", "512"]) == 0
     fd = open_flash_dir(out)
-    assert fd.manifest["neuron_order"]["kind"] == "coactivation" and fd.neuron_order.shape == (fd.layout.n_layers, fd.layout.d_ffn)
+    assert fd.manifest.neuron_order.kind == "coactivation" and fd.neuron_order.shape == (fd.layout.n_layers, fd.layout.d_ffn)
     assert _gen(out, "oracle").tokens == _gen(flash_dirs["llama"], "oracle").tokens
     assert main(["reorder", str(flash_dirs["llama"]), "--out", str(flash_dirs["llama"])]) == 2
