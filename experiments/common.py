@@ -397,7 +397,8 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     gc.collect()  # later cyclic collection (several scale-model engines in one process ran out of memory)
     out = {
         "label": label, "mode": cfg.mode, "model": res.model, "flash_dir": str(flash_dir), "config": asdict(cfg),
-        "provider": provider_key, "no_reuse": no_reuse, "permuted": perm is not None, "summary": summarize(res, rec, warmup, table), "prompt_tokens": res.prompt_tokens,
+        "provider": provider_key, "no_reuse": no_reuse, "permuted": perm is not None, "summary": summarize(res, rec, warmup, table),
+        "prompt_tokens": res.prompt_tokens,
         "dram_bytes": res.dram_bytes, "model_bytes": res.model_bytes, "dram_fraction": res.dram_bytes / res.model_bytes,
         "dram_breakdown": res.dram_breakdown, "prefill_ms": res.prefill_ms, "wall_s": wall,
         "per_token": [asdict(t) for t in res.per_token], "text": res.text, "tokens": res.tokens,

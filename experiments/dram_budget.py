@@ -7,8 +7,9 @@ every token). A budget below a mode's minimum is recorded as such (the engine re
 
 from __future__ import annotations
 
-import common
 from llmflash.errors import BudgetError
+
+import common
 
 FULL = (0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.70, 0.80)
 QUICK = {"real": (0.35, 0.45, 0.50, 0.65, 0.80), "scale": (0.40, 0.50, 0.65)}

@@ -25,12 +25,13 @@ import logging
 import statistics
 from pathlib import Path
 
-import common
 import numpy as np
 import torch
 
 from llmflash.engine import EngineConfig, lookahead_map
 from llmflash.paths import cache_dir
+
+import common
 
 log = logging.getLogger("engine_options")
 ARMS = {  # name -> EngineConfig changes

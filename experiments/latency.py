@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=None,
                    help="real model: alternating naive / sparse repeats for the speedup's median (default 3, full 5)")
-    p.add_argument("--compute-threads", type=int, default=None, help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
+    p.add_argument("--compute-threads", type=int, default=None,
+                   help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
     args = p.parse_args()
     table = common.load_bandwidth(16)
     setups = []

@@ -7,7 +7,8 @@
    by the top 1/5/10/20/50% of neurons) of the fitted trace (simulated) are compared with the real model's.
 2. Paper (OPT-6.7B): the scale trace (``paper_params``: the paper's per-layer active profile, the flicker share
    fitted on smollm2-relu, sigma_b and rho fitted to the paper's predicted-set window numbers) is simulated at full
-   size (32 layers x 16384 neurons) and its statistics compared with the paper's: 3.3% active per layer (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
+   size (32 layers x 16384 neurons) and its statistics compared with the paper's: 3.3% active per layer
+   (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
    predicted sets ~10% of the FFN with ~5% false negatives and ~7% false positives, 2.4% of the FFN new per token
    with k = 5, a window of ~24%. ``--refit`` re-runs the fit of (sigma_b, rho) to the paper's numbers (flicker
    fixed at the value in use).

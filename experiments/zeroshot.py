@@ -148,7 +148,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     for i, label in enumerate(labels):
         acc = [next(r["acc"] for r in rows if r["model"] == label and r["task"] == t) for t in tasks]
         acc.append(summary[label]["mean_acc"])
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, acc, width, label=f"{label} (FFN active {summary[label]['ffn_active_fraction']:.0%})")
+        active = summary[label]["ffn_active_fraction"]
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, acc, width, label=f"{label} (FFN active {active:.0%})")
     chance = [next(r["chance"] for r in rows if r["task"] == t) for t in tasks]
     chance.append(float(np.mean(chance)))
     ax.scatter(x, chance, marker="_", s=300, color="black", label="chance", zorder=3)

@@ -186,7 +186,7 @@ class PredictorProvider:
         self.nbytes = int(predictors.nbytes)
         # expected rows each layer's cache needs: its predicted active fraction (the window adds to all alike)
         per_layer = predictors.meta.get("layers") or []
-        fractions = [l.get("predicted_active_fraction") for l in per_layer if isinstance(l, dict)]
+        fractions = [s.get("predicted_active_fraction") for s in per_layer if isinstance(s, dict)]
         self.layer_demand = fractions if len(fractions) == predictors.n_layers and all(fractions) else None
 
     def active(self, layer: int, x: Tensor) -> Tensor:
@@ -550,7 +550,7 @@ class Engine:
             self._check_budget(budget_bytes, sum(self.dram.values()))
             layer_payload = layout.neuron_payload_bytes * layout.d_ffn
             n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_payload)
-            modules = [self._resident_ffn(l) if l < n_resident else StreamedFFN(self, l) for l in range(layout.n_layers)]
+            modules = [self._resident_ffn(i) if i < n_resident else StreamedFFN(self, i) for i in range(layout.n_layers)]
             self.dram["ffn_resident"] = layer_payload * n_resident
             self.hybrid_resident_layers = n_resident
         else:  # naive: everything from flash every token

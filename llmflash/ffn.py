@@ -43,8 +43,11 @@ class FFNWeights:
         return self.up.shape[1]
 
     def to(self, dtype: torch.dtype) -> "FFNWeights":
-        cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-        return FFNWeights(cast(self.gate), cast(self.up), cast(self.down), cast(self.act_bias), cast(self.out_bias))
+        def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(dtype).contiguous()
+
+        return FFNWeights(cast(self.gate), self.up.to(dtype).contiguous(), self.down.to(dtype).contiguous(),
+                          cast(self.act_bias), cast(self.out_bias))
 
 
 @dataclass(frozen=True)

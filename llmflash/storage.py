@@ -189,6 +189,10 @@ class ReadTicket:
         self._error: Optional[BaseException] = None
         self._start_ns = time.perf_counter_ns()
         self._done = threading.Lock()
+        self._views: tuple[memoryview, ...] = ()  # the caller's buffers, released when the last slice is done
+        self._fo: Optional[list[int]] = None  # file offsets, byte counts and buffer offsets of the reads
+        self._nb: Optional[list[int]] = None
+        self._do: Optional[list[int]] = None
         if n_slices:
             self._done.acquire()  # released by the worker that finishes the last slice
 
@@ -410,7 +414,7 @@ class FlashReader:
         if ticket._error is not None:
             err, ticket._error = ticket._error, None
             try:
-                err.add_note(f"while reading {self.path}")
+                err.add_note(f"while reading {self.path}")  # type: ignore[attr-defined,unused-ignore]  # Python 3.11+
             except AttributeError:  # Python < 3.11
                 pass
             raise err

@@ -11,6 +11,7 @@ from llmflash.errors import FlashFileError
 from llmflash.flashdir import open_flash_dir, write_flash_dir
 from llmflash.layout import FlashLayout
 from llmflash.manifest import MANIFEST, Manifest, ModelInfo
+
 from tiny import save_tiny, tiny_opt
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny, tiny_llama, tiny_opt, tiny_tokenizer
 
 from llmflash.arch import adapter_for
 from llmflash.cli import main
@@ -19,6 +18,8 @@ from llmflash.predictor import PredictorSet
 from predictors.collect import Activations, CollectConfig, collect
 from predictors.evaluate import predicted_mask_fn, window_mask_fn, window_union
 from predictors.train import TrainConfig, train_predictors
+
+from tiny import save_tiny, tiny_llama, tiny_opt, tiny_tokenizer
 
 TEXT = "\n\n".join(
     f"Note {i}: the quick brown fox jumps over the lazy dog {i * 7} times, then rests by the river bank." * 3
@@ -270,8 +271,9 @@ def test_perfect_predictor_gives_oracle_perplexity(make, rule):
         got = perplexity(model, tok, docs, seq_len=128, max_tokens=600, rule=rule, mask_fn=window_mask_fn(exact, window),
                          progress=False)
         assert got["ppl"] == pytest.approx(oracle["ppl"], rel=1e-6)
+    d_ffn = getattr(model.config, "intermediate_size", None) or model.config.ffn_dim
     missing = perplexity(model, tok, docs, seq_len=128, max_tokens=600, rule=rule,
-                         mask_fn=predicted_mask_fn(RandomPredictor(3, model.config.intermediate_size if hasattr(model.config, "intermediate_size") else model.config.ffn_dim, 0.2)),
+                         mask_fn=predicted_mask_fn(RandomPredictor(3, d_ffn, 0.2)),
                          progress=False)
     assert missing["ppl"] != pytest.approx(oracle["ppl"], rel=1e-3)  # missed neurons are really missing
 
