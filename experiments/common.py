@@ -379,7 +379,7 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         if no_reuse:
             engine.provider = NoReuseProvider(engine.provider)
             engine.provider.bind(engine)
-        if hasattr(engine.provider, "reset"):
+        if engine.provider is not None:
             engine.provider.reset()
         rec = ReadRecorder(engine)
         ids = prompt if prompt is not None else prompt_ids(engine.tokenizer)

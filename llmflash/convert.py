@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
+from .arch import HFModel, adapter_for
 from .errors import LLMFlashError
 from .ffn import FFNWeights
 from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
     """[n, len(parts) * d]: each neuron's parts side by side."""
     mats = {"gate": w.gate, "up": w.up, "down": w.down}
-    return torch.cat([mats[p] for p in parts], dim=1)
+    rows = []
+    for p in parts:
+        t = mats[p]
+        if t is None:
+            raise ValueError(f"the layout stores {p!r} rows but the FFN has none")
+        rows.append(t)
+    return torch.cat(rows, dim=1)
 
 
 def convert(
@@ -35,6 +41,8 @@ def convert(
     if dtype not in TORCH_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
     out = Path(out).expanduser()
+    model: HFModel
+    tok: Any
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
     name = src.name
     if out.exists():

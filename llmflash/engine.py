@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .layout import read_plan
+from .predictor import ENGINE_DTYPE, PredictorSet
+from .provider import ActiveSetProvider, OracleProvider, PredictorProvider
 from .report import median
 from .storage import FlashReader, pin_buffer, unpin_buffer
 
@@ -140,65 +142,7 @@ def _now_ms() -> float:
 # ------------------------------------------------------------------------------------------------ active-set providers
 
 
-class ActiveSetProvider(Protocol):
-    nbytes: int  # DRAM it holds that counts in the budget
-    counted: bool  # False: its time is not charged to the token (the oracle)
-
-    def active(self, layer: int, x: Tensor) -> Tensor:  # x [T, d] -> bool [T, n]
-        ...
-
-    # Optional: ``guess(layer, x)`` -> bool [T, n], the set of ``layer`` guessed from an approximation of its input
-    # (lookahead); a provider without it gets no lookahead.
-    # Optional: ``pop_replay_ms()`` -> ms of its calls since the last pop that replayed recorded or simulated sets
-    # (a trace standing in for a predictor's output): excluded from the token's time like the oracle's; the rest of a
-    # counted provider's call is predictor time.
-
-
-class OracleProvider:
-    """The true active set, from the real FFN activation (weights held outside the budget, time not counted)."""
-
-    counted = False
-    nbytes = 0
-
-    def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]]) -> None:
-        self.w = weights
-        self.act = activation_fn(activation)
-        self.thresholds = thresholds
-        self.held_bytes = sum(
-            t.numel() * t.element_size() for w in weights for t in (w.gate, w.up) if t is not None
-        )
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        w = self.w[layer]
-        a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
-        return neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer]) != 0
-
-    guess = active
-
-
-class PredictorProvider:
-    """Trained low-rank predictors choose the active set (the paper's method)."""
-
-    counted = True
-
-    def __init__(self, predictors) -> None:
-        self.p = predictors
-        self.nbytes = int(predictors.nbytes)
-        # expected rows each layer's cache needs: its predicted active fraction (the window adds to all alike)
-        per_layer = predictors.meta.get("layers") or []
-        fractions = [s.get("predicted_active_fraction") for s in per_layer if isinstance(s, dict)]
-        self.layer_demand = fractions if len(fractions) == predictors.n_layers and all(fractions) else None
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        return self.p.predict(layer, x)
-
-    def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
-        return self.p.active_ids(layer, x)
-
-    def to_device(self, device: torch.device) -> None:
-        self.p.to_device(device)
-
-    guess = active
+# ``ActiveSetProvider``, ``OracleProvider`` and ``PredictorProvider``: see ``provider``.
 
 
 # ------------------------------------------------------------------------------------------------------ FFN modules
@@ -310,7 +254,10 @@ class SparseFFN(_FlashFFNBase):
         """Where reads meant for cache rows from ``dest_row`` land: in the cache itself (CPU), or in the engine's host
         landing buffer from row 0 (accelerator; ``_upload`` then copies them into the cache)."""
         store = self.cache.store
-        return (store, dest_row) if isinstance(store, RowStore) else (self.e.landing, 0)
+        if isinstance(store, RowStore):
+            return store, dest_row
+        assert self.e.landing is not None  # an engine with device caches has a landing buffer
+        return self.e.landing, 0
 
     def _ids(self, mask: Tensor) -> np.ndarray:
         return mask.any(dim=0).nonzero().flatten().cpu().numpy()
@@ -319,15 +266,15 @@ class SparseFFN(_FlashFFNBase):
         """Union of the provider's active sets (or guessed sets) over the rows of x: sorted neuron ids."""
         e = self.e
         t0 = _now_ms()
+        provider = e.provider
+        assert provider is not None  # sparse modes always have one
         if guess:
-            ids = self._ids(e.provider.guess(self.layer, x))
-        elif hasattr(e.provider, "active_ids"):  # the provider's own fast path
-            ids = e.provider.active_ids(self.layer, x)
+            ids = self._ids(provider.guess(self.layer, x))
         else:
-            ids = self._ids(e.provider.active(self.layer, x))  # x [T, d] -> bool [T, n]
+            ids = provider.active_ids(self.layer, x)  # x [T, d] -> sorted ids of the union over the rows
         dt = _now_ms() - t0
-        if e.provider.counted:  # a trace replays simulated sets: that part stands for no real work
-            replay = e.provider.pop_replay_ms() if hasattr(e.provider, "pop_replay_ms") else 0.0
+        if provider.counted:  # a trace replays simulated sets: that part stands for no real work
+            replay = provider.pop_replay_ms()
             e.meter.predictor_ms += dt - replay
             e.meter.excluded_ms += replay
         else:
@@ -342,7 +289,8 @@ class SparseFFN(_FlashFFNBase):
         upd = self.cache.update(guess, e.meter.step)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
-        self._prefetch = (self._submit(self.cache.store, upd.load_ids, upd.dest_row), upd.dest_row, upd.load_ids.size)
+        land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
+        self._prefetch = (self._submit(land, upd.load_ids, row), upd.dest_row, upd.load_ids.size)
 
     def drain(self) -> None:
         """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
@@ -383,7 +331,7 @@ class SparseFFN(_FlashFFNBase):
         pending = self._submit(land, upd.load_ids, row)
         overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
-        if self.next is not None:  # start the next layer's reads before computing this one
+        if self.next is not None and self.guess_map is not None:  # start the next layer's reads before computing this one
             scale, shift = self.guess_map
             self.next.prefetch(x2 * scale + shift)
         ready = pre[1] if pre is not None else upd.dest_row
@@ -513,10 +461,10 @@ class Engine:
         mode = config.mode
 
         if mode in SPARSE_MODES:
-            self.provider = provider if provider is not None else self._make_provider()
-            if self.offload and hasattr(self.provider, "to_device"):
-                self.provider.to_device(self.device)
-            self.dram["predictors"] = self.provider.nbytes
+            self.provider = active = provider if provider is not None else self._make_provider()
+            if self.offload:
+                active.to_device(self.device)
+            self.dram["predictors"] = active.nbytes
             fixed = sum(self.dram.values())
             reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0)
             # per cached row: one per layer, plus a landing row (accelerator) and the working reserve's share
@@ -524,7 +472,7 @@ class Engine:
             minimum = fixed + config.min_cache_rows * per_row
             self._check_budget(budget_bytes, minimum)
             total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
-            demand = list(getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers)
+            demand = list(active.layer_demand or [1.0] * layout.n_layers)
             self.cache_rows = split_rows(total_rows, demand, layout.d_ffn, config.min_cache_rows)
             # held back from the caches, sized by the largest one: the host landing buffer (accelerator: up to one
             # layer's whole cache) and the working reserve
@@ -538,14 +486,16 @@ class Engine:
                 self.landing = RowStore(layout, max(self.cache_rows), fd.dtype)
                 self.dram["landing"] = self.landing.nbytes
                 self._pin(self.landing.buffers)
-            modules = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
-            self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
-            if config.lookahead and hasattr(self.provider, "guess"):
-                self._link_lookahead(modules)
+            sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
+            self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
+            if config.lookahead and active.supports_guess:
+                self._link_lookahead(sparse)
+            modules: list[nn.Module] = list(sparse)
         elif mode == "dense":
-            modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
+            dense = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
             del self.dram["staging"]
-            self.dram["ffn_resident"] = sum(self._ffn_bytes(m.w) for m in modules)
+            self.dram["ffn_resident"] = sum(self._ffn_bytes(m.w) for m in dense)
+            modules = list(dense)
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
             layer_payload = layout.neuron_payload_bytes * layout.d_ffn
@@ -621,7 +571,9 @@ class Engine:
         table = self.fd.thresholds()
         if table is None:
             table = calibrate_flash_dir(self.fd)
-        return list(threshold_rule(table, self.cfg.threshold_sparsity).thresholds)
+        thresholds = threshold_rule(table, self.cfg.threshold_sparsity).thresholds
+        assert thresholds is not None
+        return list(thresholds)
 
     def _layer_rows(self, layer: int, parts: tuple[str, ...]) -> FFNWeights:
         """A layer's weights read once from flash (direct I/O) into compact DRAM tensors (padding dropped)."""
@@ -631,8 +583,13 @@ class Engine:
                 fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
                 self.reader.read(buf, fo, nb, do)
         w = ffn_weights_from_rows(self.fd, store.rows, self.biases[layer])
-        keep = lambda name, t: t.to(self.device).contiguous() if (t is not None and name in parts) else None  # noqa: E731
-        return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down), w.act_bias, w.out_bias)
+
+        def keep(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+            return t.to(self.device).contiguous() if (t is not None and name in parts) else None
+
+        # the oracle's copy holds gate/up only: its ``down`` is None (FFNWeights types the full layer's)
+        return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down),  # type: ignore[arg-type]
+                          w.act_bias, w.out_bias)
 
     @staticmethod
     def _ffn_bytes(w: FFNWeights) -> int:
@@ -650,8 +607,6 @@ class Engine:
             return provider
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
-        from .predictor import ENGINE_DTYPE, PredictorSet
-
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
@@ -672,6 +627,7 @@ class Engine:
         assert self.resident_reader is not None
         size = self.fd.resident_path.stat().st_size
         buf = self.fd.resident_buffer
+        assert buf is not None  # read_resident ran at construction
         chunk = 1 << 20
         offs = np.arange(0, size, chunk, dtype=np.int64)
         nb = np.minimum(chunk, ((size - offs + 4095) // 4096) * 4096).astype(np.int64)

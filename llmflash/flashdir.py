@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, adapter_for
+from .arch import Adapter, HFModel, adapter_for
 from .errors import FlashFileError, LLMFlashError
 from .ffn import FFNWeights
 from .layout import FlashLayout
@@ -81,7 +82,7 @@ class FlashDir:
     path: Path
     manifest: Manifest
     layout: FlashLayout
-    resident_buffer: object = None  # the aligned buffer resident tensors view (after read_resident)
+    resident_buffer: Optional[mmap.mmap] = None  # the aligned buffer resident tensors view (after read_resident)
     _order: Optional[np.ndarray] = None  # neuron_order, once loaded and checked
 
     @property
@@ -344,7 +345,7 @@ def write_flash_dir(out: Path, layout: FlashLayout) -> Iterator[FlashDirWriter]:
 # ----------------------------------------------------------------------------------------------------- the skeleton
 
 
-def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[nn.Module, Adapter, dict[int, tuple]]:
+def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, Adapter, dict[int, tuple]]:
     """The Hugging Face model with resident weights loaded and FFN weights absent (to be provided by FFN modules).
 
     Returns (model, adapter, ffn_biases) with ffn_biases[layer] = (act_bias or None, out_bias or None).

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -114,6 +114,7 @@ class _Layer:
         """(A [r, d], B [n, r]) in fp32, dequantized from the int8 form if need be."""
         if not self.quantized:
             return self.down.float(), self.up.float()
+        assert self.down_scale is not None and self.up_scale is not None
         a = self.down.float() * self.down_scale.float()[:, None]
         b = self.up.float() * self.up_scale.float()[:, None]
         return a[: self.rank], b[:, : self.rank]
@@ -139,7 +140,7 @@ class _Layer:
 
     def to_device(self, device: torch.device) -> None:
         self.down, self.up, self.bias = (t.to(device) for t in (self.down, self.up, self.bias))
-        if self.quantized:
+        if self.down_scale is not None and self.up_scale is not None:  # the int8 form
             self.down_scale, self.up_scale = self.down_scale.to(device), self.up_scale.to(device)
 
     def tensors(self) -> list:
@@ -147,6 +148,7 @@ class _Layer:
 
     def features(self, x: Tensor) -> Tensor:
         """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
+        assert self.down_scale is not None and self.up_scale is not None
         return _int8_linear(_int8_linear(x, self.down, self.down_scale), self.up, self.up_scale)
 
 
@@ -194,6 +196,7 @@ class PredictorSet:
         """Sorted ids of the neurons predicted active for any row of x [T, d_model]: the engine's per-token call
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
         p = self._layers[layer]
+        t: Any
         if p.quantized:  # bias folded into the cut: two kernels, one comparison
             z, t = p.features(x.reshape(-1, x.shape[-1])).float().cpu().numpy(), p.cut  # [T, n]
         else:
@@ -291,7 +294,7 @@ class PredictorSet:
             if idx.shape != (self.d_ffn,):
                 raise LLMFlashError(f"a neuron order of shape {tuple(idx.shape)} does not fit layer {layer}'s {self.d_ffn} neurons")
             p.up, p.bias = p.up[idx].contiguous(), p.bias[idx].contiguous()
-            if p.quantized:
+            if p.up_scale is not None:  # the int8 form
                 p.up_scale = p.up_scale[idx].contiguous()
                 p.set_cut()
         return self

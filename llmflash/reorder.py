@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
             "ffn_active_fraction": res["ffn_active_fraction"], "n_layers": n_layers, "n": n,
             "windows": len(per_layer[0]), "predictors": pred_id}
     if cache:
-        arrays = {f"l{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
+        arrays: dict[str, Any] = {f"l{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
                   for w, m in enumerate(per_layer[layer])}
         if pset is not None:
             arrays.update({f"p{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)

@@ -44,13 +44,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from llmflash.layout import runs
+from llmflash.provider import ActiveSetProvider, WrappedProvider
 
 # --------------------------------------------------------------------------------------------------- statistics
 
@@ -315,7 +316,7 @@ def fit_trace(active: Sequence[float], targets: dict, kind: str = "true", free: 
 PAPER_RANKS = (128,) * 28 + (1024,) * 4
 
 
-class TraceProvider:
+class TraceProvider(ActiveSetProvider):
     """An ``Engine`` active-set provider replaying a ``TraceModel`` (true or predicted sets).
 
     ``kind="true"``: like the oracle (time not counted, no DRAM). ``kind="predicted"``: a real low-rank predictor
@@ -378,54 +379,30 @@ class TraceProvider:
         return torch.from_numpy(m)
 
 
-class PermutedProvider:
+class PermutedProvider(WrappedProvider):
     """Wraps a provider whose ids are original neuron ids, for a flash directory whose rows were permuted
     (``perm[layer][j]`` = original id stored at row j). (The engine's own predictors need no wrapper: it permutes
     their outputs at load, ``PredictorSet.permute_outputs``.)"""
 
-    def __init__(self, inner, perm: Sequence[np.ndarray]) -> None:
-        self.inner = inner
+    def __init__(self, inner: ActiveSetProvider, perm: Sequence[np.ndarray]) -> None:
+        super().__init__(inner)
         self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def to_device(self, device: torch.device) -> None:
-        if hasattr(self.inner, "to_device"):
-            self.inner.to_device(device)
-
-    def pop_replay_ms(self) -> float:
-        return self.inner.pop_replay_ms() if hasattr(self.inner, "pop_replay_ms") else 0.0
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.inner.active(layer, x)[:, self.perm[layer]]
 
 
-class NoReuseProvider:
+class NoReuseProvider(WrappedProvider):
     """Wraps a provider so that every token loads its whole active set: the layer's neuron cache is emptied before
     each call (the paper's "+predictor" row without a window: no reuse between tokens). Call ``bind(engine)``."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-        self.engine = None
+    def __init__(self, inner: ActiveSetProvider) -> None:
+        super().__init__(inner)
+        self.engine: Optional[Any] = None
 
-    def bind(self, engine) -> "NoReuseProvider":
+    def bind(self, engine: Any) -> "NoReuseProvider":
         self.engine = engine
         return self
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def pop_replay_ms(self) -> float:
-        return self.inner.pop_replay_ms() if hasattr(self.inner, "pop_replay_ms") else 0.0
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         if self.engine is not None:

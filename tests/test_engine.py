@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+import llmflash.engine as engine_module
 from llmflash.cache import NeuronCache
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
@@ -15,6 +17,7 @@ from llmflash.errors import BudgetError, LLMFlashError
 from llmflash.flashdir import open_flash_dir
 from llmflash.layout import FlashLayout, read_plan, runs
 from llmflash.models import load_in_memory
+from llmflash.provider import ActiveSetProvider
 from llmflash.sparsity import calibrate_thresholds
 from llmflash.storage import proc_read_bytes
 
@@ -144,6 +147,25 @@ def test_every_mode_generates_the_dense_tokens(flash_dirs, name):
     ref = _gen(flash_dirs[name], "dense").tokens
     for mode in ("naive", "hybrid", "oracle"):
         assert _gen(flash_dirs[name], mode).tokens == ref, mode
+
+
+def test_a_provider_declares_only_what_it_has(flash_dirs):
+    """The base class supplies every optional capability: a provider with only ``active`` runs (no lookahead)."""
+
+    class AllActive(ActiveSetProvider):
+        counted = False
+
+        def active(self, layer, x):
+            return torch.ones(x.shape[0], 384, dtype=torch.bool)
+
+    e = Engine(flash_dirs["llama"], EngineConfig(mode="oracle", dram_budget=BIG, lookahead=True), provider=AllActive())
+    try:
+        res = e.generate(PROMPT, 6, stop_at_eos=False)
+    finally:
+        e.close()
+    assert res.tokens == _gen(flash_dirs["llama"], "dense", n=6).tokens
+    src = open(engine_module.__file__, encoding="utf-8").read()
+    assert set(re.findall(r"hasattr\((\w+)", src)) <= {"os"}  # capabilities are declared, not discovered
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
