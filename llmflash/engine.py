@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import DeviceRows, NeuronCache, RowStore, split_rows
+from .budget import SparseBudget, hybrid_resident_layers
+from .cache import DeviceRows, NeuronCache, RowStore
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
@@ -465,25 +466,18 @@ class Engine:
             if self.offload:
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
-            fixed = sum(self.dram.values())
-            reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0)
-            # per cached row: one per layer, plus a landing row (accelerator) and the working reserve's share
-            per_row = int(layout.neuron_stride_bytes * (layout.n_layers + self.offload + reserve))
-            minimum = fixed + config.min_cache_rows * per_row
-            self._check_budget(budget_bytes, minimum)
-            total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
-            demand = list(active.layer_demand or [1.0] * layout.n_layers)
-            self.cache_rows = split_rows(total_rows, demand, layout.d_ffn, config.min_cache_rows)
-            # held back from the caches, sized by the largest one: the host landing buffer (accelerator: up to one
-            # layer's whole cache) and the working reserve
-            reserve_rows = int(reserve * max(self.cache_rows))
-            held = reserve_rows + (max(self.cache_rows) if self.offload else 0)
-            if held:
-                self.cache_rows = split_rows(total_rows - held, demand, layout.d_ffn, config.min_cache_rows)
-            if reserve_rows:
-                self.dram["working_reserve"] = reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
+            sb = SparseBudget(
+                budget_bytes, sum(self.dram.values()), layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
+                config.min_cache_rows, config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0),
+                self.offload, active.layer_demand,
+            )
+            self._check_budget(budget_bytes, sb.minimum_bytes)
+            plan = sb.plan()
+            self.cache_rows = list(plan.cache_rows)
+            if plan.reserve_rows:
+                self.dram["working_reserve"] = plan.reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
             if self.offload:
-                self.landing = RowStore(layout, max(self.cache_rows), fd.dtype)
+                self.landing = RowStore(layout, plan.landing_rows, fd.dtype)
                 self.dram["landing"] = self.landing.nbytes
                 self._pin(self.landing.buffers)
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
@@ -499,7 +493,7 @@ class Engine:
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
             layer_payload = layout.neuron_payload_bytes * layout.d_ffn
-            n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_payload)
+            n_resident = hybrid_resident_layers(budget_bytes, sum(self.dram.values()), layer_payload, layout.n_layers)
             modules = [self._resident_ffn(i) if i < n_resident else StreamedFFN(self, i) for i in range(layout.n_layers)]
             self.dram["ffn_resident"] = layer_payload * n_resident
             self.hybrid_resident_layers = n_resident
