@@ -29,12 +29,13 @@ for a ReLU rule when a guessed neuron is inactive).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar, cast
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .layout import read_plan
+from .metrics import GenerationResult, TokenStats
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, OracleProvider, PredictorProvider
-from .report import median
 from .storage import FlashReader, pin_buffer, unpin_buffer
 
 log = logging.getLogger(__name__)
@@ -102,38 +103,6 @@ class EngineConfig:
     # buffers); reads still land in page-locked host buffers (direct I/O cannot write into GPU memory) and are copied
     # over, timed as memory management. The paper's GPU setting (its Table 3, RTX 4090 rows)
     device: str = "cpu"
-
-
-@dataclass
-class TokenStats:
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
-    compute_ms: float = 0.0
-    total_ms: float = 0.0
-    bytes_read: int = 0
-    reads: int = 0
-    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract); a trace's replay
-    predictor_ms: float = 0.0  # part of compute_ms
-    read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
-    loaded_neurons: int = 0
-    cached_neurons: int = 0
-
-
-@dataclass
-class Meter:
-    """Accumulates the current token's costs; FFN modules add to it."""
-
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
-    excluded_ms: float = 0.0
-    predictor_ms: float = 0.0
-    read_ms: float = 0.0
-    loaded_neurons: int = 0
-    step: int = 0  # index of the token being processed (for the window)
-
-    def reset(self) -> None:
-        self.io_ms = self.mem_ms = self.excluded_ms = self.predictor_ms = self.read_ms = 0.0
-        self.loaded_neurons = 0
 
 
 def _now_ms() -> float:
@@ -287,7 +256,7 @@ class SparseFFN(_FlashFFNBase):
         e = self.e
         guess = self._need(x_guess, guess=True)
         t0 = _now_ms()
-        upd = self.cache.update(guess, e.meter.step)  # slides the window; guessed overflow is dropped
+        upd = self.cache.update(guess, e.step)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
@@ -307,7 +276,7 @@ class SparseFFN(_FlashFFNBase):
             self.drain()
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
-            upd = self.cache.update(need, e.meter.step)
+            upd = self.cache.update(need, e.step)
             land, row = self._landing(upd.dest_row)
             self._read(land, upd.load_ids, row)
             self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
@@ -324,7 +293,7 @@ class SparseFFN(_FlashFFNBase):
                 pre = None
                 t0 = _now_ms()
         # after a lookahead the window has already slid for this step: nothing may move while its reads are in flight
-        upd = self.cache.update(need, e.meter.step, evict=pre is None)
+        upd = self.cache.update(need, e.step, evict=pre is None)
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
@@ -358,50 +327,23 @@ class SparseFFN(_FlashFFNBase):
 # ----------------------------------------------------------------------------------------------------------- engine
 
 
-@dataclass
-class GenerationResult:
-    mode: str
-    model: str
-    prompt_tokens: int
-    tokens: list[int]
-    text: str
-    dram_bytes: int
-    model_bytes: int
-    prefill_ms: float
-    per_token: list[TokenStats] = field(default_factory=list)
-    dram_breakdown: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-    def summary(self) -> dict:
-        pt = self.per_token
-        if not pt:
-            return {}
-        n_bytes = sum(t.bytes_read for t in pt)
-        n_reads = sum(t.reads for t in pt)
-        read_s = sum(t.read_ms or t.io_ms for t in pt) / 1e3
-        return {
-            "ms_per_token": median([t.total_ms for t in pt]),
-            "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
-            "io_ms": median([t.io_ms for t in pt]),
-            "mem_ms": median([t.mem_ms for t in pt]),
-            "compute_ms": median([t.compute_ms for t in pt]),
-            "predictor_ms": median([t.predictor_ms for t in pt]),
-            "bytes_read_per_token": n_bytes / len(pt),
-            "reads_per_token": n_reads / len(pt),
-            "mean_read_bytes": n_bytes / n_reads if n_reads else 0.0,
-            "read_gbps": n_bytes / read_s / 1e9 if read_s > 0 else 0.0,  # bytes / time the reads took
-            "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
-            "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
-        }
 
-    def to_json(self) -> dict:
-        return {
-            "mode": self.mode, "model": self.model, "tokens": self.tokens, "text": self.text,
-            "prompt_tokens": self.prompt_tokens, "dram_bytes": self.dram_bytes, "model_bytes": self.model_bytes,
-            "dram_fraction": self.dram_bytes / self.model_bytes, "dram_breakdown": self.dram_breakdown,
-            "prefill_ms": self.prefill_ms, "summary": self.summary(), "per_token": [asdict(t) for t in self.per_token],
-            "config": self.config,
-        }
+def _with_compute_threads(fn: _F) -> _F:
+    """Run an ``Engine`` method with torch's intra-op threads at the engine's ``compute_threads``, then put back what
+    the process had (torch's thread count is process-wide: an engine only holds it while it computes)."""
+
+    @functools.wraps(fn)
+    def run(self: "Engine", *args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.compute_threads)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return cast(_F, run)
 
 
 class Engine:
@@ -429,12 +371,12 @@ class Engine:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         large = fd.layout.d_model >= LARGE_D_MODEL
         one_thread = not large and config.mode not in SPARSE_MODES
-        self.compute_threads = config.compute_threads or (1 if one_thread else cores)
-        torch.set_num_threads(self.compute_threads)
+        self.compute_threads = config.compute_threads or (1 if one_thread else cores)  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
-        self.meter = Meter()
+        self.meter = TokenStats()  # the token being computed: FFN modules add their costs to it
+        self.step = 0  # index of the token being computed (for the window)
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
         self.thresholds = self._thresholds()
@@ -653,8 +595,10 @@ class Engine:
             if isinstance(m, SparseFFN):
                 m.drain()
                 m.cache.clear()
-        self.meter = Meter()
+        self.meter = TokenStats()
+        self.step = 0
 
+    @_with_compute_threads
     @torch.inference_mode()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int = 64, stop_at_eos: bool = True) -> GenerationResult:
         """Greedy decoding, batch 1. ``prompt_ids``: [L] token ids."""
@@ -677,24 +621,19 @@ class Engine:
                 break
             if step == max_new_tokens - 1:
                 break
-            self.meter.reset()
-            self.meter.step = step + 1
+            self.meter = m = TokenStats()
+            self.step = step + 1
             b0, r0 = self._reader_totals()
             t0 = _now_ms()
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(torch.tensor([[nxt]], device=self.device), cache)
             self._sync()
-            total = _now_ms() - t0 - self.meter.excluded_ms
+            total = _now_ms() - t0 - m.excluded_ms
             b1, r1 = self._reader_totals()
-            m = self.meter
-            stats.append(TokenStats(
-                io_ms=m.io_ms, mem_ms=m.mem_ms, compute_ms=total - m.io_ms - m.mem_ms, total_ms=total,
-                bytes_read=b1 - b0, reads=r1 - r0, excluded_ms=m.excluded_ms, predictor_ms=m.predictor_ms,
-                read_ms=m.read_ms,
-                loaded_neurons=m.loaded_neurons,
-                cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)),
-            ))
+            m.finish(total_ms=total, bytes_read=b1 - b0, reads=r1 - r0,
+                     cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)))
+            stats.append(m)
         return GenerationResult(
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
@@ -702,6 +641,7 @@ class Engine:
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "row_bucket": self.row_bucket},
         )
 
+    @_with_compute_threads
     @torch.inference_mode()
     def score(self, ids: Tensor) -> Tensor:
         """Log-probabilities of ``ids[1:]`` computed token by token through the engine's decode path. [L-1]."""
@@ -714,7 +654,7 @@ class Engine:
         logits = self._forward(ids[:1].view(1, 1), cache)
         for i in range(1, ids.numel()):
             out.append(torch.log_softmax(logits.float(), -1)[ids[i]])
-            self.meter.step = i
+            self.step = i
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(ids[i : i + 1].view(1, 1), cache)

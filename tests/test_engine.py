@@ -403,3 +403,14 @@ def test_cli_reorder_by_coactivation(flash_dirs, tmp_path):
     assert fd.manifest.neuron_order.kind == "coactivation" and fd.neuron_order.shape == (fd.layout.n_layers, fd.layout.d_ffn)
     assert _gen(out, "oracle").tokens == _gen(flash_dirs["llama"], "oracle").tokens
     assert main(["reorder", str(flash_dirs["llama"]), "--out", str(flash_dirs["llama"])]) == 2
+
+
+def test_the_engine_leaves_torch_threads_as_it_found_them(flash_dirs):
+    before = torch.get_num_threads()
+    e = Engine(flash_dirs["llama"], EngineConfig(mode="dense", dram_budget=BIG, compute_threads=1 if before > 1 else 2))
+    try:
+        assert torch.get_num_threads() == before  # no process-wide side effect in the constructor
+        res = e.generate(PROMPT, 3, stop_at_eos=False)
+        assert torch.get_num_threads() == before and res.config["compute_threads"] == e.compute_threads
+    finally:
+        e.close()
