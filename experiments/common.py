@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
 from llmflash.engine import Engine, EngineConfig, GenerationResult  # noqa: E402
 from llmflash.errors import LLMFlashError  # noqa: E402
 from llmflash.flashdir import FlashDir, open_flash_dir  # noqa: E402
+from llmflash.hooks import EngineObserver  # noqa: E402
 from llmflash.paths import cache_dir  # noqa: E402
 from llmflash.report import environment, median, write_json  # noqa: E402
 
@@ -245,35 +246,23 @@ def prompt_ids(tokenizer, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- engine runs
 
 
-class ReadRecorder:
+class ReadRecorder(EngineObserver):
     """Counts every read an engine issues by size, per forward pass (prefill, then one per generated token)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Optional[Engine] = None) -> None:
         self.current: dict[int, int] = {}
         self.per_forward: list[dict[int, int]] = []
-        for reader in (engine.reader, engine.resident_reader):
-            if reader is not None:
-                self._wrap(reader)
-        orig = engine._forward
+        if engine is not None:
+            engine.observers.append(self)
 
-        def forward(ids, cache):
-            out = orig(ids, cache)
-            self.per_forward.append(self.current)
-            self.current = {}
-            return out
+    def reads_issued(self, source: str, nbytes: np.ndarray) -> None:
+        sizes, counts = np.unique(np.asarray(nbytes, dtype=np.int64), return_counts=True)
+        for s, c in zip(sizes.tolist(), counts.tolist()):
+            self.current[s] = self.current.get(s, 0) + c
 
-        engine._forward = forward
-
-    def _wrap(self, reader) -> None:
-        orig = reader.submit
-
-        def submit(dest, fo, nb, do):
-            sizes, counts = np.unique(np.asarray(nb, dtype=np.int64), return_counts=True)
-            for s, c in zip(sizes.tolist(), counts.tolist()):
-                self.current[s] = self.current.get(s, 0) + c
-            return orig(dest, fo, nb, do)
-
-        reader.submit = submit
+    def forward_done(self, step: int) -> None:
+        self.per_forward.append(self.current)
+        self.current = {}
 
 
 def load_bandwidth(threads: int = 16) -> Optional[list[tuple[int, float]]]:

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar, cast
+from typing import Any, Callable, Optional, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from .cache import DeviceRows, NeuronCache, RowStore
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
+from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
 from .predictor import ENGINE_DTYPE, PredictorSet
@@ -134,8 +135,12 @@ class _FlashFFNBase(nn.Module):
         e = self.e
         t0 = _now_ms()
         tickets = []
+        for o in e.observers:
+            o.read_plan(self.layer, ids)
         for seg, buf in zip(e.fd.layout.segments, store.buffers):
             fo, nb, do = read_plan(seg, self.layer, ids, dest_row, e.cfg.max_read_bytes)
+            for o in e.observers:
+                o.reads_issued("ffn", nb)
             tickets.append(e.reader.submit(buf, fo, nb, do))
         e.meter.io_ms += _now_ms() - t0
         return tickets
@@ -354,14 +359,16 @@ class Engine:
 
     def __init__(
         self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig(),
-        provider: Optional[ActiveSetProvider] = None,
+        provider: Optional[ActiveSetProvider] = None, observers: Sequence[EngineObserver] = (),
     ) -> None:
-        """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace)."""
+        """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace); ``observers``
+        watch it run (``hooks``)."""
         if config.mode not in MODES:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
+        self.observers: list[EngineObserver] = list(observers)
         self.device = _device(config.device)
         self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
         if self.offload and config.lookahead:
@@ -567,6 +574,8 @@ class Engine:
         chunk = 1 << 20
         offs = np.arange(0, size, chunk, dtype=np.int64)
         nb = np.minimum(chunk, ((size - offs + 4095) // 4096) * 4096).astype(np.int64)
+        for o in self.observers:
+            o.reads_issued("resident", nb)
         t0 = _now_ms()
         self.resident_reader.read(buf, offs, nb, offs)
         dt = _now_ms() - t0
@@ -588,7 +597,10 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, ids: Tensor, cache) -> Tensor:
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        for o in self.observers:
+            o.forward_done(self.step)
+        return logits
 
     def reset(self) -> None:
         for m in self.ffn_modules:
@@ -634,6 +646,8 @@ class Engine:
             m.finish(total_ms=total, bytes_read=b1 - b0, reads=r1 - r0,
                      cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)))
             stats.append(m)
+            for o in self.observers:
+                o.token_done(self.step, m)
         return GenerationResult(
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
