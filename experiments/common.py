@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -337,7 +337,7 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
         share: bool = True) -> dict:
     """One timed generation: Engine(flash_dir, cfg, provider) generating ``n_tokens`` greedy tokens.
 
-    ``no_reuse``: the engine's provider is wrapped so that each token loads its whole active set (no window reuse).
+    ``no_reuse``: each token loads its whole active set (no window reuse: ``EngineConfig.reuse=False``).
     ``perm``: the flash directory's rows are permuted (per layer: row -> original id; recorded in the directory, from
     which the engine maps its predictors' ids itself; the oracle needs nothing: it reads the permuted rows).
     Returns {label, mode, config, summary (see ``summarize``), per_token, dram_bytes, model_bytes, ...}. When
@@ -359,18 +359,13 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     if cuda:  # the GPU memory this run takes, from a clean slate (what the caching allocator holds counts)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine(fd, cfg, provider=provider)
+    rec = ReadRecorder()
+    engine = Engine(fd, replace(cfg, reuse=False) if no_reuse else cfg, provider=provider, observers=[rec])
     try:
-        from research.trace import NoReuseProvider
-
         if perm is not None and provider is None and fd.neuron_order is None:
             raise LLMFlashError(f"{flash_dir} records no neuron order: write it with llmflash.reorder.write_permuted_flash_dir")
-        if no_reuse:
-            engine.provider = NoReuseProvider(engine.provider)
-            engine.provider.bind(engine)
         if engine.provider is not None:
             engine.provider.reset()
-        rec = ReadRecorder(engine)
         ids = prompt if prompt is not None else prompt_ids(engine.tokenizer)
         t0 = time.perf_counter()
         res = engine.generate(ids, n_tokens, stop_at_eos=False)

@@ -87,6 +87,9 @@ class EngineConfig:
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
     # (results/engine_options, lookahead arm)
     lookahead: bool = False
+    # sparse modes: False empties each layer's neuron cache before a token's set enters it, so every token loads its
+    # whole active set (the paper's "+predictor" row, without the window's reuse). Not with lookahead
+    reuse: bool = True
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
@@ -286,6 +289,8 @@ class SparseFFN(_FlashFFNBase):
             self._read(land, upd.load_ids, row)
             self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
             return self._finish(y, x.shape)
+        if not e.cfg.reuse:  # every token loads its whole set
+            self.cache.clear()
         need = self._need(x2)
         pre, self._prefetch = self._prefetch, None
         t0 = _now_ms()
@@ -373,6 +378,8 @@ class Engine:
         self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
         if self.offload and config.lookahead:
             raise LLMFlashError("--lookahead runs on the CPU only: drop it or use --device cpu")
+        if config.lookahead and not config.reuse:
+            raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         self._pinned: list = []
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -390,24 +390,6 @@ class PermutedProvider(WrappedProvider):
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.inner.active(layer, x)[:, self.perm[layer]]
-
-
-class NoReuseProvider(WrappedProvider):
-    """Wraps a provider so that every token loads its whole active set: the layer's neuron cache is emptied before
-    each call (the paper's "+predictor" row without a window: no reuse between tokens). Call ``bind(engine)``."""
-
-    def __init__(self, inner: ActiveSetProvider) -> None:
-        super().__init__(inner)
-        self.engine: Optional[Any] = None
-
-    def bind(self, engine: Any) -> "NoReuseProvider":
-        self.engine = engine
-        return self
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        if self.engine is not None:
-            self.engine.ffn_modules[layer].cache.clear()
-        return self.inner.active(layer, x)
 
 
 def new_sets(seq: np.ndarray, window: int) -> list[np.ndarray]:

@@ -16,7 +16,6 @@ from llmflash.flashdir import MANIFEST, open_flash_dir
 from llmflash.reorder import coactivation_order, popularity_order, write_permuted_flash_dir
 from research.scale import TINY, ScaleGeometry, unbundled_scale_dir, write_scale_model
 from research.trace import (
-    NoReuseProvider,
     PermutedProvider,
     TraceModel,
     TraceParams,
@@ -192,10 +191,8 @@ def test_no_reuse_loads_the_whole_set_each_token(scale_dirs):
     loads = {}
     for no_reuse in (False, True):
         prov = TraceProvider(TraceModel(params, fd.layout.d_ffn), "true", d_model=TINY.d_model)
-        e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, window=1), provider=prov)
+        e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, window=1, reuse=not no_reuse), provider=prov)
         try:
-            if no_reuse:
-                e.provider = NoReuseProvider(prov).bind(e)
             prov.reset()
             r = e.generate(torch.tensor([5]), 8, stop_at_eos=False)
         finally:
