@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import SparseBudget, hybrid_resident_layers
-from .cache import DeviceRows, NeuronCache, RowStore
+from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
@@ -237,6 +237,12 @@ class SparseFFN(_FlashFFNBase):
         assert self.e.landing is not None  # an engine with device caches has a landing buffer
         return self.e.landing, 0
 
+    def _update(self, need: np.ndarray, evict: bool = True) -> CacheUpdate:
+        upd = self.cache.update(need, self.e.step, evict=evict)
+        for o in self.e.observers:
+            o.cache_updated(self.layer, upd)
+        return upd
+
     def _ids(self, mask: Tensor) -> np.ndarray:
         return mask.any(dim=0).nonzero().flatten().cpu().numpy()
 
@@ -264,7 +270,7 @@ class SparseFFN(_FlashFFNBase):
         e = self.e
         guess = self._need(x_guess, guess=True)
         t0 = _now_ms()
-        upd = self.cache.update(guess, e.step)  # slides the window; guessed overflow is dropped
+        upd = self._update(guess)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
@@ -284,7 +290,7 @@ class SparseFFN(_FlashFFNBase):
             self.drain()
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
-            upd = self.cache.update(need, e.step)
+            upd = self._update(need)
             land, row = self._landing(upd.dest_row)
             self._read(land, upd.load_ids, row)
             self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
@@ -303,7 +309,7 @@ class SparseFFN(_FlashFFNBase):
                 pre = None
                 t0 = _now_ms()
         # after a lookahead the window has already slid for this step: nothing may move while its reads are in flight
-        upd = self.cache.update(need, e.step, evict=pre is None)
+        upd = self._update(need, evict=pre is None)
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O

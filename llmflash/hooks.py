@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
+    from .cache import CacheUpdate
     from .metrics import TokenStats
 
 
 class EngineObserver:
     def read_plan(self, layer: int, ids: np.ndarray) -> None:
         """A layer is about to read the rows ``ids`` (sorted row ids of ``ffn.bin``, after the cache's hits)."""
+
+    def cache_updated(self, layer: int, update: CacheUpdate) -> None:
+        """A layer's neuron cache entered a token's set: what it loads, where, what overflowed, what was deleted."""
 
     def reads_issued(self, source: str, nbytes: np.ndarray) -> None:
         """Reads were submitted: ``source`` is ``"ffn"`` or ``"resident"`` (naive mode's per-token re-read);

@@ -103,8 +103,11 @@ def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
     cache = NeuronCache(lay, 64, window=3, dtype=torch.float32)
     rng = np.random.default_rng(0)
     history = []
+    needed = hits = 0
     for step in range(40):
         need = np.unique(rng.choice(64, size=rng.integers(1, 12), replace=False))
+        needed += need.size
+        hits += int((cache.slot[need] >= 0).sum())
         upd = cache.update(need, step)
         # "read": write each loaded neuron's id into its row so we can check rows move with their ids
         for j, nid in enumerate(upd.load_ids):
@@ -116,6 +119,9 @@ def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
         assert np.array_equal(cache.slot[cached], np.arange(cache.count))
         assert torch.equal(cache.store.rows[0][: cache.count, 0], torch.from_numpy(cached).float())
         assert upd.overflow_ids.size == 0
+    c = cache.counters
+    assert (c.hits, c.misses, c.overflows) == (hits, needed - hits, 0)
+    assert c.misses - c.evictions == cache.count  # every row read in is in the cache or was evicted
 
 
 def test_cache_over_capacity_evicts_least_recent_and_overflows():
@@ -124,6 +130,7 @@ def test_cache_over_capacity_evicts_least_recent_and_overflows():
     cache.update(np.arange(0, 6), 0)
     upd = cache.update(np.arange(10, 20), 1)  # 10 needed, capacity 8: evict all old, 2 overflow
     assert cache.count == 8 and upd.overflow_ids.size == 2
+    assert (cache.counters.misses, cache.counters.evictions, cache.counters.overflows) == (16, 6, 2)
     assert set(cache.cached_ids().tolist()) <= set(range(10, 20))
 
 
@@ -421,6 +428,7 @@ def test_observers_see_every_read_and_forward(flash_dirs):
     class Watch(EngineObserver):
         def __init__(self):
             self.planned, self.issued, self.per_forward, self.forwards, self.tokens = 0, 0, [], [], []
+            self.loaded = [0]
 
         def read_plan(self, layer, ids):
             self.planned += ids.size
@@ -428,13 +436,17 @@ def test_observers_see_every_read_and_forward(flash_dirs):
         def reads_issued(self, source, nbytes):
             self.issued += int(nbytes.sum())
 
+        def token_done(self, step, stats):
+            self.tokens.append(stats)
+
+        def cache_updated(self, layer, update):
+            self.loaded[-1] += update.load_ids.size
+
         def forward_done(self, step):
             self.forwards.append(step)
             self.per_forward.append(self.issued)
             self.issued = 0
-
-        def token_done(self, step, stats):
-            self.tokens.append(stats)
+            self.loaded.append(0)
 
     for mode in ("oracle", "naive"):
         w = Watch()
@@ -448,3 +460,5 @@ def test_observers_see_every_read_and_forward(flash_dirs):
             assert 0 <= issued - t.bytes_read < 4096  # aligned read of the resident file past its end)
             assert issued == t.bytes_read or mode == "naive"
         assert w.planned > 0
+        if mode == "oracle":  # per token: the loads the caches planned are the neurons it loaded
+            assert w.loaded[1:-1] == [t.loaded_neurons for t in res.per_token]
