@@ -209,8 +209,8 @@ def eval_ppl(
     docs = load_texts(text_file)
     lm = load_any(spec)
     if sparsity == "threshold" and lm.thresholds is None and Path(spec).is_dir():
-        from .engine import calibrate_flash_dir
         from .flashdir import open_flash_dir
+        from .sparsity import calibrate_flash_dir
 
         lm.thresholds = calibrate_flash_dir(open_flash_dir(spec))
     rule = rule_for(lm.model, lm.tokenizer, sparsity, threshold_sparsity, thresholds=lm.thresholds, cache_key=lm.name)

@@ -51,6 +51,7 @@ from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, OracleProvider, PredictorProvider
+from .sparsity import calibrate_flash_dir, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 
 log = logging.getLogger(__name__)
@@ -522,8 +523,6 @@ class Engine:
             return [None] * n
         if self.cfg.sparsity != "threshold":
             raise LLMFlashError(f"unknown sparsity {self.cfg.sparsity!r}: use relu or threshold")
-        from .sparsity import threshold_rule
-
         table = self.fd.thresholds()
         if table is None:
             table = calibrate_flash_dir(self.fd)
@@ -730,17 +729,3 @@ def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor
     scale = w1.float() / w0
     b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
     return scale, b1f - b0f * scale
-
-
-def calibrate_flash_dir(fd: FlashDir) -> dict:
-    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json)."""
-    from .models import load_in_memory
-    from .sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_thresholds
-    from .text import load_texts, token_stream, windows
-
-    log.info("calibrating thresholds for %s on %s", fd.path, CALIBRATION_SOURCE)
-    lm = load_in_memory(fd.path)
-    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
-    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
-    fd.save_thresholds(table)
-    return table

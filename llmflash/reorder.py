@@ -23,14 +23,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .arch import install_dense_ffns
-from .engine import calibrate_flash_dir
 from .ffn import SparsityRule
 from .flashdir import ACT_BIAS, _crc, open_flash_dir, write_flash_dir
 from .manifest import FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, NeuronOrder
 from .models import load_in_memory
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
-from .sparsity import ActiveCounter, threshold_rule
+from .sparsity import ActiveCounter, calibrate_flash_dir, threshold_rule
 from .storage import read_range
 from .text import load_texts, token_stream, windows
 

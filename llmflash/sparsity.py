@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Iterable, Sequence
 
@@ -10,7 +11,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arch import install_dense_ffns
+from .errors import LLMFlashError
 from .ffn import SparsityRule
+from .flashdir import FlashDir
+from .models import load_in_memory
+from .paths import atomic_file, cache_dir
+from .text import load_texts, token_stream, windows
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,6 @@ def calibrate_thresholds(
 def threshold_rule(thresholds: dict[str, list[float]], target: float) -> SparsityRule:
     key = f"{target:g}"
     if key not in thresholds:
-        from .errors import LLMFlashError
-
         raise LLMFlashError(f"no thresholds calibrated for sparsity {target:g} (have: {', '.join(sorted(thresholds))})")
     return SparsityRule("threshold", tuple(thresholds[key]), target)
 
@@ -89,12 +93,6 @@ def rule_for(
     (32k tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
     model's FFNs for ``DenseFFN`` modules (same weights).
     """
-    import json
-
-    from .errors import LLMFlashError
-    from .paths import atomic_file, cache_dir
-    from .text import load_texts, token_stream, windows
-
     if sparsity == "relu":
         return SparsityRule("relu")
     if sparsity != "threshold":
@@ -110,3 +108,14 @@ def rule_for(
                 with atomic_file(path) as tmp:
                     tmp.write_text(json.dumps(thresholds))
     return threshold_rule(thresholds, target)
+
+
+def calibrate_flash_dir(fd: FlashDir) -> dict:
+    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json). Loads the
+    whole model into memory for it."""
+    log.info("calibrating thresholds for %s on %s (the whole model in memory)", fd.path, CALIBRATION_SOURCE)
+    lm = load_in_memory(fd.path)
+    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
+    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
+    fd.save_thresholds(table)
+    return table
