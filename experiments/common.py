@@ -253,7 +253,7 @@ class ReadRecorder(EngineObserver):
         self.current: dict[int, int] = {}
         self.per_forward: list[dict[int, int]] = []
         if engine is not None:
-            engine.observers.append(self)
+            engine.observe(self)
 
     def reads_issued(self, source: str, nbytes: np.ndarray) -> None:
         sizes, counts = np.unique(np.asarray(nbytes, dtype=np.int64), return_counts=True)

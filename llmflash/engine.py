@@ -380,7 +380,8 @@ class Engine:
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
-        self.observers: list[EngineObserver] = list(observers)
+        self.observers: list[EngineObserver] = []
+        self._layers_timed = False
         self.device = _device(config.device)
         self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
         if self.offload and config.lookahead:
@@ -469,6 +470,8 @@ class Engine:
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
+        for o in observers:
+            self.observe(o)
         self.dram_bytes = sum(self.dram.values())
         log.info("engine %s: DRAM %d of %d model bytes (%s)", mode, self.dram_bytes, fd.model_bytes, self.dram)
 
@@ -685,6 +688,23 @@ class Engine:
                 self._reread_resident()
             logits = self._forward(ids[i : i + 1].view(1, 1), cache)
         return torch.stack(out).cpu()
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Attach an observer (``hooks``); per-layer timing is only taken once one asks for it."""
+        self.observers.append(observer)
+        if not self._layers_timed and type(observer).layer_done is not EngineObserver.layer_done:
+            self._layers_timed = True
+            for layer, m in enumerate(self.ffn_modules):
+                m.register_forward_pre_hook(self._layer_started)
+                m.register_forward_hook(functools.partial(self._layer_finished, layer))
+
+    def _layer_started(self, module: nn.Module, args: Any) -> None:
+        self._layer_t0 = _now_ms()
+
+    def _layer_finished(self, layer: int, module: nn.Module, args: Any, output: Any) -> None:
+        ms = _now_ms() - self._layer_t0
+        for o in self.observers:
+            o.layer_done(layer, ms)
 
     def close(self) -> None:
         """Close the readers and drop the model, caches and staging buffers now (FFN modules refer back to the

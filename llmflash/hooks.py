@@ -27,6 +27,10 @@ class EngineObserver:
         """Reads were submitted: ``source`` is ``"ffn"`` or ``"resident"`` (naive mode's per-token re-read);
         ``nbytes`` holds each read's size (neighbouring rows already merged)."""
 
+    def layer_done(self, layer: int, ms: float) -> None:
+        """A layer's FFN module finished its forward, ``ms`` after it started (host wall time: on an accelerator its
+        reads and copies are waited for, its compute may still run). Only timed when an observer overrides this."""
+
     def forward_done(self, step: int) -> None:
         """A forward pass finished: the prompt (step 0) or token ``step``."""
 

@@ -429,6 +429,7 @@ def test_observers_see_every_read_and_forward(flash_dirs):
         def __init__(self):
             self.planned, self.issued, self.per_forward, self.forwards, self.tokens = 0, 0, [], [], []
             self.loaded = [0]
+            self.layers = []
 
         def read_plan(self, layer, ids):
             self.planned += ids.size
@@ -441,6 +442,9 @@ def test_observers_see_every_read_and_forward(flash_dirs):
 
         def cache_updated(self, layer, update):
             self.loaded[-1] += update.load_ids.size
+
+        def layer_done(self, layer, ms):
+            self.layers.append((layer, ms))
 
         def forward_done(self, step):
             self.forwards.append(step)
@@ -460,5 +464,7 @@ def test_observers_see_every_read_and_forward(flash_dirs):
             assert 0 <= issued - t.bytes_read < 4096  # aligned read of the resident file past its end)
             assert issued == t.bytes_read or mode == "naive"
         assert w.planned > 0
+        n = open_flash_dir(flash_dirs["llama"]).layout.n_layers
+        assert [layer for layer, _ in w.layers] == list(range(n)) * 6 and all(ms >= 0 for _, ms in w.layers)
         if mode == "oracle":  # per token: the loads the caches planned are the neurons it loaded
             assert w.loaded[1:-1] == [t.loaded_neurons for t in res.per_token]
