@@ -603,7 +603,8 @@ class Engine:
             self._sync()
             self.meter.mem_ms += _now_ms() - t0
 
-    def _reader_totals(self) -> tuple[int, int]:
+    def reader_totals(self) -> tuple[int, int]:
+        """(bytes, reads) the flash readers (FFN file, and naive mode's resident file) have returned so far."""
         b, r = self.reader.stats.bytes_read, self.reader.stats.reads
         if self.resident_reader is not None:
             b += self.resident_reader.stats.bytes_read
@@ -650,14 +651,14 @@ class Engine:
                 break
             self.meter = m = TokenStats()
             self.step = step + 1
-            b0, r0 = self._reader_totals()
+            b0, r0 = self.reader_totals()
             t0 = _now_ms()
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(torch.tensor([[nxt]], device=self.device), cache)
             self._sync()
             total = _now_ms() - t0 - m.excluded_ms
-            b1, r1 = self._reader_totals()
+            b1, r1 = self.reader_totals()
             m.finish(total_ms=total, bytes_read=b1 - b0, reads=r1 - r0,
                      cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)))
             stats.append(m)

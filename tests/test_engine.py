@@ -302,9 +302,9 @@ def test_bytes_read_match_the_kernel(flash_dirs):
         e = Engine(flash_dirs["llama"], EngineConfig(mode=mode, dram_budget=BIG))
         try:
             e.generate(PROMPT[:2], 1, stop_at_eos=False)  # warm up lazy imports
-            counted0, kernel0 = e._reader_totals()[0], proc_read_bytes()
+            counted0, kernel0 = e.reader_totals()[0], proc_read_bytes()
             res = e.generate(PROMPT, 10, stop_at_eos=False)
-            counted, kernel = e._reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+            counted, kernel = e.reader_totals()[0] - counted0, proc_read_bytes() - kernel0
         finally:
             e.close()
         assert sum(t.bytes_read for t in res.per_token) > 0

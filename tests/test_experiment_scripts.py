@@ -61,3 +61,15 @@ def test_every_script_imports_and_parses_its_command_line(name, monkeypatch, cap
         assert "experiments/" in done.value.code
     else:
         assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_scripts_use_no_private_attribute_of_the_library():
+    """Experiments use the public API and the engine's hooks (``llmflash.hooks``), not its internals."""
+    found = []
+    for path in sorted(EXP.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert not found, "\n".join(found)
+
