@@ -213,25 +213,20 @@ def scale_unbundled_dir() -> str:
     return str(unbundled_scale_dir(write_scale_model(geometry=OPT_6_7B), OPT_6_7B))
 
 
-class SharedResidentFlashDir(FlashDir):
-    """A flash directory whose resident weights are read (direct I/O, checksum-verified) once per process and then
-    handed to every Engine built on it: each scale-model Engine would otherwise spend ~10 s re-reading 4.7 GB.
-    Naive mode still re-reads them from flash every token (into this same buffer: identical bytes)."""
-
-    _cache: dict = {}
-
-    def read_resident(self):
-        key = str(self.path.resolve())
-        if key not in self._cache:
-            tensors = FlashDir.read_resident(self)
-            self._cache[key] = (self.resident_buffer, tensors)
-        self.resident_buffer, tensors = self._cache[key]
-        return tensors
+_SHARED: dict[tuple[str, str], FlashDir] = {}
 
 
 def open_shared(path) -> FlashDir:
+    """A flash directory opened once per process (per version of its files), keeping its resident weights after the
+    first engine read them (direct I/O, checksum-verified; ``FlashDir.keep_resident``) for every later engine: each
+    scale-model Engine would otherwise spend ~10 s re-reading 4.7 GB. Naive mode still re-reads them from flash every
+    token (into this same buffer: identical bytes)."""
     fd = open_flash_dir(path)
-    return SharedResidentFlashDir(fd.path, fd.manifest, fd.layout)
+    key = (str(fd.path.resolve()), json.dumps(fd.manifest.checksums.to_json(), sort_keys=True))
+    if key not in _SHARED:
+        fd.keep_resident = True
+        _SHARED[key] = fd
+    return _SHARED[key]
 
 
 def prompt_ids(tokenizer, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:

@@ -83,7 +83,11 @@ class FlashDir:
     manifest: Manifest
     layout: FlashLayout
     resident_buffer: Optional[mmap.mmap] = None  # the aligned buffer resident tensors view (after read_resident)
+    # keep the resident tensors after the first read_resident and hand the same ones to every later caller (several
+    # engines on one directory in one process: each would otherwise read them again)
+    keep_resident: bool = False
     _order: Optional[np.ndarray] = None  # neuron_order, once loaded and checked
+    _resident: Optional[dict[str, Tensor]] = None  # kept resident tensors (keep_resident)
 
     @property
     def name(self) -> str:
@@ -185,14 +189,19 @@ class FlashDir:
             pass
 
     def read_resident(self) -> dict[str, Tensor]:
-        """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer."""
-
+        """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer
+        (naive mode re-reads the file into this same buffer every token)."""
+        if self._resident is not None:
+            return self._resident
         size = self.resident_path.stat().st_size
         buf = read_range(self.resident_path, 0, size)
         if _crc(memoryview(buf)[:size]) != self.manifest.checksums.resident_crc32:
             raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
-        self.resident_buffer = buf  # naive mode re-reads the file into this same buffer every token
-        return parse_safetensors(buf, size)
+        self.resident_buffer = buf
+        tensors = parse_safetensors(buf, size)
+        if self.keep_resident:
+            self._resident = tensors
+        return tensors
 
 
 def _file_crc_manifest(manifest: Manifest) -> int:

@@ -468,3 +468,16 @@ def test_observers_see_every_read_and_forward(flash_dirs):
         assert [layer for layer, _ in w.layers] == list(range(n)) * 6 and all(ms >= 0 for _, ms in w.layers)
         if mode == "oracle":  # per token: the loads the caches planned are the neurons it loaded
             assert w.loaded[1:-1] == [t.loaded_neurons for t in res.per_token]
+
+
+def test_keep_resident_reads_the_resident_file_once(flash_dirs):
+    fd = open_flash_dir(flash_dirs["opt"])
+    assert fd.read_resident() is not fd.read_resident()  # by default every caller gets a fresh read
+    fd.keep_resident = True
+    first = fd.read_resident()
+    assert fd.read_resident() is first
+    e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG))
+    try:
+        assert e.generate(PROMPT, 4, stop_at_eos=False).tokens == _gen(flash_dirs["opt"], "dense", n=4).tokens
+    finally:
+        e.close()
