@@ -32,6 +32,7 @@ from llmflash.engine import EngineConfig, lookahead_map
 from llmflash.paths import cache_dir
 
 import common
+import engine_runs
 
 log = logging.getLogger("engine_options")
 ARMS = {  # name -> EngineConfig changes
@@ -68,7 +69,7 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
 
 def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
     cfg = EngineConfig(mode="predictor", dram_budget=0.5, predictors=setup["predictors"], **changes)
-    s = common.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
+    s = engine_runs.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
     row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
     row["predictor_share_of_compute"] = s["predictor_ms"] / s["compute_ms"]
     row["reads_per_token"] = s["reads_per_token"]

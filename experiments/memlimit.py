@@ -206,9 +206,11 @@ def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
             return torch.zeros_like(x)
 
     sys.path.insert(0, str(HERE))
-    from llmflash import engine, trace  # noqa: F401
+    from llmflash import engine  # noqa: F401
+    from research import trace
 
     import common  # noqa: F401 - the same modules as the engine children (engine, trace source, scipy)
+    import engine_runs  # noqa: F401
 
     trace.paper_active_profile()
     torch.set_num_threads(1)
@@ -278,10 +280,10 @@ def child_engine(flash_dir: str, tokens: int, budget: float, warmup: int) -> dic
     sys.path.insert(0, str(HERE))
     from llmflash.engine import EngineConfig
 
-    import common
+    import engine_runs
 
-    fac, key = common.trace_provider_factory("predicted")
-    r = common.run(flash_dir, EngineConfig(mode="predictor", dram_budget=budget), tokens, prompt=common.SCALE_PROMPT,
+    fac, key = engine_runs.trace_provider_factory("predicted")
+    r = engine_runs.run(flash_dir, EngineConfig(mode="predictor", dram_budget=budget), tokens, prompt=engine_runs.SCALE_PROMPT,
                    provider_factory=fac, provider_key=key, warmup=warmup, share=False)
     s = r["summary"]
     return {"tokens": r["tokens"], "ms_per_token": s["ms_per_token"], "summary": s, "dram_bytes": r["dram_bytes"],

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments"
-SCRIPTS = sorted(p.stem for p in EXP.glob("*.py") if p.stem != "common")
+LIBRARIES = ("common", "engine_runs")  # the scripts' shared glue, not scripts
+SCRIPTS = sorted(p.stem for p in EXP.glob("*.py") if p.stem not in LIBRARIES)
 OURS = ("llmflash", "predictors", "research")
 
 
@@ -39,11 +40,16 @@ def test_every_imported_name_exists():
         for line, base, names in _from_imports(path):
             mod = importlib.import_module(base)
             for name in names:
-                if name != "*" and not hasattr(mod, name):
+                got = getattr(mod, name, None) if name != "*" else mod
+                if got is None:
                     try:
-                        importlib.import_module(f"{base}.{name}")
+                        got = importlib.import_module(f"{base}.{name}")
                     except ImportError:
                         missing.append(f"{path.relative_to(ROOT)}:{line}: {base}.{name}")
+                        continue
+                where = getattr(got, "__file__", None) or getattr(mod, "__file__", None)
+                if where and ROOT not in Path(where).resolve().parents:  # e.g. a stale module of another checkout
+                    missing.append(f"{path.relative_to(ROOT)}:{line}: {base}.{name} resolves outside the repository")
     assert not missing, "\n".join(missing)
 
 
