@@ -43,7 +43,7 @@ class Adapter:
     def layers(self, model: HFModel) -> list[Any]:
         raise NotImplementedError
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         raise NotImplementedError
 
     def ffn_param_names(self, layer: int) -> list[str]:
@@ -79,7 +79,7 @@ class LlamaAdapter(Adapter):
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         if getattr(config, "mlp_bias", False):
             raise LLMFlashError("models with FFN biases in gated FFNs (mlp_bias=True) are not supported yet")
         act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
@@ -130,7 +130,7 @@ class OPTAdapter(Adapter):
     def layer_prefix(self, layer: int) -> str:
         return f"model.decoder.layers.{layer}."
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         return FFNSpec(config.hidden_size, config.ffn_dim, config.num_hidden_layers, False, config.activation_function)
 
     def ffn_param_names(self, layer: int) -> list[str]:
@@ -171,7 +171,7 @@ class OPTAdapter(Adapter):
 _ADAPTERS: list[Adapter] = [LlamaAdapter(), OPTAdapter()]
 
 
-def adapter_for(config) -> Adapter:
+def adapter_for(config: Any) -> Adapter:
     model_type = getattr(config, "model_type", None)
     for adapter in _ADAPTERS:
         if model_type in adapter.model_types:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .arch import Adapter, HFModel
 from .budget import SparseBudget, hybrid_resident_layers
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .errors import BudgetError, LLMFlashError
@@ -161,7 +162,7 @@ class _FlashFFNBase(nn.Module):
         """Read rows ``ids`` (sorted) into ``store`` rows from ``dest_row``; timed as I/O."""
         self._wait(self._submit(store, ids, dest_row))
 
-    def _upload(self, host: RowStore, rows, n: int, host_start: int, start: int):
+    def _upload(self, host: RowStore, rows: RowStore | DeviceRows, n: int, host_start: int, start: int) -> RowStore | DeviceRows:
         """The rows to compute on once reads into ``host`` rows [host_start, +n) have landed: ``host`` itself on the
         CPU; on an accelerator, ``rows`` (``DeviceRows``) after the n rows are copied in at ``start`` (timed as memory
         management)."""
@@ -172,7 +173,7 @@ class _FlashFFNBase(nn.Module):
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
-    def _rows_output(self, store, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+    def _rows_output(self, store: RowStore | DeviceRows, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
         bucket = self.e.row_bucket
         m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
@@ -612,7 +613,7 @@ class Engine:
         return b, r
 
     @torch.inference_mode()
-    def _forward(self, ids: Tensor, cache) -> Tensor:
+    def _forward(self, ids: Tensor, cache: Any) -> Tensor:
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
         for o in self.observers:
             o.forward_done(self.step)
@@ -735,7 +736,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor]:
+def lookahead_map(adapter: Adapter, model: HFModel, layer: int) -> tuple[Tensor, Tensor]:
     """(scale, shift) [d], float32: ``x * scale + shift`` turns layer ``layer``'s FFN input into a guess of layer + 1's.
 
     x = n(h) * w0 + b0, so n(h) = (x - b0) / w0 and the guess is n(h) * w1 + b1 (the residual stream h taken as

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from .text import token_stream, windows
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, tokenizer, docs: list[str], *, seq_len: int = 512, max_tokens: Optional[int] = 8192,
+    model: nn.Module, tokenizer: Any, docs: list[str], *, seq_len: int = 512, max_tokens: Optional[int] = 8192,
     rule: SparsityRule = SparsityRule(), mask_fn: Optional[MaskFn] = None, bos: bool = False, progress: bool = True,
 ) -> dict:
     """Token-level perplexity over non-overlapping windows, with FFN active fractions.

@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Sequence
+from typing import IO, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ ACT_BIAS = "llmflash.ffn.{}.act_bias"
 OUT_BIAS = "llmflash.ffn.{}.out_bias"
 
 
-def _crc(buf) -> int:
+def _crc(buf: Any) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
 
 
@@ -138,14 +138,14 @@ class FlashDir:
             self._order = order.astype(np.int64)
         return self._order
 
-    def config(self):
+    def config(self) -> Any:
         from transformers import AutoConfig
 
         cfg = dict(self.manifest.config)
         model_type = cfg.pop("model_type")
         return AutoConfig.for_model(model_type, **cfg)
 
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         try:
@@ -211,7 +211,7 @@ def _file_crc_manifest(manifest: Manifest) -> int:
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
 
-def parse_safetensors(buf, size: int) -> dict[str, Tensor]:
+def parse_safetensors(buf: Any, size: int) -> dict[str, Tensor]:
     """Zero-copy tensors over a safetensors file held in ``buf`` (the file's first ``size`` bytes)."""
     (header_len,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
     header = json.loads(bytes(memoryview(buf)[8 : 8 + header_len]))
@@ -279,7 +279,7 @@ class FlashDirWriter:
         self._resident_tensor_bytes: Optional[int] = None
         self._resident_crc: Optional[int] = None
 
-    def write_ffn(self, layer: int, segment: int, data) -> None:
+    def write_ffn(self, layer: int, segment: int, data: Any) -> None:
         """The rows of one layer's segment (``stride_bytes * d_ffn`` bytes), in file order."""
         if self._ffn is None:
             self._ffn = open(self.dir / FFN_FILE, "wb")

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -286,7 +286,7 @@ class PredictorSet:
     def pinned(self, layer: int) -> list[int]:
         return (self._layers[layer].bias >= PIN_LOGIT / 2).nonzero().flatten().tolist()
 
-    def permute_outputs(self, order) -> "PredictorSet":
+    def permute_outputs(self, order: Sequence[np.ndarray] | np.ndarray) -> "PredictorSet":
         """Reorder every layer's outputs so that output j is neuron ``order[layer][j]`` (a reordered flash directory:
         ``FlashDir.neuron_order``): the sets then come out as the file's row ids at no cost per call. In place."""
         for layer, p in enumerate(self._layers):

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arch import install_dense_ffns
-from .ffn import SparsityRule
+from .arch import HFModel, install_dense_ffns
+from .ffn import Observer, SparsityRule
 from .flashdir import ACT_BIAS, _crc, open_flash_dir, write_flash_dir
 from .manifest import FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, NeuronOrder
-from .models import load_in_memory
+from .models import LoadedModel, load_in_memory
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
 from .sparsity import ActiveCounter, calibrate_flash_dir, threshold_rule
@@ -42,7 +42,7 @@ def coactivation(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float = 0.8, source: str = "wiki:eval",
+def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_sparsity: float = 0.8, source: str = "wiki:eval",
                   max_tokens: int = 4096, seq_len: int = 512, predictors: Optional[str] = None, progress: bool = True,
                   cache: bool = True) -> dict:
     """True active sets of a real model (converted flash directory) on text: per layer, a list of boolean masks
@@ -63,7 +63,7 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
     if cache and path.is_file():
         z = np.load(path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
-        def get(prefix):
+        def get(prefix: str) -> list[list[np.ndarray]]:
             return [[np.unpackbits(z[f"{prefix}{layer}_w{w}"], axis=1, count=meta["n"]).astype(bool)
                      for w in range(meta["windows"])] for layer in range(meta["n_layers"])]
 
@@ -103,12 +103,14 @@ def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float =
     return dict(meta, masks=per_layer, pred_masks=per_layer_pred if pset is not None else None)
 
 
-def _perplexity_with_observer(lm, docs, seq_len, max_tokens, rule, observe, bos, progress) -> dict:
+def _perplexity_with_observer(lm: LoadedModel, docs: list[str], seq_len: int, max_tokens: int, rule: SparsityRule,
+                              observe: Observer, bos: bool, progress: bool) -> dict:
     """``evaluate.perplexity``'s loop (same windows, same ``ActiveCounter``) with a second observer for the masks."""
 
-    counter = ActiveCounter(lm.model.config.num_hidden_layers)
+    model: HFModel = lm.model
+    counter = ActiveCounter(model.config.num_hidden_layers)
 
-    def both(layer, x, h):
+    def both(layer: int, x: Tensor, h: Tensor) -> None:
         counter(layer, x, h)
         observe(layer, x, h)
 
@@ -157,7 +159,8 @@ def popularity_order(counts: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(counts), kind="stable")
 
 
-def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bool = True, meta: Optional[dict] = None):
+def write_permuted_flash_dir(src: str | Path, out: str | Path, perms: Sequence[np.ndarray], progress: bool = True,
+                             meta: Optional[dict] = None) -> Path:
     """A copy of flash directory ``src`` whose FFN rows are permuted per layer (row j of layer l holds ``src``'s row
     ``perms[l][j]``), per-neuron FFN biases permuted alike, manifest checksums updated, and the order relative to the
     model's own neuron ids (composed with ``src``'s, if it has one) recorded in ``permutation.npy`` and the manifest
@@ -201,9 +204,9 @@ def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bo
     return out
 
 
-def reorder_flash_dir(src, out, order: str = "coactivation", sparsity: str = "relu", threshold_sparsity: float = 0.8,
-                      source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True,
-                      extra_meta: Optional[dict] = None):
+def reorder_flash_dir(src: str | Path, out: str | Path, order: str = "coactivation", sparsity: str = "relu",
+                      threshold_sparsity: float = 0.8, source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True,
+                      extra_meta: Optional[dict] = None) -> Path:
     """Write a copy of flash directory ``src`` with each layer's neurons ordered in the file so that neurons that fire
     together are neighbours (``order="coactivation"``, Ripple-style: ``coactivation_order``) or by how often they fire
     (``"popularity"``), both fitted on the true active sets of ``max_tokens`` tokens of ``source`` (training text,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,7 @@ CALIBRATION_SEQ_LEN = 512
 
 
 def rule_for(
-    model: nn.Module, tokenizer, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
+    model: nn.Module, tokenizer: Any, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
     cache_key: str | None = None,
 ) -> SparsityRule:
     """The sparsity rule for a command's ``--sparsity relu|threshold``.

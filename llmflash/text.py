@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ def load_texts(source: str) -> list[str]:
     return docs
 
 
-def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:
+def token_stream(tokenizer: Any, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:
     """Concatenate documents (separated by EOS, or preceded by BOS when ``bos``) into one token tensor [N]."""
     ids: list[int] = []
     sep = tokenizer.eos_token_id
