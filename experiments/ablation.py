@@ -20,6 +20,7 @@ predicted sets (simulated); its reads, cache and compute are real.
 from __future__ import annotations
 
 import common
+import engine_runs
 
 ORDER = ["naive", "hybrid", "predictor_noreuse", "predictor_w1", "window_unbundled", "ours", "ours_coact"]
 PAPER = [  # OPT-6.7B fp16 on the M1 Max, Table 2 (naive and hybrid rows computed at 6.1 GB/s in the paper)
@@ -40,7 +41,7 @@ def table_rows(model_label: str, runs: dict) -> list[dict]:
             continue
         s = r["summary"]
         out.append({
-            "model": model_label, "row": key, "method": common.ROWS[key], "mode": r["mode"],
+            "model": model_label, "row": key, "method": engine_runs.ROWS[key], "mode": r["mode"],
             "window": r["config"]["window"], "bundled": "unbundled" not in r["flash_dir"],
             "dram_gb": r["dram_bytes"] / 1e9, "dram_fraction": r["dram_fraction"],
             "gb_read_per_token": s["bytes_read_per_token"] / 1e9, "reads_per_token": s["reads_per_token"],
@@ -60,7 +61,7 @@ def main() -> None:
     p = common.parser("ablation", __doc__)
     p.add_argument("--budget", type=float, default=0.5, help="DRAM budget, fraction of the model (default 0.5)")
     args = p.parse_args()
-    table = common.load_bandwidth(16)
+    table = engine_runs.load_bandwidth(16)
     results: dict = {"paper_opt_6_7b_m1max": PAPER, "bandwidth_table_16_threads": table, "models": {}}
     rows: list[dict] = []
     setups = []
@@ -73,8 +74,8 @@ def main() -> None:
         for key in ORDER:
             if key == "ours_coact" and "geometry" in setup:
                 continue  # the scale model's trace has no co-activation structure (see experiments/coactivation.py)
-            print(f"[{setup['model']}] {common.ROWS[key]} ...", flush=True)
-            runs[key] = common.standard_run(setup, key, args.quick, budget=args.budget, table=table)
+            print(f"[{setup['model']}] {engine_runs.ROWS[key]} ...", flush=True)
+            runs[key] = engine_runs.standard_run(setup, key, args.quick, budget=args.budget, table=table)
             s = runs[key]["summary"]
             print(f"    {s['ms_per_token']:.0f} ms/token, io {s['io_ms']:.0f} ms, {s['bytes_read_per_token'] / 1e6:.1f} MB "
                   f"in {s['reads_per_token']:.0f} reads", flush=True)

@@ -1,7 +1,7 @@
 """Figure 9: share of FFN neurons active per layer.
 
 - real model (measured): held-out Wikipedia text (wiki:eval) through the model in DRAM, the sparsity rule applied
-  (``llmflash.trace.collect_masks``: the same windows and ``ActiveCounter`` as ``llmflash.evaluate.perplexity``);
+  (``llmflash.reorder.collect_masks``: the same windows and ``ActiveCounter`` as ``llmflash.evaluate.perplexity``);
 - scale model (simulated): the trace source's true sets (per-layer fractions follow the paper's OPT-6.7B profile);
 - paper (reference): OPT-6.7B, 1.56% at layer 1, 2.66% at layer 16, 5.36% at layer 32, 3.30% on average.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from research.trace import TraceModel, paper_params
+
 import common
-from llmflash.trace import TraceModel, paper_params
 
 PAPER_POINTS = {1: 1.56, 16: 2.66, 32: 5.36}
 PAPER_MEAN = 3.30
@@ -26,7 +27,7 @@ def main() -> None:
     rows = []
     setup = None
     if common.wanted(args, "real"):
-        from llmflash.trace import collect_masks
+        from llmflash.reorder import collect_masks
 
         setup = common.real_setup(args.model)
         r = collect_masks(setup["flash_dir"], setup["sparsity"], setup.get("threshold_sparsity") or 0.8,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import sys
 
-import common
 import memlimit
+
 from llmflash.flashdir import open_flash_dir
 from llmflash.paths import cache_dir
+
+import common
 
 
 def main() -> int:

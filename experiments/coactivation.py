@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmflash.reorder import coactivation, coactivation_order, collect_masks, popularity_order, write_permuted_flash_dir
+from research.trace import TraceModel, closest_friends, new_sets, paper_params, read_sizes
+
 import common
-from llmflash.trace import (TraceModel, closest_friends, coactivation, coactivation_order, collect_masks, new_sets,
-                            paper_params, popularity_order, read_sizes, write_permuted_flash_dir)
+import engine_runs
 
 WINDOW = 5
 SHORT = {"original": "orig.", "popularity": "popul.", "coactivation": "coact."}
@@ -69,7 +71,7 @@ def computed_reads(seqs, order: np.ndarray, stride: int, window: int, table) -> 
             nbytes += int(sizes.sum())
             if table:
                 u, c = np.unique(sizes, return_counts=True)
-                ms += common.computed_io_ms(dict(zip(u.tolist(), c.tolist())), table)
+                ms += engine_runs.computed_io_ms(dict(zip(u.tolist(), c.tolist())), table)
             tokens += 1
     return {"reads_per_token": reads / tokens, "bytes_per_token": nbytes / tokens, "computed_io_ms": ms / tokens,
             "mean_read_bytes": nbytes / max(reads, 1)}
@@ -80,7 +82,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="activation tokens (default 2048 quick, 16384 full)")
     args = p.parse_args()
     tokens = args.tokens or (2048 if args.quick else 16384)
-    table = common.load_bandwidth(16)
+    table = engine_runs.load_bandwidth(16)
     data: dict = {}
     rows = []
     setups = []
@@ -132,13 +134,13 @@ def main() -> None:
         from llmflash.paths import cache_dir
 
         label = "ours, co-activation order"
-        base = common.standard_run(setup, "ours", args.quick, table=table)
+        base = engine_runs.standard_run(setup, "ours", args.quick, table=table)
         if tokens == common.coact_fit_tokens(args.quick):  # the directory Table 2 and 3 use (same order)
-            reord = common.standard_run(setup, "ours_coact", args.quick, table=table, label=label)
+            reord = engine_runs.standard_run(setup, "ours_coact", args.quick, table=table, label=label)
         else:
             perm_dir = cache_dir() / "flash" / f"{setup['model']}-coact-order-{tokens}"
             write_permuted_flash_dir(setup["flash_dir"], perm_dir, orders, progress=False)
-            reord = common.standard_run(setup, "ours", args.quick, table=table, perm=orders, flash_dir=str(perm_dir),
+            reord = engine_runs.standard_run(setup, "ours", args.quick, table=table, perm=orders, flash_dir=str(perm_dir),
                                         label=label)
         real["measured"] = {"original": base, "coactivation_order": reord,
                             "same_tokens": base["tokens"] == reord["tokens"]}
@@ -158,8 +160,8 @@ def main() -> None:
         for layer in range(len(params.active)):
             counts = tm.masks(layer, 256, "predicted").sum(0)
             orders.append(popularity_order(counts))
-        base = common.standard_run(setup, "ours", args.quick, table=table)
-        reord = common.standard_run(setup, "ours", args.quick, table=table, perm=orders,
+        base = engine_runs.standard_run(setup, "ours", args.quick, table=table)
+        reord = engine_runs.standard_run(setup, "ours", args.quick, table=table, perm=orders,
                                     label="ours, popularity order (trace)")
         data["scale"] = {"label": "measured (simulated active sets)", "original": base, "popularity_order": reord}
         print(f"scale: reads/token {base['summary']['reads_per_token']:.0f} -> {reord['summary']['reads_per_token']:.0f}, "

@@ -1,4 +1,4 @@
-"""Glue shared by the experiment scripts: arguments, model setups, timed engine runs, output files.
+"""Glue shared by the experiment scripts: arguments, model setups, output files (timed engine runs: ``runs``).
 
 Every script writes ``results/<name>/``: the data (JSON and/or CSV), the PNG drawn from it, and ``config.json`` (its
 arguments, the setups and ``llmflash.report.environment()``). Numbers are labelled in the data:
@@ -12,29 +12,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
-import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from llmflash.engine import Engine, EngineConfig, GenerationResult  # noqa: E402
 from llmflash.errors import LLMFlashError  # noqa: E402
 from llmflash.flashdir import FlashDir, open_flash_dir  # noqa: E402
 from llmflash.paths import cache_dir  # noqa: E402
-from llmflash.report import environment, median, write_json  # noqa: E402
+from llmflash.report import environment, write_json  # noqa: E402
 
 RESULTS = REPO / "results"
 SCALE = "scale"  # the --model value of the scale model
@@ -150,7 +145,7 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8) -> dict:
 
 
 def scale_setup() -> dict:
-    from llmflash.scale import OPT_6_7B, scale_dir, write_scale_model
+    from research.scale import OPT_6_7B, scale_dir, write_scale_model
 
     path = write_scale_model(geometry=OPT_6_7B)
     return {"model": OPT_6_7B.name, "sparse_mode": "predictor", "sparsity": "relu", "predictors": None,
@@ -169,27 +164,28 @@ def coact_fit_tokens(quick: bool) -> int:
 def real_coact_dir(setup: dict, quick: bool) -> str:
     """The real model reordered by co-activation (``llmflash reorder``), fitted on training text; cached beside the
     original and rebuilt when it was fitted otherwise or its source changed."""
-    from llmflash.trace import reorder_flash_dir
+    from llmflash.reorder import reorder_flash_dir
 
     out = cache_dir() / "flash" / f"{setup['model']}-coact-order"
     src = open_flash_dir(setup["flash_dir"])
     tokens = coact_fit_tokens(quick)
     try:
-        info = open_flash_dir(out).manifest.get("neuron_order") or {}
+        order = open_flash_dir(out).manifest.neuron_order
+        info = order.meta if order is not None else {}
         if (info.get("kind"), info.get("source"), info.get("requested_tokens"), info.get("src_checksums")) == (
-                "coactivation", COACT_FIT_SOURCE, tokens, src.manifest["checksums"]):
+                "coactivation", COACT_FIT_SOURCE, tokens, src.manifest.checksums.to_json()):
             return str(out)
     except LLMFlashError:
         pass
     reorder_flash_dir(src.path, out, "coactivation", setup["sparsity"], setup.get("threshold_sparsity") or 0.8,
                       source=COACT_FIT_SOURCE, max_tokens=tokens, progress=False,
-                      extra_meta={"requested_tokens": tokens, "src_checksums": src.manifest["checksums"]})
+                      extra_meta={"requested_tokens": tokens, "src_checksums": src.manifest.checksums.to_json()})
     return str(out)
 
 
 def real_unbundled_dir(setup: dict) -> str:
     """The real model converted with --no-bundling (cached beside the bundled one)."""
-    from llmflash.flashdir import convert
+    from llmflash.convert import convert
 
     out = cache_dir() / "flash" / f"{setup['model']}-unbundled"
     try:
@@ -199,37 +195,32 @@ def real_unbundled_dir(setup: dict) -> str:
     except LLMFlashError:
         pass
     src = open_flash_dir(setup["flash_dir"])
-    convert(setup["model"], out, dtype=src.manifest["dtype"], bundled=False, force=True)
+    convert(setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
     if src.thresholds() is not None:  # same weights, same calibrated thresholds
         open_flash_dir(out).save_thresholds(src.thresholds())
     return str(out)
 
 
 def scale_unbundled_dir() -> str:
-    from llmflash.scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
+    from research.scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
 
     return str(unbundled_scale_dir(write_scale_model(geometry=OPT_6_7B), OPT_6_7B))
 
 
-class SharedResidentFlashDir(FlashDir):
-    """A flash directory whose resident weights are read (direct I/O, checksum-verified) once per process and then
-    handed to every Engine built on it: each scale-model Engine would otherwise spend ~10 s re-reading 4.7 GB.
-    Naive mode still re-reads them from flash every token (into this same buffer: identical bytes)."""
-
-    _cache: dict = {}
-
-    def read_resident(self):
-        key = str(self.path.resolve())
-        if key not in self._cache:
-            tensors = FlashDir.read_resident(self)
-            self._cache[key] = (self.resident_buffer, tensors)
-        self.resident_buffer, tensors = self._cache[key]
-        return tensors
+_SHARED: dict[tuple[str, str], FlashDir] = {}
 
 
 def open_shared(path) -> FlashDir:
+    """A flash directory opened once per process (per version of its files), keeping its resident weights after the
+    first engine read them (direct I/O, checksum-verified; ``FlashDir.keep_resident``) for every later engine: each
+    scale-model Engine would otherwise spend ~10 s re-reading 4.7 GB. Naive mode still re-reads them from flash every
+    token (into this same buffer: identical bytes)."""
     fd = open_flash_dir(path)
-    return SharedResidentFlashDir(fd.path, fd.manifest, fd.layout)
+    key = (str(fd.path.resolve()), json.dumps(fd.manifest.checksums.to_json(), sort_keys=True))
+    if key not in _SHARED:
+        fd.keep_resident = True
+        _SHARED[key] = fd
+    return _SHARED[key]
 
 
 def prompt_ids(tokenizer, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
@@ -239,260 +230,3 @@ def prompt_ids(tokenizer, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
     text = " ".join(load_texts(PROMPT_TEXT_SOURCE)[:3])
     ids = tokenizer(text, return_tensors="pt").input_ids[0][:n_tokens]
     return ids
-
-
-# ---------------------------------------------------------------------------------------------------- engine runs
-
-
-class ReadRecorder:
-    """Counts every read an engine issues by size, per forward pass (prefill, then one per generated token)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.current: dict[int, int] = {}
-        self.per_forward: list[dict[int, int]] = []
-        for reader in (engine.reader, engine.resident_reader):
-            if reader is not None:
-                self._wrap(reader)
-        orig = engine._forward
-
-        def forward(ids, cache):
-            out = orig(ids, cache)
-            self.per_forward.append(self.current)
-            self.current = {}
-            return out
-
-        engine._forward = forward
-
-    def _wrap(self, reader) -> None:
-        orig = reader.submit
-
-        def submit(dest, fo, nb, do):
-            sizes, counts = np.unique(np.asarray(nb, dtype=np.int64), return_counts=True)
-            for s, c in zip(sizes.tolist(), counts.tolist()):
-                self.current[s] = self.current.get(s, 0) + c
-            return orig(dest, fo, nb, do)
-
-        reader.submit = submit
-
-
-def load_bandwidth(threads: int = 16) -> Optional[list[tuple[int, float]]]:
-    """(chunk bytes, GB/s) at ``threads`` parallel reads from results/profile_io (the closest thread count)."""
-    path = RESULTS / "profile_io" / "profile.json"
-    if not path.is_file():
-        return None
-    rows = json.loads(path.read_text())["rows"]
-    ts = sorted({r["threads"] for r in rows}, key=lambda t: (abs(t - threads), -t))
-    t = ts[0]
-    return sorted((r["chunk_bytes"], r["gbps"]) for r in rows if r["threads"] == t)
-
-
-def bandwidth_at(table: Sequence[tuple[int, float]], nbytes: float) -> float:
-    """GB/s at a read size: interpolated in log2(size) between profiled chunk sizes, flat outside."""
-    xs = np.log2([c for c, _ in table])
-    ys = [g for _, g in table]
-    return float(np.interp(math.log2(max(nbytes, 1)), xs, ys))
-
-
-def computed_io_ms(hist: dict[int, int], table) -> float:
-    """I/O time if every read ran at the profiled bandwidth for its size: sum(bytes / bandwidth(size))."""
-    if not table:
-        return float("nan")
-    return sum(size * count / (bandwidth_at(table, size) * 1e9) for size, count in hist.items()) * 1e3
-
-
-def summarize(res: GenerationResult, rec: Optional[ReadRecorder], warmup: int, table=None) -> dict:
-    """Per-token figures over generated tokens after ``warmup`` (medians of times, means of bytes and reads)."""
-    pt = res.per_token[warmup:] or res.per_token
-    hists = rec.per_forward[1 + warmup: 1 + warmup + len(pt)] if rec is not None else []
-    n = len(pt)
-    b = sum(t.bytes_read for t in pt)
-    r = sum(t.reads for t in pt)
-    io_s = sum(t.io_ms for t in pt) / 1e3
-    total = {}
-    for h in hists:
-        for s, c in h.items():
-            total[s] = total.get(s, 0) + c
-    comp = [computed_io_ms(h, table) for h in hists] if table else []
-    s = {
-        "tokens_measured": n, "warmup_tokens": min(warmup, len(res.per_token)),
-        "ms_per_token": median([t.total_ms for t in pt]), "mean_ms_per_token": sum(t.total_ms for t in pt) / n,
-        "io_ms": median([t.io_ms for t in pt]), "mem_ms": median([t.mem_ms for t in pt]),
-        "compute_ms": median([t.compute_ms for t in pt]), "predictor_ms": median([t.predictor_ms for t in pt]),
-        "mean_io_ms": sum(t.io_ms for t in pt) / n,
-        "bytes_read_per_token": b / n, "reads_per_token": r / n, "mean_read_bytes": b / r if r else 0.0,
-        "read_gbps": b / io_s / 1e9 if io_s > 0 else 0.0,
-        "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / n,
-        "cached_neurons": median([t.cached_neurons for t in pt]),
-        "tokens_per_s": 1e3 / median([t.total_ms for t in pt]),
-    }
-    if comp:
-        s["computed_io_ms"] = float(np.mean(comp))
-        s["computed_gbps"] = (b / n) / (s["computed_io_ms"] / 1e3) / 1e9 if s["computed_io_ms"] > 0 else 0.0
-        s["read_efficiency"] = s["computed_io_ms"] / s["mean_io_ms"] if s["mean_io_ms"] > 0 else float("nan")
-        s["read_size_histogram"] = {str(k): v for k, v in sorted(total.items())}
-    return s
-
-
-def _session_path(key: dict) -> Optional[Path]:
-    session = os.environ.get("LLMFLASH_SESSION")
-    if not session:
-        return None
-    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_dir() / "sessions" / session / f"{h}.json"
-
-
-def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.Tensor] = None,
-        provider_factory: Optional[Callable[[], object]] = None, provider_key: Optional[dict] = None,
-        no_reuse: bool = False, perm: Optional[list] = None, warmup: int = 0, label: str = "", table=None,
-        share: bool = True) -> dict:
-    """One timed generation: Engine(flash_dir, cfg, provider) generating ``n_tokens`` greedy tokens.
-
-    ``no_reuse``: the engine's provider is wrapped so that each token loads its whole active set (no window reuse).
-    ``perm``: the flash directory's rows are permuted (per layer: row -> original id; recorded in the directory, from
-    which the engine maps its predictors' ids itself; the oracle needs nothing: it reads the permuted rows).
-    Returns {label, mode, config, summary (see ``summarize``), per_token, dram_bytes, model_bytes, ...}. When
-    ``LLMFLASH_SESSION`` is set (``llmflash reproduce``), a run with the same key made earlier in the session by
-    another script is reused instead of measured again (marked ``shared_from``).
-    """
-    key = {"dir": str(flash_dir), "cfg": asdict(cfg), "n": n_tokens, "warmup": warmup, "provider": provider_key,
-           "prompt": None if prompt is None else prompt.tolist(), "no_reuse": no_reuse,
-           "perm": None if perm is None else hashlib.sha256(np.concatenate(perm).tobytes()).hexdigest()[:12]}
-    sp = _session_path(key) if share else None
-    if sp is not None and sp.is_file():
-        out = json.loads(sp.read_text())
-        out["label"] = label or out["label"]
-        out["shared_from"] = out.get("script")
-        return out
-    fd = open_shared(flash_dir)
-    provider = provider_factory() if provider_factory else None
-    cuda = cfg.device.startswith("cuda")
-    if cuda:  # the GPU memory this run takes, from a clean slate (what the caching allocator holds counts)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    engine = Engine(fd, cfg, provider=provider)
-    try:
-        from llmflash.trace import NoReuseProvider
-
-        if perm is not None and provider is None and fd.neuron_order is None:
-            raise LLMFlashError(f"{flash_dir} records no neuron order: write it with llmflash.trace.write_permuted_flash_dir")
-        if no_reuse:
-            engine.provider = NoReuseProvider(engine.provider)
-            engine.provider.bind(engine)
-        if hasattr(engine.provider, "reset"):
-            engine.provider.reset()
-        rec = ReadRecorder(engine)
-        ids = prompt if prompt is not None else prompt_ids(engine.tokenizer)
-        t0 = time.perf_counter()
-        res = engine.generate(ids, n_tokens, stop_at_eos=False)
-        wall = time.perf_counter() - t0
-    finally:
-        engine.close()
-    extras = {"hybrid_resident_layers": getattr(engine, "hybrid_resident_layers", None),
-              "cache_rows": getattr(engine, "cache_rows", None)}
-    if cuda:
-        extras.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
-    del engine, provider  # the FFN modules point back at the engine: free its GBs of buffers now, not at some
-    gc.collect()  # later cyclic collection (several scale-model engines in one process ran out of memory)
-    out = {
-        "label": label, "mode": cfg.mode, "model": res.model, "flash_dir": str(flash_dir), "config": asdict(cfg),
-        "provider": provider_key, "no_reuse": no_reuse, "permuted": perm is not None, "summary": summarize(res, rec, warmup, table), "prompt_tokens": res.prompt_tokens,
-        "dram_bytes": res.dram_bytes, "model_bytes": res.model_bytes, "dram_fraction": res.dram_bytes / res.model_bytes,
-        "dram_breakdown": res.dram_breakdown, "prefill_ms": res.prefill_ms, "wall_s": wall,
-        "per_token": [asdict(t) for t in res.per_token], "text": res.text, "tokens": res.tokens,
-        "load_average": os.getloadavg(), "script": Path(sys.argv[0]).stem,
-        **extras,
-    }
-    if sp is not None:
-        write_json(sp, out)
-    return out
-
-
-# ----------------------------------------------------------------------------------- the two models' standard runs
-
-
-def real_cfg(setup: dict, mode: str, **kw) -> EngineConfig:
-    return EngineConfig(mode=mode, sparsity=setup["sparsity"], threshold_sparsity=setup.get("threshold_sparsity") or 0.8,
-                        predictors=setup["predictors"] if mode == "predictor" else None, **kw)
-
-
-def trace_provider_factory(kind: str = "predicted", perm=None, seed: int = 0):
-    """A factory of scale-model providers (the trace source), and the key that identifies it."""
-    from llmflash.trace import PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
-
-    def make():
-        return TraceProvider(TraceModel(paper_params(seed=seed), 16384), kind=kind, perm=perm)
-
-    key = {"trace": "paper_params", "sigma_b": PAPER_SIGMA_B, "rho": PAPER_RHO, "flicker": PAPER_FLICKER, "kind": kind,
-           "seed": seed,
-           "perm": None if perm is None else hashlib.sha256(np.concatenate(perm).tobytes()).hexdigest()[:12]}
-    return make, key
-
-
-SCALE_PROMPT = torch.tensor([2])  # one token: no prefill streaming of the 8.6 GB FFN; the first tokens warm the window
-
-
-def fmt_ms(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-
-
-# ------------------------------------------------------------------------------------ standard rows (shared keys)
-
-ROWS = {
-    "dense": "dense (all weights in DRAM)",
-    "naive": "naive (whole model from flash per token)",
-    "hybrid": "hybrid (half the FFN layers resident, rest streamed)",
-    "predictor_noreuse": "hybrid + predictor (each token loads its predicted set)",
-    "predictor_w1": "hybrid + predictor, window 1 (reuse of the previous token only)",
-    "window_unbundled": "hybrid + predictor + window k=5 (unbundled layout)",
-    "ours": "hybrid + predictor + window k=5 + bundling (ours)",
-    "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
-}
-
-
-def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
-    """(tokens to generate, warm-up tokens excluded from the statistics) for a row."""
-    if model == SCALE:  # ~12 s per naive token, ~6 s hybrid, ~1 s sparse on this VM
-        if row in ("naive", "hybrid", "dense"):
-            return (2, 0) if quick else (8, 0)
-        return (9, 5) if quick else (40, 5)
-    if row in ("naive", "hybrid", "dense"):
-        return (12, 0) if quick else (64, 0)
-    return (24, 2) if quick else (128, 2)
-
-
-def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
-                 warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
-                 perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
-                 device: str = "cpu", io_threads: Optional[int] = None) -> dict:
-    """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``)."""
-    scale = "geometry" in setup
-    model = SCALE if scale else "real"
-    n0, w0 = n_tokens(quick, model, row)
-    n = n0 if n is None else n
-    warmup = w0 if warmup is None else warmup
-    extra = {} if compute_threads is None else {"compute_threads": compute_threads}
-    if device != "cpu":
-        extra["device"] = device
-    if io_threads is not None:
-        extra["io_threads"] = io_threads
-    if row == "ours_coact" and scale:
-        raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
-    directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
-                              if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
-                              else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
-    kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share)
-    if row in ("dense", "naive", "hybrid"):
-        mode, win = row, window
-    else:
-        mode = "predictor" if scale else setup["sparse_mode"]
-        win = 1 if row in ("predictor_noreuse", "predictor_w1") else window
-        kw["no_reuse"] = row == "predictor_noreuse"
-    if scale:
-        cfg = EngineConfig(mode=mode, dram_budget=budget, window=win, **extra)
-        if mode == "predictor":
-            fac, key = trace_provider_factory("predicted", perm=perm)
-            kw.update(provider_factory=fac, provider_key=key, perm=None)
-        return run(directory, cfg, n, prompt=SCALE_PROMPT, **kw)
-    cfg = real_cfg(setup, mode, dram_budget=budget, window=win, **extra)
-    return run(directory, cfg, n, **kw)

@@ -7,8 +7,10 @@ every token). A budget below a mode's minimum is recorded as such (the engine re
 
 from __future__ import annotations
 
-import common
 from llmflash.errors import BudgetError
+
+import common
+import engine_runs
 
 FULL = (0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.70, 0.80)
 QUICK = {"real": (0.35, 0.45, 0.50, 0.65, 0.80), "scale": (0.40, 0.50, 0.65)}
@@ -20,7 +22,7 @@ def main() -> None:
     p.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
                    help="also run hybrid (auto: yes except for the scale model in --quick)")
     args = p.parse_args()
-    table = common.load_bandwidth(16)
+    table = engine_runs.load_bandwidth(16)
     setups = common.setups(args)
     rows, data = [], {"models": {}}
     for kind, setup in setups:
@@ -33,7 +35,7 @@ def main() -> None:
             for b in budgets:
                 print(f"[{setup['model']}] {mode} at {b:.0%} ...", flush=True)
                 try:
-                    r = common.standard_run(setup, mode, args.quick, budget=b, table=table)
+                    r = engine_runs.standard_run(setup, mode, args.quick, budget=b, table=table)
                 except BudgetError as err:
                     rows.append({"model": setup["model"], "mode": mode, "budget": b, "error": str(err)})
                     print("    ", err)

@@ -16,10 +16,10 @@ import numpy as np
 
 from llmflash.demo import default_setup, flash_dir_for
 from llmflash.engine import Engine, EngineConfig
-from llmflash.profile_io import profile_io
 from llmflash.paths import cache_dir
 from llmflash.report import environment, write_json
 from llmflash.storage import proc_read_bytes
+from research.profile_io import profile_io
 
 CHUNKS = (4096, 8192, 16384, 32768, 262144)
 
@@ -33,9 +33,9 @@ def run(model: str, mode: str, tokens: int, prompt: str) -> dict:
                                       predictors=setup["predictors"] if m == "predictor" else None))
         ids = e.tokenizer(prompt, return_tensors="pt").input_ids[0]
         e.generate(ids[:4], 2, stop_at_eos=False)  # warm-up
-        counted0, kernel0 = e._reader_totals()[0], proc_read_bytes()
+        counted0, kernel0 = e.reader_totals()[0], proc_read_bytes()
         res = e.generate(ids, tokens, stop_at_eos=False)
-        counted, kernel = e._reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+        counted, kernel = e.reader_totals()[0] - counted0, proc_read_bytes() - kernel0
         e.close()
         out[m] = {**res.summary(), "kernel_read_bytes": kernel, "counted_read_bytes": counted,
                   "mem_share": statistics.median(t.mem_ms / t.total_ms for t in res.per_token),

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
 from llmflash.engine import EngineConfig, lookahead_map
 from llmflash.paths import cache_dir
+
+import common
+import engine_runs
 
 log = logging.getLogger("engine_options")
 ARMS = {  # name -> EngineConfig changes
@@ -46,7 +48,7 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
     """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
     from llmflash.arch import adapter_for
     from llmflash.models import load_model
-    from predictors.model import PredictorSet
+    from llmflash.predictor import PredictorSet
 
     ps = PredictorSet.load(setup["predictors"])
     model, _, _ = load_model(setup["model"])
@@ -67,7 +69,7 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
 
 def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
     cfg = EngineConfig(mode="predictor", dram_budget=0.5, predictors=setup["predictors"], **changes)
-    s = common.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
+    s = engine_runs.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
     row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
     row["predictor_share_of_compute"] = s["predictor_ms"] / s["compute_ms"]
     row["reads_per_token"] = s["reads_per_token"]

@@ -28,10 +28,11 @@ import shutil
 import statistics
 import time
 
-import common
-
 from llmflash.paths import cache_dir
 from llmflash.report import write_json
+
+import common
+import engine_runs
 
 PAPER_GPU = {"naive": (2196, 0, 22, 2218), "ours": (30, 34, 20, 84)}  # Table 3, RTX 4090: I/O, mem, compute, total ms
 PROFILE_CHUNKS = (4096, 16384, 65536, 262144, 1048576)
@@ -42,7 +43,7 @@ WARMUP = 5  # ours: tokens that fill the window before the statistics start
 
 def profile_disk(size_gb: float) -> list[dict]:
     """profile-io on the disk the model lives on (cached next to the model for a later call)."""
-    from llmflash.profile_io import profile_io
+    from research.profile_io import profile_io
 
     path = cache_dir() / "gpu_profile.json"
     if path.is_file():
@@ -124,9 +125,9 @@ def main() -> None:
                                   "model_write_s": t_model, "profile_s": t_profile})
 
     for i in range(args.repeats):
-        naive = common.standard_run(setup, "naive", False, budget=args.budget, table=table, n=args.naive_tokens,
+        naive = engine_runs.standard_run(setup, "naive", False, budget=args.budget, table=table, n=args.naive_tokens,
                                     warmup=0, share=False, device=args.device, io_threads=io_threads)
-        ours = common.standard_run(setup, "ours", False, budget=args.budget, table=table, n=args.tokens,
+        ours = engine_runs.standard_run(setup, "ours", False, budget=args.budget, table=table, n=args.tokens,
                                    warmup=WARMUP, share=False, device=args.device, io_threads=io_threads)
         runs["naive"].append(naive)
         runs["ours"].append(ours)
@@ -143,7 +144,7 @@ def main() -> None:
     for key, budget, n in (("hybrid", args.budget, args.naive_tokens), ("dense", 1.0, 10)):
         if key in skip:
             continue
-        r = common.standard_run(setup, key, False, budget=budget, table=table, n=n, warmup=0 if key != "dense" else 2,
+        r = engine_runs.standard_run(setup, key, False, budget=budget, table=table, n=n, warmup=0 if key != "dense" else 2,
                                 share=False, device=args.device, io_threads=io_threads)
         runs[key] = [r]
         rows.append(summary_row(key, 1, r, naive_ms))

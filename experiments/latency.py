@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 
 import common
+import engine_runs
 
 ORDER = ["dense", "naive", "hybrid", "ours", "ours_coact"]
 PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
@@ -36,9 +37,10 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=None,
                    help="real model: alternating naive / sparse repeats for the speedup's median (default 3, full 5)")
-    p.add_argument("--compute-threads", type=int, default=None, help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
+    p.add_argument("--compute-threads", type=int, default=None,
+                   help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
     args = p.parse_args()
-    table = common.load_bandwidth(16)
+    table = engine_runs.load_bandwidth(16)
     setups = []
     if common.wanted(args, "real"):
         setups.append(common.real_setup(args.model))
@@ -63,7 +65,7 @@ def main() -> None:
                     runs[key] = None
                     continue
             print(f"[{setup['model']}] {key} ...", flush=True)
-            runs[key] = common.standard_run(setup, key, args.quick, budget=1.0 if key == "dense" else args.budget,
+            runs[key] = engine_runs.standard_run(setup, key, args.quick, budget=1.0 if key == "dense" else args.budget,
                                             table=table, compute_threads=args.compute_threads)
         data["models"][setup["model"]] = {"setup": setup, "runs": runs}
         naive = runs["naive"]["summary"]["ms_per_token"]
@@ -110,10 +112,10 @@ def repeated_speedups(setup: dict, runs: dict, args, table) -> dict[str, list[fl
     out = {k: [runs["naive"]["summary"]["ms_per_token"] / runs[k]["summary"]["ms_per_token"]] for k in rows}
     n_naive = 6 if args.quick else 16
     for i in range(repeats - 1):
-        naive = common.standard_run(setup, "naive", args.quick, budget=args.budget, table=table, n=n_naive,
+        naive = engine_runs.standard_run(setup, "naive", args.quick, budget=args.budget, table=table, n=n_naive,
                                     share=False)["summary"]["ms_per_token"]
         for k in rows:
-            ms = common.standard_run(setup, k, args.quick, budget=args.budget, table=table,
+            ms = engine_runs.standard_run(setup, k, args.quick, budget=args.budget, table=table,
                                      share=False)["summary"]["ms_per_token"]
             out[k].append(naive / ms)
         print(f"[{setup['model']}] repeat {i + 2}: naive {naive:.0f} ms; "

@@ -206,8 +206,11 @@ def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
             return torch.zeros_like(x)
 
     sys.path.insert(0, str(HERE))
+    from llmflash import engine  # noqa: F401
+    from research import trace
+
     import common  # noqa: F401 - the same modules as the engine children (engine, trace source, scipy)
-    from llmflash import engine, trace  # noqa: F401
+    import engine_runs  # noqa: F401
 
     trace.paper_active_profile()
     torch.set_num_threads(1)
@@ -275,11 +278,12 @@ def child_hf(model_dir: str, prompt_tokens: int, tokens: int) -> dict:
 
 def child_engine(flash_dir: str, tokens: int, budget: float, warmup: int) -> dict:
     sys.path.insert(0, str(HERE))
-    import common
     from llmflash.engine import EngineConfig
 
-    fac, key = common.trace_provider_factory("predicted")
-    r = common.run(flash_dir, EngineConfig(mode="predictor", dram_budget=budget), tokens, prompt=common.SCALE_PROMPT,
+    import engine_runs
+
+    fac, key = engine_runs.trace_provider_factory("predicted")
+    r = engine_runs.run(flash_dir, EngineConfig(mode="predictor", dram_budget=budget), tokens, prompt=engine_runs.SCALE_PROMPT,
                    provider_factory=fac, provider_key=key, warmup=warmup, share=False)
     s = r["summary"]
     return {"tokens": r["tokens"], "ms_per_token": s["ms_per_token"], "summary": s, "dram_bytes": r["dram_bytes"],
@@ -347,8 +351,9 @@ def run_cli_limited(setup: dict, limit: int, tokens: int, workdir: Path, name: s
                     timeout_s: float = 600, budget: float = 0.5) -> dict:
     """``llmflash generate`` (sparse mode, half-model budget) inside a cgroup limited to ``limit`` bytes."""
     sys.path.insert(0, str(HERE))
-    import common
     from llmflash.flashdir import open_flash_dir
+
+    import common
 
     workdir.mkdir(parents=True, exist_ok=True)
     tok = open_flash_dir(setup["flash_dir"]).tokenizer()

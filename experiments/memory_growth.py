@@ -25,6 +25,7 @@ import sys
 import time
 
 import common
+import engine_runs
 
 log = logging.getLogger("memory_growth")
 VARIANTS = {"no_bucket": {"row_bucket": 0}, "row_bucket": {"row_bucket": 256}, "onednn_off": {"row_bucket": 0}}
@@ -45,7 +46,7 @@ def child(variant: str, tokens: int) -> dict:
     from llmflash.engine import Engine, EngineConfig
 
     setup = common.scale_setup()
-    factory, _ = common.trace_provider_factory("predicted")
+    factory, _ = engine_runs.trace_provider_factory("predicted")
     start = rss_anon_bytes()
     engine = Engine(setup["flash_dir"], EngineConfig(mode="predictor", dram_budget=BUDGET, **VARIANTS[variant]),
                     provider=factory())
@@ -55,7 +56,7 @@ def child(variant: str, tokens: int) -> dict:
     hook = last.register_forward_hook(lambda *_: per_token.append(rss_anon_bytes()))  # once per forward = per token
     ctx = torch.backends.mkldnn.flags(enabled=False) if variant == "onednn_off" else contextlib.nullcontext()
     with ctx:
-        res = engine.generate(common.SCALE_PROMPT, tokens, stop_at_eos=False)
+        res = engine.generate(engine_runs.SCALE_PROMPT, tokens, stop_at_eos=False)
     hook.remove()
     out = {"variant": variant, "engine_config": res.config, "dram_bytes": engine.dram_bytes, "rss_anon_start": start,
            "rss_anon_built": built, "rss_anon_per_token": per_token, "ms_per_token": [t.total_ms for t in res.per_token]}

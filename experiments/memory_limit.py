@@ -17,10 +17,12 @@ cgroup usage.
 
 from __future__ import annotations
 
-import common
 import memlimit
+
 from llmflash.flashdir import open_flash_dir
 from llmflash.paths import cache_dir
+
+import common
 
 
 def hf_dir_for(setup: dict):

@@ -33,12 +33,12 @@ from llmflash.arch import adapter_for
 from llmflash.evaluate import perplexity
 from llmflash.models import load_any
 from llmflash.paths import cache_dir, repo_root
+from llmflash.predictor import PredictorSet
 from llmflash.report import environment, write_json
 from llmflash.sparsity import rule_for
 from llmflash.text import load_texts
 from predictors.collect import Activations, CollectConfig, collect
 from predictors.evaluate import eval_on_activations, window_mask_fn
-from predictors.model import PredictorSet
 from predictors.train import TrainConfig, calibrate, pinned_neurons, train_predictors
 
 log = logging.getLogger("predictor_tradeoff")
@@ -64,7 +64,7 @@ def dense_macs_per_token(model) -> int:
 
 
 def activations(lm, rule, source: str, tokens: int, tag: str, split: str) -> Activations:
-    from predictors.model import ffn_fingerprint, fingerprints_match
+    from llmflash.predictor import ffn_fingerprint, fingerprints_match
 
     path = cache_dir() / "activations" / f"{tag}-{split}-{tokens}"
     stale = False

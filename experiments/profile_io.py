@@ -1,6 +1,6 @@
 """Figure 2b: random-read throughput of this machine's disk versus read size and parallel reads (measured).
 
-Calls ``llmflash.profile_io.profile_io`` on the cache directory's filesystem (where the flash directories live),
+Calls ``research.profile_io.profile_io`` on the cache directory's filesystem (where the flash directories live),
 page cache bypassed (O_DIRECT), each point the median of several interleaved runs. The result,
 ``results/profile_io/profile.json``, is also the bandwidth table that the other experiments use to compute I/O time
 as bytes / bandwidth at the read size.
@@ -8,9 +8,10 @@ as bytes / bandwidth at the read size.
 
 from __future__ import annotations
 
-import common
 from llmflash.paths import cache_dir
-from llmflash.profile_io import CHUNK_SIZES, THREAD_COUNTS, format_table, plot_profile, profile_io
+from research.profile_io import CHUNK_SIZES, THREAD_COUNTS, format_table, plot_profile, profile_io
+
+import common
 
 QUICK_CHUNKS = (4096, 8192, 16384, 32768, 65536, 262144, 1048576)
 QUICK_THREADS = (1, 16, 32)

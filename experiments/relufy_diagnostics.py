@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmflash.ffn import DenseFFN, SparsityRule, activation_fn, install_dense_ffns
+from llmflash.arch import install_dense_ffns
+from llmflash.ffn import DenseFFN, SparsityRule, activation_fn
 from llmflash.models import load_model
 from llmflash.paths import repo_root
 from llmflash.report import environment, save_figure, write_csv, write_json

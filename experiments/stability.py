@@ -11,20 +11,21 @@ from __future__ import annotations
 import numpy as np
 
 import common
+import engine_runs
 
 
 def main() -> None:
     p = common.parser("stability", __doc__)
     p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 1000; quick 96 real / 20 scale)")
     args = p.parse_args()
-    table = common.load_bandwidth(16)
+    table = engine_runs.load_bandwidth(16)
     setups = common.setups(args)
     data: dict = {"models": {}}
     rows = []
     for kind, setup in setups:
         n = args.tokens or ((96 if kind == "real" else 20) if args.quick else 1000)
         print(f"[{setup['model']}] ours, {n} tokens ...", flush=True)
-        r = common.standard_run(setup, "ours", args.quick, n=n, warmup=0 if kind == "real" else 5, table=table)
+        r = engine_runs.standard_run(setup, "ours", args.quick, n=n, warmup=0 if kind == "real" else 5, table=table)
         data["models"][setup["model"]] = {"setup": setup, "run": r}
         pt = r["per_token"]
         for i, t in enumerate(pt):

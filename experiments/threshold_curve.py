@@ -22,8 +22,7 @@ from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
 from llmflash.paths import repo_root
-from llmflash.report import save_figure, write_csv
-from llmflash.report import environment, write_json
+from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, rule_for
 from llmflash.text import load_texts
 

@@ -1,4 +1,4 @@
-"""Validation of the scale model's trace source (``llmflash.trace``), against a real model and the paper.
+"""Validation of the scale model's trace source (``research.trace``), against a real model and the paper.
 
 1. Real model (measured activations, wiki:eval): the trace family (sigma_b, rho, flicker) is fitted to three
    numbers of its true sets (N(1) and N(5), the shares of neurons new to a 1- and a 5-token window, and U(5), the
@@ -7,7 +7,8 @@
    by the top 1/5/10/20/50% of neurons) of the fitted trace (simulated) are compared with the real model's.
 2. Paper (OPT-6.7B): the scale trace (``paper_params``: the paper's per-layer active profile, the flicker share
    fitted on smollm2-relu, sigma_b and rho fitted to the paper's predicted-set window numbers) is simulated at full
-   size (32 layers x 16384 neurons) and its statistics compared with the paper's: 3.3% active per layer (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
+   size (32 layers x 16384 neurons) and its statistics compared with the paper's: 3.3% active per layer
+   (1.56% / 2.66% / 5.36% at layers 1 / 16 / 32),
    predicted sets ~10% of the FFN with ~5% false negatives and ~7% false positives, 2.4% of the FFN new per token
    with k = 5, a window of ~24%. ``--refit`` re-runs the fit of (sigma_b, rho) to the paper's numbers (flicker
    fixed at the value in use).
@@ -17,9 +18,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmflash.reorder import collect_masks
+from research.trace import (
+    PAPER_FLICKER,
+    PAPER_RHO,
+    PAPER_SIGMA_B,
+    TraceModel,
+    TraceParams,
+    fit_trace,
+    paper_params,
+    persistence,
+    popularity,
+    window_stats,
+)
+
 import common
-from llmflash.trace import (PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceParams, collect_masks,
-                            fit_trace, paper_params, persistence, popularity, window_stats)
 
 K = 32
 PAPER_TARGETS = {"active_mean": 0.033, "active_layer1": 0.0156, "active_layer16": 0.0266, "active_layer32": 0.0536,

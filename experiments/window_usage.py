@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from research.trace import TraceModel, paper_params, window_stats
+
 import common
-from llmflash.trace import TraceModel, paper_params, window_stats
 
 PAPER = {"k": 5, "union": 0.24, "new": 0.024, "predicted": 0.10}
 
@@ -39,7 +40,7 @@ def main() -> None:
     curves: dict = {"paper_opt_6_7b": dict(PAPER, label="paper")}
     setup = None
     if common.wanted(args, "real"):
-        from llmflash.trace import collect_masks
+        from llmflash.reorder import collect_masks
 
         setup = common.real_setup(args.model)
         r = collect_masks(setup["flash_dir"], setup["sparsity"], setup.get("threshold_sparsity") or 0.8,

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llmflash.ffn import SparsityRule, install_dense_ffns
+from llmflash.arch import install_dense_ffns
+from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
 from llmflash.paths import repo_root
-from llmflash.report import save_figure, write_csv
-from llmflash.report import environment, write_json
+from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
-from llmflash.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
+from research.zeroshot import BIGBENCH_VERSION, DEFAULT_TASKS, load_task, score_task
 
 log = logging.getLogger("zeroshot")
 OUT = repo_root() / "results" / "zeroshot"
@@ -93,8 +93,8 @@ def main() -> None:
         counter = ActiveCounter(n_layers)
         mask_fn = None
         if sparsity == "predictor":
+            from llmflash.predictor import PredictorSet
             from predictors import default_predictors, window_mask_fn
-            from predictors.model import PredictorSet
 
             pset = PredictorSet.load(default_predictors(alias))
             pset.check_model(model, alias)
@@ -148,7 +148,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     for i, label in enumerate(labels):
         acc = [next(r["acc"] for r in rows if r["model"] == label and r["task"] == t) for t in tasks]
         acc.append(summary[label]["mean_acc"])
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, acc, width, label=f"{label} (FFN active {summary[label]['ffn_active_fraction']:.0%})")
+        active = summary[label]["ffn_active_fraction"]
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, acc, width, label=f"{label} (FFN active {active:.0%})")
     chance = [next(r["chance"] for r in rows if r["task"] == t) for t in tasks]
     chance.append(float(np.mean(chance)))
     ax.scatter(x, chance, marker="_", s=300, color="black", label="chance", zorder=3)

@@ -1,17 +1,32 @@
 """llmflash: run language models larger than DRAM by reading sparse FFN neurons from flash.
 
-Reference implementation of "LLM in a flash" (Alizadeh et al., 2023). One concept per module:
+Reference implementation of "LLM in a flash" (Alizadeh et al., 2023). The map of the house, in layers; a module
+imports only from its own layer and the layers listed before it (``tests/test_layers.py`` enforces it):
 
-- ``errors``   user-facing errors (one line, no traceback in the CLI)
-- ``models``   model resolution (aliases, hub ids, local dirs, GGUF) and loading
-- ``arch``     architecture adapters (Llama family, OPT family): where the FFN lives
-- ``ffn``      FFN math shared by every path: weights, activation, sparsity rules
-- ``layout``   the flash file layout (row-column bundles, 4 KiB aligned) and manifest
-- ``convert``  writing a flash directory atomically
-- ``storage``  aligned buffers and the parallel direct-I/O reader
-- ``cache``    the preallocated sliding-window neuron cache
-- ``engine``   the inference engine (dense, naive, hybrid, oracle, predictor modes)
-- ``cli``      the thin command-line layer
+Core (this package)
+    ``errors``     user-facing errors (one line, no traceback in the CLI)
+    ``paths``      atomic files and directories, the cache directory
+    ``storage``    aligned buffers and the parallel direct-I/O reader
+    ``layout``     the ``ffn.bin`` layout (row-column bundles, 4 KiB aligned) and read plans
+    ``manifest``   the typed ``Manifest`` of a flash directory
+    ``flashdir``   the flash format: its one writer (``write_flash_dir``), its reader (``open_flash_dir``), the skeleton
+    ``ffn``        FFN math shared by every path: weights, activation, sparsity rules, ``DenseFFN``
+    ``arch``       architecture adapters (Llama family, OPT family): where the FFN lives
+    ``models``     model resolution (aliases, hub ids, local dirs, GGUF) and loading, a flash directory in memory
+    ``cache``      the preallocated sliding-window neuron cache
+    ``predictor``  the predictor runtime (``PredictorSet``: load, predict)
+    ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
+    ``engine``     the inference engine (dense, naive, hybrid, oracle, predictor modes)
+    ``sparsity``, ``text``, ``evaluate``, ``report``: thresholds, text sources, perplexity, JSON/format helpers
+Build
+    ``convert``    a model into a flash directory
+    ``reorder``    a copy whose neurons that fire together are neighbours (after Ripple)
+Training
+    ``relufy``     relufication (pending its move to a training package); predictors: the top-level ``predictors``
+Research
+    the top-level ``research`` package (trace source, scale model, zero-shot, profile-io, reproduce)
+Command line
+    ``cli``, ``commands``, ``demo``: the thin layer over all of the above
 """
 
 __version__ = "0.1.0"

@@ -14,13 +14,16 @@ model whose decoder layers hold ``mlp.gate_proj / up_proj / down_proj`` (Llama, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .errors import LLMFlashError
-from .ffn import DenseFFN, FFNWeights
+from .ffn import DenseFFN, FFNWeights, MaskFn, Observer, SparsityRule
+
+# A transformers model (``PreTrainedModel``): its submodules are looked up by name, so it is typed dynamically.
+HFModel = Any
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,10 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: HFModel) -> list[Any]:
         raise NotImplementedError
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         raise NotImplementedError
 
     def ffn_param_names(self, layer: int) -> list[str]:
@@ -50,16 +53,16 @@ class Adapter:
         """State-dict names of the FFN's per-neuron/output biases (stored resident under llmflash's own names)."""
         return []
 
-    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+    def ffn_weights(self, model: HFModel, layer: int) -> FFNWeights:
         raise NotImplementedError
 
-    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+    def install_ffn(self, model: HFModel, layer: int, module: nn.Module) -> None:
         raise NotImplementedError
 
     def layer_prefix(self, layer: int) -> str:
         raise NotImplementedError
 
-    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def ffn_input_norm(self, model: HFModel, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(weight, bias) of the norm whose output enters the FFN (x = normalized(h) * weight + bias); (None, None)
         when unknown. The engine's lookahead rescales one layer's FFN input into a guess of the next one's."""
         return None, None
@@ -70,13 +73,13 @@ class LlamaAdapter(Adapter):
 
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: HFModel) -> list[Any]:
         return list(model.model.layers)
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         if getattr(config, "mlp_bias", False):
             raise LLMFlashError("models with FFN biases in gated FFNs (mlp_bias=True) are not supported yet")
         act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
@@ -89,7 +92,7 @@ class LlamaAdapter(Adapter):
     def ffn_bias_names(self, layer: int) -> list[str]:
         return [f"{self.layer_prefix(layer)}mlp.act_bias"]  # a relufied model's learned shift
 
-    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+    def ffn_weights(self, model: HFModel, layer: int) -> FFNWeights:
         mlp = self.layers(model)[layer].mlp
         if isinstance(mlp, DenseFFN):  # already swapped: same weights
             return mlp.w
@@ -102,10 +105,10 @@ class LlamaAdapter(Adapter):
             out_bias=None,
         )
 
-    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+    def install_ffn(self, model: HFModel, layer: int, module: nn.Module) -> None:
         self.layers(model)[layer].mlp = module
 
-    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def ffn_input_norm(self, model: HFModel, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         lyr = self.layers(model)[layer]
         norm = getattr(lyr, "pre_feedforward_layernorm", None) or getattr(lyr, "post_attention_layernorm", None)
         if norm is None or getattr(norm, "weight", None) is None:
@@ -121,13 +124,13 @@ class OPTAdapter(Adapter):
 
     model_types = ("opt",)
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: HFModel) -> list[Any]:
         return list(model.model.decoder.layers)
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.decoder.layers.{layer}."
 
-    def ffn_spec(self, config) -> FFNSpec:
+    def ffn_spec(self, config: Any) -> FFNSpec:
         return FFNSpec(config.hidden_size, config.ffn_dim, config.num_hidden_layers, False, config.activation_function)
 
     def ffn_param_names(self, layer: int) -> list[str]:
@@ -139,7 +142,7 @@ class OPTAdapter(Adapter):
         p = self.layer_prefix(layer)
         return [p + "fc1.bias", p + "fc2.bias"]
 
-    def ffn_weights(self, model: nn.Module, layer: int) -> FFNWeights:
+    def ffn_weights(self, model: HFModel, layer: int) -> FFNWeights:
         lyr = self.layers(model)[layer]
         if isinstance(lyr.fc1, DenseFFN):
             return lyr.fc1.w
@@ -151,14 +154,14 @@ class OPTAdapter(Adapter):
             out_bias=None if lyr.fc2.bias is None else lyr.fc2.bias.detach(),
         )
 
-    def install_ffn(self, model: nn.Module, layer: int, module: nn.Module) -> None:
+    def install_ffn(self, model: HFModel, layer: int, module: nn.Module) -> None:
         # OPT computes fc2(act(fc1(x))) inline; our module does the whole FFN in place of fc1.
         lyr = self.layers(model)[layer]
         lyr.fc1 = module
         lyr.activation_fn = nn.Identity()
         lyr.fc2 = nn.Identity()
 
-    def ffn_input_norm(self, model: nn.Module, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def ffn_input_norm(self, model: HFModel, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         norm = self.layers(model)[layer].final_layer_norm
         if not getattr(model.config, "do_layer_norm_before", True):  # post-norm OPT (350m): the FFN sees the raw stream
             return None, None
@@ -168,7 +171,7 @@ class OPTAdapter(Adapter):
 _ADAPTERS: list[Adapter] = [LlamaAdapter(), OPTAdapter()]
 
 
-def adapter_for(config) -> Adapter:
+def adapter_for(config: Any) -> Adapter:
     model_type = getattr(config, "model_type", None)
     for adapter in _ADAPTERS:
         if model_type in adapter.model_types:
@@ -177,12 +180,27 @@ def adapter_for(config) -> Adapter:
     raise LLMFlashError(f"model type {model_type!r} is not supported (supported: {', '.join(known)})")
 
 
-def install_ffns(model: nn.Module, make: Callable[[int], nn.Module]) -> None:
+def install_ffns(model: HFModel, make: Callable[[int], nn.Module]) -> None:
     """Replace every layer's FFN with ``make(layer)``."""
     adapter = adapter_for(model.config)
     for layer in range(adapter.ffn_spec(model.config).n_layers):
         adapter.install_ffn(model, layer, make(layer))
 
 
-def ffn_input_dtype(model: nn.Module) -> torch.dtype:
+def ffn_input_dtype(model: HFModel) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def install_dense_ffns(
+    model: HFModel, rule: SparsityRule = SparsityRule(), observer: Optional[Observer] = None,
+    mask_fn: Optional[MaskFn] = None,
+) -> list[DenseFFN]:
+    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied)."""
+    adapter = adapter_for(model.config)
+    spec = adapter.ffn_spec(model.config)
+    modules = []
+    for layer in range(spec.n_layers):
+        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn)
+        adapter.install_ffn(model, layer, m)
+        modules.append(m)
+    return modules

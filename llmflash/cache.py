@@ -85,6 +85,17 @@ class CacheUpdate:
     moved: int  # rows moved to fill holes
 
 
+@dataclass
+class CacheCounters:
+    """Totals since the cache was made (``clear`` keeps them): neuron lookups and what they cost."""
+
+    hits: int = 0  # needed neurons found in the cache
+    misses: int = 0  # needed neurons not in it: read into it, or overflowed
+    evictions: int = 0  # rows freed (left the window, or dropped to make room)
+    moves: int = 0  # rows moved to fill the holes
+    overflows: int = 0  # needed neurons that did not fit (computed from the staging buffer)
+
+
 class NeuronCache:
     """One layer's window of active neurons: ``update`` decides what to delete and what to read."""
 
@@ -101,6 +112,7 @@ class NeuronCache:
         self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
         self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed
         self.count = 0
+        self.counters = CacheCounters()
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +151,12 @@ class NeuronCache:
         self.ids[dest:end] = load
         self.slot[load] = np.arange(dest, end)
         self.count = end
+        c = self.counters
+        c.hits += need.size - missing.size
+        c.misses += missing.size
+        c.evictions += deleted
+        c.moves += moved
+        c.overflows += overflow.size
         return CacheUpdate(load, dest, overflow, deleted, moved)
 
     def _delete(self, rows: np.ndarray) -> int:

@@ -18,10 +18,10 @@ from .errors import LLMFlashError
 # Modules that add subcommands, in help order. A module that is missing (work in progress) is skipped.
 COMMAND_MODULES = (
     "llmflash.commands",  # convert, generate, eval-ppl, demo
-    "llmflash.profile_io",  # profile-io
+    "research.profile_io",  # profile-io
     "llmflash.relufy",  # relufy
     "predictors.cli",  # collect, train-predictors, eval-predictors
-    "llmflash.reproduce",  # reproduce
+    "research.reproduce",  # reproduce
 )
 
 

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-file", default="wiki:train",
                    help="text the order is fitted on: UTF-8 file, wiki:train (default) or hf:NAME")
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
+                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8)
     p.set_defaults(func=cmd_reorder)
 
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--mode", default="dense", choices=("dense", "oracle", "predictor"))
     p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
+                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8)
     p.add_argument("--window", type=int, default=5, help="predictor mode: sliding window in tokens")
     p.add_argument("--json", metavar="OUT")
@@ -77,7 +79,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (paper: 4-5)")
     p.add_argument("--threads", type=int, default=16, help="parallel reads in flight")
     p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
+                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
     p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
@@ -109,28 +112,32 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .flashdir import convert, open_flash_dir
+    from .convert import convert
+    from .flashdir import open_flash_dir
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
     fd = open_flash_dir(out)
-    b = fd.manifest["bytes"]
-    print(f"converted {args.model} -> {out}: {fmt_bytes(b['model'])} of weights "
-          f"({fmt_bytes(b['resident_tensors'])} resident, {fmt_bytes(b['ffn_file'])} in {'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
+    b = fd.manifest.bytes
+    print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "
+          f"({fmt_bytes(b.resident_tensors)} resident, {fmt_bytes(b.ffn_file)} in "
+          f"{'bundled' if fd.layout.bundled else 'unbundled'} ffn.bin, "
           f"{fd.layout.neuron_stride_bytes} bytes per neuron)")
     return 0
 
 
 def cmd_reorder(args: argparse.Namespace) -> int:
     from .flashdir import open_flash_dir
-    from .trace import reorder_flash_dir
+    from .reorder import reorder_flash_dir
 
     src = open_flash_dir(args.dir)
     if Path(args.out).expanduser().resolve() == src.path.resolve():
         raise LLMFlashError("--out must be another directory than DIR")
     out = reorder_flash_dir(src.path, Path(args.out), order=args.order, sparsity=args.sparsity,
                             threshold_sparsity=args.threshold_sparsity, source=args.text_file, max_tokens=args.max_tokens)
-    info = open_flash_dir(out).manifest["neuron_order"]
-    print(f"reordered {src.path} -> {out}: neurons by {info['kind']}, fitted on {info['tokens']} tokens of {info['source']}")
+    order = open_flash_dir(out).manifest.neuron_order
+    info = order.meta if order is not None else {}
+    print(f"reordered {src.path} -> {out}: neurons by {info.get('kind')}, fitted on {info.get('tokens')} tokens of "
+          f"{info.get('source')}")
     return 0
 
 
@@ -205,8 +212,8 @@ def eval_ppl(
     docs = load_texts(text_file)
     lm = load_any(spec)
     if sparsity == "threshold" and lm.thresholds is None and Path(spec).is_dir():
-        from .engine import calibrate_flash_dir
         from .flashdir import open_flash_dir
+        from .sparsity import calibrate_flash_dir
 
         lm.thresholds = calibrate_flash_dir(open_flash_dir(spec))
     rule = rule_for(lm.model, lm.tokenizer, sparsity, threshold_sparsity, thresholds=lm.thresholds, cache_key=lm.name)
@@ -215,9 +222,9 @@ def eval_ppl(
         if not predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH")
         from predictors.evaluate import window_mask_fn
-        from predictors.model import PredictorSet
 
         from .arch import adapter_for
+        from .predictor import PredictorSet
 
         ps = PredictorSet.load(predictors)
         spec_ffn = adapter_for(lm.model.config).ffn_spec(lm.model.config)

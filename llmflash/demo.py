@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .convert import convert
 from .engine import Engine, EngineConfig
-from .flashdir import convert, open_flash_dir
 from .errors import LLMFlashError
+from .flashdir import open_flash_dir
 from .models import relu_artifact_tag
 from .paths import cache_dir
 from .report import environment, fmt_bytes

@@ -29,23 +29,30 @@ for a ReLU rule when a guessed neuron is inactive).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Any, Callable, Optional, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import DeviceRows, NeuronCache, RowStore, split_rows
+from .arch import Adapter, HFModel
+from .budget import SparseBudget, hybrid_resident_layers
+from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
+from .hooks import EngineObserver
 from .layout import read_plan
-from .report import median
+from .metrics import GenerationResult, TokenStats
+from .predictor import ENGINE_DTYPE, PredictorSet
+from .provider import ActiveSetProvider, OracleProvider, PredictorProvider
+from .sparsity import calibrate_flash_dir, model_rule, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,9 @@ class EngineConfig:
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
     # (results/engine_options, lookahead arm)
     lookahead: bool = False
+    # sparse modes: False empties each layer's neuron cache before a token's set enters it, so every token loads its
+    # whole active set (the paper's "+predictor" row, without the window's reuse). Not with lookahead
+    reuse: bool = True
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
@@ -101,38 +111,6 @@ class EngineConfig:
     device: str = "cpu"
 
 
-@dataclass
-class TokenStats:
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
-    compute_ms: float = 0.0
-    total_ms: float = 0.0
-    bytes_read: int = 0
-    reads: int = 0
-    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract); a trace's replay
-    predictor_ms: float = 0.0  # part of compute_ms
-    read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
-    loaded_neurons: int = 0
-    cached_neurons: int = 0
-
-
-@dataclass
-class Meter:
-    """Accumulates the current token's costs; FFN modules add to it."""
-
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
-    excluded_ms: float = 0.0
-    predictor_ms: float = 0.0
-    read_ms: float = 0.0
-    loaded_neurons: int = 0
-    step: int = 0  # index of the token being processed (for the window)
-
-    def reset(self) -> None:
-        self.io_ms = self.mem_ms = self.excluded_ms = self.predictor_ms = self.read_ms = 0.0
-        self.loaded_neurons = 0
-
-
 def _now_ms() -> float:
     return time.perf_counter() * 1e3
 
@@ -140,65 +118,7 @@ def _now_ms() -> float:
 # ------------------------------------------------------------------------------------------------ active-set providers
 
 
-class ActiveSetProvider(Protocol):
-    nbytes: int  # DRAM it holds that counts in the budget
-    counted: bool  # False: its time is not charged to the token (the oracle)
-
-    def active(self, layer: int, x: Tensor) -> Tensor:  # x [T, d] -> bool [T, n]
-        ...
-
-    # Optional: ``guess(layer, x)`` -> bool [T, n], the set of ``layer`` guessed from an approximation of its input
-    # (lookahead); a provider without it gets no lookahead.
-    # Optional: ``pop_replay_ms()`` -> ms of its calls since the last pop that replayed recorded or simulated sets
-    # (a trace standing in for a predictor's output): excluded from the token's time like the oracle's; the rest of a
-    # counted provider's call is predictor time.
-
-
-class OracleProvider:
-    """The true active set, from the real FFN activation (weights held outside the budget, time not counted)."""
-
-    counted = False
-    nbytes = 0
-
-    def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]]) -> None:
-        self.w = weights
-        self.act = activation_fn(activation)
-        self.thresholds = thresholds
-        self.held_bytes = sum(
-            t.numel() * t.element_size() for w in weights for t in (w.gate, w.up) if t is not None
-        )
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        w = self.w[layer]
-        a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
-        return neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer]) != 0
-
-    guess = active
-
-
-class PredictorProvider:
-    """Trained low-rank predictors choose the active set (the paper's method)."""
-
-    counted = True
-
-    def __init__(self, predictors) -> None:
-        self.p = predictors
-        self.nbytes = int(predictors.nbytes)
-        # expected rows each layer's cache needs: its predicted active fraction (the window adds to all alike)
-        per_layer = predictors.meta.get("layers") or []
-        fractions = [l.get("predicted_active_fraction") for l in per_layer if isinstance(l, dict)]
-        self.layer_demand = fractions if len(fractions) == predictors.n_layers and all(fractions) else None
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        return self.p.predict(layer, x)
-
-    def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
-        return self.p.active_ids(layer, x)
-
-    def to_device(self, device: torch.device) -> None:
-        self.p.to_device(device)
-
-    guess = active
+# ``ActiveSetProvider``, ``OracleProvider`` and ``PredictorProvider``: see ``provider``.
 
 
 # ------------------------------------------------------------------------------------------------------ FFN modules
@@ -220,8 +140,12 @@ class _FlashFFNBase(nn.Module):
         e = self.e
         t0 = _now_ms()
         tickets = []
+        for o in e.observers:
+            o.read_plan(self.layer, ids)
         for seg, buf in zip(e.fd.layout.segments, store.buffers):
             fo, nb, do = read_plan(seg, self.layer, ids, dest_row, e.cfg.max_read_bytes)
+            for o in e.observers:
+                o.reads_issued("ffn", nb)
             tickets.append(e.reader.submit(buf, fo, nb, do))
         e.meter.io_ms += _now_ms() - t0
         return tickets
@@ -238,7 +162,7 @@ class _FlashFFNBase(nn.Module):
         """Read rows ``ids`` (sorted) into ``store`` rows from ``dest_row``; timed as I/O."""
         self._wait(self._submit(store, ids, dest_row))
 
-    def _upload(self, host: RowStore, rows, n: int, host_start: int, start: int):
+    def _upload(self, host: RowStore, rows: RowStore | DeviceRows, n: int, host_start: int, start: int) -> RowStore | DeviceRows:
         """The rows to compute on once reads into ``host`` rows [host_start, +n) have landed: ``host`` itself on the
         CPU; on an accelerator, ``rows`` (``DeviceRows``) after the n rows are copied in at ``start`` (timed as memory
         management)."""
@@ -249,7 +173,7 @@ class _FlashFFNBase(nn.Module):
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
-    def _rows_output(self, store, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+    def _rows_output(self, store: RowStore | DeviceRows, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
         bucket = self.e.row_bucket
         m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
@@ -310,7 +234,16 @@ class SparseFFN(_FlashFFNBase):
         """Where reads meant for cache rows from ``dest_row`` land: in the cache itself (CPU), or in the engine's host
         landing buffer from row 0 (accelerator; ``_upload`` then copies them into the cache)."""
         store = self.cache.store
-        return (store, dest_row) if isinstance(store, RowStore) else (self.e.landing, 0)
+        if isinstance(store, RowStore):
+            return store, dest_row
+        assert self.e.landing is not None  # an engine with device caches has a landing buffer
+        return self.e.landing, 0
+
+    def _update(self, need: np.ndarray, evict: bool = True) -> CacheUpdate:
+        upd = self.cache.update(need, self.e.step, evict=evict)
+        for o in self.e.observers:
+            o.cache_updated(self.layer, upd)
+        return upd
 
     def _ids(self, mask: Tensor) -> np.ndarray:
         return mask.any(dim=0).nonzero().flatten().cpu().numpy()
@@ -319,15 +252,15 @@ class SparseFFN(_FlashFFNBase):
         """Union of the provider's active sets (or guessed sets) over the rows of x: sorted neuron ids."""
         e = self.e
         t0 = _now_ms()
+        provider = e.provider
+        assert provider is not None  # sparse modes always have one
         if guess:
-            ids = self._ids(e.provider.guess(self.layer, x))
-        elif hasattr(e.provider, "active_ids"):  # the provider's own fast path
-            ids = e.provider.active_ids(self.layer, x)
+            ids = self._ids(provider.guess(self.layer, x))
         else:
-            ids = self._ids(e.provider.active(self.layer, x))  # x [T, d] -> bool [T, n]
+            ids = provider.active_ids(self.layer, x)  # x [T, d] -> sorted ids of the union over the rows
         dt = _now_ms() - t0
-        if e.provider.counted:  # a trace replays simulated sets: that part stands for no real work
-            replay = e.provider.pop_replay_ms() if hasattr(e.provider, "pop_replay_ms") else 0.0
+        if provider.counted:  # a trace replays simulated sets: that part stands for no real work
+            replay = provider.pop_replay_ms()
             e.meter.predictor_ms += dt - replay
             e.meter.excluded_ms += replay
         else:
@@ -339,10 +272,11 @@ class SparseFFN(_FlashFFNBase):
         e = self.e
         guess = self._need(x_guess, guess=True)
         t0 = _now_ms()
-        upd = self.cache.update(guess, e.meter.step)  # slides the window; guessed overflow is dropped
+        upd = self._update(guess)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
-        self._prefetch = (self._submit(self.cache.store, upd.load_ids, upd.dest_row), upd.dest_row, upd.load_ids.size)
+        land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
+        self._prefetch = (self._submit(land, upd.load_ids, row), upd.dest_row, upd.load_ids.size)
 
     def drain(self) -> None:
         """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
@@ -358,11 +292,13 @@ class SparseFFN(_FlashFFNBase):
             self.drain()
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
-            upd = self.cache.update(need, e.meter.step)
+            upd = self._update(need)
             land, row = self._landing(upd.dest_row)
             self._read(land, upd.load_ids, row)
             self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
             return self._finish(y, x.shape)
+        if not e.cfg.reuse:  # every token loads its whole set
+            self.cache.clear()
         need = self._need(x2)
         pre, self._prefetch = self._prefetch, None
         t0 = _now_ms()
@@ -375,7 +311,7 @@ class SparseFFN(_FlashFFNBase):
                 pre = None
                 t0 = _now_ms()
         # after a lookahead the window has already slid for this step: nothing may move while its reads are in flight
-        upd = self.cache.update(need, e.meter.step, evict=pre is None)
+        upd = self._update(need, evict=pre is None)
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
@@ -383,7 +319,7 @@ class SparseFFN(_FlashFFNBase):
         pending = self._submit(land, upd.load_ids, row)
         overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
-        if self.next is not None:  # start the next layer's reads before computing this one
+        if self.next is not None and self.guess_map is not None:  # start the next layer's reads before computing this one
             scale, shift = self.guess_map
             self.next.prefetch(x2 * scale + shift)
         ready = pre[1] if pre is not None else upd.dest_row
@@ -409,50 +345,23 @@ class SparseFFN(_FlashFFNBase):
 # ----------------------------------------------------------------------------------------------------------- engine
 
 
-@dataclass
-class GenerationResult:
-    mode: str
-    model: str
-    prompt_tokens: int
-    tokens: list[int]
-    text: str
-    dram_bytes: int
-    model_bytes: int
-    prefill_ms: float
-    per_token: list[TokenStats] = field(default_factory=list)
-    dram_breakdown: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-    def summary(self) -> dict:
-        pt = self.per_token
-        if not pt:
-            return {}
-        n_bytes = sum(t.bytes_read for t in pt)
-        n_reads = sum(t.reads for t in pt)
-        read_s = sum(t.read_ms or t.io_ms for t in pt) / 1e3
-        return {
-            "ms_per_token": median([t.total_ms for t in pt]),
-            "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
-            "io_ms": median([t.io_ms for t in pt]),
-            "mem_ms": median([t.mem_ms for t in pt]),
-            "compute_ms": median([t.compute_ms for t in pt]),
-            "predictor_ms": median([t.predictor_ms for t in pt]),
-            "bytes_read_per_token": n_bytes / len(pt),
-            "reads_per_token": n_reads / len(pt),
-            "mean_read_bytes": n_bytes / n_reads if n_reads else 0.0,
-            "read_gbps": n_bytes / read_s / 1e9 if read_s > 0 else 0.0,  # bytes / time the reads took
-            "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
-            "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
-        }
 
-    def to_json(self) -> dict:
-        return {
-            "mode": self.mode, "model": self.model, "tokens": self.tokens, "text": self.text,
-            "prompt_tokens": self.prompt_tokens, "dram_bytes": self.dram_bytes, "model_bytes": self.model_bytes,
-            "dram_fraction": self.dram_bytes / self.model_bytes, "dram_breakdown": self.dram_breakdown,
-            "prefill_ms": self.prefill_ms, "summary": self.summary(), "per_token": [asdict(t) for t in self.per_token],
-            "config": self.config,
-        }
+def _with_compute_threads(fn: _F) -> _F:
+    """Run an ``Engine`` method with torch's intra-op threads at the engine's ``compute_threads``, then put back what
+    the process had (torch's thread count is process-wide: an engine only holds it while it computes)."""
+
+    @functools.wraps(fn)
+    def run(self: "Engine", *args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.compute_threads)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return cast(_F, run)
 
 
 class Engine:
@@ -463,29 +372,34 @@ class Engine:
 
     def __init__(
         self, flash_dir: str | Path | FlashDir, config: EngineConfig = EngineConfig(),
-        provider: Optional[ActiveSetProvider] = None,
+        provider: Optional[ActiveSetProvider] = None, observers: Sequence[EngineObserver] = (),
     ) -> None:
-        """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace)."""
+        """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace); ``observers``
+        watch it run (``hooks``)."""
         if config.mode not in MODES:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
         self.cfg = config
+        self.observers: list[EngineObserver] = []
+        self._layers_timed = False
         self.device = _device(config.device)
         self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
         if self.offload and config.lookahead:
             raise LLMFlashError("--lookahead runs on the CPU only: drop it or use --device cpu")
+        if config.lookahead and not config.reuse:
+            raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         self._pinned: list = []
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         large = fd.layout.d_model >= LARGE_D_MODEL
         one_thread = not large and config.mode not in SPARSE_MODES
-        self.compute_threads = config.compute_threads or (1 if one_thread else cores)
-        torch.set_num_threads(self.compute_threads)
+        self.compute_threads = config.compute_threads or (1 if one_thread else cores)  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
-        self.meter = Meter()
+        self.meter = TokenStats()  # the token being computed: FFN modules add their costs to it
+        self.step = 0  # index of the token being computed (for the window)
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
         self.thresholds = self._thresholds()
@@ -513,44 +427,39 @@ class Engine:
         mode = config.mode
 
         if mode in SPARSE_MODES:
-            self.provider = provider if provider is not None else self._make_provider()
-            if self.offload and hasattr(self.provider, "to_device"):
-                self.provider.to_device(self.device)
-            self.dram["predictors"] = self.provider.nbytes
-            fixed = sum(self.dram.values())
-            reserve = config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0)
-            # per cached row: one per layer, plus a landing row (accelerator) and the working reserve's share
-            per_row = int(layout.neuron_stride_bytes * (layout.n_layers + self.offload + reserve))
-            minimum = fixed + config.min_cache_rows * per_row
-            self._check_budget(budget_bytes, minimum)
-            total_rows = (budget_bytes - fixed) // layout.neuron_stride_bytes
-            demand = list(getattr(self.provider, "layer_demand", None) or [1.0] * layout.n_layers)
-            self.cache_rows = split_rows(total_rows, demand, layout.d_ffn, config.min_cache_rows)
-            # held back from the caches, sized by the largest one: the host landing buffer (accelerator: up to one
-            # layer's whole cache) and the working reserve
-            reserve_rows = int(reserve * max(self.cache_rows))
-            held = reserve_rows + (max(self.cache_rows) if self.offload else 0)
-            if held:
-                self.cache_rows = split_rows(total_rows - held, demand, layout.d_ffn, config.min_cache_rows)
-            if reserve_rows:
-                self.dram["working_reserve"] = reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
+            self.provider = active = provider if provider is not None else self._make_provider()
             if self.offload:
-                self.landing = RowStore(layout, max(self.cache_rows), fd.dtype)
+                active.to_device(self.device)
+            self.dram["predictors"] = active.nbytes
+            sb = SparseBudget(
+                budget_bytes, sum(self.dram.values()), layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
+                config.min_cache_rows, config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0),
+                self.offload, active.layer_demand,
+            )
+            self._check_budget(budget_bytes, sb.minimum_bytes)
+            plan = sb.plan()
+            self.cache_rows = list(plan.cache_rows)
+            if plan.reserve_rows:
+                self.dram["working_reserve"] = plan.reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
+            if self.offload:
+                self.landing = RowStore(layout, plan.landing_rows, fd.dtype)
                 self.dram["landing"] = self.landing.nbytes
                 self._pin(self.landing.buffers)
-            modules = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
-            self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in modules)
-            if config.lookahead and hasattr(self.provider, "guess"):
-                self._link_lookahead(modules)
+            sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
+            self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
+            if config.lookahead and active.supports_guess:
+                self._link_lookahead(sparse)
+            modules: list[nn.Module] = list(sparse)
         elif mode == "dense":
-            modules = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
+            dense = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
             del self.dram["staging"]
-            self.dram["ffn_resident"] = sum(self._ffn_bytes(m.w) for m in modules)
+            self.dram["ffn_resident"] = sum(self._ffn_bytes(m.w) for m in dense)
+            modules = list(dense)
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
             layer_payload = layout.neuron_payload_bytes * layout.d_ffn
-            n_resident = min(layout.n_layers, (budget_bytes - sum(self.dram.values())) // layer_payload)
-            modules = [self._resident_ffn(l) if l < n_resident else StreamedFFN(self, l) for l in range(layout.n_layers)]
+            n_resident = hybrid_resident_layers(budget_bytes, sum(self.dram.values()), layer_payload, layout.n_layers)
+            modules = [self._resident_ffn(i) if i < n_resident else StreamedFFN(self, i) for i in range(layout.n_layers)]
             self.dram["ffn_resident"] = layer_payload * n_resident
             self.hybrid_resident_layers = n_resident
         else:  # naive: everything from flash every token
@@ -562,6 +471,8 @@ class Engine:
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
+        for o in observers:
+            self.observe(o)
         self.dram_bytes = sum(self.dram.values())
         log.info("engine %s: DRAM %d of %d model bytes (%s)", mode, self.dram_bytes, fd.model_bytes, self.dram)
 
@@ -610,12 +521,13 @@ class Engine:
             scale, shift = lookahead_map(self.adapter, self.model, layer)
             m.next, m.guess_map = nxt, (scale.to(self.fd.dtype), shift.to(self.fd.dtype))
 
+    def _rule_kind(self) -> str:
+        return "threshold" if any(t is not None for t in self.thresholds) else "relu"
+
     def _thresholds(self) -> list[Optional[float]]:
         n = self.fd.layout.n_layers
-        from .sparsity import model_rule, threshold_rule
-
         if self.cfg.sparsity == "auto":
-            own = model_rule(self.fd.manifest.get("config", {}))
+            own = model_rule(self.fd.manifest.config)
             return list(own.thresholds) if own is not None and own.thresholds else [None] * n
         if self.cfg.sparsity == "relu":
             return [None] * n
@@ -625,7 +537,9 @@ class Engine:
         table = self.fd.thresholds()
         if table is None:
             table = calibrate_flash_dir(self.fd)
-        return list(threshold_rule(table, self.cfg.threshold_sparsity).thresholds)
+        thresholds = threshold_rule(table, self.cfg.threshold_sparsity).thresholds
+        assert thresholds is not None
+        return list(thresholds)
 
     def _layer_rows(self, layer: int, parts: tuple[str, ...]) -> FFNWeights:
         """A layer's weights read once from flash (direct I/O) into compact DRAM tensors (padding dropped)."""
@@ -635,8 +549,13 @@ class Engine:
                 fo, nb, do = read_plan(seg, layer, self.all_ids, 0, self.cfg.max_read_bytes)
                 self.reader.read(buf, fo, nb, do)
         w = ffn_weights_from_rows(self.fd, store.rows, self.biases[layer])
-        keep = lambda name, t: t.to(self.device).contiguous() if (t is not None and name in parts) else None  # noqa: E731
-        return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down), w.act_bias, w.out_bias)
+
+        def keep(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+            return t.to(self.device).contiguous() if (t is not None and name in parts) else None
+
+        # the oracle's copy holds gate/up only: its ``down`` is None (FFNWeights types the full layer's)
+        return FFNWeights(keep("gate", w.gate), keep("up", w.up), keep("down", w.down),  # type: ignore[arg-type]
+                          w.act_bias, w.out_bias)
 
     @staticmethod
     def _ffn_bytes(w: FFNWeights) -> int:
@@ -654,8 +573,6 @@ class Engine:
             return provider
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
-        from predictors.model import ENGINE_DTYPE, PredictorSet
-
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
@@ -664,7 +581,7 @@ class Engine:
             dtype = torch.float16
         p = PredictorSet.load(self.cfg.predictors, dtype=dtype)
         lay = self.fd.layout
-        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind="threshold" if any(t is not None for t in self.thresholds) else "relu")
+        p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self._rule_kind())
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
             p.permute_outputs(self.fd.neuron_order)
         return PredictorProvider(p)
@@ -676,9 +593,12 @@ class Engine:
         assert self.resident_reader is not None
         size = self.fd.resident_path.stat().st_size
         buf = self.fd.resident_buffer
+        assert buf is not None  # read_resident ran at construction
         chunk = 1 << 20
         offs = np.arange(0, size, chunk, dtype=np.int64)
         nb = np.minimum(chunk, ((size - offs + 4095) // 4096) * 4096).astype(np.int64)
+        for o in self.observers:
+            o.reads_issued("resident", nb)
         t0 = _now_ms()
         self.resident_reader.read(buf, offs, nb, offs)
         dt = _now_ms() - t0
@@ -691,7 +611,8 @@ class Engine:
             self._sync()
             self.meter.mem_ms += _now_ms() - t0
 
-    def _reader_totals(self) -> tuple[int, int]:
+    def reader_totals(self) -> tuple[int, int]:
+        """(bytes, reads) the flash readers (FFN file, and naive mode's resident file) have returned so far."""
         b, r = self.reader.stats.bytes_read, self.reader.stats.reads
         if self.resident_reader is not None:
             b += self.resident_reader.stats.bytes_read
@@ -699,16 +620,21 @@ class Engine:
         return b, r
 
     @torch.inference_mode()
-    def _forward(self, ids: Tensor, cache) -> Tensor:
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+    def _forward(self, ids: Tensor, cache: Any) -> Tensor:
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        for o in self.observers:
+            o.forward_done(self.step)
+        return logits
 
     def reset(self) -> None:
         for m in self.ffn_modules:
             if isinstance(m, SparseFFN):
                 m.drain()
                 m.cache.clear()
-        self.meter = Meter()
+        self.meter = TokenStats()
+        self.step = 0
 
+    @_with_compute_threads
     @torch.inference_mode()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int = 64, stop_at_eos: bool = True) -> GenerationResult:
         """Greedy decoding, batch 1. ``prompt_ids``: [L] token ids."""
@@ -731,24 +657,21 @@ class Engine:
                 break
             if step == max_new_tokens - 1:
                 break
-            self.meter.reset()
-            self.meter.step = step + 1
-            b0, r0 = self._reader_totals()
+            self.meter = m = TokenStats()
+            self.step = step + 1
+            b0, r0 = self.reader_totals()
             t0 = _now_ms()
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(torch.tensor([[nxt]], device=self.device), cache)
             self._sync()
-            total = _now_ms() - t0 - self.meter.excluded_ms
-            b1, r1 = self._reader_totals()
-            m = self.meter
-            stats.append(TokenStats(
-                io_ms=m.io_ms, mem_ms=m.mem_ms, compute_ms=total - m.io_ms - m.mem_ms, total_ms=total,
-                bytes_read=b1 - b0, reads=r1 - r0, excluded_ms=m.excluded_ms, predictor_ms=m.predictor_ms,
-                read_ms=m.read_ms,
-                loaded_neurons=m.loaded_neurons,
-                cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)),
-            ))
+            total = _now_ms() - t0 - m.excluded_ms
+            b1, r1 = self.reader_totals()
+            m.finish(total_ms=total, bytes_read=b1 - b0, reads=r1 - r0,
+                     cached_neurons=sum(f.cache.count for f in self.ffn_modules if isinstance(f, SparseFFN)))
+            stats.append(m)
+            for o in self.observers:
+                o.token_done(self.step, m)
         return GenerationResult(
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
@@ -756,6 +679,7 @@ class Engine:
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "row_bucket": self.row_bucket},
         )
 
+    @_with_compute_threads
     @torch.inference_mode()
     def score(self, ids: Tensor) -> Tensor:
         """Log-probabilities of ``ids[1:]`` computed token by token through the engine's decode path. [L-1]."""
@@ -768,11 +692,28 @@ class Engine:
         logits = self._forward(ids[:1].view(1, 1), cache)
         for i in range(1, ids.numel()):
             out.append(torch.log_softmax(logits.float(), -1)[ids[i]])
-            self.meter.step = i
+            self.step = i
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(ids[i : i + 1].view(1, 1), cache)
         return torch.stack(out).cpu()
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Attach an observer (``hooks``); per-layer timing is only taken once one asks for it."""
+        self.observers.append(observer)
+        if not self._layers_timed and type(observer).layer_done is not EngineObserver.layer_done:
+            self._layers_timed = True
+            for layer, m in enumerate(self.ffn_modules):
+                m.register_forward_pre_hook(self._layer_started)
+                m.register_forward_hook(functools.partial(self._layer_finished, layer))
+
+    def _layer_started(self, module: nn.Module, args: Any) -> None:
+        self._layer_t0 = _now_ms()
+
+    def _layer_finished(self, layer: int, module: nn.Module, args: Any, output: Any) -> None:
+        ms = _now_ms() - self._layer_t0
+        for o in self.observers:
+            o.layer_done(layer, ms)
 
     def close(self) -> None:
         """Close the readers and drop the model, caches and staging buffers now (FFN modules refer back to the
@@ -802,7 +743,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor]:
+def lookahead_map(adapter: Adapter, model: HFModel, layer: int) -> tuple[Tensor, Tensor]:
     """(scale, shift) [d], float32: ``x * scale + shift`` turns layer ``layer``'s FFN input into a guess of layer + 1's.
 
     x = n(h) * w0 + b0, so n(h) = (x - b0) / w0 and the guess is n(h) * w1 + b1 (the residual stream h taken as
@@ -817,17 +758,3 @@ def lookahead_map(adapter, model: nn.Module, layer: int) -> tuple[Tensor, Tensor
     scale = w1.float() / w0
     b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
     return scale, b1f - b0f * scale
-
-
-def calibrate_flash_dir(fd: FlashDir) -> dict:
-    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json)."""
-    from .flashdir import load_in_memory
-    from .sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_thresholds
-    from .text import load_texts, token_stream, windows
-
-    log.info("calibrating thresholds for %s on %s", fd.path, CALIBRATION_SOURCE)
-    lm = load_in_memory(fd.path)
-    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
-    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
-    fd.save_thresholds(table)
-    return table

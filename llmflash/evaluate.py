@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
-from .ffn import MaskFn, SparsityRule, install_dense_ffns
+from .arch import adapter_for, install_dense_ffns
+from .ffn import MaskFn, SparsityRule
 from .sparsity import ActiveCounter
 from .text import token_stream, windows
 
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, tokenizer, docs: list[str], *, seq_len: int = 512, max_tokens: Optional[int] = 8192,
+    model: nn.Module, tokenizer: Any, docs: list[str], *, seq_len: int = 512, max_tokens: Optional[int] = 8192,
     rule: SparsityRule = SparsityRule(), mask_fn: Optional[MaskFn] = None, bos: bool = False, progress: bool = True,
 ) -> dict:
     """Token-level perplexity over non-overlapping windows, with FFN active fractions.

@@ -43,8 +43,11 @@ class FFNWeights:
         return self.up.shape[1]
 
     def to(self, dtype: torch.dtype) -> "FFNWeights":
-        cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-        return FFNWeights(cast(self.gate), cast(self.up), cast(self.down), cast(self.act_bias), cast(self.out_bias))
+        def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(dtype).contiguous()
+
+        return FFNWeights(cast(self.gate), self.up.to(dtype).contiguous(), self.down.to(dtype).contiguous(),
+                          cast(self.act_bias), cast(self.out_bias))
 
 
 @dataclass(frozen=True)
@@ -128,20 +131,3 @@ class DenseFFN(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, x, h)
         return ffn_output(h, self.w.down, self.w.out_bias)
-
-
-def install_dense_ffns(
-    model: nn.Module, rule: SparsityRule = SparsityRule(), observer: Optional[Observer] = None,
-    mask_fn: Optional[MaskFn] = None,
-) -> list[DenseFFN]:
-    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied)."""
-    from .arch import adapter_for
-
-    adapter = adapter_for(model.config)
-    spec = adapter.ffn_spec(model.config)
-    modules = []
-    for layer in range(spec.n_layers):
-        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn)
-        adapter.install_ffn(model, layer, m)
-        modules.append(m)
-    return modules

@@ -1,14 +1,16 @@
-"""A converted flash directory: writing it (``convert``), opening and checking it, and rebuilding the model from it.
+"""The flash directory format: its one writer (``write_flash_dir``), its reader (``open_flash_dir``), and the model
+skeleton rebuilt from it (resident weights loaded, FFN rows left on flash).
 
 Contents of ``DIR``::
 
-    manifest.json             format, model config, dtype, byte counts, FFN layout, checksums, source fingerprint
+    manifest.json             format, model config, dtype, byte counts, FFN layout, checksums (``manifest.Manifest``)
     resident.safetensors      embeddings, attention, norms, per-neuron FFN biases (everything that stays in DRAM)
     ffn.bin                   the FFN neurons (see ``layout``), 4096-byte aligned rows
     tokenizer files           saved by the tokenizer
     thresholds.json           (later, on demand) calibrated thresholds for ``--sparsity threshold``
 
-Writing is atomic (a temporary sibling directory renamed at the end). ``ffn.bin`` is checked against per-layer
+Writing is atomic (a temporary sibling directory renamed at the end); ``convert``, ``reorder`` and the research scale
+model all write through ``write_flash_dir``, which builds the manifest from what was written. ``ffn.bin`` is checked against per-layer
 CRC32s once after any change (the result is remembered in ``.verified``, keyed by size and mtime).
 """
 
@@ -16,144 +18,50 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .arch import Adapter, adapter_for
+from .arch import Adapter, HFModel, adapter_for
 from .errors import FlashFileError, LLMFlashError
 from .ffn import FFNWeights
-from .layout import ALIGN_BYTES, FlashLayout
+from .layout import FlashLayout
+from .manifest import (
+    FFN_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ORDER_FILE,
+    RESIDENT,
+    ByteCounts,
+    Checksums,
+    Manifest,
+    ModelInfo,
+    NeuronOrder,
+)
 from .paths import atomic_dir, atomic_file
+from .storage import ALIGN_BYTES, read_range
 
 log = logging.getLogger(__name__)
 
-FORMAT = "llmflash-flash"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-RESIDENT = "resident.safetensors"
-FFN_FILE = "ffn.bin"
 THRESHOLDS = "thresholds.json"
-ORDER_FILE = "permutation.npy"  # optional: int64 [n_layers, d_ffn], row j of layer l holds original neuron [l, j]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACT_BIAS = "llmflash.ffn.{}.act_bias"
 OUT_BIAS = "llmflash.ffn.{}.out_bias"
 
 
-def _crc(buf) -> int:
+def _crc(buf: Any) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------------------------------------- convert
-
-
-def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
-    """[n, len(parts) * d]: each neuron's parts side by side."""
-    mats = {"gate": w.gate, "up": w.up, "down": w.down}
-    return torch.cat([mats[p] for p in parts], dim=1)
-
-
-def convert(
-    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
-) -> Path:
-    """Convert ``MODEL`` into a flash directory at ``out`` (see the module docstring). Returns ``out``."""
-    from safetensors.torch import save_file
-
-    from .models import load_model
-
-    if dtype not in TORCH_DTYPES:
-        raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
-    out = Path(out).expanduser()
-    model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
-    name = src.name
-    if out.exists():
-        existing = _existing_model_name(out)
-        if existing is None and any(out.iterdir()) and not force:
-            raise LLMFlashError(f"{out} exists and is not a flash directory: choose another --out or pass --force")
-        if existing is not None and existing != name and not force:
-            raise LLMFlashError(f"{out} holds a conversion of {existing!r}, not {name!r}: choose another --out or pass --force")
-    adapter = adapter_for(model.config)
-    spec_ffn = adapter.ffn_spec(model.config)
-    layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
-    tdt = TORCH_DTYPES[dtype]
-
-    ffn_names = {n for layer in range(spec_ffn.n_layers)
-                 for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
-    resident: dict[str, Tensor] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for pname, p in model.state_dict().items():
-        if pname in ffn_names or (tied and pname == "lm_head.weight"):
-            continue
-        resident[pname] = p.detach().to(tdt).contiguous()
-    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
-    for layer, w in enumerate(ffn_weights):
-        if w.act_bias is not None:
-            resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
-        if w.out_bias is not None:
-            resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
-
-    elem = layout.elem_bytes
-    ffn_payload = sum(layout.neuron_payload_bytes * layout.d_ffn for _ in range(layout.n_layers))
-    resident_tensor_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-    try:
-        with atomic_dir(out, overwrite=True) as tmp:
-            save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
-            layer_crc: list[list[int]] = [[] for _ in layout.segments]
-            with open(tmp / FFN_FILE, "wb") as f:
-                bar = tqdm(total=layout.n_layers, desc=f"writing {FFN_FILE}", disable=not progress)
-                for layer, w in enumerate(ffn_weights):
-                    for s, seg in enumerate(layout.segments):
-                        rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
-                        padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
-                        padded[:, : rows.shape[1]] = rows
-                        buf = padded.view(torch.uint8).numpy().tobytes()
-                        assert f.tell() == seg.layer_offsets[layer]
-                        f.write(buf)
-                        layer_crc[s].append(_crc(buf))
-                    bar.update(1)
-                bar.close()
-                f.flush()
-                os.fsync(f.fileno())
-            tok.save_pretrained(tmp)
-            resident_bytes = (tmp / RESIDENT).stat().st_size
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "llmflash_version": __version__,
-                "model": {"name": name, "source": spec, "model_type": model.config.model_type},
-                "config": model.config.to_dict(),
-                "dtype": dtype,
-                "ffn": {
-                    "gated": spec_ffn.gated,
-                    "activation": spec_ffn.activation,
-                    "layout": layout.to_json(),
-                },
-                "bytes": {
-                    "model": resident_tensor_bytes + ffn_payload,
-                    "resident_tensors": resident_tensor_bytes,
-                    "ffn_payload": ffn_payload,
-                    "ffn_file": layout.file_bytes,
-                    "resident_file": resident_bytes,
-                },
-                "checksums": {
-                    RESIDENT: _file_crc(tmp / RESIDENT),
-                    FFN_FILE: {"per_layer_segment_crc32": layer_crc},
-                },
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    except OSError as err:
-        raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
-    log.info("converted %s to %s (%d bytes of weights)", spec, out, resident_tensor_bytes + ffn_payload)
-    return out
 
 
 def _file_crc(path: Path) -> int:
@@ -164,13 +72,6 @@ def _file_crc(path: Path) -> int:
     return crc & 0xFFFFFFFF
 
 
-def _existing_model_name(path: Path) -> Optional[str]:
-    try:
-        return json.loads((path / MANIFEST).read_text())["model"]["name"]
-    except Exception:  # noqa: BLE001 - not a flash dir
-        return None
-
-
 # -------------------------------------------------------------------------------------------------------------- open
 
 
@@ -179,22 +80,26 @@ class FlashDir:
     """An opened, validated flash directory."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     layout: FlashLayout
-    resident_buffer: object = None  # the aligned buffer resident tensors view (after read_resident)
+    resident_buffer: Optional[mmap.mmap] = None  # the aligned buffer resident tensors view (after read_resident)
+    # keep the resident tensors after the first read_resident and hand the same ones to every later caller (several
+    # engines on one directory in one process: each would otherwise read them again)
+    keep_resident: bool = False
     _order: Optional[np.ndarray] = None  # neuron_order, once loaded and checked
+    _resident: Optional[dict[str, Tensor]] = None  # kept resident tensors (keep_resident)
 
     @property
     def name(self) -> str:
-        return self.manifest["model"]["name"]
+        return self.manifest.model.name
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.manifest["dtype"]]
+        return TORCH_DTYPES[self.manifest.dtype]
 
     @property
     def model_bytes(self) -> int:
-        return int(self.manifest["bytes"]["model"])
+        return self.manifest.bytes.model
 
     @property
     def ffn_path(self) -> Path:
@@ -206,18 +111,18 @@ class FlashDir:
 
     @property
     def activation(self) -> str:
-        return self.manifest["ffn"]["activation"]
+        return self.manifest.activation
 
     @property
     def gated(self) -> bool:
-        return bool(self.manifest["ffn"]["gated"])
+        return self.manifest.gated
 
     @property
     def neuron_order(self) -> Optional[np.ndarray]:
         """int64 [n_layers, d_ffn] when the FFN rows are stored in another order than the model's (``llmflash
         reorder``): row j of layer l holds original neuron ``order[l, j]``; None for the model's own order."""
-        info = self.manifest.get("neuron_order")
-        if not info:
+        info = self.manifest.neuron_order
+        if info is None:
             return None
         if self._order is None:
             f = self.path / ORDER_FILE
@@ -226,21 +131,21 @@ class FlashDir:
                 order = np.load(f, allow_pickle=False)
             except (OSError, ValueError) as err:
                 raise FlashFileError(f"{f} is missing or corrupt ({str(err)[:80]}): re-run reorder") from None
-            if order.shape != (lay.n_layers, lay.d_ffn) or _crc(np.ascontiguousarray(order, np.int64).data) != info.get("crc32"):
+            if order.shape != (lay.n_layers, lay.d_ffn) or _crc(np.ascontiguousarray(order, np.int64).data) != info.crc32:
                 raise FlashFileError(f"{f} does not match the manifest (shape {order.shape}, or its checksum): re-run reorder")
             if not (np.sort(order, axis=1) == np.arange(lay.d_ffn)).all():
                 raise FlashFileError(f"{f} is not a permutation of each layer's neurons: re-run reorder")
             self._order = order.astype(np.int64)
         return self._order
 
-    def config(self):
+    def config(self) -> Any:
         from transformers import AutoConfig
 
-        cfg = dict(self.manifest["config"])
+        cfg = dict(self.manifest.config)
         model_type = cfg.pop("model_type")
         return AutoConfig.for_model(model_type, **cfg)
 
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         try:
@@ -268,9 +173,8 @@ class FlashDir:
         marker = self.path / ".verified"
         if marker.is_file() and marker.read_text() == stamp:
             return
-        from .storage import read_range
 
-        expected = self.manifest["checksums"][FFN_FILE]["per_layer_segment_crc32"]
+        expected = self.manifest.checksums.ffn_crc32
         for layer in tqdm(range(self.layout.n_layers), desc="verifying ffn.bin", disable=not progress):
             for s, seg in enumerate(self.layout.segments):
                 nbytes = seg.stride_bytes * self.layout.d_ffn
@@ -285,25 +189,29 @@ class FlashDir:
             pass
 
     def read_resident(self) -> dict[str, Tensor]:
-        """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer."""
-        from .storage import read_range
-
+        """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer
+        (naive mode re-reads the file into this same buffer every token)."""
+        if self._resident is not None:
+            return self._resident
         size = self.resident_path.stat().st_size
         buf = read_range(self.resident_path, 0, size)
-        if _crc(memoryview(buf)[:size]) != self.manifest["checksums"][RESIDENT]:
+        if _crc(memoryview(buf)[:size]) != self.manifest.checksums.resident_crc32:
             raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
-        self.resident_buffer = buf  # naive mode re-reads the file into this same buffer every token
-        return parse_safetensors(buf, size)
+        self.resident_buffer = buf
+        tensors = parse_safetensors(buf, size)
+        if self.keep_resident:
+            self._resident = tensors
+        return tensors
 
 
-def _file_crc_manifest(manifest: dict) -> int:
-    return _crc(json.dumps(manifest["checksums"], sort_keys=True).encode())
+def _file_crc_manifest(manifest: Manifest) -> int:
+    return _crc(json.dumps(manifest.checksums.to_json(), sort_keys=True).encode())
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
 
-def parse_safetensors(buf, size: int) -> dict[str, Tensor]:
+def parse_safetensors(buf: Any, size: int) -> dict[str, Tensor]:
     """Zero-copy tensors over a safetensors file held in ``buf`` (the file's first ``size`` bytes)."""
     (header_len,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
     header = json.loads(bytes(memoryview(buf)[8 : 8 + header_len]))
@@ -329,17 +237,12 @@ def open_flash_dir(path: str | Path) -> FlashDir:
     if not mpath.is_file():
         raise FlashFileError(f"{path} has no {MANIFEST}: not a flash directory (run `llmflash convert MODEL --out {path}`)")
     try:
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError("wrong format tag")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise FlashFileError(f"{mpath} was written by a newer llmflash: upgrade llmflash")
-        layout = FlashLayout.from_json(manifest["ffn"]["layout"])
-    except FlashFileError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise FlashFileError(f"{mpath} is corrupt ({err}): re-run convert") from None
-    for fname, expected in ((FFN_FILE, layout.file_bytes), (RESIDENT, manifest["bytes"]["resident_file"])):
+        raw = json.loads(mpath.read_text())
+    except (OSError, ValueError) as err:
+        raise FlashFileError(f"{mpath} is corrupt ({str(err)[:80]}): re-run convert") from None
+    manifest = Manifest.from_json(raw, str(mpath))
+    layout = manifest.layout
+    for fname, expected in ((FFN_FILE, layout.file_bytes), (RESIDENT, manifest.bytes.resident_file)):
         f = path / fname
         if not f.is_file():
             raise FlashFileError(f"{f} is missing: re-run convert")
@@ -349,16 +252,109 @@ def open_flash_dir(path: str | Path) -> FlashDir:
                 f"another model; re-run convert"
             )
     fd = FlashDir(path, manifest, layout)
-    cfg = manifest["config"]
-    if cfg.get("num_hidden_layers") != layout.n_layers:
+    if manifest.config.get("num_hidden_layers") != layout.n_layers:
         raise FlashFileError(f"{mpath}: config and layout disagree on the number of layers: re-run convert")
     return fd
+
+
+# ------------------------------------------------------------------------------------------------------- the writer
+
+
+class FlashDirWriter:
+    """Fills one flash directory (``dir``, a temporary sibling until the ``write_flash_dir`` block ends).
+
+    ``ffn.bin`` comes layer by layer and segment by segment in file order through ``write_ffn`` (CRC32s kept), or
+    from elsewhere (``ffn_written``: a hard link, with its known CRC32s); ``resident.safetensors`` through
+    ``save_resident`` or ``resident_written``; other files (tokenizer, sidecars) go straight into ``dir``. ``finish``
+    checks that everything is there, writes ``manifest.json`` and returns the ``Manifest``.
+    """
+
+    def __init__(self, tmp: Path, layout: FlashLayout) -> None:
+        self.dir = tmp
+        self.layout = layout
+        self.manifest: Optional[Manifest] = None
+        self._ffn: Optional[IO[bytes]] = None
+        self._ffn_crc: list[list[int]] = [[] for _ in layout.segments]
+        self._ffn_external = False
+        self._resident_tensor_bytes: Optional[int] = None
+        self._resident_crc: Optional[int] = None
+
+    def write_ffn(self, layer: int, segment: int, data: Any) -> None:
+        """The rows of one layer's segment (``stride_bytes * d_ffn`` bytes), in file order."""
+        if self._ffn is None:
+            self._ffn = open(self.dir / FFN_FILE, "wb")
+        seg = self.layout.segments[segment]
+        if self._ffn.tell() != seg.layer_offsets[layer] or memoryview(data).nbytes != seg.stride_bytes * self.layout.d_ffn:
+            raise ValueError(f"ffn.bin: layer {layer} segment {segment} out of order or of the wrong size")
+        self._ffn.write(data)
+        self._ffn_crc[segment].append(_crc(data))
+
+    def ffn_written(self, crc32: Sequence[Sequence[int]]) -> None:
+        """``dir/ffn.bin`` was put there by the caller (e.g. a hard link); ``crc32[segment][layer]``."""
+        self._ffn_crc = [list(s) for s in crc32]
+        self._ffn_external = True
+
+    def save_resident(self, tensors: dict[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(self.dir / RESIDENT), metadata={"format": "pt"})
+        self._resident_tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def resident_written(self, tensor_bytes: int, crc32: Optional[int] = None) -> None:
+        """``dir/resident.safetensors`` was written (or copied) by the caller; its CRC32 is computed if not given."""
+        self._resident_tensor_bytes = tensor_bytes
+        self._resident_crc = crc32
+
+    def close(self) -> None:
+        if self._ffn is not None:
+            self._ffn.flush()
+            os.fsync(self._ffn.fileno())
+            self._ffn.close()
+            self._ffn = None
+
+    def finish(self, model: ModelInfo, config: dict, dtype: str, gated: bool, activation: str,
+               neuron_order: Optional[NeuronOrder] = None) -> Manifest:
+        self.close()
+        lay = self.layout
+        ffn_path, res_path = self.dir / FFN_FILE, self.dir / RESIDENT
+        if any(len(c) != lay.n_layers for c in self._ffn_crc) or not ffn_path.is_file():
+            raise ValueError("ffn.bin is incomplete: every layer of every segment must be written")
+        if ffn_path.stat().st_size != lay.file_bytes:
+            raise ValueError(f"ffn.bin has {ffn_path.stat().st_size} bytes, the layout {lay.file_bytes}")
+        if self._resident_tensor_bytes is None or not res_path.is_file():
+            raise ValueError("resident.safetensors was not written")
+        resident_crc = self._resident_crc if self._resident_crc is not None else _file_crc(res_path)
+        payload = lay.neuron_payload_bytes * lay.d_ffn * lay.n_layers
+        manifest = Manifest(
+            model=model, config=config, dtype=dtype, gated=gated, activation=activation, layout=lay,
+            bytes=ByteCounts(model=self._resident_tensor_bytes + payload, resident_tensors=self._resident_tensor_bytes,
+                             ffn_payload=payload, ffn_file=lay.file_bytes, resident_file=res_path.stat().st_size),
+            checksums=Checksums(resident_crc, tuple(tuple(c) for c in self._ffn_crc)),
+            neuron_order=neuron_order,
+        )
+        (self.dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str))
+        self.manifest = manifest
+        return manifest
+
+
+@contextmanager
+def write_flash_dir(out: Path, layout: FlashLayout) -> Iterator[FlashDirWriter]:
+    """The one writer of flash directories: yields a ``FlashDirWriter``; the directory appears at ``out`` (replacing
+    what was there) only when the block ends without an error and ``finish`` was called."""
+    with atomic_dir(Path(out), overwrite=True) as tmp:
+        w = FlashDirWriter(tmp, layout)
+        try:
+            yield w
+        finally:
+            w.close()
+        if w.manifest is None:
+            raise ValueError(f"{out}: the flash directory was left without finish()")
 
 
 # ----------------------------------------------------------------------------------------------------- the skeleton
 
 
-def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[nn.Module, Adapter, dict[int, tuple]]:
+def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, Adapter, dict[int, tuple]]:
     """The Hugging Face model with resident weights loaded and FFN weights absent (to be provided by FFN modules).
 
     Returns (model, adapter, ffn_biases) with ffn_biases[layer] = (act_bias or None, out_bias or None).
@@ -404,31 +400,5 @@ def ffn_weights_from_rows(fd: FlashDir, rows: list[Tensor], biases: tuple) -> FF
     return FFNWeights(part("gate") if fd.gated else None, part("up"), part("down"), biases[0], biases[1])
 
 
-def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule), its
-    neurons in the model's own order (a reordered directory's rows are put back: activations, masks and predictors
-    collected from it speak the model's neuron ids)."""
-    from .ffn import DenseFFN
-    from .models import LoadedModel
-    from .storage import read_range
-
-    fd = open_flash_dir(path)
-    fd.verify_ffn()
-    model, adapter, biases = build_skeleton(fd, fd.read_resident())
-    for layer in range(fd.layout.n_layers):
-        rows = []
-        for seg in fd.layout.segments:
-            nbytes = seg.stride_bytes * fd.layout.d_ffn
-            buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
-        w = ffn_weights_from_rows(fd, rows, biases[layer])
-        if fd.neuron_order is not None:
-            row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
-            pick = lambda t: None if t is None else t[row_of]  # noqa: E731
-            w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
-        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
-    model = model.to(dtype)
-    return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())
-
-
-__all__ = ["convert", "open_flash_dir", "FlashDir", "build_skeleton", "load_in_memory", "ALIGN_BYTES"]
+__all__ = ["open_flash_dir", "write_flash_dir", "FlashDir", "FlashDirWriter", "Manifest", "build_skeleton", "ALIGN_BYTES",
+           "FORMAT", "FORMAT_VERSION", "MANIFEST", "RESIDENT", "FFN_FILE", "ORDER_FILE"]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .storage import ALIGN_BYTES, align_up
+from .storage import align_up
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

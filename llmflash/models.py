@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import LLMFlashError
+from .ffn import DenseFFN, FFNWeights
+from .flashdir import build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .paths import atomic_dir, cache_dir, package_dir
 from .sparse_model import CONFIG_FILE as SPARSE_CONFIG
 from .sparse_model import apply_artifact
+from .storage import read_range
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +179,29 @@ def load_any(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """``MODEL`` or a converted flash ``DIR`` (detected by its manifest.json), fully in memory."""
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
-        from .flashdir import load_in_memory  # the flash directory reader (convert/layout)
-
         return load_in_memory(path, dtype)
     model, tok, src = load_model(spec, dtype)
     return LoadedModel(model, tok, src.name)
+
+
+def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The whole model from a flash directory, in DRAM, with the FFN as ``DenseFFN`` modules (no sparsity rule), its
+    neurons in the model's own order (a reordered directory's rows are put back: activations, masks and predictors
+    collected from it speak the model's neuron ids)."""
+    fd = open_flash_dir(path)
+    fd.verify_ffn()
+    model, adapter, biases = build_skeleton(fd, fd.read_resident())
+    for layer in range(fd.layout.n_layers):
+        rows = []
+        for seg in fd.layout.segments:
+            nbytes = seg.stride_bytes * fd.layout.d_ffn
+            buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
+            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
+        w = ffn_weights_from_rows(fd, rows, biases[layer])
+        if fd.neuron_order is not None:
+            row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
+            pick = lambda t: None if t is None else t[row_of]  # noqa: E731
+            w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
+        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
+    model = model.to(dtype)
+    return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())

@@ -12,7 +12,7 @@ from typing import Any
 from .paths import atomic_file
 
 
-def _default(obj: Any):
+def _default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "__dataclass_fields__"):
@@ -68,7 +68,7 @@ def median(xs: list[float]) -> float:
     return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
     """Write a matplotlib figure as PNG atomically (tight layout) and close it."""
     import matplotlib.pyplot as plt
 

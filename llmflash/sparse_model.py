@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,7 @@ class SparseMLP(nn.Module):
     ``threshold`` (a float), which ``arch.LlamaAdapter`` reads.
     """
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str,
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, activation: str,
                  act_bias: Optional[Tensor], threshold: float) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
@@ -188,7 +188,7 @@ class SparseMLP(nn.Module):
         return self.down_proj(h)
 
 
-def apply_artifact(model: nn.Module, art_dir: Path) -> nn.Module:
+def apply_artifact(model: Any, art_dir: Path) -> Any:
     """Turn an in-memory base model (Hugging Face Llama, float32) into the artifact's sparse model, in place."""
     cfg, tensors = read_artifact(art_dir)
     layers = list(model.model.layers)

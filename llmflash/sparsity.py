@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .ffn import SparsityRule, install_dense_ffns
+from .arch import install_dense_ffns
+from .errors import LLMFlashError
+from .ffn import SparsityRule
+from .flashdir import FlashDir
+from .models import load_in_memory
+from .paths import atomic_file, cache_dir
+from .text import load_texts, token_stream, windows
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,6 @@ def calibrate_thresholds(
 def threshold_rule(thresholds: dict[str, list[float]], target: float) -> SparsityRule:
     key = f"{target:g}"
     if key not in thresholds:
-        from .errors import LLMFlashError
-
         raise LLMFlashError(f"no thresholds calibrated for sparsity {target:g} (have: {', '.join(sorted(thresholds))})")
     return SparsityRule("threshold", tuple(thresholds[key]), target)
 
@@ -73,7 +78,7 @@ class ActiveCounter:
         return sum(self.active) / t if t else float("nan")
 
 
-def model_rule(config) -> SparsityRule | None:
+def model_rule(config: Any) -> SparsityRule | None:
     """The sparsity rule a model carries (``llmflash_sparsity`` in its config: a trained sparse model's thresholds).
 
     ``config`` is a transformers config or its dict (a flash directory's manifest keeps the dict).
@@ -93,7 +98,7 @@ CALIBRATION_SEQ_LEN = 512
 
 
 def rule_for(
-    model: nn.Module, tokenizer, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
+    model: nn.Module, tokenizer: Any, sparsity: str, target: float = 0.8, thresholds: dict | None = None,
     cache_key: str | None = None,
 ) -> SparsityRule:
     """The sparsity rule for a command's ``--sparsity auto|relu|threshold``.
@@ -104,12 +109,6 @@ def rule_for(
     (32k tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
     model's FFNs for ``DenseFFN`` modules (same weights).
     """
-    import json
-
-    from .errors import LLMFlashError
-    from .paths import atomic_file, cache_dir
-    from .text import load_texts, token_stream, windows
-
     if sparsity == "auto":
         return model_rule(model.config) or SparsityRule("relu")
     if sparsity == "relu":
@@ -127,3 +126,14 @@ def rule_for(
                 with atomic_file(path) as tmp:
                     tmp.write_text(json.dumps(thresholds))
     return threshold_rule(thresholds, target)
+
+
+def calibrate_flash_dir(fd: FlashDir) -> dict:
+    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json). Loads the
+    whole model into memory for it."""
+    log.info("calibrating thresholds for %s on %s (the whole model in memory)", fd.path, CALIBRATION_SOURCE)
+    lm = load_in_memory(fd.path)
+    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
+    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
+    fd.save_thresholds(table)
+    return table

@@ -26,7 +26,7 @@ from functools import reduce
 from operator import add, or_
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -57,12 +57,12 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(align_up(nbytes), ALIGN_BYTES), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
 
 
-def buffer_address(buf) -> int:
+def buffer_address(buf: Any) -> int:
     """Address of the first byte of a writable buffer (mmap, memoryview, bytearray, numpy array)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-def pin_buffer(buf) -> bool:
+def pin_buffer(buf: Buffer) -> bool:
     """Page-lock ``buf`` for CUDA (``cudaHostRegister``) so that host->GPU copies from it run at full speed and
     without a bounce buffer. False where CUDA is absent or refuses (the copies then still work, slower)."""
     import torch
@@ -81,7 +81,7 @@ def pin_buffer(buf) -> bool:
     return True
 
 
-def unpin_buffer(buf) -> None:
+def unpin_buffer(buf: Buffer) -> None:
     """Undo ``pin_buffer`` (before the buffer is unmapped)."""
     import torch
 
@@ -189,6 +189,10 @@ class ReadTicket:
         self._error: Optional[BaseException] = None
         self._start_ns = time.perf_counter_ns()
         self._done = threading.Lock()
+        self._views: tuple[memoryview, ...] = ()  # the caller's buffers, released when the last slice is done
+        self._fo: Optional[list[int]] = None  # file offsets, byte counts and buffer offsets of the reads
+        self._nb: Optional[list[int]] = None
+        self._do: Optional[list[int]] = None
         if n_slices:
             self._done.acquire()  # released by the worker that finishes the last slice
 
@@ -216,7 +220,7 @@ class _Shared:
         if fd >= 0:
             os.close(fd)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close_fd()
         except Exception:  # noqa: BLE001 - interpreter shutdown
@@ -410,7 +414,7 @@ class FlashReader:
         if ticket._error is not None:
             err, ticket._error = ticket._error, None
             try:
-                err.add_note(f"while reading {self.path}")
+                err.add_note(f"while reading {self.path}")  # type: ignore[attr-defined,unused-ignore]  # Python 3.11+
             except AttributeError:  # Python < 3.11
                 pass
             raise err
@@ -440,10 +444,10 @@ class FlashReader:
     def __enter__(self) -> "FlashReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         # No join here (this may run at interpreter shutdown): the workers exit after the reads already queued and
         # the last one to go drops the _Shared, which closes the file.
         try:

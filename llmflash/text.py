@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -70,7 +70,9 @@ def load_texts(source: str) -> list[str]:
         return [t for t in ds["text"] if t and t.strip()]
     path = Path(source).expanduser()
     if not path.is_file():
-        raise LLMFlashError(f"text file {path} does not exist (or use wiki:train, wiki:eval, kjv:, shakespeare:, pydoc:, bigbench:, hf:NAME)")
+        raise LLMFlashError(
+            f"text file {path} does not exist (or use wiki:train, wiki:eval, kjv:, shakespeare:, pydoc:, bigbench:, hf:NAME)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -81,7 +83,7 @@ def load_texts(source: str) -> list[str]:
     return docs
 
 
-def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:
+def token_stream(tokenizer: Any, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:
     """Concatenate documents (separated by EOS, or preceded by BOS when ``bos``) into one token tensor [N]."""
     ids: list[int] = []
     sep = tokenizer.eos_token_id

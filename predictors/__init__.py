@@ -1,11 +1,13 @@
 """Low-rank activation predictors (the paper's per-layer predictors, after Deja Vu).
 
 - ``collect``   run text through a model; store per layer the FFN input x and the active-neuron labels (ACTDIR)
-- ``model``     ``PredictorSet``: the runtime API (``load``, ``predict``, ``check_compatible``, ``nbytes``)
 - ``train``     per-layer Linear(d -> r) -> Linear(r -> d_ffn) + sigmoid, class-balanced BCE, thresholds calibrated
                 on held-out tokens to a recall target
 - ``evaluate``  recall / precision against the true active sets; ``window_mask_fn`` for predictor-mode perplexity
 - ``cli``       the commands ``collect``, ``train-predictors``, ``eval-predictors``
+
+The runtime (``PredictorSet``: ``load``, ``predict``, ``check_compatible``, ``nbytes``) is ``llmflash.predictor``, in
+the core; this package depends on the core only.
 
 Default predictors for ``smollm2-relu`` live in ``predictors/artifacts/smollm2-relu`` (see ``default_predictors``).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import PredictorSet
+from llmflash.predictor import PredictorSet
 
 __all__ = ["PredictorSet", "default_predictors", "window_mask_fn", "predicted_mask_fn"]
 

@@ -108,7 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise LLMFlashError(f"--ranks {args.ranks!r} is not a comma-separated list of integers") from None
     if ranks is not None and min(ranks) < 1:
         raise LLMFlashError("--ranks must all be positive")
-    cfg = TrainConfig(ranks=ranks, 
+    cfg = TrainConfig(ranks=ranks,
         rank=args.rank, rank_last=args.rank_last or 2 * args.rank, last_layers=args.last_layers,
         recall_target=args.recall_target, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
         lr=args.lr, holdout_fraction=args.holdout_fraction, max_train_tokens=args.max_train_tokens, seed=args.seed,
@@ -133,11 +133,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from llmflash.errors import LLMFlashError
     from llmflash.evaluate import perplexity
     from llmflash.models import load_any
+    from llmflash.predictor import PredictorSet
     from llmflash.report import fmt_bytes, write_json
     from llmflash.text import load_texts
 
     from .evaluate import eval_predictors, window_mask_fn
-    from .model import PredictorSet
 
     if args.window < 1:
         raise LLMFlashError("--window must be at least 1")

@@ -32,9 +32,9 @@ from numpy.lib.format import open_memmap
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmflash.arch import adapter_for
+from llmflash.arch import adapter_for, install_dense_ffns
 from llmflash.errors import LLMFlashError
-from llmflash.ffn import SparsityRule, install_dense_ffns
+from llmflash.ffn import SparsityRule
 from llmflash.models import LoadedModel
 from llmflash.paths import atomic_dir
 from llmflash.report import fmt_bytes
@@ -96,7 +96,7 @@ def collect(
     progress: bool = True, overwrite: bool = False,
 ) -> dict:
     """Run ``docs`` through the model (FFNs swapped for ``DenseFFN`` with ``rule``) and write ACTDIR ``out``."""
-    from .model import ffn_fingerprint
+    from llmflash.predictor import ffn_fingerprint
 
     model = lm.model
     spec = adapter_for(model.config).ffn_spec(model.config)
@@ -143,7 +143,8 @@ def collect(
             state["pos"] += ids.shape[1]
         for arr in xs + ys:
             arr.flush()
-        del xs, ys
+        xs.clear()  # drop the memmaps (flushed) before the directory is renamed into place
+        ys.clear()
         tokens = stream[:n_tokens].to(torch.int32).numpy()
         np.save(tmp / "tokens.npy", tokens)
         np.savez(tmp / STATS, max_contribution=max_contribution.numpy(), active_count=active_count.numpy(),
@@ -211,7 +212,8 @@ class Activations:
         """float16 [N, d_model] (memory-mapped)."""
         arr = np.load(self.path / x_name(layer), mmap_mode="r")
         if arr.shape != (self.n_tokens, self.d_model):
-            raise LLMFlashError(f"{self.path / x_name(layer)} has shape {arr.shape}, expected {(self.n_tokens, self.d_model)}: collect again")
+            raise LLMFlashError(f"{self.path / x_name(layer)} has shape {arr.shape}, expected "
+                                f"{(self.n_tokens, self.d_model)}: collect again")
         return arr
 
     def labels(self, layer: int) -> np.ndarray:

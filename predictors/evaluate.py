@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmflash.arch import adapter_for
-from llmflash.ffn import SparsityRule, install_dense_ffns
+from llmflash.arch import adapter_for, install_dense_ffns
+from llmflash.ffn import SparsityRule
 from llmflash.text import token_stream, windows
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llmflash.errors import LLMFlashError
+from llmflash.predictor import PIN_LOGIT, LowRankPredictor, PredictorSet
 
 from .collect import Activations, unpack_labels
-from .model import PIN_LOGIT, LowRankPredictor, PredictorSet
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def train_layer(
         scores = _scores(model, xs_hold)
         thr = threshold_for_recall(scores, y_hold, cfg.recall_target, pinned)
         frac = float((scores >= thr).float().mean())
-        log.info("layer %d epoch %d: loss %.4f, held-out predicted fraction %.4f at recall %.3f", layer, epoch, float(loss.detach()), frac, cfg.recall_target)
+        log.info("layer %d epoch %d: loss %.4f, held-out predicted fraction %.4f at recall %.3f", layer, epoch,
+                 float(loss.detach()), frac, cfg.recall_target)
         if frac < best[0] - 1e-4:
             best = (frac, {k: v.clone() for k, v in model.state_dict().items()}, thr, epoch)
             stale = 0

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .data import HELD_OUT, TRAIN, WindowSampler, build_data, build_prompts, pack_samples
-from .model import CompactLlama, Shape, from_hf, hf_state, load_hf_state
+from .model import CompactLlama, Shape, hf_state, load_hf_state
 from .probe import probe_layer, summarize
 from .train import Recipe, Trainer, tokens_per_s_and_mfu
 
@@ -58,9 +58,10 @@ def say(msg: str) -> None:
 
 
 def prepare(n_chat: int, n_raw: int) -> None:
+    from transformers import AutoTokenizer
+
     from llmflash.models import smollm2_gguf_path
     from llmflash.text import wiki_articles
-    from transformers import AutoTokenizer
 
     from .data import source_docs
 
@@ -221,7 +222,9 @@ def make_trainer(work: Path, arm: str, recipe: Recipe, device: str, base: Option
     mix = {k: v for k, v in MIX.items() if k in train}
     sampler = WindowSampler(train, mix, recipe.seq_len, seed=recipe.seed + (0 if arm == "silu" else 1))
     student = build_model(shape, state, act=arm, sparse=True, lora_rank=recipe.lora_rank)
-    teacher = build_model(shape, state).to(torch.bfloat16)
+    teacher = build_model(shape, state)
+    if device.startswith("cuda"):
+        teacher = teacher.to(torch.bfloat16)
     return Trainer(student, teacher, sampler, replace(recipe, arm=arm), held, device, log_fn=lambda m: say(f"{arm}: {m}"))
 
 

@@ -12,7 +12,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .model import CompactLlama, _rotate_half

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmflash.cli import main
+
 from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = "8"

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+import llmflash.engine as engine_module
 from llmflash.cache import NeuronCache
+from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import BudgetError, LLMFlashError
-from llmflash.flashdir import convert, load_in_memory, open_flash_dir
+from llmflash.flashdir import open_flash_dir
+from llmflash.hooks import EngineObserver
 from llmflash.layout import FlashLayout, read_plan, runs
+from llmflash.models import load_in_memory
+from llmflash.provider import ActiveSetProvider
 from llmflash.sparsity import calibrate_thresholds
 from llmflash.storage import proc_read_bytes
+
 from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = 8.0  # tiny models are mostly padding: give them room
@@ -82,8 +88,8 @@ def test_layout_rows_are_aligned_and_disjoint():
 def test_convert_writes_manifest_and_resident_split(flash_dirs):
     fd = open_flash_dir(flash_dirs["llama"])
     m = fd.manifest
-    assert m["ffn"]["gated"] and m["ffn"]["activation"] == "relu"
-    assert m["bytes"]["model"] == m["bytes"]["resident_tensors"] + m["bytes"]["ffn_payload"]
+    assert m.gated and m.activation == "relu"
+    assert m.bytes.model == m.bytes.resident_tensors + m.bytes.ffn_payload
     assert fd.ffn_path.stat().st_size == fd.layout.file_bytes
     assert (fd.path / "tokenizer_config.json").is_file()
     assert not open_flash_dir(flash_dirs["llama-unbundled"]).layout.bundled
@@ -97,8 +103,11 @@ def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
     cache = NeuronCache(lay, 64, window=3, dtype=torch.float32)
     rng = np.random.default_rng(0)
     history = []
+    needed = hits = 0
     for step in range(40):
         need = np.unique(rng.choice(64, size=rng.integers(1, 12), replace=False))
+        needed += need.size
+        hits += int((cache.slot[need] >= 0).sum())
         upd = cache.update(need, step)
         # "read": write each loaded neuron's id into its row so we can check rows move with their ids
         for j, nid in enumerate(upd.load_ids):
@@ -110,6 +119,9 @@ def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
         assert np.array_equal(cache.slot[cached], np.arange(cache.count))
         assert torch.equal(cache.store.rows[0][: cache.count, 0], torch.from_numpy(cached).float())
         assert upd.overflow_ids.size == 0
+    c = cache.counters
+    assert (c.hits, c.misses, c.overflows) == (hits, needed - hits, 0)
+    assert c.misses - c.evictions == cache.count  # every row read in is in the cache or was evicted
 
 
 def test_cache_over_capacity_evicts_least_recent_and_overflows():
@@ -118,6 +130,7 @@ def test_cache_over_capacity_evicts_least_recent_and_overflows():
     cache.update(np.arange(0, 6), 0)
     upd = cache.update(np.arange(10, 20), 1)  # 10 needed, capacity 8: evict all old, 2 overflow
     assert cache.count == 8 and upd.overflow_ids.size == 2
+    assert (cache.counters.misses, cache.counters.evictions, cache.counters.overflows) == (16, 6, 2)
     assert set(cache.cached_ids().tolist()) <= set(range(10, 20))
 
 
@@ -142,6 +155,25 @@ def test_every_mode_generates_the_dense_tokens(flash_dirs, name):
     ref = _gen(flash_dirs[name], "dense").tokens
     for mode in ("naive", "hybrid", "oracle"):
         assert _gen(flash_dirs[name], mode).tokens == ref, mode
+
+
+def test_a_provider_declares_only_what_it_has(flash_dirs):
+    """The base class supplies every optional capability: a provider with only ``active`` runs (no lookahead)."""
+
+    class AllActive(ActiveSetProvider):
+        counted = False
+
+        def active(self, layer, x):
+            return torch.ones(x.shape[0], 384, dtype=torch.bool)
+
+    e = Engine(flash_dirs["llama"], EngineConfig(mode="oracle", dram_budget=BIG, lookahead=True), provider=AllActive())
+    try:
+        res = e.generate(PROMPT, 6, stop_at_eos=False)
+    finally:
+        e.close()
+    assert res.tokens == _gen(flash_dirs["llama"], "dense", n=6).tokens
+    src = open(engine_module.__file__, encoding="utf-8").read()
+    assert set(re.findall(r"hasattr\((\w+)", src)) <= {"os"}  # capabilities are declared, not discovered
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
@@ -270,9 +302,9 @@ def test_bytes_read_match_the_kernel(flash_dirs):
         e = Engine(flash_dirs["llama"], EngineConfig(mode=mode, dram_budget=BIG))
         try:
             e.generate(PROMPT[:2], 1, stop_at_eos=False)  # warm up lazy imports
-            counted0, kernel0 = e._reader_totals()[0], proc_read_bytes()
+            counted0, kernel0 = e.reader_totals()[0], proc_read_bytes()
             res = e.generate(PROMPT, 10, stop_at_eos=False)
-            counted, kernel = e._reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+            counted, kernel = e.reader_totals()[0] - counted0, proc_read_bytes() - kernel0
         finally:
             e.close()
         assert sum(t.bytes_read for t in res.per_token) > 0
@@ -311,7 +343,7 @@ def test_budget_holds_and_too_small_budget_states_minimum(flash_dirs):
 
 
 def _predictors(path, tmp_path, threshold_logit: float):
-    from predictors.model import LowRankPredictor, PredictorSet
+    from llmflash.predictor import LowRankPredictor, PredictorSet
 
     fd = open_flash_dir(path)
     lay = fd.layout
@@ -347,7 +379,7 @@ def test_reordered_dir_same_model_same_sets(flash_dirs, tmp_path):
     """A reordered copy: loaded in memory it is the same model (neurons put back), predictor mode reads the rows of
     the same neurons and gives the same tokens, orders compose, and a damaged order file is refused."""
     from llmflash.errors import FlashFileError
-    from llmflash.trace import write_permuted_flash_dir
+    from llmflash.reorder import write_permuted_flash_dir
 
     src = flash_dirs["llama"]
     lay = open_flash_dir(src).layout
@@ -376,6 +408,76 @@ def test_cli_reorder_by_coactivation(flash_dirs, tmp_path):
     assert main(["reorder", str(flash_dirs["llama"]), "--out", str(out), "--text-file", str(text),
                  "--max-tokens", "512"]) == 0
     fd = open_flash_dir(out)
-    assert fd.manifest["neuron_order"]["kind"] == "coactivation" and fd.neuron_order.shape == (fd.layout.n_layers, fd.layout.d_ffn)
+    assert fd.manifest.neuron_order.kind == "coactivation" and fd.neuron_order.shape == (fd.layout.n_layers, fd.layout.d_ffn)
     assert _gen(out, "oracle").tokens == _gen(flash_dirs["llama"], "oracle").tokens
     assert main(["reorder", str(flash_dirs["llama"]), "--out", str(flash_dirs["llama"])]) == 2
+
+
+def test_the_engine_leaves_torch_threads_as_it_found_them(flash_dirs):
+    before = torch.get_num_threads()
+    e = Engine(flash_dirs["llama"], EngineConfig(mode="dense", dram_budget=BIG, compute_threads=1 if before > 1 else 2))
+    try:
+        assert torch.get_num_threads() == before  # no process-wide side effect in the constructor
+        res = e.generate(PROMPT, 3, stop_at_eos=False)
+        assert torch.get_num_threads() == before and res.config["compute_threads"] == e.compute_threads
+    finally:
+        e.close()
+
+
+def test_observers_see_every_read_and_forward(flash_dirs):
+    class Watch(EngineObserver):
+        def __init__(self):
+            self.planned, self.issued, self.per_forward, self.forwards, self.tokens = 0, 0, [], [], []
+            self.loaded = [0]
+            self.layers = []
+
+        def read_plan(self, layer, ids):
+            self.planned += ids.size
+
+        def reads_issued(self, source, nbytes):
+            self.issued += int(nbytes.sum())
+
+        def token_done(self, step, stats):
+            self.tokens.append(stats)
+
+        def cache_updated(self, layer, update):
+            self.loaded[-1] += update.load_ids.size
+
+        def layer_done(self, layer, ms):
+            self.layers.append((layer, ms))
+
+        def forward_done(self, step):
+            self.forwards.append(step)
+            self.per_forward.append(self.issued)
+            self.issued = 0
+            self.loaded.append(0)
+
+    for mode in ("oracle", "naive"):
+        w = Watch()
+        e = Engine(flash_dirs["llama"], EngineConfig(mode=mode, dram_budget=BIG), observers=[w])
+        try:
+            res = e.generate(PROMPT, 6, stop_at_eos=False)
+        finally:
+            e.close()
+        assert w.forwards == [0, 1, 2, 3, 4, 5] and w.tokens == res.per_token
+        for issued, t in zip(w.per_forward[1:], res.per_token):  # the kernel returns all of it (naive: but the
+            assert 0 <= issued - t.bytes_read < 4096  # aligned read of the resident file past its end)
+            assert issued == t.bytes_read or mode == "naive"
+        assert w.planned > 0
+        n = open_flash_dir(flash_dirs["llama"]).layout.n_layers
+        assert [layer for layer, _ in w.layers] == list(range(n)) * 6 and all(ms >= 0 for _, ms in w.layers)
+        if mode == "oracle":  # per token: the loads the caches planned are the neurons it loaded
+            assert w.loaded[1:-1] == [t.loaded_neurons for t in res.per_token]
+
+
+def test_keep_resident_reads_the_resident_file_once(flash_dirs):
+    fd = open_flash_dir(flash_dirs["opt"])
+    assert fd.read_resident() is not fd.read_resident()  # by default every caller gets a fresh read
+    fd.keep_resident = True
+    first = fd.read_resident()
+    assert fd.read_resident() is first
+    e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG))
+    try:
+        assert e.generate(PROMPT, 4, stop_at_eos=False).tokens == _gen(flash_dirs["opt"], "dense", n=4).tokens
+    finally:
+        e.close()

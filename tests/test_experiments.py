@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from llmflash.cli import build_parser, main
+from llmflash.convert import convert
 from llmflash.engine import EngineConfig
-from llmflash.flashdir import convert
+
 from tiny import save_tiny, tiny_llama
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXP))
 
-import common  # noqa: E402
 import memlimit  # noqa: E402
+
+import engine_runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,9 @@ def flash(tmp_path_factory):
 
 def test_bandwidth_interpolation_and_computed_io():
     table = [(4096, 0.3), (16384, 0.8), (65536, 1.2)]
-    assert common.bandwidth_at(table, 4096) == 0.3 and common.bandwidth_at(table, 1 << 20) == 1.2
-    assert abs(common.bandwidth_at(table, 8192) - 0.55) < 1e-9  # halfway in log2
-    ms = common.computed_io_ms({16384: 1000, 65536: 10}, table)
+    assert engine_runs.bandwidth_at(table, 4096) == 0.3 and engine_runs.bandwidth_at(table, 1 << 20) == 1.2
+    assert abs(engine_runs.bandwidth_at(table, 8192) - 0.55) < 1e-9  # halfway in log2
+    ms = engine_runs.computed_io_ms({16384: 1000, 65536: 10}, table)
     assert abs(ms - (16384 * 1000 / 0.8e9 + 65536 * 10 / 1.2e9) * 1e3) < 1e-9
 
 
@@ -41,16 +43,16 @@ def test_run_records_every_read_and_shares_within_a_session(flash, tmp_path, mon
     monkeypatch.setenv("LLMFLASH_SESSION", "test")
     table = [(4096, 0.5), (1 << 20, 1.0)]
     cfg = EngineConfig(mode="oracle", dram_budget=8.0)
-    r = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
+    r = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
     s = r["summary"]
     assert s["tokens_measured"] == 4 and s["warmup_tokens"] == 1
     hist = {int(k): v for k, v in s["read_size_histogram"].items()}
     assert sum(k * v for k, v in hist.items()) == s["bytes_read_per_token"] * 4  # the recorder saw every byte
     assert sum(hist.values()) == s["reads_per_token"] * 4
     assert s["computed_io_ms"] > 0 and 0 < s["read_efficiency"]
-    again = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
+    again = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
     assert again.get("shared_from") is not None and again["tokens"] == r["tokens"]
-    w5 = common.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table)  # a new key
+    w5 = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table)  # a new key
     assert w5.get("shared_from") is None and w5["tokens"] == r["tokens"]
     assert w5["summary"]["bytes_read_per_token"] <= s["bytes_read_per_token"]  # the window reuses rows
 
@@ -89,7 +91,7 @@ def test_reproduce_command(capsys):
     assert "full settings" in capsys.readouterr().out
     assert main(["reproduce", "--only", "nope"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
-    from llmflash.reproduce import NAMES
+    from research.reproduce import NAMES
 
     assert "engine_options" in NAMES
     for name in NAMES:  # every experiment reproduce knows has its script

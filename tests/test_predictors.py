@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from llmflash.arch import adapter_for
@@ -14,10 +14,11 @@ from llmflash.cli import main
 from llmflash.errors import LLMFlashError
 from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule, neuron_outputs
+from llmflash.predictor import PredictorSet
 from predictors.collect import Activations, CollectConfig, collect
 from predictors.evaluate import predicted_mask_fn, window_mask_fn, window_union
-from predictors.model import PredictorSet
 from predictors.train import TrainConfig, train_predictors
+
 from tiny import save_tiny, tiny_llama, tiny_opt, tiny_tokenizer
 
 TEXT = "\n\n".join(
@@ -270,8 +271,9 @@ def test_perfect_predictor_gives_oracle_perplexity(make, rule):
         got = perplexity(model, tok, docs, seq_len=128, max_tokens=600, rule=rule, mask_fn=window_mask_fn(exact, window),
                          progress=False)
         assert got["ppl"] == pytest.approx(oracle["ppl"], rel=1e-6)
+    d_ffn = getattr(model.config, "intermediate_size", None) or model.config.ffn_dim
     missing = perplexity(model, tok, docs, seq_len=128, max_tokens=600, rule=rule,
-                         mask_fn=predicted_mask_fn(RandomPredictor(3, model.config.intermediate_size if hasattr(model.config, "intermediate_size") else model.config.ffn_dim, 0.2)),
+                         mask_fn=predicted_mask_fn(RandomPredictor(3, d_ffn, 0.2)),
                          progress=False)
     assert missing["ppl"] != pytest.approx(oracle["ppl"], rel=1e-3)  # missed neurons are really missing
 

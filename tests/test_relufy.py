@@ -11,7 +11,8 @@ import torch
 from llmflash.cli import main
 from llmflash.errors import LLMFlashError
 from llmflash.evaluate import perplexity
-from llmflash.ffn import DenseFFN, SparsityRule, install_dense_ffns
+from llmflash.arch import install_dense_ffns
+from llmflash.ffn import DenseFFN, SparsityRule
 from llmflash.models import load_model
 from llmflash.relufy import CONFIG_FILE, CURVE_FILE, TENSORS_FILE, ReluMLP, RelufyConfig, apply_relufication, relufy
 from llmflash.text import load_texts

@@ -10,12 +10,23 @@ import pytest
 import torch
 
 from llmflash.cache import NeuronCache
+from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
-from llmflash.flashdir import MANIFEST, convert, open_flash_dir
-from llmflash.scale import TINY, ScaleGeometry, unbundled_scale_dir, write_scale_model
-from llmflash.trace import (NoReuseProvider, PermutedProvider, TraceModel, TraceParams, TraceProvider,
-                            coactivation_order, new_sets, paper_active_profile, paper_params, persistence,
-                            popularity_order, read_sizes, window_stats, write_permuted_flash_dir)
+from llmflash.flashdir import MANIFEST, open_flash_dir
+from llmflash.reorder import coactivation_order, popularity_order, write_permuted_flash_dir
+from research.scale import TINY, ScaleGeometry, unbundled_scale_dir, write_scale_model
+from research.trace import (
+    PermutedProvider,
+    TraceModel,
+    TraceParams,
+    TraceProvider,
+    new_sets,
+    paper_active_profile,
+    persistence,
+    read_sizes,
+    window_stats,
+)
+
 from tiny import save_tiny, tiny_llama, tiny_opt
 
 BIG = 8.0
@@ -180,10 +191,8 @@ def test_no_reuse_loads_the_whole_set_each_token(scale_dirs):
     loads = {}
     for no_reuse in (False, True):
         prov = TraceProvider(TraceModel(params, fd.layout.d_ffn), "true", d_model=TINY.d_model)
-        e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, window=1), provider=prov)
+        e = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, window=1, reuse=not no_reuse), provider=prov)
         try:
-            if no_reuse:
-                e.provider = NoReuseProvider(prov).bind(e)
             prov.reset()
             r = e.generate(torch.tensor([5]), 8, stop_at_eos=False)
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from sparsetrain.data import WindowSampler, pack_samples
 from sparsetrain.model import from_hf, hf_state
 from sparsetrain.sample import generate
 from sparsetrain.train import Recipe, lr_scale, scheduled_sparsity, sine_ramp
+
 from tiny import save_tiny, tiny_llama
 
 

@@ -18,7 +18,14 @@ import pytest
 from llmflash import storage
 from llmflash.errors import LLMFlashError
 from llmflash.storage import (
-    ALIGN_BYTES, FlashReader, ReadStats, aligned_buffer, align_up, drop_file_cache, proc_read_bytes, read_range,
+    ALIGN_BYTES,
+    FlashReader,
+    ReadStats,
+    align_up,
+    aligned_buffer,
+    drop_file_cache,
+    proc_read_bytes,
+    read_range,
 )
 
 A = ALIGN_BYTES
@@ -296,7 +303,7 @@ def test_read_range(flash_file):
 
 # --- profile-io -----------------------------------------------------------------------------------------------
 def test_profile_io_rows(tmp_path):
-    from llmflash.profile_io import PROFILE_FILE_NAME, plot_profile, profile_io
+    from research.profile_io import PROFILE_FILE_NAME, plot_profile, profile_io
 
     rows = profile_io(tmp_path, 32 << 20, chunk_sizes=(4096, 65536), thread_counts=(1, 8), repeats=1,
                       reads_per_point=200, progress=False)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmflash.ffn import SparsityRule, install_dense_ffns
-from llmflash.zeroshot import choice_logprobs, format_examples, load_task, score_task
+from llmflash.arch import install_dense_ffns
+from llmflash.ffn import SparsityRule
+from research.zeroshot import choice_logprobs, format_examples, load_task, score_task
+
 from tiny import tiny_llama, tiny_tokenizer
 
 TASK = {

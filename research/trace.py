@@ -1,7 +1,8 @@
 """Active-set statistics of real models, and the synthetic trace source that drives the scale model.
 
 Statistics (``window_stats``, ``popularity``, ``closest_friends``) work on boolean masks [T, n] (tokens x neurons)
-of one layer, over consecutive tokens of a text. With S_t the active set at token t and n the layer's neurons:
+of one layer, over consecutive tokens of a text (``llmflash.reorder.collect_masks`` records them for a real model;
+``llmflash.reorder.coactivation`` counts co-activations). With S_t the active set at token t and n the layer's neurons:
 
 - aggregated usage U(k) = |S_t u S_{t-1} u ... u S_{t-k+1}| / n: what a window of k tokens holds (Figure 4a);
 - new share N(k) = |S_t minus (S_{t-1} u ... u S_{t-k})| / n: what must be loaded for token t when the last k tokens'
@@ -48,6 +49,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from llmflash.layout import runs
+from llmflash.provider import ActiveSetProvider, WrappedProvider
 
 # --------------------------------------------------------------------------------------------------- statistics
 
@@ -101,13 +105,6 @@ def popularity(seqs: Sequence[np.ndarray], shares: Sequence[float] = (0.01, 0.05
     n = order.size
     top = {f"{s:g}": float(order[: max(1, int(round(s * n)))].sum() / total) for s in shares}
     return {"rate_sorted": (order / tokens).tolist(), "top_share": top, "never_active": float((counts == 0).mean())}
-
-
-def coactivation(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(C [n, n] float32 co-activation counts, counts [n]) over all tokens."""
-    m = np.concatenate([s for s in seqs]).astype(np.float32)
-    c = m.T @ m
-    return c, np.diag(c).copy()
 
 
 def closest_friends(c: np.ndarray, counts: np.ndarray) -> dict:
@@ -319,7 +316,7 @@ def fit_trace(active: Sequence[float], targets: dict, kind: str = "true", free: 
 PAPER_RANKS = (128,) * 28 + (1024,) * 4
 
 
-class TraceProvider:
+class TraceProvider(ActiveSetProvider):
     """An ``Engine`` active-set provider replaying a ``TraceModel`` (true or predicted sets).
 
     ``kind="true"``: like the oracle (time not counted, no DRAM). ``kind="predicted"``: a real low-rank predictor
@@ -382,196 +379,17 @@ class TraceProvider:
         return torch.from_numpy(m)
 
 
-class PermutedProvider:
+class PermutedProvider(WrappedProvider):
     """Wraps a provider whose ids are original neuron ids, for a flash directory whose rows were permuted
     (``perm[layer][j]`` = original id stored at row j). (The engine's own predictors need no wrapper: it permutes
     their outputs at load, ``PredictorSet.permute_outputs``.)"""
 
-    def __init__(self, inner, perm: Sequence[np.ndarray]) -> None:
-        self.inner = inner
+    def __init__(self, inner: ActiveSetProvider, perm: Sequence[np.ndarray]) -> None:
+        super().__init__(inner)
         self.perm = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in perm]
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def to_device(self, device: torch.device) -> None:
-        if hasattr(self.inner, "to_device"):
-            self.inner.to_device(device)
-
-    def pop_replay_ms(self) -> float:
-        return self.inner.pop_replay_ms() if hasattr(self.inner, "pop_replay_ms") else 0.0
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.inner.active(layer, x)[:, self.perm[layer]]
-
-
-class NoReuseProvider:
-    """Wraps a provider so that every token loads its whole active set: the layer's neuron cache is emptied before
-    each call (the paper's "+predictor" row without a window: no reuse between tokens). Call ``bind(engine)``."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.nbytes = inner.nbytes
-        self.counted = inner.counted
-        self.layer_demand = getattr(inner, "layer_demand", None)
-        self.engine = None
-
-    def bind(self, engine) -> "NoReuseProvider":
-        self.engine = engine
-        return self
-
-    def reset(self) -> None:
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
-
-    def pop_replay_ms(self) -> float:
-        return self.inner.pop_replay_ms() if hasattr(self.inner, "pop_replay_ms") else 0.0
-
-    def active(self, layer: int, x: Tensor) -> Tensor:
-        if self.engine is not None:
-            self.engine.ffn_modules[layer].cache.clear()
-        return self.inner.active(layer, x)
-
-
-# ------------------------------------------------------------------------------------------- real activations
-
-
-def collect_masks(flash_dir, sparsity: str = "relu", threshold_sparsity: float = 0.8, source: str = "wiki:eval",
-                  max_tokens: int = 4096, seq_len: int = 512, predictors: Optional[str] = None, progress: bool = True,
-                  cache: bool = True) -> dict:
-    """True active sets of a real model (converted flash directory) on text: per layer, a list of boolean masks
-    [T, n], one per window of ``seq_len`` consecutive tokens. Cached (bit-packed) under the cache directory.
-
-    With ``predictors`` (a predictor directory), also the predicted sets (``pred_masks``, same shapes).
-    Returns {"masks": [[mask per window] per layer], "ppl", "tokens", "per_layer_active_fraction", ...}.
-    """
-    import hashlib
-    import json
-    from pathlib import Path
-
-    from .flashdir import load_in_memory, open_flash_dir
-    from .paths import atomic_file, cache_dir
-    from .sparsity import SparsityRule, threshold_rule
-    from .text import load_texts
-
-    fd = open_flash_dir(flash_dir)
-    pset = None
-    pred_id = None
-    if predictors:
-        from predictors.model import PredictorSet
-
-        pset = PredictorSet.load(predictors)
-        pred_id = [str(predictors), pset.meta.get("weights_sha256")]
-    key = json.dumps([fd.name, str(Path(flash_dir).resolve()), fd.manifest["checksums"], sparsity,
-                      threshold_sparsity, source, max_tokens, seq_len, pred_id], sort_keys=True, default=str)
-    path = cache_dir() / "traces" / f"{fd.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-    if cache and path.is_file():
-        z = np.load(path, allow_pickle=False)
-        meta = json.loads(str(z["meta"]))
-        def get(prefix):
-            return [[np.unpackbits(z[f"{prefix}{layer}_w{w}"], axis=1, count=meta["n"]).astype(bool)
-                     for w in range(meta["windows"])] for layer in range(meta["n_layers"])]
-
-        return dict(meta, masks=get("l"), pred_masks=get("p") if meta.get("predictors") else None)
-    lm = load_in_memory(flash_dir)
-    rule = SparsityRule("relu")
-    if sparsity == "threshold":
-        table = lm.thresholds
-        if table is None:
-            from .engine import calibrate_flash_dir
-
-            table = calibrate_flash_dir(fd)
-        rule = threshold_rule(table, threshold_sparsity)
-    n_layers, n = fd.layout.n_layers, fd.layout.d_ffn
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
-    per_layer_pred: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
-
-    def observe(layer: int, x: Tensor, h: Tensor) -> None:
-        per_layer[layer].append((h.reshape(-1, h.shape[-1]) != 0).numpy())
-        if pset is not None:
-            per_layer_pred[layer].append(pset.predict(layer, x.reshape(-1, x.shape[-1])).numpy())
-
-    bos = getattr(lm.model.config, "model_type", "").startswith("gemma")
-    res = _perplexity_with_observer(lm, load_texts(source), seq_len, max_tokens, rule, observe, bos, progress)
-    meta = {"model": fd.name, "sparsity": sparsity, "threshold_sparsity": threshold_sparsity if sparsity == "threshold"
-            else None, "source": source, "seq_len": seq_len, "ppl": res["ppl"], "tokens": res["tokens"],
-            "per_layer_active_fraction": res["per_layer_active_fraction"],
-            "ffn_active_fraction": res["ffn_active_fraction"], "n_layers": n_layers, "n": n,
-            "windows": len(per_layer[0]), "predictors": pred_id}
-    if cache:
-        arrays = {f"l{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
-                  for w, m in enumerate(per_layer[layer])}
-        if pset is not None:
-            arrays.update({f"p{layer}_w{w}": np.packbits(m, axis=1) for layer in range(n_layers)
-                           for w, m in enumerate(per_layer_pred[layer])})
-        with atomic_file(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-    return dict(meta, masks=per_layer, pred_masks=per_layer_pred if pset is not None else None)
-
-
-def _perplexity_with_observer(lm, docs, seq_len, max_tokens, rule, observe, bos, progress) -> dict:
-    """``evaluate.perplexity``'s loop (same windows, same ``ActiveCounter``) with a second observer for the masks."""
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from .ffn import install_dense_ffns
-    from .sparsity import ActiveCounter
-    from .text import token_stream, windows
-
-    counter = ActiveCounter(lm.model.config.num_hidden_layers)
-
-    def both(layer, x, h):
-        counter(layer, x, h)
-        observe(layer, x, h)
-
-    install_dense_ffns(lm.model, rule, observer=both)
-    stream = token_stream(lm.tokenizer, docs, max_tokens=max_tokens, bos=bos)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in tqdm(list(windows(stream, seq_len)), desc="activations", disable=not progress):
-            logits = lm.model(ids).logits[0, :-1].float()
-            nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += ids.shape[1] - 1
-    return {"ppl": math.exp(nll / max(count, 1)), "tokens": count, "ffn_active_fraction": counter.overall(),
-            "per_layer_active_fraction": counter.per_layer()}
-
-
-# ------------------------------------------------------------------------------- co-activation and neuron order
-
-
-def coactivation_order(c: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """A file order of one layer's neurons in which neurons that fire together are neighbours (Ripple-style).
-
-    Greedy nearest-neighbour chain on the cosine co-activation similarity C_ij / sqrt(c_i c_j): start from the most
-    active neuron, append the unplaced neuron most similar to the last placed one (ties and never-active neurons by
-    activation count). Returns ``order`` with order[j] = the original id stored at row j.
-    """
-    n = c.shape[0]
-    norm = np.sqrt(np.maximum(counts, 1)).astype(np.float32)
-    sim = c / norm[:, None] / norm[None, :]
-    sim += 1e-6 * (counts / max(counts.max(), 1))[None, :]  # tie-break towards popular neurons
-    np.fill_diagonal(sim, -np.inf)
-    placed = np.zeros(n, bool)
-    order = np.empty(n, np.int64)
-    cur = int(np.argmax(counts))
-    for j in range(n):
-        order[j] = cur
-        placed[cur] = True
-        if j == n - 1:
-            break
-        row = np.where(placed, -np.inf, sim[cur])
-        cur = int(np.argmax(row))
-    return order
-
-
-def popularity_order(counts: np.ndarray) -> np.ndarray:
-    """Neurons sorted by activation count, most active first (order[j] = original id at row j)."""
-    return np.argsort(-np.asarray(counts), kind="stable")
 
 
 def new_sets(seq: np.ndarray, window: int) -> list[np.ndarray]:
@@ -589,99 +407,7 @@ def new_sets(seq: np.ndarray, window: int) -> list[np.ndarray]:
 def read_sizes(ids_rows: np.ndarray, stride_bytes: int, max_read_bytes: int = 256 * 1024) -> np.ndarray:
     """Byte sizes of the reads that bring rows ``ids_rows`` (any order) with neighbouring rows merged, as
     ``layout.read_plan`` plans them."""
-    from .layout import runs
-
     if ids_rows.size == 0:
         return np.empty(0, np.int64)
     _, length = runs(np.unique(ids_rows), max(1, max_read_bytes // stride_bytes))
     return length * stride_bytes
-
-
-def write_permuted_flash_dir(src, out, perms: Sequence[np.ndarray], progress: bool = True, meta: Optional[dict] = None):
-    """A copy of flash directory ``src`` whose FFN rows are permuted per layer (row j of layer l holds ``src``'s row
-    ``perms[l][j]``), per-neuron FFN biases permuted alike, manifest checksums updated, and the order relative to the
-    model's own neuron ids (composed with ``src``'s, if it has one) recorded in ``permutation.npy`` and the manifest
-    (``meta`` describes how it was chosen): the engine maps predictor ids through it. Returns the path."""
-    import json
-    import os
-    import shutil
-    import zlib
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
-    from .flashdir import ACT_BIAS, FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, _crc, _file_crc, open_flash_dir
-    from .paths import atomic_dir
-    from .storage import read_range
-
-    fd = open_flash_dir(src)
-    lay = fd.layout
-    out = Path(out)
-    with atomic_dir(out, overwrite=True) as tmp:
-        crcs: list[list[int]] = [[] for _ in lay.segments]
-        with open(tmp / FFN_FILE, "wb") as f:
-            for layer in tqdm(range(lay.n_layers), desc="writing permuted ffn.bin", disable=not progress):
-                perm = np.asarray(perms[layer], np.int64)
-                for s, seg in enumerate(lay.segments):
-                    nbytes = seg.stride_bytes * lay.d_ffn
-                    buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-                    rows = np.frombuffer(buf, np.uint8, count=nbytes).reshape(lay.d_ffn, seg.stride_bytes)
-                    new = np.ascontiguousarray(rows[perm])
-                    del rows
-                    buf.close()
-                    assert f.tell() == seg.layer_offsets[layer]
-                    f.write(new.data)
-                    crcs[s].append(zlib.crc32(new.data) & 0xFFFFFFFF)
-            f.flush()
-            os.fsync(f.fileno())
-        from safetensors.torch import load_file, save_file
-
-        tensors = load_file(str(fd.resident_path))
-        bias_names = [ACT_BIAS.format(layer) for layer in range(lay.n_layers) if ACT_BIAS.format(layer) in tensors]
-        if bias_names:
-            for layer in range(lay.n_layers):
-                name = ACT_BIAS.format(layer)
-                if name in tensors:
-                    tensors[name] = tensors[name][torch.as_tensor(np.asarray(perms[layer]))].contiguous()
-            save_file(tensors, str(tmp / RESIDENT), metadata={"format": "pt"})
-        else:
-            shutil.copyfile(fd.resident_path, tmp / RESIDENT)
-        del tensors
-        for item in Path(src).iterdir():
-            if item.is_file() and item.name not in (MANIFEST, FFN_FILE, RESIDENT) and not item.name.startswith("."):
-                shutil.copyfile(item, tmp / item.name)
-        order = np.stack([np.asarray(p, np.int64) for p in perms])  # [L, n]: src rows
-        if fd.neuron_order is not None:
-            order = np.take_along_axis(fd.neuron_order, order, axis=1)  # -> the model's own ids
-        order = np.ascontiguousarray(order)
-        np.save(tmp / ORDER_FILE, order)
-        m = json.loads(json.dumps(fd.manifest))
-        m["checksums"][FFN_FILE] = {"per_layer_segment_crc32": crcs}
-        m["checksums"][RESIDENT] = _file_crc(tmp / RESIDENT)
-        m["bytes"]["resident_file"] = (tmp / RESIDENT).stat().st_size
-        m["neuron_order"] = {**(meta or {}), "file": ORDER_FILE, "crc32": _crc(order.data)}
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1, default=str))
-    return out
-
-
-def reorder_flash_dir(src, out, order: str = "coactivation", sparsity: str = "relu", threshold_sparsity: float = 0.8,
-                      source: str = "wiki:train", max_tokens: int = 4096, progress: bool = True,
-                      extra_meta: Optional[dict] = None):
-    """Write a copy of flash directory ``src`` with each layer's neurons ordered in the file so that neurons that fire
-    together are neighbours (``order="coactivation"``, Ripple-style: ``coactivation_order``) or by how often they fire
-    (``"popularity"``), both fitted on the true active sets of ``max_tokens`` tokens of ``source`` (training text,
-    not the text it will run on). A token's active neurons then sit in fewer, longer runs of the file: fewer reads
-    for the same bytes. Returns the path; the engine reads it like any flash directory."""
-    if order not in ("coactivation", "popularity"):
-        raise ValueError(f"unknown order {order!r}: coactivation or popularity")
-    from .flashdir import open_flash_dir
-
-    tr = collect_masks(src, sparsity, threshold_sparsity, source=source, max_tokens=max_tokens, progress=progress)
-    before = open_flash_dir(src).neuron_order  # the masks speak the model's neuron ids (``load_in_memory``)
-    perms = []
-    for layer, masks in enumerate(tr["masks"]):
-        c, counts = coactivation(masks)
-        ids = coactivation_order(c, counts) if order == "coactivation" else popularity_order(counts)
-        perms.append(ids if before is None else np.argsort(before[layer])[ids])  # as rows of src
-    meta = {"kind": order, "source": source, "tokens": int(tr["tokens"]), "sparsity": sparsity, **(extra_meta or {})}
-    return write_permuted_flash_dir(src, out, perms, progress=progress, meta=meta)

@@ -7,7 +7,7 @@ one invocation (``LLMFLASH_SESSION``: e.g. Table 3's naive/hybrid/ours rows are 
 ``results/reproduce.json`` (what ran, how long, exit status).
 
 The scale model (OPT-6.7B geometry, 13.3 GB of synthetic bf16 weights) is written once into the cache directory
-(about 3-5 minutes and 13.4 GB of free disk; ``python -m llmflash.scale --unbundled``) and reused.
+(about 3-5 minutes and 13.4 GB of free disk; ``python -m research.scale --unbundled``) and reused.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import LLMFlashError
-from .paths import repo_root
+from llmflash.errors import LLMFlashError
+from llmflash.paths import repo_root
 
 EXPERIMENTS = (  # name, what it reproduces, takes --model/--models
     ("profile_io", "Figure 2b: read throughput vs read size and parallel reads", False),
@@ -105,7 +105,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise LLMFlashError(f"--models takes real, scale or real,scale, not {args.models!r}")
     results = args.results or (repo_root() / "results")
     if "scale" in models and any(n != "profile_io" for n in names):
-        from .scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
+        from research.scale import OPT_6_7B, unbundled_scale_dir, write_scale_model
 
         print("scale model: checking (written once into the cache directory) ...", flush=True)
         unbundled_scale_dir(write_scale_model(geometry=OPT_6_7B), OPT_6_7B)
@@ -134,7 +134,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         log.append({"experiment": name, "returncode": rc, "seconds": round(dt, 1), "command": " ".join(cmd)})
         print(f"== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {dt:.0f} s", flush=True)
     total = time.perf_counter() - t_all
-    from .report import environment, write_json
+    from llmflash.report import environment, write_json
 
     write_json(results / "reproduce.json", {"quick": args.quick, "model": args.model, "models": models,
                                              "session": session, "seconds": round(total, 1), "runs": log,

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LLMFlashError
-from .paths import atomic_file, cache_dir
+from llmflash.errors import LLMFlashError
+from llmflash.paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 

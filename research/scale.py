@@ -8,7 +8,7 @@ whole model is never materialised) into ``cache_dir()/flash/opt-6.7b-scale``:
 
 - ``resident.safetensors`` (embeddings, attention, norms, FFN biases) streamed tensor by tensor;
 - ``ffn.bin`` in the bundled layout (up row + down column = 16 KiB per neuron in 16-bit floats);
-- ``manifest.json`` with the same schema as ``flashdir.convert`` writes, so ``Engine`` opens it unchanged;
+- ``manifest.json`` written by ``flashdir.write_flash_dir`` like every flash directory, so ``Engine`` opens it unchanged;
 - a byte-level tokenizer (256 byte tokens; the model's text output is meaningless anyway);
 - ``scale.json``: how it was made, and the per-layer CRCs of the unbundled reading of ``ffn.bin``.
 
@@ -21,7 +21,7 @@ size (layer L's region starts at the same offset; its first half read as up rows
 different, equally random weights). ``unbundled_scale_dir`` therefore hard-links ``ffn.bin`` under a manifest with
 the unbundled layout instead of writing another 8.6 GB (geometries with padding get a separate file).
 
-Active sets for the scale model come from a trace source (``llmflash.trace``), not from these random weights.
+Active sets for the scale model come from a trace source (``research.trace``), not from these random weights.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import LLMFlashError
-from .flashdir import ACT_BIAS, FFN_FILE, FORMAT, FORMAT_VERSION, MANIFEST, OUT_BIAS, RESIDENT, TORCH_DTYPES, open_flash_dir
-from .layout import FlashLayout
-from .paths import atomic_dir, cache_dir
+from llmflash.errors import LLMFlashError
+from llmflash.flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, open_flash_dir, write_flash_dir
+from llmflash.layout import FlashLayout
+from llmflash.manifest import FFN_FILE, MANIFEST, RESIDENT, ModelInfo
+from llmflash.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,6 @@ def _byte_tokenizer(vocab: int):
                                    pad_token="<pad>")
 
 
-def _manifest(g: ScaleGeometry, layout: FlashLayout, res_crc: int, res_tensor_bytes: int, res_file: int,
-              ffn_crcs: list[list[int]]) -> dict:
-    """The same schema as ``flashdir.convert`` writes."""
-    cfg = g.opt_config()
-    payload = layout.neuron_payload_bytes * layout.d_ffn * layout.n_layers
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "llmflash_version": __version__,
-        "model": {"name": g.name, "source": f"synthetic:{g.name}", "model_type": cfg.model_type},
-        "config": cfg.to_dict(),
-        "dtype": g.dtype,
-        "ffn": {"gated": False, "activation": "relu", "layout": layout.to_json()},
-        "bytes": {"model": res_tensor_bytes + payload, "resident_tensors": res_tensor_bytes, "ffn_payload": payload,
-                  "ffn_file": layout.file_bytes, "resident_file": res_file},
-        "checksums": {RESIDENT: res_crc, FFN_FILE: {"per_layer_segment_crc32": ffn_crcs}},
-    }
-
-
 def _dir_ok(path: Path, g: ScaleGeometry) -> bool:
     try:
         fd = open_flash_dir(path)
@@ -220,39 +203,33 @@ def write_scale_model(out: Optional[Path] = None, geometry: ScaleGeometry = OPT_
     specs = resident_specs(g)
     elem = dtype.itemsize
     d, n = g.d_model, g.d_ffn
-    with atomic_dir(out, overwrite=True) as tmp:
-        res_crc, res_bytes = _write_safetensors(tmp / RESIDENT, specs, dtype,
+    with write_flash_dir(out, layout) as wr:
+        res_crc, res_bytes = _write_safetensors(wr.dir / RESIDENT, specs, dtype,
                                                 lambda name, shape: _tensor(name, shape, dtype, gen), progress)
-        crcs: list[list[int]] = [[] for _ in layout.segments]
+        wr.resident_written(res_bytes, res_crc)
         halves: list[list[int]] = [[], []]  # the unbundled reading of a bundled layer region
-        with open(tmp / FFN_FILE, "wb") as f:
-            for layer in tqdm(range(g.n_layers), desc=f"writing {FFN_FILE}", disable=not progress):
-                up = _randn_2d((n, d), dtype, gen)
-                down = _randn_2d((n, d), dtype, gen)
-                for s, seg in enumerate(layout.segments):
-                    rows = torch.zeros((n, seg.stride_bytes // elem), dtype=dtype)
-                    for i, part in enumerate(seg.parts):
-                        rows[:, i * d : (i + 1) * d] = up if part == "up" else down
-                    buf = rows.view(torch.uint8).numpy()
-                    assert f.tell() == seg.layer_offsets[layer]
-                    f.write(buf.data)
-                    crcs[s].append(zlib.crc32(buf.data) & 0xFFFFFFFF)
-                    if bundled:
-                        flat = buf.reshape(-1)
-                        half = flat.size // 2
-                        halves[0].append(zlib.crc32(flat[:half].data) & 0xFFFFFFFF)
-                        halves[1].append(zlib.crc32(flat[half:].data) & 0xFFFFFFFF)
-                    del rows, buf
-                del up, down
-            f.flush()
-            os.fsync(f.fileno())
-        _byte_tokenizer(g.vocab).save_pretrained(tmp)
-        res_file = (tmp / RESIDENT).stat().st_size
-        manifest = _manifest(g, layout, res_crc, res_bytes, res_file, crcs)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        for layer in tqdm(range(g.n_layers), desc=f"writing {FFN_FILE}", disable=not progress):
+            up = _randn_2d((n, d), dtype, gen)
+            down = _randn_2d((n, d), dtype, gen)
+            for s, seg in enumerate(layout.segments):
+                rows = torch.zeros((n, seg.stride_bytes // elem), dtype=dtype)
+                for i, part in enumerate(seg.parts):
+                    rows[:, i * d : (i + 1) * d] = up if part == "up" else down
+                buf = rows.view(torch.uint8).numpy()
+                wr.write_ffn(layer, s, buf.data)
+                if bundled:
+                    flat = buf.reshape(-1)
+                    half = flat.size // 2
+                    halves[0].append(zlib.crc32(flat[:half].data) & 0xFFFFFFFF)
+                    halves[1].append(zlib.crc32(flat[half:].data) & 0xFFFFFFFF)
+                del rows, buf
+            del up, down
+        _byte_tokenizer(g.vocab).save_pretrained(wr.dir)
+        cfg = g.opt_config()
+        wr.finish(ModelInfo(g.name, f"synthetic:{g.name}", cfg.model_type), cfg.to_dict(), g.dtype, False, "relu")
         side = {"geometry": asdict(g), "weights": f"normal(0, {WEIGHT_STD}) in {g.dtype}; layer norms 1/0; FFN biases 0",
                 "bundled": bundled, "unbundled_halves_crc32": halves if bundled else None}
-        (tmp / SIDECAR).write_text(json.dumps(side, indent=1))
+        (wr.dir / SIDECAR).write_text(json.dumps(side, indent=1))
     open_flash_dir(out).verify_ffn(progress=progress)
     return out
 
@@ -273,18 +250,17 @@ def unbundled_scale_dir(bundled_dir: Optional[Path] = None, geometry: ScaleGeome
         return write_scale_model(out, g, bundled=False, progress=progress)
     src = open_flash_dir(bundled_dir)
     side = json.loads((bundled_dir / SIDECAR).read_text())
-    with atomic_dir(out, overwrite=True) as tmp:
+    m = src.manifest
+    with write_flash_dir(out, lu) as wr:
         for item in bundled_dir.iterdir():
             if item.name in (MANIFEST, SIDECAR, ".verified") or item.name.startswith("."):
                 continue
-            os.link(item, tmp / item.name)
-        m = dict(src.manifest)
-        m["ffn"] = dict(m["ffn"], layout=lu.to_json())
-        m["bytes"] = dict(m["bytes"], ffn_file=lu.file_bytes)
-        m["checksums"] = dict(m["checksums"], **{FFN_FILE: {"per_layer_segment_crc32": side["unbundled_halves_crc32"]}})
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1, default=str))
-        (tmp / SIDECAR).write_text(json.dumps(dict(side, bundled=False, hardlinked_from=str(bundled_dir),
-                                                   unbundled_halves_crc32=None), indent=1))
+            os.link(item, wr.dir / item.name)
+        wr.resident_written(m.bytes.resident_tensors, m.checksums.resident_crc32)
+        wr.ffn_written(side["unbundled_halves_crc32"])
+        wr.finish(m.model, m.config, m.dtype, m.gated, m.activation)
+        (wr.dir / SIDECAR).write_text(json.dumps(dict(side, bundled=False, hardlinked_from=str(bundled_dir),
+                                                      unbundled_halves_crc32=None), indent=1))
     open_flash_dir(out).verify_ffn(progress=progress)
     return out
 
@@ -293,7 +269,7 @@ def unbundled_scale_dir(bundled_dir: Optional[Path] = None, geometry: ScaleGeome
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmflash.scale", description="write the OPT-6.7B-geometry scale model")
+    p = argparse.ArgumentParser(prog="python -m research.scale", description="write the OPT-6.7B-geometry scale model")
     p.add_argument("--tiny", action="store_true", help="a tiny geometry (tests)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--unbundled", action="store_true", help="also make the unbundled ablation directory")

@@ -1,4 +1,7 @@
-"""Low-rank activation predictors (after Deja Vu): which FFN neurons will be active for a token.
+"""The predictor runtime: low-rank activation predictors (after Deja Vu), which FFN neurons will be active for a token.
+
+Training, collection and evaluation live in the top-level ``predictors`` package; this module is what the engine
+loads and runs.
 
 Per layer, from the FFN input x (after the post-attention norm)::
 
@@ -26,15 +29,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmflash.errors import LLMFlashError
-from llmflash.ffn import SparsityRule
+from .arch import adapter_for
+from .errors import LLMFlashError
+from .ffn import SparsityRule
+from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,7 @@ class _Layer:
         """(A [r, d], B [n, r]) in fp32, dequantized from the int8 form if need be."""
         if not self.quantized:
             return self.down.float(), self.up.float()
+        assert self.down_scale is not None and self.up_scale is not None
         a = self.down.float() * self.down_scale.float()[:, None]
         b = self.up.float() * self.up_scale.float()[:, None]
         return a[: self.rank], b[:, : self.rank]
@@ -134,7 +140,7 @@ class _Layer:
 
     def to_device(self, device: torch.device) -> None:
         self.down, self.up, self.bias = (t.to(device) for t in (self.down, self.up, self.bias))
-        if self.quantized:
+        if self.down_scale is not None and self.up_scale is not None:  # the int8 form
             self.down_scale, self.up_scale = self.down_scale.to(device), self.up_scale.to(device)
 
     def tensors(self) -> list:
@@ -142,14 +148,13 @@ class _Layer:
 
     def features(self, x: Tensor) -> Tensor:
         """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
+        assert self.down_scale is not None and self.up_scale is not None
         return _int8_linear(_int8_linear(x, self.down, self.down_scale), self.up, self.up_scale)
 
 
 def ffn_fingerprint(model: nn.Module) -> list[float]:
     """Per layer (||gate||, ||up||, ||down||, ||act_bias||): tells apart two versions of a model with one name (a
     re-trained relufication) while a flash directory of the same weights in fp16 / bf16 still matches."""
-    from llmflash.arch import adapter_for
-
     adapter = adapter_for(model.config)
     out = []
     for layer in range(adapter.ffn_spec(model.config).n_layers):
@@ -191,6 +196,7 @@ class PredictorSet:
         """Sorted ids of the neurons predicted active for any row of x [T, d_model]: the engine's per-token call
         (``predict`` + union + ids in as few tensor ops as possible: at decode the ops' overhead is the cost)."""
         p = self._layers[layer]
+        t: Any
         if p.quantized:  # bias folded into the cut: two kernels, one comparison
             z, t = p.features(x.reshape(-1, x.shape[-1])).float().cpu().numpy(), p.cut  # [T, n]
         else:
@@ -229,8 +235,6 @@ class PredictorSet:
 
     def check_model(self, model: nn.Module, model_name: Optional[str] = None, rule_kind: Optional[str] = None) -> None:
         """``check_compatible`` from an in-memory model, plus its FFN weights' fingerprint (same name, other weights)."""
-        from llmflash.arch import adapter_for
-
         spec = adapter_for(model.config).ffn_spec(model.config)
         self.check_compatible(spec.n_layers, spec.d_model, spec.d_ffn, model_name, rule_kind)
         mine = self.meta.get("model_fingerprint")
@@ -282,7 +286,7 @@ class PredictorSet:
     def pinned(self, layer: int) -> list[int]:
         return (self._layers[layer].bias >= PIN_LOGIT / 2).nonzero().flatten().tolist()
 
-    def permute_outputs(self, order) -> "PredictorSet":
+    def permute_outputs(self, order: Sequence[np.ndarray] | np.ndarray) -> "PredictorSet":
         """Reorder every layer's outputs so that output j is neuron ``order[layer][j]`` (a reordered flash directory:
         ``FlashDir.neuron_order``): the sets then come out as the file's row ids at no cost per call. In place."""
         for layer, p in enumerate(self._layers):
@@ -290,7 +294,7 @@ class PredictorSet:
             if idx.shape != (self.d_ffn,):
                 raise LLMFlashError(f"a neuron order of shape {tuple(idx.shape)} does not fit layer {layer}'s {self.d_ffn} neurons")
             p.up, p.bias = p.up[idx].contiguous(), p.bias[idx].contiguous()
-            if p.quantized:
+            if p.up_scale is not None:  # the int8 form
                 p.up_scale = p.up_scale[idx].contiguous()
                 p.set_cut()
         return self
@@ -321,8 +325,6 @@ class PredictorSet:
     def save(self, path: str | Path, overwrite: bool = True) -> None:
         """Write PREDDIR atomically (fp16 weights + sidecar with the per-layer thresholds and stats)."""
         from safetensors.torch import save_file
-
-        from llmflash.paths import atomic_dir
 
         tensors = {}
         for i, p in enumerate(self._layers):

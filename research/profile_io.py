@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import LLMFlashError
-from .paths import atomic_file, cache_dir
-from .report import median, save_figure, write_json
-from .storage import ALIGN_BYTES, FlashReader, aligned_buffer, drop_file_cache, proc_read_bytes
+from llmflash.errors import LLMFlashError
+from llmflash.paths import atomic_file, cache_dir
+from llmflash.report import median, save_figure, write_json
+from llmflash.storage import ALIGN_BYTES, FlashReader, aligned_buffer, drop_file_cache, proc_read_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,97 @@
+"""``convert``: write a flash directory from a model (see ``flashdir`` for the format)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .arch import HFModel, adapter_for
+from .errors import LLMFlashError
+from .ffn import FFNWeights
+from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
+from .layout import FlashLayout
+from .manifest import FFN_FILE, MANIFEST, ModelInfo
+from .models import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
+    """[n, len(parts) * d]: each neuron's parts side by side."""
+    mats = {"gate": w.gate, "up": w.up, "down": w.down}
+    rows = []
+    for p in parts:
+        t = mats[p]
+        if t is None:
+            raise ValueError(f"the layout stores {p!r} rows but the FFN has none")
+        rows.append(t)
+    return torch.cat(rows, dim=1)
+
+
+def convert(
+    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
+) -> Path:
+    """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``."""
+    if dtype not in TORCH_DTYPES:
+        raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
+    out = Path(out).expanduser()
+    model: HFModel
+    tok: Any
+    model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
+    name = src.name
+    if out.exists():
+        existing = _existing_model_name(out)
+        if existing is None and any(out.iterdir()) and not force:
+            raise LLMFlashError(f"{out} exists and is not a flash directory: choose another --out or pass --force")
+        if existing is not None and existing != name and not force:
+            raise LLMFlashError(f"{out} holds a conversion of {existing!r}, not {name!r}: choose another --out or pass --force")
+    adapter = adapter_for(model.config)
+    spec_ffn = adapter.ffn_spec(model.config)
+    layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
+    tdt = TORCH_DTYPES[dtype]
+
+    ffn_names = {n for layer in range(spec_ffn.n_layers)
+                 for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
+    resident: dict[str, Tensor] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for pname, p in model.state_dict().items():
+        if pname in ffn_names or (tied and pname == "lm_head.weight"):
+            continue
+        resident[pname] = p.detach().to(tdt).contiguous()
+    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
+    for layer, w in enumerate(ffn_weights):
+        if w.act_bias is not None:
+            resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
+        if w.out_bias is not None:
+            resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
+
+    elem = layout.elem_bytes
+    try:
+        with write_flash_dir(out, layout) as wr:
+            wr.save_resident(resident)
+            for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
+                for s, seg in enumerate(layout.segments):
+                    rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
+                    padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
+                    padded[:, : rows.shape[1]] = rows
+                    wr.write_ffn(layer, s, padded.view(torch.uint8).numpy().tobytes())
+            tok.save_pretrained(wr.dir)
+            manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), model.config.to_dict(), dtype,
+                                 spec_ffn.gated, spec_ffn.activation)
+    except OSError as err:
+        raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
+    log.info("converted %s to %s (%d bytes of weights)", spec, out, manifest.bytes.model)
+    return out
+
+
+def _existing_model_name(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / MANIFEST).read_text())["model"]["name"]
+    except Exception:  # noqa: BLE001 - not a flash dir
+        return None

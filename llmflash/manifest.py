@@ -1,0 +1,176 @@
+"""The typed manifest of a flash directory (``manifest.json``).
+
+On disk (``indent=1`` JSON; the same keys since format version 1)::
+
+    format, format_version, llmflash_version
+    model        {name, source, model_type}
+    config       the Hugging Face config as a dict (``AutoConfig.for_model(model_type, **config)`` rebuilds it)
+    dtype        float32 | float16 | bfloat16
+    ffn          {gated, activation, layout: FlashLayout.to_json()}
+    bytes        {model, resident_tensors, ffn_payload, ffn_file, resident_file}
+    checksums    {"resident.safetensors": crc32, "ffn.bin": {"per_layer_segment_crc32": [[crc32 per layer] per segment]}}
+    neuron_order (optional, a reordered copy) {file, crc32, kind, source, tokens, ...: how the order was chosen}
+
+``Manifest.from_json`` checks every key and raises a one-line ``FlashFileError`` naming the first missing or
+malformed one; ``Manifest.to_json`` writes back exactly these keys. ``flashdir.FlashDirWriter`` is the only writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+from . import __version__
+from .errors import FlashFileError
+from .layout import FlashLayout
+
+FORMAT = "llmflash-flash"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+ORDER_FILE = "permutation.npy"  # optional: int64 [n_layers, d_ffn], row j of layer l holds original neuron [l, j]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # display name (alias, directory name, hub id)
+    source: str  # what was converted (``MODEL`` as given, or ``synthetic:NAME``)
+    model_type: str
+
+
+@dataclass(frozen=True)
+class ByteCounts:
+    model: int  # resident_tensors + ffn_payload: what a budget fraction is a fraction of
+    resident_tensors: int
+    ffn_payload: int  # the FFN weights without row padding
+    ffn_file: int  # ffn.bin's size (rows padded to the alignment)
+    resident_file: int  # resident.safetensors's size
+
+
+@dataclass(frozen=True)
+class Checksums:
+    resident_crc32: int
+    ffn_crc32: tuple[tuple[int, ...], ...]  # [segment][layer]
+
+    def to_json(self) -> dict:
+        return {RESIDENT: self.resident_crc32, FFN_FILE: {"per_layer_segment_crc32": [list(s) for s in self.ffn_crc32]}}
+
+
+@dataclass(frozen=True)
+class NeuronOrder:
+    """The FFN rows are stored in another order than the model's (``llmflash reorder``); ``meta`` says how it was
+    chosen (``kind``, ``source``, ``tokens``, ``sparsity``, ...)."""
+
+    file: str
+    crc32: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> Optional[str]:
+        return self.meta.get("kind")
+
+    def to_json(self) -> dict:
+        return {**self.meta, "file": self.file, "crc32": self.crc32}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    config: dict
+    dtype: str
+    gated: bool
+    activation: str
+    layout: FlashLayout
+    bytes: ByteCounts
+    checksums: Checksums
+    neuron_order: Optional[NeuronOrder] = None
+    format_version: int = FORMAT_VERSION
+    llmflash_version: str = __version__
+
+    def replace(self, **changes: Any) -> "Manifest":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out: dict = {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "llmflash_version": self.llmflash_version,
+            "model": {"name": self.model.name, "source": self.model.source, "model_type": self.model.model_type},
+            "config": self.config,
+            "dtype": self.dtype,
+            "ffn": {"gated": self.gated, "activation": self.activation, "layout": self.layout.to_json()},
+            "bytes": {
+                "model": self.bytes.model,
+                "resident_tensors": self.bytes.resident_tensors,
+                "ffn_payload": self.bytes.ffn_payload,
+                "ffn_file": self.bytes.ffn_file,
+                "resident_file": self.bytes.resident_file,
+            },
+            "checksums": self.checksums.to_json(),
+        }
+        if self.neuron_order is not None:
+            out["neuron_order"] = self.neuron_order.to_json()
+        return out
+
+    @staticmethod
+    def from_json(d: Any, where: str = MANIFEST) -> "Manifest":
+        """Validate and type a parsed manifest; a one-line ``FlashFileError`` on the first missing or bad key."""
+
+        def get(*keys: str) -> Any:
+            cur = d
+            for key in keys:
+                if not isinstance(cur, dict) or key not in cur:
+                    raise FlashFileError(f"{where} lacks {'/'.join(keys)!r}: the manifest is incomplete; re-run convert")
+                cur = cur[key]
+            return cur
+
+        def num(*keys: str) -> int:
+            v = get(*keys)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise FlashFileError(f"{where}: {'/'.join(keys)!r} is not an integer: the manifest is corrupt; re-run convert")
+            return v
+
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise FlashFileError(f"{where} is not an llmflash manifest (format tag): re-run convert")
+        version = num("format_version")
+        if version > FORMAT_VERSION:
+            raise FlashFileError(f"{where} was written by a newer llmflash: upgrade llmflash")
+        dtype = get("dtype")
+        if dtype not in DTYPES:
+            raise FlashFileError(f"{where}: unknown dtype {dtype!r}: the manifest is corrupt; re-run convert")
+        config = get("config")
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise FlashFileError(f"{where}: 'config' lacks 'model_type': the manifest is corrupt; re-run convert")
+        try:
+            layout = FlashLayout.from_json(get("ffn", "layout"))
+        except FlashFileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any malformed layout
+            raise FlashFileError(f"{where}: bad 'ffn.layout' ({err}): the manifest is corrupt; re-run convert") from None
+        crcs = get("checksums", FFN_FILE)
+        per_seg = crcs.get("per_layer_segment_crc32") if isinstance(crcs, dict) else None
+        if not isinstance(per_seg, list) or len(per_seg) != len(layout.segments) or any(
+            not isinstance(s, list) or len(s) != layout.n_layers for s in per_seg
+        ):
+            raise FlashFileError(f"{where}: the ffn.bin checksums do not match the layout: re-run convert")
+        order = d.get("neuron_order")
+        neuron_order = None
+        if order:
+            meta = {k: v for k, v in order.items() if k not in ("file", "crc32")}
+            neuron_order = NeuronOrder(str(get("neuron_order", "file")), num("neuron_order", "crc32"), meta)
+        return Manifest(
+            model=ModelInfo(str(get("model", "name")), str(get("model", "source")), str(get("model", "model_type"))),
+            config=config,
+            dtype=dtype,
+            gated=bool(get("ffn", "gated")),
+            activation=str(get("ffn", "activation")),
+            layout=layout,
+            bytes=ByteCounts(num("bytes", "model"), num("bytes", "resident_tensors"), num("bytes", "ffn_payload"),
+                             num("bytes", "ffn_file"), num("bytes", "resident_file")),
+            checksums=Checksums(num("checksums", RESIDENT), tuple(tuple(int(c) for c in s) for s in per_seg)),
+            neuron_order=neuron_order,
+            format_version=version,
+            llmflash_version=str(d.get("llmflash_version", "")),
+        )
