@@ -46,6 +46,8 @@ PART1_BYTES = 56 * 1024 * 1024
 ARMS = ("silu", "relu")
 FRONTIER = tuple(float(v) for v in os.environ.get("SPARSIFY_FRONTIER", "0.80,0.85,0.88,0.90,0.92,0.94").split(","))
 CALIB_TOKENS = int(os.environ.get("SPARSIFY_CALIB_TOKENS", "65536"))  # training-mix tokens per threshold calibration
+PROBE_STEPS = int(os.environ.get("SPARSIFY_PROBE_STEPS", "300"))  # optimizer steps of each layer's probe predictor
+PROBE_TOKENS = int(os.environ.get("SPARSIFY_PROBE_TOKENS", "32768"))  # training tokens of the probe
 MIX = {"generated": 0.55, "bigbench": 0.25, "wiki_train": 0.20}
 
 
@@ -253,7 +255,7 @@ def calibrate(trainer: Trainer, model: CompactLlama, sparsity: float, tokens: in
 
 
 @torch.no_grad()
-def run_probe(trainer: Trainer, model: CompactLlama, train_tokens: int = 32_768, held_tokens: int = 16_384) -> dict:
+def run_probe(trainer: Trainer, model: CompactLlama, train_tokens: int = PROBE_TOKENS, held_tokens: int = 16_384) -> dict:
     sampler = WindowSampler(trainer.sampler.streams, trainer.sampler.weights, trainer.r.seq_len, seed=777)
     ids_tr = sampler.batch(max(1, train_tokens // trainer.r.seq_len)).to(trainer.device)
     per = held_tokens // max(1, len(trainer.held_out))
@@ -277,7 +279,7 @@ def run_probe(trainer: Trainer, model: CompactLlama, train_tokens: int = 32_768,
     per_layer = []
     with torch.enable_grad():
         for i in range(len(model.layers)):
-            per_layer.append(probe_layer(x_tr[i], y_tr[i], x_ho[i], y_ho[i], rank=128, steps=300))
+            per_layer.append(probe_layer(x_tr[i], y_tr[i], x_ho[i], y_ho[i], rank=128, steps=PROBE_STEPS))
     return {"summary": summarize(per_layer), "per_layer": per_layer, "rank": 128, "recall_target": 0.95,
             "train_tokens": int(ids_tr.numel()), "held_out_tokens": int(ids_ho.numel())}
 

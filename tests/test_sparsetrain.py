@@ -91,6 +91,8 @@ def test_device_job_end_to_end_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSIFY_DATA", str(data))
     monkeypatch.setenv("SPARSIFY_CALIB_TOKENS", "1024")
     monkeypatch.setenv("SPARSIFY_FRONTIER", "0.7,0.8")
+    monkeypatch.setenv("SPARSIFY_PROBE_STEPS", "20")
+    monkeypatch.setenv("SPARSIFY_PROBE_TOKENS", "2048")
     work, out = tmp_path / "work", tmp_path / "out"
     common = ["--work", str(work), "--out", str(out), "--base", str(base), "--device", "cpu", "--no-compile",
               "--total-steps", "8", "--tokens-per-step", "256", "--micro-batch-seqs", "2", "--seq-len", "64",
@@ -131,3 +133,34 @@ def test_device_job_end_to_end_on_cpu(tmp_path, monkeypatch):
     for h in hooks:
         h.remove()
     assert np.mean(seen) > 0.5
+
+
+def test_applied_artifact_equals_the_compact_model(tmp_path):
+    """What ships (the artifact applied to a Hugging Face base) computes what the trainer evaluated."""
+    from llmflash.sparse_model import decode_deltas, encode_deltas, write_artifact
+    from sparsetrain.model import CompactLlama, Shape, load_hf_state
+
+    base = tiny_llama(seed=6, d_ffn=128)
+    state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    torch.manual_seed(1)
+    trained = {k: v + 0.02 * torch.randn_like(v) if ".mlp." in k or "norm" in k else v.clone() for k, v in state.items()}
+    lora = {f"model.layers.{i}.self_attn.q_proj.weight": (torch.randn(4, 64) * 0.1, torch.randn(64, 4) * 0.1)
+            for i in range(3)}
+    tensors = encode_deltas(state, trained, lora, n_layers=3)
+    shape = Shape.from_hf_config(base.config)
+    applied = decode_deltas(state, tensors)
+    compact = CompactLlama(shape, "silu", True, 0, max_seq_len=64)
+    load_hf_state(compact, applied)
+    ids = torch.randint(1, 256, (2, 48))
+    with torch.no_grad():
+        hs = compact(ids)[2]
+    thresholds = [float(h.abs().flatten().kthvalue(int(0.7 * h.numel())).values) for h in hs]
+    compact.set_thresholds(thresholds)
+    write_artifact(tmp_path / "art", tensors, {"activation": "silu", "thresholds": thresholds, "n_layers": 3,
+                                               "target_sparsity": 0.7}, n_layers=3, shards=2)
+    hf = apply_artifact(tiny_llama(seed=6, d_ffn=128), tmp_path / "art")
+    with torch.no_grad():
+        want = compact.logits(compact(ids)[0])
+        got = hf(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert hf.config.llmflash_sparsity["thresholds"] == thresholds
