@@ -40,6 +40,7 @@ FORMAT = "llmflash-sparse/1"
 CONFIG_FILE = "sparse_model.json"
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ENCODED_SUFFIXES = (".q4", ".scale", ".lora_A", ".lora_B")  # parts of an encoded delta: the weight name + suffix
 
 
 def quantize_int4(delta: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -194,10 +195,9 @@ def apply_artifact(model: Any, art_dir: Path) -> Any:
     layers = list(model.model.layers)
     if len(layers) != cfg["n_layers"]:
         raise LLMFlashError(f"{art_dir} was trained for {cfg['n_layers']} layers, the base model has {len(layers)}")
-    base = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    needed = {k for k in tensors if k.startswith("model.")}
-    base_sub = {k: v for k, v in base.items() if any(n.startswith(k) for n in needed)}
-    state = decode_deltas(base_sub, tensors)
+    base = model.state_dict()
+    touched = {k.rsplit(".", 1)[0] if k.endswith(ENCODED_SUFFIXES) else k for k in tensors}  # the weights replaced
+    state = decode_deltas({k: base[k] for k in touched if k in base}, tensors)
     biases = {int(k.split(".")[2]): v for k, v in state.items() if k.endswith("mlp.act_bias")}
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith("act_bias")}, strict=False)
     for i, layer in enumerate(layers):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmflash.corpora import SDISTS, sdist
 from llmflash.errors import LLMFlashError
 from llmflash.paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+BIGBENCH_VERSION, BIGBENCH_SDIST = SDISTS["bigbench"]
 # Short English multiple-choice tasks (chosen by their formatted length in tokens, so that the CPU scores them in
 # minutes, before looking at any model's score).
 DEFAULT_TASKS = (
@@ -68,20 +66,9 @@ def bigbench_tarball(download: bool = True) -> Path:
     """The cached bigbench sdist; downloaded with pip (no install) on first use."""
     folder = cache_dir() / "bigbench"
     path = folder / BIGBENCH_SDIST
-    if path.is_file():
-        return path
-    if not download:
+    if not download and not path.is_file():
         raise LLMFlashError(f"{path} is missing: run `pip download --no-deps --no-binary :all: bigbench=={BIGBENCH_VERSION} -d {folder}`")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("downloading the bigbench %s sdist (about 360 MB) into %s", BIGBENCH_VERSION, folder)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-         f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)], capture_output=True, text=True,
-    )
-    if not path.is_file():
-        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise LLMFlashError(f"cannot download the bigbench sdist: {last[:200]}")
-    return path
+    return sdist("bigbench", folder)
 
 
 def task_json(name: str, tarball: Optional[Path] = None) -> dict:

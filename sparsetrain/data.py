@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmflash.text import token_stream
+
 # Held out from every training step (kinds differ from each other; wiki:eval is the held-out part of a training corpus).
 HELD_OUT = {
     "kjv": ("kjv:", "scripture, archaic prose"),
@@ -39,14 +41,8 @@ ZEROSHOT_TASKS = ("human_organs_senses", "odd_one_out", "misconceptions", "phras
 
 
 def _stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None) -> np.ndarray:
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    arr = np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
+    """``token_stream`` (documents separated by EOS) as a uint16 array."""
+    arr = token_stream(tokenizer, docs, max_tokens=max_tokens).numpy()
     if arr.max(initial=0) >= 1 << 16:
         raise ValueError("token ids do not fit uint16")
     return arr.astype(np.uint16)

@@ -284,15 +284,58 @@ def run_probe(trainer: Trainer, model: CompactLlama, train_tokens: int = PROBE_T
             "train_tokens": int(ids_tr.numel()), "held_out_tokens": int(ids_ho.numel())}
 
 
-def full_eval(trainer: Trainer, model: CompactLlama, teacher_eval: Optional[dict], max_tokens: int) -> dict:
-    out = {"student": {}, "teacher": teacher_eval or {}}
+def full_eval(trainer: Trainer, model: CompactLlama, teacher_eval: dict, max_tokens: int) -> dict:
+    out: dict = {"student": {}, "teacher": teacher_eval}
     for seq in (512, 2048):
         out["student"][str(seq)] = trainer.evaluate(seq, max_tokens, model=model)
-        if teacher_eval is None:
-            out["teacher"][str(seq)] = trainer.evaluate(seq, max_tokens, model=trainer.teacher)
-    out["ratio"] = {seq: {k: out["student"][seq][k]["ppl"] / out["teacher"][seq][k]["ppl"] for k in out["student"][seq]}
+    out["ratio"] = {seq: {k: out["student"][seq][k]["ppl"] / teacher_eval[seq][k]["ppl"] for k in out["student"][seq]}
                     for seq in out["student"]}
     return out
+
+
+def teacher_eval(trainer: Trainer, work: Path, max_tokens: int) -> dict:
+    """The original model's held-out perplexities, computed once per work directory (both arms share it)."""
+    path = work / "teacher_eval.json"
+    if not path.is_file():
+        ev = {str(seq): trainer.evaluate(seq, max_tokens, model=trainer.teacher) for seq in (512, 2048)}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(ev))
+        os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def recipe_from_args(args) -> Recipe:
+    return Recipe(total_steps=args.total_steps, compile=not args.no_compile, ramp_end=args.ramp_end,
+                  tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
+                  eval_every=args.eval_every, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank)
+
+
+def run_record(trainer: Trainer, work: Path, args, arm: str) -> dict:
+    """What a call's record says of its run: recipe, tokens, throughput, device, data."""
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    _, _, desc = load_streams(work)
+    return {"arm": arm, "recipe": asdict(trainer.r), "steps": trainer.state.step, "tokens": trainer.state.tokens,
+            "train_seconds": round(trainer.state.train_seconds, 1), **tokens_per_s_and_mfu(trainer, device_name),
+            "device": device_name, "eval_tokens": args.eval_tokens, "data": desc, "mix": MIX,
+            "held_out": {k: v[0] for k, v in HELD_OUT.items()}, "train_sources": {k: v[0] for k, v in TRAIN.items()}}
+
+
+def export_and_record(trainer: Trainer, work: Path, arm: str, record: dict, base: Optional[str]) -> dict:
+    """Export the arm's artifact into ``work/arm/artifact`` and append the call to ``work/arm/record.json``."""
+    _, base_state = base_files(work, base)
+    res = export(trainer, work, work / arm / "artifact", base_state, record)
+    history = work / arm / "record.json"
+    prev = json.loads(history.read_text()) if history.is_file() else {"calls": []}
+    prev["calls"].append({**record, "eval": res["eval"], "probe": res["probe"]["summary"],
+                          "probe_per_layer": res["probe"]["per_layer"], "frontier": res["frontier"]})
+    history.write_text(json.dumps(prev, indent=1))
+    return res
+
+
+def arm_records(work: Path) -> dict[str, dict]:
+    """Each arm's latest call record in the work directory."""
+    return {arm: json.loads((work / arm / "record.json").read_text())["calls"][-1]
+            for arm in ARMS if (work / arm / "record.json").is_file()}
 
 
 def frontier(trainer: Trainer, model: CompactLlama, teacher_eval: dict, max_tokens: int) -> list[dict]:
@@ -313,9 +356,7 @@ def frontier(trainer: Trainer, model: CompactLlama, teacher_eval: dict, max_toke
 def arm_main(args) -> None:
     """One arm of the A/B (a process of its own): train until the deadline, checkpoint, evaluate, probe."""
     work = Path(args.work)
-    recipe = Recipe(total_steps=args.total_steps, compile=not args.no_compile, ramp_end=args.ramp_end,
-                    tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
-                    eval_every=args.eval_every, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank)
+    recipe = recipe_from_args(args)
     trainer = make_trainer(work, args.arm, recipe, args.device, args.base)
     arm_dir = work / args.arm
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -328,28 +369,9 @@ def arm_main(args) -> None:
     trainer.train(args.stop_step, time_budget_s=max(0.0, deadline - time.time()), curve_path=arm_dir / "curve.csv")
     gpu_s = time.perf_counter() - t0
     trainer.checkpoint(ck)
-    tpath = work / "teacher_eval.json"
-    if not tpath.is_file():
-        teacher = {str(seq): trainer.evaluate(seq, args.eval_tokens, model=trainer.teacher) for seq in (512, 2048)}
-        tmp = tpath.with_name(f"{tpath.name}.{args.arm}.tmp")
-        tmp.write_text(json.dumps(teacher))
-        os.replace(tmp, tpath)
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    record = {"arm": args.arm, "recipe": asdict(trainer.r), "steps": trainer.state.step, "tokens": trainer.state.tokens,
-              "train_seconds": round(trainer.state.train_seconds, 1), "wall_seconds_this_call": round(gpu_s, 1),
-              **tokens_per_s_and_mfu(trainer, device_name), "device": device_name, "eval_tokens": args.eval_tokens,
-              "mix": MIX, "held_out": {k: v[0] for k, v in HELD_OUT.items()},
-              "train_sources": {k: v[0] for k, v in TRAIN.items()}}
-    _, _, desc = load_streams(work)
-    record["data"] = desc
-    shape, base_state = base_files(work, args.base)
-    res = export(trainer, work, arm_dir / "artifact", base_state, record)
-    rec = {**record, "eval": res["eval"], "probe": res["probe"]["summary"], "probe_per_layer": res["probe"]["per_layer"],
-           "frontier": res["frontier"]}
-    history = arm_dir / "record.json"
-    prev = json.loads(history.read_text()) if history.is_file() else {"calls": []}
-    prev["calls"].append(rec)
-    history.write_text(json.dumps(prev, indent=1))
+    teacher_eval(trainer, work, args.eval_tokens)
+    record = {**run_record(trainer, work, args, args.arm), "wall_seconds_this_call": round(gpu_s, 1)}
+    res = export_and_record(trainer, work, args.arm, record, args.base)
     say(f"{args.arm}: done: steps {trainer.state.step}, ratio {json.dumps(res['eval']['ratio'])}, "
         f"zeros { {k: round(1 - v['active_fraction'], 4) for k, v in res['eval']['student']['2048'].items()} }, "
         f"probe {json.dumps(res['probe']['summary'])}")
@@ -380,9 +402,9 @@ def export(trainer: Trainer, work: Path, out_dir: Path, base_state: dict, record
     applied = CompactLlama(shape, trainer.r.arm, True, 0).to(trainer.device)
     load_hf_state(applied, {k: v.to(trainer.device) for k, v in applied_state.items()})
     applied.set_thresholds(calibrate(trainer, applied, trainer.r.target_sparsity))
-    teacher_eval = json.loads((work / "teacher_eval.json").read_text())
-    ev = full_eval(trainer, applied, teacher_eval, record["eval_tokens"])
-    fr = frontier(trainer, applied, teacher_eval, record["eval_tokens"])
+    teacher = teacher_eval(trainer, work, record["eval_tokens"])
+    ev = full_eval(trainer, applied, teacher, record["eval_tokens"])
+    fr = frontier(trainer, applied, teacher, record["eval_tokens"])
     probe = run_probe(trainer, applied)
     cfg = {"base": "smollm2", "activation": trainer.r.arm, "n_layers": shape.n_layers, "d_ffn": shape.d_ffn,
            "target_sparsity": trainer.r.target_sparsity, "thresholds": applied.thresholds(),
@@ -412,11 +434,7 @@ def orchestrate_ab(args) -> None:
 
 
 def ship_winner(work: Path, out: Path, forced: Optional[str] = None) -> str:
-    recs = {}
-    for arm in ARMS:
-        path = work / arm / "record.json"
-        if path.is_file():
-            recs[arm] = json.loads(path.read_text())["calls"][-1]
+    recs = arm_records(work)
     if not recs:
         raise SystemExit("no arm finished")
     winner = forced or min(recs, key=lambda a: score(recs[a]))
@@ -453,40 +471,22 @@ def pack(work: Path, out: Path, name: str) -> None:
 def final_main(args) -> None:
     work = Path(args.work)
     deadline_at = time.time() + args.deadline_s
-    recs = {}
-    for arm in ARMS:
-        path = work / arm / "record.json"
-        if path.is_file():
-            recs[arm] = json.loads(path.read_text())["calls"][-1]
+    recs = arm_records(work)
     if not recs:
         raise SystemExit("no arm records in the work directory: run `ab` first")
     chosen = work / "winner.txt"
     winner = args.arm or (chosen.read_text().strip() if chosen.is_file() else min(recs, key=lambda a: score(recs[a])))
     say(f"scores: { {a: round(score(r), 4) for a, r in recs.items()} } -> continuing {winner}")
-    recipe = Recipe(total_steps=args.total_steps, compile=not args.no_compile, ramp_end=args.ramp_end,
-                    tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
-                    eval_every=args.eval_every, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank)
+    recipe = recipe_from_args(args)
     trainer = make_trainer(work, winner, recipe, args.device, args.base)
     trainer.resume(work / winner / "ckpt.pt")
     say(f"{winner}: resumed at step {trainer.state.step}")
     trainer.train(args.stop_step, time_budget_s=max(0.0, deadline_at - args.reserve_s - time.time()),
                   curve_path=work / winner / "curve.csv")
     trainer.checkpoint(work / winner / "ckpt.pt")
-    shape, base_state = base_files(work, args.base)
-    _, _, desc = load_streams(work)
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    record = {"arm": winner, "arm_scores": {a: score(r) for a, r in recs.items()}, "recipe": asdict(trainer.r),
-              "steps": trainer.state.step, "tokens": trainer.state.tokens,
-              "train_seconds": round(trainer.state.train_seconds, 1), **tokens_per_s_and_mfu(trainer, device_name),
-              "device": device_name, "data": desc, "mix": MIX, "held_out": {k: v[0] for k, v in HELD_OUT.items()},
-              "train_sources": {k: v[0] for k, v in TRAIN.items()}, "eval_tokens": args.eval_tokens}
+    record = {**run_record(trainer, work, args, winner), "arm_scores": {a: score(r) for a, r in recs.items()}}
     out = Path(args.out)
-    res = export(trainer, work, work / winner / "artifact", base_state, record)
-    history = work / winner / "record.json"
-    prev = json.loads(history.read_text()) if history.is_file() else {"calls": []}
-    prev["calls"].append({**record, "eval": res["eval"], "probe": res["probe"]["summary"],
-                          "probe_per_layer": res["probe"]["per_layer"], "frontier": res["frontier"]})
-    history.write_text(json.dumps(prev, indent=1))
+    res = export_and_record(trainer, work, winner, record, args.base)
     ship_winner(work, out, winner)
     (work / "final.json").write_text(json.dumps({"record": record, **res}, indent=1))
     say(f"shipped: ratio {json.dumps(res['eval']['ratio'])}; probe {json.dumps(res['probe']['summary'])}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -280,18 +279,3 @@ def load_hf_state(model: CompactLlama, state: dict[str, Tensor]) -> None:
     missing = [m for m in missing if not (m.endswith(("threshold", "silu_mix", "act_bias")) or ".lora." in m)]
     if missing or unexpected:
         raise ValueError(f"weights do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
-
-
-def active_fraction(h: Tensor, threshold: float | Tensor) -> float:
-    return float((h.abs() > threshold).float().mean())
-
-
-def quantile_abs(h: Tensor, q: float, max_values: int = 1 << 20, generator: Optional[torch.Generator] = None) -> float:
-    """The q-quantile of |h| from at most ``max_values`` values (a random subsample)."""
-    flat = h.detach().reshape(-1)
-    if flat.numel() > max_values:
-        idx = torch.randint(0, flat.numel(), (max_values,), device=flat.device, generator=generator)
-        flat = flat[idx]
-    flat = flat.abs().float()
-    k = min(max(1, int(q * flat.numel())), flat.numel())
-    return float(flat.kthvalue(k).values)

@@ -10,17 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class _Pred(nn.Module):
-    def __init__(self, d: int, n: int, rank: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(d, rank, bias=False)
-        self.up = nn.Linear(rank, n)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))
+from llmflash.predictor import LowRankPredictor
+from predictors.train import confusion, rates, threshold_for_recall
 
 
 def probe_layer(x_tr: Tensor, y_tr: Tensor, x_ho: Tensor, y_ho: Tensor, rank: int = 128, steps: int = 300,
@@ -30,7 +23,7 @@ def probe_layer(x_tr: Tensor, y_tr: Tensor, x_ho: Tensor, y_ho: Tensor, rank: in
     dev = x_tr.device
     mean, std = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
     xt, xh = (x_tr - mean) / std, (x_ho - mean) / std
-    model = _Pred(x_tr.shape[1], y_tr.shape[1], rank).to(dev)
+    model = LowRankPredictor(x_tr.shape[1], y_tr.shape[1], rank).to(dev)
     pos = float(y_tr.float().mean().clamp(1e-6, 1 - 1e-6))
     with torch.no_grad():
         model.up.bias.copy_(torch.logit(y_tr.float().mean(0).clamp(1e-4, 1 - 1e-4)))
@@ -44,19 +37,12 @@ def probe_layer(x_tr: Tensor, y_tr: Tensor, x_ho: Tensor, y_ho: Tensor, rank: in
         loss.backward()
         opt.step()
     with torch.no_grad():
-        s = model(xh)
-        pos_scores = s[y_ho]
-        if pos_scores.numel() == 0:
-            cut = float("inf")
-        else:
-            k = int(np.floor((1 - recall_target) * pos_scores.numel()))
-            cut = float(pos_scores.min()) if k <= 0 else float(torch.kthvalue(pos_scores.float(), k + 1).values)
-        pred = s >= cut
-        tp, pp, ap = int((pred & y_ho).sum()), int(pred.sum()), int(y_ho.sum())
-    total = y_ho.numel()
-    return {"recall": tp / ap if ap else 1.0, "precision": tp / pp if pp else 1.0,
-            "predicted_active_fraction": pp / total, "true_active_fraction": ap / total,
-            "over_prediction": (pp / ap) if ap else float("nan")}
+        scores = model(xh)
+        cut = threshold_for_recall(scores, y_ho, recall_target)
+        out = rates(*confusion(scores >= cut, y_ho))
+    out["over_prediction"] = (out["predicted_active_fraction"] / out["true_active_fraction"]
+                              if out["true_active_fraction"] else float("nan"))
+    return out
 
 
 def summarize(per_layer: list[dict]) -> dict:

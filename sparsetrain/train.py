@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -334,7 +334,3 @@ def tokens_per_s_and_mfu(trainer: Trainer, device_name: str) -> dict:
     mfu = tps * trainer.flops_per_token / (peak * 1e12) if peak else None
     return {"tokens_per_s_median": round(tps, 1), "flops_per_token": trainer.flops_per_token,
             "mfu": round(mfu, 4) if mfu is not None else None, "peak_bf16_tflops": peak}
-
-
-def with_steps(r: Recipe, **kw) -> Recipe:
-    return replace(r, **kw)
