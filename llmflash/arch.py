@@ -195,7 +195,13 @@ def install_dense_ffns(
     model: HFModel, rule: SparsityRule = SparsityRule(), observer: Optional[Observer] = None,
     mask_fn: Optional[MaskFn] = None,
 ) -> list[DenseFFN]:
-    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied)."""
+    """Swap every FFN of an in-memory Hugging Face model for a ``DenseFFN`` (same weights, the rule applied).
+
+    A gated model's gate (``model.llmflash_gate``, see ``sparse_model``) is part of its function: it is applied
+    whatever the rule, and combined with ``mask_fn``."""
+    gate = getattr(model, "llmflash_gate", None)
+    if gate is not None:
+        mask_fn = gate if mask_fn is None else _both(gate, mask_fn)
     adapter = adapter_for(model.config)
     spec = adapter.ffn_spec(model.config)
     modules = []
@@ -204,3 +210,10 @@ def install_dense_ffns(
         adapter.install_ffn(model, layer, m)
         modules.append(m)
     return modules
+
+
+def _both(a: MaskFn, b: MaskFn) -> MaskFn:
+    def mask(layer: int, x: Tensor, h: Tensor) -> Tensor:
+        return a(layer, x, h) & b(layer, x, h)
+
+    return mask

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
 from .layout import FlashLayout
 from .manifest import FFN_FILE, MANIFEST, ModelInfo
 from .models import load_model
+from .sparse_model import GATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,15 @@ def convert(
     model: HFModel
     tok: Any
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
-    name = src.name
+    return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress)
+
+
+def convert_model(
+    model: HFModel, tok: Any, name: str, spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True,
+    force: bool = False, progress: bool = True,
+) -> Path:
+    """Write an in-memory model (already in ``dtype``) as a flash directory at ``out``; ``spec`` is recorded."""
+    out = Path(out).expanduser()
     if out.exists():
         existing = _existing_model_name(out)
         if existing is None and any(out.iterdir()) and not force:
@@ -82,6 +92,9 @@ def convert(
                     padded[:, : rows.shape[1]] = rows
                     wr.write_ffn(layer, s, padded.view(torch.uint8).numpy().tobytes())
             tok.save_pretrained(wr.dir)
+            gate_dir = getattr(model, "llmflash_gate_dir", None)
+            if gate_dir is not None:  # a gated sparse model: its gate is part of it (see sparse_model)
+                shutil.copytree(gate_dir, wr.dir / GATE_DIR)
             manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), model.config.to_dict(), dtype,
                                  spec_ffn.gated, spec_ffn.activation)
     except OSError as err:

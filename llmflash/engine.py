@@ -51,7 +51,7 @@ from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
 from .predictor import ENGINE_DTYPE, PredictorSet
-from .provider import ActiveSetProvider, OracleProvider, PredictorProvider
+from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
 from .sparsity import calibrate_flash_dir, model_rule, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 
@@ -184,6 +184,8 @@ class _FlashFFNBase(nn.Module):
         a = store.part("gate" if gated else "up", m, start)
         u = store.part("up", m, start) if gated else None
         h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, m]
+        if self.e.gate is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
+            h[..., :n] *= self.e.gate_mask(self.layer, x)[:, torch.from_numpy(ids).to(h.device)]
         if m > n:
             h[..., n:] = 0  # padding rows (stale or zero rows of the store) contribute nothing
         return h @ store.part("down", m, start), h[..., :n]
@@ -403,6 +405,8 @@ class Engine:
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
         self.thresholds = self._thresholds()
+        self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
+        self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
         self.reader = FlashReader(fd.ffn_path, n_threads=config.io_threads)
         self.resident_reader: Optional[FlashReader] = None
 
@@ -428,7 +432,7 @@ class Engine:
 
         if mode in SPARSE_MODES:
             self.provider = active = provider if provider is not None else self._make_provider()
-            if self.offload:
+            if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
             sb = SparseBudget(
@@ -468,6 +472,8 @@ class Engine:
             self.resident_reader = FlashReader(fd.resident_path, n_threads=config.io_threads)
             if self.offload:  # the resident weights are copied to the accelerator again every token
                 self._pin([fd.resident_buffer])
+        if self.gate is not None and not isinstance(self.provider, GateProvider):
+            self.dram["gate"] = int(self.gate.nbytes)
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
@@ -521,6 +527,28 @@ class Engine:
             scale, shift = lookahead_map(self.adapter, self.model, layer)
             m.next, m.guess_map = nxt, (scale.to(self.fd.dtype), shift.to(self.fd.dtype))
 
+    def _load_gate(self) -> Optional[PredictorSet]:
+        """A gated model's gate, in the form every mode computes it: int8 on the CPU, float16 on an accelerator."""
+        path = self.fd.gate_dir() if self.cfg.sparsity == "auto" else None
+        if path is None:
+            return None
+        gate = PredictorSet.load(path, dtype=ENGINE_DTYPE if self.device.type == "cpu" else torch.float16)
+        lay = self.fd.layout
+        gate.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn)
+        if self.fd.neuron_order is not None:
+            gate.permute_outputs(self.fd.neuron_order)
+        return gate.to_device(self.device) if self.device.type != "cpu" else gate
+
+    def gate_mask(self, layer: int, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        """bool [T, n]: the neurons the gate lets through for the rows of x (file row order); computed once per
+        layer and input (the provider and every chunk of the layer's compute share it)."""
+        assert self.gate is not None
+        cached_layer, cached_x, mask = self._gate_cache
+        if cached_layer != layer or cached_x is not x or mask is None:
+            mask = self.gate.predict(layer, x.reshape(-1, x.shape[-1]))
+            self._gate_cache = (layer, x, mask)
+        return mask
+
     def _rule_kind(self) -> str:
         return "threshold" if any(t is not None for t in self.thresholds) else "relu"
 
@@ -562,15 +590,19 @@ class Engine:
         return sum(t.numel() * t.element_size() for t in (w.gate, w.up, w.down) if t is not None)
 
     def _resident_ffn(self, layer: int) -> DenseFFN:
-        return DenseFFN(layer, self._layer_rows(layer, ("gate", "up", "down")), self.fd.activation, self.thresholds[layer])
+        return DenseFFN(layer, self._layer_rows(layer, ("gate", "up", "down")), self.fd.activation, self.thresholds[layer],
+                        mask_fn=self.gate_mask if self.gate is not None else None)
 
     def _make_provider(self) -> ActiveSetProvider:
         if self.cfg.mode == "oracle":
             parts = ("gate", "up") if self.fd.gated else ("up",)
             weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
-            provider = OracleProvider(weights, self.fd.activation, self.thresholds)
+            provider = OracleProvider(weights, self.fd.activation, self.thresholds,
+                                      self.gate_mask if self.gate is not None else None)
             self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (see the contract)
             return provider
+        if not self.cfg.predictors and self.gate is not None:  # a gated model predicts with its own gate
+            return GateProvider(self.gate, self.gate_mask)
         if not self.cfg.predictors:
             raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:

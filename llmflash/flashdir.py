@@ -145,6 +145,16 @@ class FlashDir:
         model_type = cfg.pop("model_type")
         return AutoConfig.for_model(model_type, **cfg)
 
+    def gate_dir(self) -> Optional[Path]:
+        """A gated sparse model's gate (a predictor set directory in the model's neuron order), or None."""
+        spec = self.manifest.config.get("llmflash_sparsity") or {}
+        if not spec.get("gate"):
+            return None
+        path = self.path / spec["gate"]
+        if not path.is_dir():
+            raise FlashFileError(f"{path} is missing (the model's gate): re-run convert")
+        return path
+
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 

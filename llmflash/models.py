@@ -204,4 +204,9 @@ def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
             w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
         adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
     model = model.to(dtype)
+    gate = fd.gate_dir()
+    if gate is not None:  # a gated model: install_dense_ffns applies it (the rows are in the model's order here)
+        from .sparse_model import load_gate
+
+        model.llmflash_gate = load_gate(gate)
     return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())

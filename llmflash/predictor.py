@@ -250,6 +250,12 @@ class PredictorSet:
             return SparsityRule("threshold", tuple(float(t) for t in self.rule["thresholds"]), self.rule.get("target_sparsity"))
         return SparsityRule(self.rule.get("kind", "relu"))
 
+    def layer_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, float]:
+        """(A [r, d], B [n, r], bias [n], threshold_logit) of one layer in fp32 (a trainer's starting point)."""
+        p = self._layers[layer]
+        a, b = p.float_weights()
+        return a.clone(), b.clone(), p.bias.float().clone(), p.threshold_logit
+
     @property
     def ranks(self) -> list[int]:
         return [p.rank for p in self._layers]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ffn import FFNWeights, activation_fn, neuron_outputs
+from .ffn import FFNWeights, MaskFn, activation_fn, neuron_outputs
 from .predictor import PredictorSet
 
 
@@ -84,7 +84,9 @@ class OracleProvider(ActiveSetProvider):
     nbytes = 0
     supports_guess = True
 
-    def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]]) -> None:
+    def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]],
+                 mask_fn: Optional[MaskFn] = None) -> None:
+        self.mask_fn = mask_fn  # a gated model's gate: part of the rule
         self.w = weights
         self.act = activation_fn(activation)
         self.thresholds = thresholds
@@ -95,7 +97,8 @@ class OracleProvider(ActiveSetProvider):
     def active(self, layer: int, x: Tensor) -> Tensor:
         w = self.w[layer]
         a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
-        return neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer]) != 0
+        h = neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer])
+        return (h != 0) & self.mask_fn(layer, x, h) if self.mask_fn is not None else h != 0
 
     def guess(self, layer: int, x: Tensor) -> Tensor:
         return self.active(layer, x)
@@ -127,3 +130,19 @@ class PredictorProvider(ActiveSetProvider):
 
     def to_device(self, device: torch.device) -> None:
         self.p.to_device(device)
+
+
+class GateProvider(PredictorProvider):
+    """A gated model's own gate as the predictor: its set is the model's exact candidate set (recall 1 by
+    construction), and ``mask`` (the engine's per-layer cache of the gate) is computed once per layer and token."""
+
+    def __init__(self, predictors: PredictorSet, mask: MaskFn) -> None:
+        super().__init__(predictors)
+        self.mask = mask
+
+    def active(self, layer: int, x: Tensor) -> Tensor:
+        return self.mask(layer, x, x)
+
+    def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
+        m = self.active(layer, x)
+        return (m[0] if m.shape[0] == 1 else m.any(dim=0)).nonzero().flatten().cpu().numpy()

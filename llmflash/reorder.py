@@ -29,6 +29,7 @@ from .manifest import FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, NeuronOrder
 from .models import LoadedModel, load_in_memory
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
+from .sparse_model import GATE_DIR
 from .sparsity import ActiveCounter, calibrate_flash_dir, threshold_rule
 from .storage import read_range
 from .text import load_texts, token_stream, windows
@@ -194,6 +195,8 @@ def write_permuted_flash_dir(src: str | Path, out: str | Path, perms: Sequence[n
         for item in Path(src).iterdir():
             if item.is_file() and item.name not in (MANIFEST, FFN_FILE, RESIDENT) and not item.name.startswith("."):
                 shutil.copyfile(item, wr.dir / item.name)
+            elif item.is_dir() and item.name == GATE_DIR:  # a gated model's gate (model order: the engine permutes it)
+                shutil.copytree(item, wr.dir / item.name)
         order = np.stack([np.asarray(p, np.int64) for p in perms])  # [L, n]: src rows
         if fd.neuron_order is not None:
             order = np.take_along_axis(fd.neuron_order, order, axis=1)  # -> the model's own ids

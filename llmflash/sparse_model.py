@@ -18,6 +18,11 @@ delta's rounding (the training record reports the perplexity of the applied mode
 The FFN of the applied model is ``down(h * (|h| > t_l))`` with ``h = act(gate x + act_bias) * up x``: llmflash's
 ``threshold`` sparsity rule with the artifact's own thresholds (``SparseMLP``; ``arch`` adapters read ``act_bias``
 and the engine takes ``thresholds``).
+
+A gated artifact (trained with its predictors in the loop: ``sparsetrain.gated``) adds ``gate/``, a low-rank predictor
+set (``llmflash-predictors/1``) that is part of the model: ``h = h * (|h| > t_l) * [gate_l(x) >= c_l]``. The gate is
+always computed in the engine's form (int8 weight-only, ``predictor.ENGINE_DTYPE``) so that every path takes the same
+decisions; a flash directory converted from the model carries a copy (``GATE_DIR``) and the model's rule names it.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LLMFlashError
+from .ffn import MaskFn
 from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "llmflash-sparse/1"
 CONFIG_FILE = "sparse_model.json"
+GATE_DIR = "gate"
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 ENCODED_SUFFIXES = (".q4", ".scale", ".lora_A", ".lora_B")  # parts of an encoded delta: the weight name + suffix
@@ -171,8 +178,10 @@ class SparseMLP(nn.Module):
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, activation: str,
-                 act_bias: Optional[Tensor], threshold: float) -> None:
+                 act_bias: Optional[Tensor], threshold: float, gate: Optional[MaskFn] = None, layer: int = 0) -> None:
         super().__init__()
+        self.gate = gate  # a gated model: (layer, x, h) -> keep mask
+        self.layer = layer
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.activation = activation
         n = gate_proj.weight.shape[0]
@@ -186,7 +195,26 @@ class SparseMLP(nn.Module):
         h = a * self.up_proj(x)
         if self.threshold > 0:
             h = h * (h.abs() > self.threshold)
+        if self.gate is not None:
+            h = h * self.gate(self.layer, x, h)
         return self.down_proj(h)
+
+
+def load_gate(path: Path) -> "GateMask":
+    """The gate of a gated model (a predictor set directory), in the form every path computes it."""
+    from .predictor import ENGINE_DTYPE, PredictorSet
+
+    return GateMask(PredictorSet.load(path, dtype=ENGINE_DTYPE))
+
+
+class GateMask:
+    """A gated model's gate as a ``MaskFn``: (layer, x [..., d], h) -> bool [..., n], the neurons it lets through."""
+
+    def __init__(self, predictors: Any) -> None:
+        self.p = predictors
+
+    def __call__(self, layer: int, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        return self.p.predict(layer, x)
 
 
 def apply_artifact(model: Any, art_dir: Path) -> Any:
@@ -200,11 +228,19 @@ def apply_artifact(model: Any, art_dir: Path) -> Any:
     state = decode_deltas({k: base[k] for k in touched if k in base}, tensors)
     biases = {int(k.split(".")[2]): v for k, v in state.items() if k.endswith("mlp.act_bias")}
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith("act_bias")}, strict=False)
+    gate = None
+    if cfg.get("gate"):
+        gate = load_gate(Path(art_dir) / cfg["gate"].get("dir", GATE_DIR))
+        gate.p.check_compatible(len(layers), model.config.hidden_size, model.config.intermediate_size)
     for i, layer in enumerate(layers):
         mlp = layer.mlp
         layer.mlp = SparseMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, cfg["activation"], biases.get(i),
-                              cfg["thresholds"][i])
+                              cfg["thresholds"][i], gate, i)
     model.config.hidden_act = cfg["activation"]
     model.config.llmflash_sparsity = {"kind": "threshold", "thresholds": list(cfg["thresholds"]),
                                       "target_sparsity": cfg.get("target_sparsity")}
+    if gate is not None:  # the gate travels with the model object; convert copies its directory into the flash dir
+        model.config.llmflash_sparsity["gate"] = GATE_DIR
+        model.llmflash_gate = gate
+        model.llmflash_gate_dir = Path(art_dir) / cfg["gate"].get("dir", GATE_DIR)
     return model

@@ -89,6 +89,12 @@ def model_rule(config: Any) -> SparsityRule | None:
     return SparsityRule("threshold", tuple(float(t) for t in spec["thresholds"]), spec.get("target_sparsity"))
 
 
+def model_gate(config: Any) -> str | None:
+    """A gated sparse model's gate directory (relative to its flash directory), from the same config entry."""
+    spec = config.get("llmflash_sparsity") if isinstance(config, dict) else getattr(config, "llmflash_sparsity", None)
+    return spec.get("gate") if spec else None
+
+
 SPARSITY_CHOICES = ("auto", "relu", "threshold")
 
 

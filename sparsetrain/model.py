@@ -10,11 +10,18 @@ The FFN of layer l (``SparseFFN``)::
     a = act(z)                      # silu (SiLU arm) or relu (ReLU arm; blended with silu(gate x) while annealing)
     h = a * up(x)                   # [B, T, n]
     h = h * (|h| > t_l)             # the threshold rule in the loop (t_l a per-layer buffer the trainer moves)
+    h = h * m                       # gated arm only: m = [gate(x) >= c_l], a low-rank predictor in the loop
     y = down(h)
 
 Neurons under the threshold get no gradient through ``h`` (straight-through on the kept ones); the trainer keeps t_l
 at the quantile of |h| that gives the scheduled sparsity. At inference the same rule with the final t_l is exactly
 llmflash's ``threshold`` sparsity rule (``ffn.neuron_outputs``).
+
+The gated arm (``Gate``): a low-rank predictor z = B(A x) + b (llmflash's ``LowRankPredictor`` shape) decides which
+neurons the FFN may use at all; the mask is hard in the forward pass and straight-through in the backward pass
+(the gradient of sigmoid((z - c_l) / temperature)). The trainer keeps c_l at the quantile of z that lets the scheduled
+fraction of neurons through. The predictor is then part of the model: the neurons it does not select are never read,
+so recall is 1 by construction and the bytes read per token are the gate's fraction.
 """
 
 from __future__ import annotations
@@ -137,6 +144,26 @@ class Attention(nn.Module):
         return self._proj("o_proj", o.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim))
 
 
+class Gate(nn.Module):
+    """The gated arm's predictor in the loop: z = up(down(x)) [..., n]; neurons with z >= cut may be used."""
+
+    def __init__(self, d_model: int, d_ffn: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_ffn, bias=True)
+        self.register_buffer("cut", torch.zeros(()), persistent=True)
+        self.register_buffer("temperature", torch.ones(()), persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))  # [..., d] -> [..., r] -> [..., n]
+
+    def mask(self, z: Tensor) -> Tensor:
+        """Hard 0/1 forward, straight-through sigmoid backward: [..., n] in z's dtype."""
+        hard = (z >= self.cut.to(z.dtype)).to(z.dtype)
+        soft = torch.sigmoid((z - self.cut.to(z.dtype)) / self.temperature.to(z.dtype))
+        return hard + (soft - soft.detach())
+
+
 class SparseFFN(nn.Module):
     """The gated FFN with the threshold rule in the loop (see the module docstring)."""
 
@@ -152,6 +179,11 @@ class SparseFFN(nn.Module):
         self.act_bias = nn.Parameter(torch.zeros(shape.d_ffn), requires_grad=act == "relu")
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self.register_buffer("silu_mix", torch.zeros(()), persistent=True)  # ReLU arm: blend while annealing
+        self.gate: Gate | None = None  # the gated arm's predictor (``add_gate``)
+
+    def add_gate(self, rank: int) -> Gate:
+        self.gate = Gate(self.gate_proj.in_features, self.gate_proj.out_features, rank).to(self.gate_proj.weight.device)
+        return self.gate
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, T, d] -> (y [B, T, d], h before the rule [B, T, n])."""
@@ -163,6 +195,8 @@ class SparseFFN(nn.Module):
             a = F.silu(g)
         h = a * self.up_proj(x)
         kept = h * (h.abs() > self.threshold.to(h.dtype)) if self.sparse else h
+        if self.sparse and self.gate is not None:
+            kept = kept * self.gate.mask(self.gate(x).to(h.dtype))
         return self.down_proj(kept), h
 
 

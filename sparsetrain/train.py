@@ -11,6 +11,13 @@ The student starts as the teacher (the original model) and learns, per step of `
 Arms: ``silu`` keeps the original activation and learns to live with the threshold; ``relu`` swaps in a shifted ReLU
 (blended from SiLU over ``anneal_frac`` of the run) and adds the L1 pressure.
 
+Gated training (``gate_keep_final > 0``, the model's FFNs carry a ``Gate``): each layer's predictor is in the loop. Every
+step its cut c_l is set to the quantile of its scores that lets the scheduled fraction of neurons through (from
+``gate_keep_start`` down to ``gate_keep_final`` along the ramp), the threshold t_l is then the quantile of |h| over the
+gated neurons that gives the scheduled sparsity, and the predictor learns from two signals: the task loss through the
+straight-through mask, and a binary cross-entropy towards the threshold rule's own choice (|h| > t_l; weight
+``gate_loss_weight``), which keeps it pointed at the neurons that matter.
+
 A run is resumable (``checkpoint`` / ``resume``): the schedules are functions of the global step, so a campaign can be
 chained from several shorter calls. The run record (``record.json``) holds tokens, tokens/s, MFU, GPU seconds, the
 data mix and the loss curve (``curve.csv``).
@@ -30,6 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .data import WindowSampler, eval_windows
@@ -67,6 +75,11 @@ class Recipe:
     eval_every: int = 100
     eval_tokens: int = 16_384  # per held-out corpus, during training
     seed: int = 0
+    sparsity_start: float = 0.0  # the scheduled sparsity before the ramp (a continuation starts where it was)
+    gate_keep_start: float = 1.0  # gated training: fraction of neurons the gates let through before the ramp ...
+    gate_keep_final: float = 0.0  # ... and after it (0: no gates)
+    gate_loss_weight: float = 0.1
+    lr_gate: float = 5e-4
 
     @property
     def micro_batches(self) -> int:
@@ -84,7 +97,12 @@ def sine_ramp(step: int, total: int, start: float, end: float) -> float:
 
 
 def scheduled_sparsity(r: Recipe, step: int) -> float:
-    return r.target_sparsity * sine_ramp(step, r.total_steps, r.ramp_start, r.ramp_end)
+    return r.sparsity_start + (r.target_sparsity - r.sparsity_start) * sine_ramp(step, r.total_steps, r.ramp_start, r.ramp_end)
+
+
+def scheduled_keep(r: Recipe, step: int) -> float:
+    """Gated training: the fraction of neurons the gates let through at ``step``."""
+    return r.gate_keep_start + (r.gate_keep_final - r.gate_keep_start) * sine_ramp(step, r.total_steps, r.ramp_start, r.ramp_end)
 
 
 def lr_scale(r: Recipe, step: int) -> float:
@@ -102,11 +120,13 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 def param_groups(student: CompactLlama, r: Recipe) -> list[dict]:
-    ffn, lora, norm, bias = [], [], [], []
+    ffn, lora, norm, bias, gate = [], [], [], [], []
     for name, p in student.named_parameters():
         if not p.requires_grad:
             continue
-        if ".lora." in name:
+        if ".mlp.gate." in name:
+            gate.append(p)
+        elif ".lora." in name:
             lora.append(p)
         elif name.endswith("act_bias"):
             bias.append(p)
@@ -117,7 +137,8 @@ def param_groups(student: CompactLlama, r: Recipe) -> list[dict]:
     groups = [{"params": ffn, "lr": r.lr_ffn, "base_lr": r.lr_ffn, "weight_decay": r.weight_decay},
               {"params": lora, "lr": r.lr_lora, "base_lr": r.lr_lora, "weight_decay": 0.0},
               {"params": norm, "lr": r.lr_norm, "base_lr": r.lr_norm, "weight_decay": 0.0},
-              {"params": bias, "lr": r.lr_bias, "base_lr": r.lr_bias, "weight_decay": 0.0}]
+              {"params": bias, "lr": r.lr_bias, "base_lr": r.lr_bias, "weight_decay": 0.0},
+              {"params": gate, "lr": r.lr_gate, "base_lr": r.lr_gate, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -170,6 +191,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
 
+    @property
+    def gated(self) -> bool:
+        return self.r.gate_keep_final > 0 and all(f.gate is not None for f in self.student.ffns())
+
     def _set_schedules(self, step: int) -> tuple[float, float]:
         r = self.r
         sp = scheduled_sparsity(r, step)
@@ -194,6 +219,31 @@ class Trainer:
         return torch.stack(rows).abs().float()
 
     @torch.no_grad()
+    def _sample_rows(self, ts: list[Tensor]) -> Tensor:
+        """[L, S]: the same strided sample as ``_sample_abs``, of any per-layer [B, T, n] tensors (no abs)."""
+        n_tok = self.r.quantile_tokens
+        rows = []
+        for t in ts:
+            flat = t.detach().reshape(-1, t.shape[-1])[:n_tok].reshape(-1)
+            stride = max(1, flat.numel() // 65536)
+            rows.append(flat[::stride][:65536])
+        return torch.stack(rows).float()
+
+    @torch.no_grad()
+    def _update_gates(self, ins: list[Tensor], hs: list[Tensor], keep: float, sparsity: float) -> Tensor:
+        """Gated training: cuts := the (1 - keep) quantile of each layer's scores, then thresholds := the ``sparsity``
+        quantile of |h| with the ungated neurons counted as zeros. Returns the sampled gate-pass mask [L, S]."""
+        ffns = self.student.ffns()
+        z = self._sample_rows([f.gate(x) for f, x in zip(ffns, ins)])  # type: ignore[misc]
+        k = min(max(0, int((1 - keep) * z.shape[1])), z.shape[1] - 1)
+        cuts = z.sort(dim=1).values[:, k]
+        for ffn, c in zip(ffns, cuts):
+            ffn.gate.cut.copy_(c)  # type: ignore[union-attr]
+        passed = z >= cuts.unsqueeze(1)
+        self._update_thresholds(self._sample_rows(hs).abs() * passed, sparsity)
+        return passed
+
+    @torch.no_grad()
     def _update_thresholds(self, sample: Tensor, sparsity: float) -> None:
         """Each layer's threshold := the ``sparsity`` quantile of its sampled |h| (one batched sort, no host sync)."""
         if sparsity <= 0:
@@ -209,17 +259,24 @@ class Trainer:
         r = self.r
         st = self.state
         sp, l1_w = self._set_schedules(st.step)
+        gated = self.gated
+        keep = scheduled_keep(r, st.step) if gated else 1.0
         self.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        stats = {"kl": 0.0, "ffn": 0.0, "l1": 0.0}
+        stats = {"kl": 0.0, "ffn": 0.0, "l1": 0.0, "gate": 0.0}
         active = torch.zeros((), device=self.device)
         for m in range(r.micro_batches):
             ids = self.sampler.batch(r.micro_batch_seqs).to(self.device, non_blocking=True)
             with torch.no_grad(), self.autocast:
                 t_hidden, t_outs, _, _ = self.t_fwd(ids)
                 t_logits = self.teacher.logits(t_hidden).flatten(0, 1)
+            if gated and m == 0:  # cuts and thresholds from this micro-batch, before its forward pass
+                with torch.no_grad(), self.autocast:
+                    _, _, p_hs, p_ins = self.s_fwd(ids)
+                    passed = self._update_gates(p_ins, p_hs, keep, sp)
+                    del p_hs, p_ins
             with self.autocast:
-                s_hidden, s_outs, s_hs, _ = self.s_fwd(ids)
+                s_hidden, s_outs, s_hs, s_ins = self.s_fwd(ids)
                 s_logits = self.student.logits(s_hidden).flatten(0, 1)
             kl = kl_div(s_logits, t_logits)
             del t_logits, s_logits
@@ -227,6 +284,14 @@ class Trainer:
                          for so, to in zip(s_outs, t_outs)]
             ffn_loss = torch.stack(ffn_terms).mean()
             loss = kl + r.ffn_loss_weight * ffn_loss
+            if gated:
+                with self.autocast:
+                    bce_terms = [F.binary_cross_entropy_with_logits(
+                        f.gate(x).float(), (h.detach().abs() > f.threshold).float())  # type: ignore[misc]
+                        for f, x, h in zip(self.student.ffns(), s_ins, s_hs)]
+                gate_loss = torch.stack(bce_terms).mean()
+                loss = loss + r.gate_loss_weight * gate_loss
+                stats["gate"] += float(gate_loss.detach()) / r.micro_batches
             if l1_w > 0:
                 l1_terms = [h.float().abs().mean() / h.detach().float().abs().mean().clamp_min(1e-12) for h in s_hs]
                 l1 = torch.stack(l1_terms).mean()
@@ -235,7 +300,11 @@ class Trainer:
             (loss / r.micro_batches).backward()
             stats["kl"] += float(kl.detach()) / r.micro_batches
             stats["ffn"] += float(ffn_loss.detach()) / r.micro_batches
-            if m == 0:
+            if m == 0 and gated:
+                with torch.no_grad():
+                    thr = torch.stack([f.threshold for f in self.student.ffns()]).float().unsqueeze(1)
+                    active = ((self._sample_abs(s_hs) > thr) & passed).float().mean()
+            elif m == 0:
                 with torch.no_grad():
                     sample = self._sample_abs(s_hs)  # [L, S]
                     thr = torch.stack([f.threshold for f in self.student.ffns()]).float().unsqueeze(1)
@@ -251,7 +320,8 @@ class Trainer:
         st.train_seconds += dt
         row = {"step": st.step, "tokens": st.tokens, "seconds": round(st.train_seconds, 2), "sparsity_target": round(sp, 4),
                "active_fraction": round(float(active), 5), "kl": round(stats["kl"], 5), "ffn_mse": round(stats["ffn"], 5),
-               "l1": round(stats["l1"], 4), "l1_weight": round(l1_w, 5), "lr_scale": round(lr_scale(r, st.step - 1), 4),
+               "l1": round(stats["l1"], 4), "l1_weight": round(l1_w, 5), "gate_keep": round(keep, 4),
+               "gate_bce": round(stats["gate"], 5), "lr_scale": round(lr_scale(r, st.step - 1), 4),
                "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(r.tokens_per_step / dt, 1)}
         return row
 
@@ -265,21 +335,30 @@ class Trainer:
         out = {}
         for name, stream in (corpora or self.held_out).items():
             wins = eval_windows(stream, seq_len, max_tokens)
-            nll, count, act, act_n = 0.0, 0, 0.0, 0
+            nll, count, act, act_n, read = 0.0, 0, 0.0, 0, 0.0
             for b in range(0, wins.shape[0], batch_seqs):
                 ids = wins[b : b + batch_seqs].to(self.device)
                 with self.autocast:
-                    hidden, _, hs, _ = model(ids)
+                    hidden, _, hs, ins = model(ids)
                     logits = model.logits(hidden)
                 lp = logits[:, :-1].float().log_softmax(-1)
                 nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
                 count += ids[:, 1:].numel()
-                for ffn, h in zip(model.ffns(), hs):
+                for ffn, h, x in zip(model.ffns(), hs, ins):
                     thr = ffn.threshold if ffn.sparse else torch.zeros((), device=h.device)
-                    act += float((h.abs() > thr.to(h.dtype)).float().sum())
+                    on = h.abs() > thr.to(h.dtype)
+                    if ffn.sparse and ffn.gate is not None:
+                        with self.autocast:
+                            passed = ffn.gate(x) >= ffn.gate.cut
+                        on = on & passed
+                        read += float(passed.float().sum())
+                    else:
+                        read += h.numel()
+                    act += float(on.float().sum())
                     act_n += h.numel()
             out[name] = {"ppl": math.exp(nll / max(count, 1)), "tokens": count,
-                         "active_fraction": act / max(act_n, 1), "seq_len": seq_len}
+                         "active_fraction": act / max(act_n, 1), "read_fraction": read / max(act_n, 1),
+                         "seq_len": seq_len}
         return out
 
     def train(self, stop_step: int, time_budget_s: Optional[float] = None, curve_path: Optional[Path] = None,

@@ -164,3 +164,48 @@ def test_applied_artifact_equals_the_compact_model(tmp_path):
         got = hf(ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert hf.config.llmflash_sparsity["thresholds"] == thresholds
+
+
+def test_gated_run_on_cpu_chains_from_its_own_artifact(tmp_path, monkeypatch):
+    """The gated campaign step on a tiny model: fresh gates from the base, then a second run from the first's output
+    (artifact + gate); the gates let through the scheduled fraction and the exported gate is a predictor set."""
+    from llmflash.predictor import PredictorSet
+    from sparsetrain import gated
+
+    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"wiki_train": rng.integers(1, 256, 6000), "bigbench": rng.integers(1, 256, 6000),
+              "kjv": rng.integers(1, 256, 3000)}
+    np.savez_compressed(data / "tokens.npz", **{k: v.astype(np.uint16) for k, v in arrays.items()})
+    desc = {k: {"split": "train" if k != "kjv" else "held_out", "source": k, "kind": k, "documents": 1, "tokens": 6000}
+            for k in arrays}
+    (data / "tokens.json").write_text(json.dumps(desc))
+    monkeypatch.setenv("SPARSIFY_DATA", str(data))
+    monkeypatch.setattr(gated, "KEEPS", (0.3,))
+    monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
+    common = ["--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "6", "--tokens-per-step", "256",
+              "--micro-batch-seqs", "2", "--seq-len", "64", "--eval-every", "3", "--eval-tokens", "512",
+              "--frontier-tokens", "512", "--reserve-s", "0", "--lora-rank", "4", "--sample-budget-s", "0",
+              "--keep-start", "0.8", "--keep", "0.3", "--target-sparsity", "0.85", "--ramp-end", "0.5"]
+    out1 = tmp_path / "out1"
+    gated.main(["run", *common, "--work", str(tmp_path / "w1"), "--out", str(out1), "--artifact", "none",
+                "--gate-init", "none", "--gate-rank", "8"])
+    final = json.loads((tmp_path / "w1" / "gated" / "final.json").read_text())
+    ev = final["eval"]["student"]["512"]["kjv"]
+    assert ev["read_fraction"] == pytest.approx(0.3, abs=0.12)
+    assert 1 - ev["active_fraction"] == pytest.approx(0.85, abs=0.08)
+    assert {r["over_prediction"] for r in final["frontier"]} == {1.0, 2.0}
+    assert len([p for p in out1.iterdir()]) <= 8 and (out1 / "gated.tar.gz").is_file()
+    cfg, tensors = read_artifact(out1)
+    assert cfg["gate"]["keep"] == 0.3 and len(cfg["gate"]["cuts"]) == 3
+    ps = PredictorSet.load(out1, dtype=torch.float32)
+    assert ps.ranks == [8, 8, 8] and ps.meta["gate"] is True
+    # A second call continues from the first one's output: artifact deltas and LoRA composed, gates loaded.
+    out2 = tmp_path / "out2"
+    gated.main(["run", *common, "--work", str(tmp_path / "w2"), "--out", str(out2), "--artifact", str(out1),
+                "--gate-init", str(out1)])
+    cfg2, tensors2 = read_artifact(out2)
+    key = "model.layers.0.self_attn.q_proj.weight.lora_A"
+    assert tensors2[key].shape[0] == 2 * tensors[key].shape[0]
