@@ -28,7 +28,7 @@ from .ffn import DenseFFN, FFNWeights
 from .flashdir import build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .paths import atomic_dir, cache_dir, package_dir
 from .sparse_model import CONFIG_FILE as SPARSE_CONFIG
-from .sparse_model import apply_artifact
+from .sparse_model import apply_artifact, load_gate
 from .storage import read_range
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,5 @@ def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     model = model.to(dtype)
     gate = fd.gate_dir()
     if gate is not None:  # a gated model: install_dense_ffns applies it (the rows are in the model's order here)
-        from .sparse_model import load_gate
-
         model.llmflash_gate = load_gate(gate)
     return LoadedModel(model, fd.tokenizer(), fd.name, fd.thresholds())

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .errors import LLMFlashError
 from .ffn import MaskFn
 from .paths import atomic_dir
+from .predictor import ENGINE_DTYPE, PredictorSet
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +203,13 @@ class SparseMLP(nn.Module):
 
 def load_gate(path: Path) -> "GateMask":
     """The gate of a gated model (a predictor set directory), in the form every path computes it."""
-    from .predictor import ENGINE_DTYPE, PredictorSet
-
     return GateMask(PredictorSet.load(path, dtype=ENGINE_DTYPE))
 
 
 class GateMask:
     """A gated model's gate as a ``MaskFn``: (layer, x [..., d], h) -> bool [..., n], the neurons it lets through."""
 
-    def __init__(self, predictors: Any) -> None:
+    def __init__(self, predictors: PredictorSet) -> None:
         self.p = predictors
 
     def __call__(self, layer: int, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
