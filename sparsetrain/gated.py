@@ -263,7 +263,7 @@ def run(args) -> None:
                     tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
                     lr_ffn=args.lr_ffn, lr_lora=args.lr_lora, lr_gate=args.lr_gate, warmup_steps=args.warmup_steps,
                     eval_every=args.eval_every, lora_rank=args.lora_rank, compile=not args.no_compile,
-                    gate_loss_weight=args.gate_loss_weight)
+                    gate_loss_weight=args.gate_loss_weight, gate_ste=args.ste)
     trainer = Trainer(student, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"gated: {m}"))
     gdir = work / "gated"
     gdir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +317,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-gate", type=float, default=5e-4)
     ap.add_argument("--gate-loss-weight", type=float, default=0.1)
+    ap.add_argument("--ste", action="store_true", help="straight-through gradient from the task loss to the gates")
     ap.add_argument("--warmup-steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=131_072)

@@ -153,6 +153,7 @@ class Gate(nn.Module):
         self.up = nn.Linear(rank, d_ffn, bias=True)
         self.register_buffer("cut", torch.zeros(()), persistent=True)
         self.register_buffer("temperature", torch.ones(()), persistent=True)
+        self.ste = True  # straight-through gradient to the gate from the task loss (False: the mask is a constant)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))  # [..., d] -> [..., r] -> [..., n]
@@ -160,6 +161,8 @@ class Gate(nn.Module):
     def mask(self, z: Tensor) -> Tensor:
         """Hard 0/1 forward, straight-through sigmoid backward: [..., n] in z's dtype."""
         hard = (z >= self.cut.to(z.dtype)).to(z.dtype)
+        if not self.ste:
+            return hard.detach()
         soft = torch.sigmoid((z - self.cut.to(z.dtype)) / self.temperature.to(z.dtype))
         return hard + (soft - soft.detach())
 

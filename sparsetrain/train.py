@@ -80,6 +80,7 @@ class Recipe:
     gate_keep_final: float = 0.0  # ... and after it (0: no gates)
     gate_loss_weight: float = 0.1
     lr_gate: float = 5e-4
+    gate_ste: bool = False  # the task loss's straight-through gradient to the gates (else: BCE only)
 
     @property
     def micro_batches(self) -> int:
@@ -181,6 +182,9 @@ class Trainer:
         # bf16 autocast on the GPU; plain float32 on the CPU (tests), where bf16 matmuls of tiny shapes crawl
         self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if fused
                          else contextlib.nullcontext())
+        for ffn in self.student.ffns():
+            if ffn.gate is not None:
+                ffn.gate.ste = recipe.gate_ste
         if recipe.compile:  # regional compilation: the 30 blocks share one compiled graph (fast to compile)
             for model in (self.student, self.teacher):
                 for layer in model.layers:
@@ -286,9 +290,10 @@ class Trainer:
             loss = kl + r.ffn_loss_weight * ffn_loss
             if gated:
                 with self.autocast:
+                    pos_weight = torch.tensor(sp / max(1e-3, 1 - sp), device=self.device)  # inactive / active
                     bce_terms = [F.binary_cross_entropy_with_logits(
-                        f.gate(x).float(), (h.detach().abs() > f.threshold).float())  # type: ignore[misc]
-                        for f, x, h in zip(self.student.ffns(), s_ins, s_hs)]
+                        f.gate(x).float(), (h.detach().abs() > f.threshold).float(),  # type: ignore[misc]
+                        pos_weight=pos_weight) for f, x, h in zip(self.student.ffns(), s_ins, s_hs)]
                 gate_loss = torch.stack(bce_terms).mean()
                 loss = loss + r.gate_loss_weight * gate_loss
                 stats["gate"] += float(gate_loss.detach()) / r.micro_batches
@@ -310,7 +315,12 @@ class Trainer:
                     thr = torch.stack([f.threshold for f in self.student.ffns()]).float().unsqueeze(1)
                     active = (sample > thr).float().mean()
                     self._update_thresholds(sample, sp)
-        gnorm = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], r.grad_clip)
+        gate_ids = {id(p) for f in self.student.ffns() if f.gate is not None for p in f.gate.parameters()}
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        # the gates are clipped apart: their loss must not shrink the model's own updates through one global norm
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in gate_ids], r.grad_clip)
+        if gate_ids:
+            torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in gate_ids], r.grad_clip)
         self.opt.step()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
