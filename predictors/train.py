@@ -81,8 +81,8 @@ def threshold_for_recall(scores: Tensor, labels: Tensor, recall_target: float, p
     other neurons' positives the recall target on their own (so the overall recall is at least the target).
     """
     if pinned:
-        free = torch.ones(scores.shape[-1], dtype=torch.bool)
-        free[torch.as_tensor(pinned, dtype=torch.long)] = False
+        free = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        free[torch.as_tensor(pinned, dtype=torch.long, device=scores.device)] = False
         scores, labels = scores[:, free], labels[:, free]
     pos = scores[labels]  # [P]
     if pos.numel() == 0:
@@ -123,20 +123,22 @@ def _layer_data(act: Activations, layer: int, rows: slice, max_tokens: Optional[
 
 def train_layer(
     x_train: Tensor, y_train: Tensor, x_hold: Tensor, y_hold: Tensor, rank: int, cfg: TrainConfig, layer: int = 0,
-    pinned: Optional[list[int]] = None,
+    pinned: Optional[list[int]] = None, device: str | torch.device = "cpu",
 ) -> tuple[LowRankPredictor, float, int]:
-    """Fit one layer's predictor. x: float32 [T, d]; y: bool [T, n]. Returns (predictor, threshold logit, epochs)."""
+    """Fit one layer's predictor. x: float32 [T, d]; y: bool [T, n]. Returns (predictor on ``device``, threshold
+    logit, epochs)."""
     gen = torch.Generator().manual_seed(cfg.seed + layer)
     torch.manual_seed(cfg.seed + layer)
+    x_train, y_train, x_hold, y_hold = (t.to(device) for t in (x_train, y_train, x_hold, y_hold))
     d, n = x_train.shape[1], y_train.shape[1]
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
     xs_train, xs_hold = (x_train - mean) / std, (x_hold - mean) / std
-    model = LowRankPredictor(d, n, rank)
+    model = LowRankPredictor(d, n, rank).to(device)
     pos = float(y_train.float().mean())
     pos = min(max(pos, 1e-6), 1 - 1e-6)
     with torch.no_grad():
         model.up.bias.copy_(torch.logit(y_train.float().mean(0).clamp(1e-4, 1 - 1e-4)))  # per-neuron base rate
-    pos_weight = torch.tensor((1 - pos) / pos)
+    pos_weight = torch.tensor((1 - pos) / pos, device=device)
     steps_per_epoch = max(1, x_train.shape[0] // cfg.batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
@@ -146,7 +148,7 @@ def train_layer(
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        order = torch.randperm(x_train.shape[0], generator=gen)
+        order = torch.randperm(x_train.shape[0], generator=gen).to(device)
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             logits = model(xs_train[idx])  # [B, n]

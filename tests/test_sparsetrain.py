@@ -209,3 +209,31 @@ def test_gated_run_on_cpu_chains_from_its_own_artifact(tmp_path, monkeypatch):
     cfg2, tensors2 = read_artifact(out2)
     key = "model.layers.0.self_attn.q_proj.weight.lora_A"
     assert tensors2[key].shape[0] == 2 * tensors[key].shape[0]
+
+
+def test_predictors_job_on_cpu(tmp_path, monkeypatch):
+    """The device predictor job on a tiny model: collects, trains, calibrates, writes a loadable predictor set whose
+    record has held-out recall per corpus."""
+    from llmflash.predictor import PredictorSet
+    from sparsetrain import predictors_job
+
+    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"wiki_train": rng.integers(1, 256, 6000), "bigbench": rng.integers(1, 256, 6000),
+              "kjv": rng.integers(1, 256, 3000)}
+    np.savez_compressed(data / "tokens.npz", **{k: v.astype(np.uint16) for k, v in arrays.items()})
+    desc = {k: {"split": "train" if k != "kjv" else "held_out", "source": k, "kind": k, "documents": 1, "tokens": 6000}
+            for k in arrays}
+    (data / "tokens.json").write_text(json.dumps(desc))
+    monkeypatch.setenv("SPARSIFY_DATA", str(data))
+    out = tmp_path / "out"
+    predictors_job.main(["--work", str(tmp_path / "w"), "--out", str(out), "--base", str(base), "--artifact", "none",
+                         "--device", "cpu", "--tokens", "4096", "--calib-tokens", "1024", "--eval-tokens", "512",
+                         "--seq-len", "64", "--rank", "8", "--rank-last", "8", "--epochs", "2", "--batch", "256"])
+    ps = PredictorSet.load(out)
+    assert ps.ranks == [8, 8, 8] and ps.model_name == "smollm2-relu"
+    rec = json.loads((out / "predictors_train.json").read_text())
+    assert rec["summary"]["kjv"]["recall"] > 0.5 and 0 < rec["summary"]["kjv"]["predicted_active_fraction"] <= 1
+    assert all(L["recall"] >= 0.94 for L in rec["layers"])  # calibrated to 0.95 on its calibration windows
