@@ -64,6 +64,16 @@ def relu_artifact_dir() -> Path:
     return package_dir() / "artifacts" / "smollm2-relu"
 
 
+def default_predictors(model: str) -> Optional[Path]:
+    """The committed default predictors of ``model`` (an alias, or a flash directory's ``manifest.model.source``:
+    ``convert`` records the alias there), found in ``predictors/artifacts/<alias>/`` beside this package (a source
+    checkout or an installed wheel); None when the model has none."""
+    if model not in ALIASES:
+        return None
+    path = package_dir().parent / "predictors" / "artifacts" / model
+    return path if (path / "predictors.json").is_file() else None
+
+
 def relu_artifact_tag() -> str:
     """A short hash of the shipped smollm2-relu artifact's description: conversions cached under it stay current."""
     import hashlib
