@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -308,3 +309,33 @@ def test_every_default_is_in_help():
 def _subparsers(parser) -> dict:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
+
+
+def _doc_sections() -> dict[str, str]:
+    """docs/cli.md: the text of each ``## COMMAND`` section."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    parts = re.split(r"^## (\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_docs_cli_md_matches_help():
+    """Every command of ``--help`` has its section in docs/cli.md, whose flag table lists exactly the flags of the
+    command's ``--help`` (and a default written as one value is the real default); the synopsis names no other flag."""
+    from llmflash.cli import build_parser
+
+    sections = _doc_sections()
+    commands = _subparsers(build_parser())
+    assert set(sections) == set(commands)
+    for name, sub in commands.items():
+        help_text = sub.format_help()
+        real = {o: a for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        rows = re.findall(r"^\| `(--[a-z0-9-]+)[^`]*` \|([^|]*)\|", sections[name], flags=re.M)
+        documented = {flag for flag, _ in rows}
+        assert documented == set(real), (name, "undocumented:", set(real) - documented, "not in --help:", documented - set(real))
+        assert all(re.search(rf"{flag}\b", help_text) for flag in documented)
+        for flag, default in rows:
+            one = re.fullmatch(r"`([^`]+)`", default.strip())
+            if one:
+                assert one.group(1) == str(real[flag].default), (name, flag, default)
+        synopsis = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", sections[name].strip().split("\n\n")[0])
+        assert set(synopsis) - {"--help"} <= set(real), (name, set(synopsis) - set(real))
