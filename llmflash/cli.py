@@ -13,8 +13,10 @@ import copy
 import importlib
 import logging
 import os
+import signal
 import sys
-from typing import NoReturn, Optional
+import threading
+from typing import Any, NoReturn, Optional
 
 from .errors import LLMFlashError
 
@@ -103,22 +105,59 @@ def _command(argv: list[str]) -> str:
     return f"llmflash {words[0]}" if words else "llmflash"
 
 
+class _Interrupts:
+    """Ctrl-C as usual (``KeyboardInterrupt``), remembered: one that lands inside a C extension's import can surface
+    as another error (numpy: "cannot load module more than once"), which is then reported as the interrupt it was, or
+    be swallowed by a dependency's import, which ``check`` raises again once the imports are done."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        command = f"llmflash {args.command}"
-        _setup_logging(args.verbose)
-        return int(args.func(args) or 0)
-    except LLMFlashError as err:
-        _close_progress_bars()
-        print(f"{command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+    with _Interrupts() as interrupts:
+        try:
+            parser = build_parser()
+            interrupts.check()
+            args = parser.parse_args(argv)
+            command = f"llmflash {args.command}"
+            _setup_logging(args.verbose)
+            return int(args.func(args) or 0)
+        except LLMFlashError as err:
+            _close_progress_bars()
+            print(f"{command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _close_progress_bars()
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception:
+            if not interrupts.seen:
+                raise
+            _close_progress_bars()
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
