@@ -11,97 +11,120 @@ import torch
 
 from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
+from .flashdir import FlashDir, open_flash_dir
+from .manifest import MANIFEST
+from .models import default_predictors
 from .report import fmt_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 
+SPARSITY_HELP = "auto: the model's own rule (its trained thresholds), else relu; threshold: calibrated CATS-style"
+
+
+def fraction(text: str) -> float:
+    """``argparse`` type of ``--dram-budget``: a fraction of the model's weight bytes, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction of the model's weight bytes in (0, 1]: use e.g. 0.5")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model into a flash directory")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("model", metavar="MODEL", help="alias (smollm2, smollm2-relu), model directory, .gguf file or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="the flash directory to write (atomically)")
+    p.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"), help="weight dtype on flash")
     p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("reorder", help="copy a flash directory with neurons that fire together stored side by side "
                                        "(Ripple-style: fewer, longer reads)")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--order", default="coactivation", choices=("coactivation", "popularity"))
-    p.add_argument("--text-file", default="wiki:train",
-                   help="text the order is fitted on: UTF-8 file, wiki:train (default) or hf:NAME")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
-                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
-    p.add_argument("--threshold-sparsity", type=float, default=0.8)
+    p.add_argument("dir", metavar="DIR", help="the flash directory to copy")
+    p.add_argument("--out", required=True, metavar="DIR", help="the reordered copy")
+    p.add_argument("--order", default="coactivation", choices=("coactivation", "popularity"), help="how neurons are ordered")
+    p.add_argument("--text-file", default="wiki:train", metavar="F",
+                   help="text the order is fitted on: UTF-8 file, wiki:train or hf:NAME")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="tokens of that text")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
+    p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
     p.set_defaults(func=cmd_reorder)
 
     p = sub.add_parser("generate", help="greedy generation from a flash directory")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="a flash directory (made by convert)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt")
-    g.add_argument("--prompt-file")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    g.add_argument("--prompt-file", metavar="F", help="a UTF-8 file holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate")
     _engine_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--json", metavar="OUT", help="write the result (summary and per-token figures) as JSON here")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval-ppl", help="perplexity on a text file (dense, oracle or predictor sparsity)")
-    p.add_argument("model", metavar="DIR|MODEL")
-    p.add_argument("--text-file", required=True, help="UTF-8 file, or wiki:eval / wiki:train / hf:NAME")
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--mode", default="dense", choices=("dense", "oracle", "predictor"))
-    p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
-                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
-    p.add_argument("--threshold-sparsity", type=float, default=0.8)
-    p.add_argument("--window", type=int, default=5, help="predictor mode: sliding window in tokens")
-    p.add_argument("--json", metavar="OUT")
+    p.add_argument("model", metavar="DIR|MODEL", help="a flash directory or a MODEL, computed in DRAM")
+    p.add_argument("--text-file", required=True, metavar="F", help="UTF-8 file, or wiki:eval / wiki:train / hf:NAME")
+    p.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="tokens scored")
+    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="window length in tokens")
+    p.add_argument("--mode", default="dense", choices=("dense", "oracle", "predictor"),
+                   help="which neurons the FFN computes: all (dense), the rule's active ones (oracle), the predicted ones")
+    p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
+    p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
+    p.add_argument("--window", type=int, default=5, metavar="K", help="predictor mode: sliding window in tokens")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
     p.set_defaults(func=cmd_eval_ppl)
 
     p = sub.add_parser("demo", help="the main job: dense vs naive vs sparse flash inference on the default model")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompt", default="The history of the printing press begins")
-    p.add_argument("--dram-budget", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per mode")
+    p.add_argument("--prompt", default="The history of the printing press begins", metavar="TEXT", help="the prompt")
+    p.add_argument("--dram-budget", type=fraction, default=0.5, metavar="F",
+                   help="fraction of the model's weight bytes the flash modes may hold")
     p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-relu"),
-                   help="smollm2: threshold sparsity (default); smollm2-relu: the relufied model")
-    p.add_argument("--json", metavar="OUT")
+                   help="smollm2: threshold sparsity; smollm2-relu: the relufied model with its predictors")
+    p.add_argument("--json", metavar="OUT", help="write the rows as JSON here")
     p.set_defaults(func=cmd_demo)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="oracle", choices=MODES)
-    p.add_argument("--dram-budget", type=float, default=0.5, help="fraction of the model's weight bytes (default 0.5)")
-    p.add_argument("--window", type=int, default=5, help="sliding window in tokens (paper: 4-5)")
-    p.add_argument("--threads", type=int, default=16, help="parallel reads in flight")
-    p.add_argument("--predictors", metavar="PATH")
-    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
-                   help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
-    p.add_argument("--threshold-sparsity", type=float, default=0.8, help="target sparsity of the threshold rule")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="default: predictor when the model has default predictors (a converted alias) or --predictors "
+                        "is given, else dense")
+    p.add_argument("--dram-budget", type=fraction, default=0.5, metavar="F",
+                   help="fraction of the model's weight bytes the engine may hold, in (0, 1]")
+    p.add_argument("--window", type=int, default=5, metavar="K", help="sliding window in tokens (paper: 4-5)")
+    p.add_argument("--threads", type=int, default=16, metavar="N", help="parallel reads in flight")
+    p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
+    p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
+    p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
-    p.add_argument("--compute-threads", type=int, default=0,
+    p.add_argument("--compute-threads", type=int, default=0, metavar="N",
                    help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
-    p.add_argument("--device", default="cpu",
-                   help="where to compute: cpu (default) or cuda[:N] (resident weights, neuron caches and predictors in "
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    if not args.dram_budget > 0:
-        raise LLMFlashError(f"--dram-budget {args.dram_budget} is not a fraction of the model: use e.g. 0.5")
+def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> EngineConfig:
+    """The engine's settings from the arguments; ``--mode`` left out picks the best mode ``fd`` supports."""
     if args.threads < 1:
         raise LLMFlashError("--threads must be at least 1")
     if args.compute_threads < 0:
         raise LLMFlashError("--compute-threads must be 0 (auto) or more")
+    mode = args.mode
+    if mode is None:
+        has_default = fd is not None and default_predictors(fd.manifest.model.source) is not None
+        mode = "predictor" if args.predictors or has_default else "dense"
+        log.info("mode %s (the best this directory supports)", mode)
     return EngineConfig(
-        mode=args.mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
+        mode=mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
         lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
         device=args.device,
@@ -113,7 +136,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .flashdir import open_flash_dir
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
     fd = open_flash_dir(out)
@@ -126,7 +148,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_reorder(args: argparse.Namespace) -> int:
-    from .flashdir import open_flash_dir
     from .reorder import reorder_flash_dir
 
     src = open_flash_dir(args.dir)
@@ -160,7 +181,8 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise LLMFlashError("--max-new-tokens must be at least 1")
-    engine = Engine(args.dir, engine_config(args))
+    fd = open_flash_dir(args.dir)
+    engine = Engine(fd, engine_config(args, fd))
     try:
         res = engine.generate(encode(engine.tokenizer, _prompt(args)), args.max_new_tokens, stop_at_eos=not args.ignore_eos)
     finally:
@@ -176,8 +198,8 @@ def summary_line(res: GenerationResult) -> str:
     s = res.summary()
     if not s:
         return f"[{res.mode}] no token after the prompt"
-    return (
-        f"[{res.mode}] {len(res.per_token)} tokens, {s['ms_per_token']:.1f} ms/token (io {s['io_ms']:.1f}, "
+    return (  # the first token comes with the prompt (prefill); the per-token figures are over the others
+        f"[{res.mode}] {len(res.tokens)} tokens, {s['ms_per_token']:.1f} ms/token (io {s['io_ms']:.1f}, "
         f"mem {s['mem_ms']:.1f}, compute {s['compute_ms']:.1f}), {fmt_bytes(s['bytes_read_per_token'])} read/token "
         f"in {s['reads_per_token']:.0f} reads, DRAM {fmt_bytes(res.dram_bytes)} = "
         f"{res.dram_bytes / res.model_bytes:.0%} of the model"
@@ -202,7 +224,8 @@ def eval_ppl(
     """Perplexity of ``DIR`` or ``MODEL`` in DRAM, with the FFN computed under the mode's active set.
 
     ``dense`` and ``oracle`` compute the same thing (the rule's active neurons are exactly the true set);
-    ``predictor``: a neuron is computed for token t only if predicted active for one of tokens t-k+1..t.
+    ``predictor``: a neuron is computed for token t only if predicted active for one of tokens t-k+1..t (by
+    ``predictors``, else the model's default ones).
     """
     from .evaluate import perplexity
     from .models import load_any
@@ -212,7 +235,6 @@ def eval_ppl(
     docs = load_texts(text_file)
     lm = load_any(spec)
     if sparsity == "threshold" and lm.thresholds is None and Path(spec).is_dir():
-        from .flashdir import open_flash_dir
         from .sparsity import calibrate_flash_dir
 
         lm.thresholds = calibrate_flash_dir(open_flash_dir(spec))
@@ -220,7 +242,11 @@ def eval_ppl(
     mask_fn = None
     if mode == "predictor":
         if not predictors:
-            raise LLMFlashError("--mode predictor needs --predictors PATH")
+            is_flash_dir = (Path(spec).expanduser() / MANIFEST).is_file()
+            found = default_predictors(open_flash_dir(spec).manifest.model.source if is_flash_dir else spec)
+            if found is None:
+                raise LLMFlashError(f"--mode predictor needs --predictors PATH: {lm.name} has no default predictors")
+            predictors = str(found)
         from predictors.evaluate import window_mask_fn
 
         from .arch import adapter_for

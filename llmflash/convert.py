@@ -43,6 +43,8 @@ def convert(
     if dtype not in TORCH_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LLMFlashError(f"--out {out} is a file, not a directory: choose another --out")
     model: HFModel
     tok: Any
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB

@@ -9,7 +9,7 @@ from .convert import convert
 from .engine import Engine, EngineConfig
 from .errors import LLMFlashError
 from .flashdir import open_flash_dir
-from .models import relu_artifact_tag
+from .models import default_predictors, relu_artifact_tag
 from .paths import cache_dir
 from .report import environment, fmt_bytes
 
@@ -23,8 +23,8 @@ def default_setup(model: str = "smollm2") -> dict:
         return {"model": "smollm2", "sparse_mode": "oracle", "sparsity": "threshold", "predictors": None}
     if model != "smollm2-relu":
         raise LLMFlashError(f"demo runs smollm2 or smollm2-relu, not {model!r}")
-    preds = Path(__file__).resolve().parent.parent / "predictors" / "artifacts" / "smollm2-relu"
-    if (preds / "predictors.json").is_file():
+    preds = default_predictors("smollm2-relu")
+    if preds is not None:
         return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "auto", "predictors": str(preds)}
     return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "auto", "predictors": None}
 

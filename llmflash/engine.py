@@ -30,6 +30,7 @@ for a ReLU rule when a guessed neuron is inactive).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import time
@@ -50,6 +51,7 @@ from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flas
 from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
+from .models import default_predictors
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
 from .sparsity import calibrate_flash_dir, model_rule, threshold_rule
@@ -71,7 +73,7 @@ class EngineConfig:
     io_threads: int = 16
     sparsity: str = "auto"  # auto (the model's own rule, else relu) | relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
-    predictors: Optional[str] = None  # predictor directory (predictor mode)
+    predictors: Optional[str] = None  # predictor directory (predictor mode; None: the model's default ones, if any)
     # the form the predictors are held in: int8 (weight-only, per-row scales: a quarter of fp32's DRAM and the fastest
     # here), float16 (as stored) or float32
     predictor_dtype: str = "int8"
@@ -412,6 +414,8 @@ class Engine:
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
+        # the KV cache's argument: ``cache`` in newer transformers (which warn on ``past_key_values``), else the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
         # naive on an accelerator copies the resident weights again every token: (host view, device tensor) pairs
         self._resident_pairs = self._move_resident() if self.offload else []
         if config.mode != "naive":
@@ -599,19 +603,21 @@ class Engine:
             weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
             provider = OracleProvider(weights, self.fd.activation, self.thresholds,
                                       self.gate_mask if self.gate is not None else None)
-            self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (see the contract)
+            self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (docs/cli.md)
             return provider
         if not self.cfg.predictors and self.gate is not None:  # a gated model predicts with its own gate
             return GateProvider(self.gate, self.gate_mask)
-        if not self.cfg.predictors:
-            raise LLMFlashError("--mode predictor needs --predictors PATH (train them with `llmflash train-predictors`)")
+        predictors = self.cfg.predictors or default_predictors(self.fd.manifest.model.source)
+        if not predictors:
+            raise LLMFlashError(f"--mode predictor needs --predictors PATH: {self.fd.name} has no default predictors "
+                                "(train them with `llmflash collect` + `llmflash train-predictors`)")
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
         if dtype == ENGINE_DTYPE and self.device.type != "cpu":
             log.info("int8 predictors use a CPU kernel: holding them in float16 on %s", self.device)
             dtype = torch.float16
-        p = PredictorSet.load(self.cfg.predictors, dtype=dtype)
+        p = PredictorSet.load(predictors, dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self._rule_kind())
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
@@ -653,7 +659,7 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, ids: Tensor, cache: Any) -> Tensor:
-        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = self.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True).logits[0, -1]
         for o in self.observers:
             o.forward_done(self.step)
         return logits

@@ -385,7 +385,12 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
     for layer in range(fd.layout.n_layers):
         biases[layer] = (resident.get(ACT_BIAS.format(layer)), resident.get(OUT_BIAS.format(layer)))
         adapter.install_ffn(model, layer, nn.Identity())  # placeholder, replaced by the engine's FFN modules
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shapes that differ: the manifest's config is not the one the weights were saved with
+        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))[:200]
+        raise FlashFileError(f"{fd.path / MANIFEST}: its config does not fit {fd.resident_path.name} ({first}): "
+                             "the manifest is corrupt; re-run convert") from None
     if unexpected:
         raise FlashFileError(f"{fd.resident_path} has tensors this model does not ({unexpected[:3]}...): re-run convert")
     if getattr(config, "tie_word_embeddings", False):

@@ -21,7 +21,7 @@ class TokenStats:
     total_ms: float = 0.0
     bytes_read: int = 0
     reads: int = 0
-    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted, per the contract); a trace's replay
+    excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
     read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
     loaded_neurons: int = 0

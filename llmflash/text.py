@@ -14,8 +14,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -61,12 +65,16 @@ def load_texts(source: str) -> list[str]:
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "validation")
+        offline = not _hub_reachable()
+        if offline:
+            _hub_offline()
         try:
             import datasets
 
             ds = datasets.load_dataset(name, config, split=split)
         except Exception as err:  # noqa: BLE001 - any failure to fetch is a user-facing error
-            raise LLMFlashError(f"cannot load dataset {name}: {str(err).splitlines()[0][:200]}") from None
+            where = " (the hub is unreachable: only the local cache was searched)" if offline else ""
+            raise LLMFlashError(f"cannot load dataset {name}{where}: {str(err).splitlines()[0][:200]}") from None
         return [t for t in ds["text"] if t and t.strip()]
     path = Path(source).expanduser()
     if not path.is_file():
@@ -81,6 +89,29 @@ def load_texts(source: str) -> list[str]:
     if not docs:
         raise LLMFlashError(f"{path} is empty")
     return docs
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (always True when offline mode is already set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return True  # the libraries already keep to the cache
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> None:
+    """Keep the Hugging Face libraries to their local cache: with no route to the hub they retry for ~40 s before
+    failing. Their settings are read at import, so loaded modules are switched too."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                         ("datasets.config", "HF_DATASETS_OFFLINE")):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, attr):
+            setattr(mod, attr, True)
 
 
 def token_stream(tokenizer: Any, docs: list[str], max_tokens: Optional[int] = None, bos: bool = False) -> Tensor:

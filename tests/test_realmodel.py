@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
@@ -45,3 +46,18 @@ def test_smollm2_eval_ppl_is_sane():
     out = eval_ppl("smollm2", "wiki:eval", max_tokens=512, seq_len=256)
     assert 5 < out["ppl"] < 40 and out["tokens"] > 500
     assert out["ffn_active_fraction"] > 0.99  # SiLU: no exact zeros
+
+
+def test_converted_alias_generates_with_its_default_predictors(tmp_path, capsys):
+    """`llmflash generate DIR` on a conversion of smollm2-relu: the paper's method with the committed predictors, no flag."""
+    from llmflash.cli import main
+    from llmflash.demo import flash_dir_for
+    from llmflash.models import default_predictors
+
+    if default_predictors("smollm2-relu") is None:
+        pytest.skip("no committed predictors for smollm2-relu")
+    out = tmp_path / "g.json"
+    assert main(["generate", str(flash_dir_for("smollm2-relu")), "--prompt", "The history of the printing press begins",
+                 "--max-new-tokens", "3", "--ignore-eos", "--json", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[predictor] 3 tokens")
+    assert json.loads(out.read_text())["config"]["predictors"] is None  # found by the engine, not passed
