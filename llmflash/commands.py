@@ -77,7 +77,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="oracle", choices=MODES)
     p.add_argument("--dram-budget", type=float, default=0.5, help="fraction of the model's weight bytes (default 0.5)")
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (paper: 4-5)")
-    p.add_argument("--threads", type=int, default=16, help="parallel reads in flight")
+    p.add_argument("--threads", type=int, default=0,
+                   help="reader threads (parallel reads in flight; 0 = auto: fit the free cores, default %(default)s)")
     p.add_argument("--predictors", metavar="PATH")
     p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"),
                    help="auto: the model's own rule (trained thresholds), else relu (default: %(default)s)")
@@ -85,7 +86,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
     p.add_argument("--compute-threads", type=int, default=0,
-                   help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
+                   help="torch threads (0 = auto: every free core in the sparse modes, default %(default)s)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
     p.add_argument("--device", default="cpu",
@@ -96,8 +97,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     if not args.dram_budget > 0:
         raise LLMFlashError(f"--dram-budget {args.dram_budget} is not a fraction of the model: use e.g. 0.5")
-    if args.threads < 1:
-        raise LLMFlashError("--threads must be at least 1")
+    if args.threads < 0:
+        raise LLMFlashError("--threads must be 0 (auto) or more")
     if args.compute_threads < 0:
         raise LLMFlashError("--compute-threads must be 0 (auto) or more")
     return EngineConfig(
