@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .demo import DEMO_MODELS
 from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
 from .report import fmt_bytes, write_json
@@ -63,13 +64,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=cmd_eval_ppl)
 
-    p = sub.add_parser("demo", help="the main job: dense vs naive vs sparse flash inference on the default model")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompt", default="The history of the printing press begins")
-    p.add_argument("--dram-budget", type=float, default=0.5)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-relu"),
-                   help="smollm2: threshold sparsity (default); smollm2-relu: the relufied model")
-    p.add_argument("--json", metavar="OUT")
+    p = sub.add_parser("demo", help="the main job: the original model in DRAM, then the sparse model from flash under "
+                                    "a DRAM budget (naive, hybrid, the paper's method with predictors, the oracle)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default %(default)s)")
+    p.add_argument("--prompt", default="The history of the printing press begins", help="(default %(default)r)")
+    p.add_argument("--dram-budget", type=float, default=0.5,
+                   help="fraction of the model's weight bytes for the flash rows (default %(default)s)")
+    p.add_argument("--model", default="smollm2-relu", choices=DEMO_MODELS,
+                   help="smollm2-relu: the sparse model with its trained predictors (default); smollm2: the original "
+                        "under the threshold rule, oracle only")
+    p.add_argument("--json", metavar="OUT", help="write the result: one record per row")
     p.set_defaults(func=cmd_demo)
 
 
@@ -238,10 +242,15 @@ def eval_ppl(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import sys
+
     from .demo import format_table, run_demo
 
+    def progress(msg: str) -> None:
+        print(f"llmflash demo: {msg}", file=sys.stderr, flush=True)
+
     result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget,
-                      model=args.model)
+                      model=args.model, progress=progress)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from llmflash.threads import (
-    BUSY_IO_THREADS_PER_CORE, IO_THREADS_PER_CORE, MAX_IO_THREADS, CpuState, choose_threads, load_from_samples,
+    BUSY_IO_THREADS_PER_CORE,
+    IO_THREADS_PER_CORE,
+    MAX_IO_THREADS,
+    CpuState,
+    choose_threads,
+    load_from_samples,
     sense_cpu,
 )
 
