@@ -59,3 +59,22 @@ def test_load_from_proc_stat_samples():
 def test_sense_cpu_sees_this_machine():
     cpu = sense_cpu(sample_ms=10)
     assert cpu.cores >= 1 and 0.0 <= cpu.load_cores <= cpu.cores and 1 <= cpu.free_cores <= cpu.cores
+
+
+def test_engine_takes_explicit_threads_and_records_its_choice(tmp_path):
+    from llmflash.convert import convert
+    from llmflash.engine import Engine, EngineConfig
+
+    from tiny import save_tiny, tiny_llama
+
+    save_tiny(tiny_llama(relu=True), tmp_path / "m")
+    path = convert(str(tmp_path / "m"), tmp_path / "f", progress=False)
+    e = Engine(path, EngineConfig(mode="oracle", dram_budget=8.0, io_threads=3, compute_threads=1))
+    try:
+        assert e.reader.n_threads == 3 and e.compute_threads == 1
+        ids = e.tokenizer("Hello", return_tensors="pt").input_ids[0]
+        cfg = e.generate(ids, 3).config
+    finally:
+        e.close()
+    assert (cfg["io_threads"], cfg["compute_threads"]) == (3, 1)
+    assert isinstance(cfg["busy"], bool) and cfg["cores"] >= 1 and 0 <= cfg["load_cores"] <= cfg["cores"]
