@@ -73,6 +73,10 @@ def flash_dir_for(model: str) -> Path:
         return convert(model, out, force=True)
 
 
+def _ordered_path(model: str, sparsity: str) -> Path:
+    return cache_dir() / "flash" / f"{_cache_name(model)}-coact-{sparsity}"
+
+
 def ordered_flash_dir(model: str, sparsity: str, threshold_sparsity: float = 0.8, progress: bool = False) -> Path:
     """The model's flash directory reordered by co-activation (``reorder``), fitted on ``ORDER_TOKENS`` tokens of
     ``ORDER_SOURCE`` under its sparsity rule; built once and cached beside the plain conversion (keyed like it: by
@@ -80,7 +84,7 @@ def ordered_flash_dir(model: str, sparsity: str, threshold_sparsity: float = 0.8
     from .reorder import reorder_flash_dir
 
     src = open_flash_dir(flash_dir_for(model))
-    out = cache_dir() / "flash" / f"{_cache_name(model)}-coact-{sparsity}"
+    out = _ordered_path(model, sparsity)
     want = {"kind": "coactivation", "source": ORDER_SOURCE, "requested_tokens": ORDER_TOKENS, "sparsity": sparsity,
             "src_checksums": src.manifest.checksums.to_json()}
     try:
@@ -126,8 +130,7 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
         if not (cache_dir() / "flash" / _cache_name(m)).is_dir():
             say(f"converting {m} into a flash directory (once, cached)")
         flash_dir_for(m)
-    ordered = cache_dir() / "flash" / f"{_cache_name(setup['model'])}-coact-{setup['sparsity']}"
-    if not ordered.is_dir():
+    if not _ordered_path(setup["model"], setup["sparsity"]).is_dir():
         say(f"ordering {setup['model']}'s neurons by co-activation on {ORDER_TOKENS} tokens of {ORDER_SOURCE} "
             "(once, cached)")
     ordered = ordered_flash_dir(setup["model"], setup["sparsity"])
