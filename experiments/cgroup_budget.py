@@ -3,7 +3,7 @@ the measured runtime overhead, completing without failure (measured).
 
 The overhead is measured first (``memlimit.measure_overhead``: the peak cgroup usage of the model skeleton with its
 resident weights and a zero FFN, after the prompt and a few tokens, minus the resident weights). When the sparse
-mode is the oracle (no predictors yet), the oracle's held weights (outside the budget by contract) are added and
+mode is the oracle (a model without predictors), the oracle's held weights (outside the budget by contract) are added and
 stated. Exits non-zero if the run does not complete.
 """
 

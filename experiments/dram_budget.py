@@ -2,10 +2,16 @@
 
 For each budget: ours (predictor + window k=5 + bundling; the neuron cache gets whatever the budget leaves after the
 resident weights, predictors and staging buffer) and hybrid (as many FFN layers resident as fit, the rest streamed
-every token). A budget below a mode's minimum is recorded as such (the engine refuses it and states the minimum).
+every token; not run on the scale model in --quick). A budget below a mode's minimum is recorded as such (the engine
+refuses it and states the minimum, which the figure marks). ``--replot`` only redraws the figure from OUT's CSV.
 """
 
 from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Optional
 
 from llmflash.errors import BudgetError
 
@@ -21,7 +27,11 @@ def main() -> None:
     p.add_argument("--budgets", default=None, help="comma-separated fractions (default: 0.35..0.8)")
     p.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
                    help="also run hybrid (auto: yes except for the scale model in --quick)")
+    p.add_argument("--replot", action="store_true", help="only redraw the figure from OUT/dram_budget.csv")
     args = p.parse_args()
+    if args.replot:
+        plot(read_rows(args.out / "dram_budget.csv"), args.out / "dram_budget.png")
+        return
     table = engine_runs.load_bandwidth(16)
     setups = common.setups(args)
     rows, data = [], {"models": {}}
@@ -37,7 +47,8 @@ def main() -> None:
                 try:
                     r = engine_runs.standard_run(setup, mode, args.quick, budget=b, table=table)
                 except BudgetError as err:
-                    rows.append({"model": setup["model"], "mode": mode, "budget": b, "error": str(err)})
+                    rows.append({"model": setup["model"], "mode": mode, "budget": b, "error": str(err),
+                                 "minimum": minimum_of(str(err))})
                     print("    ", err)
                     continue
                 s = r["summary"]
@@ -53,28 +64,58 @@ def main() -> None:
     plot(rows, args.out / "dram_budget.png")
 
 
+def minimum_of(error: str) -> Optional[float]:
+    """The minimum budget (a fraction of the model) an engine's ``BudgetError`` states."""
+    m = re.search(r"below the minimum ([0-9.]+)", error)
+    return float(m.group(1)) if m else None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows ``main`` wrote to CSV, numbers as numbers (empty cells dropped); a refused budget's minimum is taken
+    from its error where the CSV predates the ``minimum`` column."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            r: dict = {}
+            for k, v in raw.items():
+                if v in ("", None):
+                    continue
+                try:
+                    r[k] = float(v)
+                except ValueError:
+                    r[k] = v
+            if "error" in r and "minimum" not in r:
+                r["minimum"] = minimum_of(r["error"])
+            rows.append(r)
+    return rows
+
+
 def plot(rows: list[dict], png) -> None:
     plt = common.plt()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.4), squeeze=False)
     for ax, m in zip(axes[0], models):
+        missing = []
         for mode, col in (("ours", "tab:blue"), ("hybrid", "tab:grey")):
             rs = sorted((r for r in rows if r["model"] == m and r["mode"] == mode and "ms_per_token" in r),
                         key=lambda r: r["budget"])
-            if not rs:
+            minima = {r["minimum"] for r in rows if r["model"] == m and r["mode"] == mode and r.get("minimum")}
+            if not rs and not minima:
+                missing.append(mode)
                 continue
-            ax.plot([r["budget"] * 100 for r in rs], [r["ms_per_token"] for r in rs], "o-", color=col,
-                    label=f"{mode}: total per token")
-            if mode == "ours":
+            if rs:
+                ax.plot([r["budget"] * 100 for r in rs], [r["ms_per_token"] for r in rs], "o-", color=col,
+                        label=f"{mode}: total per token")
+            if mode == "ours" and rs:
                 ax.plot([r["budget"] * 100 for r in rs], [r["io_ms"] for r in rs], "s--", color=col, alpha=0.6,
                         label="ours: flash I/O part")
-            bad = [r for r in rows if r["model"] == m and r["mode"] == mode and "error" in r]
-            for r in bad:
-                ax.axvline(r["budget"] * 100, color=col, ls=":", alpha=0.5)
+            for lo in sorted(minima):  # one per mode: the engine's minimum for this model
+                ax.axvline(lo * 100, color=col, ls=":", lw=1.5, alpha=0.8, label=f"{mode}: minimum budget ({lo:.1%})")
         ax.set_yscale("log")
         ax.set_xlabel("DRAM budget (% of the model's weight bytes)")
         ax.set_ylabel("latency per token (ms, median, log scale)")
-        ax.set_title(f"{m}: latency vs DRAM budget (measured; dotted: below the mode's minimum)", fontsize=9)
+        note = f"; {' and '.join(missing)} not run for this model" if missing else ""
+        ax.set_title(f"{m}: latency vs DRAM budget\n(measured; dotted: the mode's minimum budget{note})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     common.savefig(fig, png)

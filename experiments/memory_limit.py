@@ -3,7 +3,7 @@
 For each model, the limit is half the model's weight bytes plus the runtime overhead, measured first: the peak
 cgroup usage of a process holding the model skeleton with its resident weights and a zero FFN, after a prompt and a
 few tokens, minus the resident weights (see ``memlimit.measure_overhead``). When the real model's sparse mode is the
-oracle (no predictors yet), the oracle's weights, held outside the budget by contract, are added to the limit for
+oracle (a model without predictors), the oracle's weights, held outside the budget by contract, are added to the limit for
 every loader alike. Inside that limit (page cache charged to the group):
 - ours: ``llmflash generate DIR --mode <sparse> --dram-budget 0.5`` (scale model: the engine with the trace provider);
   if it is killed, again with ``--dram-budget 0.48`` in the same limit (room for the engine's working memory that its

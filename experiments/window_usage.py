@@ -6,9 +6,12 @@ For consecutive tokens with active sets S_t (per layer, averaged over layers and
   window, the whole set every token).
 Real model (measured activations on wiki:eval: true sets, and predicted sets when predictors exist) and the scale
 model's trace source (simulated); the paper's OPT-6.7B points at k=5 for its predicted sets: window 24%, 2.4% new.
+``--replot`` only redraws the figure from OUT/window_usage.json.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -34,7 +37,11 @@ def main() -> None:
     p = common.parser("window_usage", __doc__)
     p.add_argument("--tokens", type=int, default=None, help="real-model eval tokens (default 2048 quick, 16384 full)")
     p.add_argument("--k-max", type=int, default=32)
+    p.add_argument("--replot", action="store_true", help="only redraw the figure from OUT/window_usage.json")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads((args.out / "window_usage.json").read_text()), args.out / "window_usage.png")
+        return
     tokens = args.tokens or (2048 if args.quick else 16384)
     K = args.k_max
     curves: dict = {"paper_opt_6_7b": dict(PAPER, label="paper")}
@@ -79,18 +86,27 @@ def main() -> None:
 
 def plot(curves: dict, png) -> None:
     plt = common.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4))
     styles = {"real_true": ("tab:blue", "-"), "real_predicted": ("tab:blue", "--"),
               "scale_predicted": ("tab:orange", "--"), "scale_true": ("tab:orange", "-")}
-    for key, c in curves.items():
-        if key.startswith("paper"):
-            continue
+    series = [(key, c) for key, c in curves.items() if not key.startswith("paper")]
+
+    def band_area(c: dict) -> float:
+        return float(np.sum(np.array(c["union_max"]) - np.array(c["union_min"])))
+
+    # bands: the widest drawn first (lowest), each faint with its edges outlined in its series' style, so that a wide
+    # band (a real model's layers differ a lot) does not hide the narrower ones; the means are drawn over all bands
+    for z, (key, c) in enumerate(sorted(series, key=lambda kc: -band_area(kc[1]))):
+        col, ls = styles.get(key, ("grey", "-"))
+        k, lo, hi = c["k_union"], np.array(c["union_min"]) * 100, np.array(c["union_max"]) * 100
+        axes[0].fill_between(k, lo, hi, color=col, alpha=0.07, lw=0, zorder=1 + z)
+        for edge in (lo, hi):
+            axes[0].plot(k, edge, color=col, ls=ls, lw=0.7, alpha=0.55, zorder=1 + z)
+    for key, c in series:
         col, ls = styles.get(key, ("grey", "-"))
         lab = f"{c['name']} ({c['label']})"
-        axes[0].plot(c["k_union"], np.array(c["union"]) * 100, color=col, ls=ls, label=lab)
-        axes[0].fill_between(c["k_union"], np.array(c["union_min"]) * 100, np.array(c["union_max"]) * 100,
-                             color=col, alpha=0.08)
-        axes[1].plot(c["k_new"], np.array(c["new"]) * 100, color=col, ls=ls, label=lab)
+        axes[0].plot(c["k_union"], np.array(c["union"]) * 100, color=col, ls=ls, lw=2, label=lab, zorder=10)
+        axes[1].plot(c["k_new"], np.array(c["new"]) * 100, color=col, ls=ls, lw=2, label=lab, zorder=10)
     pp = curves["paper_opt_6_7b"]
     axes[0].scatter([pp["k"]], [pp["union"] * 100], marker="*", s=160, color="red", zorder=5,
                     label="paper OPT-6.7B predicted sets, k=5")
@@ -100,14 +116,16 @@ def plot(curves: dict, png) -> None:
                     label="paper: predicted set alone (~10%)")
     axes[0].set_xlabel("window size k (tokens)")
     axes[0].set_ylabel("aggregated neuron usage (% of FFN neurons)")
-    axes[0].set_title("What a window of k tokens holds (band: min-max over layers)")
+    axes[0].set_title("What a window of k tokens holds\n(thick: mean over layers; band with thin edges: min-max over layers)",
+                      fontsize=10)
     axes[1].set_xlabel("window size k (tokens)")
     axes[1].set_ylabel("neurons loaded per token (% of FFN neurons)")
-    axes[1].set_title("What each token must load with a window of k")
+    axes[1].set_title("What each token must load with a window of k\n(mean over layers)", fontsize=10)
     axes[1].set_yscale("log")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        # under the panel: inside, the legend covered the bands
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     common.savefig(fig, png)
 
 

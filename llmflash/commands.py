@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .demo import DEMO_MODELS
 from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
 from .flashdir import FlashDir, open_flash_dir
@@ -79,14 +80,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
     p.set_defaults(func=cmd_eval_ppl)
 
-    p = sub.add_parser("demo", help="the main job: dense vs naive vs sparse flash inference on the default model")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per mode")
+    p = sub.add_parser("demo", help="the main job: the original model in DRAM, then the sparse model from flash under "
+                                    "a DRAM budget (naive, hybrid, the paper's method with predictors, the oracle)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per row")
     p.add_argument("--prompt", default="The history of the printing press begins", metavar="TEXT", help="the prompt")
     p.add_argument("--dram-budget", type=fraction, default=0.5, metavar="F",
-                   help="fraction of the model's weight bytes the flash modes may hold")
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-relu"),
-                   help="smollm2: threshold sparsity; smollm2-relu: the relufied model with its predictors")
-    p.add_argument("--json", metavar="OUT", help="write the rows as JSON here")
+                   help="fraction of the model's weight bytes for the flash rows, in (0, 1]")
+    p.add_argument("--model", default="smollm2-relu", choices=DEMO_MODELS,
+                   help="smollm2-relu: the sparse model with its trained predictors; smollm2: the original under the "
+                        "threshold rule, oracle only")
+    p.add_argument("--json", metavar="OUT", help="write the result: one record per row")
     p.set_defaults(func=cmd_demo)
 
 
@@ -97,14 +100,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-budget", type=fraction, default=0.5, metavar="F",
                    help="fraction of the model's weight bytes the engine may hold, in (0, 1]")
     p.add_argument("--window", type=int, default=5, metavar="K", help="sliding window in tokens (paper: 4-5)")
-    p.add_argument("--threads", type=int, default=16, metavar="N", help="parallel reads in flight")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="reader threads (parallel reads in flight; 0 = auto: fit the free cores)")
     p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
     p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
     p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action="store_true",
                    help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
     p.add_argument("--compute-threads", type=int, default=0, metavar="N",
-                   help="torch threads (0 = auto: every core in the sparse modes; use 1 on a machine busy with other work)")
+                   help="torch threads (0 = auto: every free core in the sparse modes)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
@@ -114,8 +118,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> EngineConfig:
     """The engine's settings from the arguments; ``--mode`` left out picks the best mode ``fd`` supports."""
-    if args.threads < 1:
-        raise LLMFlashError("--threads must be at least 1")
+    if args.threads < 0:
+        raise LLMFlashError("--threads must be 0 (auto) or more")
     if args.compute_threads < 0:
         raise LLMFlashError("--compute-threads must be 0 (auto) or more")
     mode = args.mode
@@ -263,10 +267,15 @@ def eval_ppl(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import sys
+
     from .demo import format_table, run_demo
 
+    def progress(msg: str) -> None:
+        print(f"llmflash demo: {msg}", file=sys.stderr, flush=True)
+
     result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget,
-                      model=args.model)
+                      model=args.model, progress=progress)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)

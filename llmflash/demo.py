@@ -1,9 +1,26 @@
-"""The main job: the default model run dense, naive, hybrid and sparse from flash under half-model DRAM."""
+"""The main job, shown honestly: the original model in DRAM, then the sparse model from flash under a DRAM budget.
+
+Rows, in order (``demo_rows``):
+
+1. ``dense`` on the original model (``smollm2``, exact activations, every weight in DRAM): the reference a user has;
+2. ``dense`` on the sparse model (its own sparsity rule, every weight in DRAM): what the sparse rows must reproduce;
+3. ``naive`` (the whole model read from flash every token) and ``hybrid`` (whole layers resident as the budget allows,
+   the rest read every token): the baselines;
+4. ``predictor``: the paper's method, trained low-rank predictors choosing the neurons (their cost counted), a sliding
+   window of neurons cached in DRAM;
+5. ``oracle``: the true active set, the cost of finding it not counted: an upper bound, not a method.
+
+The sparse model's rows run on a copy of its flash directory whose neurons that fire together are stored side by
+side (``reorder``, co-activation order), built once and cached beside the plain conversion. Each row says what its
+DRAM holds (from the engine that ran it) and whether the machine was busy with other work when it started.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from .convert import convert
 from .engine import Engine, EngineConfig
@@ -15,23 +32,34 @@ from .report import environment, fmt_bytes
 
 log = logging.getLogger(__name__)
 
+ORIGINAL = "smollm2"  # the original model: the reference row runs it dense, with exact activations
+DEMO_MODELS = ("smollm2-relu", "smollm2")
+ORDER_SOURCE = "wiki:train"  # the text the neuron order is fitted on (the prompt is not from it)
+ORDER_TOKENS = 4096
+
+Progress = Callable[[str], None]  # one line of progress, for the caller to show (the library never prints)
+
 
 def default_setup(model: str = "smollm2") -> dict:
     """``smollm2``: the original model with the threshold rule (80% sparsity), exact oracle. ``smollm2-relu``: the
-    relufied model with its committed predictors when they exist (its quality is still far from the original's)."""
+    sparse model under its own rule, with its committed default predictors when they exist."""
     if model == "smollm2":
         return {"model": "smollm2", "sparse_mode": "oracle", "sparsity": "threshold", "predictors": None}
     if model != "smollm2-relu":
-        raise LLMFlashError(f"demo runs smollm2 or smollm2-relu, not {model!r}")
-    preds = default_predictors("smollm2-relu")
+        raise LLMFlashError(f"demo runs {' or '.join(DEMO_MODELS)}, not {model!r}")
+    preds = default_predictors(model)
     if preds is not None:
         return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "auto", "predictors": str(preds)}
     return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "auto", "predictors": None}
 
 
+def _cache_name(model: str) -> str:
+    return f"{model}-{relu_artifact_tag()}" if model == "smollm2-relu" else model
+
+
 def flash_dir_for(model: str) -> Path:
-    """Convert once and reuse: the cache holds one flash directory per model."""
-    out = cache_dir() / "flash" / (f"{model}-{relu_artifact_tag()}" if model == "smollm2-relu" else model)
+    """Convert once and reuse: the cache holds one flash directory per model (per artifact for smollm2-relu)."""
+    out = cache_dir() / "flash" / _cache_name(model)
     try:
         open_flash_dir(out)
         return out
@@ -39,55 +67,199 @@ def flash_dir_for(model: str) -> Path:
         return convert(model, out, force=True)
 
 
-def run_demo(max_new_tokens: int = 32, prompt: str = "The history of the printing press begins",
-             dram_budget: float = 0.5, model: str = "smollm2") -> dict:
+def _ordered_path(model: str, sparsity: str) -> Path:
+    return cache_dir() / "flash" / f"{_cache_name(model)}-coact-{sparsity}"
+
+
+def ordered_flash_dir(model: str, sparsity: str, threshold_sparsity: float = 0.8, progress: bool = False) -> Path:
+    """The model's flash directory reordered by co-activation (``reorder``), fitted on ``ORDER_TOKENS`` tokens of
+    ``ORDER_SOURCE`` under its sparsity rule; built once and cached beside the plain conversion (keyed like it: by
+    the model artifact), rebuilt when the source's checksums or the fit changed."""
+    from .reorder import reorder_flash_dir
+
+    src = open_flash_dir(flash_dir_for(model))
+    out = _ordered_path(model, sparsity)
+    want = {"kind": "coactivation", "source": ORDER_SOURCE, "requested_tokens": ORDER_TOKENS, "sparsity": sparsity,
+            "src_checksums": src.manifest.checksums.to_json()}
+    try:
+        order = open_flash_dir(out).manifest.neuron_order
+        if order is not None and all(order.meta.get(k) == v for k, v in want.items()):
+            return out
+    except LLMFlashError:
+        pass
+    reorder_flash_dir(src.path, out, "coactivation", sparsity, threshold_sparsity, source=ORDER_SOURCE,
+                      max_tokens=ORDER_TOKENS, progress=progress,
+                      extra_meta={"requested_tokens": ORDER_TOKENS, "src_checksums": want["src_checksums"]})
+    return out
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One row of the demo: a mode run on one model's flash directory."""
+
+    mode: str
+    model: str
+    flash_dir: Path
+    sparsity: str
+    dram_budget: float
+    role: str  # "original" | "reference" | "baseline" | "method" | "upper bound"
+    predictors: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} on {self.model}"
+
+    def config(self) -> EngineConfig:
+        return EngineConfig(mode=self.mode, dram_budget=self.dram_budget, sparsity=self.sparsity,
+                            predictors=self.predictors)
+
+
+def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = None) -> list[DemoRow]:
+    """The rows (module docstring), preparing what they need: conversions and the co-activation order (cached)."""
+    say = progress or (lambda msg: None)
     setup = default_setup(model)
-    path = flash_dir_for(setup["model"])
-    fd = open_flash_dir(path)
-    rows = []
-    reference = None
-    runs = [("dense", 1.0), ("naive", dram_budget), ("hybrid", dram_budget), (setup["sparse_mode"], dram_budget)]
-    for mode, budget in runs:
-        cfg = EngineConfig(mode=mode, dram_budget=budget, sparsity=setup["sparsity"], predictors=setup["predictors"])
-        engine = Engine(fd, cfg)
-        try:
-            ids = engine.tokenizer(prompt, return_tensors="pt").input_ids[0]
-            res = engine.generate(ids, max_new_tokens, stop_at_eos=False)
-        finally:
-            engine.close()
-        if mode == "dense":
-            reference = res.tokens
-        s = res.summary()
-        rows.append({
-            "mode": mode, "ms_per_token": s["ms_per_token"], "tokens_per_s": 1e3 / s["ms_per_token"],
-            "io_ms": s["io_ms"], "mem_ms": s["mem_ms"], "compute_ms": s["compute_ms"],
-            "bytes_read_per_token": s["bytes_read_per_token"], "reads_per_token": s["reads_per_token"],
-            "dram_bytes": res.dram_bytes, "dram_fraction": res.dram_bytes / res.model_bytes,
-            "same_tokens_as_dense": res.tokens == reference, "text": res.text,
-        })
-    naive = next(r for r in rows if r["mode"] == "naive")
-    for r in rows:
+    if not 0 < dram_budget <= 1:
+        raise LLMFlashError(f"--dram-budget {dram_budget:g} is not a fraction of the model in (0, 1]: use e.g. 0.5")
+    for m in dict.fromkeys((ORIGINAL, setup["model"])):
+        if not (cache_dir() / "flash" / _cache_name(m)).is_dir():
+            say(f"converting {m} into a flash directory (once, cached)")
+        flash_dir_for(m)
+    if not _ordered_path(setup["model"], setup["sparsity"]).is_dir():
+        say(f"ordering {setup['model']}'s neurons by co-activation on {ORDER_TOKENS} tokens of {ORDER_SOURCE} "
+            "(once, cached)")
+    ordered = ordered_flash_dir(setup["model"], setup["sparsity"])
+    sparse = {"model": setup["model"], "flash_dir": ordered, "sparsity": setup["sparsity"]}
+    rows = [
+        DemoRow("dense", ORIGINAL, flash_dir_for(ORIGINAL), "auto", 1.0, "original"),
+        DemoRow("dense", **sparse, dram_budget=1.0, role="reference"),
+        DemoRow("naive", **sparse, dram_budget=dram_budget, role="baseline"),
+        DemoRow("hybrid", **sparse, dram_budget=dram_budget, role="baseline"),
+    ]
+    if setup["predictors"]:
+        rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
+                            predictors=setup["predictors"]))
+    rows.append(DemoRow("oracle", **sparse, dram_budget=dram_budget, role="upper bound"))
+    return rows
+
+
+def dram_holds(engine: Engine) -> str:
+    """What an engine's DRAM holds, in words, from its own accounting (``Engine.dram``)."""
+    parts = engine.dram
+    n_layers = engine.fd.layout.n_layers
+    if engine.cfg.mode == "dense":
+        return "all weights"
+    words = ["embeddings+attention"]
+    if parts.get("ffn_resident"):
+        n = getattr(engine, "hybrid_resident_layers", n_layers)
+        words.append(f"{n} of {n_layers} FFN layers")
+    if parts.get("predictors"):
+        words.append("predictors")
+    if parts.get("neuron_cache"):
+        words.append(f"neuron cache (window {engine.cfg.window})")
+    text = "+".join(words)
+    oracle_bytes = getattr(engine, "oracle_bytes", 0)
+    if oracle_bytes:
+        text += f"; true set from a {fmt_bytes(oracle_bytes)} copy outside the budget"
+    return text
+
+
+def run_row(row: DemoRow, prompt: str, max_new_tokens: int) -> dict:
+    engine = Engine(row.flash_dir, row.config())
+    try:
+        ids = engine.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        res = engine.generate(ids, max_new_tokens, stop_at_eos=False)
+        holds = dram_holds(engine)
+    finally:
+        engine.close()
+    cfg = res.config
+    return {
+        "mode": row.mode, "model": row.model, "role": row.role, "flash_dir": str(row.flash_dir),
+        "sparsity": row.sparsity, "dram_budget": row.dram_budget, **res.summary(),
+        "prefill_ms": res.prefill_ms, "generated_tokens": len(res.tokens),
+        "dram_bytes": res.dram_bytes, "dram_fraction": res.dram_bytes / res.model_bytes, "dram_holds": holds,
+        "dram_breakdown": res.dram_breakdown, "io_threads": cfg["io_threads"], "compute_threads": cfg["compute_threads"],
+        "busy": cfg["busy"], "load_cores": cfg["load_cores"], "cores": cfg["cores"],
+        "tokens": res.tokens, "text": res.text,
+    }
+
+
+def run_demo(max_new_tokens: int = 32, prompt: str = "The history of the printing press begins",
+             dram_budget: float = 0.5, model: str = "smollm2-relu", progress: Optional[Progress] = None,
+             rows: Optional[Sequence[DemoRow]] = None) -> dict:
+    """Run every row (``demo_rows(model, dram_budget)`` unless ``rows`` are given: one ``reference`` and one
+    ``naive`` among them) on the same prompt, greedy; ``progress`` gets a line as each row starts and ends."""
+    say = progress or (lambda msg: None)
+    if max_new_tokens < 2:
+        raise LLMFlashError("--max-new-tokens must be at least 2 (the first token comes from the prompt)")
+    setup = default_setup(model) if rows is None else None
+    rows = demo_rows(model, dram_budget, say) if rows is None else list(rows)
+    out = []
+    for i, row in enumerate(rows, 1):
+        say(f"[{i}/{len(rows)}] {row.label} ({row.role}, DRAM budget {row.dram_budget:.0%})")
+        r = run_row(row, prompt, max_new_tokens)
+        say(f"[{i}/{len(rows)}] {row.label}: {r['ms_per_token']:.1f} ms/token" + (" (machine busy)" if r["busy"] else ""))
+        out.append(r)
+    reference = next(r for r in out if r["role"] == "reference")
+    original = next((r for r in out if r["role"] == "original"), reference)
+    naive = next(r for r in out if r["mode"] == "naive")
+    for r in out:
+        r["same_tokens_as_reference"] = r["tokens"] == reference["tokens"]
+        r["same_tokens_as_original"] = r["tokens"] == original["tokens"]
+        r["tokens_as_reference"] = common_prefix(r["tokens"], reference["tokens"])  # leading tokens that agree
         r["speedup_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"]
-    return {"setup": setup, "flash_dir": str(path), "model_bytes": fd.model_bytes, "prompt": prompt,
-            "max_new_tokens": max_new_tokens, "dram_budget": dram_budget, "rows": rows, "environment": environment()}
+    fd = open_flash_dir(reference["flash_dir"])
+    order = fd.manifest.neuron_order
+    return {"setup": setup, "model": reference["model"], "original": original["model"], "model_bytes": fd.model_bytes,
+            "neuron_order": order.meta if order is not None else None, "prompt": prompt,
+            "max_new_tokens": max_new_tokens, "dram_budget": dram_budget, "rows": out,
+            "busy_rows": [f"{r['mode']} on {r['model']}" for r in out if r["busy"]], "environment": environment()}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def format_table(result: dict) -> str:
-    s = result["setup"]
+    rows = result["rows"]
+    model, original = result["model"], result["original"]
+    order = result.get("neuron_order") or {}
     lines = [
-        f"llmflash demo: {s['model']} ({fmt_bytes(result['model_bytes'])} of weights), sparsity {s['sparsity']}, "
-        f"DRAM budget {result['dram_budget']:.0%} of the model, {result['max_new_tokens']} tokens, greedy",
+        f"llmflash demo: {model} ({fmt_bytes(result['model_bytes'])} of weights"
+        + (f", neurons in {order.get('kind')} order" if order else "")
+        + f"), DRAM budget {result['dram_budget']:.0%} of the model, {result['max_new_tokens']} tokens, greedy",
         f"prompt: {result['prompt']!r}",
         "",
-        f"{'mode':<10}{'ms/token':>10}{'tokens/s':>10}{'vs naive':>10}{'read/token':>13}{'reads':>8}{'DRAM':>18}  same text as dense",
+        f"{'row':<24}{'ms/token':>9}{'tok/s':>7}{'vs naive':>9}{'read/token':>12}{'reads':>7}{'threads':>8}"
+        f"{'DRAM':>17}  {'same text as ' + model + ' dense':<34}DRAM holds",
     ]
-    for r in result["rows"]:
+    for r in rows:
+        name = f"{r['mode']}{'*' if r['busy'] else ''} ({r['model'] if r['role'] == 'original' else r['role']})"
+        same = "yes" if r["same_tokens_as_reference"] else f"first {r['tokens_as_reference']} of {len(r['tokens'])} tokens"
         dram = f"{fmt_bytes(r['dram_bytes'])} ({r['dram_fraction']:.0%})"
         lines.append(
-            f"{r['mode']:<10}{r['ms_per_token']:>10.1f}{r['tokens_per_s']:>10.1f}{r['speedup_vs_naive']:>9.1f}x"
-            f"{fmt_bytes(r['bytes_read_per_token']):>13}{r['reads_per_token']:>8.0f}{dram:>18}  "
-            f"{'yes' if r['same_tokens_as_dense'] else 'NO'}"
+            f"{name:<24}{r['ms_per_token']:>9.1f}{r['tokens_per_s']:>7.1f}{r['speedup_vs_naive']:>8.1f}x"
+            f"{fmt_bytes(r['bytes_read_per_token']):>12}{r['reads_per_token']:>7.0f}"
+            f"{str(r['io_threads']) + '/' + str(r['compute_threads']):>8}{dram:>17}  {same:<34}{r['dram_holds']}"
         )
-    lines += ["", f"dense text: {result['rows'][0]['text']!r}",
-              "(ms/token: median over generated tokens, measured; reads bypass the page cache)"]
+    ref = next(r for r in rows if r["role"] == "reference")
+    texts = [(f"{original} dense (the original model)", r["text"]) for r in rows if r["role"] == "original"]
+    texts += [(f"{model} dense", ref["text"])]
+    texts += [(f"{r['mode']} on {model}", r["text"]) for r in rows if r["role"] == "method"]
+    width = max(len(label) for label, _ in texts) + 1
+    lines += [""] + [f"{label + ':':<{width}} {text!r}" for label, text in texts]
+    busy = [r for r in rows if r["busy"]]
+    if busy:
+        worst = max(r["load_cores"] for r in busy)
+        lines.append(f"* the machine was busy when this row started: other work kept up to {worst:.1f} of "
+                     f"{busy[0]['cores']} cores busy (threads chosen to fit what was left)")
+    else:
+        lines.append(f"the machine was quiet when every row started ({rows[0]['cores']} cores free)")
+    lines += [
+        "predictor: the paper's method (trained predictors, their cost counted); oracle: the true active set, found "
+        "for free (an upper bound); threads: readers/compute",
+        "(ms/token: median over generated tokens, measured; reads bypass the page cache; the oracle sums the same "
+        "terms as dense in another order, and a threshold rule can turn a rounding difference into another neuron: "
+        "texts may part after many tokens)",
+    ]
     return "\n".join(lines)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
 from .sparsity import calibrate_flash_dir, model_rule, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
+from .threads import choose_threads, sense_cpu
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class EngineConfig:
     mode: str = "oracle"
     dram_budget: float = 0.5  # fraction of the model's weight bytes the engine may hold
     window: int = 5  # tokens in the sliding window (paper: 4-5)
-    io_threads: int = 16
+    io_threads: int = 0  # reader threads; 0 = auto: from the free cores at start (``threads.choose_threads``)
     sparsity: str = "auto"  # auto (the model's own rule, else relu) | relu | threshold
     threshold_sparsity: float = 0.8  # target sparsity of the calibrated thresholds (threshold rule)
     predictors: Optional[str] = None  # predictor directory (predictor mode; None: the model's default ones, if any)
@@ -82,10 +82,11 @@ class EngineConfig:
     staging_rows: Optional[int] = None
     max_read_bytes: int = 256 * 1024  # longer runs of neighbouring rows are split so reads spread over threads
     min_cache_rows: int = 16  # per layer: a budget that cannot hold this many rows per layer is too small
-    # torch threads; 0 = auto: every core in the sparse modes (results/engine_options, one_thread arm) and from
-    # d_model >= LARGE_D_MODEL (GBs of matvecs per token: results/latency); 1 for small models in dense, naive and
-    # hybrid, whose whole-layer reads keep the second core busy. On a machine busy with other work use 1: torch's
-    # worker threads then wait for a core at every small op
+    # torch threads; 0 = auto (``threads.choose_threads``): every free core in the sparse modes (results/engine_options,
+    # one_thread arm) and from d_model >= LARGE_D_MODEL (GBs of matvecs per token: results/latency); 1 for small models
+    # in dense, naive and hybrid, whose whole-layer reads keep the second core busy. Free: the cores the process may
+    # use less the load other work put on them at start (on a busy machine torch's workers wait for a core at every
+    # small op)
     compute_threads: int = 0
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
@@ -384,6 +385,8 @@ class Engine:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
+        if config.io_threads < 0 or config.compute_threads < 0:
+            raise LLMFlashError("--threads and --compute-threads must be 0 (auto: fit the free cores) or more")
         self.cfg = config
         self.observers: list[EngineObserver] = []
         self._layers_timed = False
@@ -395,10 +398,11 @@ class Engine:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         self._pinned: list = []
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         large = fd.layout.d_model >= LARGE_D_MODEL
-        one_thread = not large and config.mode not in SPARSE_MODES
-        self.compute_threads = config.compute_threads or (1 if one_thread else cores)  # set while generating/scoring
+        # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
+        self.threads = choose_threads(sense_cpu(), sparse=config.mode in SPARSE_MODES, large=large,
+                                      io_threads=config.io_threads, compute_threads=config.compute_threads)
+        self.compute_threads = self.threads.compute_threads  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
@@ -409,7 +413,7 @@ class Engine:
         self.thresholds = self._thresholds()
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
-        self.reader = FlashReader(fd.ffn_path, n_threads=config.io_threads)
+        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads)
         self.resident_reader: Optional[FlashReader] = None
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
@@ -473,7 +477,7 @@ class Engine:
         else:  # naive: everything from flash every token
             self._check_budget(budget_bytes, sum(self.dram.values()))
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
-            self.resident_reader = FlashReader(fd.resident_path, n_threads=config.io_threads)
+            self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads)
             if self.offload:  # the resident weights are copied to the accelerator again every token
                 self._pin([fd.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):
@@ -484,7 +488,8 @@ class Engine:
         for o in observers:
             self.observe(o)
         self.dram_bytes = sum(self.dram.values())
-        log.info("engine %s: DRAM %d of %d model bytes (%s)", mode, self.dram_bytes, fd.model_bytes, self.dram)
+        log.info("engine %s: DRAM %d of %d model bytes (%s); threads %s", mode, self.dram_bytes, fd.model_bytes,
+                 self.dram, self.threads)
 
     # -- construction helpers
 
@@ -714,7 +719,9 @@ class Engine:
             mode=self.cfg.mode, model=self.fd.name, prompt_tokens=int(ids.shape[1]), tokens=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
-            config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "row_bucket": self.row_bucket},
+            config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
+                                       "row_bucket": self.row_bucket, "busy": self.threads.busy,
+                                       "load_cores": self.threads.load_cores, "cores": self.threads.cores},
         )
 
     @_with_compute_threads

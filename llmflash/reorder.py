@@ -30,7 +30,7 @@ from .models import LoadedModel, load_in_memory
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
 from .sparse_model import GATE_DIR
-from .sparsity import ActiveCounter, calibrate_flash_dir, threshold_rule
+from .sparsity import ActiveCounter, calibrate_flash_dir, model_rule, threshold_rule
 from .storage import read_range
 from .text import load_texts, token_stream, windows
 
@@ -48,6 +48,8 @@ def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_spars
                   cache: bool = True) -> dict:
     """True active sets of a real model (converted flash directory) on text: per layer, a list of boolean masks
     [T, n], one per window of ``seq_len`` consecutive tokens. Cached (bit-packed) under the cache directory.
+    ``sparsity``: ``auto`` (the model's own rule, e.g. a trained sparse model's thresholds; else relu), ``relu`` or
+    ``threshold`` (calibrated thresholds at ``threshold_sparsity``).
 
     With ``predictors`` (a predictor directory), also the predicted sets (``pred_masks``, same shapes).
     Returns {"masks": [[mask per window] per layer], "ppl", "tokens", "per_layer_active_fraction", ...}.
@@ -58,8 +60,10 @@ def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_spars
     if predictors:
         pset = PredictorSet.load(predictors)
         pred_id = [str(predictors), pset.meta.get("weights_sha256")]
+    own = model_rule(fd.manifest.config) if sparsity == "auto" else None  # auto: the model's own rule, else relu
+    # the resolved rule is part of the key: "auto" once meant plain relu here (all-ones masks on a SiLU model)
     key = json.dumps([fd.name, str(Path(flash_dir).resolve()), fd.manifest.checksums.to_json(), sparsity,
-                      threshold_sparsity, source, max_tokens, seq_len, pred_id], sort_keys=True, default=str)
+                      threshold_sparsity, source, max_tokens, seq_len, pred_id, own], sort_keys=True, default=str)
     path = cache_dir() / "traces" / f"{fd.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache and path.is_file():
         z = np.load(path, allow_pickle=False)
@@ -70,7 +74,7 @@ def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_spars
 
         return dict(meta, masks=get("l"), pred_masks=get("p") if meta.get("predictors") else None)
     lm = load_in_memory(flash_dir)
-    rule = SparsityRule("relu")
+    rule = own or SparsityRule("relu")
     if sparsity == "threshold":
         table = lm.thresholds
         if table is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -96,3 +97,22 @@ def test_reproduce_command(capsys):
     assert "engine_options" in NAMES
     for name in NAMES:  # every experiment reproduce knows has its script
         assert (EXP / f"{name}.py").is_file()
+
+
+def test_figures_replot_from_the_committed_data(tmp_path):
+    """dram_budget and window_usage redraw from their saved data; the dotted minimum is the one the engine stated."""
+    import shutil
+
+    import dram_budget
+    import window_usage
+
+    root = EXP.parent
+    shutil.copy(root / "results" / "dram_budget" / "dram_budget.csv", tmp_path)
+    rows = dram_budget.read_rows(tmp_path / "dram_budget.csv")
+    refused = [r for r in rows if "error" in r]
+    assert refused and all(r["minimum"] > r["budget"] for r in refused)
+    assert dram_budget.minimum_of("... is below the minimum 0.429 (220.0 MiB ...)") == 0.429
+    dram_budget.plot(rows, tmp_path / "dram_budget.png")
+    curves = json.loads((root / "results" / "window_usage" / "window_usage.json").read_text())
+    window_usage.plot(curves, tmp_path / "window_usage.png")
+    assert (tmp_path / "dram_budget.png").stat().st_size > 0 and (tmp_path / "window_usage.png").stat().st_size > 0
