@@ -50,15 +50,20 @@ PIN_LOGIT = 30_000.0  # the bias of a pinned neuron: always predicted (fits fp16
 
 
 class LowRankPredictor(nn.Module):
-    """Linear(d_model -> r, no bias) -> Linear(r -> d_ffn) -> logits (the sigmoid lives in the loss / threshold)."""
+    """Linear(d_model -> r, no bias) -> Linear(r -> d_ffn) -> logits (the sigmoid lives in the loss / threshold).
 
-    def __init__(self, d_model: int, d_ffn: int, rank: int) -> None:
+    ``hidden=True``: a two-layer MLP instead, Linear(d_model -> r, bias) -> ReLU -> Linear(r -> d_ffn) (Deja Vu's
+    predictor shape); the same cost per token, a non-linear decision."""
+
+    def __init__(self, d_model: int, d_ffn: int, rank: int, hidden: bool = False) -> None:
         super().__init__()
-        self.down = nn.Linear(d_model, rank, bias=False)
+        self.hidden = hidden
+        self.down = nn.Linear(d_model, rank, bias=hidden)
         self.up = nn.Linear(rank, d_ffn, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))  # [..., d] -> [..., r] -> [..., n]
+        h = self.down(x)  # [..., d] -> [..., r]
+        return self.up(F.relu(h) if self.hidden else h)  # -> [..., n]
 
 
 def logit(p: float) -> float:
@@ -98,6 +103,7 @@ class _Layer:
     down_scale: Optional[Tensor] = None  # int8 form: bf16 [r16]
     up_scale: Optional[Tensor] = None  # int8 form: bf16 [n]
     cut: Optional[np.ndarray] = None  # int8 form: float32 [n], threshold_logit - bias
+    down_bias: Optional[Tensor] = None  # [r] (int8 form: [r16]): a hidden layer, z = B relu(A x + c) + b
 
     def __post_init__(self) -> None:
         self.rank = self.rank or int(self.down.shape[0])
@@ -128,6 +134,9 @@ class _Layer:
         if pad:  # zero rows of A give zero features, whatever columns of B they meet
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        if self.down_bias is not None:
+            self.down_bias = torch.cat([self.down_bias.float()[: self.rank], self.down_bias.new_zeros(pad).float()])
+            self.down_bias = self.down_bias.to(torch.bfloat16).contiguous()  # zero rows: relu(0) = 0
         self.down, self.down_scale = _quantize_rows(a)
         self.up, self.up_scale = _quantize_rows(b)
         self.bias = self.bias.to(torch.float16)
@@ -135,21 +144,29 @@ class _Layer:
 
     def to_float(self, dtype: torch.dtype) -> None:
         a, b = self.float_weights()
+        if self.down_bias is not None:
+            self.down_bias = self.down_bias.float()[: self.rank].to(dtype).contiguous()
         self.down, self.up, self.bias = (t.to(dtype).contiguous() for t in (a, b, self.bias))
         self.down_scale = self.up_scale = self.cut = None
 
     def to_device(self, device: torch.device) -> None:
         self.down, self.up, self.bias = (t.to(device) for t in (self.down, self.up, self.bias))
+        if self.down_bias is not None:
+            self.down_bias = self.down_bias.to(device)
         if self.down_scale is not None and self.up_scale is not None:  # the int8 form
             self.down_scale, self.up_scale = self.down_scale.to(device), self.up_scale.to(device)
 
     def tensors(self) -> list:
-        return [t for t in (self.down, self.up, self.bias, self.down_scale, self.up_scale, self.cut) if t is not None]
+        return [t for t in (self.down, self.up, self.bias, self.down_scale, self.up_scale, self.cut, self.down_bias)
+                if t is not None]
 
     def features(self, x: Tensor) -> Tensor:
         """int8 form: (x A^T) B^T without the bias, bf16 [T, n] from x [T, d]."""
         assert self.down_scale is not None and self.up_scale is not None
-        return _int8_linear(_int8_linear(x, self.down, self.down_scale), self.up, self.up_scale)
+        mid = _int8_linear(x, self.down, self.down_scale)  # bf16 [T, r16]
+        if self.down_bias is not None:
+            mid = F.relu(mid + self.down_bias)
+        return _int8_linear(mid, self.up, self.up_scale)
 
 
 def ffn_fingerprint(model: nn.Module) -> list[float]:
@@ -210,7 +227,8 @@ class PredictorSet:
         if p.quantized:
             z = p.features(x.reshape(-1, x.shape[-1])).float() + p.bias.float()
             return z.view(*x.shape[:-1], -1)
-        return F.linear(F.linear(x.to(self.dtype), p.down), p.up, p.bias)  # [..., r] -> [..., n]
+        mid = F.linear(x.to(self.dtype), p.down, p.down_bias)  # [..., r]
+        return F.linear(F.relu(mid) if p.down_bias is not None else mid, p.up, p.bias)  # -> [..., n]
 
     def check_compatible(
         self, n_layers: int, d_model: int, d_ffn: int, model_name: Optional[str] = None, rule_kind: Optional[str] = None
@@ -323,7 +341,8 @@ class PredictorSet:
     @classmethod
     def from_modules(cls, modules: list[LowRankPredictor], threshold_logits: list[float], meta: dict) -> "PredictorSet":
         layers = [
-            _Layer(m.down.weight.detach().clone(), m.up.weight.detach().clone(), m.up.bias.detach().clone(), float(t))
+            _Layer(m.down.weight.detach().clone(), m.up.weight.detach().clone(), m.up.bias.detach().clone(), float(t),
+                   down_bias=m.down.bias.detach().clone() if m.down.bias is not None else None)
             for m, t in zip(modules, threshold_logits)
         ]
         return cls(layers, meta, torch.float32)
@@ -338,12 +357,16 @@ class PredictorSet:
             tensors[f"layers.{i}.down"] = a.to(torch.float16).contiguous()
             tensors[f"layers.{i}.up"] = b.to(torch.float16).contiguous()
             tensors[f"layers.{i}.bias"] = p.bias.to(torch.float16).contiguous()
+            if p.down_bias is not None:
+                tensors[f"layers.{i}.down_bias"] = p.down_bias.float()[: p.rank].to(torch.float16).contiguous()
         meta = dict(self.meta)
         meta["format"] = FORMAT
         meta["n_layers"] = self.n_layers
         meta["ranks"] = self.ranks
         meta["weights_dtype"] = "float16"
         meta["threshold_logits"] = [p.threshold_logit for p in self._layers]
+        if any(p.down_bias is not None for p in self._layers):
+            meta["hidden_activation"] = "relu"
         with atomic_dir(Path(path), overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "model": self.model_name})
             meta["weights_sha256"] = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()
@@ -387,7 +410,11 @@ class PredictorSet:
                 r = down.shape[0]
                 if down.shape != (r, d) or up.shape != (n, r) or bias.shape != (n,):
                     raise ValueError(f"layer {i} has shapes {tuple(down.shape)}, {tuple(up.shape)}, {tuple(bias.shape)}")
-                layers.append(_Layer(down, up, bias, float(meta["threshold_logits"][i])))
+                hb = tensors.get(f"layers.{i}.down_bias")
+                if hb is not None and hb.shape != (r,):
+                    raise ValueError(f"layer {i} has a hidden bias of shape {tuple(hb.shape)}")
+                layers.append(_Layer(down, up, bias, float(meta["threshold_logits"][i]),
+                                     down_bias=None if hb is None else hb.float()))
         except (KeyError, ValueError, IndexError, TypeError) as err:
             raise LLMFlashError(f"{path} holds inconsistent predictors ({str(err)[:120]}): {hint}") from None
         return cls(layers, meta, dtype)

@@ -50,6 +50,7 @@ class TrainConfig:
     holdout_fraction: float = 0.1  # the last windows of the collected tokens
     max_train_tokens: Optional[int] = None  # subsample the training tokens (time); None: all
     pin_ratio: Optional[float] = 0.5  # pin neurons whose max contribution >= this x median token mass; None: never
+    hidden: bool = False  # a ReLU between the two layers (Deja Vu's MLP predictor) instead of a linear low-rank map
     seed: int = 0
 
     def rank_for(self, layer: int, n_layers: int) -> int:
@@ -133,7 +134,7 @@ def train_layer(
     d, n = x_train.shape[1], y_train.shape[1]
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
     xs_train, xs_hold = (x_train - mean) / std, (x_hold - mean) / std
-    model = LowRankPredictor(d, n, rank).to(device)
+    model = LowRankPredictor(d, n, rank, hidden=cfg.hidden).to(device)
     pos = float(y_train.float().mean())
     pos = min(max(pos, 1e-6), 1 - 1e-6)
     with torch.no_grad():
@@ -174,7 +175,10 @@ def train_layer(
     # fold the standardization into the weights: z = B A ((x - mean) / std) + b
     with torch.no_grad():
         a = model.down.weight / std  # [r, d]
-        model.up.bias -= model.up.weight @ (a @ mean)
+        if model.down.bias is not None:  # a hidden layer: the shift stays before the ReLU
+            model.down.bias -= a @ mean
+        else:
+            model.up.bias -= model.up.weight @ (a @ mean)
         model.down.weight.copy_(a)
     return model, best[2], epoch
 

@@ -105,7 +105,7 @@ def run(args) -> None:
         held_xy[name] = (hx, hy)
     cut = n_tr * args.seq_len
     cfg = TrainConfig(rank=args.rank, rank_last=args.rank_last, last_layers=4, epochs=args.epochs, batch_size=args.batch,
-                      lr=args.lr, recall_target=args.recall, pin_ratio=args.pin_ratio)
+                      lr=args.lr, recall_target=args.recall, pin_ratio=args.pin_ratio, hidden=args.hidden)
     modules, thresholds, layers = [], [], []
     for i in range(len(x)):
         t_l = time.perf_counter()
@@ -172,6 +172,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--recall", type=float, default=0.95)
     ap.add_argument("--pin-ratio", type=float, default=0.5)
+    ap.add_argument("--hidden", action="store_true", help="a ReLU between the predictor's two layers (an MLP)")
     args = ap.parse_args(argv)
     np.random.seed(0)
     run(args)

@@ -330,3 +330,28 @@ def test_threshold_calibration_leaves_pinned_neurons_out():
     recall_free = float(((scores[:, 1:] >= thr) & free).sum() / free.sum())
     assert 0.9 <= recall_free < 0.93  # the other neurons get the target on their own
     assert threshold_for_recall(scores, labels, 0.9) > 1_000  # without it, the pinned neuron alone meets the target
+
+
+def test_hidden_layer_predictors_round_trip(tmp_path):
+    """An MLP predictor (Linear -> ReLU -> Linear) saves, loads and predicts the same in float; the engine's int8 form
+    takes nearly the same decisions."""
+    import torch
+
+    from llmflash.predictor import ENGINE_DTYPE, LowRankPredictor, PredictorSet
+
+    torch.manual_seed(0)
+    mods = [LowRankPredictor(64, 96, 12, hidden=True) for _ in range(2)]
+    for m in mods:
+        torch.nn.init.normal_(m.down.bias, std=0.5)
+    meta = {"model": "tiny", "d_model": 64, "d_ffn": 96, "rule": {"kind": "relu"}}
+    PredictorSet.from_modules(mods, [0.0, 0.1], meta).save(tmp_path / "p")
+    x = torch.randn(50, 64)
+    fp = PredictorSet.load(tmp_path / "p", dtype=torch.float32)
+    assert fp.meta["hidden_activation"] == "relu"
+    with torch.no_grad():
+        want = mods[1](x.half().float()) >= 0.1
+    assert (fp.predict(1, x) == want).float().mean() > 0.99
+    q = PredictorSet.load(tmp_path / "p", dtype=ENGINE_DTYPE)
+    assert (q.predict(1, x) == fp.predict(1, x)).float().mean() > 0.95
+    ids = q.active_ids(0, x[:1])
+    assert set(ids.tolist()) == set(q.predict(0, x[:1])[0].nonzero().flatten().tolist())

@@ -231,7 +231,7 @@ def test_predictors_job_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "out"
     predictors_job.main(["--work", str(tmp_path / "w"), "--out", str(out), "--base", str(base), "--artifact", "none",
                          "--device", "cpu", "--tokens", "4096", "--calib-tokens", "1024", "--eval-tokens", "512",
-                         "--seq-len", "64", "--rank", "8", "--rank-last", "8", "--epochs", "2", "--batch", "256"])
+                         "--seq-len", "64", "--rank", "8", "--rank-last", "8", "--epochs", "2", "--batch", "256", "--hidden"])
     ps = PredictorSet.load(out)
     assert ps.ranks == [8, 8, 8] and ps.model_name == "smollm2-relu"
     rec = json.loads((out / "predictors_train.json").read_text())
