@@ -1,6 +1,6 @@
 """Report of the gated campaign (``python3 -m sparsetrain.gated``) and the device-trained predictors
 (``python3 -m sparsetrain.predictors_job``), from the records the device calls returned (results/relufy/gated/,
-results/relufy/predictors_gpu/). Measured on the device machine by committed code; this script only draws.
+results/relufy/predictors_gpu/linear_r128_256/). Measured on the device machine by committed code; this script only draws.
 
 Left: held-out perplexity ratio (2048-token windows) against the fraction of FFN neurons read per token, for the
 gated model at each gate setting (the gate alone, and the gate plus a threshold at half of it), beside the threshold
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     gdir = args.dir / "gated"
     final = json.loads((gdir / "run2_bce" / "final.json").read_text())
-    preds = json.loads((args.dir / "predictors_gpu" / "predictors_train.json").read_text())["summary"]
+    preds = json.loads((args.dir / "predictors_gpu" / "linear_r128_256" / "predictors_train.json").read_text())["summary"]
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     for corpus in CORPORA:
