@@ -423,7 +423,10 @@ def orchestrate_ab(args) -> None:
     say(f"base ready: {shape}")
     sample_text(work, shape, state, args.device, args.sample_budget_s, args.sample_batch, args.sample_max_new)
     procs = []
-    for arm in ARMS:
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or any(a not in ARMS for a in arms):
+        raise SystemExit(f"--arms takes a comma list of {', '.join(ARMS)}, not {args.arms!r}")
+    for arm in arms:  # one process each: side by side on the one GPU
         cmd = [sys.executable, "-m", "sparsetrain.job", "arm", "--arm", arm, "--work", str(work),
                "--deadline-at", str(deadline_at), "--stop-step", str(args.stop_step), *common_flags(args)]
         procs.append(subprocess.Popen(cmd, cwd=str(REPO)))
@@ -501,6 +504,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--base", default=None, help="a Hugging Face model directory instead of the staged GGUF")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arm", default=None)
+    ap.add_argument("--arms", default=",".join(ARMS), help="ab: the arms to train side by side (e.g. relu alone)")
     ap.add_argument("--deadline-s", type=float, default=570.0)
     ap.add_argument("--deadline-at", type=float, default=0.0)
     ap.add_argument("--reserve-s", type=float, default=150.0, help="seconds kept for checkpoint, evaluation, export")
