@@ -11,10 +11,15 @@ Each row is a real generation on the engine (reads bypass the page cache):
   co-activation (Ripple-style, ``llmflash reorder``, fitted on wiki:train; the prompt is from wiki:eval), so that a
   token's neurons sit in fewer, longer runs of the file.
 Per row: DRAM held (engine accounting), bytes and reads per token (measured), I/O ms (measured), throughput
-(measured: bytes / I/O time) and, side by side, the I/O time computed as bytes / bandwidth, with the bandwidth that
+(measured: bytes / the reads' time in flight) and, side by side, the I/O time computed as bytes / bandwidth, with the bandwidth that
 profile-io measured at each read's size (16 parallel reads; results/profile_io). The real model's sparse rows use
 its predictors when they exist, else the true (oracle) sets. The scale model's sparse rows use the trace source's
 predicted sets (simulated); its reads, cache and compute are real.
+
+Metric names follow ``llmflash.metrics`` (one definition each). Since issue 14, ``read_gbps`` / ``gbps_measured`` is
+bytes / the time reads were in flight and ``read_efficiency`` = ``read_gbps`` / ``computed_gbps`` (in [0, 1] up to
+profile noise); committed CSVs written before that hold bytes / I/O wait time in the first and computed / waited I/O
+time in the second (hence "efficiencies" of 1.86-2.53 where reads overlap compute).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmflash import metrics
 from llmflash.reorder import coactivation, coactivation_order, collect_masks, popularity_order, write_permuted_flash_dir
 from research.trace import TraceModel, closest_friends, new_sets, paper_params, read_sizes
 
@@ -71,7 +72,7 @@ def computed_reads(seqs, order: np.ndarray, stride: int, window: int, table) -> 
             nbytes += int(sizes.sum())
             if table:
                 u, c = np.unique(sizes, return_counts=True)
-                ms += engine_runs.computed_io_ms(dict(zip(u.tolist(), c.tolist())), table)
+                ms += metrics.profiled_read_ms(dict(zip(u.tolist(), c.tolist())), table)
             tokens += 1
     return {"reads_per_token": reads / tokens, "bytes_per_token": nbytes / tokens, "computed_io_ms": ms / tokens,
             "mean_read_bytes": nbytes / max(reads, 1)}

@@ -48,7 +48,8 @@ def parser(name: str, doc: str, models: bool = True) -> argparse.ArgumentParser:
     if models:
         p.add_argument("--model", default="auto",
                        help="real model: auto (smollm2-relu when its artifacts exist, else smollm2 with threshold "
-                            "sparsity), smollm2 or smollm2-relu")
+                            "sparsity), smollm2, smollm2-relu, or a flash directory DIR (e.g. a tiny test model: its "
+                            "own sparsity rule, oracle sets)")
         p.add_argument("--models", default="real,scale",
                        help="which of the two models to run: real, scale or real,scale (default both)")
     return p
@@ -131,6 +132,8 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8) -> dict:
     from llmflash.demo import default_setup, flash_dir_for
     from llmflash.models import relu_artifact_dir
 
+    if model not in ("auto", "smollm2", "smollm2-relu") and Path(model).is_dir():
+        return flash_dir_setup(model)
     if model == "auto":
         model = "smollm2-relu" if relu_artifact_dir().is_dir() else "smollm2"
     if model == "smollm2-relu" and not relu_artifact_dir().is_dir():
@@ -142,6 +145,15 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8) -> dict:
     s["flash_dir"] = str(flash_dir_for(s["model"]))
     s["label"] = s["model"] + (f" (threshold {threshold_sparsity:.0%} sparsity)" if s["sparsity"] == "threshold" else "")
     return s
+
+
+def flash_dir_setup(path: str | Path) -> dict:
+    """Any converted flash directory as the real model (the experiment smoke tier runs a tiny one): its own sparsity
+    rule, oracle sets, no predictors."""
+    fd = open_flash_dir(path)
+    name = fd.manifest.model.name
+    return {"model": name, "source": fd.manifest.model.source, "sparse_mode": "oracle", "sparsity": "auto",
+            "predictors": None, "threshold_sparsity": None, "flash_dir": str(fd.path), "label": f"{name} ({fd.path})"}
 
 
 def scale_setup() -> dict:
@@ -195,7 +207,7 @@ def real_unbundled_dir(setup: dict) -> str:
     except LLMFlashError:
         pass
     src = open_flash_dir(setup["flash_dir"])
-    convert(setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
+    convert(setup.get("source") or setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
     if src.thresholds() is not None:  # same weights, same calibrated thresholds
         open_flash_dir(out).save_thresholds(src.thresholds())
     return str(out)

@@ -4,6 +4,10 @@ management in a token. Run it on a quiet machine (the disk is shared and noisy: 
 
     python experiments/engine_checks.py --model smollm2 --mode oracle          # threshold rule, 80% sparsity
     python experiments/engine_checks.py --model smollm2-relu --mode predictor  # relu rule, committed predictors
+
+Metrics as defined in ``llmflash.metrics``: ``read_gbps`` = bytes / read time in flight, ``computed_gbps`` =
+profile-io's throughput at the mode's mean read size, ``read_efficiency`` = their ratio. Committed results before
+issue 14 name the reference ``profile_io_gbps_at_read_size`` (same meaning).
 """
 
 from __future__ import annotations
@@ -12,8 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-import numpy as np
-
+from llmflash import metrics
 from llmflash.demo import default_setup, flash_dir_for
 from llmflash.engine import Engine, EngineConfig
 from llmflash.paths import cache_dir
@@ -42,12 +45,11 @@ def run(model: str, mode: str, tokens: int, prompt: str) -> dict:
                   "dram_fraction": res.dram_bytes / res.model_bytes}
     rows = profile_io(cache_dir(), 1 << 30, chunk_sizes=CHUNKS, thread_counts=(16,), repeats=3)
     out["profile_io"] = rows
-    sizes = np.log2([r["chunk_bytes"] for r in rows])
-    gbps = [r["gbps"] for r in rows]
-    for m in ("naive", mode):  # profile-io's throughput at this mode's mean read size (log-linear interpolation)
-        ref = float(np.interp(np.log2(max(out[m]["mean_read_bytes"], 1)), sizes, gbps))
-        out[m]["profile_io_gbps_at_read_size"] = ref
-        out[m]["read_efficiency"] = out[m]["read_gbps"] / ref if ref else float("nan")
+    table = sorted((r["chunk_bytes"], r["gbps"]) for r in rows)
+    for m in ("naive", mode):  # profile-io's throughput at this mode's mean read size (llmflash.metrics)
+        ref = metrics.profiled_gbps(table, out[m]["mean_read_bytes"])
+        out[m]["computed_gbps"] = ref
+        out[m]["read_efficiency"] = metrics.read_efficiency(out[m]["read_gbps"], ref)
     out["environment"] = environment()
     return out
 
@@ -65,7 +67,7 @@ def main() -> None:
     for m in ("naive", args.mode):
         r = out[m]
         print(f"{m}: {r['ms_per_token']:.1f} ms/token, reads {r['read_gbps']:.3f} GB/s at {r['mean_read_bytes'] / 1024:.1f} KiB "
-              f"= {r['read_efficiency']:.0%} of profile-io ({r['profile_io_gbps_at_read_size']:.3f}); kernel/counted bytes "
+              f"= {r['read_efficiency']:.0%} of profile-io ({r['computed_gbps']:.3f}); kernel/counted bytes "
               f"{r['kernel_read_bytes']}/{r['counted_read_bytes']}; memory management {r['mem_share']:.1%} of a token")
 
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from llmflash import metrics
 from llmflash.engine import Engine, EngineConfig, GenerationResult
 from llmflash.errors import LLMFlashError
 from llmflash.hooks import EngineObserver
@@ -67,49 +67,41 @@ def load_bandwidth(threads: int = 16) -> Optional[list[tuple[int, float]]]:
     return sorted((r["chunk_bytes"], r["gbps"]) for r in rows if r["threads"] == t)
 
 
-def bandwidth_at(table: Sequence[tuple[int, float]], nbytes: float) -> float:
-    """GB/s at a read size: interpolated in log2(size) between profiled chunk sizes, flat outside."""
-    xs = np.log2([c for c, _ in table])
-    ys = [g for _, g in table]
-    return float(np.interp(math.log2(max(nbytes, 1)), xs, ys))
-
-
-def computed_io_ms(hist: dict[int, int], table) -> float:
-    """I/O time if every read ran at the profiled bandwidth for its size: sum(bytes / bandwidth(size))."""
-    if not table:
-        return float("nan")
-    return sum(size * count / (bandwidth_at(table, size) * 1e9) for size, count in hist.items()) * 1e3
-
-
 def summarize(res: GenerationResult, rec: Optional[ReadRecorder], warmup: int, table=None) -> dict:
-    """Per-token figures over generated tokens after ``warmup`` (medians of times, means of bytes and reads)."""
+    """Per-token figures over generated tokens after ``warmup`` (medians of times, means of bytes and reads).
+
+    Throughputs and the read efficiency follow ``llmflash.metrics`` (one definition each): ``read_gbps`` = bytes /
+    read time in flight, ``io_wait_gbps`` = bytes / I/O wait, ``computed_io_ms`` = the reads' time at the profiled
+    throughput for their sizes (``profiled_read_ms``), ``computed_gbps`` = bytes / that time, ``read_efficiency`` =
+    ``read_gbps`` / ``computed_gbps``."""
     pt = res.per_token[warmup:] or res.per_token
     hists = rec.per_forward[1 + warmup: 1 + warmup + len(pt)] if rec is not None else []
     n = len(pt)
     b = sum(t.bytes_read for t in pt)
     r = sum(t.reads for t in pt)
-    io_s = sum(t.io_ms for t in pt) / 1e3
+    io_ms = sum(t.io_ms for t in pt)
+    read_ms = sum(t.read_time_ms for t in pt)
     total = {}
     for h in hists:
         for s, c in h.items():
             total[s] = total.get(s, 0) + c
-    comp = [computed_io_ms(h, table) for h in hists] if table else []
+    comp = [metrics.profiled_read_ms(h, table) for h in hists] if table else []
     s = {
         "tokens_measured": n, "warmup_tokens": min(warmup, len(res.per_token)),
         "ms_per_token": median([t.total_ms for t in pt]), "mean_ms_per_token": sum(t.total_ms for t in pt) / n,
         "io_ms": median([t.io_ms for t in pt]), "mem_ms": median([t.mem_ms for t in pt]),
         "compute_ms": median([t.compute_ms for t in pt]), "predictor_ms": median([t.predictor_ms for t in pt]),
-        "mean_io_ms": sum(t.io_ms for t in pt) / n,
+        "mean_io_ms": io_ms / n, "mean_read_ms": read_ms / n,
         "bytes_read_per_token": b / n, "reads_per_token": r / n, "mean_read_bytes": b / r if r else 0.0,
-        "read_gbps": b / io_s / 1e9 if io_s > 0 else 0.0,
+        "read_gbps": metrics.read_gbps(b, read_ms), "io_wait_gbps": metrics.io_wait_gbps(b, io_ms),
         "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / n,
         "cached_neurons": median([t.cached_neurons for t in pt]),
         "tokens_per_s": 1e3 / median([t.total_ms for t in pt]),
     }
     if comp:
         s["computed_io_ms"] = float(np.mean(comp))
-        s["computed_gbps"] = (b / n) / (s["computed_io_ms"] / 1e3) / 1e9 if s["computed_io_ms"] > 0 else 0.0
-        s["read_efficiency"] = s["computed_io_ms"] / s["mean_io_ms"] if s["mean_io_ms"] > 0 else float("nan")
+        s["computed_gbps"] = metrics.read_gbps(b / n, s["computed_io_ms"])
+        s["read_efficiency"] = metrics.read_efficiency(s["read_gbps"], s["computed_gbps"])
         s["read_size_histogram"] = {str(k): v for k, v in sorted(total.items())}
     return s
 

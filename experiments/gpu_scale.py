@@ -19,6 +19,11 @@ On the GPU machine (see README, "Scale model on a GPU")::
 
     LLMFLASH_CACHE=/tmp/llmflash python experiments/gpu_scale.py --prepare-only   # model + disk profile
     LLMFLASH_CACHE=/tmp/llmflash python experiments/gpu_scale.py --out $OUT/gpu_scale
+
+Metric names follow ``llmflash.metrics`` (one definition each). Since issue 14, ``read_gbps`` / ``gbps_measured`` is
+bytes / the time reads were in flight and ``read_efficiency`` = ``read_gbps`` / ``computed_gbps`` (in [0, 1] up to
+profile noise); committed CSVs written before that hold bytes / I/O wait time in the first and computed / waited I/O
+time in the second (hence "efficiencies" of 1.86-2.53 where reads overlap compute).
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ ratios as well as from the table's single run. The real model's sparse
 mode uses its predictors when they exist, else the true (oracle) sets; the scale model's uses the trace source's
 predicted sets (simulated), with a real low-rank predictor of the paper's size computed every token. The dense row
 of the scale model needs ~14 GB of free memory: it is skipped in --quick and when that memory is not available.
+
+Metric names follow ``llmflash.metrics`` (one definition each). Since issue 14, ``read_gbps`` / ``gbps_measured`` is
+bytes / the time reads were in flight and ``read_efficiency`` = ``read_gbps`` / ``computed_gbps`` (in [0, 1] up to
+profile noise); committed CSVs written before that hold bytes / I/O wait time in the first and computed / waited I/O
+time in the second (hence "efficiencies" of 1.86-2.53 where reads overlap compute).
 """
 
 from __future__ import annotations

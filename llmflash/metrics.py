@@ -4,13 +4,67 @@ result (``GenerationResult``) with its summary.
 
 Times are milliseconds; ``total_ms`` is the token's wall time less ``excluded_ms`` (the oracle's cost of finding the
 true set, a trace's replay), and ``compute_ms`` is what remains of it after I/O waits and memory management.
+
+One definition per metric (every summary, experiment and report uses these functions; GB = 1e9 bytes):
+
+- ``read_gbps`` (GB/s): bytes read / the time the reads were in flight (``read_ms``: submit to completion, which
+  may overlap compute). The storage throughput the engine achieved; ``read_gbps(bytes, read_ms)``.
+- ``io_wait_gbps`` (GB/s): bytes read / the time the token waited for reads (``io_ms``). What a token sees; higher
+  than ``read_gbps`` when reads overlap compute (lookahead). ``io_wait_gbps(bytes, io_ms)``.
+- ``profiled_gbps`` (GB/s): the machine's throughput at a read size, measured by ``profile-io`` and interpolated in
+  log2(size) (``profiled_gbps(table, nbytes)``); for a mix of sizes, bytes / ``profiled_read_ms(histogram, table)``
+  (the time every read would take at the profiled throughput for its size; the experiments' ``computed_io_ms``, and
+  ``computed_gbps`` = bytes / that time).
+- ``read_efficiency`` (ratio): ``read_gbps`` / ``profiled_gbps`` at the same read sizes
+  (``read_efficiency(read_gbps, profiled_gbps)``), i.e. profiled read time / measured read time. In [0, 1] up to the
+  noise of the profile (a shared disk drifts; values a little above 1 mean the profile ran on a slower moment).
+  Before issue 14 the experiments divided by the I/O *wait* time instead, which gave 1.86-2.53 with overlapped reads.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from .report import median
+
+BandwidthTable = Sequence[tuple[int, float]]  # (read size in bytes, GB/s), ascending sizes: profile-io's rows
+
+
+def read_gbps(nbytes: float, read_ms: float) -> float:
+    """GB/s: bytes read / the time the reads were in flight (submit to completion). 0 when nothing was timed."""
+    return nbytes / (read_ms / 1e3) / 1e9 if read_ms > 0 else 0.0
+
+
+def io_wait_gbps(nbytes: float, io_ms: float) -> float:
+    """GB/s: bytes read / the time spent waiting for them (``io_ms``). 0 when nothing was waited for."""
+    return nbytes / (io_ms / 1e3) / 1e9 if io_ms > 0 else 0.0
+
+
+def profiled_gbps(table: BandwidthTable, nbytes: float) -> float:
+    """GB/s that profile-io measured at a read size: interpolated in log2(size) between profiled sizes, flat outside."""
+    xs = np.log2([c for c, _ in table])
+    ys = [g for _, g in table]
+    return float(np.interp(math.log2(max(nbytes, 1)), xs, ys))
+
+
+def profiled_read_ms(histogram: Mapping[int, int], table: BandwidthTable) -> float:
+    """Milliseconds the reads {size in bytes: count} take at the profiled throughput for each size:
+    sum(size * count / profiled_gbps(size)). NaN without a table."""
+    if not table:
+        return float("nan")
+    return sum(size * count / (profiled_gbps(table, size) * 1e9) for size, count in histogram.items()) * 1e3
+
+
+def read_efficiency(achieved_gbps: float, reference_gbps: float) -> float:
+    """``read_gbps`` / ``profiled_gbps`` at the same read sizes (profiled time / measured read time). NaN when either
+    is missing."""
+    if not reference_gbps or not achieved_gbps or math.isnan(reference_gbps):
+        return float("nan")
+    return achieved_gbps / reference_gbps
 
 
 @dataclass
@@ -23,9 +77,14 @@ class TokenStats:
     reads: int = 0
     excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
-    read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
+    read_ms: float = 0.0  # time the reads were in flight (submit to completion; overlaps compute): read_gbps' divisor
     loaded_neurons: int = 0
     cached_neurons: int = 0
+
+    @property
+    def read_time_ms(self) -> float:
+        """``read_ms``, or ``io_ms`` for a record that did not time its reads (kept by older JSON)."""
+        return self.read_ms or self.io_ms
 
     def finish(self, total_ms: float, bytes_read: int, reads: int, cached_neurons: int) -> None:
         """Complete the record at the end of its token (the rest was added while it was computed)."""
@@ -56,7 +115,8 @@ class GenerationResult:
             return {}
         n_bytes = sum(t.bytes_read for t in pt)
         n_reads = sum(t.reads for t in pt)
-        read_s = sum(t.read_ms or t.io_ms for t in pt) / 1e3
+        read_ms = sum(t.read_time_ms for t in pt)
+        io_ms = sum(t.io_ms for t in pt)
         return {
             "ms_per_token": median([t.total_ms for t in pt]),
             "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
@@ -67,7 +127,8 @@ class GenerationResult:
             "bytes_read_per_token": n_bytes / len(pt),
             "reads_per_token": n_reads / len(pt),
             "mean_read_bytes": n_bytes / n_reads if n_reads else 0.0,
-            "read_gbps": n_bytes / read_s / 1e9 if read_s > 0 else 0.0,  # bytes / time the reads took
+            "read_gbps": read_gbps(n_bytes, read_ms),
+            "io_wait_gbps": io_wait_gbps(n_bytes, io_ms),
             "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
             "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
         }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmflash import metrics
 from llmflash.cli import build_parser, main
 from llmflash.convert import convert
 from llmflash.engine import EngineConfig
@@ -33,9 +34,9 @@ def flash(tmp_path_factory):
 
 def test_bandwidth_interpolation_and_computed_io():
     table = [(4096, 0.3), (16384, 0.8), (65536, 1.2)]
-    assert engine_runs.bandwidth_at(table, 4096) == 0.3 and engine_runs.bandwidth_at(table, 1 << 20) == 1.2
-    assert abs(engine_runs.bandwidth_at(table, 8192) - 0.55) < 1e-9  # halfway in log2
-    ms = engine_runs.computed_io_ms({16384: 1000, 65536: 10}, table)
+    assert metrics.profiled_gbps(table, 4096) == 0.3 and metrics.profiled_gbps(table, 1 << 20) == 1.2
+    assert abs(metrics.profiled_gbps(table, 8192) - 0.55) < 1e-9  # halfway in log2
+    ms = metrics.profiled_read_ms({16384: 1000, 65536: 10}, table)
     assert abs(ms - (16384 * 1000 / 0.8e9 + 65536 * 10 / 1.2e9) * 1e3) < 1e-9
 
 
@@ -51,6 +52,8 @@ def test_run_records_every_read_and_shares_within_a_session(flash, tmp_path, mon
     assert sum(k * v for k, v in hist.items()) == s["bytes_read_per_token"] * 4  # the recorder saw every byte
     assert sum(hist.values()) == s["reads_per_token"] * 4
     assert s["computed_io_ms"] > 0 and 0 < s["read_efficiency"]
+    assert abs(s["read_efficiency"] - s["read_gbps"] / s["computed_gbps"]) < 1e-9  # one definition (llmflash.metrics)
+    assert s["io_wait_gbps"] >= s["read_gbps"] * 0.999  # waiting is at most the reads' time in flight
     again = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
     assert again.get("shared_from") is not None and again["tokens"] == r["tokens"]
     w5 = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table)  # a new key
