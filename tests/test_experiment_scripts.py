@@ -143,6 +143,7 @@ def test_every_script_runs_end_to_end_on_a_tiny_model(name, tiny_flash, tmp_path
     if name in NOT_END_TO_END:
         pytest.skip(NOT_END_TO_END[name])
     monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFLASH_SMOKE", "1")
     monkeypatch.delenv("LLMFLASH_SESSION", raising=False)
     monkeypatch.syspath_prepend(str(EXP))
     module = importlib.import_module(name)
