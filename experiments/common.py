@@ -195,9 +195,7 @@ def real_unbundled_dir(setup: dict) -> str:
     except LLMFlashError:
         pass
     src = open_flash_dir(setup["flash_dir"])
-    convert(setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
-    if src.thresholds() is not None:  # same weights, same calibrated thresholds
-        open_flash_dir(out).save_thresholds(src.thresholds())
+    convert(setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)  # thresholds calibrated alike
     return str(out)
 
 
