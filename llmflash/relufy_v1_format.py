@@ -18,11 +18,13 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arch import HFModel
 from .errors import LLMFlashError
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ class ReluMLP(nn.Module):
         return self.down_proj(F.relu(g + self.act_bias.to(g.dtype)) * self.up_proj(x))
 
 
-def llama_layers(model: nn.Module) -> list[nn.Module]:
+def llama_layers(model: HFModel) -> list[Any]:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
         raise LLMFlashError(f"relufication supports Llama-family gated FFNs, not {model.config.model_type!r}")
     return list(model.model.layers)
 
 
-def relu_mlps(model: nn.Module, cls: type[ReluMLP] = ReluMLP) -> list[ReluMLP]:
+def relu_mlps(model: HFModel, cls: type[ReluMLP] = ReluMLP) -> list[ReluMLP]:
     """Replace each layer's MLP by a ``cls`` (same projection modules, act_bias zeros) unless it is one already."""
     out = []
     for i, layer in enumerate(llama_layers(model)):
@@ -90,7 +92,7 @@ def read_artifact(artifact_dir: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 @torch.no_grad()
-def apply_relufication(model: nn.Module, artifact_dir: Path) -> nn.Module:
+def apply_relufication(model: HFModel, artifact_dir: Path) -> HFModel:
     """Apply a relufication artifact to its base model (in place) and return the ReLU-sparse model.
 
     Afterwards each layer's MLP is a ``ReluMLP`` with plain ``nn.Linear`` projections (LoRA deltas merged), its
@@ -130,7 +132,7 @@ def apply_relufication(model: nn.Module, artifact_dir: Path) -> nn.Module:
     return model
 
 
-def base_fingerprint(model: nn.Module) -> float:
+def base_fingerprint(model: HFModel) -> float:
     """A cheap identity check of the base weights (sum of |w| of the first layer's FFN gate; its frozen base weight
     while training wraps it, see ``sparsetrain.relufy_v1``)."""
     w = llama_layers(model)[0].mlp.gate_proj
