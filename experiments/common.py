@@ -190,7 +190,7 @@ def real_unbundled_dir(setup: dict) -> str:
     out = cache_dir() / "flash" / f"{setup['model']}-unbundled"
     try:
         fd = open_flash_dir(out)
-        if not fd.layout.bundled:
+        if not fd.layout.bundled and fd.thresholds() is not None:
             return str(out)
     except LLMFlashError:
         pass
