@@ -204,14 +204,14 @@ def real_unbundled_dir(setup: dict) -> str:
     out = cache_dir() / "flash" / f"{setup['model']}-unbundled"
     try:
         fd = open_flash_dir(out)
-        if not fd.layout.bundled:
+        if not fd.layout.bundled and fd.thresholds() is not None:
             return str(out)
     except LLMFlashError:
         pass
     src = open_flash_dir(setup["flash_dir"])
-    convert(setup.get("source") or setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True)
-    if src.thresholds() is not None:  # same weights, same calibrated thresholds
-        open_flash_dir(out).save_thresholds(src.thresholds())
+    cal = src.manifest.thresholds
+    convert(setup.get("source") or setup["model"], out, dtype=src.manifest.dtype, bundled=False, force=True,
+            calibration_tokens=cal.tokens if cal is not None else 0)  # thresholds calibrated alike
     return str(out)
 
 

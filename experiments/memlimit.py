@@ -246,9 +246,9 @@ def child_mmap(flash_dir: str, prompt_tokens: int, tokens: int, sparsity: str, t
     ffn = mapped(fd.ffn_path)
     thresholds = [None] * fd.layout.n_layers
     if sparsity == "threshold":
-        from llmflash.sparsity import threshold_rule
+        from llmflash.sparsity import stored_thresholds, threshold_rule
 
-        thresholds = list(threshold_rule(fd.thresholds(), threshold_sparsity).thresholds)
+        thresholds = list(threshold_rule(stored_thresholds(fd), threshold_sparsity).thresholds)
     elem = fd.layout.elem_bytes
     for layer in range(fd.layout.n_layers):
         rows = []

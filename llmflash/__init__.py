@@ -18,11 +18,13 @@ Core (this package)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``engine``     the inference engine (dense, naive, hybrid, oracle, predictor modes)
     ``sparsity``, ``text``, ``evaluate``, ``report``: thresholds, text sources, perplexity, JSON/format helpers
+    ``sparse_model``, ``relufy_v1_format``: loading a trained sparse model (``llmflash-sparse/1``; the first
+                   relufication's ``llmflash-relufy/1``, loading only)
 Build
-    ``convert``    a model into a flash directory
+    ``convert``    a model into a flash directory (thresholds calibrated and stored in the manifest)
     ``reorder``    a copy whose neurons that fire together are neighbours (after Ripple)
 Training
-    ``relufy``     relufication (pending its move to a training package); predictors: the top-level ``predictors``
+    the top-level ``predictors`` and ``sparsetrain`` packages (``sparsetrain.relufy_v1``: the first relufication)
 Research
     the top-level ``research`` package (trace source, scale model, zero-shot, profile-io, reproduce)
 Command line

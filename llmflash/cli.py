@@ -24,7 +24,6 @@ from .errors import LLMFlashError
 COMMAND_MODULES = (
     "llmflash.commands",  # convert, generate, eval-ppl, demo
     "research.profile_io",  # profile-io
-    "llmflash.relufy",  # relufy
     "predictors.cli",  # collect, train-predictors, eval-predictors
     "research.reproduce",  # reproduce
 )

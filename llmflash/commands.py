@@ -16,6 +16,7 @@ from .flashdir import FlashDir, open_flash_dir
 from .manifest import MANIFEST
 from .models import default_predictors
 from .report import fmt_bytes, write_json
+from .sparsity import CALIBRATION_SOURCE, CALIBRATION_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"), help="weight dtype on flash")
     p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
+                   help=f"tokens of {CALIBRATION_SOURCE} that calibrate the thresholds of --sparsity threshold, stored in "
+                        "the manifest (0: none)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("reorder", help="copy a flash directory with neurons that fire together stored side by side "
@@ -141,7 +145,8 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force)
+    out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force,
+                  calibration_tokens=args.calibration_tokens)
     fd = open_flash_dir(out)
     b = fd.manifest.bytes
     print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "
@@ -238,10 +243,10 @@ def eval_ppl(
 
     docs = load_texts(text_file)
     lm = load_any(spec)
-    if sparsity == "threshold" and lm.thresholds is None and Path(spec).is_dir():
-        from .sparsity import calibrate_flash_dir
+    if sparsity == "threshold" and lm.thresholds is None and (Path(spec).expanduser() / MANIFEST).is_file():
+        from .sparsity import stored_thresholds
 
-        lm.thresholds = calibrate_flash_dir(open_flash_dir(spec))
+        lm.thresholds = stored_thresholds(open_flash_dir(spec))  # a one-line error: calibrated by convert only
     rule = rule_for(lm.model, lm.tokenizer, sparsity, threshold_sparsity, thresholds=lm.thresholds, cache_key=lm.name)
     mask_fn = None
     if mode == "predictor":

@@ -1,4 +1,6 @@
-"""``convert``: write a flash directory from a model (see ``flashdir`` for the format)."""
+"""``convert``: write a flash directory from a model (see ``flashdir`` for the format), with the threshold rule's
+per-layer thresholds calibrated on the model already in memory (``sparsity.calibrate_on_text``) and stored in its
+manifest: readers never load the whole model to calibrate."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .layout import FlashLayout
 from .manifest import FFN_FILE, MANIFEST, ModelInfo
 from .models import load_model
 from .sparse_model import GATE_DIR
+from .sparsity import CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_on_text
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,13 @@ def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
 
 
 def convert(
-    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True
+    spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True,
+    calibration_tokens: int = CALIBRATION_TOKENS,
 ) -> Path:
-    """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``."""
+    """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``.
+
+    ``calibration_tokens``: how many tokens of ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's
+    thresholds (0: none; ``--sparsity threshold`` then refuses the directory)."""
     if dtype not in TORCH_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
     out = Path(out).expanduser()
@@ -48,14 +55,20 @@ def convert(
     model: HFModel
     tok: Any
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
-    return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress)
+    return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress,
+                         calibration_tokens=calibration_tokens)
 
 
 def convert_model(
     model: HFModel, tok: Any, name: str, spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True,
-    force: bool = False, progress: bool = True,
+    force: bool = False, progress: bool = True, calibration_tokens: int = CALIBRATION_TOKENS,
 ) -> Path:
-    """Write an in-memory model (already in ``dtype``) as a flash directory at ``out``; ``spec`` is recorded."""
+    """Write an in-memory model (already in ``dtype``) as a flash directory at ``out``; ``spec`` is recorded.
+
+    With ``calibration_tokens`` > 0 the model is then modified in place to calibrate the thresholds (float32, its FFNs
+    swapped for ``DenseFFN`` modules with the same weights)."""
+    if calibration_tokens < 0:
+        raise LLMFlashError(f"--calibration-tokens {calibration_tokens}: give a token count >= 0 (0: no calibration)")
     out = Path(out).expanduser()
     if out.exists():
         existing = _existing_model_name(out)
@@ -97,8 +110,14 @@ def convert_model(
             gate_dir = getattr(model, "llmflash_gate_dir", None)
             if gate_dir is not None:  # a gated sparse model: its gate is part of it (see sparse_model)
                 shutil.copytree(gate_dir, wr.dir / GATE_DIR)
-            manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), model.config.to_dict(), dtype,
-                                 spec_ffn.gated, spec_ffn.activation)
+            config = model.config.to_dict()
+            del ffn_weights, resident
+            thresholds = None
+            if calibration_tokens:  # the weights are written: the model may now change (float32, like load_in_memory)
+                log.info("calibrating thresholds on %d tokens of %s", calibration_tokens, CALIBRATION_SOURCE)
+                thresholds = calibrate_on_text(model.float(), tok, calibration_tokens, progress=progress)
+            manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), config, dtype, spec_ffn.gated,
+                                 spec_ffn.activation, thresholds=thresholds)
     except OSError as err:
         raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
     log.info("converted %s to %s (%d bytes of weights)", spec, out, manifest.bytes.model)

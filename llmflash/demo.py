@@ -58,13 +58,15 @@ def _cache_name(model: str) -> str:
 
 
 def flash_dir_for(model: str) -> Path:
-    """Convert once and reuse: the cache holds one flash directory per model (per artifact for smollm2-relu)."""
+    """Convert once and reuse: the cache holds one flash directory per model (per artifact for smollm2-relu); one
+    converted before convert calibrated thresholds (and never calibrated since) is converted again."""
     out = cache_dir() / "flash" / _cache_name(model)
     try:
-        open_flash_dir(out)
-        return out
+        if open_flash_dir(out).thresholds() is not None:
+            return out
     except LLMFlashError:
-        return convert(model, out, force=True)
+        pass
+    return convert(model, out, force=True)
 
 
 def _ordered_path(model: str, sparsity: str) -> Path:
@@ -82,8 +84,10 @@ def ordered_flash_dir(model: str, sparsity: str, threshold_sparsity: float = 0.8
     want = {"kind": "coactivation", "source": ORDER_SOURCE, "requested_tokens": ORDER_TOKENS, "sparsity": sparsity,
             "src_checksums": src.manifest.checksums.to_json()}
     try:
-        order = open_flash_dir(out).manifest.neuron_order
-        if order is not None and all(order.meta.get(k) == v for k, v in want.items()):
+        copy = open_flash_dir(out)
+        order = copy.manifest.neuron_order
+        same_thresholds = copy.thresholds() == src.thresholds()  # a copy made before they were in the manifest
+        if order is not None and all(order.meta.get(k) == v for k, v in want.items()) and same_thresholds:
             return out
     except LLMFlashError:
         pass

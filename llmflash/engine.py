@@ -53,7 +53,7 @@ from .metrics import GenerationResult, TokenStats
 from .models import default_predictors
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
-from .sparsity import calibrate_flash_dir, model_rule, threshold_rule
+from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 from .threads import choose_threads, sense_cpu
 
@@ -571,10 +571,7 @@ class Engine:
         if self.cfg.sparsity != "threshold":
             raise LLMFlashError(f"unknown sparsity {self.cfg.sparsity!r}: use auto, relu or threshold")
 
-        table = self.fd.thresholds()
-        if table is None:
-            table = calibrate_flash_dir(self.fd)
-        thresholds = threshold_rule(table, self.cfg.threshold_sparsity).thresholds
+        thresholds = threshold_rule(stored_thresholds(self.fd), self.cfg.threshold_sparsity).thresholds
         assert thresholds is not None
         return list(thresholds)
 

@@ -7,7 +7,7 @@ Contents of ``DIR``::
     resident.safetensors      embeddings, attention, norms, per-neuron FFN biases (everything that stays in DRAM)
     ffn.bin                   the FFN neurons (see ``layout``), 4096-byte aligned rows
     tokenizer files           saved by the tokenizer
-    thresholds.json           (later, on demand) calibrated thresholds for ``--sparsity threshold``
+    thresholds.json           (directories converted before the manifest kept them) the threshold rule's thresholds
 
 Writing is atomic (a temporary sibling directory renamed at the end); ``convert``, ``reorder`` and the research scale
 model all write through ``write_flash_dir``, which builds the manifest from what was written. ``ffn.bin`` is checked against per-layer
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter, HFModel, adapter_for
-from .errors import FlashFileError, LLMFlashError
+from .errors import FlashFileError
 from .ffn import FFNWeights
 from .layout import FlashLayout
 from .manifest import (
@@ -44,12 +44,13 @@ from .manifest import (
     ORDER_FILE,
     RESIDENT,
     ByteCounts,
+    CalibratedThresholds,
     Checksums,
     Manifest,
     ModelInfo,
     NeuronOrder,
 )
-from .paths import atomic_dir, atomic_file
+from .paths import atomic_dir
 from .storage import ALIGN_BYTES, read_range
 
 log = logging.getLogger(__name__)
@@ -163,16 +164,21 @@ class FlashDir:
         except Exception as err:  # noqa: BLE001
             raise FlashFileError(f"{self.path}: cannot load the tokenizer ({str(err).splitlines()[0][:150]}); re-run convert") from None
 
-    def thresholds(self) -> Optional[dict]:
+    def thresholds(self) -> Optional[dict[str, list[float]]]:
+        """The threshold rule's calibrated table {"0.8": [t per layer], ...} (``convert`` stores it in the manifest;
+        older directories may have a ``thresholds.json`` sidecar instead), or None when the directory has none."""
+        if self.manifest.thresholds is not None:
+            return self.manifest.thresholds.table()
         p = self.path / THRESHOLDS
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def save_thresholds(self, thresholds: dict) -> None:
+        if not p.is_file():
+            return None
         try:
-            with atomic_file(self.path / THRESHOLDS) as tmp:
-                tmp.write_text(json.dumps(thresholds))
-        except LLMFlashError:
-            log.warning("cannot save thresholds in %s (read-only?): they will be recalibrated next time", self.path)
+            table = json.loads(p.read_text())
+        except (OSError, ValueError) as err:
+            raise FlashFileError(f"{p} is corrupt ({str(err)[:80]}): re-run convert") from None
+        if not isinstance(table, dict):
+            raise FlashFileError(f"{p} is not a table of thresholds: re-run convert")
+        return table
 
     # -- checks
 
@@ -323,7 +329,7 @@ class FlashDirWriter:
             self._ffn = None
 
     def finish(self, model: ModelInfo, config: dict, dtype: str, gated: bool, activation: str,
-               neuron_order: Optional[NeuronOrder] = None) -> Manifest:
+               neuron_order: Optional[NeuronOrder] = None, thresholds: Optional[CalibratedThresholds] = None) -> Manifest:
         self.close()
         lay = self.layout
         ffn_path, res_path = self.dir / FFN_FILE, self.dir / RESIDENT
@@ -341,7 +347,10 @@ class FlashDirWriter:
                              ffn_payload=payload, ffn_file=lay.file_bytes, resident_file=res_path.stat().st_size),
             checksums=Checksums(resident_crc, tuple(tuple(c) for c in self._ffn_crc)),
             neuron_order=neuron_order,
+            thresholds=thresholds,
         )
+        if thresholds is not None and any(len(t) != lay.n_layers for t in thresholds.by_sparsity.values()):
+            raise ValueError("thresholds: one per layer for each sparsity")
         (self.dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str))
         self.manifest = manifest
         return manifest

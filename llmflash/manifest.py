@@ -10,6 +10,11 @@ On disk (``indent=1`` JSON; the same keys since format version 1)::
     bytes        {model, resident_tensors, ffn_payload, ffn_file, resident_file}
     checksums    {"resident.safetensors": crc32, "ffn.bin": {"per_layer_segment_crc32": [[crc32 per layer] per segment]}}
     neuron_order (optional, a reordered copy) {file, crc32, kind, source, tokens, ...: how the order was chosen}
+    thresholds   (optional) {source, tokens, seq_len, by_sparsity: {"0.8": [t per layer], ...}}: the threshold rule's
+                 per-layer thresholds, calibrated by ``convert`` (CATS-style quantiles of |h|; see ``sparsity``)
+
+``thresholds`` was added to format version 1 as an optional key (no version bump: older readers ignore it, and
+directories without it still open; they may carry the same table in a ``thresholds.json`` sidecar instead).
 
 ``Manifest.from_json`` checks every key and raises a one-line ``FlashFileError`` naming the first missing or
 malformed one; ``Manifest.to_json`` writes back exactly these keys. ``flashdir.FlashDirWriter`` is the only writer.
@@ -76,6 +81,23 @@ class NeuronOrder:
 
 
 @dataclass(frozen=True)
+class CalibratedThresholds:
+    """The threshold rule's per-layer thresholds for each target sparsity, and the text they were calibrated on."""
+
+    by_sparsity: dict[str, tuple[float, ...]]  # "0.8" -> (t_0, ..., t_{L-1})
+    source: str  # e.g. wiki:train
+    tokens: int
+    seq_len: int
+
+    def table(self) -> dict[str, list[float]]:
+        """The plain table ``sparsity.threshold_rule`` takes."""
+        return {k: list(v) for k, v in self.by_sparsity.items()}
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "tokens": self.tokens, "seq_len": self.seq_len, "by_sparsity": self.table()}
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     config: dict
@@ -86,6 +108,7 @@ class Manifest:
     bytes: ByteCounts
     checksums: Checksums
     neuron_order: Optional[NeuronOrder] = None
+    thresholds: Optional[CalibratedThresholds] = None
     format_version: int = FORMAT_VERSION
     llmflash_version: str = __version__
 
@@ -112,6 +135,8 @@ class Manifest:
         }
         if self.neuron_order is not None:
             out["neuron_order"] = self.neuron_order.to_json()
+        if self.thresholds is not None:
+            out["thresholds"] = self.thresholds.to_json()
         return out
 
     @staticmethod
@@ -160,6 +185,18 @@ class Manifest:
         if order:
             meta = {k: v for k, v in order.items() if k not in ("file", "crc32")}
             neuron_order = NeuronOrder(str(get("neuron_order", "file")), num("neuron_order", "crc32"), meta)
+        thresholds = None
+        if d.get("thresholds") is not None:
+            by = get("thresholds", "by_sparsity")
+            if not isinstance(by, dict) or any(
+                not isinstance(v, list) or len(v) != layout.n_layers
+                or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in v) for v in by.values()
+            ):
+                raise FlashFileError(f"{where}: 'thresholds.by_sparsity' is not a list of numbers per layer for each "
+                                     "sparsity: the manifest is corrupt; re-run convert")
+            thresholds = CalibratedThresholds({str(k): tuple(float(t) for t in v) for k, v in by.items()},
+                                              str(get("thresholds", "source")), num("thresholds", "tokens"),
+                                              num("thresholds", "seq_len"))
         return Manifest(
             model=ModelInfo(str(get("model", "name")), str(get("model", "source")), str(get("model", "model_type"))),
             config=config,
@@ -171,6 +208,7 @@ class Manifest:
                              num("bytes", "ffn_file"), num("bytes", "resident_file")),
             checksums=Checksums(num("checksums", RESIDENT), tuple(tuple(int(c) for c in s) for s in per_seg)),
             neuron_order=neuron_order,
+            thresholds=thresholds,
             format_version=version,
             llmflash_version=str(d.get("llmflash_version", "")),
         )

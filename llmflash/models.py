@@ -27,6 +27,7 @@ from .errors import LLMFlashError
 from .ffn import DenseFFN, FFNWeights
 from .flashdir import build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .paths import atomic_dir, cache_dir, package_dir
+from .relufy_v1_format import apply_relufication
 from .sparse_model import CONFIG_FILE as SPARSE_CONFIG
 from .sparse_model import apply_artifact, load_gate
 from .storage import read_range
@@ -156,9 +157,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
             if (art / SPARSE_CONFIG).is_file():
                 model = apply_artifact(model.float(), art).to(dtype)
             elif (art / "relufy_config.json").is_file():
-                from .relufy import apply_relufication  # the first (LoRA + shifted ReLU) format
-
-                model = apply_relufication(model, art)
+                model = apply_relufication(model, art)  # the first (LoRA + shifted ReLU) format
             else:
                 raise LLMFlashError(f"smollm2-relu artifacts are missing ({art}): restore them with `git checkout {art}`")
         model.config.name_or_path = spec

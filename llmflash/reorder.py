@@ -30,7 +30,7 @@ from .models import LoadedModel, load_in_memory
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
 from .sparse_model import GATE_DIR
-from .sparsity import ActiveCounter, calibrate_flash_dir, model_rule, threshold_rule
+from .sparsity import ActiveCounter, model_rule, stored_thresholds, threshold_rule
 from .storage import read_range
 from .text import load_texts, token_stream, windows
 
@@ -73,13 +73,10 @@ def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_spars
                      for w in range(meta["windows"])] for layer in range(meta["n_layers"])]
 
         return dict(meta, masks=get("l"), pred_masks=get("p") if meta.get("predictors") else None)
-    lm = load_in_memory(flash_dir)
     rule = own or SparsityRule("relu")
     if sparsity == "threshold":
-        table = lm.thresholds
-        if table is None:
-            table = calibrate_flash_dir(fd)
-        rule = threshold_rule(table, threshold_sparsity)
+        rule = threshold_rule(stored_thresholds(fd), threshold_sparsity)
+    lm = load_in_memory(flash_dir)
     n_layers, n = fd.layout.n_layers, fd.layout.d_ffn
     per_layer: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
     per_layer_pred: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
@@ -206,8 +203,8 @@ def write_permuted_flash_dir(src: str | Path, out: str | Path, perms: Sequence[n
             order = np.take_along_axis(fd.neuron_order, order, axis=1)  # -> the model's own ids
         order = np.ascontiguousarray(order)
         np.save(wr.dir / ORDER_FILE, order)
-        wr.finish(m.model, m.config, m.dtype, m.gated, m.activation,
-                  neuron_order=NeuronOrder(ORDER_FILE, _crc(order.data), dict(meta or {})))
+        wr.finish(m.model, m.config, m.dtype, m.gated, m.activation,  # thresholds are per layer: carried as they are
+                  neuron_order=NeuronOrder(ORDER_FILE, _crc(order.data), dict(meta or {})), thresholds=m.thresholds)
     return out
 
 

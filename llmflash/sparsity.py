@@ -1,4 +1,8 @@
-"""Sparsity rules in practice: calibrating per-layer thresholds (CATS-style) and measuring active fractions."""
+"""Sparsity rules in practice: calibrating per-layer thresholds (CATS-style) and measuring active fractions.
+
+A flash directory's thresholds are calibrated once, by ``convert`` (``calibrate_on_text``), and stored in its
+manifest; the engine and the other readers only read them (``stored_thresholds``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from .arch import install_dense_ffns
 from .errors import LLMFlashError
 from .ffn import SparsityRule
 from .flashdir import FlashDir
-from .models import load_in_memory
+from .manifest import CalibratedThresholds
 from .paths import atomic_file, cache_dir
 from .text import load_texts, token_stream, windows
 
@@ -112,7 +116,7 @@ def rule_for(
     ``auto``: the model's own rule (a trained sparse model's thresholds, ``model_rule``), else ``relu``.
 
     Thresholds come from ``thresholds`` (a flash directory's manifest) or are calibrated on ``wiki:train``
-    (32k tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
+    (``CALIBRATION_TOKENS`` tokens) and cached under the cache directory as ``thresholds/<cache_key>.json``. Calibration swaps the
     model's FFNs for ``DenseFFN`` modules (same weights).
     """
     if sparsity == "auto":
@@ -126,20 +130,31 @@ def rule_for(
         if path is not None and path.is_file():
             thresholds = json.loads(path.read_text())
         else:
-            stream = token_stream(tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
-            thresholds = calibrate_thresholds(model, windows(stream, CALIBRATION_SEQ_LEN))
+            thresholds = calibrate_on_text(model, tokenizer).table()
             if path is not None:
                 with atomic_file(path) as tmp:
                     tmp.write_text(json.dumps(thresholds))
     return threshold_rule(thresholds, target)
 
 
-def calibrate_flash_dir(fd: FlashDir) -> dict:
-    """Calibrate threshold-rule thresholds for a flash directory (once; saved in DIR/thresholds.json). Loads the
-    whole model into memory for it."""
-    log.info("calibrating thresholds for %s on %s (the whole model in memory)", fd.path, CALIBRATION_SOURCE)
-    lm = load_in_memory(fd.path)
-    stream = token_stream(lm.tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=CALIBRATION_TOKENS)
-    table = calibrate_thresholds(lm.model, windows(stream, CALIBRATION_SEQ_LEN))
-    fd.save_thresholds(table)
+def calibrate_on_text(
+    model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TOKENS, targets: Sequence[float] = DEFAULT_TARGETS,
+    progress: bool = True,
+) -> CalibratedThresholds:
+    """``calibrate_thresholds`` on the first ``max_tokens`` tokens of ``CALIBRATION_SOURCE`` (windows of
+    ``CALIBRATION_SEQ_LEN``). ``model`` is modified in place (its FFNs become ``DenseFFN`` modules, same weights)."""
+    stream = token_stream(tokenizer, load_texts(CALIBRATION_SOURCE), max_tokens=max_tokens)
+    table = calibrate_thresholds(model, windows(stream, CALIBRATION_SEQ_LEN), targets, progress)
+    return CalibratedThresholds({k: tuple(v) for k, v in table.items()}, CALIBRATION_SOURCE, int(stream.numel()),
+                                CALIBRATION_SEQ_LEN)
+
+
+def stored_thresholds(fd: FlashDir) -> dict[str, list[float]]:
+    """A flash directory's calibrated thresholds (its manifest's, or an older directory's ``thresholds.json``); a
+    one-line ``LLMFlashError`` when it has none (converted with ``--calibration-tokens 0``, or by an older llmflash)."""
+    table = fd.thresholds()
+    if table is None:
+        again = " (then reorder it again)" if fd.manifest.neuron_order is not None else ""
+        raise LLMFlashError(f"{fd.path} has no calibrated thresholds for --sparsity threshold: re-run `llmflash convert "
+                            f"{fd.manifest.model.source} --out DIR` to calibrate them{again}")
     return table

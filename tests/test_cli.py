@@ -28,7 +28,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     save_tiny(tiny_llama(relu=True, d_model=256, d_ffn=384), root / "llama")
     save_tiny(tiny_opt(d_model=128, d_ffn=256), root / "opt")
-    assert main(["convert", str(root / "llama"), "--out", str(root / "llama-flash")]) == 0
+    assert main(["convert", str(root / "llama"), "--out", str(root / "llama-flash"), "--calibration-tokens", "0"]) == 0
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
     return root
 
@@ -91,14 +91,14 @@ def test_corrupted_resident_file_is_caught(models, tmp_path, capsys):
 
 def test_flash_files_from_another_model(models, tmp_path, capsys):
     other = tmp_path / "opt-flash"
-    assert main(["convert", str(models / "opt"), "--out", str(other)]) == 0
+    assert main(["convert", str(models / "opt"), "--out", str(other), "--calibration-tokens", "0"]) == 0
     mixed = tmp_path / "mixed"
     shutil.copytree(models / "llama-flash", mixed)
     shutil.copy(other / "ffn.bin", mixed / "ffn.bin")
     rc = main(["generate", str(mixed), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG])
     _one_line_error(capsys, rc, "ffn.bin", "another model")
     # converting another model into an existing flash directory is refused without --force
-    rc = main(["convert", str(models / "opt"), "--out", str(models / "llama-flash")])
+    rc = main(["convert", str(models / "opt"), "--out", str(models / "llama-flash"), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "--force")
     assert json.loads((models / "llama-flash" / "manifest.json").read_text())["model"]["name"] == "llama"
 
@@ -109,13 +109,13 @@ def test_budget_below_minimum_states_the_minimum(models, capsys):
 
 
 def test_missing_or_garbage_model(tmp_path, capsys):
-    rc = main(["convert", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")])
+    rc = main(["convert", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o"), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "does not exist")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not a gguf file" * 100)
-    rc = main(["convert", str(junk), "--out", str(tmp_path / "o")])
+    rc = main(["convert", str(junk), "--out", str(tmp_path / "o"), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "cannot load model")
-    rc = main(["convert", "no-such-alias", "--out", str(tmp_path / "o")])
+    rc = main(["convert", "no-such-alias", "--out", str(tmp_path / "o"), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "unknown model")
     rc = main(["generate", str(tmp_path / "missing-dir"), "--prompt", "Hi"])
     _one_line_error(capsys, rc, "does not exist")
@@ -137,7 +137,7 @@ def read_only_dir(tmp_path):
 
 
 def test_read_only_output_location(models, read_only_dir, capsys):
-    rc = main(["convert", str(models / "llama"), "--out", str(read_only_dir / "flash")])
+    rc = main(["convert", str(models / "llama"), "--out", str(read_only_dir / "flash"), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "cannot write")
     rc = main(["generate", str(models / "llama-flash"), "--prompt", "Hi", "--max-new-tokens", "2", "--dram-budget", BIG,
                "--json", str(read_only_dir / "out.json")])
@@ -151,7 +151,7 @@ def test_interrupted_convert_leaves_nothing_that_looks_valid(models, tmp_path, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fdmod, "_file_crc", boom)  # dies after ffn.bin is written, before the manifest
-    rc = main(["convert", str(models / "llama"), "--out", str(tmp_path / "half")])
+    rc = main(["convert", str(models / "llama"), "--out", str(tmp_path / "half"), "--calibration-tokens", "0"])
     assert rc == 130
     assert not (tmp_path / "half").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -199,7 +199,7 @@ def test_manifest_missing_a_key(models, tmp_path, capsys, key):
 def test_convert_out_naming_a_file(models, tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("not a directory")
-    rc = main(["convert", str(models / "llama"), "--out", str(f)])
+    rc = main(["convert", str(models / "llama"), "--out", str(f), "--calibration-tokens", "0"])
     _one_line_error(capsys, rc, "--out", "not a directory")
     assert f.read_text() == "not a directory"
 
@@ -247,7 +247,7 @@ def test_interrupted_is_not_glued_to_a_progress_bar(models, tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(conv, "load_model", slow_load)
-    assert main(["convert", str(models / "llama"), "--out", str(tmp_path / "o")]) == 130
+    assert main(["convert", str(models / "llama"), "--out", str(tmp_path / "o"), "--calibration-tokens", "0"]) == 130
     err = capsys.readouterr().err
     assert "loading" in err and err.endswith("\nllmflash convert: interrupted\n"), repr(err)
 

@@ -27,8 +27,8 @@ def rows(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     save_tiny(tiny_llama(seed=1, relu=False, d_model=128, d_ffn=512), root / "original")
     save_tiny(tiny_llama(seed=0, relu=True, d_model=128, d_ffn=512), root / "sparse")
-    orig = convert(str(root / "original"), root / "original-flash", progress=False)
-    sparse = convert(str(root / "sparse"), root / "sparse-flash", progress=False)
+    orig = convert(str(root / "original"), root / "original-flash", progress=False, calibration_tokens=0)
+    sparse = convert(str(root / "sparse"), root / "sparse-flash", progress=False, calibration_tokens=0)
     lay = open_flash_dir(sparse).layout
     torch.manual_seed(0)
     mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]

@@ -19,11 +19,11 @@ from llmflash.hooks import EngineObserver
 from llmflash.layout import FlashLayout, read_plan, runs
 from llmflash.models import load_in_memory
 from llmflash.provider import ActiveSetProvider
-from llmflash.sparsity import calibrate_thresholds
 from llmflash.storage import proc_read_bytes
 
 from tiny import save_tiny, tiny_llama, tiny_opt
 
+CALIBRATION_TOKENS = 512  # cheap threshold calibration at convert time
 BIG = 8.0  # tiny models are mostly padding: give them room
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
 
@@ -34,14 +34,10 @@ def flash_dirs(tmp_path_factory):
     out = {}
     for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384)),
                         ("silu", tiny_llama(seed=1, d_model=128, d_ffn=384))):
-        save_tiny(model, root / name)
-        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False)
-    out["llama-unbundled"] = convert(str(root / "llama"), root / "llama-unb", bundled=False, progress=False)
-    # thresholds for the SiLU model, calibrated on random tokens
-    lm = load_in_memory(out["silu"])
-    g = torch.Generator().manual_seed(0)
-    table = calibrate_thresholds(lm.model, [torch.randint(0, 256, (1, 64), generator=g) for _ in range(4)], progress=False)
-    open_flash_dir(out["silu"]).save_thresholds(table)
+        save_tiny(model, root / name)  # thresholds calibrated by convert on a few tokens (the SiLU model's are used)
+        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False, calibration_tokens=CALIBRATION_TOKENS)
+    out["llama-unbundled"] = convert(str(root / "llama"), root / "llama-unb", bundled=False, progress=False,
+                                     calibration_tokens=0)
     return out
 
 
@@ -397,6 +393,30 @@ def test_reordered_dir_same_model_same_sets(flash_dirs, tmp_path):
     np.save(dst / "permutation.npy", np.zeros((lay.n_layers, lay.d_ffn), np.int64))
     with pytest.raises(FlashFileError, match="permutation.npy"):
         _gen(dst, "predictor", predictors=pred)
+
+
+def test_thresholds_come_from_the_manifest_and_reorder_carries_them(flash_dirs, tmp_path, capsys):
+    """--sparsity threshold reads the thresholds convert stored (a reordered copy keeps them: they are per layer); a
+    directory without them is refused in one line instead of calibrated behind the DRAM budget's back."""
+    from llmflash.cli import main
+    from llmflash.reorder import write_permuted_flash_dir
+
+    kw = dict(sparsity="threshold", threshold_sparsity=0.8)
+    src = flash_dirs["silu"]
+    table = open_flash_dir(src).thresholds()
+    assert table is not None and len(table["0.8"]) == 3
+    lay = open_flash_dir(src).layout
+    perms = [np.random.default_rng(i).permutation(lay.d_ffn) for i in range(lay.n_layers)]
+    dst = write_permuted_flash_dir(src, tmp_path / "perm", perms, progress=False)
+    assert open_flash_dir(dst).thresholds() == table
+    assert _gen(dst, "oracle", **kw).tokens == _gen(src, "oracle", **kw).tokens
+    bare = flash_dirs["llama-unbundled"]  # converted with calibration_tokens=0
+    assert open_flash_dir(bare).thresholds() is None
+    with pytest.raises(LLMFlashError, match="no calibrated thresholds.*llmflash convert") as err:
+        Engine(bare, EngineConfig(mode="dense", dram_budget=BIG, **kw))
+    assert "\n" not in str(err.value)
+    assert main(["generate", str(bare), "--prompt", "Hi", "--sparsity", "threshold", "--max-new-tokens", "2"]) == 2
+    assert "no calibrated thresholds" in capsys.readouterr().err
 
 
 def test_cli_reorder_by_coactivation(flash_dirs, tmp_path):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments"
 LIBRARIES = ("common", "engine_runs")  # the scripts' shared glue, not scripts
 SCRIPTS = sorted(p.stem for p in EXP.glob("*.py") if p.stem not in LIBRARIES)
-OURS = ("llmflash", "predictors", "research")
+OURS = ("llmflash", "predictors", "sparsetrain", "research")
 
 
 def _from_imports(path: Path):

@@ -29,7 +29,7 @@ import engine_runs  # noqa: E402
 def flash(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     save_tiny(tiny_llama(relu=True, d_model=64, d_ffn=256), root / "m")
-    return convert(str(root / "m"), root / "flash", progress=False)
+    return convert(str(root / "m"), root / "flash", progress=False, calibration_tokens=0)
 
 
 def test_bandwidth_interpolation_and_computed_io():

@@ -41,7 +41,7 @@ def gated(tmp_path_factory):
     root = tmp_path_factory.mktemp("gated")
     art = _gated_artifact(root / "art")
     model = apply_artifact(tiny_llama(seed=7, d_ffn=N), art)
-    flash = convert_model(model, tiny_tokenizer(), "tiny-gated", "tiny-gated", root / "flash", progress=False)
+    flash = convert_model(model, tiny_tokenizer(), "tiny-gated", "tiny-gated", root / "flash", progress=False, calibration_tokens=0)
     return model, art, flash
 
 

@@ -19,7 +19,7 @@ from tiny import save_tiny, tiny_opt
 def flash(tmp_path_factory):
     root = tmp_path_factory.mktemp("manifest")
     save_tiny(tiny_opt(d_model=64, d_ffn=256), root / "m")
-    return convert(str(root / "m"), root / "flash", progress=False)
+    return convert(str(root / "m"), root / "flash", progress=False, calibration_tokens=0)
 
 
 def test_manifest_round_trips_the_file_exactly(flash):
@@ -70,3 +70,35 @@ def test_writer_checks_order_and_completeness(tmp_path):
         with write_flash_dir(tmp_path / "c", lay) as w:
             pass
     assert not any(tmp_path.iterdir())  # nothing half-written is left behind
+
+
+def test_thresholds_round_trip_and_old_directories_still_open(tmp_path):
+    """convert stores the calibrated thresholds in the manifest; a directory without them opens (and a
+    ``thresholds.json`` sidecar of an older directory is still read)."""
+    import shutil
+
+    from llmflash.manifest import CalibratedThresholds
+
+    save_tiny(tiny_opt(d_model=64, d_ffn=256), tmp_path / "m")
+    flash = convert(str(tmp_path / "m"), tmp_path / "flash", progress=False, calibration_tokens=64)
+    raw = json.loads((flash / MANIFEST).read_text())
+    m = Manifest.from_json(raw)
+    assert isinstance(m.thresholds, CalibratedThresholds)
+    assert m.thresholds.source == "wiki:train" and m.thresholds.tokens == 64
+    assert set(m.thresholds.by_sparsity) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95"}
+    assert all(len(v) == 3 for v in m.thresholds.by_sparsity.values())
+    assert json.loads(json.dumps(m.to_json())) == raw
+    assert open_flash_dir(flash).thresholds() == m.thresholds.table()
+
+    old = tmp_path / "old"
+    shutil.copytree(flash, old)
+    del raw["thresholds"]
+    (old / MANIFEST).write_text(json.dumps(raw))
+    assert open_flash_dir(old).manifest.thresholds is None and open_flash_dir(old).thresholds() is None
+    (old / "thresholds.json").write_text(json.dumps(m.thresholds.table()))
+    assert open_flash_dir(old).thresholds() == m.thresholds.table()
+
+    raw["thresholds"] = {**m.thresholds.to_json(), "by_sparsity": {"0.8": [0.1]}}
+    (old / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(FlashFileError, match="thresholds.by_sparsity"):
+        open_flash_dir(old)

@@ -1,4 +1,5 @@
-"""Relufication on tiny random Llama models (CPU, seconds): training, the artifact, and applying it."""
+"""The first relufication on tiny random Llama models (CPU, seconds): training (``sparsetrain.relufy_v1``), the
+artifact, and applying it (the core's ``llmflash.relufy_v1_format``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmflash.cli import main
 from llmflash.errors import LLMFlashError
 from llmflash.evaluate import perplexity
 from llmflash.arch import install_dense_ffns
 from llmflash.ffn import DenseFFN, SparsityRule
 from llmflash.models import load_model
-from llmflash.relufy import CONFIG_FILE, CURVE_FILE, TENSORS_FILE, ReluMLP, RelufyConfig, apply_relufication, relufy
+from llmflash.relufy_v1_format import CONFIG_FILE, TENSORS_FILE, ReluMLP, apply_relufication
 from llmflash.text import load_texts
+from sparsetrain.relufy_v1 import CURVE_FILE, RelufyConfig, main, relufy
 from tiny import save_tiny, tiny_llama
 
 TEXT = "\n\n".join(f"Article {i}: the quick brown fox number {i * 7} jumps over {i % 5} lazy dogs." for i in range(120))
@@ -92,7 +93,7 @@ def test_apply_rejects_other_shapes(trained, tmp_path):
 
 def test_cli_writes_the_artifact_atomically(tiny_dir, capsys):
     out = tiny_dir / "cli-out"
-    args = ["relufy", str(tiny_dir / "model"), "--out", str(out), "--steps", "2", "--shift", "--target-sparsity", "0.8",
+    args = [str(tiny_dir / "model"), "--out", str(out), "--steps", "2", "--shift", "--target-sparsity", "0.8",
             "--batch-tokens", "128", "--micro-batch-tokens", "64", "--seq-len", "64", "--eval-every", "1",
             "--eval-tokens", "128", "--final-eval-tokens", "128", "--text", str(tiny_dir / "train.txt"),
             "--eval-text", str(tiny_dir / "eval.txt"), "--ffn-rank", "2", "--attn-rank", "0", "--device", "cpu",
@@ -104,7 +105,7 @@ def test_cli_writes_the_artifact_atomically(tiny_dir, capsys):
     assert main(args) == 2  # exists: refuses without --force
     assert "already exists" in capsys.readouterr().err
     bad = tiny_dir / "bad-out"
-    assert main(args[:3] + [str(bad)] + args[4:] + ["--text", str(tiny_dir / "missing.txt")]) == 2
+    assert main(args[:2] + [str(bad)] + args[3:] + ["--text", str(tiny_dir / "missing.txt")]) == 2
     assert not bad.exists() and not [p for p in tiny_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -119,7 +120,7 @@ def test_fixed_l1_schedule_and_plain_relu(tiny_dir, tmp_path):
 
 
 def test_balance_shifts_sets_every_layer_to_the_target(tiny_dir, trained):
-    from llmflash.relufy import balance_shifts
+    from sparsetrain.relufy_v1 import balance_shifts
 
     out, _ = trained
     model, _, _ = load_model(str(tiny_dir / "model"))

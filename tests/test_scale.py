@@ -55,7 +55,7 @@ def _keys(d, prefix=""):
 
 def test_manifest_has_convert_schema_and_expected_bytes(scale_dirs, tmp_path):
     save_tiny(tiny_opt(d_model=64, d_ffn=256), tmp_path / "opt")
-    ref = json.loads((convert(str(tmp_path / "opt"), tmp_path / "opt-flash", progress=False) / MANIFEST).read_text())
+    ref = json.loads((convert(str(tmp_path / "opt"), tmp_path / "opt-flash", progress=False, calibration_tokens=0) / MANIFEST).read_text())
     mine = json.loads((scale_dirs["tiny"] / MANIFEST).read_text())
     assert _keys(mine) == _keys(ref)
     fd = open_flash_dir(scale_dirs["tiny"])
@@ -206,7 +206,7 @@ def test_no_reuse_loads_the_whole_set_each_token(scale_dirs):
 
 def test_permuted_flash_dir_gives_the_same_text(tmp_path):
     save_tiny(tiny_llama(relu=True, d_model=64, d_ffn=128), tmp_path / "m")
-    src = convert(str(tmp_path / "m"), tmp_path / "flash", progress=False)
+    src = convert(str(tmp_path / "m"), tmp_path / "flash", progress=False, calibration_tokens=0)
     perms = [np.random.default_rng(i).permutation(128) for i in range(3)]
     dst = write_permuted_flash_dir(src, tmp_path / "perm", perms, progress=False)
     out = {}

@@ -68,7 +68,7 @@ def test_engine_takes_explicit_threads_and_records_its_choice(tmp_path):
     from tiny import save_tiny, tiny_llama
 
     save_tiny(tiny_llama(relu=True), tmp_path / "m")
-    path = convert(str(tmp_path / "m"), tmp_path / "f", progress=False)
+    path = convert(str(tmp_path / "m"), tmp_path / "f", progress=False, calibration_tokens=0)
     e = Engine(path, EngineConfig(mode="oracle", dram_budget=8.0, io_threads=3, compute_threads=1))
     try:
         assert e.reader.n_threads == 3 and e.compute_threads == 1

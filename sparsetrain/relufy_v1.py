@@ -1,4 +1,8 @@
-"""Relufication: turn a SiLU (SwiGLU) model into a ReLU-sparse one by distillation, and load the result.
+"""The first relufication (training layer): turn a SiLU (SwiGLU) model into a ReLU-sparse one by distillation.
+
+Superseded by ``sparsetrain.job`` (the shipped ``smollm2-relu``); kept for ``experiments/relufy_gpu.py`` and the record
+in ``results/relufy/v1``. Run: ``python3 -m sparsetrain.relufy_v1 MODEL --out PATH [...]``; the artifact format and its
+loader are the core's ``llmflash.relufy_v1_format``.
 
 The relufied FFN of layer l is ``down(relu(gate(x) + b) * up(x))`` where ``b = act_bias`` is minus a learned
 per-neuron shift (shifted ReLU). Training (``relufy``) keeps the base weights frozen and learns a compact
@@ -19,35 +23,46 @@ the weight explode and wrecked the model; steering the shift has no lag.
 
 The artifact (``--out``) is small: ``relufy.safetensors`` (LoRA factors in fp16; act_bias and norms in fp32),
 ``relufy_config.json`` (hyperparameters, data description, hardware, time, results) and ``curve.csv``.
-``apply_relufication(model, dir)`` merges it into a base model loaded in float32: plain ``nn.Linear`` weights, a
-``ReluMLP`` per layer whose ``act_bias`` llmflash's adapters pick up, and ``config.hidden_act = "relu"``.
+``llmflash.relufy_v1_format.apply_relufication(model, dir)`` merges it into a base model.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
 import math
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import LLMFlashError
-from .paths import atomic_dir
+from llmflash.errors import LLMFlashError
+from llmflash.paths import atomic_dir
+from llmflash.relufy_v1_format import (
+    CONFIG_FILE,
+    FORMAT,
+    TENSORS_FILE,
+    ReluMLP,
+    apply_relufication,
+    base_fingerprint,
+    llama_layers,
+    relu_mlps,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "llmflash-relufy/1"
-TENSORS_FILE = "relufy.safetensors"
-CONFIG_FILE = "relufy_config.json"
+__all__ = ["CONFIG_FILE", "CURVE_FILE", "FORMAT", "TENSORS_FILE", "RelufyConfig", "TrainableReluMLP", "apply_relufication",
+           "balance_shifts", "main", "relufy"]
+
 CURVE_FILE = "curve.csv"
 FRONTIER_FILE = "frontier.csv"
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -59,22 +74,14 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 # Modules
 
 
-class ReluMLP(nn.Module):
-    """A relufied gated FFN: ``down(relu(gate(x) + act_bias) * up(x))``.
-
-    Keeps the attribute names of a Llama MLP (``gate_proj``, ``up_proj``, ``down_proj``) plus ``act_bias`` [d_ffn],
-    which is what ``arch.LlamaAdapter.ffn_weights`` reads. ``observe`` (training only) sees (module, z, relu(z)).
-    """
+class TrainableReluMLP(ReluMLP):
+    """``ReluMLP`` while training: ``observe`` sees (module, z, relu(z)); ``silu_mix`` blends in the original SiLU
+    while annealing (0 = pure ReLU)."""
 
     def __init__(self, layer: int, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_bias: Tensor):
-        super().__init__()
-        self.layer = layer
-        self.gate_proj = gate_proj
-        self.up_proj = up_proj
-        self.down_proj = down_proj
-        self.act_bias = nn.Parameter(act_bias.clone())
-        self.observe: Optional[Callable[["ReluMLP", Tensor, Tensor], None]] = None
-        self.silu_mix = 0.0  # training only: blend in the original SiLU while annealing (0 = pure ReLU)
+        super().__init__(layer, gate_proj, up_proj, down_proj, act_bias)
+        self.observe: Optional[Callable[["TrainableReluMLP", Tensor, Tensor], None]] = None
+        self.silu_mix = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.gate_proj(x)
@@ -106,90 +113,12 @@ class LoRALinear(nn.Module):
 # Applying an artifact
 
 
-def _llama_layers(model: nn.Module) -> list[nn.Module]:
-    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise LLMFlashError(f"relufication supports Llama-family gated FFNs, not {model.config.model_type!r}")
-    return list(model.model.layers)
-
-
-def relu_mlps(model: nn.Module) -> list[ReluMLP]:
-    """Replace each layer's MLP by a ``ReluMLP`` (same projection modules, act_bias zeros) unless it is one already."""
-    out = []
-    for i, layer in enumerate(_llama_layers(model)):
-        mlp = layer.mlp
-        if not isinstance(mlp, ReluMLP):
-            w = mlp.gate_proj.weight
-            mlp = ReluMLP(i, mlp.gate_proj, mlp.up_proj, mlp.down_proj, torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-            layer.mlp = mlp
-        out.append(mlp)
-    model.config.hidden_act = "relu"
-    return out
-
-
-def read_artifact(artifact_dir: Path) -> tuple[dict, dict[str, Tensor]]:
-    from safetensors.torch import load_file
-
-    artifact_dir = Path(artifact_dir)
-    cfg_path, ten_path = artifact_dir / CONFIG_FILE, artifact_dir / TENSORS_FILE
-    if not cfg_path.is_file() or not ten_path.is_file():
-        raise LLMFlashError(f"{artifact_dir} is not a relufication artifact (needs {CONFIG_FILE} and {TENSORS_FILE})")
-    try:
-        meta = json.loads(cfg_path.read_text())
-        tensors = load_file(str(ten_path))
-    except Exception as err:  # noqa: BLE001 - corrupt files are a user-facing error
-        raise LLMFlashError(f"cannot read relufication artifact {artifact_dir}: {str(err).splitlines()[0][:200]}") from None
-    if meta.get("format") != FORMAT:
-        raise LLMFlashError(f"{cfg_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    return meta, tensors
-
-
-@torch.no_grad()
-def apply_relufication(model: nn.Module, artifact_dir: Path) -> nn.Module:
-    """Apply a relufication artifact to its base model (in place) and return the ReLU-sparse model.
-
-    Afterwards each layer's MLP is a ``ReluMLP`` with plain ``nn.Linear`` projections (LoRA deltas merged), its
-    ``act_bias`` set, the norms replaced, and ``config.hidden_act == "relu"``.
-    """
-    meta, tensors = read_artifact(Path(artifact_dir))
-    layers = _llama_layers(model)
-    base = meta["base"]
-    if len(layers) != base["n_layers"] or model.config.intermediate_size != base["d_ffn"] or model.config.hidden_size != base["d_model"]:
-        raise LLMFlashError(
-            f"relufication artifact {artifact_dir} was made for a model with {base['n_layers']} layers, d_model "
-            f"{base['d_model']}, d_ffn {base['d_ffn']}: this model differs"
-        )
-    fp = base_fingerprint(model)
-    if base.get("fingerprint") is not None and not math.isclose(fp, base["fingerprint"], rel_tol=1e-4):
-        log.warning("base model fingerprint %.6g differs from the artifact's %.6g: wrong base model?", fp, base["fingerprint"])
-    mlps = relu_mlps(model)
-    scales = meta["lora"]["scales"]
-    for name, tensor in tensors.items():
-        if name.endswith(".lora_A"):
-            prefix = name[: -len(".lora_A")]
-            linear = model.get_submodule(prefix)
-            b = tensors[prefix + ".lora_B"].float()
-            delta = (b @ tensor.float()) * float(scales[prefix])
-            linear.weight.add_(delta.to(linear.weight.dtype))
-        elif name.endswith(".lora_B"):
-            continue
-        elif name.endswith(".act_bias"):
-            layer = int(name.split(".")[2])
-            mlps[layer].act_bias.copy_(tensor.to(mlps[layer].act_bias.dtype))
-        elif name.endswith(".weight"):  # norms
-            model.get_submodule(name[: -len(".weight")]).weight.copy_(tensor)
-        else:
-            raise LLMFlashError(f"relufication artifact {artifact_dir}: unexpected tensor {name}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 @torch.no_grad()
 def balance_shifts(model: nn.Module, ids: Tensor, active_fraction: float) -> list[float]:
     """Training-free: move each layer's shifts by one constant so that the layer is active on a fraction
     ``active_fraction`` of (token, neuron) pairs of ``ids`` [B, L]. Exact in one forward pass: each layer is
     calibrated on its real input, after the layers before it were. Returns the per-layer offsets subtracted."""
-    mlps = relu_mlps(model) if not all(isinstance(l.mlp, ReluMLP) for l in _llama_layers(model)) else [l.mlp for l in _llama_layers(model)]
+    mlps = relu_mlps(model)  # the layers' ReluMLPs (made where missing)
     offsets: list[float] = []
 
     def calibrate(mlp: ReluMLP, args) -> None:
@@ -207,13 +136,6 @@ def balance_shifts(model: nn.Module, ids: Tensor, active_fraction: float) -> lis
         for h in hooks:
             h.remove()
     return offsets
-
-
-def base_fingerprint(model: nn.Module) -> float:
-    """A cheap identity check of the base weights (sum of |w| of the first layer's FFN gate)."""
-    w = _llama_layers(model)[0].mlp.gate_proj
-    w = w.base.weight if isinstance(w, LoRALinear) else w.weight
-    return float(w.detach().double().abs().sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +193,7 @@ class _Collector:
         self.active: list[Tensor] = []
         self.want_l1 = True
 
-    def __call__(self, mlp: ReluMLP, z: Tensor, a: Tensor) -> None:
+    def __call__(self, mlp: TrainableReluMLP, z: Tensor, a: Tensor) -> None:
         if self.want_l1:
             self.l1.append(a.float().mean() / self.sigma[mlp.layer])
         self.active.append((z > 0).float().mean().detach())
@@ -290,7 +212,7 @@ def _device(name: str) -> torch.device:
 
 def _wrap_lora(model: nn.Module, cfg: RelufyConfig) -> dict[str, LoRALinear]:
     wrapped: dict[str, LoRALinear] = {}
-    for i, layer in enumerate(_llama_layers(model)):
+    for i, layer in enumerate(llama_layers(model)):
         groups = [(layer.mlp, FFN_TARGETS, cfg.ffn_rank), (layer.self_attn, ATTN_TARGETS, cfg.attn_rank)]
         for parent, names, rank in groups:
             if rank <= 0:
@@ -380,7 +302,7 @@ def _sample_from_teacher(teacher, stream: Tensor, n_tokens: int, seq_len: int, g
     return torch.cat(out)[:n_seq]
 
 
-def _trainable_state(model: nn.Module, loras: dict[str, LoRALinear], mlps: list[ReluMLP], cfg: RelufyConfig) -> dict[str, Tensor]:
+def _trainable_state(model: nn.Module, loras: dict[str, LoRALinear], mlps: list[TrainableReluMLP], cfg: RelufyConfig) -> dict[str, Tensor]:
     """The artifact's tensors (CPU): LoRA factors fp16, act_bias and norms fp32."""
     state: dict[str, Tensor] = {}
     for name, lora in loras.items():
@@ -389,7 +311,7 @@ def _trainable_state(model: nn.Module, loras: dict[str, LoRALinear], mlps: list[
     for i, mlp in enumerate(mlps):
         state[f"model.layers.{i}.mlp.act_bias"] = mlp.act_bias.detach().to("cpu", torch.float32).contiguous()
     if cfg.train_norms:
-        for i, layer in enumerate(_llama_layers(model)):
+        for i, layer in enumerate(llama_layers(model)):
             for n in NORM_NAMES:
                 state[f"model.layers.{i}.{n}.weight"] = getattr(layer, n).weight.detach().to("cpu", torch.float32).contiguous()
         state["model.norm.weight"] = model.model.norm.weight.detach().to("cpu", torch.float32).contiguous()
@@ -425,8 +347,8 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
 
     from tqdm.auto import tqdm
 
-    from .models import load_model
-    from .text import load_texts, token_stream
+    from llmflash.models import load_model
+    from llmflash.text import load_texts, token_stream
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -476,14 +398,14 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
         log.info("sampled %d sequences from the teacher in %.1f s", samples.shape[0], time.time() - t0)
 
     # Student parametrization.
-    mlps = relu_mlps(student)
+    mlps = cast(list[TrainableReluMLP], relu_mlps(student, TrainableReluMLP))
     loras = _wrap_lora(student, cfg)
     bias_params = [m.act_bias for m in mlps]
     for p in bias_params:
         p.requires_grad_(cfg.shift)
     norm_params = []
     if cfg.train_norms:
-        for layer in _llama_layers(student):
+        for layer in llama_layers(student):
             norm_params += [getattr(layer, n).weight for n in NORM_NAMES]
         norm_params.append(student.model.norm.weight)
         for p in norm_params:
@@ -514,7 +436,7 @@ def relufy(model_spec: str, out: Path, cfg: RelufyConfig = RelufyConfig(), *, ov
     first = draw_batch()
     sig: list[Tensor] = []
 
-    def grab(m: ReluMLP, z: Tensor, a: Tensor) -> None:
+    def grab(m: TrainableReluMLP, z: Tensor, a: Tensor) -> None:
         sig.append(z.float().std())
 
     for m in mlps:
@@ -731,11 +653,12 @@ def _posthoc_points(student, mlps, sigma, collector, calib: Tensor, windows: Ten
 # Command line
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "relufy", help="make a ReLU-sparse version of a SiLU model by distillation (GPU; CPU for tiny models)",
-        description="Replace the FFN activation by (shifted) ReLU and fine-tune a compact parametrization (LoRA, "
-                    "per-neuron shifts, norms) by distillation from the original model, with a rising L1 penalty on the "
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m sparsetrain.relufy_v1", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The first relufication (superseded by sparsetrain.job): replace the FFN activation by (shifted) "
+                    "ReLU and fine-tune a compact parametrization (LoRA, per-neuron shifts, norms) by distillation "
+                    "from the original model, with a rising L1 penalty on the "
                     "FFN activations. Writes the artifact, config, data description and curve to --out.",
     )
     d = RelufyConfig()
@@ -777,7 +700,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--json", default=None, help="write the run's config and results here")
-    p.set_defaults(func=_cmd_relufy)
+    return p
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -804,15 +727,26 @@ def config_from_args(args) -> RelufyConfig:
     )
 
 
-def _cmd_relufy(args) -> int:
-    cfg = config_from_args(args)
-    meta = relufy(args.model, Path(args.out), cfg, overwrite=args.force)
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line; a user error ends with one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        meta = relufy(args.model, Path(args.out), cfg, overwrite=args.force)
+    except LLMFlashError as err:
+        print(f"sparsetrain.relufy_v1: error: {err}", file=sys.stderr)
+        return 2
     r = meta["results"]
     print(f"relufied {args.model} -> {args.out}: held-out ppl {r['final_ppl']:.3f} (x{r['final_ppl_ratio']:.3f} of the "
           f"original {r['teacher_ppl']:.3f}), FFN active fraction {r['final_active_fraction']:.4f}, "
           f"{meta['config']['steps_run']} steps in {meta['time']['train_s']:.0f} s")
     if args.json:
-        from .report import write_json
+        from llmflash.report import write_json
 
         write_json(args.json, meta)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
