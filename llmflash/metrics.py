@@ -24,8 +24,12 @@ class TokenStats:
     excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
     read_ms: float = 0.0  # time the reads took (submit to completion; overlaps compute): the throughput's divisor
-    loaded_neurons: int = 0
+    loaded_neurons: int = 0  # rows read into the neuron caches (misses that fit, preloaded hot rows, lookahead guesses)
     cached_neurons: int = 0
+    # neuron-cache lookups, summed over layers (sparse modes): per layer and token hits + misses = the needed set
+    cache_hits: int = 0  # needed neurons already cached
+    cache_misses: int = 0  # needed neurons not cached, so read from flash (into the cache, or the staging buffer)
+    cache_evictions: int = 0  # cached rows freed (expired by the cache policy or dropped to make room)
 
     def finish(self, total_ms: float, bytes_read: int, reads: int, cached_neurons: int) -> None:
         """Complete the record at the end of its token (the rest was added while it was computed)."""
@@ -57,6 +61,7 @@ class GenerationResult:
         n_bytes = sum(t.bytes_read for t in pt)
         n_reads = sum(t.reads for t in pt)
         read_s = sum(t.read_ms or t.io_ms for t in pt) / 1e3
+        hits, misses = sum(t.cache_hits for t in pt), sum(t.cache_misses for t in pt)
         return {
             "ms_per_token": median([t.total_ms for t in pt]),
             "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
@@ -70,6 +75,10 @@ class GenerationResult:
             "read_gbps": n_bytes / read_s / 1e9 if read_s > 0 else 0.0,  # bytes / time the reads took
             "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
             "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
+            "cache_hits_per_token": hits / len(pt),
+            "cache_misses_per_token": misses / len(pt),
+            "cache_evictions_per_token": sum(t.cache_evictions for t in pt) / len(pt),
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,  # hits / needed neurons
         }
 
     def to_json(self) -> dict:
