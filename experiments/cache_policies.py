@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="generated tokens per run (default: the standard rows')")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats per policy (times: their medians)")
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot)")
+    p.add_argument("--hot-tokens", type=int, default=64, help="hot: calibration tokens that choose the hot sets")
     p.add_argument("--flash-dir", default=None, help="run this flash directory in oracle mode instead of the real model")
     args = p.parse_args()
     prompt = None  # the real model: the standard held-out prompt (``common.prompt_ids``)
@@ -44,6 +45,7 @@ def main() -> None:
         base = real_cfg(setup, setup["sparse_mode"], dram_budget=args.budget, window=args.window)
         n, warmup = n_tokens(args.quick, "real", setup["sparse_mode"])
     n = args.tokens or n
+    base = replace(base, hot_calibration_tokens=args.hot_tokens)
     runs: dict[str, list[dict]] = {pol: [] for pol in POLICIES}
     for rep in range(args.repeats):
         order = POLICIES if rep % 2 == 0 else tuple(reversed(POLICIES))
@@ -62,7 +64,7 @@ def main() -> None:
                 row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
         rows.append(row)
     data = {"setup": {k: v for k, v in setup.items() if k != "geometry"}, "budget": args.budget, "window": args.window,
-            "tokens": n, "warmup": warmup, "rows": rows,
+            "tokens": n, "warmup": warmup, "hot_calibration_tokens": args.hot_tokens, "rows": rows,
             "runs": {pol: [{k: r[k] for k in ("summary", "dram_breakdown", "tokens", "load_average")} for r in rs]
                      for pol, rs in runs.items()}}
     common.save(args.out, "cache_policies", args, data=data, rows=rows)
