@@ -96,6 +96,10 @@ def summarize(res: GenerationResult, rec: Optional[ReadRecorder], warmup: int, t
         "read_gbps": metrics.read_gbps(b, read_ms), "io_wait_gbps": metrics.io_wait_gbps(b, io_ms),
         "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / n,
         "cached_neurons": median([t.cached_neurons for t in pt]),
+        "cache_hits_per_token": sum(t.cache_hits for t in pt) / n,
+        "cache_misses_per_token": sum(t.cache_misses for t in pt) / n,
+        "cache_evictions_per_token": sum(t.cache_evictions for t in pt) / n,
+        "cache_hit_rate": (sum(t.cache_hits for t in pt) / max(1, sum(t.cache_hits + t.cache_misses for t in pt))),
         "tokens_per_s": 1e3 / median([t.total_ms for t in pt]),
     }
     if comp:

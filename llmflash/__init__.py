@@ -13,7 +13,8 @@ Core (this package)
     ``ffn``        FFN math shared by every path: weights, activation, sparsity rules, ``DenseFFN``
     ``arch``       architecture adapters (Llama family, OPT family): where the FFN lives
     ``models``     model resolution (aliases, hub ids, local dirs, GGUF) and loading, a flash directory in memory
-    ``cache``      the preallocated sliding-window neuron cache
+    ``cache_policy`` which neurons a layer's cache keeps: sliding window (default), LRU, pinned hot set + window
+    ``cache``      the preallocated neuron cache (row mechanics, hit/miss/eviction counters; membership: its policy)
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``engine``     the inference engine (dense, naive, hybrid, oracle, predictor modes)

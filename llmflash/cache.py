@@ -1,11 +1,12 @@
-"""The sliding-window neuron cache: one preallocated DRAM matrix per layer (the paper's Section 3.3).
+"""The neuron cache: one preallocated DRAM matrix per layer (the paper's Section 3.3).
 
 Per layer: a matrix of ``capacity`` rows (one per cached neuron, in the flash row format so direct-I/O reads land in
-place), the original neuron id of each row, and a count of used rows. A neuron stays while it was active in one of
-the last ``window`` tokens. Deleting moves the last rows into the freed slots; inserting appends at the end; compute
-uses the first ``count`` rows in whatever order they are. Nothing is allocated per token except small index arrays.
-With the engine on a GPU the matrix lives in GPU memory (``DeviceRows``): reads land in a host buffer and are copied
-into rows [count, count + new); deletions move rows on the GPU.
+place), the original neuron id of each row, and a count of used rows. Which neurons stay is the ``CachePolicy``'s
+decision (``cache_policy``; default the paper's sliding window: a neuron stays while it was active in one of the last
+``window`` tokens); the cache does the row mechanics and counts hits, misses and evictions. Deleting moves the last
+rows into the freed slots; inserting appends at the end; compute uses the first ``count`` rows in whatever order they
+are. Nothing is allocated per token except small index arrays. With the engine on a GPU the matrix lives in GPU memory
+(``DeviceRows``): reads land in a host buffer and are copied into rows [count, count + new); deletions move rows on the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache_policy import CachePolicy, WindowPolicy
 from .layout import FlashLayout
 from .storage import aligned_buffer
 
@@ -81,31 +83,39 @@ class CacheUpdate:
     load_ids: np.ndarray  # sorted neuron ids to read into rows [dest_row, dest_row + len)
     dest_row: int
     overflow_ids: np.ndarray  # needed now but beyond capacity: computed from the staging buffer, not cached
-    deleted: int  # rows freed this step
+    deleted: int  # rows freed this step (evictions)
     moved: int  # rows moved to fill holes
+    hits: int = 0  # needed neurons already cached (0 for a lookahead guess: not a lookup)
+    misses: int = 0  # needed neurons not cached: read into the cache (load_ids) or the staging buffer (overflow_ids)
+    need: Optional[np.ndarray] = None  # the ids entered (sorted; a lookahead guess too)
 
 
 @dataclass
 class CacheCounters:
-    """Totals since the cache was made (``clear`` keeps them): neuron lookups and what they cost."""
+    """Totals since the cache was made (``clear`` keeps them): neuron lookups and what they cost. Per lookup
+    hits + misses = the needed set's size; evictions <= loads over any run (a row is freed only after it was loaded)."""
 
     hits: int = 0  # needed neurons found in the cache
     misses: int = 0  # needed neurons not in it: read into it, or overflowed
-    evictions: int = 0  # rows freed (left the window, or dropped to make room)
+    evictions: int = 0  # rows freed (expired by the policy, or dropped to make room)
     moves: int = 0  # rows moved to fill the holes
     overflows: int = 0  # needed neurons that did not fit (computed from the staging buffer)
+    loads: int = 0  # rows read into the cache: misses that fit, a policy's preloaded rows, lookahead guesses
 
 
 class NeuronCache:
-    """One layer's window of active neurons: ``update`` decides what to delete and what to read."""
+    """One layer's cached neurons: ``update`` asks the policy what to delete and plans what to read."""
 
     def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None) -> None:
         """``device``: keep the rows there (``DeviceRows``; the engine lands reads in a host buffer and copies them
-        in); None: in a host ``RowStore`` that the reads write directly."""
+        in); None: in a host ``RowStore`` that the reads write directly. ``policy``: who stays (default: a sliding
+        window of ``window`` tokens)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
+        self.policy: CachePolicy = policy if policy is not None else WindowPolicy(window)
+        self._filled = False  # the policy's preload entered since the cache was (re)made empty
         self.store: RowStore | DeviceRows = (RowStore(layout, self.capacity, dtype) if device is None
                                              else DeviceRows(layout, self.capacity, dtype, device))
         self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
@@ -121,43 +131,52 @@ class NeuronCache:
     def cached_ids(self) -> np.ndarray:
         return self.ids[: self.count]
 
-    def update(self, need: np.ndarray, step: int, evict: bool = True) -> CacheUpdate:
-        """Slide the window to ``step`` with ``need`` (sorted unique ids) active now; plan the reads.
+    def update(self, need: np.ndarray, step: int, evict: bool = True, lookup: bool = True) -> CacheUpdate:
+        """Enter ``need`` (sorted unique ids, needed at ``step``): free what the policy expires, make room by its
+        eviction order, and plan the reads.
 
         ``evict=False``: a second call for the same step while rows are being read in: nothing is deleted or moved,
-        new rows only go after the existing ones, and what does not fit overflows.
+        new rows only go after the existing ones, and what does not fit overflows. ``lookup=False``: ``need`` is a
+        guess read ahead (lookahead), not a lookup: its rows count as loads, not as hits or misses.
         """
         self.last[need] = step
         deleted = moved = 0
         if evict:
-            live = self.ids[: self.count]
-            expired = np.flatnonzero(self.last[live] <= step - self.window)  # rows whose neuron left the window
+            expired = self.policy.expired(self.ids[: self.count], self.last, step)
             deleted = expired.size
             moved = self._delete(expired)
         missing = need[self.slot[need] < 0]
+        extra = np.empty(0, dtype=np.int64)
+        if not self._filled:  # the policy's preload (a pinned hot set), after what is needed now
+            pre = self.policy.preload()
+            extra = np.setdiff1d(pre[self.slot[pre] < 0], missing)
+            self._filled = True
         free = self.capacity - self.count
-        if evict and missing.size > free:  # over capacity: drop cached neurons not needed now, least recent first
-            live = self.ids[: self.count]
-            candidates = np.flatnonzero(self.last[live] < step)
+        if evict and missing.size > free:  # over capacity: drop what the policy lets go, first to go first
+            candidates = self.policy.evictable(self.ids[: self.count], self.last, step)
             k = min(missing.size - free, candidates.size)
             if k:
-                victims = candidates[np.argsort(self.last[live[candidates]], kind="stable")[:k]]
+                victims = candidates[:k]
                 deleted += victims.size
                 moved += self._delete(victims)
             free = self.capacity - self.count
         load, overflow = missing[:free], missing[free:]
+        if extra.size and load.size < free:
+            load = np.union1d(load, extra[: free - load.size])
         dest = self.count
         end = dest + load.size
         self.ids[dest:end] = load
         self.slot[load] = np.arange(dest, end)
         self.count = end
+        hits, misses = (need.size - missing.size, missing.size) if lookup else (0, 0)
         c = self.counters
-        c.hits += need.size - missing.size
-        c.misses += missing.size
+        c.hits += hits
+        c.misses += misses
         c.evictions += deleted
         c.moves += moved
-        c.overflows += overflow.size
-        return CacheUpdate(load, dest, overflow, deleted, moved)
+        c.overflows += overflow.size if lookup else 0  # a guess's overflow is dropped, not read
+        c.loads += load.size
+        return CacheUpdate(load, dest, overflow, deleted, moved, hits, misses, need)
 
     def _delete(self, rows: np.ndarray) -> int:
         """Remove ``rows`` by moving the last surviving rows into the holes. Returns the number of rows moved."""
@@ -186,6 +205,7 @@ class NeuronCache:
         self.ids[:] = -1
         self.last[:] = NEVER
         self.count = 0
+        self._filled = False
 
 
 def split_rows(total_rows: int, weights: list[float], cap: int, floor: int) -> list[int]:

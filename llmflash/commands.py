@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .cache_policy import POLICIES
 from .demo import DEMO_MODELS
 from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
@@ -104,6 +105,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-budget", type=fraction, default=0.5, metavar="F",
                    help="fraction of the model's weight bytes the engine may hold, in (0, 1]")
     p.add_argument("--window", type=int, default=5, metavar="K", help="sliding window in tokens (paper: 4-5)")
+    p.add_argument("--cache-policy", default="window", choices=POLICIES,
+                   help="sparse modes: which neurons the caches keep: window (the paper's), lru, or hot (a hot set "
+                        "pinned, measured on a short calibration text at start, plus the window)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="reader threads (parallel reads in flight; 0 = auto: fit the free cores)")
     p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
@@ -135,7 +139,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         mode=mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
         lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
-        device=args.device,
+        device=args.device, cache_policy=args.cache_policy,
     )
 
 
@@ -211,8 +215,16 @@ def summary_line(res: GenerationResult) -> str:
         f"[{res.mode}] {len(res.tokens)} tokens, {s['ms_per_token']:.1f} ms/token (io {s['io_ms']:.1f}, "
         f"mem {s['mem_ms']:.1f}, compute {s['compute_ms']:.1f}), {fmt_bytes(s['bytes_read_per_token'])} read/token "
         f"in {s['reads_per_token']:.0f} reads, DRAM {fmt_bytes(res.dram_bytes)} = "
-        f"{res.dram_bytes / res.model_bytes:.0%} of the model"
+        f"{res.dram_bytes / res.model_bytes:.0%} of the model" + _cache_line(s)
     )
+
+
+def _cache_line(s: dict) -> str:
+    """The neuron caches' lookups per token, when the mode has caches."""
+    if not s["cache_hits_per_token"] + s["cache_misses_per_token"]:
+        return ""
+    return (f", cache {s['cache_hit_rate']:.0%} hits ({s['cache_hits_per_token']:.0f} hits, "
+            f"{s['cache_misses_per_token']:.0f} misses, {s['cache_evictions_per_token']:.0f} evictions per token)")
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:

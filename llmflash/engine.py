@@ -4,8 +4,10 @@ Embeddings, attention and norms are resident (loaded once with direct I/O). Each
 
 - ``ResidentFFN`` (``DenseFFN`` over weights read once into DRAM): ``dense`` mode; the layers that fit in ``hybrid``;
 - ``StreamedFFN``: the whole layer read through a staging buffer every token: ``naive``; the rest of ``hybrid``;
-- ``SparseFFN``: only the active neurons, kept in a sliding-window ``NeuronCache``; the active set comes from an
-  ``ActiveSetProvider`` (``oracle``: the true set; ``predictor``: trained low-rank predictors).
+- ``SparseFFN``: only the active neurons, kept in a ``NeuronCache`` whose membership a ``CachePolicy`` decides
+  (``EngineConfig.cache_policy``: the paper's sliding window by default, LRU, or a pinned hot set plus the window);
+  the active set comes from an ``ActiveSetProvider`` (``oracle``: the true set; ``predictor``: trained low-rank
+  predictors).
 
 Per generated token the engine records I/O, memory-management and compute milliseconds and the bytes and reads that
 reached the flash files. A token's latency is its wall time; ``io_ms`` is the time spent waiting for reads (a
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from .arch import Adapter, HFModel
 from .budget import SparseBudget, hybrid_resident_layers
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
+from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
@@ -63,6 +66,14 @@ MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
 PREDICTOR_DTYPES = ("int8", "float16", "float32")  # EngineConfig.predictor_dtype
 LARGE_D_MODEL = 2048
 SPARSE_MODES = ("oracle", "predictor")
+# cache_policy="hot": the text whose needed sets choose each layer's hot neurons at engine start (fixed, so runs agree)
+HOT_CALIBRATION_TEXT = (
+    "The history of science is the study of the development of science and scientific knowledge, including both the "
+    "natural and social sciences. Science is a body of empirical, theoretical, and practical knowledge about the "
+    "natural world, produced by scientists who emphasize the observation, explanation, and prediction of real-world "
+    "phenomena. In the early modern period, printing spread books across Europe, and cities grew around ports, "
+    "markets and universities, where people met to trade goods, argue about ideas and write letters to each other."
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,14 @@ class EngineConfig:
     # buffers); reads still land in page-locked host buffers (direct I/O cannot write into GPU memory) and are copied
     # over, timed as memory management. The paper's GPU setting (its Table 3, RTX 4090 rows)
     device: str = "cpu"
+    # sparse modes: which neurons each layer's cache keeps (``cache_policy``): "window" (the paper's sliding window),
+    # "lru" (the most recently used up to the cache's rows) or "hot" (PowerInfer-style: the layer's most frequently
+    # needed neurons, counted by running this engine's own active-set provider over ``HOT_CALIBRATION_TEXT`` at start
+    # (``hot_calibration_tokens`` decode steps, no extra weights loaded), pinned in ``hot_fraction`` of its cache rows;
+    # the window manages the rest)
+    cache_policy: str = "window"
+    hot_fraction: float = 0.5
+    hot_calibration_tokens: int = 64
 
 
 def _now_ms() -> float:
@@ -229,8 +248,9 @@ class SparseFFN(_FlashFFNBase):
 
     def __init__(self, engine: "Engine", layer: int, capacity: int) -> None:
         super().__init__(engine, layer)
+        policy = make_policy(engine.cfg.cache_policy, engine.cfg.window, engine.fd.layout.d_ffn)
         self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype,
-                                 device=engine.device if engine.offload else None)
+                                 device=engine.device if engine.offload else None, policy=policy)
         self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
         self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
         self._prefetch: Optional[tuple[list, int, int]] = None  # (tickets, first row, rows) read ahead for this layer
@@ -244,8 +264,12 @@ class SparseFFN(_FlashFFNBase):
         assert self.e.landing is not None  # an engine with device caches has a landing buffer
         return self.e.landing, 0
 
-    def _update(self, need: np.ndarray, evict: bool = True) -> CacheUpdate:
-        upd = self.cache.update(need, self.e.step, evict=evict)
+    def _update(self, need: np.ndarray, evict: bool = True, lookup: bool = True) -> CacheUpdate:
+        upd = self.cache.update(need, self.e.step, evict=evict, lookup=lookup)
+        m = self.e.meter
+        m.cache_hits += upd.hits
+        m.cache_misses += upd.misses
+        m.cache_evictions += upd.deleted
         for o in self.e.observers:
             o.cache_updated(self.layer, upd)
         return upd
@@ -277,7 +301,7 @@ class SparseFFN(_FlashFFNBase):
         e = self.e
         guess = self._need(x_guess, guess=True)
         t0 = _now_ms()
-        upd = self._update(guess)  # slides the window; guessed overflow is dropped
+        upd = self._update(guess, lookup=False)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
@@ -385,6 +409,10 @@ class Engine:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:
             raise LLMFlashError("--window must be at least 1")
+        if config.cache_policy not in POLICIES:
+            raise LLMFlashError(f"unknown cache policy {config.cache_policy!r}: use one of {', '.join(POLICIES)}")
+        if not 0 <= config.hot_fraction <= 1:
+            raise LLMFlashError("hot_fraction is a fraction of each layer's cache rows, in [0, 1]")
         if config.io_threads < 0 or config.compute_threads < 0:
             raise LLMFlashError("--threads and --compute-threads must be 0 (auto: fit the free cores) or more")
         self.cfg = config
@@ -485,6 +513,8 @@ class Engine:
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
+        if mode in SPARSE_MODES and config.cache_policy == "hot":
+            self.pin_hot_sets(self.calibrate_hot_sets())
         for o in observers:
             self.observe(o)
         self.dram_bytes = sum(self.dram.values())
@@ -625,6 +655,31 @@ class Engine:
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly
             p.permute_outputs(self.fd.neuron_order)
         return PredictorProvider(p)
+
+    # -- cache policies
+
+    def calibrate_hot_sets(self) -> list[np.ndarray]:
+        """Per sparse layer: its ``hot_fraction`` * cache rows most frequently needed neurons, counted over the decode
+        steps of ``HOT_CALIBRATION_TEXT`` (its first ``hot_calibration_tokens`` tokens) run through this engine."""
+        counter = _NeedCounter(self.fd.layout.n_layers, self.fd.layout.d_ffn)
+        ids = self.tokenizer(HOT_CALIBRATION_TEXT, return_tensors="pt").input_ids[0][: self.cfg.hot_calibration_tokens + 1]
+        self.observers.append(counter)
+        try:
+            self.score(ids)
+        finally:
+            self.observers.remove(counter)
+            self.reset()
+        sizes = [int(self.cfg.hot_fraction * m.cache.capacity) for m in self.ffn_modules if isinstance(m, SparseFFN)]
+        log.info("hot sets from %d calibration tokens: %s neurons per layer", ids.numel() - 1, sizes)
+        return hot_sets(counter.counts, sizes)
+
+    def pin_hot_sets(self, sets: Sequence[np.ndarray]) -> None:
+        """Give each sparse layer a ``HotPolicy`` pinning ``sets[layer]`` (neuron ids in file row order); the caches
+        are emptied, and the hot rows are read when each cache next fills."""
+        for m, hot in zip([m for m in self.ffn_modules if isinstance(m, SparseFFN)], sets):
+            m.drain()
+            m.cache.clear()
+            m.cache.policy = HotPolicy(self.cfg.window, hot, self.fd.layout.d_ffn)
 
     # -- running
 
@@ -771,6 +826,17 @@ class Engine:
         self.model = None
         self.ffn_modules = []
         self.provider = None
+
+
+class _NeedCounter(EngineObserver):
+    """Times each neuron was needed per layer, over decode steps (lookahead guesses not counted)."""
+
+    def __init__(self, n_layers: int, d_ffn: int) -> None:
+        self.counts = [np.zeros(d_ffn, dtype=np.int64) for _ in range(n_layers)]
+
+    def cache_updated(self, layer: int, update: CacheUpdate) -> None:
+        if update.need is not None and update.hits + update.misses:
+            self.counts[layer][update.need] += 1
 
 
 def _device(name: str) -> torch.device:

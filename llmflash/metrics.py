@@ -78,8 +78,12 @@ class TokenStats:
     excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
     read_ms: float = 0.0  # time the reads were in flight (submit to completion; overlaps compute): read_gbps' divisor
-    loaded_neurons: int = 0
+    loaded_neurons: int = 0  # rows read into the neuron caches (misses that fit, preloaded hot rows, lookahead guesses)
     cached_neurons: int = 0
+    # neuron-cache lookups, summed over layers (sparse modes): per layer and token hits + misses = the needed set
+    cache_hits: int = 0  # needed neurons already cached
+    cache_misses: int = 0  # needed neurons not cached, so read from flash (into the cache, or the staging buffer)
+    cache_evictions: int = 0  # cached rows freed (expired by the cache policy or dropped to make room)
 
     @property
     def read_time_ms(self) -> float:
@@ -117,6 +121,7 @@ class GenerationResult:
         n_reads = sum(t.reads for t in pt)
         read_ms = sum(t.read_time_ms for t in pt)
         io_ms = sum(t.io_ms for t in pt)
+        hits, misses = sum(t.cache_hits for t in pt), sum(t.cache_misses for t in pt)
         return {
             "ms_per_token": median([t.total_ms for t in pt]),
             "mean_ms_per_token": sum(t.total_ms for t in pt) / len(pt),
@@ -131,6 +136,10 @@ class GenerationResult:
             "io_wait_gbps": io_wait_gbps(n_bytes, io_ms),
             "tokens_per_s": 1e3 * len(pt) / sum(t.total_ms for t in pt),
             "loaded_neurons_per_token": sum(t.loaded_neurons for t in pt) / len(pt),
+            "cache_hits_per_token": hits / len(pt),
+            "cache_misses_per_token": misses / len(pt),
+            "cache_evictions_per_token": sum(t.cache_evictions for t in pt) / len(pt),
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,  # hits / needed neurons
         }
 
     def to_json(self) -> dict:

@@ -58,6 +58,18 @@ def test_generate_json_has_contract_keys(models, tmp_path, capsys):
         assert k in d["per_token"][0]
 
 
+def test_generate_cache_policy_reports_the_cache_counters(models, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    rc = main(["generate", str(models / "llama-flash"), "--prompt", "Hello", "--max-new-tokens", "6", "--mode", "oracle",
+               "--dram-budget", BIG, "--ignore-eos", "--cache-policy", "lru", "--json", str(out)])
+    assert rc == 0 and "hits" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["config"]["cache_policy"] == "lru"
+    for k in ("cache_hits_per_token", "cache_misses_per_token", "cache_evictions_per_token", "cache_hit_rate"):
+        assert k in d["summary"]
+    assert all(t["cache_hits"] + t["cache_misses"] > 0 for t in d["per_token"])
+
+
 def test_eval_ppl_json_on_dir_and_model(models, tmp_path, capsys):
     for target in (models / "llama-flash", models / "llama"):
         out = tmp_path / "p.json"

@@ -119,3 +119,18 @@ def test_figures_replot_from_the_committed_data(tmp_path):
     curves = json.loads((root / "results" / "window_usage" / "window_usage.json").read_text())
     window_usage.plot(curves, tmp_path / "window_usage.png")
     assert (tmp_path / "dram_budget.png").stat().st_size > 0 and (tmp_path / "window_usage.png").stat().st_size > 0
+
+
+def test_cache_policies_experiment_on_a_tiny_model(flash, tmp_path, monkeypatch):
+    import cache_policies
+
+    out = tmp_path / "cp"
+    monkeypatch.setattr(sys, "argv", ["experiments/cache_policies.py", "--flash-dir", str(flash), "--budget", "2.0",
+                                      "--repeats", "2", "--tokens", "6", "--window", "2", "--out", str(out)])
+    cache_policies.main()
+    data = json.loads((out / "cache_policies.json").read_text())
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"window", "lru", "hot"} and all(r["same_tokens_as_window"] for r in rows.values())
+    assert len({r["dram_bytes"] for r in rows.values()}) == 1  # equal DRAM
+    assert all(0 <= r["cache_hit_rate"] <= 1 for r in rows.values())
+    assert (out / "cache_policies.csv").is_file() and (out / "cache_policies.png").is_file()
