@@ -98,6 +98,7 @@ END_TO_END = {
 }
 # Scripts not run end to end here, and why (each needs what a test cannot have in seconds).
 NOT_END_TO_END = {
+    "cache_policies": "runs end to end on a tiny model in tests/test_experiments.py (its own --flash-dir option)",
     "cgroup_budget": "runs the engine under a cgroup memory limit (systemd-run/cgroup v2 delegation)",
     "engine_checks": "profiles the disk with 1 GiB of direct reads and compares kernel byte counts",
     "engine_options": "needs smollm2-relu's trained predictors (no --model option yet)",
