@@ -81,11 +81,7 @@ def start_student(shape: Shape, base_state: dict, artifact: Optional[Path], lora
     cfg, tensors = read_artifact(artifact)
     state = decode_deltas(base_state, tensors)
     model = CompactLlama(shape, cfg["activation"], True, lora_rank)
-    load_hf_state(model, state)
-    for ffn, key in zip(model.ffns(), range(shape.n_layers)):
-        bias = state.get(f"model.layers.{key}.mlp.act_bias")
-        if bias is not None:
-            ffn.act_bias.data.copy_(bias)
+    load_hf_state(model, state)  # act_bias included, when the artifact has one
     model.set_thresholds(cfg["thresholds"])
     return model, {"config": cfg, "tensors": tensors}
 
@@ -199,10 +195,7 @@ def export(trainer: Trainer, start: dict, base_state: dict, out: Path, record: d
     applied_state = decode_deltas(base_cpu, tensors)
     applied = CompactLlama(shape, trainer.r.arm, True, 0)
     load_hf_state(applied, applied_state)
-    for i, (src, dst) in enumerate(zip(student.ffns(), applied.ffns())):
-        bias = applied_state.get(f"model.layers.{i}.mlp.act_bias")
-        if bias is not None:
-            dst.act_bias.data.copy_(bias)
+    for src, dst in zip(student.ffns(), applied.ffns()):
         gate = dst.add_gate(src.gate.down.weight.shape[0])  # type: ignore[union-attr]
         gate.load_state_dict({k: v.detach().cpu() for k, v in src.gate.state_dict().items()})  # type: ignore[union-attr]
     applied = applied.to(trainer.device)

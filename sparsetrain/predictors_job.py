@@ -67,6 +67,11 @@ def _cat_each(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return out
 
 
+def _scores(m: torch.nn.Module, x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """A predictor's logits over bf16 inputs [T, d], in fp32 chunks."""
+    return torch.cat([m(x[k : k + chunk].float()) for k in range(0, x.shape[0], chunk)])
+
+
 def fingerprint(model: CompactLlama) -> list[float]:
     """``llmflash.predictor.ffn_fingerprint`` of the same weights (gate, up, down, act_bias norms per layer)."""
     out = []
@@ -117,12 +122,12 @@ def run(args) -> None:
             for p in m.parameters():
                 p.copy_(p.to(torch.float16).float())
             m.up.bias[pins] = PIN_LOGIT
-            scores = torch.cat([m(x[i][cut:][k : k + 65536].float()) for k in range(0, x[i].shape[0] - cut, 65536)])
+            scores = _scores(m, x[i][cut:])
             thr = threshold_for_recall(scores, y[i][cut:], args.recall, pins)
             r = rates(*confusion(scores >= thr, y[i][cut:]))
             per_corpus = {}
             for name, (hx, hy) in held_xy.items():
-                s = torch.cat([m(hx[i][k : k + 65536].float()) for k in range(0, hx[i].shape[0], 65536)])
+                s = _scores(m, hx[i])
                 per_corpus[name] = rates(*confusion(s >= thr, hy[i]))
         modules.append(m.cpu())
         thresholds.append(thr)

@@ -177,6 +177,10 @@ class Trainer:
             p.requires_grad_(False)
         fused = device.startswith("cuda")
         self.opt = torch.optim.AdamW(param_groups(self.student, recipe), betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        gate_ids = {id(p) for f in self.student.ffns() if f.gate is not None for p in f.gate.parameters()}
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        self._model_params = [p for p in params if id(p) not in gate_ids]
+        self._gate_params = [p for p in params if id(p) in gate_ids]
         self.state = State()
         self.gen = torch.Generator(device=device).manual_seed(recipe.seed)
         # bf16 autocast on the GPU; plain float32 on the CPU (tests), where bf16 matmuls of tiny shapes crawl
@@ -214,17 +218,11 @@ class Trainer:
     @torch.no_grad()
     def _sample_abs(self, hs: list[Tensor]) -> Tensor:
         """[L, S]: a strided sample of |h| per layer from the first ``quantile_tokens`` tokens (S <= 65536)."""
-        n_tok = self.r.quantile_tokens
-        rows = []
-        for h in hs:
-            flat = h.detach().reshape(-1, h.shape[-1])[:n_tok].reshape(-1)
-            stride = max(1, flat.numel() // 65536)
-            rows.append(flat[::stride][:65536])
-        return torch.stack(rows).abs().float()
+        return self._sample_rows(hs).abs()
 
     @torch.no_grad()
     def _sample_rows(self, ts: list[Tensor]) -> Tensor:
-        """[L, S]: the same strided sample as ``_sample_abs``, of any per-layer [B, T, n] tensors (no abs)."""
+        """[L, S]: a strided sample of per-layer [B, T, n] tensors from the first ``quantile_tokens`` tokens."""
         n_tok = self.r.quantile_tokens
         rows = []
         for t in ts:
@@ -244,7 +242,7 @@ class Trainer:
         for ffn, c in zip(ffns, cuts):
             ffn.gate.cut.copy_(c)  # type: ignore[union-attr]
         passed = z >= cuts.unsqueeze(1)
-        self._update_thresholds(self._sample_rows(hs).abs() * passed, sparsity)
+        self._update_thresholds(self._sample_abs(hs) * passed, sparsity)
         return passed
 
     @torch.no_grad()
@@ -315,12 +313,10 @@ class Trainer:
                     thr = torch.stack([f.threshold for f in self.student.ffns()]).float().unsqueeze(1)
                     active = (sample > thr).float().mean()
                     self._update_thresholds(sample, sp)
-        gate_ids = {id(p) for f in self.student.ffns() if f.gate is not None for p in f.gate.parameters()}
-        params = [p for g in self.opt.param_groups for p in g["params"]]
         # the gates are clipped apart: their loss must not shrink the model's own updates through one global norm
-        gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in gate_ids], r.grad_clip)
-        if gate_ids:
-            torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in gate_ids], r.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(self._model_params, r.grad_clip)
+        if self._gate_params:
+            torch.nn.utils.clip_grad_norm_(self._gate_params, r.grad_clip)
         self.opt.step()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()

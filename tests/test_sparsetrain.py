@@ -166,13 +166,8 @@ def test_applied_artifact_equals_the_compact_model(tmp_path):
     assert hf.config.llmflash_sparsity["thresholds"] == thresholds
 
 
-def test_gated_run_on_cpu_chains_from_its_own_artifact(tmp_path, monkeypatch):
-    """The gated campaign step on a tiny model: fresh gates from the base, then a second run from the first's output
-    (artifact + gate); the gates let through the scheduled fraction and the exported gate is a predictor set."""
-    from llmflash.predictor import PredictorSet
-    from sparsetrain import gated
-
-    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+def _tiny_streams(tmp_path, monkeypatch) -> None:
+    """Tokenized train (wiki_train, bigbench) and held-out (kjv) streams for the device jobs, via $SPARSIFY_DATA."""
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -183,6 +178,16 @@ def test_gated_run_on_cpu_chains_from_its_own_artifact(tmp_path, monkeypatch):
             for k in arrays}
     (data / "tokens.json").write_text(json.dumps(desc))
     monkeypatch.setenv("SPARSIFY_DATA", str(data))
+
+
+def test_gated_run_on_cpu_chains_from_its_own_artifact(tmp_path, monkeypatch):
+    """The gated campaign step on a tiny model: fresh gates from the base, then a second run from the first's output
+    (artifact + gate); the gates let through the scheduled fraction and the exported gate is a predictor set."""
+    from llmflash.predictor import PredictorSet
+    from sparsetrain import gated
+
+    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    _tiny_streams(tmp_path, monkeypatch)
     monkeypatch.setattr(gated, "KEEPS", (0.3,))
     monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
     common = ["--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "6", "--tokens-per-step", "256",
@@ -218,16 +223,7 @@ def test_predictors_job_on_cpu(tmp_path, monkeypatch):
     from sparsetrain import predictors_job
 
     base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    arrays = {"wiki_train": rng.integers(1, 256, 6000), "bigbench": rng.integers(1, 256, 6000),
-              "kjv": rng.integers(1, 256, 3000)}
-    np.savez_compressed(data / "tokens.npz", **{k: v.astype(np.uint16) for k, v in arrays.items()})
-    desc = {k: {"split": "train" if k != "kjv" else "held_out", "source": k, "kind": k, "documents": 1, "tokens": 6000}
-            for k in arrays}
-    (data / "tokens.json").write_text(json.dumps(desc))
-    monkeypatch.setenv("SPARSIFY_DATA", str(data))
+    _tiny_streams(tmp_path, monkeypatch)
     out = tmp_path / "out"
     predictors_job.main(["--work", str(tmp_path / "w"), "--out", str(out), "--base", str(base), "--artifact", "none",
                          "--device", "cpu", "--tokens", "4096", "--calib-tokens", "1024", "--eval-tokens", "512",
