@@ -206,7 +206,8 @@ def install_dense_ffns(
     spec = adapter.ffn_spec(model.config)
     modules = []
     for layer in range(spec.n_layers):
-        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn)
+        m = DenseFFN(layer, adapter.ffn_weights(model, layer), spec.activation, rule.threshold(layer), observer, mask_fn,
+                     on_act=rule.on_act)
         adapter.install_ffn(model, layer, m)
         modules.append(m)
     return modules

@@ -155,6 +155,7 @@ class _FlashFFNBase(nn.Module):
         self.layer = layer
         self.act_bias, self.out_bias = engine.biases[layer]
         self.threshold = engine.thresholds[layer]
+        self.on_act = engine.threshold_on_act  # the threshold compares |act(gate x)| alone
         self.act = activation_fn(engine.fd.activation)
 
     def _submit(self, store: RowStore, ids: np.ndarray, dest_row: int) -> list:
@@ -205,7 +206,7 @@ class _FlashFFNBase(nn.Module):
         gated = self.e.fd.gated
         a = store.part("gate" if gated else "up", m, start)
         u = store.part("up", m, start) if gated else None
-        h = neuron_outputs(x, a, u, bias, self.act, self.threshold)  # [T, m]
+        h = neuron_outputs(x, a, u, bias, self.act, self.threshold, self.on_act)  # [T, m]
         if self.e.gate is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
             h[..., :n] *= self.e.gate_mask(self.layer, x)[:, torch.from_numpy(ids).to(h.device)]
         if m > n:
@@ -439,6 +440,8 @@ class Engine:
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
         self.thresholds = self._thresholds()
+        own = model_rule(self.fd.manifest.config) if self.cfg.sparsity == "auto" else None
+        self.threshold_on_act = own is not None and own.on_act  # the model's own rule thresholds |act(gate x)|
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
         self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads)
@@ -627,14 +630,14 @@ class Engine:
 
     def _resident_ffn(self, layer: int) -> DenseFFN:
         return DenseFFN(layer, self._layer_rows(layer, ("gate", "up", "down")), self.fd.activation, self.thresholds[layer],
-                        mask_fn=self.gate_mask if self.gate is not None else None)
+                        mask_fn=self.gate_mask if self.gate is not None else None, on_act=self.threshold_on_act)
 
     def _make_provider(self) -> ActiveSetProvider:
         if self.cfg.mode == "oracle":
             parts = ("gate", "up") if self.fd.gated else ("up",)
             weights = [self._layer_rows(layer, parts) for layer in range(self.fd.layout.n_layers)]
             provider = OracleProvider(weights, self.fd.activation, self.thresholds,
-                                      self.gate_mask if self.gate is not None else None)
+                                      self.gate_mask if self.gate is not None else None, self.threshold_on_act)
             self.oracle_bytes = sum(self._ffn_bytes(w) for w in weights)  # outside the budget (docs/cli.md)
             return provider
         if not self.cfg.predictors and self.gate is not None:  # a gated model predicts with its own gate

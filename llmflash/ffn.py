@@ -56,12 +56,23 @@ class SparsityRule:
 
     ``relu``: exact zeros of the activation (a ReLU model; a SiLU model then has almost none).
     ``threshold``: |h| under a per-layer threshold calibrated on text to a target sparsity; the thresholded model
-    is then the reference that every mode computes.
+    is then the reference that every mode computes. With ``on == "act"`` the threshold compares the activation
+    |act(gate x + b)| alone (CATS-style: the gate projection decides, the up projection does not), the rule a sparse
+    model trained that way carries.
     """
 
     kind: str = "relu"
     thresholds: Optional[tuple[float, ...]] = None  # per layer, for kind == "threshold"
     target_sparsity: Optional[float] = None
+    on: str = "h"  # what a threshold compares: "h" (act(gate x) * up x) or "act" (act(gate x) alone)
+
+    def __post_init__(self) -> None:
+        if self.on not in ("h", "act"):
+            raise ValueError(f"a threshold compares h or act, not {self.on!r}")
+
+    @property
+    def on_act(self) -> bool:
+        return self.kind == "threshold" and self.on == "act"
 
     def threshold(self, layer: int) -> Optional[float]:
         if self.kind != "threshold":
@@ -76,12 +87,16 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 def neuron_outputs(
     x: Tensor, a: Tensor, u: Optional[Tensor], act_bias: Optional[Tensor], act: Callable[[Tensor], Tensor],
-    threshold: Optional[float],
+    threshold: Optional[float], on_act: bool = False,
 ) -> Tensor:
-    """h for rows ``a`` (and ``u`` when gated): x [..., d] -> h [..., n], with the threshold rule applied."""
+    """h for rows ``a`` (and ``u`` when gated): x [..., d] -> h [..., n], with the threshold rule applied (to |h|, or
+    with ``on_act`` to the activation |act(a x + b)| alone)."""
     h = act(F.linear(x, a, act_bias))
+    keep = (h.abs() > threshold) if threshold is not None and on_act else None
     if u is not None:
         h = h * F.linear(x, u)
+    if keep is not None:
+        return h * keep
     if threshold is not None:
         h = h * (h.abs() > threshold)
     return h
@@ -106,13 +121,14 @@ class DenseFFN(nn.Module):
 
     def __init__(
         self, layer: int, weights: FFNWeights, activation: str, threshold: Optional[float] = None,
-        observer: Optional[Observer] = None, mask_fn: Optional[MaskFn] = None,
+        observer: Optional[Observer] = None, mask_fn: Optional[MaskFn] = None, on_act: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.w = weights
         self.act = activation_fn(activation)
         self.threshold = threshold
+        self.on_act = on_act  # the threshold compares |act(gate x)| alone (``SparsityRule.on``)
         self.observer = observer
         self.mask_fn = mask_fn
 
@@ -125,7 +141,7 @@ class DenseFFN(nn.Module):
         return None if self.w.gate is None else self.w.up
 
     def forward(self, x: Tensor) -> Tensor:
-        h = neuron_outputs(x, self.a, self.u, self.w.act_bias, self.act, self.threshold)  # [..., n]
+        h = neuron_outputs(x, self.a, self.u, self.w.act_bias, self.act, self.threshold, self.on_act)  # [..., n]
         if self.mask_fn is not None:
             h = h * self.mask_fn(self.layer, x, h)
         if self.observer is not None:

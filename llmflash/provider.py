@@ -85,8 +85,9 @@ class OracleProvider(ActiveSetProvider):
     supports_guess = True
 
     def __init__(self, weights: list[FFNWeights], activation: str, thresholds: list[Optional[float]],
-                 mask_fn: Optional[MaskFn] = None) -> None:
+                 mask_fn: Optional[MaskFn] = None, on_act: bool = False) -> None:
         self.mask_fn = mask_fn  # a gated model's gate: part of the rule
+        self.on_act = on_act  # the thresholds compare |act(gate x)| alone
         self.w = weights
         self.act = activation_fn(activation)
         self.thresholds = thresholds
@@ -97,7 +98,7 @@ class OracleProvider(ActiveSetProvider):
     def active(self, layer: int, x: Tensor) -> Tensor:
         w = self.w[layer]
         a, u = (w.up, None) if w.gate is None else (w.gate, w.up)
-        h = neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer])
+        h = neuron_outputs(x, a, u, w.act_bias, self.act, self.thresholds[layer], self.on_act)
         return (h != 0) & self.mask_fn(layer, x, h) if self.mask_fn is not None else h != 0
 
     def guess(self, layer: int, x: Tensor) -> Tensor:

@@ -179,7 +179,8 @@ class SparseMLP(nn.Module):
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, activation: str,
-                 act_bias: Optional[Tensor], threshold: float, gate: Optional[MaskFn] = None, layer: int = 0) -> None:
+                 act_bias: Optional[Tensor], threshold: float, gate: Optional[MaskFn] = None, layer: int = 0,
+                 rule_on: str = "h") -> None:
         super().__init__()
         self.gate = gate  # a gated model: (layer, x, h) -> keep mask
         self.layer = layer
@@ -189,13 +190,14 @@ class SparseMLP(nn.Module):
         bias = act_bias if act_bias is not None else torch.zeros(n)
         self.act_bias = nn.Parameter(bias.to(gate_proj.weight.dtype).clone(), requires_grad=False)
         self.threshold = float(threshold)
+        self.rule_on = rule_on  # what the threshold compares: "h" or "act" (|act(gate x + b)| alone)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.gate_proj(x) + self.act_bias.to(x.dtype)
         a = F.silu(g) if self.activation == "silu" else F.relu(g)
         h = a * self.up_proj(x)
         if self.threshold > 0:
-            h = h * (h.abs() > self.threshold)
+            h = h * ((a if self.rule_on == "act" else h).abs() > self.threshold)
         if self.gate is not None:
             h = h * self.gate(self.layer, x, h)
         return self.down_proj(h)
@@ -234,10 +236,10 @@ def apply_artifact(model: Any, art_dir: Path) -> Any:
     for i, layer in enumerate(layers):
         mlp = layer.mlp
         layer.mlp = SparseMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, cfg["activation"], biases.get(i),
-                              cfg["thresholds"][i], gate, i)
+                              cfg["thresholds"][i], gate, i, cfg.get("rule_on", "h"))
     model.config.hidden_act = cfg["activation"]
     model.config.llmflash_sparsity = {"kind": "threshold", "thresholds": list(cfg["thresholds"]),
-                                      "target_sparsity": cfg.get("target_sparsity")}
+                                      "target_sparsity": cfg.get("target_sparsity"), "on": cfg.get("rule_on", "h")}
     if gate is not None:  # the gate travels with the model object; convert copies its directory into the flash dir
         model.config.llmflash_sparsity["gate"] = GATE_DIR
         model.llmflash_gate = gate

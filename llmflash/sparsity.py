@@ -90,7 +90,8 @@ def model_rule(config: Any) -> SparsityRule | None:
     spec = config.get("llmflash_sparsity") if isinstance(config, dict) else getattr(config, "llmflash_sparsity", None)
     if not spec or spec.get("kind") != "threshold" or not spec.get("thresholds"):
         return None
-    return SparsityRule("threshold", tuple(float(t) for t in spec["thresholds"]), spec.get("target_sparsity"))
+    return SparsityRule("threshold", tuple(float(t) for t in spec["thresholds"]), spec.get("target_sparsity"),
+                        spec.get("on", "h"))
 
 
 def model_gate(config: Any) -> str | None:

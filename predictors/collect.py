@@ -58,12 +58,14 @@ def rule_to_dict(rule: SparsityRule) -> dict:
     if rule.kind == "threshold":
         out["target_sparsity"] = rule.target_sparsity
         out["thresholds"] = list(rule.thresholds or ())
+        out["on"] = rule.on
     return out
 
 
 def rule_from_dict(d: dict) -> SparsityRule:
     if d.get("kind") == "threshold":
-        return SparsityRule("threshold", tuple(float(t) for t in d["thresholds"]), d.get("target_sparsity"))
+        return SparsityRule("threshold", tuple(float(t) for t in d["thresholds"]), d.get("target_sparsity"),
+                            d.get("on", "h"))
     return SparsityRule(d.get("kind", "relu"))
 
 

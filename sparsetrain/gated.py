@@ -62,7 +62,8 @@ def stage_b() -> None:
     if root.exists():
         shutil.rmtree(root)
     shutil.copytree(ARTIFACT, root / "artifact")
-    shutil.copytree(PREDICTORS, root / "predictors")
+    if PREDICTORS.is_dir():  # the gated campaign's starting gates (optional: a plain continuation needs none)
+        shutil.copytree(PREDICTORS, root / "predictors")
     say(f"staged the starting point in {root}")
 
 
@@ -82,6 +83,7 @@ def start_student(shape: Shape, base_state: dict, artifact: Optional[Path], lora
     state = decode_deltas(base_state, tensors)
     model = CompactLlama(shape, cfg["activation"], True, lora_rank)
     load_hf_state(model, state)  # act_bias included, when the artifact has one
+    model.set_rule(cfg.get("rule_on", "h"))
     model.set_thresholds(cfg["thresholds"])
     return model, {"config": cfg, "tensors": tensors}
 
@@ -195,6 +197,9 @@ def export(trainer: Trainer, start: dict, base_state: dict, out: Path, record: d
     applied_state = decode_deltas(base_cpu, tensors)
     applied = CompactLlama(shape, trainer.r.arm, True, 0)
     load_hf_state(applied, applied_state)
+    applied.set_rule(student.rule_on())
+    if not trainer.gated:
+        return _export_plain(trainer, applied.to(trainer.device), tensors, shape, out, record, args)
     for src, dst in zip(student.ffns(), applied.ffns()):
         gate = dst.add_gate(src.gate.down.weight.shape[0])  # type: ignore[union-attr]
         gate.load_state_dict({k: v.detach().cpu() for k, v in src.gate.state_dict().items()})  # type: ignore[union-attr]
@@ -229,6 +234,37 @@ def export(trainer: Trainer, start: dict, base_state: dict, out: Path, record: d
     return {"eval": ev, "frontier": fr}
 
 
+def _export_plain(trainer: Trainer, applied: CompactLlama, tensors: dict, shape: Shape, out: Path, record: dict,
+                  args) -> dict:
+    """A continuation without gates (e.g. ``--rule act``): thresholds recalibrated on the applied model, evaluation,
+    the sparsity frontier and the probe (read fraction of a rank-128 predictor at recall 0.95)."""
+    from llmflash.sparse_model import write_artifact
+
+    from .job import calibrate, run_probe
+    from .job import frontier as sparsity_frontier
+
+    applied.set_thresholds(calibrate(trainer, applied, trainer.r.target_sparsity))
+    teacher = teacher_eval(trainer, Path(args.work), args.eval_tokens)
+    ev = evaluate_both(trainer, applied, teacher, args.eval_tokens)
+    say(f"shipped point (sparsity {trainer.r.target_sparsity}, rule on {applied.rule_on()}): ratio {json.dumps(ev['ratio'])}")
+    fr = sparsity_frontier(trainer, applied, teacher, args.frontier_tokens) if args.frontier_tokens else []
+    probe = run_probe(trainer, applied)
+    say(f"probe: {json.dumps(probe['summary'])}")
+    lora_rank = tensors_lora_rank(tensors)
+    cfg = {"base": "smollm2", "activation": trainer.r.arm, "n_layers": shape.n_layers, "d_ffn": shape.d_ffn,
+           "target_sparsity": trainer.r.target_sparsity, "thresholds": applied.thresholds(),
+           "rule_on": applied.rule_on(),
+           "delta_encoding": {"ffn": "int4, symmetric, groups of 64 inputs, fp16 scales",
+                              "attention": f"LoRA rank {lora_rank}, fp16", "norms": "fp32"},
+           "training": {**record, "shipped_eval": ev, "shipped_probe": probe["summary"]}}
+    write_artifact(out, tensors, cfg, shape.n_layers, shards=4)
+    return {"eval": ev, "frontier": fr, "probe": probe}
+
+
+def tensors_lora_rank(tensors: dict) -> int:
+    return next((int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A")), 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -244,14 +280,19 @@ def run(args) -> None:
     artifact = None if args.artifact == "none" else Path(args.artifact)
     gate_init = None if args.gate_init == "none" else Path(args.gate_init)
     student, start = start_student(shape, state, artifact, args.lora_rank)
-    add_gates(student, gate_init, args.gate_rank)
+    if args.rule:
+        student.set_rule(args.rule)
+    if args.keep > 0:
+        add_gates(student, gate_init, args.gate_rank)
     teacher = build_model(shape, state)
     if args.device.startswith("cuda"):
         teacher = teacher.to(torch.bfloat16)
     train, held, _ = load_streams(work)
     sampler = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=7)
     recipe = Recipe(arm=start["config"]["activation"], target_sparsity=args.target_sparsity,
-                    sparsity_start=float(start["config"].get("target_sparsity") or 0.0), gate_keep_start=args.keep_start,
+                    sparsity_start=(args.sparsity_start if args.sparsity_start is not None
+                                    else float(start["config"].get("target_sparsity") or 0.0)),
+                    gate_keep_start=args.keep_start,
                     gate_keep_final=args.keep, total_steps=args.total_steps, ramp_start=0.0, ramp_end=args.ramp_end,
                     tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
                     lr_ffn=args.lr_ffn, lr_lora=args.lr_lora, lr_gate=args.lr_gate, warmup_steps=args.warmup_steps,
@@ -267,7 +308,8 @@ def run(args) -> None:
     trainer.train(min(args.stop_step, args.total_steps), time_budget_s=max(0.0, deadline_at - args.reserve_s - time.time()),
                   curve_path=gdir / "curve.csv")
     trainer.checkpoint(ck)
-    record = {**run_record(trainer, work, args, "gated"), "start": {"artifact": str(artifact), "gate_init": str(gate_init)},
+    record = {**run_record(trainer, work, args, "gated" if trainer.gated else "continued"), "rule_on": student.rule_on(),
+              "start": {"artifact": str(artifact), "gate_init": str(gate_init) if trainer.gated else None},
               "wall_seconds_this_call": None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,9 +327,40 @@ def run(args) -> None:
     say(f"done: steps {trainer.state.step}, tokens {trainer.state.tokens}, ratio {json.dumps(res['eval']['ratio'])}")
 
 
+def frontier_main(args) -> None:
+    """Evaluate an artifact (``--artifact``): per target sparsity of ``SPARSIFY_FRONTIER``, thresholds calibrated on
+    training-mix windows, then perplexity on every held-out corpus (512 and 2048 windows, ``--eval-tokens`` each)
+    beside the original's. Writes $OUT/frontier.json."""
+    from .job import frontier as sparsity_frontier
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    shape, state = base_files(work, args.base)
+    model, start = start_student(shape, state, Path(args.artifact), 0)
+    teacher = build_model(shape, state)
+    if args.device.startswith("cuda"):
+        teacher = teacher.to(torch.bfloat16)
+    train, held, _ = load_streams(work)
+    sampler = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=7)
+    recipe = Recipe(arm=start["config"]["activation"], compile=False, seq_len=args.seq_len,
+                    micro_batch_seqs=args.micro_batch_seqs, lora_rank=0)
+    trainer = Trainer(model, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"frontier: {m}"))
+    teacher_ev = teacher_eval(trainer, work, args.eval_tokens)
+    rows = sparsity_frontier(trainer, trainer.student, teacher_ev, args.eval_tokens)
+    for r in rows:
+        say(f"{r['target_sparsity']} {r['seq_len']} {r['corpus']}: ratio {r['ppl_ratio']:.3f}, zeros {r['zeros']:.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"artifact": str(args.artifact), "rule_on": model.rule_on(), "eval_tokens": args.eval_tokens,
+           "calibration": "training-mix windows (sources present in this call)", "teacher": teacher_ev, "rows": rows,
+           "wall_seconds": round(time.perf_counter() - t0, 1)}
+    (out / "frontier.json").write_text(json.dumps(rec, indent=1))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python3 -m sparsetrain.gated")
-    ap.add_argument("what", choices=("stage-a", "stage-b", "run"))
+    ap.add_argument("what", choices=("stage-a", "stage-b", "run", "frontier"))
     ap.add_argument("--work", default=str(tmp_root()))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/sparsify-out"))
     ap.add_argument("--base", default=None, help="a Hugging Face model directory instead of the staged GGUF")
@@ -301,7 +374,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--total-steps", type=int, default=600)
     ap.add_argument("--ramp-end", type=float, default=0.5)
     ap.add_argument("--keep-start", type=float, default=0.6)
-    ap.add_argument("--keep", type=float, default=0.28, help="fraction of neurons the gates let through (final)")
+    ap.add_argument("--keep", type=float, default=0.28,
+                    help="fraction of neurons the gates let through (final); 0: no gates, a plain continuation")
+    ap.add_argument("--rule", choices=("h", "act"), default=None,
+                    help="what the thresholds compare: |h| (the product) or |act(gate x)| alone (default: the artifact's)")
+    ap.add_argument("--sparsity-start", type=float, default=None,
+                    help="scheduled sparsity before the ramp (default: the starting artifact's target)")
     ap.add_argument("--target-sparsity", type=float, default=0.86)
     ap.add_argument("--tokens-per-step", type=int, default=65_536)
     ap.add_argument("--micro-batch-seqs", type=int, default=8)
@@ -325,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         stage()
     elif args.what == "stage-b":
         stage_b()
+    elif args.what == "frontier":
+        frontier_main(args)
     else:
         run(args)
 

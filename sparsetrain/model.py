@@ -10,6 +10,7 @@ The FFN of layer l (``SparseFFN``)::
     a = act(z)                      # silu (SiLU arm) or relu (ReLU arm; blended with silu(gate x) while annealing)
     h = a * up(x)                   # [B, T, n]
     h = h * (|h| > t_l)             # the threshold rule in the loop (t_l a per-layer buffer the trainer moves)
+                                    # (rule on "act": h * (|a| > t_l), CATS-style: the gate projection alone decides)
     h = h * m                       # gated arm only: m = [gate(x) >= c_l], a low-rank predictor in the loop
     y = down(h)
 
@@ -183,13 +184,14 @@ class SparseFFN(nn.Module):
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self.register_buffer("silu_mix", torch.zeros(()), persistent=True)  # ReLU arm: blend while annealing
         self.gate: Gate | None = None  # the gated arm's predictor (``add_gate``)
+        self.rule_on = "h"  # what the threshold compares: "h" (|act(z) * up x|) or "act" (|act(z)|: z decides alone)
 
     def add_gate(self, rank: int) -> Gate:
         self.gate = Gate(self.gate_proj.in_features, self.gate_proj.out_features, rank).to(self.gate_proj.weight.device)
         return self.gate
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, T, d] -> (y [B, T, d], h before the rule [B, T, n])."""
+        """x [B, T, d] -> (y [B, T, d], the rule's score before the rule [B, T, n]: h, or a when ``rule_on`` is act)."""
         g = self.gate_proj(x)
         if self.act == "relu":
             a = F.relu(g + self.act_bias.to(g.dtype))
@@ -197,10 +199,11 @@ class SparseFFN(nn.Module):
         else:
             a = F.silu(g)
         h = a * self.up_proj(x)
-        kept = h * (h.abs() > self.threshold.to(h.dtype)) if self.sparse else h
+        score = a if self.rule_on == "act" else h
+        kept = h * (score.abs() > self.threshold.to(h.dtype)) if self.sparse else h
         if self.sparse and self.gate is not None:
             kept = kept * self.gate.mask(self.gate(x).to(h.dtype))
-        return self.down_proj(kept), h
+        return self.down_proj(kept), score
 
 
 class Block(nn.Module):
@@ -219,7 +222,7 @@ class Block(nn.Module):
 
 
 Output = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]
-"""(hidden [B, T, d] after the final norm, per layer: FFN output [B, T, d], h before the rule [B, T, n], FFN input
+"""(hidden [B, T, d] after the final norm, per layer: FFN output [B, T, d], the rule's score before the rule [B, T, n] (h, or a), FFN input
 [B, T, d] after the post-attention norm). A tuple, not a dataclass, so that ``torch.compile`` returns it as is."""
 
 
@@ -252,6 +255,16 @@ class CompactLlama(nn.Module):
 
     def ffns(self) -> list[SparseFFN]:
         return [layer.mlp for layer in self.layers]  # type: ignore[misc]
+
+    def set_rule(self, on: str) -> None:
+        """What every layer's threshold compares: "h" (the product, the default) or "act" (the activation alone)."""
+        if on not in ("h", "act"):
+            raise ValueError(f"rule_on must be h or act, not {on!r}")
+        for ffn in self.ffns():
+            ffn.rule_on = on
+
+    def rule_on(self) -> str:
+        return self.ffns()[0].rule_on
 
     def set_thresholds(self, values: list[float] | Tensor) -> None:
         for ffn, v in zip(self.ffns(), values):

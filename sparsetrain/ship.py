@@ -4,7 +4,10 @@ A model trained at one sparsity can run at another: the per-layer thresholds are
 gives ``--target`` on training text (wiki:train and BIG-bench task texts, never the held-out corpora). The trained
 thresholds stay in ``sparse_model.json`` as ``thresholds_trained``.
 
-    python3 -m sparsetrain.ship llmflash/artifacts/smollm2-relu --target 0.80
+    python3 -m sparsetrain.ship llmflash/artifacts/smollm2-relu --target 0.80 [--lora-rank 20]
+
+``--lora-rank`` re-encodes the attention LoRA at a lower rank (the best rank-k approximation of each trained delta,
+by SVD), for an artifact that must fit a size limit: a continuation composes its LoRA with its start's (16 + 16).
 """
 
 from __future__ import annotations
@@ -47,11 +50,44 @@ def calibrate_artifact(art: Path, target: float) -> dict:
     return cfg
 
 
+def truncate_lora(art: Path, rank: int) -> dict:
+    """Re-encode every attention LoRA delta B @ A of ``art`` at rank ``rank`` (SVD), in place; returns the relative
+    Frobenius error of the deltas (mean and max) and the bytes saved."""
+    from llmflash.sparse_model import read_artifact, write_artifact
+
+    cfg, tensors = read_artifact(art)
+    errs, before = [], sum(v.numel() * v.element_size() for v in tensors.values())
+    for key in [k for k in tensors if k.endswith(".lora_A")]:
+        w = key[: -len(".lora_A")]
+        a, b = tensors[key].float(), tensors[w + ".lora_B"].float()
+        if a.shape[0] <= rank:
+            continue
+        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)  # delta [out, in]
+        errs.append(float((s[rank:].pow(2).sum() / s.pow(2).sum().clamp_min(1e-30)).sqrt()))
+        tensors[w + ".lora_B"] = (u[:, :rank] * s[:rank]).half().contiguous()
+        tensors[key] = vh[:rank].half().contiguous()
+    after = sum(v.numel() * v.element_size() for v in tensors.values())
+    report = {"rank": rank, "delta_rel_error_mean": sum(errs) / max(1, len(errs)), "delta_rel_error_max": max(errs, default=0.0),
+              "bytes_saved": before - after}
+    enc = dict(cfg.get("delta_encoding", {}))
+    enc["attention"] = f"LoRA rank {rank} (SVD of the trained delta), fp16"
+    cfg = dict(cfg, delta_encoding=enc, lora_truncation=report)
+    cfg.pop("files", None)
+    n_shards = len(read_artifact(art)[0]["files"])
+    write_artifact(art, tensors, cfg, int(cfg["n_layers"]), shards=n_shards)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python3 -m sparsetrain.ship")
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--target", type=float, required=True)
+    ap.add_argument("--lora-rank", type=int, default=0, help="re-encode the attention LoRA at this rank first (0: keep)")
     args = ap.parse_args()
+    if args.lora_rank:
+        rep = truncate_lora(args.artifact, args.lora_rank)
+        print(f"{args.artifact}: attention LoRA at rank {rep['rank']}: delta error mean {rep['delta_rel_error_mean']:.3f}, "
+              f"max {rep['delta_rel_error_max']:.3f}; {rep['bytes_saved']} bytes saved")
     cfg = calibrate_artifact(args.artifact, args.target)
     print(f"{args.artifact}: thresholds for sparsity {args.target:g}: "
           f"{', '.join(f'{t:.4f}' for t in cfg['thresholds'][:5])} ...")

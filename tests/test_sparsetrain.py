@@ -233,3 +233,37 @@ def test_predictors_job_on_cpu(tmp_path, monkeypatch):
     rec = json.loads((out / "predictors_train.json").read_text())
     assert rec["summary"]["kjv"]["recall"] > 0.5 and 0 < rec["summary"]["kjv"]["predicted_active_fraction"] <= 1
     assert all(L["recall"] >= 0.94 for L in rec["layers"])  # calibrated to 0.95 on its calibration windows
+
+
+def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
+    """``gated run --keep 0 --rule act``: a plain continuation (no gates) whose thresholds compare |act(gate x)|; the
+    exported artifact carries the rule, loads into the Hugging Face model with it, and the predictor job reads it."""
+    from llmflash.sparsity import model_rule
+    from sparsetrain import gated, job, predictors_job
+
+    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    _tiny_streams(tmp_path, monkeypatch)
+    monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
+    monkeypatch.setattr(job, "CALIB_TOKENS", 1024)
+    monkeypatch.setattr(job, "FRONTIER", (0.8,))
+    monkeypatch.setattr(job, "PROBE_STEPS", 5)
+    probe = job.run_probe
+    monkeypatch.setattr(job, "run_probe", lambda t, m: probe(t, m, train_tokens=1024, held_tokens=512))
+    out = tmp_path / "out"
+    gated.main(["run", "--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "4", "--tokens-per-step",
+                "256", "--micro-batch-seqs", "2", "--seq-len", "64", "--eval-every", "2", "--eval-tokens", "512",
+                "--frontier-tokens", "512", "--reserve-s", "0", "--lora-rank", "4", "--sample-budget-s", "0",
+                "--keep", "0", "--rule", "act", "--sparsity-start", "0.5", "--target-sparsity", "0.8",
+                "--ramp-end", "0.5", "--work", str(tmp_path / "w"), "--out", str(out), "--artifact", "none"])
+    cfg, _ = read_artifact(out)
+    assert cfg["rule_on"] == "act" and "gate" not in cfg
+    final = json.loads((tmp_path / "w" / "gated" / "final.json").read_text())
+    assert final["record"]["rule_on"] == "act" and final["frontier"] and final["probe"]["summary"]
+    assert 1 - final["eval"]["student"]["512"]["kjv"]["active_fraction"] == pytest.approx(0.8, abs=0.1)
+    hf = apply_artifact(tiny_llama(seed=4, d_ffn=128), out)
+    assert model_rule(hf.config).on_act
+    pout = tmp_path / "pred"
+    predictors_job.main(["--work", str(tmp_path / "w"), "--out", str(pout), "--base", str(base), "--artifact", str(out),
+                         "--device", "cpu", "--tokens", "2048", "--calib-tokens", "1024", "--eval-tokens", "512",
+                         "--seq-len", "64", "--rank", "8", "--rank-last", "8", "--epochs", "1", "--batch", "256"])
+    assert json.loads((pout / "predictors_train.json").read_text())["summary"]["kjv"]["recall"] > 0.5
