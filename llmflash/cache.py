@@ -20,26 +20,28 @@ from torch import Tensor
 
 from .cache_policy import CachePolicy, WindowPolicy
 from .layout import FlashLayout
+from .quant import part_rows, storage_dtype
 from .storage import aligned_buffer
 
 NEVER = np.iinfo(np.int64).min // 2
 
 
 class _Rows:
-    """``capacity`` rows of every segment of one layer: ``rows[s]`` is [capacity, stride_bytes / elem]."""
+    """``capacity`` rows of every segment of one layer: ``rows[s]`` is [capacity, stride_bytes / elem] (uint8 bytes
+    for a quantized layout: the rows stay quantized, ``part`` dequantizes)."""
 
     layout: FlashLayout
     capacity: int
     rows: list[Tensor]
+    dtype: torch.dtype  # the compute dtype ``part`` returns
 
     @property
     def nbytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.rows)
 
     def part(self, name: str, n: int, start: int = 0) -> Tensor:
-        """View [n, d] of one part (gate/up/down) over rows [start, start + n)."""
-        s, off = self.layout.locate(name)
-        return self.rows[s][start : start + n, off : off + self.layout.d_model]
+        """[n, d] of one part (gate/up/down) over rows [start, start + n): a view, or dequantized (``quant``)."""
+        return part_rows(self.layout, self.rows, name, start, n, self.dtype)
 
 
 class RowStore(_Rows):
@@ -48,11 +50,12 @@ class RowStore(_Rows):
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype) -> None:
         self.layout = layout
         self.capacity = capacity
+        self.dtype = dtype
         self.buffers = [aligned_buffer(max(1, capacity) * seg.stride_bytes) for seg in layout.segments]
-        elem = layout.elem_bytes
+        elem, held = layout.elem_bytes, storage_dtype(layout, dtype)
         self.rows: list[Tensor] = [  # per segment: [capacity, stride_bytes / elem]
-            torch.frombuffer(buf, dtype=dtype, count=capacity * seg.stride_bytes // elem).view(capacity, -1)
-            if capacity else torch.empty(0, seg.stride_bytes // elem, dtype=dtype)
+            torch.frombuffer(buf, dtype=held, count=capacity * seg.stride_bytes // elem).view(capacity, -1)
+            if capacity else torch.empty(0, seg.stride_bytes // elem, dtype=held)
             for buf, seg in zip(self.buffers, layout.segments)
         ]
 
@@ -68,7 +71,9 @@ class DeviceRows(_Rows):
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
         self.capacity = capacity
-        self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=dtype, device=device)
+        self.dtype = dtype
+        held = storage_dtype(layout, dtype)
+        self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=held, device=device)
                      for seg in layout.segments]
 
     def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:

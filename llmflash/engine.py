@@ -56,6 +56,7 @@ from .metrics import GenerationResult, TokenStats
 from .models import default_predictors
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
+from .quant import dense_layer_bytes
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 from .threads import choose_threads, sense_cpu
@@ -441,7 +442,7 @@ class Engine:
         self.thresholds = self._thresholds()
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
-        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads)
+        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes)
         self.resident_reader: Optional[FlashReader] = None
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
@@ -497,7 +498,7 @@ class Engine:
             modules = list(dense)
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
-            layer_payload = layout.neuron_payload_bytes * layout.d_ffn
+            layer_payload = dense_layer_bytes(layout, fd.dtype)  # what a resident layer holds (dequantized)
             n_resident = hybrid_resident_layers(budget_bytes, sum(self.dram.values()), layer_payload, layout.n_layers)
             modules = [self._resident_ffn(i) if i < n_resident else StreamedFFN(self, i) for i in range(layout.n_layers)]
             self.dram["ffn_resident"] = layer_payload * n_resident

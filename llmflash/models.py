@@ -205,7 +205,7 @@ def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
         for seg in fd.layout.segments:
             nbytes = seg.stride_bytes * fd.layout.d_ffn
             buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
+            rows.append(torch.frombuffer(buf, dtype=fd.row_dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
         w = ffn_weights_from_rows(fd, rows, biases[layer])
         if fd.neuron_order is not None:
             row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
