@@ -66,7 +66,8 @@ class RowStore(_Rows):
 
 class DeviceRows(_Rows):
     """Rows in an accelerator's memory: the compute copy of a neuron cache or staging buffer whose reads land in a
-    host ``RowStore`` first (direct I/O cannot write into GPU memory) and are copied over with ``load``."""
+    host ``RowStore`` first (direct I/O cannot write into GPU memory) and are copied over with ``load``. With a float
+    ``layout`` over a quantized host's rows (``EngineConfig.cache_form="compute"``), ``load`` dequantizes them."""
 
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
@@ -78,7 +79,11 @@ class DeviceRows(_Rows):
 
     def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:
         """Copy host rows [host_start, host_start + n) into rows [start, start + n) (synchronous)."""
-        if n:
+        if n and host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
+            for seg in self.layout.segments:
+                for name in seg.parts:
+                    self.part(name, n, start).copy_(host.part(name, n, host_start))
+        elif n:
             for dst, src in zip(self.rows, host.rows):
                 dst[start : start + n].copy_(src[host_start : host_start + n])
 
@@ -112,17 +117,18 @@ class NeuronCache:
     """One layer's cached neurons: ``update`` asks the policy what to delete and plans what to read."""
 
     def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
-                 device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None) -> None:
-        """``device``: keep the rows there (``DeviceRows``; the engine lands reads in a host buffer and copies them
-        in); None: in a host ``RowStore`` that the reads write directly. ``policy``: who stays (default: a sliding
-        window of ``window`` tokens)."""
+                 device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None,
+                 row_layout: Optional[FlashLayout] = None) -> None:
+        """``device``: keep the rows there (``DeviceRows`` in ``row_layout``, default ``layout``; the engine lands
+        reads in a host buffer and copies them in); None: in a host ``RowStore`` that the reads write directly.
+        ``policy``: who stays (default: a sliding window of ``window`` tokens)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
         self.policy: CachePolicy = policy if policy is not None else WindowPolicy(window)
         self._filled = False  # the policy's preload entered since the cache was (re)made empty
         self.store: RowStore | DeviceRows = (RowStore(layout, self.capacity, dtype) if device is None
-                                             else DeviceRows(layout, self.capacity, dtype, device))
+                                             else DeviceRows(row_layout or layout, self.capacity, dtype, device))
         self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
         self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
         self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed

@@ -13,7 +13,7 @@ from .cache_policy import POLICIES
 from .convert import DTYPES as CONVERT_DTYPES
 from .convert import RESIDENT_DTYPES
 from .demo import DEMO_MODELS
-from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
+from .engine import CACHE_FORMS, MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
 from .flashdir import FlashDir, open_flash_dir
 from .manifest import MANIFEST
@@ -129,6 +129,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads (0 = auto: every free core in the sparse modes)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
+    p.add_argument("--cache-form", default="stored", choices=CACHE_FORMS,
+                   help="int8/int4 directories: the neuron caches hold the rows as stored (DRAM per neuron at the "
+                        "stored bits, dequantized for every matmul) or dequantized once when read (compute)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
@@ -149,7 +152,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         mode=mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
         lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
-        device=args.device, cache_policy=args.cache_policy,
+        device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form,
     )
 
 

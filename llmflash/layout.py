@@ -22,6 +22,7 @@ neighbouring rows still merge into one read. ``quant`` holds the codec.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -70,8 +71,10 @@ class FlashLayout:
 
     @staticmethod
     def build(n_layers: int, d_model: int, d_ffn: int, gated: bool, dtype: str, bundled: bool,
-              group_size: int = 0) -> "FlashLayout":
-        """``group_size``: quantized dtypes (int8, int4) only: values per scale, dividing ``d_model``."""
+              group_size: int = 0, align_bytes: Optional[int] = None) -> "FlashLayout":
+        """``group_size``: quantized dtypes (int8, int4) only: values per scale, dividing ``d_model``.
+        ``align_bytes``: the rows' alignment (default: 4096 for float rows, 512 for quantized ones; rows kept in DRAM
+        only may take less)."""
         parts = ("gate", "up", "down") if gated else ("up", "down")
         groups = [parts] if bundled else [parts[:-1], parts[-1:]]
         quantized = dtype in QUANT_BITS
@@ -81,7 +84,7 @@ class FlashLayout:
             raise ValueError(f"{dtype}: the group size ({group_size}) must be even and divide d_model ({d_model})")
         if not quantized:
             group_size = 0
-        align = QUANT_ALIGN_BYTES if quantized else ALIGN_BYTES
+        align = align_bytes or (QUANT_ALIGN_BYTES if quantized else ALIGN_BYTES)
         pbytes = part_bytes(d_model, dtype, group_size)
         strides = [align_up(len(g) * pbytes, align) for g in groups]
         offsets: list[list[int]] = [[] for _ in groups]
