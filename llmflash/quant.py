@@ -189,7 +189,9 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
-_INT8_MM = getattr(torch, "_weight_int8pack_mm", None)
+# torch's int8 weight-only CPU kernel (x [T, k] bf16/fp32, int8 [m, k], per-row scales [m] -> [T, m]), if this torch has it
+INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
+_INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
 
 
