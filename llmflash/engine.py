@@ -131,13 +131,13 @@ class EngineConfig:
     # (``hot_calibration_tokens`` decode steps, no extra weights loaded), pinned in ``hot_fraction`` of its cache rows;
     # the window manages the rest)
     cache_policy: str = "window"
+    hot_fraction: float = 0.5
+    hot_calibration_tokens: int = 64
     # quantized directories (int8/int4): the form the neuron caches and the staging rows hold. "stored": the rows as
     # read (DRAM per neuron at the stored bits, the budget counting them so), dequantized for every matmul; "compute":
     # dequantized once when read into rows of the compute dtype (more DRAM per neuron, no dequantization per token;
     # reads land in a landing buffer first). Float directories: both are the stored rows
     cache_form: str = "stored"
-    hot_fraction: float = 0.5
-    hot_calibration_tokens: int = 64
 
 
 def _now_ms() -> float:
