@@ -19,6 +19,7 @@ Writes results/quantized/: quantized.json, one CSV per stage, quantized.png, con
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -230,6 +231,7 @@ def stage_speed(args, dirs: dict[str, Path]) -> list[dict]:
 
     fixed_bytes = 0.5 * open_flash_dir(dirs["float32"]).model_bytes
     runs: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for rep in range(args.repeats):
         for label, path in dirs.items():
             mb = open_flash_dir(path).model_bytes
@@ -257,6 +259,8 @@ def stage_speed(args, dirs: dict[str, Path]) -> list[dict]:
                              "cached_neurons": s["cached_neurons"], "cache_hit_rate": s["cache_hit_rate"],
                              "neuron_cache_bytes": r["dram_breakdown"].get("neuron_cache", 0),
                              "tokens": r["tokens"], "load_average": r["load_average"][0], "label": "measured"})
+                with open(args.out / "speed_runs.jsonl", "a") as f:  # kept as it comes (a long stage)
+                    f.write(json.dumps(runs[-1]) + "\n")
                 print(f"rep {rep} {label} {mode} {budget_name}: {s['ms_per_token']:.1f} ms/token, "
                       f"{s['bytes_read_per_token'] / 1e6:.2f} MB read/token, DRAM {r['dram_bytes'] / 1e6:.1f} MB",
                       file=sys.stderr, flush=True)
@@ -318,7 +322,7 @@ def plot(data: dict, out: Path) -> None:
         ax = axes[0]
         sources = [k[4:-1] for k in q[0] if k.startswith("ppl[")]
         for source in sources:
-            ax.plot([r["model_bytes"] / 2**20 for r in q], [r[f"ppl[{source}]"] for r in q], "o-", label=source)
+            ax.plot([r["model_bytes"] / 2**20 for r in q], [r[f"ppl[{source}]"] for r in q], "o", label=source)
             for r in q:
                 ax.annotate(r["variant"], (r["model_bytes"] / 2**20, r[f"ppl[{source}]"]), fontsize=7)
         ax.set_xlabel("model bytes (MiB)")
@@ -337,7 +341,7 @@ def plot(data: dict, out: Path) -> None:
             ax.bar(x + (k - 1.5) * 0.2, ys, 0.2, label=f"{mode} {budget}")
         ax.set_xticks(x, variants, fontsize=8)
         ax.set_ylabel("ms/token (median of repeats, measured)")
-        ax.set_title("speed")
+        ax.set_title("speed (" + data.get("speed_note", "medians of repeats")[:48] + "...)", fontsize=8)
         ax.legend(fontsize=8)
     rc = data.get("recall") or []
     if rc:
@@ -374,8 +378,6 @@ def main() -> None:
     data: dict = {}
     prev = out / f"{NAME}.json"
     if prev.is_file():
-        import json
-
         data = json.loads(prev.read_text())
     def done(key: str, rows: list[dict], csv_name: str) -> None:  # each stage's data is saved as soon as it is there
         data[key] = rows
