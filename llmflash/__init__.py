@@ -7,7 +7,8 @@ Core (this package)
     ``errors``     user-facing errors (one line, no traceback in the CLI)
     ``paths``      atomic files and directories, the cache directory
     ``storage``    aligned buffers and the parallel direct-I/O reader
-    ``layout``     the ``ffn.bin`` layout (row-column bundles, 4 KiB aligned) and read plans
+    ``layout``     the ``ffn.bin`` layout (row-column bundles, 4 KiB aligned; quantized rows 512 B) and read plans
+    ``quant``      group-wise int8/int4 codec of quantized FFN rows, int8 resident weights (``Int8Linear``)
     ``manifest``   the typed ``Manifest`` of a flash directory
     ``flashdir``   the flash format: its one writer (``write_flash_dir``), its reader (``open_flash_dir``), the skeleton
     ``ffn``        FFN math shared by every path: weights, activation, sparsity rules, ``DenseFFN``

@@ -20,26 +20,28 @@ from torch import Tensor
 
 from .cache_policy import CachePolicy, WindowPolicy
 from .layout import FlashLayout
+from .quant import part_rows, storage_dtype
 from .storage import aligned_buffer
 
 NEVER = np.iinfo(np.int64).min // 2
 
 
 class _Rows:
-    """``capacity`` rows of every segment of one layer: ``rows[s]`` is [capacity, stride_bytes / elem]."""
+    """``capacity`` rows of every segment of one layer: ``rows[s]`` is [capacity, stride_bytes / elem] (uint8 bytes
+    for a quantized layout: the rows stay quantized, ``part`` dequantizes)."""
 
     layout: FlashLayout
     capacity: int
     rows: list[Tensor]
+    dtype: torch.dtype  # the compute dtype ``part`` returns
 
     @property
     def nbytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.rows)
 
     def part(self, name: str, n: int, start: int = 0) -> Tensor:
-        """View [n, d] of one part (gate/up/down) over rows [start, start + n)."""
-        s, off = self.layout.locate(name)
-        return self.rows[s][start : start + n, off : off + self.layout.d_model]
+        """[n, d] of one part (gate/up/down) over rows [start, start + n): a view, or dequantized (``quant``)."""
+        return part_rows(self.layout, self.rows, name, start, n, self.dtype)
 
 
 class RowStore(_Rows):
@@ -48,11 +50,12 @@ class RowStore(_Rows):
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype) -> None:
         self.layout = layout
         self.capacity = capacity
+        self.dtype = dtype
         self.buffers = [aligned_buffer(max(1, capacity) * seg.stride_bytes) for seg in layout.segments]
-        elem = layout.elem_bytes
+        elem, held = layout.elem_bytes, storage_dtype(layout, dtype)
         self.rows: list[Tensor] = [  # per segment: [capacity, stride_bytes / elem]
-            torch.frombuffer(buf, dtype=dtype, count=capacity * seg.stride_bytes // elem).view(capacity, -1)
-            if capacity else torch.empty(0, seg.stride_bytes // elem, dtype=dtype)
+            torch.frombuffer(buf, dtype=held, count=capacity * seg.stride_bytes // elem).view(capacity, -1)
+            if capacity else torch.empty(0, seg.stride_bytes // elem, dtype=held)
             for buf, seg in zip(self.buffers, layout.segments)
         ]
 
@@ -63,17 +66,24 @@ class RowStore(_Rows):
 
 class DeviceRows(_Rows):
     """Rows in an accelerator's memory: the compute copy of a neuron cache or staging buffer whose reads land in a
-    host ``RowStore`` first (direct I/O cannot write into GPU memory) and are copied over with ``load``."""
+    host ``RowStore`` first (direct I/O cannot write into GPU memory) and are copied over with ``load``. With a float
+    ``layout`` over a quantized host's rows (``EngineConfig.cache_form="compute"``), ``load`` dequantizes them."""
 
     def __init__(self, layout: FlashLayout, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
         self.capacity = capacity
-        self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=dtype, device=device)
+        self.dtype = dtype
+        held = storage_dtype(layout, dtype)
+        self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=held, device=device)
                      for seg in layout.segments]
 
     def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:
         """Copy host rows [host_start, host_start + n) into rows [start, start + n) (synchronous)."""
-        if n:
+        if n and host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
+            for seg in self.layout.segments:
+                for name in seg.parts:
+                    self.part(name, n, start).copy_(host.part(name, n, host_start))
+        elif n:
             for dst, src in zip(self.rows, host.rows):
                 dst[start : start + n].copy_(src[host_start : host_start + n])
 
@@ -107,17 +117,18 @@ class NeuronCache:
     """One layer's cached neurons: ``update`` asks the policy what to delete and plans what to read."""
 
     def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
-                 device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None) -> None:
-        """``device``: keep the rows there (``DeviceRows``; the engine lands reads in a host buffer and copies them
-        in); None: in a host ``RowStore`` that the reads write directly. ``policy``: who stays (default: a sliding
-        window of ``window`` tokens)."""
+                 device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None,
+                 row_layout: Optional[FlashLayout] = None) -> None:
+        """``device``: keep the rows there (``DeviceRows`` in ``row_layout``, default ``layout``; the engine lands
+        reads in a host buffer and copies them in); None: in a host ``RowStore`` that the reads write directly.
+        ``policy``: who stays (default: a sliding window of ``window`` tokens)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
         self.policy: CachePolicy = policy if policy is not None else WindowPolicy(window)
         self._filled = False  # the policy's preload entered since the cache was (re)made empty
         self.store: RowStore | DeviceRows = (RowStore(layout, self.capacity, dtype) if device is None
-                                             else DeviceRows(layout, self.capacity, dtype, device))
+                                             else DeviceRows(row_layout or layout, self.capacity, dtype, device))
         self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
         self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
         self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed

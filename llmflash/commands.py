@@ -10,12 +10,15 @@ from typing import Optional
 import torch
 
 from .cache_policy import POLICIES
+from .convert import DTYPES as CONVERT_DTYPES
+from .convert import RESIDENT_DTYPES
 from .demo import DEMO_MODELS
-from .engine import MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
+from .engine import CACHE_FORMS, MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
 from .flashdir import FlashDir, open_flash_dir
 from .manifest import MANIFEST
 from .models import default_predictors
+from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from .report import fmt_bytes, write_json
 from .sparsity import CALIBRATION_SOURCE, CALIBRATION_TOKENS
 
@@ -40,7 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model into a flash directory")
     p.add_argument("model", metavar="MODEL", help="alias (smollm2, smollm2-relu), model directory, .gguf file or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="the flash directory to write (atomically)")
-    p.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"), help="weight dtype on flash")
+    p.add_argument("--dtype", default="float32", choices=CONVERT_DTYPES,
+                   help="weight dtype on flash: a float dtype, or int8/int4 (FFN rows quantized group-wise, computed in "
+                        "float32)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES, metavar="G",
+                   help="int8/int4: values per scale along d_model (32 or 64)")
+    p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
+                   help="the resident weights (attention, embeddings, tied head): auto (the compute dtype) or int8 "
+                        "(weight-only, one scale per row)")
     p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
@@ -119,6 +129,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch threads (0 = auto: every free core in the sparse modes)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
+    p.add_argument("--cache-form", default="stored", choices=CACHE_FORMS,
+                   help="int8/int4 directories: the neuron caches hold the rows as stored (DRAM per neuron at the "
+                        "stored bits, dequantized for every matmul) or dequantized once when read (compute)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
@@ -139,7 +152,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         mode=mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
         lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
-        device=args.device, cache_policy=args.cache_policy,
+        device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form,
     )
 
 
@@ -150,7 +163,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force,
-                  calibration_tokens=args.calibration_tokens)
+                  calibration_tokens=args.calibration_tokens, group_size=args.group_size,
+                  resident_dtype=args.resident_dtype)
     fd = open_flash_dir(out)
     b = fd.manifest.bytes
     print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "

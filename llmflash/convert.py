@@ -19,8 +19,17 @@ from .errors import LLMFlashError
 from .ffn import FFNWeights
 from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
 from .layout import FlashLayout
-from .manifest import FFN_FILE, MANIFEST, ModelInfo
+from .manifest import FFN_FILE, MANIFEST, QUANT_DTYPES, ModelInfo, Quantization
 from .models import load_model
+from .quant import (
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZES,
+    dequantize,
+    dequantize_resident_in_place,
+    encode_rows,
+    quantize,
+    quantize_resident,
+)
 from .sparse_model import GATE_DIR
 from .sparsity import CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_on_text
 
@@ -39,34 +48,57 @@ def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
     return torch.cat(rows, dim=1)
 
 
+DTYPES = tuple(TORCH_DTYPES) + QUANT_DTYPES  # what ``--dtype`` offers
+COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantized to and computed in
+
+
+RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
+
+
+def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto") -> None:
+    if dtype not in DTYPES:
+        raise LLMFlashError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if resident_dtype not in RESIDENT_DTYPES:
+        raise LLMFlashError(f"unknown resident dtype {resident_dtype!r}: use one of {', '.join(RESIDENT_DTYPES)}")
+    if dtype in QUANT_DTYPES and group_size not in GROUP_SIZES:
+        raise LLMFlashError(f"--group-size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
+
+
 def convert(
     spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True,
-    calibration_tokens: int = CALIBRATION_TOKENS,
+    calibration_tokens: int = CALIBRATION_TOKENS, group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto",
 ) -> Path:
     """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``.
 
-    ``calibration_tokens``: how many tokens of ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's
-    thresholds (0: none; ``--sparsity threshold`` then refuses the directory)."""
-    if dtype not in TORCH_DTYPES:
-        raise LLMFlashError(f"unknown dtype {dtype!r}: use float16, bfloat16 or float32")
+    ``dtype``: float32, float16, bfloat16, or int8 / int4 (FFN rows quantized in groups of ``group_size`` values along
+    d_model, computed in float32: ``quant``). ``calibration_tokens``: how many tokens of
+    ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's thresholds (0: none; ``--sparsity threshold`` then
+    refuses the directory). ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
+    (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``)."""
+    _check_dtype(dtype, group_size, resident_dtype)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise LLMFlashError(f"--out {out} is a file, not a directory: choose another --out")
     model: HFModel
     tok: Any
-    model, tok, src = load_model(spec, TORCH_DTYPES[dtype])  # in the target dtype: a 7B model in fp16 needs 14 GB
+    # in the target dtype (a 7B model in fp16 needs 14 GB); quantized: in the dtype it will compute in
+    model, tok, src = load_model(spec, TORCH_DTYPES[dtype if dtype in TORCH_DTYPES else COMPUTE_DTYPE])
     return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress,
-                         calibration_tokens=calibration_tokens)
+                         calibration_tokens=calibration_tokens, group_size=group_size, resident_dtype=resident_dtype)
 
 
 def convert_model(
     model: HFModel, tok: Any, name: str, spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True,
     force: bool = False, progress: bool = True, calibration_tokens: int = CALIBRATION_TOKENS,
+    group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto",
 ) -> Path:
-    """Write an in-memory model (already in ``dtype``) as a flash directory at ``out``; ``spec`` is recorded.
+    """Write an in-memory model (already in ``dtype``; float32 for int8/int4) as a flash directory at ``out``;
+    ``spec`` is recorded.
 
     With ``calibration_tokens`` > 0 the model is then modified in place to calibrate the thresholds (float32, its FFNs
-    swapped for ``DenseFFN`` modules with the same weights)."""
+    swapped for ``DenseFFN`` modules with the same weights; a quantized directory's FFN weights replaced by their
+    dequantized values first, so the thresholds fit the weights the directory holds)."""
+    _check_dtype(dtype, group_size, resident_dtype)
     if calibration_tokens < 0:
         raise LLMFlashError(f"--calibration-tokens {calibration_tokens}: give a token count >= 0 (0: no calibration)")
     out = Path(out).expanduser()
@@ -78,8 +110,18 @@ def convert_model(
             raise LLMFlashError(f"{out} holds a conversion of {existing!r}, not {name!r}: choose another --out or pass --force")
     adapter = adapter_for(model.config)
     spec_ffn = adapter.ffn_spec(model.config)
-    layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled)
-    tdt = TORCH_DTYPES[dtype]
+    quantized = dtype in QUANT_DTYPES
+    try:
+        layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled,
+                                   group_size=group_size if quantized else 0)
+    except ValueError as err:
+        raise LLMFlashError(f"cannot convert to {dtype}: {err}") from None
+    tdt = TORCH_DTYPES[COMPUTE_DTYPE if quantized else dtype]
+    compute = COMPUTE_DTYPE if quantized else dtype
+    quantization = None
+    if quantized or resident_dtype == "int8":
+        quantization = Quantization(dtype, group_size if quantized else 0, compute,
+                                    compute if resident_dtype == "auto" else resident_dtype)
 
     ffn_names = {n for layer in range(spec_ffn.n_layers)
                  for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
@@ -99,9 +141,18 @@ def convert_model(
     elem = layout.elem_bytes
     try:
         with write_flash_dir(out, layout) as wr:
+            int8_names: set[str] = set()
+            if resident_dtype == "int8":
+                stored = quantize_resident(resident, model)
+                int8_names = set(resident) - set(stored)
+                resident = stored
             wr.save_resident(resident)
             for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
                 for s, seg in enumerate(layout.segments):
+                    if quantized:  # [n, stride_bytes]: each part's codes and scales (``quant``)
+                        padded = encode_rows([_ffn_rows(w, (p,)) for p in seg.parts], layout, seg.stride_bytes)
+                        wr.write_ffn(layer, s, padded.numpy().tobytes())
+                        continue
                     rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
                     padded = torch.zeros(layout.d_ffn, seg.stride_bytes // elem, dtype=tdt)
                     padded[:, : rows.shape[1]] = rows
@@ -111,17 +162,29 @@ def convert_model(
             if gate_dir is not None:  # a gated sparse model: its gate is part of it (see sparse_model)
                 shutil.copytree(gate_dir, wr.dir / GATE_DIR)
             config = model.config.to_dict()
+            if quantized and calibration_tokens:  # calibrate on the weights the directory holds
+                for w in ffn_weights:
+                    _dequantize_in_place(w, layout.bits, group_size)
+            if int8_names and calibration_tokens:
+                dequantize_resident_in_place(model, int8_names)
             del ffn_weights, resident
             thresholds = None
             if calibration_tokens:  # the weights are written: the model may now change (float32, like load_in_memory)
                 log.info("calibrating thresholds on %d tokens of %s", calibration_tokens, CALIBRATION_SOURCE)
                 thresholds = calibrate_on_text(model.float(), tok, calibration_tokens, progress=progress)
             manifest = wr.finish(ModelInfo(name, spec, model.config.model_type), config, dtype, spec_ffn.gated,
-                                 spec_ffn.activation, thresholds=thresholds)
+                                 spec_ffn.activation, thresholds=thresholds, quantization=quantization)
     except OSError as err:
         raise LLMFlashError(f"cannot write {out}: {err.strerror}; choose a writable location with free space") from None
     log.info("converted %s to %s (%d bytes of weights)", spec, out, manifest.bytes.model)
     return out
+
+
+def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int) -> None:
+    """Replace an in-memory FFN's weights (views of the model's parameters) by their quantized-dequantized values."""
+    for t in (w.gate, w.up, w.down):
+        if t is not None:
+            t.copy_(dequantize(*quantize(t, bits, group_size), bits, group_size, t.dtype))
 
 
 def _existing_model_name(path: Path) -> Optional[str]:

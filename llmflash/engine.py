@@ -56,6 +56,7 @@ from .metrics import GenerationResult, TokenStats
 from .models import default_predictors
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
+from .quant import compute_layout, dense_layer_bytes
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .storage import FlashReader, pin_buffer, unpin_buffer
 from .threads import choose_threads, sense_cpu
@@ -63,6 +64,7 @@ from .threads import choose_threads, sense_cpu
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
+CACHE_FORMS = ("stored", "compute")  # EngineConfig.cache_form
 PREDICTOR_DTYPES = ("int8", "float16", "float32")  # EngineConfig.predictor_dtype
 LARGE_D_MODEL = 2048
 SPARSE_MODES = ("oracle", "predictor")
@@ -131,6 +133,11 @@ class EngineConfig:
     cache_policy: str = "window"
     hot_fraction: float = 0.5
     hot_calibration_tokens: int = 64
+    # quantized directories (int8/int4): the form the neuron caches and the staging rows hold. "stored": the rows as
+    # read (DRAM per neuron at the stored bits, the budget counting them so), dequantized for every matmul; "compute":
+    # dequantized once when read into rows of the compute dtype (more DRAM per neuron, no dequantization per token;
+    # reads land in a landing buffer first). Float directories: both are the stored rows
+    cache_form: str = "stored"
 
 
 def _now_ms() -> float:
@@ -251,7 +258,8 @@ class SparseFFN(_FlashFFNBase):
         super().__init__(engine, layer)
         policy = make_policy(engine.cfg.cache_policy, engine.cfg.window, engine.fd.layout.d_ffn)
         self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype,
-                                 device=engine.device if engine.offload else None, policy=policy)
+                                 device=engine.device if engine.offload else None, policy=policy,
+                                 row_layout=engine.row_layout)
         self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
         self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
         self._prefetch: Optional[tuple[list, int, int]] = None  # (tickets, first row, rows) read ahead for this layer
@@ -419,14 +427,22 @@ class Engine:
         self.cfg = config
         self.observers: list[EngineObserver] = []
         self._layers_timed = False
+        if config.cache_form not in CACHE_FORMS:
+            raise LLMFlashError(f"unknown cache form {config.cache_form!r}: use one of {', '.join(CACHE_FORMS)}")
         self.device = _device(config.device)
-        self.offload = self.device.type != "cpu" or self.copy_on_cpu  # compute copies of the rows, apart from reads
+        self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
+        self.accelerator = self.device.type != "cpu" or self.copy_on_cpu  # the model computes apart from the host
+        dequantize_on_read = fd.layout.quantized and config.cache_form == "compute"
+        # the rows computed on are kept apart from those reads land in: on an accelerator, or dequantized on arrival
+        self.offload = self.accelerator or dequantize_on_read
+        # the layout of those compute rows: the file's, or float rows of the compute dtype (no alignment padding)
+        self.row_layout = compute_layout(fd.layout, fd.manifest.compute_dtype) if dequantize_on_read else fd.layout
         if self.offload and config.lookahead:
-            raise LLMFlashError("--lookahead runs on the CPU only: drop it or use --device cpu")
+            raise LLMFlashError("--lookahead needs reads to land in the caches: use --device cpu (and --cache-form "
+                                "stored for a quantized directory), or drop --lookahead")
         if config.lookahead and not config.reuse:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         self._pinned: list = []
-        self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
         large = fd.layout.d_model >= LARGE_D_MODEL
         # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
         self.threads = choose_threads(sense_cpu(), sparse=config.mode in SPARSE_MODES, large=large,
@@ -444,7 +460,7 @@ class Engine:
         self.threshold_on_act = own is not None and own.on_act  # the model's own rule thresholds |act(gate x)|
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
-        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads)
+        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes)
         self.resident_reader: Optional[FlashReader] = None
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
@@ -452,7 +468,7 @@ class Engine:
         # the KV cache's argument: ``cache`` in newer transformers (which warn on ``past_key_values``), else the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
         # naive on an accelerator copies the resident weights again every token: (host view, device tensor) pairs
-        self._resident_pairs = self._move_resident() if self.offload else []
+        self._resident_pairs = self._move_resident() if self.accelerator else []
         if config.mode != "naive":
             self._resident_pairs = []
         resident_bytes = fd.resident_path.stat().st_size
@@ -463,7 +479,7 @@ class Engine:
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
         if self.offload:
-            self.staging_rows = DeviceRows(layout, self.staging.capacity, fd.dtype, self.device)
+            self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes
             self._pin(self.staging.buffers)
         budget_bytes = int(config.dram_budget * fd.model_bytes)
@@ -474,8 +490,9 @@ class Engine:
             if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
+            # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = SparseBudget(
-                budget_bytes, sum(self.dram.values()), layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
+                budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
                 config.min_cache_rows, config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0),
                 self.offload, active.layer_demand,
             )
@@ -483,7 +500,7 @@ class Engine:
             plan = sb.plan()
             self.cache_rows = list(plan.cache_rows)
             if plan.reserve_rows:
-                self.dram["working_reserve"] = plan.reserve_rows * layout.neuron_stride_bytes  # not allocated: held back
+                self.dram["working_reserve"] = plan.reserve_rows * self.row_layout.neuron_stride_bytes  # held back
             if self.offload:
                 self.landing = RowStore(layout, plan.landing_rows, fd.dtype)
                 self.dram["landing"] = self.landing.nbytes
@@ -500,7 +517,7 @@ class Engine:
             modules = list(dense)
         elif mode == "hybrid":
             self._check_budget(budget_bytes, sum(self.dram.values()))
-            layer_payload = layout.neuron_payload_bytes * layout.d_ffn
+            layer_payload = dense_layer_bytes(layout, fd.dtype)  # what a resident layer holds (dequantized)
             n_resident = hybrid_resident_layers(budget_bytes, sum(self.dram.values()), layer_payload, layout.n_layers)
             modules = [self._resident_ffn(i) if i < n_resident else StreamedFFN(self, i) for i in range(layout.n_layers)]
             self.dram["ffn_resident"] = layer_payload * n_resident
@@ -509,7 +526,7 @@ class Engine:
             self._check_budget(budget_bytes, sum(self.dram.values()))
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
             self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads)
-            if self.offload:  # the resident weights are copied to the accelerator again every token
+            if self.accelerator:  # the resident weights are copied to the accelerator again every token
                 self._pin([fd.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):
             self.dram["gate"] = int(self.gate.nbytes)

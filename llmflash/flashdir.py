@@ -49,8 +49,10 @@ from .manifest import (
     Manifest,
     ModelInfo,
     NeuronOrder,
+    Quantization,
 )
 from .paths import atomic_dir
+from .quant import QSCALE, QWEIGHT, install_int8_resident, part_rows, storage_dtype
 from .storage import ALIGN_BYTES, read_range
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,13 @@ class FlashDir:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.manifest.dtype]
+        """The dtype the model computes in (quantized weights are dequantized to it)."""
+        return TORCH_DTYPES[self.manifest.compute_dtype]
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        """The dtype of tensors over ``ffn.bin``'s rows: the compute dtype, or uint8 for quantized rows."""
+        return storage_dtype(self.layout, self.dtype)
 
     @property
     def model_bytes(self) -> int:
@@ -224,7 +232,8 @@ def _file_crc_manifest(manifest: Manifest) -> int:
     return _crc(json.dumps(manifest.checksums.to_json(), sort_keys=True).encode())
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I8": torch.int8,
+              "U8": torch.uint8}
 
 
 def parse_safetensors(buf: Any, size: int) -> dict[str, Tensor]:
@@ -300,6 +309,9 @@ class FlashDirWriter:
         if self._ffn is None:
             self._ffn = open(self.dir / FFN_FILE, "wb")
         seg = self.layout.segments[segment]
+        gap = seg.layer_offsets[layer] - self._ffn.tell()
+        if 0 < gap < ALIGN_BYTES:  # a quantized layout's layer starts on the next page: zeros between
+            self._ffn.write(bytes(gap))
         if self._ffn.tell() != seg.layer_offsets[layer] or memoryview(data).nbytes != seg.stride_bytes * self.layout.d_ffn:
             raise ValueError(f"ffn.bin: layer {layer} segment {segment} out of order or of the wrong size")
         self._ffn.write(data)
@@ -323,13 +335,18 @@ class FlashDirWriter:
 
     def close(self) -> None:
         if self._ffn is not None:
+            if 0 < self.layout.file_bytes - self._ffn.tell() < ALIGN_BYTES and all(
+                    len(c) == self.layout.n_layers for c in self._ffn_crc):  # complete: pad the last page
+                self._ffn.write(bytes(self.layout.file_bytes - self._ffn.tell()))
             self._ffn.flush()
             os.fsync(self._ffn.fileno())
             self._ffn.close()
             self._ffn = None
 
     def finish(self, model: ModelInfo, config: dict, dtype: str, gated: bool, activation: str,
-               neuron_order: Optional[NeuronOrder] = None, thresholds: Optional[CalibratedThresholds] = None) -> Manifest:
+               neuron_order: Optional[NeuronOrder] = None, thresholds: Optional[CalibratedThresholds] = None,
+               quantization: Optional[Quantization] = None) -> Manifest:
+        """``quantization``: required when the layout is quantized (the manifest is then format version 2)."""
         self.close()
         lay = self.layout
         ffn_path, res_path = self.dir / FFN_FILE, self.dir / RESIDENT
@@ -348,7 +365,11 @@ class FlashDirWriter:
             checksums=Checksums(resident_crc, tuple(tuple(c) for c in self._ffn_crc)),
             neuron_order=neuron_order,
             thresholds=thresholds,
+            quantization=quantization,
         )
+        if (lay.quantized and quantization is None) or (quantization is not None and (
+                quantization.ffn != lay.dtype or quantization.group_size != lay.group_size or dtype != lay.dtype)):
+            raise ValueError("a quantized layout needs its quantization (same dtype and group size)")
         if thresholds is not None and any(len(t) != lay.n_layers for t in thresholds.by_sparsity.values()):
             raise ValueError("thresholds: one per layer for each sparsity")
         (self.dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str))
@@ -387,8 +408,9 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
     adapter = adapter_for(config)
     biases = {}
     state = {}
+    quantized = {n for n in resident if n.endswith((QWEIGHT.format(""), QSCALE.format("")))}  # int8 resident weights
     for name, t in resident.items():
-        if name.startswith("llmflash.ffn."):
+        if name.startswith("llmflash.ffn.") or name in quantized:
             continue
         state[name] = t
     for layer in range(fd.layout.n_layers):
@@ -402,7 +424,10 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
                              "the manifest is corrupt; re-run convert") from None
     if unexpected:
         raise FlashFileError(f"{fd.resident_path} has tensors this model does not ({unexpected[:3]}...): re-run convert")
-    if getattr(config, "tie_word_embeddings", False):
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if quantized:
+        install_int8_resident(model, resident, tied)  # int8 modules over the tensors (a tied head shares the rows)
+    if tied and isinstance(getattr(model.get_output_embeddings(), "weight", None), nn.Parameter):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
@@ -414,12 +439,11 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
 
 
 def ffn_weights_from_rows(fd: FlashDir, rows: list[Tensor], biases: tuple) -> FFNWeights:
-    """Views of gate/up/down over per-segment row tensors [n, stride_elems] (as read from ``ffn.bin``)."""
-    d = fd.layout.d_model
+    """gate/up/down of per-segment row tensors [n, stride_elems] (as read from ``ffn.bin``): views of float rows, the
+    dequantized values (in the compute dtype) of quantized ones."""
 
     def part(p: str) -> Tensor:
-        s, off = fd.layout.locate(p)
-        return rows[s][:, off : off + d]
+        return part_rows(fd.layout, rows, p, 0, rows[0].shape[0], fd.dtype)
 
     return FFNWeights(part("gate") if fd.gated else None, part("up"), part("down"), biases[0], biases[1])
 

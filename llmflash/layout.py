@@ -8,29 +8,53 @@ one aligned direct-I/O read:
 - bundled (the paper's row-column bundling): one segment ``(gate, up, down)``: one read per neuron (or per run);
 - unbundled (the ablation): segments ``(gate, up)`` and ``(down,)``: two reads per neuron.
 
-File order is layer-major: layer 0's rows of segment 0, layer 0's rows of segment 1, layer 1's ...
+File order is layer-major: layer 0's rows of segment 0, layer 0's rows of segment 1, layer 1's ...; each layer's
+segment starts on a 4096-byte boundary.
+
+Quantized layouts (``dtype`` int8 or int4, issue 13): each part of a row is its ``d`` values quantized symmetrically in
+groups of ``group_size`` along d_model (int8: one byte each; int4: two per byte, low nibble first, stored + 8), followed
+by the groups' float16 scales: ``part_bytes = d * bits / 8 + 2 * d / group_size``. A neuron's gate row, up row and down
+column and their scales are one bundle, so one read brings everything; rows are padded to ``align_bytes`` (512 for
+quantized layouts: the unit of direct I/O; at 4096 a SmolLM2 neuron would read 4096 bytes at every bit width) and
+neighbouring rows still merge into one read. ``quant`` holds the codec.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
-from .storage import align_up
+from .storage import ALIGN_BYTES, align_up
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+QUANT_BITS = {"int8": 8, "int4": 4}  # quantized row formats (``quant``): bits per weight
+SCALE_BYTES = 2  # one float16 scale per group
+QUANT_ALIGN_BYTES = 512  # row alignment of quantized layouts: direct I/O's unit (offsets, lengths)
+
+
+def part_bytes(d_model: int, dtype: str, group_size: int = 0) -> int:
+    """Bytes of one part (gate row, up row or down column: ``d_model`` values) in a row of ``ffn.bin``."""
+    if dtype in QUANT_BITS:
+        return d_model * QUANT_BITS[dtype] // 8 + (d_model // group_size) * SCALE_BYTES
+    return d_model * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
 class Segment:
     parts: tuple[str, ...]  # e.g. ("gate", "up", "down")
-    row_bytes: int  # len(parts) * d_model * dtype bytes
-    stride_bytes: int  # row_bytes padded to ALIGN_BYTES
+    row_bytes: int  # len(parts) * part_bytes
+    stride_bytes: int  # row_bytes padded to the layout's align_bytes
     layer_offsets: tuple[int, ...]  # file offset of neuron 0's row, per layer
 
     def part_offset_elems(self, part: str, d_model: int) -> int:
+        """Offset of a part in a row, in elements of a float row (bytes of a quantized one: ``part_bytes`` each)."""
         return self.parts.index(part) * d_model
+
+    @property
+    def part_bytes(self) -> int:
+        return self.row_bytes // len(self.parts)
 
 
 @dataclass(frozen=True)
@@ -42,27 +66,52 @@ class FlashLayout:
     bundled: bool
     segments: tuple[Segment, ...]
     file_bytes: int
+    group_size: int = 0  # quantized layouts: values per scale along d_model; 0 for float rows
+    align_bytes: int = ALIGN_BYTES  # rows are padded to a multiple of this (reads are multiples of it)
 
     @staticmethod
-    def build(n_layers: int, d_model: int, d_ffn: int, gated: bool, dtype: str, bundled: bool) -> "FlashLayout":
+    def build(n_layers: int, d_model: int, d_ffn: int, gated: bool, dtype: str, bundled: bool,
+              group_size: int = 0, align_bytes: Optional[int] = None) -> "FlashLayout":
+        """``group_size``: quantized dtypes (int8, int4) only: values per scale, dividing ``d_model``.
+        ``align_bytes``: the rows' alignment (default: 4096 for float rows, 512 for quantized ones; rows kept in DRAM
+        only may take less)."""
         parts = ("gate", "up", "down") if gated else ("up", "down")
         groups = [parts] if bundled else [parts[:-1], parts[-1:]]
-        elem = DTYPE_BYTES[dtype]
-        strides = [align_up(len(g) * d_model * elem) for g in groups]
+        quantized = dtype in QUANT_BITS
+        if dtype not in DTYPE_BYTES and not quantized:
+            raise ValueError(f"unknown dtype {dtype!r}")
+        if quantized and (group_size <= 0 or group_size % 2 or d_model % group_size):
+            raise ValueError(f"{dtype}: the group size ({group_size}) must be even and divide d_model ({d_model})")
+        if not quantized:
+            group_size = 0
+        align = align_bytes or (QUANT_ALIGN_BYTES if quantized else ALIGN_BYTES)
+        pbytes = part_bytes(d_model, dtype, group_size)
+        strides = [align_up(len(g) * pbytes, align) for g in groups]
         offsets: list[list[int]] = [[] for _ in groups]
         pos = 0
         for _ in range(n_layers):
             for s, stride in enumerate(strides):
+                pos = align_up(pos)  # each layer's segment starts on a page (whole-layer reads, checksums)
                 offsets[s].append(pos)
                 pos += stride * d_ffn
         segments = tuple(
-            Segment(tuple(g), len(g) * d_model * elem, stride, tuple(off)) for g, stride, off in zip(groups, strides, offsets)
+            Segment(tuple(g), len(g) * pbytes, stride, tuple(off)) for g, stride, off in zip(groups, strides, offsets)
         )
-        return FlashLayout(n_layers, d_model, d_ffn, dtype, bundled, segments, pos)
+        return FlashLayout(n_layers, d_model, d_ffn, dtype, bundled, segments, align_up(pos), group_size, align)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANT_BITS
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored weight (scales not counted)."""
+        return QUANT_BITS[self.dtype] if self.quantized else 8 * DTYPE_BYTES[self.dtype]
 
     @property
     def elem_bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype]
+        """Bytes per element of a row as a tensor: the float dtype's, 1 for quantized rows (held as uint8)."""
+        return 1 if self.quantized else DTYPE_BYTES[self.dtype]
 
     @property
     def neuron_stride_bytes(self) -> int:
@@ -80,15 +129,20 @@ class FlashLayout:
         return start, self.neuron_stride_bytes * self.d_ffn
 
     def locate(self, part: str) -> tuple[int, int]:
-        """(segment index, element offset in the row) of a part."""
+        """(segment index, offset of the part in a row tensor's elements: a float row's values, a quantized row's
+        bytes) of a part."""
         for i, seg in enumerate(self.segments):
             if part in seg.parts:
+                if self.quantized:
+                    return i, seg.parts.index(part) * seg.part_bytes
                 return i, seg.part_offset_elems(part, self.d_model)
         raise KeyError(part)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["segments"] = [asdict(s) for s in self.segments]
+        if not self.quantized and self.align_bytes == ALIGN_BYTES:  # float layouts: the keys of format version 1
+            del d["group_size"], d["align_bytes"]
         return d
 
     @staticmethod
@@ -97,8 +151,13 @@ class FlashLayout:
             Segment(tuple(s["parts"]), int(s["row_bytes"]), int(s["stride_bytes"]), tuple(int(o) for o in s["layer_offsets"]))
             for s in d["segments"]
         )
-        return FlashLayout(int(d["n_layers"]), int(d["d_model"]), int(d["d_ffn"]), d["dtype"], bool(d["bundled"]), segs,
-                           int(d["file_bytes"]))
+        lay = FlashLayout(int(d["n_layers"]), int(d["d_model"]), int(d["d_ffn"]), d["dtype"], bool(d["bundled"]), segs,
+                          int(d["file_bytes"]), int(d.get("group_size", 0)), int(d.get("align_bytes", ALIGN_BYTES)))
+        if lay.dtype not in DTYPE_BYTES and lay.dtype not in QUANT_BITS:
+            raise ValueError(f"unknown dtype {lay.dtype!r}")
+        if lay.quantized and (lay.group_size <= 0 or lay.d_model % lay.group_size):
+            raise ValueError(f"group_size {lay.group_size} does not divide d_model {lay.d_model}")
+        return lay
 
 
 def runs(ids: np.ndarray, max_run: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,16 +5,23 @@ On disk (``indent=1`` JSON; the same keys since format version 1)::
     format, format_version, llmflash_version
     model        {name, source, model_type}
     config       the Hugging Face config as a dict (``AutoConfig.for_model(model_type, **config)`` rebuilds it)
-    dtype        float32 | float16 | bfloat16
+    dtype        float32 | float16 | bfloat16, or int8 | int4 (quantized FFN rows: format version 2)
     ffn          {gated, activation, layout: FlashLayout.to_json()}
     bytes        {model, resident_tensors, ffn_payload, ffn_file, resident_file}
     checksums    {"resident.safetensors": crc32, "ffn.bin": {"per_layer_segment_crc32": [[crc32 per layer] per segment]}}
     neuron_order (optional, a reordered copy) {file, crc32, kind, source, tokens, ...: how the order was chosen}
     thresholds   (optional) {source, tokens, seq_len, by_sparsity: {"0.8": [t per layer], ...}}: the threshold rule's
                  per-layer thresholds, calibrated by ``convert`` (CATS-style quantiles of |h|; see ``sparsity``)
+    quantization (format version 2, quantized directories only) {ffn, group_size, scale_dtype, compute_dtype,
+                 resident}: the FFN rows' format (``quant``, ``layout``), the dtype weights are dequantized to and
+                 computed in, and the resident weights' stored form (a float dtype, or int8: weight-only, per-row
+                 scales)
 
 ``thresholds`` was added to format version 1 as an optional key (no version bump: older readers ignore it, and
 directories without it still open; they may carry the same table in a ``thresholds.json`` sidecar instead).
+
+A float directory is written as format version 1 (its keys unchanged, so older readers open it); a quantized one
+as version 2 (older readers refuse it: "written by a newer llmflash").
 
 ``Manifest.from_json`` checks every key and raises a one-line ``FlashFileError`` naming the first missing or
 malformed one; ``Manifest.to_json`` writes back exactly these keys. ``flashdir.FlashDirWriter`` is the only writer.
@@ -30,12 +37,16 @@ from .errors import FlashFileError
 from .layout import FlashLayout
 
 FORMAT = "llmflash-flash"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader knows; float directories are still written as 1
+FLOAT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 FFN_FILE = "ffn.bin"
 ORDER_FILE = "permutation.npy"  # optional: int64 [n_layers, d_ffn], row j of layer l holds original neuron [l, j]
-DTYPES = ("float32", "float16", "bfloat16")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_DTYPES = ("int8", "int4")
+DTYPES = FLOAT_DTYPES + QUANT_DTYPES
+RESIDENT_DTYPES = FLOAT_DTYPES + ("int8",)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,21 @@ class CalibratedThresholds:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How a quantized directory stores its weights (``quant``: the codec)."""
+
+    ffn: str  # int8 | int4: the FFN rows (groups of ``group_size`` values along d_model, float16 scales in the row)
+    group_size: int
+    compute_dtype: str  # what the weights are dequantized to and computed in: float32 | float16 | bfloat16
+    resident: str  # the resident weights (attention, embeddings): a float dtype, or int8 (weight-only, per-row scales)
+    scale_dtype: str = "float16"
+
+    def to_json(self) -> dict:
+        return {"ffn": self.ffn, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
+                "compute_dtype": self.compute_dtype, "resident": self.resident}
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     config: dict
@@ -109,8 +135,18 @@ class Manifest:
     checksums: Checksums
     neuron_order: Optional[NeuronOrder] = None
     thresholds: Optional[CalibratedThresholds] = None
-    format_version: int = FORMAT_VERSION
+    quantization: Optional[Quantization] = None
+    format_version: int = FLOAT_FORMAT_VERSION
     llmflash_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.format_version < 2:  # readers of version 1 must refuse it
+            object.__setattr__(self, "format_version", FORMAT_VERSION)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The float dtype the model computes in (the weights' own, or what quantized weights are dequantized to)."""
+        return self.quantization.compute_dtype if self.quantization is not None else self.dtype
 
     def replace(self, **changes: Any) -> "Manifest":
         return replace(self, **changes)
@@ -137,6 +173,8 @@ class Manifest:
             out["neuron_order"] = self.neuron_order.to_json()
         if self.thresholds is not None:
             out["thresholds"] = self.thresholds.to_json()
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_json()
         return out
 
     @staticmethod
@@ -197,6 +235,21 @@ class Manifest:
             thresholds = CalibratedThresholds({str(k): tuple(float(t) for t in v) for k, v in by.items()},
                                               str(get("thresholds", "source")), num("thresholds", "tokens"),
                                               num("thresholds", "seq_len"))
+        quantization = None
+        if d.get("quantization") is not None:
+            qd = get("quantization")
+            q = Quantization(str(get("quantization", "ffn")), num("quantization", "group_size"),
+                             str(get("quantization", "compute_dtype")), str(get("quantization", "resident")),
+                             str(qd.get("scale_dtype", "float16")) if isinstance(qd, dict) else "float16")
+            if (q.ffn != dtype or q.group_size != layout.group_size or q.compute_dtype not in FLOAT_DTYPES
+                    or q.resident not in RESIDENT_DTYPES or q.scale_dtype != "float16"):
+                raise FlashFileError(f"{where}: 'quantization' does not match the dtype and layout: the manifest is "
+                                     "corrupt; re-run convert")
+            quantization = q
+        elif dtype in QUANT_DTYPES:
+            raise FlashFileError(f"{where} lacks 'quantization' (dtype {dtype}): the manifest is incomplete; re-run convert")
+        if layout.dtype != dtype:
+            raise FlashFileError(f"{where}: the layout's dtype is not the manifest's: the manifest is corrupt; re-run convert")
         return Manifest(
             model=ModelInfo(str(get("model", "name")), str(get("model", "source")), str(get("model", "model_type"))),
             config=config,
@@ -209,6 +262,7 @@ class Manifest:
             checksums=Checksums(num("checksums", RESIDENT), tuple(tuple(int(c) for c in s) for s in per_seg)),
             neuron_order=neuron_order,
             thresholds=thresholds,
+            quantization=quantization,
             format_version=version,
             llmflash_version=str(d.get("llmflash_version", "")),
         )

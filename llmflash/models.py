@@ -205,13 +205,15 @@ def load_in_memory(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
         for seg in fd.layout.segments:
             nbytes = seg.stride_bytes * fd.layout.d_ffn
             buf = read_range(fd.ffn_path, seg.layer_offsets[layer], nbytes)
-            rows.append(torch.frombuffer(buf, dtype=fd.dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
+            rows.append(torch.frombuffer(buf, dtype=fd.row_dtype, count=nbytes // fd.layout.elem_bytes).view(fd.layout.d_ffn, -1))
         w = ffn_weights_from_rows(fd, rows, biases[layer])
         if fd.neuron_order is not None:
             row_of = torch.from_numpy(np.argsort(fd.neuron_order[layer]))  # neuron id -> row
             pick = lambda t: None if t is None else t[row_of]  # noqa: E731
             w = FFNWeights(pick(w.gate), w.up[row_of], w.down[row_of], pick(w.act_bias), w.out_bias)
-        adapter.install_ffn(model, layer, DenseFFN(layer, w, fd.activation))
+        # in the model's dtype: ``model.to`` below does not reach the FFN rows (they are not parameters), and a float16
+        # directory's rows would meet float32 activations
+        adapter.install_ffn(model, layer, DenseFFN(layer, w.to(dtype), fd.activation))
     model = model.to(dtype)
     gate = fd.gate_dir()
     if gate is not None:  # a gated model: install_dense_ffns applies it (the rows are in the model's order here)

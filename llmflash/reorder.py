@@ -204,7 +204,8 @@ def write_permuted_flash_dir(src: str | Path, out: str | Path, perms: Sequence[n
         order = np.ascontiguousarray(order)
         np.save(wr.dir / ORDER_FILE, order)
         wr.finish(m.model, m.config, m.dtype, m.gated, m.activation,  # thresholds are per layer: carried as they are
-                  neuron_order=NeuronOrder(ORDER_FILE, _crc(order.data), dict(meta or {})), thresholds=m.thresholds)
+                  neuron_order=NeuronOrder(ORDER_FILE, _crc(order.data), dict(meta or {})), thresholds=m.thresholds,
+                  quantization=m.quantization)
     return out
 
 

@@ -35,6 +35,7 @@ from .errors import LLMFlashError
 log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 4096  # O_DIRECT needs 512; 4096 matches pages and SSD sectors
+SECTOR_BYTES = 512  # the smallest unit of direct I/O (FlashReader's align_bytes for quantized layouts)
 MIN_READS_PER_WORKER = 2  # a small read list wakes fewer workers (a wake-up costs about as much as a read's Python)
 _SMALL_LIST = 64  # read lists up to this length are validated in plain Python
 READ_RANGE_CHUNK_BYTES = 4 << 20  # read_range: one preadv per 4 MiB, several in flight
@@ -261,7 +262,7 @@ def _read_slice(shared: _Shared, mv: memoryview, fo: list, nb: list, do: list, l
 
 def _short_read(fd: int, mv: memoryview, file_off: int, n: int, dest_off: int, got: int) -> int:
     """Finish a short read: retry while progress stays aligned, stop at EOF and zero the rest of the destination."""
-    while 0 < got < n and got % ALIGN_BYTES == 0:
+    while 0 < got < n and got % SECTOR_BYTES == 0:
         more = os.preadv(fd, [mv[dest_off + got:dest_off + n]], file_off + got)
         if more == 0:
             break
@@ -310,7 +311,7 @@ def _release_views(ticket: ReadTicket) -> None:
 
 
 def _check_reads(fo: np.ndarray, nb: np.ndarray, do: np.ndarray, fo_l: list, nb_l: list, do_l: list,
-                 mv: memoryview) -> None:
+                 mv: memoryview, align: int = ALIGN_BYTES) -> None:
     """Alignment, sign and bounds of a read list (numpy for long lists, plain Python for short ones)."""
     if mv.readonly:
         raise ValueError("the destination buffer is read-only")
@@ -324,10 +325,10 @@ def _check_reads(fo: np.ndarray, nb: np.ndarray, do: np.ndarray, fo_l: list, nb_
         end = int((do + nb).max())
     if bits < 0:
         raise ValueError("negative file offset, length or destination offset")
-    if bits & (ALIGN_BYTES - 1) or buffer_address(mv) % ALIGN_BYTES:
+    if bits & (align - 1) or buffer_address(mv) % ALIGN_BYTES:
         raise ValueError(
-            f"unaligned read: file offsets, lengths, destination offsets and the destination address must be "
-            f"multiples of {ALIGN_BYTES} bytes (use aligned_buffer / align_up)")
+            f"unaligned read: file offsets, lengths and destination offsets must be multiples of {align} bytes, the "
+            f"destination address of {ALIGN_BYTES} (use aligned_buffer / align_up)")
     if end > mv.nbytes:
         raise ValueError(f"destination too small: reads end at byte {end}, buffer holds {mv.nbytes}")
 
@@ -336,13 +337,17 @@ class FlashReader:
     """Parallel positional reads from one file into aligned buffers, through a persistent thread pool.
 
     ``read(dest, file_offsets, nbytes, dest_offsets)`` performs read j = ``nbytes[j]`` bytes at ``file_offsets[j]``
-    into ``dest[dest_offsets[j]:][:nbytes[j]]``; all values multiples of ``ALIGN_BYTES``. The read list is cut into
-    contiguous slices, one per worker; each worker loops ``os.preadv``. ``stats`` counts bytes the kernel returned.
+    into ``dest[dest_offsets[j]:][:nbytes[j]]``; all values multiples of ``align_bytes`` (default ``ALIGN_BYTES``;
+    a quantized layout's rows are 512-byte aligned, direct I/O's own unit: ``SECTOR_BYTES``). The read list is cut
+    into contiguous slices, one per worker; each worker loops ``os.preadv``. ``stats`` counts bytes the kernel returned.
     """
 
-    def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True):
+    def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True, align_bytes: int = ALIGN_BYTES):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        if align_bytes < SECTOR_BYTES or align_bytes & (align_bytes - 1) or align_bytes > ALIGN_BYTES:
+            raise ValueError(f"align_bytes must be a power of two from {SECTOR_BYTES} to {ALIGN_BYTES}, got {align_bytes}")
+        self.align_bytes = align_bytes
         self.path = Path(path)
         self.n_threads = n_threads
         self._shared: Optional[_Shared] = None
@@ -382,7 +387,7 @@ class FlashReader:
             views.append(mv)
         fo_l, nb_l, do_l = fo.tolist(), nb.tolist(), do.tolist()
         try:
-            _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv)
+            _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv, self.align_bytes)
         except ValueError:
             for v in reversed(views):
                 v.release()

@@ -109,6 +109,7 @@ NOT_END_TO_END = {
     "memory_limit": "runs child processes under memory limits for minutes",
     "predictor_tradeoff": "trains predictors on smollm2 activations (the real model)",
     "profile_io": "profiles the disk with GBs of direct reads",
+    "quantized": "converts smollm2-relu (the real model) at four dtypes; its machinery is tested in tests/test_quant.py",
     "relufy_cpu_eval": "evaluates the relufied smollm2 (the real model) on held-out text",
     "relufy_diagnostics": "diagnoses relufication of smollm2 (the real model)",
     "relufy_gpu": "relufies smollm2 on a GPU",

@@ -144,6 +144,7 @@ class _Lay:  # the minimal layout NeuronCache needs
     d_model = 4
     elem_bytes = 4
     segments = ()
+    quantized = False  # float rows (a quantized layout holds uint8 rows: ``quant``)
 
 
 def test_orders_and_read_sizes():

@@ -1,0 +1,404 @@
+"""Quantized flash format (issue 13): what int8 and int4 cost in quality and what they save in bytes and time.
+
+Stages (``--stages``, default all):
+
+- ``groups``: the group size of the scales (32 or 64 values along d_model), chosen by error against bytes on
+  SmolLM2-relu's FFN weights: relative RMS error of the weights, and relative error of each layer's FFN output on the
+  real inputs of held-out text (the model's own threshold rule applied; computed);
+- ``kernels``: one thread, SmolLM2's shapes: int8 resident weights through torch's int8 weight-only kernel or
+  dequantized per call, against float32; a cached part dequantized per matmul against its float32 matvec (measured);
+- ``quality``: file sizes (measured) and perplexity (measured) on held-out text sources for float32, float16, int8
+  and int4 flash directories (``llmflash convert --dtype``), and the FFN active fraction under the model's rule;
+- ``speed``: ms/token of dense and predictor mode at half of each directory's own model bytes and at one fixed
+  DRAM budget in bytes (medians of alternating repeats, measured), bytes read per token (measured);
+- ``recall``: recall and over-prediction of the fp32-trained predictors on each dtype's true active sets (the model's
+  own threshold rule on that dtype's weights defines truth; measured on held-out text).
+
+Writes results/quantized/: quantized.json, one CSV per stage, quantized.png, config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+NAME = "quantized"
+DTYPES = ("float32", "float16", "int8", "int4")
+
+
+def _ffn_inputs(model, tok, source: str, tokens: int, rule) -> list[torch.Tensor]:
+    """Each layer's FFN inputs [T, d] on ``tokens`` tokens of ``source`` (one forward of the in-memory model)."""
+    from llmflash.arch import install_dense_ffns
+    from llmflash.text import load_texts, token_stream
+
+    xs: dict[int, torch.Tensor] = {}
+
+    def observe(layer, x, h):
+        xs[layer] = x.reshape(-1, x.shape[-1]).detach().clone()
+
+    install_dense_ffns(model, rule, observer=observe)
+    ids = next(iter(_windows(token_stream(tok, load_texts(source), max_tokens=tokens), tokens)))
+    with torch.no_grad():
+        model(ids)
+    return [xs[i] for i in sorted(xs)]
+
+
+def _windows(stream, n):
+    from llmflash.text import windows
+
+    return windows(stream, n)
+
+
+def stage_groups(args) -> list[dict]:
+    """Error against bytes for each (bits, group size): weights and FFN outputs (computed)."""
+    from llmflash.arch import adapter_for
+    from llmflash.ffn import DenseFFN, FFNWeights
+    from llmflash.models import load_model
+    from llmflash.quant import dequantize, measure, quantize
+    from llmflash.sparsity import model_rule
+
+    model, tok, _ = load_model(args.model, torch.float32)
+    rule = model_rule(model.config)
+    from llmflash.ffn import SparsityRule
+
+    rule = rule or SparsityRule()
+    adapter = adapter_for(model.config)
+    spec = adapter.ffn_spec(model.config)
+    weights = [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)]
+    xs = _ffn_inputs(model, tok, args.eval_source, args.group_tokens, rule)
+    rows = []
+    # float16 (a reference: its only error is rounding), then int8/int4 at group sizes dividing d_model (576)
+    # (bits, group, clipping search): int4 with and without the search of its scales (quant.CLIP_RATIOS)
+    settings = [(16, 0, False)] + [(b, g, srch) for b in (8, 4) for g in (32, 64, 96, 192) for srch in (False, True)
+                                   if spec.d_model % g == 0 and (b == 4 or not srch)]
+    for bits, group, search in settings:
+        t0 = time.perf_counter()
+        w_err, y_err, bpv = [], [], []
+        for layer, w in enumerate(weights):
+            q = {}
+            for part in ("gate", "up", "down"):
+                t = getattr(w, part)
+                if t is None:
+                    continue
+                if bits == 16:
+                    q[part] = t.half().float()
+                    w_err.append(float((q[part] - t).norm() / t.norm()))
+                    bpv.append(2.0)
+                    continue
+                e = measure(t, bits, group, search)
+                w_err.append(e.rel_rms)
+                bpv.append(e.bytes_per_value)
+                c, s = quantize(t, bits, group, search)
+                q[part] = dequantize(c, s, bits, group)
+            ref = DenseFFN(layer, w, spec.activation, rule.threshold(layer))(xs[layer])
+            qw = FFNWeights(q.get("gate"), q["up"], q["down"], w.act_bias, w.out_bias)
+            got = DenseFFN(layer, qw, spec.activation, rule.threshold(layer))(xs[layer])
+            y_err.append(float((got - ref).norm() / ref.norm()))
+        rows.append({"bits": bits, "group_size": group, "clip_search": search, "bytes_per_value": float(np.mean(bpv)),
+                     "bytes_vs_float16": float(np.mean(bpv)) / 2, "weight_rel_rms": float(np.mean(w_err)),
+                     "ffn_output_rel_err_mean": float(np.mean(y_err)), "ffn_output_rel_err_max": float(np.max(y_err)),
+                     "label": "computed", "tokens": int(xs[0].shape[0]), "seconds": time.perf_counter() - t0})
+        r = rows[-1]
+        print(f"{bits} bits g{group}{' search' if search else ''}: {r['bytes_per_value']:.4f} B/value, weights "
+              f"{r['weight_rel_rms']:.4f}, FFN out {r['ffn_output_rel_err_mean']:.4f} (max {r['ffn_output_rel_err_max']:.4f})",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def stage_kernels(args) -> list[dict]:
+    """Medians of 50 calls, one thread (measured): the ways to multiply by an int8 resident weight of SmolLM2's shapes,
+    and the dequantization of a layer's cached part (the stored cache form's cost per matmul) against its matvec."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    from llmflash.quant import INT8_WEIGHT_MM, dequantize, quantize, quantize_per_row
+
+    def t(fn, n: int = 50) -> float:
+        fn()
+        xs = []
+        for _ in range(n):
+            a = time.perf_counter()
+            fn()
+            xs.append((time.perf_counter() - a) * 1e3)
+        return statistics.median(xs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mm = INT8_WEIGHT_MM
+    assert mm is not None, "this torch has no int8 weight-only kernel"
+    rows = []
+    try:
+        for out_f, in_f, what in ((576, 576, "q/o projection"), (192, 576, "k/v projection"), (49152, 576, "tied head")):
+            w = torch.randn(out_f, in_f) * 0.02
+            q, s = quantize_per_row(w)
+            x = torch.randn(1, in_f)
+            sb = s.to(torch.bfloat16)
+            rows.append({"what": what, "shape": f"{out_f}x{in_f}", "float32_linear_ms": t(lambda: F.linear(x, w)),
+                         "dequantize_then_linear_ms": t(lambda: F.linear(x, q.float() * s[:, None])),
+                         "int8pack_float32_ms": t(lambda: mm(x, q, s)),
+                         "int8pack_bfloat16_ms": t(lambda: mm(x.to(torch.bfloat16), q, sb).float()), "label": "measured"})
+        for bits in (8, 4):
+            n, d = 1152, 576  # 75% of a layer's 1536 neurons: what predictor mode computes on smollm2-relu
+            w = torch.randn(n, d) * 0.02
+            c, sc = quantize(w, bits, 32)
+            x = torch.randn(1, d)
+            rows.append({"what": f"int{bits} cached part", "shape": f"{n}x{d}",
+                         "float32_linear_ms": t(lambda: F.linear(x, w)),
+                         "dequantize_then_linear_ms": t(lambda: F.linear(x, dequantize(c, sc, bits, 32))),
+                         "label": "measured"})
+    finally:
+        torch.set_num_threads(before)
+    for r in rows:
+        print(r, file=sys.stderr, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- the flash directories
+
+# (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
+VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int8+r8", "int8", "int8"), ("int4+r8", "int4", "int8")]
+
+
+def flash_dirs(args) -> dict[str, Path]:
+    """One converted directory per variant, cached (``llmflash convert MODEL --dtype D [--resident-dtype int8]``,
+    thresholds not calibrated: the model's own rule applies)."""
+    from llmflash.convert import convert
+    from llmflash.errors import LLMFlashError
+    from llmflash.flashdir import open_flash_dir
+
+    out = {}
+    for label, dtype, resident in VARIANTS:
+        path = common.cache_dir() / "quantized" / f"{args.model}-{label}-g{args.group_size}"
+        try:
+            m = open_flash_dir(path).manifest
+            q = m.quantization
+            ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
+        except LLMFlashError:
+            ok = False
+        if not ok:
+            print(f"converting {args.model} to {label}", file=sys.stderr, flush=True)
+            convert(args.model, path, dtype=dtype, resident_dtype=resident, group_size=args.group_size, force=True,
+                    progress=False, calibration_tokens=0)
+        out[label] = path
+    return out
+
+
+def stage_quality(args, dirs: dict[str, Path]) -> list[dict]:
+    """File sizes (measured) and perplexity (measured) of each variant on each held-out source."""
+    from llmflash.commands import eval_ppl
+    from llmflash.flashdir import open_flash_dir
+
+    rows = []
+    for label, path in dirs.items():
+        fd = open_flash_dir(path)
+        b = fd.manifest.bytes
+        row = {"variant": label, "dtype": fd.manifest.dtype, "model_bytes": b.model, "ffn_file_bytes": b.ffn_file,
+               "resident_file_bytes": b.resident_file, "neuron_stride_bytes": fd.layout.neuron_stride_bytes,
+               "neuron_payload_bytes": fd.layout.neuron_payload_bytes,
+               "dir_bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()), "label": "measured"}
+        for source in args.sources.split(","):
+            t0 = time.perf_counter()
+            r = eval_ppl(str(path), source, max_tokens=args.ppl_tokens, seq_len=512)
+            row[f"ppl[{source}]"] = r["ppl"]
+            row[f"active_fraction[{source}]"] = r["ffn_active_fraction"]
+            row["ppl_tokens"] = r["tokens"]
+            print(f"{label} {source}: ppl {r['ppl']:.3f} ({r['tokens']} tokens, {time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for source in args.sources.split(","):
+            row[f"ppl_vs_float32[{source}]"] = row[f"ppl[{source}]"] / base[f"ppl[{source}]"]
+        row["model_bytes_vs_float32"] = row["model_bytes"] / base["model_bytes"]
+    return rows
+
+
+def stage_speed(args, dirs: dict[str, Path]) -> list[dict]:
+    """ms/token of dense and predictor mode, alternating variants within each repeat (medians of repeats, measured):
+    predictor mode at half of each directory's own model bytes and at one fixed DRAM budget (half the float32 model)."""
+    from llmflash.engine import EngineConfig
+    from llmflash.flashdir import open_flash_dir
+
+    import engine_runs
+
+    fixed_bytes = 0.5 * open_flash_dir(dirs["float32"]).model_bytes
+    runs: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for rep in range(args.repeats):
+        for label, path in dirs.items():
+            mb = open_flash_dir(path).model_bytes
+            quantized = open_flash_dir(path).layout.quantized
+            settings = [("dense", 1.0, "-", "stored"), ("predictor", 0.5, "half_own", "stored"),
+                        ("predictor", fixed_bytes / mb, "fixed", "stored")]
+            if quantized:  # the caches dequantized on read (float rows: fewer of them, no dequantization per token)
+                settings.append(("predictor", fixed_bytes / mb, "fixed_compute_form", "compute"))
+            for mode, budget, budget_name, form in settings:
+                cfg = EngineConfig(mode=mode, dram_budget=budget, cache_form=form)
+                try:
+                    r = engine_runs.run(path, cfg, args.tokens, warmup=2, label=f"{label} {mode} {budget_name}",
+                                        share=False)
+                except Exception as err:  # noqa: BLE001 - a budget below the minimum: recorded, not fatal
+                    print(f"{label} {mode} {budget_name}: {str(err)[:200]}", file=sys.stderr, flush=True)
+                    runs.append({"variant": label, "mode": mode, "budget": budget_name, "repeat": rep,
+                                 "error": str(err)[:300]})
+                    continue
+                s = r["summary"]
+                runs.append({"variant": label, "mode": mode, "budget": budget_name, "repeat": rep,
+                             "dram_budget": budget, "dram_bytes": r["dram_bytes"], "model_bytes": r["model_bytes"],
+                             "ms_per_token": s["ms_per_token"], "io_ms": s["io_ms"], "compute_ms": s["compute_ms"],
+                             "mem_ms": s["mem_ms"], "predictor_ms": s["predictor_ms"],
+                             "bytes_read_per_token": s["bytes_read_per_token"], "reads_per_token": s["reads_per_token"],
+                             "cached_neurons": s["cached_neurons"], "cache_hit_rate": s["cache_hit_rate"],
+                             "neuron_cache_bytes": r["dram_breakdown"].get("neuron_cache", 0),
+                             "tokens": r["tokens"], "load_average": r["load_average"][0], "label": "measured"})
+                with open(args.out / "speed_runs.jsonl", "a") as f:  # kept as it comes (a long stage)
+                    f.write(json.dumps(runs[-1]) + "\n")
+                print(f"rep {rep} {label} {mode} {budget_name}: {s['ms_per_token']:.1f} ms/token, "
+                      f"{s['bytes_read_per_token'] / 1e6:.2f} MB read/token, DRAM {r['dram_bytes'] / 1e6:.1f} MB",
+                      file=sys.stderr, flush=True)
+    return runs
+
+
+def speed_summary(runs: list[dict]) -> list[dict]:
+    """Medians over repeats per (variant, mode, budget), and ratios to float32 within each repeat (their median)."""
+    out = []
+    keys = sorted({(r["variant"], r["mode"], r["budget"]) for r in runs if "error" not in r},
+                  key=lambda k: ([v for v, _, _ in VARIANTS].index(k[0]), k[1], k[2]))
+    for v, mode, budget in keys:
+        mine = [r for r in runs if (r["variant"], r["mode"], r["budget"]) == (v, mode, budget) and "error" not in r]
+        ratios = []
+        for r in mine:
+            base = [b for b in runs if (b["variant"], b["mode"], b["budget"], b["repeat"]) == ("float32", mode, budget,
+                                                                                              r["repeat"]) and "error" not in b]
+            if base:
+                ratios.append(r["ms_per_token"] / base[0]["ms_per_token"])
+        med = lambda k: float(np.median([r[k] for r in mine]))  # noqa: E731
+        out.append({"variant": v, "mode": mode, "budget": budget, "repeats": len(mine), "ms_per_token": med("ms_per_token"),
+                    "ms_per_token_min": min(r["ms_per_token"] for r in mine),
+                    "ms_per_token_max": max(r["ms_per_token"] for r in mine),
+                    "ms_vs_float32": float(np.median(ratios)) if ratios else None, "io_ms": med("io_ms"),
+                    "compute_ms": med("compute_ms"), "bytes_read_per_token": med("bytes_read_per_token"),
+                    "reads_per_token": med("reads_per_token"), "dram_bytes": med("dram_bytes"),
+                    "cached_neurons": med("cached_neurons"), "cache_hit_rate": med("cache_hit_rate"), "label": "measured"})
+    return out
+
+
+def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
+    """Recall and over-prediction of the committed (float32-trained) predictors on each variant's true active sets."""
+    from llmflash.models import default_predictors, load_any
+    from llmflash.predictor import PredictorSet
+    from llmflash.text import load_texts
+    from predictors.evaluate import eval_predictors
+
+    pset = PredictorSet.load(default_predictors(args.model))
+    rule = pset.sparsity_rule()
+    docs = load_texts(args.recall_source)
+    rows = []
+    for label, path in dirs.items():
+        lm = load_any(str(path))
+        res = eval_predictors(lm.model, lm.tokenizer, docs, pset, rule, max_tokens=args.recall_tokens, seq_len=512,
+                              window=5)
+        rows.append({"variant": label, **{k: v for k, v in res.items() if not isinstance(v, (list, dict))},
+                     "source": args.recall_source, "label": "measured"})
+        print(f"{label}: recall {res['recall']:.4f}, over-prediction {res['over_prediction']:.3f}, true active "
+              f"{res['true_active_fraction']:.4f}", file=sys.stderr, flush=True)
+        del lm
+    return rows
+
+
+def plot(data: dict, out: Path) -> None:
+    plt = common.plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    q = data.get("quality") or []
+    if q:
+        ax = axes[0]
+        sources = [k[4:-1] for k in q[0] if k.startswith("ppl[")]
+        for source in sources:
+            ax.plot([r["model_bytes"] / 2**20 for r in q], [r[f"ppl[{source}]"] for r in q], "o", label=source)
+            for r in q:
+                ax.annotate(r["variant"], (r["model_bytes"] / 2**20, r[f"ppl[{source}]"]), fontsize=7)
+        ax.set_xlabel("model bytes (MiB)")
+        ax.set_ylabel("perplexity (measured)")
+        ax.set_title("quality against size")
+        ax.legend(fontsize=8)
+    sp = data.get("speed_summary") or []
+    if sp:
+        ax = axes[1]
+        variants = [v for v, _, _ in VARIANTS if any(r["variant"] == v for r in sp)]
+        x = np.arange(len(variants))
+        settings = (("dense", "-"), ("predictor", "half_own"), ("predictor", "fixed"), ("predictor", "fixed_compute_form"))
+        for k, (mode, budget) in enumerate(settings):
+            ys = [next((r["ms_per_token"] for r in sp if (r["variant"], r["mode"], r["budget"]) == (v, mode, budget)),
+                       np.nan) for v in variants]
+            ax.bar(x + (k - 1.5) * 0.2, ys, 0.2, label=f"{mode} {budget}")
+        ax.set_xticks(x, variants, fontsize=8)
+        ax.set_ylabel("ms/token (median of repeats, measured)")
+        ax.set_title("speed (" + data.get("speed_note", "medians of repeats")[:48] + "...)", fontsize=8)
+        ax.legend(fontsize=8)
+    rc = data.get("recall") or []
+    if rc:
+        ax = axes[2]
+        ax.plot([r["variant"] for r in rc], [r["recall"] for r in rc], "o-", label="recall")
+        ax2 = ax.twinx()
+        ax2.plot([r["variant"] for r in rc], [r["over_prediction"] for r in rc], "s--", color="C1", label="over-prediction")
+        ax.set_ylabel("recall (measured)")
+        ax2.set_ylabel("predicted / true active")
+        ax.set_title("fp32-trained predictors on quantized weights")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    common.savefig(fig, out / f"{NAME}.png")
+
+
+def main() -> None:
+    p = common.parser(NAME, __doc__, models=False)
+    p.add_argument("--model", default="smollm2-relu", help="the model (an alias or a model directory)")
+    p.add_argument("--stages", default="groups,kernels,quality,speed,recall", help="which stages to run (comma-separated)")
+    p.add_argument("--eval-source", default="wiki:eval", help="held-out text for the group-size measurement")
+    p.add_argument("--group-tokens", type=int, default=1024, help="tokens whose FFN inputs measure the output error")
+    p.add_argument("--group-size", type=int, default=32, help="the group size of the converted directories")
+    p.add_argument("--sources", default="wiki:eval,shakespeare:", help="held-out text sources for perplexity")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens scored per source")
+    p.add_argument("--tokens", type=int, default=24, help="tokens generated per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of the timed runs")
+    p.add_argument("--recall-source", default="wiki:eval", help="held-out text of the recall stage")
+    p.add_argument("--recall-tokens", type=int, default=2048, help="tokens of the recall stage")
+    args = p.parse_args()
+    if args.quick:
+        args.ppl_tokens, args.tokens, args.repeats, args.recall_tokens = 1024, 12, 1, 512
+    stages = [s.strip() for s in args.stages.split(",")]
+    out: Path = args.out
+    data: dict = {}
+    prev = out / f"{NAME}.json"
+    if prev.is_file():
+        data = json.loads(prev.read_text())
+    def done(key: str, rows: list[dict], csv_name: str) -> None:  # each stage's data is saved as soon as it is there
+        data[key] = rows
+        common.write_csv(out / f"{csv_name}.csv", rows)
+        common.save(out, NAME, args, data)
+
+    if "groups" in stages:
+        done("groups", stage_groups(args), "groups")
+    if "kernels" in stages:
+        done("kernels", stage_kernels(args), "kernels")
+    dirs = flash_dirs(args) if set(stages) & {"quality", "speed", "recall"} else {}
+    if "quality" in stages:
+        done("quality", stage_quality(args, dirs), "quality")
+    if "recall" in stages:
+        done("recall", stage_recall(args, dirs), "recall")
+    if "speed" in stages:
+        data["speed_runs"] = stage_speed(args, dirs)
+        done("speed_summary", speed_summary(data["speed_runs"]), "speed")
+    common.save(out, NAME, args, data)
+    plot(data, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Group-wise symmetric weight quantization (issue 13): the codec of quantized FFN rows in ``ffn.bin`` and the
+neuron cache, and of quantized resident weights.
+
+A vector of ``d`` values is cut into groups of ``group_size`` consecutive values (along d_model); each group has one
+float16 scale ``s = r * max|w| / qmax`` and integer codes ``q = round(w / s)`` clamped to ``[-qmax, qmax]``, where
+the clipping ratio ``r`` is the one of ``CLIP_RATIOS`` with the least squared error in that group (``search``, the
+default for int4: outliers clipped a little buy finer steps for the rest; int8 uses ``r = 1``):
+
+- int8: ``qmax = 127``, one signed byte per value;
+- int4: ``qmax = 7``, two values per byte, stored as ``q + 8``: the low nibble holds the even index, the high nibble
+  the odd one.
+
+With ``r = 1``, ``|w - q * s| <= s / 2`` (plus float16's rounding of ``s``: at most ``qmax * s * 2**-11``); with the
+search, each group's squared error is at most that of ``r = 1``.
+
+A quantized FFN part (gate row, up row or down column) in a row is its codes followed by its scales
+(``layout.part_bytes``); rows are held as uint8 tensors and dequantized to the compute dtype when a part is used
+(``part_rows``), so the flash bytes and the neuron cache's DRAM both shrink with the bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layout import QUANT_BITS, FlashLayout
+
+SCALE_DTYPE = torch.float16
+GROUP_SIZES = (32, 64)  # the group sizes convert offers (results/quantized: error against bytes)
+DEFAULT_GROUP_SIZE = 32
+
+
+def qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def code_bytes(d: int, bits: int) -> int:
+    return d * bits // 8
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # the scale search's candidates (fractions of max|w|)
+
+
+def _codes(g: Tensor, scales: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Groups g [n, G, k] at float16 scales [n, G] -> (int codes as float [n, G, k], squared error per group [n, G])."""
+    s = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    q = torch.round(g / s).clamp_(-m, m)
+    return q, (g - q * scales.float()[..., None]).square().sum(-1)
+
+
+def quantize(w: Tensor, bits: int, group_size: int, search: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """w [n, d] (any float dtype) -> (codes uint8 [n, d * bits / 8], scales float16 [n, d / group_size]).
+
+    ``search``: pick each group's clipping ratio from ``CLIP_RATIOS`` by squared error (default: int4 only)."""
+    n, d = w.shape
+    if bits not in (4, 8) or d % group_size or group_size % 2:
+        raise ValueError(f"cannot quantize [{n}, {d}] to {bits} bits in groups of {group_size}")
+    g = w.detach().float().reshape(n, d // group_size, group_size)
+    m = qmax(bits)
+    absmax = g.abs().amax(-1)  # [n, groups]
+    scales = (absmax / m).to(SCALE_DTYPE)
+    qf, err = _codes(g, scales, m)
+    if bits == 4 if search is None else search:
+        for r in CLIP_RATIOS[1:]:
+            cand = (absmax * r / m).to(SCALE_DTYPE)
+            cq, cerr = _codes(g, cand, m)
+            better = cerr < err
+            scales = torch.where(better, cand, scales)
+            qf = torch.where(better[..., None], cq, qf)
+            err = torch.minimum(cerr, err)
+    q = qf.to(torch.int8).reshape(n, d)
+    if bits == 8:
+        return q.view(torch.uint8).contiguous(), scales.contiguous()
+    u = (q + 8).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scales.contiguous()
+
+
+def dequantize(codes: Tensor, scales: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The inverse of ``quantize``: codes [n, d * bits / 8] (uint8, or any view of those bytes), scales [n, groups]
+    -> w [n, d] in ``dtype``."""
+    n = codes.shape[0]
+    if bits == 8:
+        q = codes.view(torch.int8)
+    else:
+        q = torch.stack((codes & 15, codes >> 4), dim=-1).view(n, 2 * codes.shape[1]).view(torch.int8) - 8
+    d = q.shape[1]
+    w = q.view(n, d // group_size, group_size).to(dtype) * scales.to(dtype).unsqueeze(-1)
+    return w.view(n, d)
+
+
+def error_bound(w: Tensor, bits: int, group_size: int) -> Tensor:
+    """Per-value bound on |w - dequantize(quantize(w, search=False))|: half a step, plus float16's rounding of the
+    scale."""
+    n, d = w.shape
+    s = w.detach().float().reshape(n, d // group_size, group_size).abs().amax(-1) / qmax(bits)
+    bound = s * (0.5 + qmax(bits) * 2.0**-11) + 1e-7
+    return bound.repeat_interleave(group_size, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------- FFN rows (ffn.bin)
+
+
+def encode_part(w: Tensor, bits: int, group_size: int) -> Tensor:
+    """One part of every row: w [n, d] -> uint8 [n, part_bytes] (codes, then the float16 scales' bytes)."""
+    codes, scales = quantize(w, bits, group_size)
+    return torch.cat([codes, scales.view(torch.uint8)], dim=1)
+
+
+def encode_rows(parts: list[Tensor], layout: FlashLayout, stride_bytes: int) -> Tensor:
+    """Rows of one segment: the parts [n, d] each (in the segment's order) -> uint8 [n, stride_bytes] (zero padded)."""
+    n = parts[0].shape[0]
+    enc = [encode_part(p, layout.bits, layout.group_size) for p in parts]
+    out = torch.zeros(n, stride_bytes, dtype=torch.uint8)
+    row = torch.cat(enc, dim=1)
+    out[:, : row.shape[1]] = row
+    return out
+
+
+def storage_dtype(layout: FlashLayout, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the row tensors over ``ffn.bin``'s bytes: uint8 for quantized rows, else the compute dtype."""
+    return torch.uint8 if layout.quantized else dtype
+
+
+def part_rows(layout: FlashLayout, rows: list[Tensor], part: str, start: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Part ``part`` (gate/up/down) of rows [start, start + n) of per-segment row tensors, [n, d] in ``dtype``: a view
+    of float rows, the dequantized values of quantized ones."""
+    s, off = layout.locate(part)
+    d = layout.d_model
+    r = rows[s][start : start + n]
+    if not layout.quantized:
+        return r[:, off : off + d]
+    cb = code_bytes(d, layout.bits)
+    groups = d // layout.group_size
+    codes = r[:, off : off + cb]
+    scales = r[:, off + cb : off + cb + 2 * groups].view(SCALE_DTYPE)  # byte offsets even: a float16 view
+    return dequantize(codes, scales, layout.bits, layout.group_size, dtype)
+
+
+def compute_layout(layout: FlashLayout, dtype: str) -> FlashLayout:
+    """The rows of ``layout`` dequantized: float rows of ``dtype``, the same parts, not padded (held in DRAM only:
+    ``EngineConfig.cache_form="compute"``)."""
+    gated = any("gate" in seg.parts for seg in layout.segments)
+    return FlashLayout.build(layout.n_layers, layout.d_model, layout.d_ffn, gated, dtype, layout.bundled,
+                             align_bytes=torch.empty(0, dtype=getattr(torch, dtype)).element_size())
+
+
+def dense_layer_bytes(layout: FlashLayout, dtype: torch.dtype) -> int:
+    """DRAM of one layer's FFN held whole in ``dtype`` (``dense``/``hybrid``: quantized rows are dequantized once)."""
+    if not layout.quantized:
+        return layout.neuron_payload_bytes * layout.d_ffn
+    parts = sum(len(seg.parts) for seg in layout.segments)
+    return parts * layout.d_model * layout.d_ffn * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """How far quantized weights are from the originals (``measure``)."""
+
+    rel_rms: float  # ||w - w'|| / ||w|| over all values
+    max_abs: float
+    bytes_per_value: float  # codes and scales
+
+
+def measure(w: Tensor, bits: int, group_size: int, search: Optional[bool] = None) -> QuantError:
+    codes, scales = quantize(w, bits, group_size, search)
+    back = dequantize(codes, scales, bits, group_size)
+    diff = (w.float() - back).float()
+    nbytes = codes.numel() + scales.numel() * scales.element_size()
+    return QuantError(float(diff.norm() / w.float().norm().clamp_min(1e-30)), float(diff.abs().max()), nbytes / w.numel())
+
+
+__all__ = ["quantize", "dequantize", "encode_rows", "part_rows", "storage_dtype", "QUANT_BITS", "GROUP_SIZES"]
+
+
+# ------------------------------------------------------------------------------------------- resident weights (int8)
+
+QWEIGHT = "{}.int8"  # resident.safetensors: a weight-only int8 matrix [rows, cols] in place of the float ``{}``
+QSCALE = "{}.int8_scale"  # its float32 scales [rows], one per row
+
+
+def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [rows, cols] -> (int8 [rows, cols], float32 scales [rows]), symmetric, one scale per row."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+# torch's int8 weight-only CPU kernel (x [T, k] bf16/fp32, int8 [m, k], per-row scales [m] -> [T, m]), if this torch has it
+INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
+_INT8_MM = INT8_WEIGHT_MM
+_INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
+
+
+class Int8Linear(nn.Module):
+    """A ``nn.Linear`` whose weight is held in int8 with per-row scales (weight-only).
+
+    On the CPU it runs torch's int8 weight-only kernel (``torch._weight_int8pack_mm``) on bfloat16 activations (the
+    result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
+    float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
+    in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
+    ``kernel = False``) is 5-15x slower than float32 (results/quantized/README.md)."""
+
+    kernel = True
+    q: Tensor
+    scale: Tensor
+    bias: Optional[Tensor]
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("q", q)  # int8 [out, in]
+        self.register_buffer("scale", scale)  # [out]
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self._scale_bf16: Optional[Tensor] = None  # the kernel's form of the scales (made once)
+
+    def weight_dequantized(self, dtype: torch.dtype) -> Tensor:
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0:
+            if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
+                self._scale_bf16 = self.scale.to(torch.bfloat16)
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+            y = _INT8_MM(x2, self.q, self._scale_bf16).to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight_dequantized(x.dtype), self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """A ``nn.Embedding`` held in int8 with one scale per token row: the looked-up rows are dequantized."""
+
+    q: Tensor
+    scale: Tensor
+
+    def __init__(self, q: Tensor, scale: Tensor, padding_idx: Optional[int] = None) -> None:
+        super().__init__()
+        self.register_buffer("q", q)  # int8 [vocab, d]
+        self.register_buffer("scale", scale)  # [vocab]
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.q[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+def quantizable_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """{weight name: module} of the weights ``--resident-dtype int8`` quantizes: every ``nn.Linear`` and plain
+    ``nn.Embedding`` (subclasses such as learned positions or scaled embeddings keep their own forward: left float)."""
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) or type(m) is nn.Embedding:
+            out[f"{name}.weight" if name else "weight"] = m
+    return out
+
+
+def quantize_resident(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Resident tensors with every quantizable weight (``quantizable_weights``) replaced by its int8 form."""
+    targets = quantizable_weights(model)
+    out = {}
+    for name, t in tensors.items():
+        if name in targets and t.dim() == 2:
+            q, s = quantize_per_row(t)
+            out[QWEIGHT.format(name)], out[QSCALE.format(name)] = q, s
+        else:
+            out[name] = t
+    return out
+
+
+def dequantize_resident_in_place(model: nn.Module, names: set[str]) -> None:
+    """Replace the float weights ``names`` of an in-memory model by their int8 round trip (calibration sees the
+    weights a directory holds)."""
+    for name, m in quantizable_weights(model).items():
+        if name in names:
+            w: Tensor = getattr(m, "weight").data
+            q, s = quantize_per_row(w)
+            w.copy_((q.float() * s[:, None]).to(w.dtype))
+
+
+def install_int8_resident(model: nn.Module, tensors: dict[str, Tensor], tied: bool) -> set[str]:
+    """Swap the modules whose weights ``tensors`` holds in int8 (``QWEIGHT``/``QSCALE``) for ``Int8Linear`` /
+    ``Int8Embedding`` over those tensors (views: no copy). A tied output head shares the input embedding's int8 rows.
+    Returns the names of the weights so installed."""
+    done = set()
+    targets = quantizable_weights(model)
+    for name, m in targets.items():
+        q, s = tensors.get(QWEIGHT.format(name)), tensors.get(QSCALE.format(name))
+        if q is None or s is None:
+            continue
+        parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(m, nn.Linear):
+            bias = tensors.get(name.removesuffix("weight") + "bias")
+            new: nn.Module = Int8Linear(q, s, bias)
+        else:
+            new = Int8Embedding(q, s, getattr(m, "padding_idx", None))
+        setattr(parent, attr, new)
+        done.add(name)
+    if tied:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+        if isinstance(emb, Int8Embedding):
+            head = Int8Linear(emb.q, emb.scale, None)
+            model.set_output_embeddings(head)  # type: ignore[operator]
+            done.add("lm_head.weight")
+    return done

@@ -1,0 +1,355 @@
+"""Flash directories at every stored dtype (float16, int8, int4) on tiny random models: every mode runs and the sparse
+modes equal dense at the same dtype, eval-ppl works, bytes are counted exactly, quantization errors stay bounded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmflash.commands import eval_ppl
+from llmflash.convert import convert
+from llmflash.engine import Engine, EngineConfig
+from llmflash.errors import LLMFlashError
+from llmflash.flashdir import open_flash_dir
+
+from tiny import save_tiny, tiny_llama, tiny_opt
+
+BIG = 8.0  # tiny models are mostly padding: give them room
+PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
+DTYPES = ("float16", "int8", "int4")
+
+
+@pytest.fixture(scope="module")
+def qdirs(tmp_path_factory):
+    """{(model, dtype): flash dir} for a ReLU llama (gated) and OPT (plain FFN, biases), and a text file."""
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384))):
+        save_tiny(model, root / name)
+        for dtype in DTYPES:
+            out[name, dtype] = convert(str(root / name), root / f"{name}-{dtype}", dtype=dtype, progress=False,
+                                       calibration_tokens=0)
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out["text"] = root / "text.txt"
+    return out
+
+
+def _gen(path, mode, n=10, **kw):
+    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
+    try:
+        return e.generate(PROMPT, n, stop_at_eos=False)
+    finally:
+        e.close()
+
+
+def _ppl(path, mode, ids, **kw):
+    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
+    try:
+        return math.exp(-float(e.score(ids).double().mean()))
+    finally:
+        e.close()
+
+
+def _all_active_predictors(path, out):
+    """Predictors that mark every neuron active (predictor mode must then equal dense)."""
+    from llmflash.predictor import LowRankPredictor, PredictorSet
+
+    fd = open_flash_dir(path)
+    lay = fd.layout
+    torch.manual_seed(0)
+    mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
+    meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
+    PredictorSet.from_modules(mods, [-1e9] * lay.n_layers, meta).save(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_every_mode_runs_and_matches_dense(qdirs, name, dtype, tmp_path):
+    path = qdirs[name, dtype]
+    ref = _gen(path, "dense").tokens
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(path, mode).tokens == ref, mode
+    assert _gen(path, "predictor", predictors=_all_active_predictors(path, tmp_path / "p")).tokens == ref
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(3))
+    dense, oracle = _ppl(path, "dense", ids), _ppl(path, "oracle", ids, window=2)
+    # float16: the sparse path sums the same products in another order (cached rows, then new rows), in float16
+    assert abs(oracle / dense - 1) < (2e-3 if dtype == "float16" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_ppl_at_every_dtype(qdirs, dtype, tmp_path):
+    """eval-ppl (the whole model in DRAM) works on every stored dtype; oracle equals dense; predictor runs."""
+    path = str(qdirs["llama", dtype])
+    kw = dict(max_tokens=300, seq_len=64)
+    dense = eval_ppl(path, str(qdirs["text"]), mode="dense", **kw)
+    oracle = eval_ppl(path, str(qdirs["text"]), mode="oracle", **kw)
+    pred = eval_ppl(path, str(qdirs["text"]), mode="predictor", predictors=_all_active_predictors(path, tmp_path / "p"), **kw)
+    assert math.isfinite(dense["ppl"]) and dense["ppl"] == oracle["ppl"] == pred["ppl"]
+
+
+# ------------------------------------------------------------------------------------------------------------- codec
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantize_round_trip_is_within_half_a_step(bits, group):
+    from llmflash.quant import dequantize, error_bound, measure, quantize
+
+    g = torch.Generator().manual_seed(bits * group)
+    w = torch.randn(37, 128, generator=g) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different scales
+    w[3, :group] = 0  # an all-zero group
+    codes, scales = quantize(w, bits, group, search=False)
+    assert codes.dtype == torch.uint8 and codes.shape == (37, 128 * bits // 8)
+    assert scales.dtype == torch.float16 and scales.shape == (37, 128 // group)
+    back = dequantize(codes, scales, bits, group)
+    assert ((w - back).abs() <= error_bound(w, bits, group)).all()
+    assert (back[3, :group] == 0).all()
+    # the clipping search: no group's squared error grows
+    searched = dequantize(*quantize(w, bits, group, search=True), bits, group)
+    per_group = lambda b: (w - b).square().view(37, -1, group).sum(-1)  # noqa: E731
+    assert (per_group(searched) <= per_group(back) * (1 + 1e-5) + 1e-12).all()
+    e = measure(w, bits, group)
+    assert e.bytes_per_value == bits / 8 + 2 / group
+    assert e.rel_rms < (0.01 if bits == 8 else 0.15)
+    for dtype in (torch.float16, torch.bfloat16):  # the same codes decode in any compute dtype
+        assert torch.allclose(dequantize(codes, scales, bits, group, dtype).float(), back, rtol=1e-2, atol=1e-6)
+
+
+def test_int4_codes_pack_two_values_per_byte_low_nibble_first():
+    from llmflash.quant import quantize
+
+    w = torch.tensor([[7.0, -7.0, 1.0, 0.0] * 8])  # one group of 32: scale 1
+    codes, scales = quantize(w, 4, 32)
+    assert float(scales[0, 0]) == 1.0
+    assert codes[0, :2].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | (8 << 4)]
+
+
+def test_bad_group_size_is_refused():
+    from llmflash.layout import FlashLayout
+    from llmflash.quant import quantize
+
+    with pytest.raises(ValueError):
+        quantize(torch.randn(4, 96), 4, 64)
+    with pytest.raises(ValueError, match="group size"):
+        FlashLayout.build(2, 96, 8, True, "int8", True, group_size=64)
+
+
+# ------------------------------------------------------------------------------------------------ format and bytes
+
+
+def test_quantized_layout_rows_hold_codes_and_scales_aligned_to_512():
+    from llmflash.layout import FlashLayout
+
+    f16 = FlashLayout.build(30, 576, 1536, True, "float16", True)
+    i8 = FlashLayout.build(30, 576, 1536, True, "int8", True, group_size=32)
+    i4 = FlashLayout.build(30, 576, 1536, True, "int4", True, group_size=32)
+    assert i8.segments[0].row_bytes == 3 * (576 + 2 * 18) and i8.neuron_stride_bytes == 2048
+    assert i4.segments[0].row_bytes == 3 * (288 + 2 * 18) and i4.neuron_stride_bytes == 1024
+    assert f16.neuron_stride_bytes == 4096  # float layouts unchanged (4096-aligned rows)
+    assert i8.neuron_stride_bytes <= 0.55 * f16.neuron_stride_bytes and i4.neuron_stride_bytes <= 0.32 * f16.neuron_stride_bytes
+    for lay in (i8, i4, FlashLayout.build(3, 96, 40, False, "int4", False, group_size=32)):
+        assert lay.align_bytes == 512 and lay.file_bytes % 4096 == 0
+        starts = sorted(o for s in lay.segments for o in s.layer_offsets)
+        assert all(o % 4096 == 0 for o in starts)
+        assert FlashLayout.from_json(lay.to_json()) == lay
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_manifest_round_trips_and_is_version_2(qdirs, dtype):
+    import json
+
+    from llmflash.manifest import MANIFEST, Manifest
+
+    path = qdirs["llama", dtype]
+    raw = json.loads((path / MANIFEST).read_text())
+    m = Manifest.from_json(raw)
+    assert json.loads(json.dumps(m.to_json())) == raw
+    assert raw["format_version"] == 2 and m.quantization is not None
+    assert (m.quantization.ffn, m.quantization.group_size, m.quantization.compute_dtype) == (dtype, 32, "float32")
+    assert m.layout.group_size == 32 and m.compute_dtype == "float32"
+    assert m.bytes.ffn_payload == m.layout.neuron_payload_bytes * m.layout.d_ffn * m.layout.n_layers
+    assert m.bytes.model == m.bytes.resident_tensors + m.bytes.ffn_payload
+    assert json.loads((qdirs["llama", "float16"] / MANIFEST).read_text())["format_version"] == 1
+    broken = dict(raw)
+    del broken["quantization"]
+    from llmflash.errors import FlashFileError
+
+    with pytest.raises(FlashFileError, match="lacks 'quantization'"):
+        Manifest.from_json(broken, "x/manifest.json")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_bytes_read_per_token_are_the_layouts(qdirs, dtype):
+    """Sparse modes read loaded neurons x the layout's stride; naive the whole file + resident every token; the neuron
+    cache holds rows at the stored size (DRAM per neuron shrinks with the bits)."""
+    path = qdirs["llama", dtype]
+    lay = open_flash_dir(path).layout
+    f16 = open_flash_dir(qdirs["llama", "float16"]).layout
+    assert lay.neuron_stride_bytes < f16.neuron_stride_bytes
+    res = _gen(path, "oracle", n=8, window=2)
+    assert sum(t.loaded_neurons for t in res.per_token) > 0
+    for t in res.per_token:
+        assert t.bytes_read == t.loaded_neurons * lay.neuron_stride_bytes
+    fd = open_flash_dir(path)
+    whole = fd.layout.file_bytes + fd.resident_path.stat().st_size
+    for t in _gen(path, "naive", n=4).per_token:
+        assert whole <= t.bytes_read <= whole + 4096
+    e = Engine(path, EngineConfig(mode="oracle", dram_budget=BIG))
+    try:
+        caches = [m.cache for m in e.ffn_modules]
+        assert all(c.store.nbytes == c.capacity * lay.neuron_stride_bytes for c in caches)
+        assert e.dram["neuron_cache"] == sum(c.store.nbytes for c in caches)
+    finally:
+        e.close()
+
+
+def test_512_byte_aligned_reads_match_the_kernel(qdirs):
+    from llmflash.storage import proc_read_bytes
+
+    if proc_read_bytes() < 0:
+        pytest.skip("/proc/self/io unavailable")
+    e = Engine(qdirs["llama", "int4"], EngineConfig(mode="oracle", dram_budget=BIG, window=1))
+    try:
+        assert e.reader.direct and e.reader.align_bytes == 512
+        e.generate(PROMPT[:2], 1, stop_at_eos=False)
+        counted0, kernel0 = e.reader_totals()[0], proc_read_bytes()
+        res = e.generate(PROMPT, 10, stop_at_eos=False)
+        counted, kernel = e.reader_totals()[0] - counted0, proc_read_bytes() - kernel0
+    finally:
+        e.close()
+    assert sum(t.bytes_read for t in res.per_token) > 0
+    assert abs(kernel - counted) <= 0.05 * counted
+
+
+def test_threshold_rule_is_calibrated_on_the_quantized_weights(tmp_path):
+    """A SiLU model under the threshold rule: convert calibrates on the dequantized weights, and oracle == dense."""
+    save_tiny(tiny_llama(seed=1, d_model=128, d_ffn=384), tmp_path / "m")
+    path = convert(str(tmp_path / "m"), tmp_path / "q", dtype="int4", progress=False, calibration_tokens=512)
+    kw = dict(sparsity="threshold", threshold_sparsity=0.8)
+    assert _gen(path, "oracle", **kw).tokens == _gen(path, "dense", **kw).tokens
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(4))
+    assert abs(_ppl(path, "oracle", ids, **kw) / _ppl(path, "dense", ids, **kw) - 1) < 1e-5
+    # the calibrated fraction holds on the weights the directory holds
+    out = eval_ppl(str(path), "wiki:train", max_tokens=512, seq_len=256, sparsity="threshold", threshold_sparsity=0.8)
+    assert abs(out["ffn_active_fraction"] - 0.2) < 0.05
+
+
+@pytest.mark.parametrize("dtype", ["int4"])
+def test_quantized_accelerator_path_and_reorder(qdirs, dtype, tmp_path, monkeypatch):
+    """Device rows (the GPU path, on CPU tensors) hold quantized rows too; a reordered copy keeps the format."""
+    from llmflash.reorder import reorder_flash_dir
+
+    path = qdirs["llama", dtype]
+    ref = _gen(path, "dense").tokens
+    out = reorder_flash_dir(path, tmp_path / "r", source=str(qdirs["text"]), max_tokens=256, progress=False)
+    fd = open_flash_dir(out)
+    assert fd.manifest.quantization == open_flash_dir(path).manifest.quantization
+    assert _gen(out, "oracle").tokens == ref
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    for mode in ("naive", "oracle"):
+        assert _gen(path, mode).tokens == ref, mode
+
+
+def test_cli_convert_int4_and_bad_dtype(qdirs, tmp_path, capsys):
+    from llmflash.cli import main
+
+    src = qdirs["llama", "int8"].parent / "llama"
+    assert main(["convert", str(src), "--out", str(tmp_path / "q"), "--dtype", "int4", "--group-size", "64",
+                 "--calibration-tokens", "0"]) == 0
+    assert "512 bytes per neuron" in capsys.readouterr().out  # 128-wide rows: 3 * (64 + 2 * 2) -> 512
+    assert open_flash_dir(tmp_path / "q").layout.group_size == 64
+    with pytest.raises(SystemExit) as err:
+        main(["convert", str(src), "--out", str(tmp_path / "x"), "--dtype", "int3"])
+    assert err.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------- resident weights
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_int8_resident_weights_every_mode(qdirs, name, tmp_path, monkeypatch):
+    """--resident-dtype int8: attention, embeddings and the tied head weight-only int8; the resident file (what the
+    engine counts in DRAM) shrinks; every mode gives dense's tokens; eval-ppl works."""
+    from llmflash.quant import Int8Embedding, Int8Linear
+
+    src = qdirs[name, "int8"].parent / name
+    path = convert(str(src), tmp_path / "r8", dtype="int4", resident_dtype="int8", progress=False, calibration_tokens=0)
+    fd = open_flash_dir(path)
+    assert fd.manifest.quantization.resident == "int8"
+    plain = open_flash_dir(qdirs[name, "int4"])
+    assert fd.manifest.bytes.resident_tensors < 0.5 * plain.manifest.bytes.resident_tensors  # OPT: positions stay float
+    ref = _gen(path, "dense")
+    assert ref.dram_breakdown["resident"] == fd.resident_path.stat().st_size
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(path, mode).tokens == ref.tokens, mode
+    e = Engine(path, EngineConfig(mode="oracle", dram_budget=BIG))
+    try:
+        mods = list(e.model.modules())
+        assert any(isinstance(m, Int8Embedding) for m in mods) and any(isinstance(m, Int8Linear) for m in mods)
+        assert not any(isinstance(m, torch.nn.Linear) for m in mods)
+    finally:
+        e.close()
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(3))
+    assert abs(_ppl(path, "oracle", ids, window=2) / _ppl(path, "dense", ids) - 1) < 1e-5
+    out = eval_ppl(str(path), str(qdirs["text"]), max_tokens=200, seq_len=64)
+    assert math.isfinite(out["ppl"])
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    assert _gen(path, "naive").tokens == ref.tokens
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    from llmflash.quant import Int8Linear, quantize_per_row
+
+    w, b = torch.randn(48, 64), torch.randn(48)
+    q, s = quantize_per_row(w)
+    lin = Int8Linear(q, s, b)
+    x = torch.randn(3, 5, 64)
+    ref = torch.nn.functional.linear(x, q.float() * s[:, None], b)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    got = lin(x)  # torch's int8 kernel on bfloat16 activations: bfloat16's rounding
+    assert got.dtype == x.dtype and ((got - ref).norm() / ref.norm()) < 1e-2
+    Int8Linear.kernel = False
+    try:
+        assert torch.allclose(lin(x), ref, atol=1e-5)  # dequantized per call: exact
+    finally:
+        Int8Linear.kernel = True
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_cache_form_compute_dequantizes_on_read(qdirs, dtype):
+    """cache_form="compute": the caches hold float rows (more DRAM per neuron), reads land in a landing buffer and
+    are dequantized once; same tokens as the stored form and dense, same bytes read per token."""
+    path = qdirs["llama", dtype]
+    ref = _gen(path, "dense").tokens
+    stored = _gen(path, "oracle", window=2)
+    comp = _gen(path, "oracle", window=2, cache_form="compute")
+    assert comp.tokens == stored.tokens == ref
+    assert [t.bytes_read for t in comp.per_token] == [t.bytes_read for t in stored.per_token]
+    assert "landing" in comp.dram_breakdown and "landing" not in stored.dram_breakdown
+    e = Engine(path, EngineConfig(mode="oracle", dram_budget=BIG, cache_form="compute"))
+    try:
+        lay, rows = e.fd.layout, e.row_layout
+        assert not rows.quantized and rows.neuron_stride_bytes == 3 * lay.d_model * 4 > lay.neuron_stride_bytes
+        assert all(m.cache.store.nbytes == m.cache.capacity * rows.neuron_stride_bytes for m in e.ffn_modules)
+    finally:
+        e.close()
+    assert _gen(path, "naive", cache_form="compute").tokens == ref
+    with pytest.raises(LLMFlashError, match="lookahead"):
+        Engine(path, EngineConfig(mode="oracle", dram_budget=BIG, cache_form="compute", lookahead=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_on_cuda_every_mode_gives_its_dense_tokens(qdirs, dtype, tmp_path):
+    """On a GPU the caches hold quantized rows in GPU memory (or dequantized ones: cache_form="compute"), int8
+    resident weights dequantize per matmul there; every mode gives the GPU's dense tokens."""
+    for path in (qdirs["llama", dtype], convert(str(qdirs["llama", dtype].parent / "llama"), tmp_path / "r8", dtype=dtype,
+                                                resident_dtype="int8", progress=False, calibration_tokens=0)):
+        ref = _gen(path, "dense", device="cuda").tokens
+        for mode in ("naive", "hybrid", "oracle"):
+            assert _gen(path, mode, device="cuda").tokens == ref, mode
+        assert _gen(path, "oracle", device="cuda", cache_form="compute").tokens == ref
