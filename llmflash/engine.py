@@ -226,10 +226,12 @@ class _FlashFFNBase(nn.Module):
         else:
             m = -(-n // bucket) * bucket if bucket > 0 and n else n
             idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
-            idx = idx.to(store.rows[0].device)
+            gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
+            d = store.layout.d_model
 
             def part(name: str) -> Tensor:
-                return store.gather(name, idx)  # [m, d]
+                seg, off = store.layout.locate(name)
+                return gathered[seg][:, off : off + d]  # [m, d]
         bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids).to(self.act_bias.device)]
         if bias is not None and m > n:
             bias = torch.cat([bias, bias.new_zeros(m - n)])
