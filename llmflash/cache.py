@@ -13,7 +13,7 @@ are copied into their slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -105,7 +105,8 @@ class CacheUpdate:
     hits: int = 0  # needed neurons already cached (0 for a lookahead guess: not a lookup)
     misses: int = 0  # needed neurons not cached: read into the cache (load_ids) or the staging buffer (overflow_ids)
     need: Optional[np.ndarray] = None  # the ids entered (sorted; a lookahead guess too)
-    ready_slots: Optional[np.ndarray] = None  # slots whose rows were there before this update (computable at once)
+    # slots whose rows were there before this update (computable at once)
+    ready_slots: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 @dataclass

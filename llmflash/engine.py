@@ -53,8 +53,8 @@ from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flas
 from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
-from .native import library as native_library
 from .models import default_predictors
+from .native import library as native_library
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
 from .sparsity import model_rule, stored_thresholds, threshold_rule
