@@ -17,9 +17,9 @@ import statistics
 import subprocess
 import time
 
-import common
-
 from llmflash.engine import Engine, EngineConfig
+
+import common
 
 PATHS = ("python", "native")
 
@@ -31,9 +31,10 @@ def _modes(setup: dict) -> list[str]:
     return modes
 
 
-def _engine(setup: dict, mode: str, native: bool, budget: float) -> Engine:
+def _engine(setup: dict, mode: str, native: bool, budget: float, io_threads: int = 0, compute_threads: int = 0) -> Engine:
     cfg = EngineConfig(mode=mode, dram_budget=1.0 if mode == "dense" else budget, sparsity=setup.get("sparsity", "auto"),
-                       predictors=setup.get("predictors") if mode == "predictor" else None, native=native)
+                       predictors=setup.get("predictors") if mode == "predictor" else None, native=native,
+                       io_threads=io_threads, compute_threads=compute_threads)
     return Engine(setup["flash_dir"], cfg)
 
 
@@ -56,7 +57,11 @@ def main() -> None:
     engines: dict[tuple[str, str], Engine] = {}
     for mode in modes:
         for path in (("python",) if mode == "dense" else PATHS):
-            engines[(mode, path)] = _engine(setup, mode, path == "native", args.budget)
+            # both paths of a mode get the same threads: those auto chose for the Python engine (chosen from the load
+            # at construction, they differed between engines built a few seconds apart and swamped the comparison)
+            ref = engines.get((mode, "python"))
+            engines[(mode, path)] = _engine(setup, mode, path == "native", args.budget,
+                                            *((ref.threads.io_threads, ref.compute_threads) if ref else (0, 0)))
             if path == "native" and not engines[(mode, path)].native:
                 print(f"{mode}: the native step did not build or apply here; its row is the Python path")
     ids = common.prompt_ids(engines[("dense", "python")].tokenizer, 32)
@@ -74,6 +79,8 @@ def main() -> None:
                                      "native_active": e.native, "label": "measured",
                                      **{k: s[k] for k in ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "predictor_ms",
                                                           "bytes_read_per_token", "reads_per_token")},
+                                     "compute_threads": res.config["compute_threads"], "io_threads": res.config["io_threads"],
+                                     "native_threads": e.native_threads,
                                      "tokens": res.tokens, "load_average_1m": os.getloadavg()[0]})
                         print(f"[{cond} {rep}] {mode:9s} {path:6s} {s['ms_per_token']:8.1f} ms/token "
                               f"(io {s['io_ms']:.1f}, mem {s['mem_ms']:.1f}, compute {s['compute_ms']:.1f})", flush=True)

@@ -111,14 +111,17 @@ class EngineConfig:
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
-    # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
+    # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off. The Python path
+    # only: the native step (``native``) computes no matmul over the rows, and its process did not grow at all
+    # (results/native_step/memory_growth)
     row_bucket: int = -1
     # sparse modes: DRAM held back from the budget for the compute's working memory (contiguous copies of cached rows,
     # what the allocator and oneDNN keep per matmul shape), in units of the largest layer cache. -1 = auto: 4 from
     # d_model >= LARGE_D_MODEL (the scale model's process grew 185-383 MiB past its buffers, 3-6 of its 61 MB layer
     # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit; on a GPU
     # the caching allocator's peak was 130 MB above the accounted bytes without it: results/gpu_scale); 0 for small
-    # models, whose working memory is within the runtime's overhead.
+    # models, whose working memory is within the runtime's overhead; 0 too where the native step runs (no per-shape
+    # working memory: results/native_step/memory_growth).
     working_reserve: float = -1
     # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
     # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
@@ -490,6 +493,11 @@ class Engine:
                                       io_threads=config.io_threads, compute_threads=config.compute_threads)
         self.compute_threads = self.threads.compute_threads  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
+        # threads of the native step: one for small models (a layer's rows are a few hundred KB, done in ~0.1-0.2 ms,
+        # and a second OpenMP thread spins after each call on the core the reader threads need: with it, predictor
+        # mode's reads waited 2x longer than the Python path's in results/native_step/run_a_native_threads_2), every
+        # compute thread for large ones (compute-bound: the scale model)
+        self.native_threads = self.compute_threads if large else 1
         # the native step's library, loaded (built on first use) when the config asks for it and it applies
         self._native_lib = config.native and self.device.type == "cpu" and not self.copy_on_cpu \
             and config.mode in ("naive", "hybrid", *SPARSE_MODES) and native_library() is not None
@@ -593,7 +601,7 @@ class Engine:
             return None
         rows = NativeRows.make(self.fd.activation, self.fd.dtype, self.fd.gated, threshold, act_bias)
         if rows is not None:
-            rows.threads = self.compute_threads
+            rows.threads = self.native_threads
         return rows
 
     @property
