@@ -8,7 +8,9 @@ fresh process per variant, for the scale model in predictor mode (trace source) 
 - ``no_bucket``: ``EngineConfig(row_bucket=0)``: every region of cached rows computed at its own size;
 - ``row_bucket``: ``EngineConfig(row_bucket=256)`` (the engine's default for this model): cached rows computed in
   regions padded to multiples of 256 rows, so the FFN matmuls see few distinct shapes;
-- ``onednn_off``: no bucketing and oneDNN disabled for every matmul (``torch.backends.mkldnn.flags(enabled=False)``).
+- ``onednn_off``: no bucketing and oneDNN disabled for every matmul (``torch.backends.mkldnn.flags(enabled=False)``);
+- ``native``: the native sparse step (issue 15; the three above are the Python path): the FFN rows are read in place
+  by one C++ call per row set, no matmul and no gathered copy, so no bucketing and no working reserve.
 
     python experiments/memory_growth.py [--quick] [--tokens 12]
 
@@ -28,7 +30,10 @@ import common
 import engine_runs
 
 log = logging.getLogger("memory_growth")
-VARIANTS = {"no_bucket": {"row_bucket": 0}, "row_bucket": {"row_bucket": 256}, "onednn_off": {"row_bucket": 0}}
+VARIANTS = {"no_bucket": {"row_bucket": 0, "native": False}, "row_bucket": {"row_bucket": 256, "native": False},
+            "onednn_off": {"row_bucket": 0, "native": False},
+            # issue 15: the native step over the cache's slots (no FFN matmuls; working_reserve's auto is then 0)
+            "native": {"native": True}}
 BUDGET = 0.48
 
 
@@ -84,6 +89,7 @@ def main() -> None:
     ap = common.parser("memory_growth", __doc__.splitlines()[0], models=False)
     ap.add_argument("--tokens", type=int, default=None, help="generated tokens per variant (default 12, --quick 8)")
     ap.add_argument("--child", default=None, help="internal: run one variant and print its JSON")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants to run, comma-separated")
     args = ap.parse_args()
     tokens = args.tokens or (8 if args.quick else 12)
     if args.child:
@@ -91,7 +97,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     runs = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         t0 = time.time()
         cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -15,7 +15,11 @@ Core (this package)
     ``arch``       architecture adapters (Llama family, OPT family): where the FFN lives
     ``models``     model resolution (aliases, hub ids, local dirs, GGUF) and loading, a flash directory in memory
     ``cache_policy`` which neurons a layer's cache keeps: sliding window (default), LRU, pinned hot set + window
-    ``cache``      the preallocated neuron cache (row mechanics, hit/miss/eviction counters; membership: its policy)
+    ``cache``      the preallocated neuron cache (slots and a free list, hit/miss/eviction counters; membership: its
+                   policy)
+    ``native``     the native sparse step's C++ source and its loader (built with g++ on first use, cached; None and
+                   one warning where it cannot build)
+    ``step``       the sparse step's reads into cache slots (``slot_plan``) and its native compute (``NativeRows``)
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``engine``     the inference engine (dense, naive, hybrid, oracle, predictor modes)

@@ -1,17 +1,19 @@
-"""The neuron cache: one preallocated DRAM matrix per layer (the paper's Section 3.3).
+"""The neuron cache: one preallocated DRAM matrix per layer (the paper's Section 3.3), addressed by slot.
 
-Per layer: a matrix of ``capacity`` rows (one per cached neuron, in the flash row format so direct-I/O reads land in
-place), the original neuron id of each row, and a count of used rows. Which neurons stay is the ``CachePolicy``'s
-decision (``cache_policy``; default the paper's sliding window: a neuron stays while it was active in one of the last
-``window`` tokens); the cache does the row mechanics and counts hits, misses and evictions. Deleting moves the last
-rows into the freed slots; inserting appends at the end; compute uses the first ``count`` rows in whatever order they
-are. Nothing is allocated per token except small index arrays. With the engine on a GPU the matrix lives in GPU memory
-(``DeviceRows``): reads land in a host buffer and are copied into rows [count, count + new); deletions move rows on the GPU.
+Per layer: a matrix of ``capacity`` rows (slots; one per cached neuron, in the flash row format so direct-I/O reads
+land in place), the neuron id held by each slot (-1: free), the slot of each neuron, and a free list. Which neurons
+stay is the ``CachePolicy``'s decision (``cache_policy``; default the paper's sliding window: a neuron stays while it
+was active in one of the last ``window`` tokens); the cache does the slot bookkeeping and counts hits, misses and
+evictions. Nothing moves: an evicted neuron's slot goes back to the free list, a loaded neuron takes the lowest free
+slot, and compute gathers the rows of the used slots (``used_slots``). Before issue 15 deletions moved the last rows
+into the holes so that the cached rows stayed a prefix of the matrix. Nothing is allocated per token except small
+index arrays. With the engine on a GPU the matrix lives in GPU memory (``DeviceRows``): reads land in a host buffer and
+are copied into their slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -42,6 +44,15 @@ class _Rows:
     def part(self, name: str, n: int, start: int = 0) -> Tensor:
         """[n, d] of one part (gate/up/down) over rows [start, start + n): a view, or dequantized (``quant``)."""
         return part_rows(self.layout, self.rows, name, start, n, self.dtype)
+
+    def gather(self, name: str, slots: Tensor) -> Tensor:
+        """Copy [n, d] of one part (gate/up/down) of rows ``slots`` (int64 [n], on the rows' device)."""
+        s, off = self.layout.locate(name)
+        return self.rows[s][slots, off : off + self.layout.d_model]
+
+    def view(self, name: str) -> Tensor:
+        """View [capacity, d] of one part over every row (row stride: the segment's; what the native step reads)."""
+        return self.part(name, self.capacity)
 
 
 class RowStore(_Rows):
@@ -77,27 +88,42 @@ class DeviceRows(_Rows):
         self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=held, device=device)
                      for seg in layout.segments]
 
-    def load(self, host: RowStore, n: int, host_start: int, start: int) -> None:
-        """Copy host rows [host_start, host_start + n) into rows [start, start + n) (synchronous)."""
-        if n and host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
+    def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
+        """Copy host rows [host_start, host_start + n) into rows [start, start + n), or into the slots ``start``
+        (int64 [n]) of a neuron cache (synchronous); quantized host rows into float rows are dequantized on arrival."""
+        if not n:
+            return
+        slots = torch.from_numpy(start).to(self.rows[0].device) if isinstance(start, np.ndarray) else None
+        if host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
             for seg in self.layout.segments:
                 for name in seg.parts:
-                    self.part(name, n, start).copy_(host.part(name, n, host_start))
-        elif n:
+                    vals = host.part(name, n, host_start)  # [n, d]
+                    if slots is None:
+                        self.part(name, n, int(start)).copy_(vals)
+                    else:
+                        s, off = self.layout.locate(name)
+                        self.rows[s][:, off : off + self.layout.d_model].index_copy_(
+                            0, slots, vals.to(self.rows[s].device, self.rows[s].dtype))
+            return
+        if slots is not None:
             for dst, src in zip(self.rows, host.rows):
-                dst[start : start + n].copy_(src[host_start : host_start + n])
+                dst.index_copy_(0, slots, src[host_start : host_start + n].to(dst.device))
+            return
+        for dst, src in zip(self.rows, host.rows):
+            dst[start : start + n].copy_(src[host_start : host_start + n])
 
 
 @dataclass
 class CacheUpdate:
-    load_ids: np.ndarray  # sorted neuron ids to read into rows [dest_row, dest_row + len)
-    dest_row: int
+    load_ids: np.ndarray  # sorted neuron ids to read in, one per slot of ``dest_slots``
+    dest_slots: np.ndarray  # int64, the slot each of ``load_ids`` is read into (ascending: lowest free slots first)
     overflow_ids: np.ndarray  # needed now but beyond capacity: computed from the staging buffer, not cached
-    deleted: int  # rows freed this step (evictions)
-    moved: int  # rows moved to fill holes
+    deleted: int  # slots freed this step (evictions)
     hits: int = 0  # needed neurons already cached (0 for a lookahead guess: not a lookup)
     misses: int = 0  # needed neurons not cached: read into the cache (load_ids) or the staging buffer (overflow_ids)
     need: Optional[np.ndarray] = None  # the ids entered (sorted; a lookahead guess too)
+    # slots whose rows were there before this update (computable at once)
+    ready_slots: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 @dataclass
@@ -107,14 +133,13 @@ class CacheCounters:
 
     hits: int = 0  # needed neurons found in the cache
     misses: int = 0  # needed neurons not in it: read into it, or overflowed
-    evictions: int = 0  # rows freed (expired by the policy, or dropped to make room)
-    moves: int = 0  # rows moved to fill the holes
+    evictions: int = 0  # slots freed (expired by the policy, or dropped to make room)
     overflows: int = 0  # needed neurons that did not fit (computed from the staging buffer)
     loads: int = 0  # rows read into the cache: misses that fit, a policy's preloaded rows, lookahead guesses
 
 
 class NeuronCache:
-    """One layer's cached neurons: ``update`` asks the policy what to delete and plans what to read."""
+    """One layer's cached neurons: ``update`` asks the policy what to free and plans what to read where."""
 
     def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
                  device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None,
@@ -129,92 +154,91 @@ class NeuronCache:
         self._filled = False  # the policy's preload entered since the cache was (re)made empty
         self.store: RowStore | DeviceRows = (RowStore(layout, self.capacity, dtype) if device is None
                                              else DeviceRows(row_layout or layout, self.capacity, dtype, device))
-        self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
-        self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # row of each neuron, -1 if absent
+        self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id held by each slot, -1 if free
+        self.slot = np.full(self.d_ffn, -1, dtype=np.int64)  # slot of each neuron, -1 if absent
         self.last = np.full(self.d_ffn, NEVER, dtype=np.int64)  # last step the neuron was needed
+        self.free = np.arange(self.capacity, dtype=np.int64)  # the free list: free slots, ascending
+        self._used = np.empty(0, dtype=np.int64)  # used slots, ascending (kept in step with ``ids``)
         self.count = 0
         self.counters = CacheCounters()
 
     @property
     def nbytes(self) -> int:
-        return self.store.nbytes + self.ids.nbytes + self.slot.nbytes + self.last.nbytes
+        return self.store.nbytes + self.ids.nbytes + self.slot.nbytes + self.last.nbytes + self.free.nbytes
+
+    def used_slots(self) -> np.ndarray:
+        """The slots holding a neuron, ascending: the rows a token computes."""
+        return self._used
 
     def cached_ids(self) -> np.ndarray:
-        return self.ids[: self.count]
+        """The cached neurons, in slot order."""
+        return self.ids[self._used]
 
     def update(self, need: np.ndarray, step: int, evict: bool = True, lookup: bool = True) -> CacheUpdate:
         """Enter ``need`` (sorted unique ids, needed at ``step``): free what the policy expires, make room by its
-        eviction order, and plan the reads.
+        eviction order, and give each neuron to read a free slot.
 
-        ``evict=False``: a second call for the same step while rows are being read in: nothing is deleted or moved,
-        new rows only go after the existing ones, and what does not fit overflows. ``lookup=False``: ``need`` is a
-        guess read ahead (lookahead), not a lookup: its rows count as loads, not as hits or misses.
+        ``evict=False``: a second call for the same step while rows are being read in (lookahead): nothing is freed,
+        new rows only take free slots, and what does not fit overflows. ``lookup=False``: ``need`` is a guess read
+        ahead (lookahead), not a lookup: its rows count as loads, not as hits or misses.
         """
         self.last[need] = step
-        deleted = moved = 0
+        deleted = 0
         if evict:
-            expired = self.policy.expired(self.ids[: self.count], self.last, step)
+            used = self._used
+            expired = self.policy.expired(self.ids[used], self.last, step)
             deleted = expired.size
-            moved = self._delete(expired)
+            self._free_slots(used[expired])
         missing = need[self.slot[need] < 0]
         extra = np.empty(0, dtype=np.int64)
         if not self._filled:  # the policy's preload (a pinned hot set), after what is needed now
             pre = self.policy.preload()
             extra = np.setdiff1d(pre[self.slot[pre] < 0], missing)
             self._filled = True
-        free = self.capacity - self.count
+        free = self.free.size
         if evict and missing.size > free:  # over capacity: drop what the policy lets go, first to go first
-            candidates = self.policy.evictable(self.ids[: self.count], self.last, step)
+            used = self._used
+            candidates = self.policy.evictable(self.ids[used], self.last, step)
             k = min(missing.size - free, candidates.size)
             if k:
-                victims = candidates[:k]
-                deleted += victims.size
-                moved += self._delete(victims)
-            free = self.capacity - self.count
+                deleted += k
+                self._free_slots(used[candidates[:k]])
+            free = self.free.size
+        ready = self._used
         load, overflow = missing[:free], missing[free:]
         if extra.size and load.size < free:
             load = np.union1d(load, extra[: free - load.size])
-        dest = self.count
-        end = dest + load.size
-        self.ids[dest:end] = load
-        self.slot[load] = np.arange(dest, end)
-        self.count = end
+        dest, self.free = self.free[: load.size], self.free[load.size :]
+        self.ids[dest] = load
+        self.slot[load] = dest
+        if load.size:
+            self._used = np.flatnonzero(self.ids >= 0)
+        self.count = self._used.size
         hits, misses = (need.size - missing.size, missing.size) if lookup else (0, 0)
         c = self.counters
         c.hits += hits
         c.misses += misses
         c.evictions += deleted
-        c.moves += moved
         c.overflows += overflow.size if lookup else 0  # a guess's overflow is dropped, not read
         c.loads += load.size
-        return CacheUpdate(load, dest, overflow, deleted, moved, hits, misses, need)
+        return CacheUpdate(load, dest, overflow, deleted, hits, misses, need, ready)
 
-    def _delete(self, rows: np.ndarray) -> int:
-        """Remove ``rows`` by moving the last surviving rows into the holes. Returns the number of rows moved."""
-        if rows.size == 0:
-            return 0
-        n_after = self.count - rows.size
-        self.slot[self.ids[rows]] = -1
-        holes = rows[rows < n_after]
-        tail_keep = np.ones(self.count - n_after, dtype=bool)
-        tail_keep[rows[rows >= n_after] - n_after] = False
-        src = np.arange(n_after, self.count)[tail_keep]
-        if holes.size:
-            h, s = torch.from_numpy(holes), torch.from_numpy(src)
-            for mat in self.store.rows:
-                if mat.device != h.device:  # rows on an accelerator
-                    h, s = h.to(mat.device), s.to(mat.device)
-                mat[h] = mat[s]
-            self.ids[holes] = self.ids[src]
-            self.slot[self.ids[holes]] = holes
-        self.ids[n_after : self.count] = -1
-        self.count = n_after
-        return int(holes.size)
+    def _free_slots(self, slots: np.ndarray) -> None:
+        """Put ``slots`` back on the free list (their rows stay where they are, unread until reused)."""
+        if slots.size == 0:
+            return
+        self.slot[self.ids[slots]] = -1
+        self.ids[slots] = -1
+        self.free = np.union1d(self.free, slots)
+        self._used = np.flatnonzero(self.ids >= 0)
+        self.count = self._used.size
 
     def clear(self) -> None:
-        self.slot[self.ids[: self.count]] = -1
+        self.slot[self.ids[self._used]] = -1
         self.ids[:] = -1
         self.last[:] = NEVER
+        self.free = np.arange(self.capacity, dtype=np.int64)
+        self._used = np.empty(0, dtype=np.int64)
         self.count = 0
         self._filled = False
 

@@ -54,10 +54,12 @@ from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
 from .models import default_predictors
+from .native import library as native_library
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
-from .quant import compute_layout, dense_layer_bytes
+from .quant import compute_layout, dense_layer_bytes, part_rows
 from .sparsity import model_rule, stored_thresholds, threshold_rule
+from .step import MAX_NATIVE_TOKENS, NativeRows, slot_plan
 from .storage import FlashReader, pin_buffer, unpin_buffer
 from .threads import choose_threads, sense_cpu
 
@@ -111,14 +113,17 @@ class EngineConfig:
     # sparse modes: compute each region of cached rows padded up to a multiple of this many rows (padding's outputs
     # zeroed), so the matmuls see few distinct shapes: oneDNN keeps memory per matmul shape, and without this the
     # scale model's process grew by 51 MiB per token (12 MiB with 256; results/memory_growth). -1 = auto: 256 from
-    # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off.
+    # d_model >= LARGE_D_MODEL, off for small models (whose regions are a few hundred rows); 0 = off. The Python path
+    # only: the native step (``native``) computes no matmul over the rows, and its process did not grow at all
+    # (results/native_step/memory_growth)
     row_bucket: int = -1
     # sparse modes: DRAM held back from the budget for the compute's working memory (contiguous copies of cached rows,
     # what the allocator and oneDNN keep per matmul shape), in units of the largest layer cache. -1 = auto: 4 from
     # d_model >= LARGE_D_MODEL (the scale model's process grew 185-383 MiB past its buffers, 3-6 of its 61 MB layer
     # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit; on a GPU
     # the caching allocator's peak was 130 MB above the accounted bytes without it: results/gpu_scale); 0 for small
-    # models, whose working memory is within the runtime's overhead.
+    # models, whose working memory is within the runtime's overhead; 0 too where the native step runs (no per-shape
+    # working memory: results/native_step/memory_growth).
     working_reserve: float = -1
     # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
     # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
@@ -138,6 +143,11 @@ class EngineConfig:
     # dequantized once when read into rows of the compute dtype (more DRAM per neuron, no dequantization per token;
     # reads land in a landing buffer first). Float directories: both are the stored rows
     cache_form: str = "stored"
+    # flash modes on the CPU: compute each layer's rows with the native step (``step.NativeRows``, ``native/``: one
+    # fused C++ call over the rows in place, built with g++ on first use) instead of torch matmuls. Where it cannot
+    # build, one warning and the Python path; the Python path stays the reference the native one equals within
+    # float32 rounding. Rows need no padding then: ``row_bucket`` does not apply and ``working_reserve``'s auto is 0
+    native: bool = True
 
 
 def _now_ms() -> float:
@@ -164,38 +174,49 @@ class _FlashFFNBase(nn.Module):
         self.threshold = engine.thresholds[layer]
         self.on_act = engine.threshold_on_act  # the threshold compares |act(gate x)| alone
         self.act = activation_fn(engine.fd.activation)
+        # the native step (``step.NativeRows``) when the engine runs it (``EngineConfig.native``), else None
+        self.native: Optional[NativeRows] = engine.native_rows(self.act_bias, self.threshold)
 
-    def _submit(self, store: RowStore, ids: np.ndarray, dest_row: int) -> list:
-        """Start reading rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest_row``."""
+    def _submit(self, store: RowStore, ids: np.ndarray, dest: int | np.ndarray) -> list:
+        """Start reading rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest`` (an int: consecutive
+        rows), or into its rows ``dest`` (int64 [len(ids)]: a neuron cache's slots; scatter reads)."""
         e = self.e
         t0 = _now_ms()
         tickets = []
         for o in e.observers:
             o.read_plan(self.layer, ids)
-        for seg, buf in zip(e.fd.layout.segments, store.buffers):
-            fo, nb, do = read_plan(seg, self.layer, ids, dest_row, e.cfg.max_read_bytes)
-            for o in e.observers:
-                o.reads_issued("ffn", nb)
-            tickets.append(e.reader.submit(buf, fo, nb, do))
+        if ids.size:
+            for seg, buf in zip(e.fd.layout.segments, store.buffers):
+                if isinstance(dest, np.ndarray):
+                    fo, nb, do = slot_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
+                    piece = seg.stride_bytes
+                else:
+                    fo, nb, do = read_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
+                    piece = 0
+                for o in e.observers:
+                    o.reads_issued("ffn", nb)
+                tickets.append(e.reader.submit(buf, fo, nb, do, piece_bytes=piece))
         e.meter.io_ms += _now_ms() - t0
         return tickets
 
     def _wait(self, tickets: list) -> None:
+        if not tickets:
+            return
         t0 = _now_ms()
         for t in tickets:
             self.e.reader.wait(t)
         self.e.meter.io_ms += _now_ms() - t0
-        if tickets:
-            self.e.meter.read_ms += max(t.elapsed_ms for t in tickets)
+        self.e.meter.read_ms += max(t.elapsed_ms for t in tickets)
 
-    def _read(self, store: RowStore, ids: np.ndarray, dest_row: int) -> None:
-        """Read rows ``ids`` (sorted) into ``store`` rows from ``dest_row``; timed as I/O."""
-        self._wait(self._submit(store, ids, dest_row))
+    def _read(self, store: RowStore, ids: np.ndarray, dest: int | np.ndarray) -> None:
+        """Read rows ``ids`` (sorted) into ``store`` (``_submit``'s ``dest``); timed as I/O."""
+        self._wait(self._submit(store, ids, dest))
 
-    def _upload(self, host: RowStore, rows: RowStore | DeviceRows, n: int, host_start: int, start: int) -> RowStore | DeviceRows:
+    def _upload(self, host: RowStore, rows: RowStore | DeviceRows, n: int, host_start: int,
+                start: int | np.ndarray) -> RowStore | DeviceRows:
         """The rows to compute on once reads into ``host`` rows [host_start, +n) have landed: ``host`` itself on the
-        CPU; on an accelerator, ``rows`` (``DeviceRows``) after the n rows are copied in at ``start`` (timed as memory
-        management)."""
+        CPU; on an accelerator, ``rows`` (``DeviceRows``) after the n rows are copied in at ``start`` (or into the
+        slots ``start``; timed as memory management)."""
         if not isinstance(rows, DeviceRows):
             return host
         t0 = _now_ms()
@@ -203,28 +224,68 @@ class _FlashFFNBase(nn.Module):
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
-    def _rows_output(self, store: RowStore | DeviceRows, n: int, ids: np.ndarray, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
-        """FFN contribution of store rows [start, start + n) holding neurons ``ids``: (y [T, d], h [T, n])."""
+    def _rows_output(self, store: RowStore | DeviceRows, n: int, ids: np.ndarray, x: Tensor, start: int = 0,
+                     slots: Optional[np.ndarray] = None) -> tuple[Tensor, Tensor]:
+        """FFN contribution of store rows [start, start + n), or of its rows ``slots`` (int64 [n]), holding neurons
+        ``ids``: (y [T, d], h [T, n]). The Python reference (torch matmuls)."""
         bucket = self.e.row_bucket
-        m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
+        if slots is None:
+            m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
+
+            def part(name: str) -> Tensor:
+                return store.part(name, m, start)
+        else:
+            m = -(-n // bucket) * bucket if bucket > 0 and n else n
+            idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
+            gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
+            d = store.layout.d_model
+
+            def part(name: str) -> Tensor:
+                if store.layout.quantized:  # the gathered rows as stored: dequantized ([m, d], a temporary)
+                    return part_rows(store.layout, gathered, name, 0, m, store.dtype)
+                seg, off = store.layout.locate(name)
+                return gathered[seg][:, off : off + d]  # [m, d]
         bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids).to(self.act_bias.device)]
         if bias is not None and m > n:
             bias = torch.cat([bias, bias.new_zeros(m - n)])
         gated = self.e.fd.gated
-        a = store.part("gate" if gated else "up", m, start)
-        u = store.part("up", m, start) if gated else None
+        a = part("gate" if gated else "up")
+        u = part("up") if gated else None
         h = neuron_outputs(x, a, u, bias, self.act, self.threshold, self.on_act)  # [T, m]
         if self.e.gate is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
             h[..., :n] *= self.e.gate_mask(self.layer, x)[:, torch.from_numpy(ids).to(h.device)]
         if m > n:
-            h[..., n:] = 0  # padding rows (stale or zero rows of the store) contribute nothing
-        return h @ store.part("down", m, start), h[..., :n]
+            h[..., n:] = 0  # padding rows (stale or zero rows of the store, repeated slots) contribute nothing
+        return h @ part("down"), h[..., :n]
 
-    def _stream(self, x: Tensor, ids: np.ndarray) -> Tensor:
-        """Sum over neurons ``ids`` (sorted) of their contribution, through the staging buffer, double-buffered:
-        the next chunk's reads are in flight while the current chunk is computed. Only waiting counts as I/O."""
+    def _native_ok(self, x: Tensor) -> bool:
+        return self.native is not None and x.shape[0] <= MAX_NATIVE_TOKENS
+
+    def _acc(self, x: Tensor) -> Tensor:
+        """A zero sum for this layer's output: float32 on the native path (the kernel's accumulator), else x's dtype."""
+        dtype = torch.float32 if self._native_ok(x) else x.dtype
+        return torch.zeros(x.shape[0], self.e.fd.layout.d_model, dtype=dtype, device=x.device)
+
+    def _add(self, y: Tensor, store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, start: int = 0,
+             slots: Optional[np.ndarray] = None) -> Tensor:
+        """y + the contribution of store rows [start, start + len(ids)) or ``slots`` holding neurons ``ids``: the
+        native step where it runs (y then float32, added in place), the Python reference otherwise."""
+        if self.native is not None and y.dtype == torch.float32 and isinstance(store, RowStore) \
+                and x.shape[0] <= MAX_NATIVE_TOKENS:
+            rows = slots if slots is not None else self.e.row_range[start : start + ids.size]
+            mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
+            self.native.add(y, x if x.dtype == torch.float32 else x.float(), store, rows, ids, mask)
+            return y
+        out = self._rows_output(store, ids.size, ids, x, start, slots)[0]
+        return y + out.to(y.dtype)
+
+    def _stream(self, x: Tensor, ids: np.ndarray, y: Optional[Tensor] = None) -> Tensor:
+        """y (default: zeros) + the sum over neurons ``ids`` (sorted) of their contribution, through the staging
+        buffer, double-buffered: the next chunk's reads are in flight while the current chunk is computed. Only
+        waiting counts as I/O."""
         e = self.e
-        y = torch.zeros(x.shape[0], e.fd.layout.d_model, dtype=x.dtype, device=x.device)
+        if y is None:
+            y = self._acc(x)
         half = max(1, e.staging.capacity // 2)
         chunks = [ids[i : i + half] for i in range(0, ids.size, half)]
         pending = self._submit(e.staging, chunks[0], 0) if chunks else []
@@ -234,13 +295,14 @@ class _FlashFFNBase(nn.Module):
                 pending = self._submit(e.staging, chunks[k + 1], ((k + 1) % 2) * half)
             start = (k % 2) * half
             rows = self._upload(e.staging, e.staging_rows, chunk.size, start, start)
-            y += self._rows_output(rows, chunk.size, chunk, x, start=start)[0]
+            y = self._add(y, rows, chunk, x, start=start)
         return y
 
-    def _finish(self, y: Tensor, shape: torch.Size) -> Tensor:
+    def _finish(self, y: Tensor, x: Tensor) -> Tensor:
+        y = y.to(x.dtype)
         if self.out_bias is not None:
             y = y + self.out_bias
-        return y.view(shape)
+        return y.view(x.shape)
 
 
 class StreamedFFN(_FlashFFNBase):
@@ -248,7 +310,7 @@ class StreamedFFN(_FlashFFNBase):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [T, d]
-        return self._finish(self._stream(x2, self.e.all_ids), x.shape)
+        return self._finish(self._stream(x2, self.e.all_ids), x)
 
 
 class SparseFFN(_FlashFFNBase):
@@ -262,14 +324,14 @@ class SparseFFN(_FlashFFNBase):
                                  row_layout=engine.row_layout)
         self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
         self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
-        self._prefetch: Optional[tuple[list, int, int]] = None  # (tickets, first row, rows) read ahead for this layer
+        self._prefetch: Optional[tuple[list, np.ndarray]] = None  # (tickets, slots) read ahead for this layer
 
-    def _landing(self, dest_row: int) -> tuple[RowStore, int]:
-        """Where reads meant for cache rows from ``dest_row`` land: in the cache itself (CPU), or in the engine's host
-        landing buffer from row 0 (accelerator; ``_upload`` then copies them into the cache)."""
+    def _landing(self, slots: np.ndarray) -> tuple[RowStore, int | np.ndarray]:
+        """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in the engine's
+        host landing buffer from row 0 (accelerator; ``_upload`` then copies them into the slots)."""
         store = self.cache.store
         if isinstance(store, RowStore):
-            return store, dest_row
+            return store, slots
         assert self.e.landing is not None  # an engine with device caches has a landing buffer
         return self.e.landing, 0
 
@@ -313,8 +375,8 @@ class SparseFFN(_FlashFFNBase):
         upd = self._update(guess, lookup=False)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
-        land, row = self._landing(upd.dest_row)  # the cache itself: lookahead runs on the CPU only
-        self._prefetch = (self._submit(land, upd.load_ids, row), upd.dest_row, upd.load_ids.size)
+        land, dest = self._landing(upd.dest_slots)  # the cache itself: lookahead runs on the CPU only
+        self._prefetch = (self._submit(land, upd.load_ids, dest), upd.dest_slots)
 
     def drain(self) -> None:
         """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
@@ -326,58 +388,59 @@ class SparseFFN(_FlashFFNBase):
     def forward(self, x: Tensor) -> Tensor:
         e = self.e
         x2 = x.reshape(-1, x.shape[-1])  # [T, d]
-        if x2.shape[0] > 1:  # prefill: exact dense output by streaming, then warm the window with the last tokens
+        cache = self.cache
+        if x2.shape[0] > 1:  # prefill: exact dense output by streaming, then warm the window
             self.drain()
             y = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
             upd = self._update(need)
-            land, row = self._landing(upd.dest_row)
-            self._read(land, upd.load_ids, row)
-            self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
-            return self._finish(y, x.shape)
+            land, dest = self._landing(upd.dest_slots)
+            self._read(land, upd.load_ids, dest)
+            self._upload(land, cache.store, upd.load_ids.size, 0, upd.dest_slots)
+            return self._finish(y, x)
         if not e.cfg.reuse:  # every token loads its whole set
-            self.cache.clear()
+            cache.clear()
         need = self._need(x2)
         pre, self._prefetch = self._prefetch, None
         t0 = _now_ms()
         if pre is not None:
-            late = int((self.cache.slot[need] < 0).sum())  # what the guess missed
-            if late > self.cache.capacity - self.cache.count:  # rows must move to make room: let the early reads land
+            late = int((cache.slot[need] < 0).sum())  # what the guess missed
+            if late > cache.free.size:  # slots must be freed to make room: let the early reads land first
                 # (issued a layer ago, they have mostly arrived by now)
                 e.meter.mem_ms += _now_ms() - t0
                 self._wait(pre[0])
                 pre = None
                 t0 = _now_ms()
-        # after a lookahead the window has already slid for this step: nothing may move while its reads are in flight
+        # after a lookahead the window has already slid for this step: nothing is freed while its reads are in flight
         upd = self._update(need, evict=pre is None)
+        ready = upd.ready_slots if pre is None or not pre[1].size else np.setdiff1d(upd.ready_slots, pre[1])
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
-        land, row = self._landing(upd.dest_row)
-        pending = self._submit(land, upd.load_ids, row)
+        land, dest = self._landing(upd.dest_slots)
+        pending = self._submit(land, upd.load_ids, dest)
         overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
         if self.next is not None and self.guess_map is not None:  # start the next layer's reads before computing this one
             scale, shift = self.guess_map
             self.next.prefetch(x2 * scale + shift)
-        ready = pre[1] if pre is not None else upd.dest_row
-        ids = self.cache.ids
-        y, _ = self._rows_output(self.cache.store, ready, ids[:ready], x2)
+        ids = cache.ids
+        y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
             self._wait(pre[0])
-            if pre[2]:
-                y = y + self._rows_output(self.cache.store, pre[2], ids[pre[1] : pre[1] + pre[2]], x2, start=pre[1])[0]
+            if pre[1].size:
+                y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         self._wait(pending)
         if upd.load_ids.size:
-            rows = self._upload(land, self.cache.store, upd.load_ids.size, row, upd.dest_row)
-            y = y + self._rows_output(rows, upd.load_ids.size, upd.load_ids, x2, start=upd.dest_row)[0]
+            rows = self._upload(land, cache.store, upd.load_ids.size, 0, upd.dest_slots)
+            y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
         if overflow_pending is not None:
             self._wait(overflow_pending)
             rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
-            y = y + self._rows_output(rows, overflow.size, overflow, x2)[0]
+            y = self._add(y, rows, overflow, x2)
         elif overflow.size:
-            y = y + self._stream(x2, overflow)
-        return self._finish(y, x.shape)
+            y = self._stream(x2, overflow, y)
+        return self._finish(y, x)
 
 
 # ----------------------------------------------------------------------------------------------------------- engine
@@ -449,12 +512,21 @@ class Engine:
                                       io_threads=config.io_threads, compute_threads=config.compute_threads)
         self.compute_threads = self.threads.compute_threads  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
+        # threads of the native step: one for small models (a layer's rows are a few hundred KB, done in ~0.1-0.2 ms,
+        # and a second OpenMP thread spins after each call on the core the reader threads need: with it, predictor
+        # mode's reads waited 2x longer than the Python path's in results/native_step/run_a_native_threads_2), every
+        # compute thread for large ones (compute-bound: the scale model)
+        self.native_threads = self.compute_threads if large else 1
+        # the native step's library, loaded (built on first use) when the config asks for it and it applies
+        self._native_lib = config.native and self.device.type == "cpu" and not self.copy_on_cpu \
+            and config.mode in ("naive", "hybrid", *SPARSE_MODES) and native_library() is not None
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
         self.meter = TokenStats()  # the token being computed: FFN modules add their costs to it
         self.step = 0  # index of the token being computed (for the window)
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
+        self.row_range = self.all_ids  # rows [a, b) of a row store: row_range[a:b] (the native step's row lists)
         self.thresholds = self._thresholds()
         own = model_rule(self.fd.manifest.config) if self.cfg.sparsity == "auto" else None
         self.threshold_on_act = own is not None and own.on_act  # the model's own rule thresholds |act(gate x)|
@@ -493,7 +565,8 @@ class Engine:
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = SparseBudget(
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
-                config.min_cache_rows, config.working_reserve if config.working_reserve >= 0 else (4.0 if large else 0.0),
+                config.min_cache_rows,
+                config.working_reserve if config.working_reserve >= 0 else (4.0 if large and not self._native_lib else 0.0),
                 self.offload, active.layer_demand,
             )
             self._check_budget(budget_bytes, sb.minimum_bytes)
@@ -542,6 +615,22 @@ class Engine:
                  self.dram, self.threads)
 
     # -- construction helpers
+
+    def native_rows(self, act_bias: Optional[Tensor], threshold: Optional[float]) -> Optional[NativeRows]:
+        """A flash layer's native compute (``step.NativeRows``), or None: the Python path (off in the config, not
+        built, on an accelerator, or an activation / dtype / rule the kernel lacks: quantized rows, a threshold on the
+        activation alone)."""
+        if not self._native_lib or self.fd.layout.quantized or self.threshold_on_act:
+            return None
+        rows = NativeRows.make(self.fd.activation, self.fd.dtype, self.fd.gated, threshold, act_bias)
+        if rows is not None:
+            rows.threads = self.native_threads
+        return rows
+
+    @property
+    def native(self) -> bool:
+        """Whether the flash layers compute with the native step."""
+        return any(isinstance(m, _FlashFFNBase) and m.native is not None for m in self.ffn_modules)
 
     def _move_resident(self) -> list[tuple[Tensor, Tensor]]:
         """Accelerator: move the resident model and the FFN biases there. Returns (host view of the resident buffer,
@@ -792,7 +881,8 @@ class Engine:
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
-                                       "row_bucket": self.row_bucket, "busy": self.threads.busy,
+                                       "row_bucket": self.row_bucket, "native_step": self.native,
+                                       "busy": self.threads.busy,
                                        "load_cores": self.threads.load_cores, "cores": self.threads.cores},
         )
 

@@ -229,11 +229,22 @@ class _Shared:
 
 
 def _read_slice(shared: _Shared, mv: memoryview, fo: list, nb: list, do: list, lo: int, hi: int) -> tuple[int, int]:
-    """Reads lo..hi-1 of a ticket; returns (bytes, reads). Raises with the counts so far on the exception."""
+    """Reads lo..hi-1 of a ticket; returns (bytes, reads). Raises with the counts so far on the exception.
+
+    ``do[j]`` is read j's destination offset, or (scatter reads) a tuple of (offset, bytes) pieces it fills in order."""
     fd, preadv = shared.fd, os.preadv
     total, j = 0, lo
     try:
-        if shared.direct:
+        if do and isinstance(do[lo], tuple):
+            for j in range(lo, hi):
+                n = nb[j]
+                got = preadv(fd, [mv[o:o + k] for o, k in do[j]], fo[j])
+                if got != n:
+                    got = _short_scatter(fd, mv, fo[j], do[j], got)
+                if not shared.direct:
+                    os.posix_fadvise(fd, fo[j], n, os.POSIX_FADV_DONTNEED)
+                total += got
+        elif shared.direct:
             for j in range(lo, hi):
                 o = do[j]
                 n = nb[j]
@@ -270,6 +281,16 @@ def _short_read(fd: int, mv: memoryview, file_off: int, n: int, dest_off: int, g
     if got < n:
         mv[dest_off + got:dest_off + n] = bytes(n - got)
     return got
+
+
+def _short_scatter(fd: int, mv: memoryview, file_off: int, pieces: tuple, got: int) -> int:
+    """Finish a short scatter read: each piece not fully filled is finished (or zeroed past EOF) by ``_short_read``."""
+    total = pos = 0  # bytes returned so far; position in the read
+    for o, k in pieces:
+        have = min(max(got - pos, 0), k)
+        total += _short_read(fd, mv, file_off + pos, k, o, have) if have < k else k
+        pos += k
+    return total
 
 
 def _worker(tasks: SimpleQueue, shared: _Shared) -> None:
@@ -310,9 +331,29 @@ def _release_views(ticket: ReadTicket) -> None:
             pass
 
 
+def _scatter_pieces(piece_offsets: np.ndarray, pieces_per_read: np.ndarray, piece_bytes: int) -> list:
+    """Per read, its destination as a tuple of (offset, bytes) pieces, neighbouring pieces merged into one."""
+    k = piece_offsets.size
+    starts = np.concatenate(([0], np.cumsum(pieces_per_read)[:-1]))
+    cut = np.ones(k, dtype=bool)  # a piece that starts a new buffer: first of its read, or not after the previous
+    cut[1:] = piece_offsets[1:] != piece_offsets[:-1] + piece_bytes
+    cut[starts] = True
+    first = np.flatnonzero(cut)
+    length = np.diff(np.append(first, k)) * piece_bytes
+    bufs = list(zip(piece_offsets[first].tolist(), length.tolist()))
+    read_of = np.searchsorted(first, np.append(starts, k)).tolist()  # buffers [read_of[j], read_of[j + 1]) per read
+    return [tuple(bufs[read_of[j] : read_of[j + 1]]) for j in range(len(starts))]
+
+
 def _check_reads(fo: np.ndarray, nb: np.ndarray, do: np.ndarray, fo_l: list, nb_l: list, do_l: list,
-                 mv: memoryview, align: int = ALIGN_BYTES) -> None:
-    """Alignment, sign and bounds of a read list (numpy for long lists, plain Python for short ones)."""
+                 mv: Optional[memoryview], align: int = ALIGN_BYTES) -> None:
+    """Alignment, sign and bounds of a read list (numpy for long lists, plain Python for short ones); without a
+    destination ``mv``, only alignment (to ``align``) and sign."""
+    if mv is None:
+        bits = int(np.bitwise_or.reduce(fo | nb)) if len(fo_l) else 0
+        if bits < 0 or bits & (align - 1):
+            raise ValueError(f"file offsets and lengths must be non-negative multiples of {align} bytes")
+        return
     if mv.readonly:
         raise ValueError("the destination buffer is read-only")
     if len(fo_l) <= _SMALL_LIST:  # plain Python beats numpy's per-call overhead on short lists
@@ -365,9 +406,14 @@ class FlashReader:
 
     # --- reading -----------------------------------------------------------------------------------------------
     def submit(
-        self, dest: Buffer, file_offsets: np.ndarray, nbytes: np.ndarray, dest_offsets: np.ndarray
+        self, dest: Buffer, file_offsets: np.ndarray, nbytes: np.ndarray, dest_offsets: np.ndarray,
+        piece_bytes: int = 0,
     ) -> ReadTicket:
-        """Start the reads and return at once; the destination must stay alive and untouched until ``wait``."""
+        """Start the reads and return at once; the destination must stay alive and untouched until ``wait``.
+
+        ``piece_bytes`` > 0: scatter reads (one ``preadv`` with several buffers, still one read of the file): read j
+        fills ``nbytes[j] / piece_bytes`` pieces of ``piece_bytes``, and ``dest_offsets`` holds one offset per piece,
+        the pieces of read 0 first (a neuron cache's rows land in their slots, wherever the free list put them)."""
         t0 = time.perf_counter_ns()
         if self._shared is None:
             raise ValueError(f"FlashReader({self.path}) is closed")
@@ -375,7 +421,8 @@ class FlashReader:
         nb = np.asarray(nbytes, dtype=np.int64)
         do = np.asarray(dest_offsets, dtype=np.int64)
         n = len(fo)
-        if len(nb) != n or len(do) != n:
+        n_dest = int(nb.sum()) // piece_bytes if piece_bytes > 0 else n
+        if len(nb) != n or len(do) != n_dest:
             raise ValueError(f"read lists differ in length: {n} file offsets, {len(nb)} lengths, "
                              f"{len(do)} dest offsets")
         if n == 0:
@@ -385,9 +432,19 @@ class FlashReader:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
             views.append(mv)
-        fo_l, nb_l, do_l = fo.tolist(), nb.tolist(), do.tolist()
+        fo_l, nb_l = fo.tolist(), nb.tolist()
+        do_l: list = do.tolist()
         try:
-            _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv, self.align_bytes)
+            if piece_bytes > 0:
+                if piece_bytes % self.align_bytes or (nb % piece_bytes).any():
+                    raise ValueError(f"scatter reads: lengths must be multiples of piece_bytes={piece_bytes}, "
+                                     f"itself a multiple of {self.align_bytes}")
+                pb = np.full(n_dest, piece_bytes, dtype=np.int64)
+                _check_reads(do, pb, do, do_l, pb.tolist(), do_l, mv, self.align_bytes)
+                _check_reads(fo, nb, fo, fo_l, nb_l, fo_l, None, self.align_bytes)
+                do_l = _scatter_pieces(do, nb // piece_bytes, piece_bytes)
+            else:
+                _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv, self.align_bytes)
         except ValueError:
             for v in reversed(views):
                 v.release()

@@ -94,9 +94,9 @@ def test_convert_writes_manifest_and_resident_split(flash_dirs):
 # ------------------------------------------------------------------------------------------------------------- cache
 
 
-def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
+def test_cache_keeps_exactly_the_window_and_rows_stay_in_their_slots():
     lay = FlashLayout.build(1, 16, 64, True, "float32", True)
-    cache = NeuronCache(lay, 64, window=3, dtype=torch.float32)
+    cache = NeuronCache(lay, 40, window=3, dtype=torch.float32)
     rng = np.random.default_rng(0)
     history = []
     needed = hits = 0
@@ -104,16 +104,23 @@ def test_cache_keeps_exactly_the_window_and_rows_follow_ids():
         need = np.unique(rng.choice(64, size=rng.integers(1, 12), replace=False))
         needed += need.size
         hits += int((cache.slot[need] >= 0).sum())
+        before = cache.store.rows[0][:, 0].clone()
+        kept = cache.used_slots().copy()
         upd = cache.update(need, step)
-        # "read": write each loaded neuron's id into its row so we can check rows move with their ids
-        for j, nid in enumerate(upd.load_ids):
-            cache.store.rows[0][upd.dest_row + j, 0] = float(nid)
+        survivors = np.setdiff1d(np.intersect1d(kept, cache.used_slots()), upd.dest_slots)  # kept, not reused
+        assert torch.equal(cache.store.rows[0][survivors, 0], before[survivors])  # nothing moved
+        assert np.array_equal(upd.ready_slots, survivors)  # computable at once: the rows that stayed
+        assert not np.isin(upd.dest_slots, survivors).any() and np.all(np.diff(upd.dest_slots) > 0)
+        # "read": write each loaded neuron's id into its slot so we can check rows stay with their ids
+        for slot, nid in zip(upd.dest_slots, upd.load_ids):
+            cache.store.rows[0][slot, 0] = float(nid)
         history.append(set(need.tolist()))
         window = set().union(*history[-3:])
         cached = cache.cached_ids()
-        assert set(cached.tolist()) == window and len(cached) == len(window)
-        assert np.array_equal(cache.slot[cached], np.arange(cache.count))
-        assert torch.equal(cache.store.rows[0][: cache.count, 0], torch.from_numpy(cached).float())
+        assert set(cached.tolist()) == window and len(cached) == len(window) == cache.count
+        assert np.array_equal(cache.ids[cache.slot[cached]], cached)
+        assert torch.equal(cache.store.rows[0][cache.slot[cached], 0], torch.from_numpy(cached).float())
+        assert cache.free.size + cache.count == cache.capacity and not np.isin(cache.free, cache.used_slots()).any()
         assert upd.overflow_ids.size == 0
     c = cache.counters
     assert (c.hits, c.misses, c.overflows) == (hits, needed - hits, 0)
@@ -130,17 +137,30 @@ def test_cache_over_capacity_evicts_least_recent_and_overflows():
     assert set(cache.cached_ids().tolist()) <= set(range(10, 20))
 
 
-def test_cache_second_update_of_a_step_moves_nothing():
-    """After a lookahead's update (its rows still being read), the real update may only append or overflow."""
+def test_cache_second_update_of_a_step_frees_nothing():
+    """After a lookahead's update (its rows still being read), the real update may only take free slots or overflow."""
     lay = FlashLayout.build(1, 16, 64, True, "float32", True)
     cache = NeuronCache(lay, 12, window=2, dtype=torch.float32)
     cache.update(np.arange(0, 8), 0)
     guess = cache.update(np.array([1, 2, 20, 21]), 1)  # slides the window (nothing expires yet), loads 20, 21
-    before = cache.ids[: cache.count].copy()
+    assert guess.dest_slots.tolist() == [8, 9]
+    before = cache.ids.copy()
     upd = cache.update(np.array([2, 3, 30, 31, 32, 33]), 1, evict=False)
-    assert np.array_equal(cache.ids[: before.size], before)  # no row moved
-    assert upd.dest_row == guess.dest_row + 2 and upd.deleted == 0 and upd.moved == 0
+    held = before >= 0
+    assert np.array_equal(cache.ids[held], before[held])  # no slot freed or reused
+    assert upd.dest_slots.tolist() == [10, 11] and upd.deleted == 0
     assert upd.load_ids.tolist() == [30, 31] and upd.overflow_ids.tolist() == [32, 33]  # full: the rest overflows
+
+
+def test_cache_reuses_freed_slots_lowest_first():
+    lay = FlashLayout.build(1, 16, 64, True, "float32", True)
+    cache = NeuronCache(lay, 6, window=1, dtype=torch.float32)
+    first = cache.update(np.array([1, 2, 3, 4]), 0)
+    assert first.dest_slots.tolist() == [0, 1, 2, 3]
+    upd = cache.update(np.array([2, 4, 9, 10, 11]), 1)  # 1 and 3 expire: slots 0 and 2 go to the free list
+    assert upd.deleted == 2 and upd.ready_slots.tolist() == [1, 3]
+    assert upd.dest_slots.tolist() == [0, 2, 4] and upd.load_ids.tolist() == [9, 10, 11]
+    assert cache.slot[[2, 4, 9, 10, 11]].tolist() == [1, 3, 0, 2, 4] and cache.free.tolist() == [5]
 
 
 # ------------------------------------------------------------------------------------------------ sparse equals dense

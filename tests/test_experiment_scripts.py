@@ -92,6 +92,7 @@ END_TO_END = {
     "coactivation": ("coactivation.json", "config.json"),
     "dram_budget": ("dram_budget.json", "dram_budget.csv", "dram_budget.png"),
     "latency": ("latency.json", "table3.csv", "latency.png"),
+    "native_step": ("native_step.json", "native_step.csv", "native_step.png"),
     "stability": ("stability.json", "config.json"),
     "trace_validation": ("trace_validation.json", "trace_validation.csv", "trace_validation.png"),
     "window_usage": ("window_usage.json", "window_usage.csv", "window_usage.png"),

@@ -1,0 +1,126 @@
+"""The native sparse step: ``step.cpp`` (one layer's FFN over cached rows, fused), built on first use and loaded.
+
+Built with the C++ compiler alone (``$CXX``, else ``g++``, else ``c++``: Debian's ``g++`` package) as a plain shared
+library behind a C ABI, loaded with ``ctypes`` (which releases the GIL during the call, so reader threads go on): no
+Python or torch headers, no ninja, about 2 s of compiling. The library goes to ``cache_dir()/native/<key>/`` where
+the key hashes the source, the flags, the compiler's version and the CPU (``-march=native``), so a changed source or
+another machine builds anew; the file appears atomically, so concurrent first uses are safe. Flags: ``-O3
+-march=native -fopenmp`` where the compiler takes them, fewer where it does not (OpenMP: the runtime torch has already
+loaded, by soname).
+
+Where nothing builds or loads (no compiler, an exotic platform, ``LLMFLASH_NATIVE=0``), ``library()`` logs ONE
+warning with the reason and returns None; the engine then runs its Python path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from ..errors import LLMFlashError
+from ..paths import atomic_file, cache_dir
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 2  # llmflash_step_version() of the library this loader speaks to
+SOURCE = Path(__file__).with_name("step.cpp")
+# tried in order: the first that compiles is used
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3",),
+)
+BUILD_TIMEOUT_S = 300
+
+_state: dict[str, object] = {}  # "lib": the loaded library or None, once tried; "reason": why not
+
+
+class _CompileError(Exception):
+    pass
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags (the library must not move to another CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build(cxx: str) -> Path:
+    """Compile ``step.cpp`` (cached); raise ``RuntimeError`` with the compiler's last line when no flag set works."""
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_key().encode(),
+                                         platform.machine().encode()])).hexdigest()[:16]
+        out = cache_dir() / "native" / key / "libllmflash_step.so"
+        if out.is_file():
+            return out
+        try:
+            with atomic_file(out) as tmp:  # renamed into place only if the compiler succeeded
+                cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-o", str(tmp), str(SOURCE)]
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+                if res.returncode != 0:
+                    raise _CompileError((res.stderr.strip().splitlines() or ["no output"])[-1])
+        except _CompileError as err:
+            errors.append(f"{' '.join(flags)}: {err}")
+            continue
+        log.info("built the native sparse step with %s %s -> %s", cxx, " ".join(flags), out)
+        return out
+    raise RuntimeError("; ".join(errors))
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("LLMFLASH_NATIVE", "1") == "0":
+        raise RuntimeError("LLMFLASH_NATIVE=0")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (install g++: apt-get install g++)")
+    import torch  # noqa: F401 - its OpenMP runtime first, so that the library shares it
+
+    lib = ctypes.CDLL(str(_build(cxx)))
+    lib.llmflash_step_version.restype = ctypes.c_int32
+    if lib.llmflash_step_version() != ABI_VERSION:
+        raise RuntimeError(f"library ABI {lib.llmflash_step_version()}, expected {ABI_VERSION}")
+    f = lib.llmflash_sparse_ffn
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    f.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, p, p, i64, p, p, i64, i32, ctypes.c_float, p, i32]
+    f.restype = i32
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The native step's library, built on first use; None (after one warning) where it cannot be built."""
+    if "lib" not in _state:
+        try:
+            _state["lib"] = _load()
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
+            _state["lib"] = None
+            _state["reason"] = str(err)
+            log.warning("native sparse step unavailable (%s): using the Python path", err)
+    lib = _state["lib"]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why ``library()`` returned None (None while it has not been tried or when it loaded)."""
+    reason = _state.get("reason")
+    return str(reason) if reason is not None else None

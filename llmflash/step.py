@@ -1,0 +1,112 @@
+"""The sparse step's pieces that are not the engine's orchestration: reads into cache slots and the native compute.
+
+- ``slot_plan``: the reads that bring a layer's rows ``ids`` into the slots the cache gave them. Neighbouring ids are
+  still one read of the file (the same reads as a plan into consecutive rows: ``layout.read_plan``); a read whose
+  slots are not neighbours fills them with one scatter ``preadv`` (``FlashReader.submit(..., piece_bytes=stride)``).
+- ``NativeRows``: one layer's FFN contribution over a set of rows of a row store (a neuron cache's used slots, the
+  staging buffer's rows) computed by the native kernel (``native/step.cpp``): rows read in place, one call per set,
+  no matmul, no gathered copies, no per-shape working memory. The engine's Python path (``_rows_output``: torch
+  matmuls over the rows) stays the reference; the native one equals it within float32 rounding (see
+  ``tests/test_native_step.py``: the sums run in another order, and an ``|h|`` within rounding of a threshold may fall
+  on the other side).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import RowStore
+from .layout import Segment, runs
+from .native import library
+
+log = logging.getLogger(__name__)
+
+# activation names (``transformers.activations.ACT2FN``) -> the kernel's codes; others run the Python path
+ACT_CODES = {"relu": 0, "silu": 1, "swish": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "gelu_fast": 3,
+             "relu2": 4, "relu6": 5, "quick_gelu": 6}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# token rows of x up to which the native step runs (decode, scoring: 1); a prefill's many rows are matmul work
+MAX_NATIVE_TOKENS = 8
+
+
+def slot_plan(seg: Segment, layer: int, ids: np.ndarray, slots: np.ndarray,
+              max_read_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads of one segment that bring rows ``ids`` (sorted) into rows ``slots`` (one per id) of a row store.
+
+    Returns (file_offsets [reads], nbytes [reads], piece_offsets [len(ids)]), int64 bytes, for
+    ``FlashReader.submit(buf, fo, nb, piece_offsets, piece_bytes=seg.stride_bytes)``: the reads are those of
+    ``layout.read_plan`` (neighbouring ids merged, long runs split), each landing row by row in its slots."""
+    stride = seg.stride_bytes
+    first, length = runs(ids, max(1, max_read_bytes // stride))
+    return seg.layer_offsets[layer] + first * stride, length * stride, slots.astype(np.int64) * stride
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+class NativeRows:
+    """One layer's native compute over rows of row stores (``RowStore``: host memory, any row stride)."""
+
+    def __init__(self, lib: ctypes.CDLL, kind: int, dtype: torch.dtype, gated: bool, threshold: Optional[float],
+                 act_bias: Optional[Tensor]) -> None:
+        self._fn = lib.llmflash_sparse_ffn
+        self.kind = kind
+        self.dtype_code = DTYPE_CODES[dtype]
+        self.gated = gated
+        self.threshold = -1.0 if threshold is None else float(threshold)
+        self.bias = None if act_bias is None else act_bias.detach().float().contiguous()  # [d_ffn], float32
+        self._bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
+        self._parts: dict[int, tuple[int, int, int, int, int, int]] = {}  # id(store) -> ``_pointers``
+        self.threads = 1
+
+    @staticmethod
+    def make(activation: str, dtype: torch.dtype, gated: bool, threshold: Optional[float],
+             act_bias: Optional[Tensor]) -> Optional["NativeRows"]:
+        """The native compute for a layer, or None where it does not apply (no library, an activation or dtype the
+        kernel lacks: logged at info level; the library's own absence was warned about once)."""
+        if activation not in ACT_CODES or dtype not in DTYPE_CODES:
+            log.info("native sparse step: %s / %s not supported, using the Python path", activation, dtype)
+            return None
+        lib = library()
+        if lib is None:
+            return None
+        return NativeRows(lib, ACT_CODES[activation], dtype, gated, threshold, act_bias)
+
+    def _pointers(self, store: RowStore) -> tuple[int, int, int, int, int, int]:
+        """(a, u, down, a/u row stride, down row stride (elements), d) of a store; its buffers never move, so
+        computed once. Parts of one segment share its stride (bundled); unbundled, down has its own."""
+        key = id(store)
+        p = self._parts.get(key)
+        if p is None:
+            a = store.view("gate" if self.gated else "up")
+            u = store.view("up") if self.gated else None
+            down = store.view("down")
+            if any(v.stride(1) != 1 for v in (a, down)) or (u is not None and u.stride(0) != a.stride(0)):
+                raise ValueError("the native step needs rows of contiguous parts, gate and up with one stride")
+            p = (a.data_ptr(), 0 if u is None else u.data_ptr(), down.data_ptr(), a.stride(0), down.stride(0),
+                 a.shape[1])
+            self._parts[key] = p
+        return p
+
+    def add(self, y: Tensor, x: Tensor, store: RowStore, rows: np.ndarray, ids: np.ndarray,
+            mask: Optional[Tensor] = None) -> None:
+        """y [T, d] (float32, contiguous) += the contribution of ``store`` rows ``rows`` (int64 [n]) holding neurons
+        ``ids`` (int64 [n]) for x [T, d] (float32, contiguous); ``mask`` (bool [T, d_ffn]): a gated model's gate."""
+        n = rows.size
+        if n == 0:
+            return
+        a, u, down, stride, stride_down, d = self._pointers(store)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        mptr, mstride = (0, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
+        rc = self._fn(x.data_ptr(), x.shape[0], d, a, u, down, stride, stride_down, self.dtype_code, _addr(rows), _addr(ids), n,
+                      self._bias_ptr, mptr, mstride, self.kind, self.threshold, y.data_ptr(), self.threads)
+        if rc != 0:
+            raise RuntimeError(f"native sparse step failed ({rc})")
