@@ -196,7 +196,9 @@ class _FlashFFNBase(nn.Module):
                 for o in e.observers:
                     o.reads_issued("ffn", nb)
                 tickets.append(e.reader.submit(buf, fo, nb, do, piece_bytes=piece))
-        e.meter.io_ms += _now_ms() - t0
+        # planning and queueing the reads is memory management: I/O time (``io_ms``) is only the waiting for them, so
+        # that waiting never exceeds the reads' own time in flight (``metrics.io_wait_gbps`` >= ``read_gbps``)
+        e.meter.mem_ms += _now_ms() - t0
         return tickets
 
     def _wait(self, tickets: list) -> None:
