@@ -48,7 +48,7 @@ from .budget import SparseBudget, hybrid_resident_layers
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
-from .ffn import DenseFFN, FFNWeights, activation_fn, neuron_outputs
+from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
 from .layout import read_plan
@@ -529,8 +529,8 @@ class Engine:
         layout = fd.layout
         self.all_ids = np.arange(layout.d_ffn, dtype=np.int64)
         self.row_range = self.all_ids  # rows [a, b) of a row store: row_range[a:b] (the native step's row lists)
-        self.thresholds = self._thresholds()
         own = model_rule(self.fd.manifest.config) if self.cfg.sparsity == "auto" else None
+        self.thresholds = self._thresholds(own)
         self.threshold_on_act = own is not None and own.on_act  # the model's own rule thresholds |act(gate x)|
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
@@ -702,10 +702,10 @@ class Engine:
     def _rule_kind(self) -> str:
         return "threshold" if any(t is not None for t in self.thresholds) else "relu"
 
-    def _thresholds(self) -> list[Optional[float]]:
+    def _thresholds(self, own: Optional[SparsityRule]) -> list[Optional[float]]:
+        """Per-layer thresholds of the configured rule (``own``: the model's own rule, resolved for ``auto``)."""
         n = self.fd.layout.n_layers
         if self.cfg.sparsity == "auto":
-            own = model_rule(self.fd.manifest.config)
             return list(own.thresholds) if own is not None and own.thresholds else [None] * n
         if self.cfg.sparsity == "relu":
             return [None] * n

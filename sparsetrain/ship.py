@@ -71,9 +71,9 @@ def truncate_lora(art: Path, rank: int) -> dict:
               "bytes_saved": before - after}
     enc = dict(cfg.get("delta_encoding", {}))
     enc["attention"] = f"LoRA rank {rank} (SVD of the trained delta), fp16"
+    n_shards = len(cfg["files"])
     cfg = dict(cfg, delta_encoding=enc, lora_truncation=report)
     cfg.pop("files", None)
-    n_shards = len(read_artifact(art)[0]["files"])
     write_artifact(art, tensors, cfg, int(cfg["n_layers"]), shards=n_shards)
     return report
 

@@ -18,7 +18,7 @@ from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
 from llmflash.layout import FlashLayout
 
-from tiny import save_tiny, tiny_llama, tiny_opt
+from tiny import save_tiny_models
 
 BIG = 8.0
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
@@ -96,9 +96,8 @@ def test_hot_sets_are_the_most_frequent_needed_neurons():
 def flash_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flash")
     out = {}
-    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384))):
-        save_tiny(model, root / name)
-        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False)
+    for name, src in save_tiny_models(root).items():
+        out[name] = convert(str(src), root / f"{name}-flash", progress=False)
     return out
 
 

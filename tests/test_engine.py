@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -21,7 +20,7 @@ from llmflash.models import load_in_memory
 from llmflash.provider import ActiveSetProvider
 from llmflash.storage import proc_read_bytes
 
-from tiny import save_tiny, tiny_llama, tiny_opt
+from tiny import engine_generate, engine_perplexity, save_tiny_models
 
 CALIBRATION_TOKENS = 512  # cheap threshold calibration at convert time
 BIG = 8.0  # tiny models are mostly padding: give them room
@@ -32,29 +31,20 @@ PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
 def flash_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flash")
     out = {}
-    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384)),
-                        ("silu", tiny_llama(seed=1, d_model=128, d_ffn=384))):
-        save_tiny(model, root / name)  # thresholds calibrated by convert on a few tokens (the SiLU model's are used)
-        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False, calibration_tokens=CALIBRATION_TOKENS)
+    for name, src in save_tiny_models(root, ("llama", "opt", "silu")).items():
+        # thresholds calibrated by convert on a few tokens (the SiLU model's are used)
+        out[name] = convert(str(src), root / f"{name}-flash", progress=False, calibration_tokens=CALIBRATION_TOKENS)
     out["llama-unbundled"] = convert(str(root / "llama"), root / "llama-unb", bundled=False, progress=False,
                                      calibration_tokens=0)
     return out
 
 
 def _gen(path, mode, n=12, **kw):
-    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
-    try:
-        return e.generate(PROMPT, n, stop_at_eos=False)
-    finally:
-        e.close()
+    return engine_generate(path, PROMPT, n, kw.pop("budget", BIG), mode=mode, **kw)
 
 
 def _ppl(path, mode, ids, **kw):
-    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
-    try:
-        return math.exp(-float(e.score(ids).double().mean()))
-    finally:
-        e.close()
+    return engine_perplexity(path, ids, kw.pop("budget", BIG), mode=mode, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------------ layout

@@ -22,7 +22,7 @@ from llmflash.layout import FlashLayout, read_plan
 from llmflash.step import NativeRows, slot_plan
 from llmflash.storage import FlashReader, aligned_buffer
 
-from tiny import save_tiny, tiny_llama, tiny_opt
+from tiny import save_tiny_models
 
 BIG = 8.0
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
@@ -33,10 +33,8 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="the native s
 def flash_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flash")
     out = {}
-    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384)),
-                        ("silu", tiny_llama(seed=1, d_model=128, d_ffn=384))):
-        save_tiny(model, root / name)
-        out[name] = convert(str(root / name), root / f"{name}-flash", progress=False, calibration_tokens=512)
+    for name, src in save_tiny_models(root, ("llama", "opt", "silu")).items():
+        out[name] = convert(str(src), root / f"{name}-flash", progress=False, calibration_tokens=512)
     return out
 
 

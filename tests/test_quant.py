@@ -14,7 +14,7 @@ from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import LLMFlashError
 from llmflash.flashdir import open_flash_dir
 
-from tiny import save_tiny, tiny_llama, tiny_opt
+from tiny import engine_generate, engine_perplexity, save_tiny, save_tiny_models, tiny_llama
 
 BIG = 8.0  # tiny models are mostly padding: give them room
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
@@ -26,10 +26,9 @@ def qdirs(tmp_path_factory):
     """{(model, dtype): flash dir} for a ReLU llama (gated) and OPT (plain FFN, biases), and a text file."""
     root = tmp_path_factory.mktemp("quant")
     out = {}
-    for name, model in (("llama", tiny_llama(relu=True, d_model=128, d_ffn=384)), ("opt", tiny_opt(d_model=128, d_ffn=384))):
-        save_tiny(model, root / name)
+    for name, src in save_tiny_models(root).items():
         for dtype in DTYPES:
-            out[name, dtype] = convert(str(root / name), root / f"{name}-{dtype}", dtype=dtype, progress=False,
+            out[name, dtype] = convert(str(src), root / f"{name}-{dtype}", dtype=dtype, progress=False,
                                        calibration_tokens=0)
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out["text"] = root / "text.txt"
@@ -37,19 +36,11 @@ def qdirs(tmp_path_factory):
 
 
 def _gen(path, mode, n=10, **kw):
-    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
-    try:
-        return e.generate(PROMPT, n, stop_at_eos=False)
-    finally:
-        e.close()
+    return engine_generate(path, PROMPT, n, kw.pop("budget", BIG), mode=mode, **kw)
 
 
 def _ppl(path, mode, ids, **kw):
-    e = Engine(path, EngineConfig(mode=mode, dram_budget=kw.pop("budget", BIG), **kw))
-    try:
-        return math.exp(-float(e.score(ids).double().mean()))
-    finally:
-        e.close()
+    return engine_perplexity(path, ids, kw.pop("budget", BIG), mode=mode, **kw)
 
 
 def _all_active_predictors(path, out):

@@ -51,3 +51,39 @@ def save_tiny(model, path: Path) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+TINY_MODELS = {  # the tiny models the engine tests convert: a ReLU llama (gated FFN), OPT (plain FFN, biases), SiLU
+    "llama": lambda: tiny_llama(relu=True, d_model=128, d_ffn=384),
+    "opt": lambda: tiny_opt(d_model=128, d_ffn=384),
+    "silu": lambda: tiny_llama(seed=1, d_model=128, d_ffn=384),
+}
+
+
+def save_tiny_models(root: Path, names: tuple[str, ...] = ("llama", "opt")) -> dict[str, Path]:
+    """{name: model directory} of ``TINY_MODELS`` saved under ``root``."""
+    return {name: save_tiny(TINY_MODELS[name](), Path(root) / name) for name in names}
+
+
+def engine_generate(path, prompt: torch.Tensor, n: int, budget: float = 8.0, **config):
+    """One engine's greedy generation of ``n`` tokens (``EngineConfig(dram_budget=budget, **config)``), closed after."""
+    from llmflash.engine import Engine, EngineConfig
+
+    e = Engine(path, EngineConfig(dram_budget=budget, **config))
+    try:
+        return e.generate(prompt, n, stop_at_eos=False)
+    finally:
+        e.close()
+
+
+def engine_perplexity(path, ids: torch.Tensor, budget: float = 8.0, **config) -> float:
+    """Perplexity of ``ids`` scored token by token through one engine, closed after."""
+    import math
+
+    from llmflash.engine import Engine, EngineConfig
+
+    e = Engine(path, EngineConfig(dram_budget=budget, **config))
+    try:
+        return math.exp(-float(e.score(ids).double().mean()))
+    finally:
+        e.close()
