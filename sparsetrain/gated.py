@@ -71,17 +71,19 @@ def stage_b() -> None:
 # The student
 
 
-def start_student(shape: Shape, base_state: dict, artifact: Optional[Path], lora_rank: int) -> tuple[CompactLlama, dict]:
-    """The student: the base model with the artifact's deltas applied (or the base itself), its thresholds set.
+def start_student(shape: Shape, base_state: dict, artifact: Optional[Path], lora_rank: int,
+                  act: Optional[str] = None) -> tuple[CompactLlama, dict]:
+    """The student: the base model with the artifact's deltas applied (or the base itself), its thresholds set; ``act``
+    swaps the activation (a SiLU model continued as the ReLU arm: SiLU blends into the shifted ReLU while training).
     Returns (student, the artifact's config and tensors, for composing the attention deltas at export)."""
     from llmflash.sparse_model import decode_deltas, read_artifact
 
     if artifact is None:
-        model = build_model(shape, base_state, act="silu", sparse=True, lora_rank=lora_rank)
-        return model, {"config": {"activation": "silu", "target_sparsity": 0.0}, "tensors": {}}
+        model = build_model(shape, base_state, act=act or "silu", sparse=True, lora_rank=lora_rank)
+        return model, {"config": {"activation": act or "silu", "target_sparsity": 0.0}, "tensors": {}}
     cfg, tensors = read_artifact(artifact)
     state = decode_deltas(base_state, tensors)
-    model = CompactLlama(shape, cfg["activation"], True, lora_rank)
+    model = CompactLlama(shape, act or cfg["activation"], True, lora_rank)
     load_hf_state(model, state)  # act_bias included, when the artifact has one
     model.set_rule(cfg.get("rule_on", "h"))
     model.set_thresholds(cfg["thresholds"])
@@ -279,7 +281,7 @@ def run(args) -> None:
         sample_text(work, shape, state, args.device, args.sample_budget_s, args.sample_batch, args.sample_max_new)
     artifact = None if args.artifact == "none" else Path(args.artifact)
     gate_init = None if args.gate_init == "none" else Path(args.gate_init)
-    student, start = start_student(shape, state, artifact, args.lora_rank)
+    student, start = start_student(shape, state, artifact, args.lora_rank, args.arm)
     if args.rule:
         student.set_rule(args.rule)
     if args.keep > 0:
@@ -289,7 +291,7 @@ def run(args) -> None:
         teacher = teacher.to(torch.bfloat16)
     train, held, _ = load_streams(work)
     sampler = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=7)
-    recipe = Recipe(arm=start["config"]["activation"], target_sparsity=args.target_sparsity,
+    recipe = Recipe(arm=args.arm or start["config"]["activation"], target_sparsity=args.target_sparsity,
                     sparsity_start=(args.sparsity_start if args.sparsity_start is not None
                                     else float(start["config"].get("target_sparsity") or 0.0)),
                     gate_keep_start=args.keep_start,
@@ -297,7 +299,8 @@ def run(args) -> None:
                     tokens_per_step=args.tokens_per_step, micro_batch_seqs=args.micro_batch_seqs, seq_len=args.seq_len,
                     lr_ffn=args.lr_ffn, lr_lora=args.lr_lora, lr_gate=args.lr_gate, warmup_steps=args.warmup_steps,
                     eval_every=args.eval_every, lora_rank=args.lora_rank, compile=not args.no_compile,
-                    gate_loss_weight=args.gate_loss_weight, gate_ste=args.ste)
+                    gate_loss_weight=args.gate_loss_weight, gate_ste=args.ste, l1_final=args.l1_final,
+                    anneal_frac=args.anneal_frac)
     trainer = Trainer(student, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"gated: {m}"))
     gdir = work / "gated"
     gdir.mkdir(parents=True, exist_ok=True)
@@ -352,9 +355,11 @@ def frontier_main(args) -> None:
         say(f"{r['target_sparsity']} {r['seq_len']} {r['corpus']}: ratio {r['ppl_ratio']:.3f}, zeros {r['zeros']:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    extra = [int(n) for n in args.teacher_tokens.split(",") if n]  # the original at other budgets (earlier runs' ratios)
+    teacher_at = {str(n): {str(seq): trainer.evaluate(seq, n, model=trainer.teacher) for seq in (512, 2048)} for n in extra}
     rec = {"artifact": str(args.artifact), "rule_on": model.rule_on(), "eval_tokens": args.eval_tokens,
            "calibration": "training-mix windows (sources present in this call)", "teacher": teacher_ev, "rows": rows,
-           "wall_seconds": round(time.perf_counter() - t0, 1)}
+           "teacher_at": teacher_at, "wall_seconds": round(time.perf_counter() - t0, 1)}
     (out / "frontier.json").write_text(json.dumps(rec, indent=1))
 
 
@@ -376,13 +381,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--keep-start", type=float, default=0.6)
     ap.add_argument("--keep", type=float, default=0.28,
                     help="fraction of neurons the gates let through (final); 0: no gates, a plain continuation")
+    ap.add_argument("--arm", choices=("silu", "relu"), default=None,
+                    help="the activation to train (default: the starting artifact's); relu: SiLU blends into a shifted "
+                         "ReLU over --anneal-frac of the plan, with the L1 pressure rising to --l1-final (ProSparse)")
+    ap.add_argument("--anneal-frac", type=float, default=0.08)
+    ap.add_argument("--l1-final", type=float, default=0.05)
     ap.add_argument("--rule", choices=("h", "act"), default=None,
                     help="what the thresholds compare: |h| (the product) or |act(gate x)| alone (default: the artifact's)")
     ap.add_argument("--sparsity-start", type=float, default=None,
                     help="scheduled sparsity before the ramp (default: the starting artifact's target)")
     ap.add_argument("--target-sparsity", type=float, default=0.86)
     ap.add_argument("--tokens-per-step", type=int, default=65_536)
-    ap.add_argument("--micro-batch-seqs", type=int, default=8)
+    ap.add_argument("--micro-batch-seqs", type=int, default=16)  # 235k tokens/s on the H200, 8: 154k (bench)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--lr-ffn", type=float, default=5e-5)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
@@ -393,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=131_072)
     ap.add_argument("--frontier-tokens", type=int, default=65_536)
+    ap.add_argument("--teacher-tokens", default="",
+                    help="frontier: also score the original on the first N tokens of each corpus (comma-separated Ns)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--sample-budget-s", type=float, default=45.0)

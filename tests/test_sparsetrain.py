@@ -267,3 +267,37 @@ def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
                          "--device", "cpu", "--tokens", "2048", "--calib-tokens", "1024", "--eval-tokens", "512",
                          "--seq-len", "64", "--rank", "8", "--rank-last", "8", "--epochs", "1", "--batch", "256"])
     assert json.loads((pout / "predictors_train.json").read_text())["summary"]["kjv"]["recall"] > 0.5
+
+
+def test_continuation_as_the_relu_arm_on_cpu(tmp_path, monkeypatch):
+    """``gated run --keep 0 --arm relu``: a SiLU start continued as the ReLU arm (SiLU blends into the shifted ReLU,
+    L1 pressure on the ramp); the exported artifact is a ReLU model that the Hugging Face model loads with its act_bias."""
+    from sparsetrain import gated, job
+
+    base = save_tiny(tiny_llama(seed=5, d_ffn=128), tmp_path / "base")
+    _tiny_streams(tmp_path, monkeypatch)
+    monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
+    monkeypatch.setattr(job, "CALIB_TOKENS", 1024)
+    monkeypatch.setattr(job, "FRONTIER", (0.8,))
+    monkeypatch.setattr(job, "PROBE_STEPS", 5)
+    probe = job.run_probe
+    monkeypatch.setattr(job, "run_probe", lambda t, m: probe(t, m, train_tokens=1024, held_tokens=512))
+    out = tmp_path / "out"
+    gated.main(["run", "--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "4", "--tokens-per-step",
+                "256", "--micro-batch-seqs", "2", "--seq-len", "64", "--eval-every", "0", "--eval-tokens", "512",
+                "--frontier-tokens", "1024", "--reserve-s", "0", "--lora-rank", "4", "--sample-budget-s", "0",
+                "--keep", "0", "--arm", "relu", "--anneal-frac", "0.5", "--l1-final", "0.1", "--sparsity-start", "0.5",
+                "--target-sparsity", "0.8", "--ramp-end", "0.5", "--lr-ffn", "1e-3", "--work", str(tmp_path / "w"),
+                "--out", str(out), "--artifact", "none"])
+    cfg, tensors = read_artifact(out)
+    assert cfg["activation"] == "relu" and cfg["training"]["recipe"]["arm"] == "relu"
+    assert any(k.endswith("mlp.act_bias") for k in tensors)  # the learned shifts travel with the artifact
+    curve = (tmp_path / "w" / "gated" / "curve.csv").read_text().splitlines()
+    assert len(curve) == 5 and float(curve[-1].split(",")[list(curve[0].split(",")).index("l1_weight")]) > 0
+    final = json.loads((tmp_path / "w" / "gated" / "final.json").read_text())
+    assert final["record"]["tokens_per_s_median"] > 0 and final["probe"]["summary"]
+    # the frontier scores more tokens than the run's evaluation: the original is scored on the same ones
+    assert {r["tokens"] for r in final["frontier"] if r["seq_len"] == 512} == {2 * 511}
+    hf = apply_artifact(tiny_llama(seed=5, d_ffn=128), out)
+    assert hf.config.hidden_act == "relu"
+    assert any(float(m.mlp.act_bias.abs().max()) > 0 for m in hf.model.layers)
