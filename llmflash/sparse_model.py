@@ -8,6 +8,7 @@ A directory written by ``write_artifact`` (format ``llmflash-sparse/1``)::
         model.layers.L.mlp.{gate,up,down}_proj.weight.q4     uint8 [out, in / 2]: int4 delta codes, two per byte
         model.layers.L.mlp.{gate,up,down}_proj.weight.scale  float16 [out, in / group]: per-group scale
         model.layers.L.self_attn.{q,k,v,o}_proj.weight.lora_A / .lora_B   float16: a low-rank delta B @ A
+            (or int8 factors with per-row float16 scales ``.lora_A.scale`` [r] and ``.lora_B.scale`` [out])
         model.layers.L.{input,post_attention}_layernorm.weight, model.norm.weight   float32: replaced outright
         model.layers.L.mlp.act_bias                           float32 [n]: the ReLU arm's per-neuron shift
 
@@ -102,6 +103,23 @@ def encode_deltas(base: dict[str, Tensor], trained: dict[str, Tensor], lora: dic
     return out
 
 
+def quantize_int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [rows, cols] -> (int8 codes [rows, cols], float16 per-row scales [rows]): symmetric, x ~ codes * scale."""
+    scale = (x.float().abs().amax(-1) / 127.0).clamp_min(1e-12).half()
+    return torch.round(x.float() / scale.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def lora_factors(tensors: dict[str, Tensor], w: str) -> tuple[Tensor, Tensor]:
+    """(A [r, in], B [out, r]) in float32 of weight ``w``'s low-rank delta B @ A: float16 factors, or int8 ones with
+    per-row scales (``w.lora_A.scale`` [r], ``w.lora_B.scale`` [out])."""
+    factors = []
+    for part in (".lora_A", ".lora_B"):
+        v = tensors[w + part]
+        factors.append(v.float() * tensors[w + part + ".scale"].float().unsqueeze(-1) if v.dtype == torch.int8
+                       else v.float())
+    return factors[0], factors[1]
+
+
 def decode_deltas(base: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Apply an artifact's tensors to a base state dict: the trained weights (float32), act_bias included."""
     state = {k: v.float().clone() for k, v in base.items()}
@@ -111,7 +129,8 @@ def decode_deltas(base: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[s
             state[w] = state[w] + dequantize_int4(value, tensors[w + ".scale"]).to(state[w].device)
         elif key.endswith(".lora_A"):
             w = key[: -len(".lora_A")]
-            state[w] = state[w] + tensors[w + ".lora_B"].float() @ value.float()
+            a, b = lora_factors(tensors, w)
+            state[w] = state[w] + b @ a
         elif key.endswith((".scale", ".lora_B")):
             continue
         else:

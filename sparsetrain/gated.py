@@ -179,7 +179,7 @@ def export(trainer: Trainer, start: dict, base_state: dict, out: Path, record: d
     """Write the artifact (int4 FFN deltas, attention LoRA composed with the starting artifact's, the gate as a
     predictor set in ``gate/``) into ``out``, evaluate what ships."""
     from llmflash.predictor import LowRankPredictor, PredictorSet
-    from llmflash.sparse_model import decode_deltas, encode_deltas, write_artifact
+    from llmflash.sparse_model import decode_deltas, encode_deltas, lora_factors, write_artifact
 
     student = trainer.student
     shape = student.shape
@@ -191,8 +191,9 @@ def export(trainer: Trainer, start: dict, base_state: dict, out: Path, record: d
             key = f"model.layers.{i}.self_attn.{name}.weight"
             a, b = mod.A.detach().float().cpu() * mod.scale, mod.B.detach().float().cpu()
             if key + ".lora_A" in old:  # compose: B_old A_old + B A = [B_old B] [A_old; A]
-                a = torch.cat([old[key + ".lora_A"].float(), a])
-                b = torch.cat([old[key + ".lora_B"].float(), b], dim=1)
+                a_old, b_old = lora_factors(old, key)
+                a = torch.cat([a_old, a])
+                b = torch.cat([b_old, b], dim=1)
             lora[key] = (a, b)
     base_cpu = {k: v.cpu() for k, v in base_state.items()}
     tensors = encode_deltas(base_cpu, trained, lora, shape.n_layers)

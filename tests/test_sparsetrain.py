@@ -301,3 +301,41 @@ def test_continuation_as_the_relu_arm_on_cpu(tmp_path, monkeypatch):
     hf = apply_artifact(tiny_llama(seed=5, d_ffn=128), out)
     assert hf.config.hidden_act == "relu"
     assert any(float(m.mlp.act_bias.abs().max()) > 0 for m in hf.model.layers)
+
+
+def test_lora_reencoding_keeps_the_applied_model(tmp_path):
+    """``ship.truncate_lora``: int8 factors at the full rank reproduce each attention delta within 2%, a lower fp16 rank
+    within its SVD error; the re-encoded artifact applies to the base model like the original (int8 factors decoded
+    with their scales) and is smaller."""
+    from llmflash.sparse_model import decode_deltas, encode_deltas, lora_factors, write_artifact
+    from sparsetrain.ship import truncate_lora
+
+    base = tiny_llama(seed=6, d_ffn=128)
+    state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    torch.manual_seed(0)
+    lora = {}
+    for k, v in state.items():
+        if ".self_attn." in k and k.endswith("_proj.weight"):
+            lora[k] = (0.05 * torch.randn(12, v.shape[1]), 0.05 * torch.randn(v.shape[0], 12))
+    tensors = encode_deltas(state, {k: v.clone() for k, v in state.items()}, lora, 3)
+    cfg = {"activation": "silu", "thresholds": [0.0] * 3, "n_layers": 3, "target_sparsity": 0.0}
+    sizes, applied = {}, {}
+    for name, (rank, int8) in {"fp16": (0, False), "int8": (0, True), "r6": (6, False)}.items():
+        art = write_artifact(tmp_path / name, tensors, cfg, 3, shards=1)
+        if rank or int8:
+            rep = truncate_lora(art, rank, int8)
+            assert rep["rank"] == (rank or 12) and rep["int8"] == int8
+        _, t = read_artifact(art)
+        sizes[name] = sum(v.numel() * v.element_size() for v in t.values())
+        applied[name] = decode_deltas(state, t)
+        if int8:
+            key = next(k for k in t if k.endswith(".lora_A"))
+            assert t[key].dtype == torch.int8 and lora_factors(t, key[: -len(".lora_A")])[0].dtype == torch.float32
+    for k, (a, b) in lora.items():
+        delta = (b @ a).norm()
+        assert (applied["int8"][k] - applied["fp16"][k]).norm() / delta < 0.02
+        assert (applied["r6"][k] - applied["fp16"][k]).norm() / delta < 0.9
+    assert sizes["int8"] < sizes["fp16"] and sizes["r6"] < sizes["fp16"]
+    model = apply_artifact(tiny_llama(seed=6, d_ffn=128), tmp_path / "int8")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(model.state_dict()[key], applied["int8"][key], atol=1e-6)
