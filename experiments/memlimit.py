@@ -102,17 +102,17 @@ def drop_page_cache() -> Optional[str]:
 
 
 def shared_mapped(libs: tuple[str, ...] = WATCHED_LIBS) -> dict[str, list[int]]:
-    """{library file name: pids of live processes mapping it}: pages no drop can evict (a child using the same file
-    shares them for free)."""
+    """{library path: pids of live processes mapping it}, for the libraries named in ``libs``: pages no drop can
+    evict (a child using the same file shares them for free; a private copy of the library is another file)."""
     out: dict[str, list[int]] = {}
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            text = maps.read_text()
+            lines = maps.read_text().splitlines()
         except OSError:
             continue
-        for lib in libs:
-            if lib in text:
-                out.setdefault(lib, []).append(int(maps.parent.name))
+        paths = {ln.split(maxsplit=5)[-1] for ln in lines if any(lib in ln for lib in libs)}
+        for path in paths:
+            out.setdefault(path, []).append(int(maps.parent.name))
     return out
 
 
