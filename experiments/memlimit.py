@@ -397,7 +397,8 @@ def child_offload(model_dir: str, ids_file: str, tokens: int, cpu_bytes: int, of
             "device_map": dict(placed), "rss_peak_bytes": _rss()}
 
 
-def child_llama_engine(flash_dir: str, tokens: int, budget: float, threads: int, warmup: int) -> dict:
+def child_llama_engine(flash_dir: str, tokens: int, budget: float, threads: int, warmup: int,
+                       cache_form: str = "stored") -> dict:
     """The llmflash engine (predictor mode) on a Llama-geometry scale model with the trace source's sets."""
     sys.path.insert(0, str(HERE.parent))
     import torch
@@ -408,7 +409,8 @@ def child_llama_engine(flash_dir: str, tokens: int, budget: float, threads: int,
 
     lay = open_flash_dir(flash_dir).layout
     t0 = time.perf_counter()
-    eng = Engine(flash_dir, EngineConfig(mode="predictor", dram_budget=budget, compute_threads=threads),
+    eng = Engine(flash_dir, EngineConfig(mode="predictor", dram_budget=budget, compute_threads=threads,
+                                         cache_form=cache_form),
                  provider=trace_provider(lay.n_layers, lay.d_ffn, lay.d_model))
     load_s = time.perf_counter() - t0
     res = eng.generate(torch.tensor([1]), max_new_tokens=tokens)
@@ -435,6 +437,7 @@ def main() -> None:
     p.add_argument("--cpu-bytes", type=int, default=0, help="offload: accelerate's max_memory for the CPU")
     p.add_argument("--offload-dir", help="offload: accelerate's offload folder")
     p.add_argument("--dtype", default="bfloat16", help="offload: the weights' dtype")
+    p.add_argument("--cache-form", default="stored", help="llama_engine: the neuron cache's form (stored|compute)")
     a = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if a.kind == "skeleton":
@@ -448,7 +451,7 @@ def main() -> None:
     elif a.kind == "offload":
         res = child_offload(a.path, a.ids_file, a.tokens, a.cpu_bytes, a.offload_dir, a.dtype, a.threads, a.warmup)
     elif a.kind == "llama_engine":
-        res = child_llama_engine(a.path, a.tokens, a.budget, a.threads, a.warmup)
+        res = child_llama_engine(a.path, a.tokens, a.budget, a.threads, a.warmup, a.cache_form)
     else:
         res = child_engine(a.path, a.tokens, a.budget, a.warmup)
     print("RESULT " + json.dumps(res), flush=True)

@@ -73,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-layers", type=int, default=32, help="scale model's layers (32: Llama-2-7B)")
     p.add_argument("--threads", type=int, default=1, help="compute threads of every system")
     p.add_argument("--timeout", type=float, default=240, help="seconds per run")
+    p.add_argument("--cache-form", default="stored", choices=("stored", "compute"),
+                   help="real model: llmflash's neuron cache for int4 rows (generate --cache-form): stored holds the "
+                        "int4 bytes, dequantized for every matmul; compute holds them dequantized (7x the DRAM per "
+                        "neuron). Measured without a limit: stored 2.2 s, compute 2.5 s per token")
+    p.add_argument("--scale-cache-form", default="compute", choices=("stored", "compute"),
+                   help="scale model: the same choice (measured without a limit, 8 layers: stored 3.4 s, compute "
+                        "1.75 s per token)")
     p.add_argument("--no-offload", action="store_true", help="leave accelerate's disk offload out")
     p.add_argument("--no-fp32", action="store_true", help="leave llmflash's float32 directory out")
     p.add_argument("--no-private-torch", action="store_true", help="children import the installed torch")
@@ -102,7 +109,8 @@ def prepare(args) -> dict:
 
     def minimum(path: str, provider=None) -> float:
         try:
-            Engine(path, EngineConfig(mode="predictor", dram_budget=1e-4), provider=provider)
+            form = args.cache_form if provider is None else args.scale_cache_form
+            Engine(path, EngineConfig(mode="predictor", dram_budget=1e-4, cache_form=form), provider=provider)
         except BudgetError as err:
             import re
 
@@ -239,11 +247,13 @@ def commands(kind: str, setup: dict, args, workdir: Path) -> dict:
             b = round(max(f, setup[f"{key}_min_budget"] * 1.001), 4)
             if scale:
                 return child + ["llama_engine", setup[f"{key}_dir"], "--tokens", str(ntok), "--budget", str(b),
-                                "--threads", str(args.threads), "--warmup", str(args.warmup)], {"engine_budget": b}
+                                "--threads", str(args.threads), "--warmup", str(args.warmup), "--cache-form",
+                                args.scale_cache_form], {"engine_budget": b}
             js = workdir / "ours.json"
             return [py, "-m", "llmflash.cli", "generate", setup[f"{key}_dir"], "--prompt-file", setup["prompt_file"],
                     "--max-new-tokens", str(ntok), "--mode", "predictor", "--dram-budget", str(b), "--ignore-eos",
-                    "--compute-threads", str(args.threads), "--json", str(js)], {"engine_budget": b, "json": str(js)}
+                    "--compute-threads", str(args.threads), "--cache-form", args.cache_form, "--json", str(js)], \
+                {"engine_budget": b, "json": str(js)}
         return ours
 
     out[OURS] = (ours_for("flash"), setup["flash_model_bytes"])
@@ -414,7 +424,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     prep = args.out / ".prepare.json"
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-json", str(prep), "--models", args.models,
-           "--scale-layers", str(args.scale_layers)]
+           "--scale-layers", str(args.scale_layers), "--cache-form", args.cache_form, "--scale-cache-form",
+           args.scale_cache_form]
     t0 = time.perf_counter()
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit("peer_llamacpp: preparing the models failed (see above)")
