@@ -329,18 +329,43 @@ def run_model(kind: str, setup: dict, args, env: dict, records: list) -> None:
         if system != LLAMACPP and limit not in own:
             points.append((LLAMACPP, None, limit))
             own.add(limit)
-    failed: set = set()
+    failed: dict = {}  # system -> the largest limit it failed in (its smaller limits are not run)
     for rep in range(1, args.reps + 1):
         print(f"[{kind}] round {rep} of {args.reps}", flush=True)
         for system, f, limit in points:
-            key = (system, f, limit)
-            if key in failed:
+            if limit <= failed.get(system, -1):
+                if rep == 1:
+                    records.append({"model": kind, "system": system, "fraction": f, "limit_bytes": limit, "rep": rep,
+                                    "completed": False, "not_run": "failed in a larger limit", "ms_per_token": None,
+                                    "max_usage_bytes": None, "own_point": f is not None})
                 continue
             rec = run_point(kind, system, systems[system][0], f, limit, env, args, rep)
             rec["own_point"] = f is not None
             records.append(rec)
             if not rec["completed"]:
-                failed.add(key)
+                failed[system] = max(failed.get(system, -1), limit)
+
+
+IMPORTS = (  # what the runtime is made of: each line imported in a fresh process (cumulative, in this order)
+    ("python", "pass"),
+    ("+ numpy", "import numpy"),
+    ("+ torch", "import numpy, torch"),
+    ("+ transformers' Llama", "import numpy, torch; from transformers import LlamaForCausalLM"),
+    ("+ llmflash engine", "import numpy, torch; from transformers import LlamaForCausalLM; import llmflash.engine"),
+    ("llama_cpp", "import numpy, llama_cpp"),
+)
+
+
+def runtime_breakdown(env: dict, args) -> list:
+    """Peak cgroup usage (no limit, page cache dropped first) of processes that only import what the systems load."""
+    rows = []
+    for label, code in IMPORTS:
+        r = memlimit.run_limited([sys.executable, "-c", f"{code}; print('RESULT {{}}')"], None, "peer-imports",
+                                 args.timeout, env=env)
+        rows.append({"imports": label, "code": code, "completed": bool(r.get("completed")),
+                     "peak_mb": (r.get("max_usage_bytes") or -1) / 1e6, "wall_s": r.get("wall_s"), "label": "measured"})
+        print(f"  imports {label:<24} peak {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------- results
@@ -358,13 +383,15 @@ def summarize(records: list) -> list:
         ok = [r for r in rs if r["completed"] and r["ms_per_token"] is not None]
         ms = sorted(r["ms_per_token"] for r in ok)
         peaks = sorted(r["max_usage_bytes"] for r in ok)
+        ran = [r for r in rs if not r.get("not_run")]
         rows.append({
             "model": model, "system": system, "fraction": f, "limit_bytes": limit, "limit_mb": limit / 1e6,
-            "engine_budget": rs[0].get("engine_budget"), "runs": len(rs), "completed": len(ok),
+            "engine_budget": rs[0].get("engine_budget"), "runs": len(ran), "completed": len(ok),
             "ms_per_token_median": ms[len(ms) // 2] if ms else None, "ms_per_token_min": ms[0] if ms else None,
             "ms_per_token_max": ms[-1] if ms else None, "peak_mb_median": peaks[len(peaks) // 2] / 1e6 if peaks else None,
-            "failure": None if ok else ("OOM-killed" if any((r.get("oom_kills") or 0) > 0 for r in rs) else
-                                        "timeout" if any(r.get("timed_out") for r in rs) else "failed"),
+            "failure": None if ok else ("not run: failed in a larger limit" if not ran else
+                                        "OOM-killed" if any((r.get("oom_kills") or 0) > 0 for r in ran) else
+                                        "timeout" if any(r.get("timed_out") for r in ran) else "failed"),
             "label": "measured"})
     rows.sort(key=lambda r: (r["model"], r["system"], -r["limit_bytes"]))
     return rows
@@ -440,6 +467,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = {"PYTHONPATH": os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
            "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     records: list = []
+    print("runtime breakdown (imports only) ...", flush=True)
+    breakdown = runtime_breakdown(env, args)
     for kind in ("real", "scale"):
         if kind in setups:
             setups[kind]["root"] = str(root)
@@ -448,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sys.path.insert(0, str(REPO))
     import common
 
-    data = {"setups": setups, "records": records, "rows": rows, "prepare_s": prepare_s,
+    data = {"setups": setups, "records": records, "rows": rows, "runtime_breakdown": breakdown, "prepare_s": prepare_s,
             "wall_s": time.perf_counter() - t_start, "private_torch": site,
             "page_cache": "before every run: sync; echo 3 > /proc/sys/vm/drop_caches (the whole page cache, libraries "
                           "included); pages other live processes map cannot be dropped (records: shared_mapped)",
