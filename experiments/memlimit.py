@@ -344,11 +344,24 @@ def _median(xs: list[float]) -> Optional[float]:
     return sorted(xs)[len(xs) // 2] if xs else None
 
 
-def child_llamacpp(gguf: str, ids_file: str, tokens: int, threads: int, warmup: int) -> dict:
-    """llama.cpp over its mmap-ed GGUF (its default loading: pages come and go with the page cache), greedy decoding
-    of the ids in ``ids_file``; only llama_cpp and numpy are loaded in this process."""
+def child_llamacpp(gguf: str, ids_file: str, tokens: int, threads: int, warmup: int, repack: bool = True) -> dict:
+    """llama.cpp over its mmap-ed GGUF, greedy decoding of the ids in ``ids_file``; only llama_cpp and numpy are
+    loaded in this process. ``repack`` False: weights stay in the mmap-ed file (``--no-repack``: pages come and go with
+    the page cache); True (llama.cpp's default): tensors of the types its CPU backend repacks (Q4_0 here, not Q4_1)
+    are copied into anonymous memory at load, which no page cache can take back."""
     import llama_cpp
+    import llama_cpp.llama_cpp as capi
     import numpy as np
+
+    if not repack:
+        default_params = capi.llama_model_default_params
+
+        def no_repack():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        capi.llama_model_default_params = no_repack
 
     ids = json.loads(Path(ids_file).read_text())
     t0 = time.perf_counter()
@@ -372,7 +385,8 @@ def child_llamacpp(gguf: str, ids_file: str, tokens: int, threads: int, warmup: 
         nxt = last()
         times.append((time.perf_counter() - t0) * 1e3)
     return {"tokens": out, "ms_per_token": _median(times[warmup:]), "per_token_ms": times, "prefill_ms": prefill_ms,
-            "load_s": load_s, "rss_peak_bytes": _rss(), "llama_cpp_version": getattr(llama_cpp, "__version__", None)}
+            "load_s": load_s, "rss_peak_bytes": _rss(), "llama_cpp_version": getattr(llama_cpp, "__version__", None),
+            "repack": repack}
 
 
 def child_offload(model_dir: str, ids_file: str, tokens: int, cpu_bytes: int, offload_dir: str, dtype: str,
@@ -434,6 +448,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ids-file", help="llamacpp, offload: a JSON list of prompt token ids")
     p.add_argument("--threads", type=int, default=1, help="llamacpp, offload, llama_engine: compute threads")
+    p.add_argument("--no-repack", action="store_true", help="llamacpp: keep the weights in the mmap-ed file")
     p.add_argument("--cpu-bytes", type=int, default=0, help="offload: accelerate's max_memory for the CPU")
     p.add_argument("--offload-dir", help="offload: accelerate's offload folder")
     p.add_argument("--dtype", default="bfloat16", help="offload: the weights' dtype")
@@ -447,7 +462,7 @@ def main() -> None:
     elif a.kind == "hf":
         res = child_hf(a.path, a.prompt_tokens, a.tokens)
     elif a.kind == "llamacpp":
-        res = child_llamacpp(a.path, a.ids_file, a.tokens, a.threads, a.warmup)
+        res = child_llamacpp(a.path, a.ids_file, a.tokens, a.threads, a.warmup, not a.no_repack)
     elif a.kind == "offload":
         res = child_offload(a.path, a.ids_file, a.tokens, a.cpu_bytes, a.offload_dir, a.dtype, a.threads, a.warmup)
     elif a.kind == "llama_engine":

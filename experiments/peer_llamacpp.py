@@ -2,7 +2,10 @@
 same memory cgroups, from the whole model down to a quarter of it; ms per token against the cgroup's DRAM bytes.
 
 Systems (each in a fresh memory cgroup, ``memlimit.run_limited``; page cache charged to the group):
-- ``llama.cpp``: ``llama-cpp-python`` (the optional extra ``peer``) over its mmap-ed GGUF, greedy, token ids in;
+- ``llama.cpp mmap``: ``llama-cpp-python`` (the optional extra ``peer``) over its mmap-ed GGUF, greedy, token ids in,
+  weights left in the file (``--no-repack``: what "llama.cpp's mmap" means);
+- ``llama.cpp repacked`` (scale model only): its default, where the CPU backend copies Q4_0 tensors into its own
+  interleaved layout in anonymous memory at load (no such copy for the real model's Q4_1);
 - ``llmflash predictor``: ``llmflash generate DIR --mode predictor --dram-budget B`` on the int4 flash directory with
   int8 resident weights (``convert --dtype int4 --resident-dtype int8``), the model's default predictors;
 - ``llmflash predictor fp32`` (real model only): the same on the float32 flash directory (5x the bytes: not comparable
@@ -48,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NAME = "peer"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-LLAMACPP, OURS, OURS_F32, OFFLOAD = "llama.cpp", "llmflash predictor", "llmflash predictor fp32", "accelerate offload"
+LLAMACPP, LLAMACPP_REPACK = "llama.cpp mmap", "llama.cpp repacked"
+OURS, OURS_F32, OFFLOAD = "llmflash predictor", "llmflash predictor fp32", "accelerate offload"
 INSTALL_HINT = ("CMAKE_BUILD_PARALLEL_LEVEL=2 pip install 'llama-cpp-python==0.3.36' --no-deps "
                 "(plus diskcache; builds llama.cpp from source)")
 
@@ -67,9 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="real,scale", help="real, scale or both")
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="fractions of each system's weights")
     p.add_argument("--reps", type=int, default=3, help="rounds per point (medians)")
-    p.add_argument("--tokens", type=int, default=16, help="real model: tokens generated per run")
-    p.add_argument("--scale-tokens", type=int, default=8, help="scale model: tokens generated per run")
-    p.add_argument("--warmup", type=int, default=2, help="first generated tokens left out of a run's median")
+    p.add_argument("--tokens", type=int, default=12, help="real model: tokens generated per run")
+    p.add_argument("--scale-tokens", type=int, default=6, help="scale model: tokens generated per run")
+    p.add_argument("--warmup", type=int, default=2, help="real model: first tokens left out of a run's median")
+    p.add_argument("--scale-warmup", type=int, default=1, help="scale model: the same")
     p.add_argument("--scale-layers", type=int, default=32, help="scale model's layers (32: Llama-2-7B)")
     p.add_argument("--threads", type=int, default=1, help="compute threads of every system")
     p.add_argument("--timeout", type=float, default=240, help="seconds per run")
@@ -83,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true", help="leave accelerate's disk offload out")
     p.add_argument("--no-fp32", action="store_true", help="leave llmflash's float32 directory out")
     p.add_argument("--no-private-torch", action="store_true", help="children import the installed torch")
+    p.add_argument("--from-runs", action="store_true",
+                   help="rewrite the outputs from OUT/peer_runs.jsonl and OUT/peer_setup.json (no runs)")
     p.add_argument("--prepare-json", type=Path, help=argparse.SUPPRESS)  # internal: the preparation child
     return p
 
@@ -234,20 +241,25 @@ def commands(kind: str, setup: dict, args, workdir: Path) -> dict:
     child = [py, str(HERE / "memlimit.py")]
     scale = kind == "scale"
     ntok = args.scale_tokens if scale else args.tokens
+    warm = args.scale_warmup if scale else args.warmup
     out = {}
 
-    def llamacpp(f: float):
-        return child + ["llamacpp", setup["gguf"], "--ids-file", setup["ids_file"], "--tokens", str(ntok),
-                        "--threads", str(args.threads), "--warmup", str(args.warmup)], {}
+    def llamacpp_with(repack: bool):
+        def llamacpp(f: float):
+            return child + ["llamacpp", setup["gguf"], "--ids-file", setup["ids_file"], "--tokens", str(ntok),
+                            "--threads", str(args.threads), "--warmup", str(warm)] + ([] if repack else ["--no-repack"]), {}
+        return llamacpp
 
-    out[LLAMACPP] = (llamacpp, setup["gguf_bytes"])
+    out[LLAMACPP] = (llamacpp_with(False), setup["gguf_bytes"])
+    if scale:
+        out[LLAMACPP_REPACK] = (llamacpp_with(True), setup["gguf_bytes"])
 
     def ours_for(key: str):
         def ours(f: float):
             b = round(max(f, setup[f"{key}_min_budget"] * 1.001), 4)
             if scale:
                 return child + ["llama_engine", setup[f"{key}_dir"], "--tokens", str(ntok), "--budget", str(b),
-                                "--threads", str(args.threads), "--warmup", str(args.warmup), "--cache-form",
+                                "--threads", str(args.threads), "--warmup", str(warm), "--cache-form",
                                 args.scale_cache_form], {"engine_budget": b}
             js = workdir / "ours.json"
             return [py, "-m", "llmflash.cli", "generate", setup[f"{key}_dir"], "--prompt-file", setup["prompt_file"],
@@ -305,6 +317,11 @@ def run_point(model: str, system: str, make, f: Optional[float], limit: Optional
     return rec
 
 
+def log_record(args, rec: dict) -> None:
+    with open(args.out / f"{NAME}_runs.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def run_model(kind: str, setup: dict, args, env: dict, records: list) -> None:
     workdir = Path(setup["root"]) / f"work-{kind}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +332,7 @@ def run_model(kind: str, setup: dict, args, env: dict, records: list) -> None:
     for system, (make, wbytes) in systems.items():
         rec = run_point(kind, system, make, None, None, env, args, 0)
         records.append(rec)
+        log_record(args, rec)
         if not rec["completed"]:
             raise SystemExit(f"peer_llamacpp: {system} failed without a limit: {rec.get('stderr_tail')}")
         runtime[system] = rec["max_usage_bytes"] - wbytes
@@ -338,10 +356,12 @@ def run_model(kind: str, setup: dict, args, env: dict, records: list) -> None:
                     records.append({"model": kind, "system": system, "fraction": f, "limit_bytes": limit, "rep": rep,
                                     "completed": False, "not_run": "failed in a larger limit", "ms_per_token": None,
                                     "max_usage_bytes": None, "own_point": f is not None})
+                    log_record(args, records[-1])
                 continue
             rec = run_point(kind, system, systems[system][0], f, limit, env, args, rep)
             rec["own_point"] = f is not None
             records.append(rec)
+            log_record(args, rec)
             if not rec["completed"]:
                 failed[system] = max(failed.get(system, -1), limit)
 
@@ -404,10 +424,11 @@ def plot(rows: list, setups: dict, png: Path) -> None:
     plt = common.plt()
     models = [m for m in ("real", "scale") if any(r["model"] == m for r in rows)]
     fig, axes = plt.subplots(1, len(models), figsize=(7.2 * len(models), 5), squeeze=False)
-    colors = {LLAMACPP: "tab:orange", OURS: "tab:blue", OURS_F32: "tab:cyan", OFFLOAD: "tab:grey"}
+    colors = {LLAMACPP: "tab:orange", LLAMACPP_REPACK: "tab:red", OURS: "tab:blue", OURS_F32: "tab:cyan",
+              OFFLOAD: "tab:grey"}
     for ax, m in zip(axes[0], models):
         top = max([r["ms_per_token_median"] for r in rows if r["model"] == m and r["ms_per_token_median"]] + [1])
-        for system in (LLAMACPP, OURS, OURS_F32, OFFLOAD):
+        for system in colors:
             rs = sorted((r for r in rows if r["model"] == m and r["system"] == system), key=lambda r: r["limit_bytes"])
             if not rs:
                 continue
@@ -443,6 +464,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.prepare_json:
         args.prepare_json.write_text(json.dumps(prepare(args)))
         return 0
+    if args.from_runs:
+        state = json.loads((args.out / f"{NAME}_setup.json").read_text())
+        records = [json.loads(ln) for ln in (args.out / f"{NAME}_runs.jsonl").read_text().splitlines() if ln.strip()]
+        write_outputs(args, state, records)
+        return 0
     why = skip_reason()
     if why:
         print(f"peer_llamacpp: skipped: {why}", file=sys.stderr)
@@ -466,6 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         paths.insert(0, site)
     env = {"PYTHONPATH": os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
            "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    (args.out / f"{NAME}_runs.jsonl").unlink(missing_ok=True)
     records: list = []
     print("runtime breakdown (imports only) ...", flush=True)
     breakdown = runtime_breakdown(env, args)
@@ -473,20 +500,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         if kind in setups:
             setups[kind]["root"] = str(root)
             run_model(kind, setups[kind], args, env, records)
+    state = {"setups": setups, "runtime_breakdown": breakdown, "prepare_s": prepare_s,
+             "wall_s": time.perf_counter() - t_start, "private_torch": site, "argv": sys.argv[1:]}
+    (args.out / f"{NAME}_setup.json").write_text(json.dumps(state, indent=1))
+    write_outputs(args, state, records)
+    print(f"wrote {args.out} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    return 0
+
+
+def write_outputs(args, state: dict, records: list) -> None:
     rows = summarize(records)
     sys.path.insert(0, str(REPO))
     import common
 
-    data = {"setups": setups, "records": records, "rows": rows, "runtime_breakdown": breakdown, "prepare_s": prepare_s,
-            "wall_s": time.perf_counter() - t_start, "private_torch": site,
-            "page_cache": "before every run: sync; echo 3 > /proc/sys/vm/drop_caches (the whole page cache, libraries "
-                          "included); pages other live processes map cannot be dropped (records: shared_mapped)",
-            "labels": {"ms_per_token": "measured", "limit_bytes": "computed: runtime (measured) + f x weight bytes",
-                       "scale model active sets": "simulated (trace source)"}}
-    common.save(args.out, NAME, args, data=data, rows=rows, extra_config={"setups": setups})
-    plot(rows, setups, args.out / f"{NAME}.png")
-    print(f"wrote {args.out} ({(time.perf_counter() - t_start) / 60:.1f} min)")
-    return 0
+    data = dict(state, records=records, rows=rows,
+                page_cache="before every run: sync; echo 3 > /proc/sys/vm/drop_caches (the whole page cache, libraries "
+                           "included); pages other live processes map cannot be dropped (records: shared_mapped); the "
+                           "torch children import a private copy of torch (private_torch)",
+                labels={"ms_per_token": "measured", "peak": "measured (memory.max_usage_in_bytes)",
+                        "limit_bytes": "computed: runtime (measured: peak without a limit - weight bytes) + f x weight "
+                                       "bytes", "scale model's active sets (llmflash)": "simulated (trace source)"})
+    common.save(args.out, NAME, args, data=data, rows=rows, extra_config={"setups": state["setups"]})
+    plot(rows, state["setups"], args.out / f"{NAME}.png")
 
 
 if __name__ == "__main__":
