@@ -336,6 +336,9 @@ def run_model(kind: str, setup: dict, args, env: dict, records: list) -> None:
         if not rec["completed"]:
             raise SystemExit(f"peer_llamacpp: {system} failed without a limit: {rec.get('stderr_tail')}")
         runtime[system] = rec["max_usage_bytes"] - wbytes
+    if LLAMACPP_REPACK in runtime:  # its peak holds the file's pages and the repacked copy: the limits of mmap's runtime
+        setup["repacked_peak_minus_weights"] = runtime[LLAMACPP_REPACK]
+        runtime[LLAMACPP_REPACK] = runtime[LLAMACPP]
     setup["runtime_bytes"] = runtime
     # 2. the points: each system at runtime + f x weights; llama.cpp also at every other system's limits
     points = []
