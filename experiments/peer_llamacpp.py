@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true", help="leave accelerate's disk offload out")
     p.add_argument("--no-fp32", action="store_true", help="leave llmflash's float32 directory out")
     p.add_argument("--no-private-torch", action="store_true", help="children import the installed torch")
+    p.add_argument("--probe", default=None, metavar="MB,MB,...",
+                   help="after a run: llmflash predictor (int4, real model) at these cgroup limits, its engine budget at "
+                        "its minimum, --reps rounds, descending, stopping at the first failure; appended to "
+                        "OUT/peer_runs.jsonl and the outputs rewritten (where the runtime's floor lies)")
     p.add_argument("--from-runs", action="store_true",
                    help="rewrite the outputs from OUT/peer_runs.jsonl and OUT/peer_setup.json (no runs)")
     p.add_argument("--prepare-json", type=Path, help=argparse.SUPPRESS)  # internal: the preparation child
@@ -391,6 +395,29 @@ def runtime_breakdown(env: dict, args) -> list:
     return rows
 
 
+def probe(args, state: dict) -> None:
+    """llmflash's int4 predictor mode (real model) at the limits of ``--probe``, at its minimum engine budget."""
+    setup = state["setups"]["real"]
+    workdir = Path(setup["root"]) / "work-real"
+    make = commands("real", setup, args, workdir)[OURS][0]
+    env = {"PYTHONPATH": os.pathsep.join(([state["private_torch"]] if state.get("private_torch") else []) + [str(REPO)]),
+           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    limits = sorted((int(float(x) * 1e6) for x in args.probe.split(",")), reverse=True)
+    failed = -1
+    for rep in range(1, args.reps + 1):
+        print(f"[real] probe round {rep} of {args.reps}", flush=True)
+        for limit in limits:
+            if limit <= failed:
+                continue
+            rec = run_point("real", OURS, make, 0.0, limit, env, args, rep)  # f = 0: the engine at its minimum
+            rec.update(own_point=False, probe=True)
+            log_record(args, rec)
+            if not rec["completed"]:
+                failed = max(failed, limit)
+    state.setdefault("probes", []).append({"limits_mb": args.probe, "reps": args.reps})
+    (args.out / f"{NAME}_setup.json").write_text(json.dumps(state, indent=1))
+
+
 # --------------------------------------------------------------------------------------------------------- results
 
 
@@ -467,8 +494,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.prepare_json:
         args.prepare_json.write_text(json.dumps(prepare(args)))
         return 0
-    if args.from_runs:
+    if args.from_runs or args.probe:
         state = json.loads((args.out / f"{NAME}_setup.json").read_text())
+        if args.probe:
+            why = skip_reason()
+            if why:
+                print(f"peer_llamacpp: skipped: {why}", file=sys.stderr)
+                return 0
+            probe(args, state)
         records = [json.loads(ln) for ln in (args.out / f"{NAME}_runs.jsonl").read_text().splitlines() if ln.strip()]
         write_outputs(args, state, records)
         return 0
