@@ -447,7 +447,7 @@ def summarize(records: list) -> list:
     return rows
 
 
-def plot(rows: list, setups: dict, png: Path) -> None:
+def plot(rows: list, setups: dict, png: Path, breakdown: Optional[list] = None) -> None:
     sys.path.insert(0, str(REPO))
     import common
 
@@ -476,8 +476,13 @@ def plot(rows: list, setups: dict, png: Path) -> None:
         rt = s.get("runtime_bytes", {})
         if OURS in rt:
             ax.axvline(rt[OURS] / 1e6, color="tab:blue", ls=":", alpha=0.6)
-            ax.annotate(f"llmflash runtime\n{rt[OURS] / 1e6:.0f} MB", (rt[OURS] / 1e6, top * 0.9), fontsize=7,
-                        color="tab:blue", ha="right")
+            ax.annotate(f"llmflash runtime\n(peak - weights)\n{rt[OURS] / 1e6:.0f} MB", (rt[OURS] / 1e6, top * 0.9),
+                        fontsize=7, color="tab:blue", ha="right")
+        for b in (breakdown or []) if m == "real" else []:
+            if b["imports"] in ("+ torch", "+ transformers' Llama", "llama_cpp") and b["completed"]:
+                ax.axvline(b["peak_mb"], color="black", ls="--", alpha=0.3)
+                ax.annotate(f"import {b['imports'].lstrip('+ ')}\n{b['peak_mb']:.0f} MB", (b["peak_mb"], top * 0.25),
+                            fontsize=7, rotation=90, ha="right", va="top", alpha=0.7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("memory cgroup limit = DRAM bytes, every page charged (MB)")
@@ -557,7 +562,7 @@ def write_outputs(args, state: dict, records: list) -> None:
                         "limit_bytes": "computed: runtime (measured: peak without a limit - weight bytes) + f x weight "
                                        "bytes", "scale model's active sets (llmflash)": "simulated (trace source)"})
     common.save(args.out, NAME, args, data=data, rows=rows, extra_config={"setups": state["setups"]})
-    plot(rows, state["setups"], args.out / f"{NAME}.png")
+    plot(rows, state["setups"], args.out / f"{NAME}.png", state.get("runtime_breakdown"))
 
 
 if __name__ == "__main__":
