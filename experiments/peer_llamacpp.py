@@ -468,7 +468,7 @@ def plot(rows: list, setups: dict, png: Path, breakdown: Optional[list] = None) 
             for r in ok:
                 ax.vlines(r["limit_bytes"] / 1e6, r["ms_per_token_min"], r["ms_per_token_max"], color=colors[system],
                           alpha=0.5)
-            bad = [r for r in rs if r["ms_per_token_median"] is None]
+            bad = [r for r in rs if r["ms_per_token_median"] is None and not r["failure"].startswith("not run")]
             if bad:
                 ax.plot([r["limit_bytes"] / 1e6 for r in bad], [top * 1.6] * len(bad), "x", color=colors[system],
                         markersize=9, label=f"{system}: did not complete ({', '.join(sorted({r['failure'] for r in bad}))})")
@@ -490,7 +490,7 @@ def plot(rows: list, setups: dict, png: Path, breakdown: Optional[list] = None) 
         ax.set_title(("SmolLM2-135M" if m == "real" else f"Llama-2-7B geometry, {s['geometry']['n_layers']} layers "
                       "(synthetic)") + " (measured)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     common.savefig(fig, png)
 
 
