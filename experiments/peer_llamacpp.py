@@ -24,9 +24,11 @@ libraries, KV cache, buffers); then in cgroups of ``runtime + f x weight bytes``
 points), llmflash with ``--dram-budget max(f, its minimum)``. llama.cpp also runs at every other system's limits
 (cheap), so that each limit has both. Every run starts from an empty page cache: ``sync; echo 3 >
 /proc/sys/vm/drop_caches`` (libraries included), and the torch children import a private copy of torch
-(``--private-torch``, default on) so that no other process on the machine shares its pages. ms per token = the
+(unless ``--no-private-torch``) so that no other process on the machine shares its pages. ms per token = the
 median of a run's per-token times after ``--warmup``; each point is the median over ``--reps`` rounds, the rounds
-taken in turn over all points (same run). A point that fails in a round (OOM kill, timeout) is not repeated.
+taken in turn over all points (same run). A point that fails (OOM kill, timeout) is not repeated, nor are the same
+system's smaller limits. ``--probe`` adds llmflash's int4 predictor mode at its minimum budget in given limits (where
+the runtime's floor lies); ``--from-runs`` rewrites the outputs from the run log.
 
 ``python3 experiments/peer_llamacpp.py`` needs root, cgroup v1 and ``llama_cpp``; without them it says why in one line
 and exits 0.
