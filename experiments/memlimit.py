@@ -11,7 +11,20 @@ Also the children themselves (``python experiments/memlimit.py CHILD ...``):
   (private, file-backed), the dense model computed from them, greedy decoding;
 - ``hf MODELDIR``: transformers' ``from_pretrained`` of a Hugging Face model directory, greedy decoding;
 - ``engine DIR``: the llmflash engine with the scale model's trace provider (the CLI has no trace option).
+- ``llamacpp GGUF``: llama.cpp (``llama-cpp-python``, the optional extra ``peer``) over its mmap-ed GGUF, greedy
+  decoding of token ids (no torch in this process);
+- ``offload MODELDIR``: transformers + accelerate's disk offload (``device_map="auto"``, ``max_memory`` for the CPU,
+  the rest offloaded to a folder), greedy decoding;
+- ``llama_engine DIR``: the llmflash engine on a Llama-geometry scale model (``research.llama_scale``) with the trace
+  provider.
 Each child prints one JSON line ``RESULT {...}`` at the end.
+
+Every page is charged to the run: ``run_limited`` drops the whole page cache first (``sync; echo 3 >
+/proc/sys/vm/drop_caches``: the libraries' pages too, not only the model files), so whatever the child touches is read
+again and charged to its group. Pages that another live process maps (a library it has loaded) cannot be dropped;
+a child sharing them gets them free. ``run_limited`` records those (``shared_mapped``), and the parent itself should
+not have torch loaded (the peer experiment keeps its parent free of it; ``memory_limit.py`` and ``cgroup_budget.py``
+do not, and say so in their records).
 """
 
 from __future__ import annotations
@@ -72,18 +85,55 @@ def evict(paths) -> None:
                 drop_file_cache(f)
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# big shared libraries whose pages a run would get free when another process maps them (see ``shared_mapped``)
+WATCHED_LIBS = ("libtorch_cpu.so", "libllama.so", "libggml-cpu.so")
+
+
+def drop_page_cache() -> Optional[str]:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``: every clean, unmapped page leaves the page cache (libraries
+    included). None when done, else why not."""
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+    except OSError as err:
+        return f"cannot drop the page cache ({DROP_CACHES}: {err.strerror})"
+    return None
+
+
+def shared_mapped(libs: tuple[str, ...] = WATCHED_LIBS) -> dict[str, list[int]]:
+    """{library path: pids of live processes mapping it}, for the libraries named in ``libs``: pages no drop can
+    evict (a child using the same file shares them for free; a private copy of the library is another file)."""
+    out: dict[str, list[int]] = {}
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text().splitlines()
+        except OSError:
+            continue
+        paths = {ln.split(maxsplit=5)[-1] for ln in lines if any(lib in ln for lib in libs)}
+        for path in paths:
+            out.setdefault(path, []).append(int(maps.parent.name))
+    return out
+
+
 def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s: float = 600,
-                env: Optional[dict] = None, cold: Optional[list] = None) -> dict:
-    """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage). The files or
-    directories in ``cold`` are evicted from the page cache first.
+                env: Optional[dict] = None, cold: Optional[list] = None, drop_all: bool = True) -> dict:
+    """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage). First the whole
+    page cache is dropped (``drop_all``, the default: every page the child touches is then charged to it, its
+    libraries' included); where that is refused, or with ``drop_all=False``, only the files or directories in
+    ``cold`` are evicted (the record's ``page_cache`` says which).
 
     Returns {completed, returncode, wall_s, limit_bytes, max_usage_bytes, failcnt, oom_kills, timed_out, result
-    (the child's RESULT JSON if any), stdout_tail, stderr_tail}.
+    (the child's RESULT JSON if any), stdout_tail, stderr_tail, page_cache, shared_mapped}.
     """
     why = available()
     if why:
         return {"completed": False, "error": why}
+    dropped = drop_page_cache() if drop_all else "not asked"
     evict(cold)
+    page_cache = ("whole page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches), then the model files evicted"
+                  if dropped is None else f"model files evicted only ({dropped})")
+    mapped = shared_mapped()
     cg = CG_ROOT / f"llmflash-{name}-{os.getpid()}"
     cg.mkdir()
     try:
@@ -113,7 +163,7 @@ def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s
             "timed_out": timed_out, "wall_s": wall, "limit_bytes": limit_bytes,
             "max_usage_bytes": _read(cg, "memory.max_usage_in_bytes"), "failcnt": _read(cg, "memory.failcnt"),
             "oom_kills": _oom_kills(cg), "result": result, "stdout_tail": out[-1500:], "stderr_tail": err[-1500:],
-            "cmd": cmd,
+            "cmd": cmd, "page_cache": page_cache, "shared_mapped": mapped,
         }
     finally:
         for _ in range(50):
@@ -290,11 +340,105 @@ def child_engine(flash_dir: str, tokens: int, budget: float, warmup: int) -> dic
             "rss_peak_bytes": _rss()}
 
 
+def _median(xs: list[float]) -> Optional[float]:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+def child_llamacpp(gguf: str, ids_file: str, tokens: int, threads: int, warmup: int, repack: bool = True) -> dict:
+    """llama.cpp over its mmap-ed GGUF, greedy decoding of the ids in ``ids_file``; only llama_cpp and numpy are
+    loaded in this process. ``repack`` False: weights stay in the mmap-ed file (``--no-repack``: pages come and go with
+    the page cache); True (llama.cpp's default): tensors of the types its CPU backend repacks (Q4_0 here, not Q4_1)
+    are copied into anonymous memory at load, which no page cache can take back."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as capi
+    import numpy as np
+
+    if not repack:
+        default_params = capi.llama_model_default_params
+
+        def no_repack():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        capi.llama_model_default_params = no_repack
+
+    ids = json.loads(Path(ids_file).read_text())
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=len(ids) + tokens + 8, n_batch=max(8, len(ids)), n_threads=threads,
+                          n_threads_batch=threads, use_mmap=True, use_mlock=False, logits_all=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last() -> int:
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    nxt, out, times = last(), [], []
+    for _ in range(tokens):
+        out.append(nxt)
+        t0 = time.perf_counter()
+        llm.eval([nxt])
+        nxt = last()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"tokens": out, "ms_per_token": _median(times[warmup:]), "per_token_ms": times, "prefill_ms": prefill_ms,
+            "load_s": load_s, "rss_peak_bytes": _rss(), "llama_cpp_version": getattr(llama_cpp, "__version__", None),
+            "repack": repack}
+
+
+def child_offload(model_dir: str, ids_file: str, tokens: int, cpu_bytes: int, offload_dir: str, dtype: str,
+                  threads: int, warmup: int) -> dict:
+    """transformers + accelerate's disk offload: the layers that do not fit ``cpu_bytes`` are written to
+    ``offload_dir`` and loaded from there (memory-mapped) for every forward pass."""
+    from collections import Counter
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), device_map="auto", max_memory={"cpu": int(cpu_bytes)},
+        offload_folder=offload_dir, offload_state_dict=True).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor(json.loads(Path(ids_file).read_text()))
+    out, times = _greedy(model, ids, tokens)
+    placed = Counter(str(v) for v in (getattr(model, "hf_device_map", None) or {}).values())
+    return {"tokens": out, "ms_per_token": _median(times[warmup:]), "per_token_ms": times, "load_s": load_s,
+            "device_map": dict(placed), "rss_peak_bytes": _rss()}
+
+
+def child_llama_engine(flash_dir: str, tokens: int, budget: float, threads: int, warmup: int,
+                       cache_form: str = "stored") -> dict:
+    """The llmflash engine (predictor mode) on a Llama-geometry scale model with the trace source's sets."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+
+    from llmflash.engine import Engine, EngineConfig
+    from llmflash.flashdir import open_flash_dir
+    from research.llama_scale import trace_provider
+
+    lay = open_flash_dir(flash_dir).layout
+    t0 = time.perf_counter()
+    eng = Engine(flash_dir, EngineConfig(mode="predictor", dram_budget=budget, compute_threads=threads,
+                                         cache_form=cache_form),
+                 provider=trace_provider(lay.n_layers, lay.d_ffn, lay.d_model))
+    load_s = time.perf_counter() - t0
+    res = eng.generate(torch.tensor([1]), max_new_tokens=tokens)
+    times = [t.total_ms for t in res.per_token]
+    s = res.summary()
+    return {"tokens": res.tokens, "ms_per_token": _median(times[warmup:]), "per_token_ms": times, "summary": s,
+            "dram_bytes": res.dram_bytes, "model_bytes": res.model_bytes, "load_s": load_s, "rss_peak_bytes": _rss()}
+
+
 def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description="children for memory-limit runs (see the module docstring)")
-    p.add_argument("kind", choices=("skeleton", "mmap", "hf", "engine"))
+    p.add_argument("kind", choices=("skeleton", "mmap", "hf", "engine", "llamacpp", "offload", "llama_engine"))
     p.add_argument("path")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--tokens", type=int, default=8)
@@ -302,6 +446,13 @@ def main() -> None:
     p.add_argument("--threshold-sparsity", type=float, default=0.8)
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--ids-file", help="llamacpp, offload: a JSON list of prompt token ids")
+    p.add_argument("--threads", type=int, default=1, help="llamacpp, offload, llama_engine: compute threads")
+    p.add_argument("--no-repack", action="store_true", help="llamacpp: keep the weights in the mmap-ed file")
+    p.add_argument("--cpu-bytes", type=int, default=0, help="offload: accelerate's max_memory for the CPU")
+    p.add_argument("--offload-dir", help="offload: accelerate's offload folder")
+    p.add_argument("--dtype", default="bfloat16", help="offload: the weights' dtype")
+    p.add_argument("--cache-form", default="stored", help="llama_engine: the neuron cache's form (stored|compute)")
     a = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if a.kind == "skeleton":
@@ -310,6 +461,12 @@ def main() -> None:
         res = child_mmap(a.path, a.prompt_tokens, a.tokens, a.sparsity, a.threshold_sparsity)
     elif a.kind == "hf":
         res = child_hf(a.path, a.prompt_tokens, a.tokens)
+    elif a.kind == "llamacpp":
+        res = child_llamacpp(a.path, a.ids_file, a.tokens, a.threads, a.warmup, not a.no_repack)
+    elif a.kind == "offload":
+        res = child_offload(a.path, a.ids_file, a.tokens, a.cpu_bytes, a.offload_dir, a.dtype, a.threads, a.warmup)
+    elif a.kind == "llama_engine":
+        res = child_llama_engine(a.path, a.tokens, a.budget, a.threads, a.warmup, a.cache_form)
     else:
         res = child_engine(a.path, a.tokens, a.budget, a.warmup)
     print("RESULT " + json.dumps(res), flush=True)

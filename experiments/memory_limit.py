@@ -10,8 +10,10 @@ every loader alike. Inside that limit (page cache charged to the group):
   budget does not count: cache index arrays, compute temporaries);
 - mmap: the same flash directory's files mmap-ed, dense compute over zero-copy views (llama.cpp-style loading);
 - from_pretrained: transformers' loader of the original Hugging Face directory (real model, when one is cached).
-Every run starts with the model's files evicted from the page cache (else pages cached earlier, charged to another
-group, would be free for the child). Reported: completed or not (OOM kill, timeout), ms per token (median), peak
+Every run starts with the whole page cache dropped (``memlimit.run_limited``: libraries included, else pages cached
+earlier, charged to another group, would be free for the child); pages this parent maps (it has torch loaded) stay
+shared with the child: ``experiments/peer_llamacpp.py`` keeps its parent free of torch and gives its children a
+private copy. Reported: completed or not (OOM kill, timeout), ms per token (median), peak
 cgroup usage.
 """
 

@@ -108,6 +108,8 @@ NOT_END_TO_END = {
     "memlimit": "a library of child processes under memory limits (tested in tests/test_experiments.py)",
     "memory_growth": "runs the 13 GB scale model for many tokens",
     "memory_limit": "runs child processes under memory limits for minutes",
+    "peer_llamacpp": "runs llama.cpp (the optional extra `peer`) and llmflash in memory cgroups for minutes "
+                     "(its pieces and skip path: tests/test_peer.py)",
     "predictor_tradeoff": "trains predictors on smollm2 activations (the real model)",
     "profile_io": "profiles the disk with GBs of direct reads",
     "quantized": "converts smollm2-relu (the real model) at four dtypes; its machinery is tested in tests/test_quant.py",
