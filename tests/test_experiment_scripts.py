@@ -118,6 +118,7 @@ NOT_END_TO_END = {
     "relufy_gpu": "relufies smollm2 on a GPU",
     "relufy_report": "rewrites results/relufy from committed runs",
     "sparse_campaign_report": "reports on committed GPU campaign runs",
+    "sparse_frontier_ratios": "recomputes ratios from committed GPU run records (results/relufy/campaign*)",
     "sparse_continuations": "generates with the relufied smollm2 (the real model)",
     "sparse_heldout_cpu": "evaluates the relufied smollm2 (the real model) on held-out text",
     "threshold_curve": "calibrates thresholds on smollm2 (the real model)",
