@@ -120,6 +120,11 @@ def lora_factors(tensors: dict[str, Tensor], w: str) -> tuple[Tensor, Tensor]:
     return factors[0], factors[1]
 
 
+def lora_rank(tensors: dict[str, Tensor]) -> int:
+    """The rank of an artifact's attention LoRA (0 without one)."""
+    return next((int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A")), 0)
+
+
 def decode_deltas(base: dict[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Apply an artifact's tensors to a base state dict: the trained weights (float32), act_bias included."""
     state = {k: v.float().clone() for k, v in base.items()}

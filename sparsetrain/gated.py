@@ -241,7 +241,7 @@ def _export_plain(trainer: Trainer, applied: CompactLlama, tensors: dict, shape:
                   args) -> dict:
     """A continuation without gates (e.g. ``--rule act``): thresholds recalibrated on the applied model, evaluation,
     the sparsity frontier and the probe (read fraction of a rank-128 predictor at recall 0.95)."""
-    from llmflash.sparse_model import write_artifact
+    from llmflash.sparse_model import lora_rank, write_artifact
 
     from .job import calibrate, run_probe
     from .job import frontier as sparsity_frontier
@@ -253,19 +253,15 @@ def _export_plain(trainer: Trainer, applied: CompactLlama, tensors: dict, shape:
     fr = sparsity_frontier(trainer, applied, teacher, args.frontier_tokens) if args.frontier_tokens else []
     probe = run_probe(trainer, applied)
     say(f"probe: {json.dumps(probe['summary'])}")
-    lora_rank = tensors_lora_rank(tensors)
+    rank = lora_rank(tensors)
     cfg = {"base": "smollm2", "activation": trainer.r.arm, "n_layers": shape.n_layers, "d_ffn": shape.d_ffn,
            "target_sparsity": trainer.r.target_sparsity, "thresholds": applied.thresholds(),
            "rule_on": applied.rule_on(),
            "delta_encoding": {"ffn": "int4, symmetric, groups of 64 inputs, fp16 scales",
-                              "attention": f"LoRA rank {lora_rank}, fp16", "norms": "fp32"},
+                              "attention": f"LoRA rank {rank}, fp16", "norms": "fp32"},
            "training": {**record, "shipped_eval": ev, "shipped_probe": probe["summary"]}}
     write_artifact(out, tensors, cfg, shape.n_layers, shards=4)
     return {"eval": ev, "frontier": fr, "probe": probe}
-
-
-def tensors_lora_rank(tensors: dict) -> int:
-    return next((int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A")), 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def truncate_lora(art: Path, rank: int, int8: bool = False) -> dict:
     """Re-encode every attention LoRA delta B @ A of ``art`` in place: at rank ``rank`` (its best rank-k approximation,
     by SVD; 0 keeps the rank), with ``int8`` as int8 factors (balanced: sqrt of the singular values on each side) with
     per-row float16 scales. Returns the relative Frobenius error of the deltas (mean and max) and the bytes saved."""
-    from llmflash.sparse_model import lora_factors, quantize_int8_rows, read_artifact, write_artifact
+    from llmflash.sparse_model import lora_factors, lora_rank, quantize_int8_rows, read_artifact, write_artifact
 
     cfg, tensors = read_artifact(art)
     errs, before = [], sum(v.numel() * v.element_size() for v in tensors.values())
@@ -81,7 +81,7 @@ def truncate_lora(art: Path, rank: int, int8: bool = False) -> dict:
         a2, b2 = lora_factors(tensors, w)
         errs.append(float((b2 @ a2 - delta).norm() / delta.norm().clamp_min(1e-30)))
     after = sum(v.numel() * v.element_size() for v in tensors.values())
-    new_rank = next((int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A")), 0)
+    new_rank = lora_rank(tensors)
     report = {"rank": new_rank, "int8": int8, "delta_rel_error_mean": sum(errs) / max(1, len(errs)),
               "delta_rel_error_max": max(errs, default=0.0), "bytes_saved": before - after}
     enc = dict(cfg.get("delta_encoding", {}))

@@ -3,6 +3,7 @@ the artifact round-trips, and the device job runs end to end (A/B of both arms, 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -235,13 +236,11 @@ def test_predictors_job_on_cpu(tmp_path, monkeypatch):
     assert all(L["recall"] >= 0.94 for L in rec["layers"])  # calibrated to 0.95 on its calibration windows
 
 
-def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
-    """``gated run --keep 0 --rule act``: a plain continuation (no gates) whose thresholds compare |act(gate x)|; the
-    exported artifact carries the rule, loads into the Hugging Face model with it, and the predictor job reads it."""
-    from llmflash.sparsity import model_rule
-    from sparsetrain import gated, job, predictors_job
+def _continuation_setup(tmp_path, monkeypatch, seed: int):
+    """A tiny base model saved in tmp_path/base, tiny streams, and the run's calibration, frontier and probe shrunk."""
+    from sparsetrain import gated, job
 
-    base = save_tiny(tiny_llama(seed=4, d_ffn=128), tmp_path / "base")
+    base = save_tiny(tiny_llama(seed=seed, d_ffn=128), tmp_path / "base")
     _tiny_streams(tmp_path, monkeypatch)
     monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
     monkeypatch.setattr(job, "CALIB_TOKENS", 1024)
@@ -249,6 +248,16 @@ def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "PROBE_STEPS", 5)
     probe = job.run_probe
     monkeypatch.setattr(job, "run_probe", lambda t, m: probe(t, m, train_tokens=1024, held_tokens=512))
+    return base
+
+
+def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
+    """``gated run --keep 0 --rule act``: a plain continuation (no gates) whose thresholds compare |act(gate x)|; the
+    exported artifact carries the rule, loads into the Hugging Face model with it, and the predictor job reads it."""
+    from llmflash.sparsity import model_rule
+    from sparsetrain import gated, predictors_job
+
+    base = _continuation_setup(tmp_path, monkeypatch, seed=4)
     out = tmp_path / "out"
     gated.main(["run", "--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "4", "--tokens-per-step",
                 "256", "--micro-batch-seqs", "2", "--seq-len", "64", "--eval-every", "2", "--eval-tokens", "512",
@@ -272,16 +281,9 @@ def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
 def test_continuation_as_the_relu_arm_on_cpu(tmp_path, monkeypatch):
     """``gated run --keep 0 --arm relu``: a SiLU start continued as the ReLU arm (SiLU blends into the shifted ReLU,
     L1 pressure on the ramp); the exported artifact is a ReLU model that the Hugging Face model loads with its act_bias."""
-    from sparsetrain import gated, job
+    from sparsetrain import gated
 
-    base = save_tiny(tiny_llama(seed=5, d_ffn=128), tmp_path / "base")
-    _tiny_streams(tmp_path, monkeypatch)
-    monkeypatch.setattr(gated, "CALIB_TOKENS", 1024)
-    monkeypatch.setattr(job, "CALIB_TOKENS", 1024)
-    monkeypatch.setattr(job, "FRONTIER", (0.8,))
-    monkeypatch.setattr(job, "PROBE_STEPS", 5)
-    probe = job.run_probe
-    monkeypatch.setattr(job, "run_probe", lambda t, m: probe(t, m, train_tokens=1024, held_tokens=512))
+    base = _continuation_setup(tmp_path, monkeypatch, seed=5)
     out = tmp_path / "out"
     gated.main(["run", "--base", str(base), "--device", "cpu", "--no-compile", "--total-steps", "4", "--tokens-per-step",
                 "256", "--micro-batch-seqs", "2", "--seq-len", "64", "--eval-every", "0", "--eval-tokens", "512",
@@ -292,8 +294,9 @@ def test_continuation_as_the_relu_arm_on_cpu(tmp_path, monkeypatch):
     cfg, tensors = read_artifact(out)
     assert cfg["activation"] == "relu" and cfg["training"]["recipe"]["arm"] == "relu"
     assert any(k.endswith("mlp.act_bias") for k in tensors)  # the learned shifts travel with the artifact
-    curve = (tmp_path / "w" / "gated" / "curve.csv").read_text().splitlines()
-    assert len(curve) == 5 and float(curve[-1].split(",")[list(curve[0].split(",")).index("l1_weight")]) > 0
+    with (tmp_path / "w" / "gated" / "curve.csv").open() as f:
+        curve = list(csv.DictReader(f))
+    assert len(curve) == 4 and float(curve[-1]["l1_weight"]) > 0
     final = json.loads((tmp_path / "w" / "gated" / "final.json").read_text())
     assert final["record"]["tokens_per_s_median"] > 0 and final["probe"]["summary"]
     # the frontier scores more tokens than the run's evaluation: the original is scored on the same ones
