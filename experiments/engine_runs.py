@@ -189,15 +189,16 @@ def real_cfg(setup: dict, mode: str, **kw) -> EngineConfig:
                         predictors=setup["predictors"] if mode == "predictor" else None, **kw)
 
 
-def trace_provider_factory(kind: str = "predicted", perm=None, seed: int = 0):
-    """A factory of scale-model providers (the trace source), and the key that identifies it."""
+def trace_provider_factory(kind: str = "predicted", perm=None, seed: int = 0, guess_recall: float = 1.0):
+    """A factory of scale-model providers (the trace source), and the key that identifies it. ``guess_recall``: the
+    simulated lookahead guess's recall (``research.trace.TraceProvider``; used only with lookahead)."""
     from research.trace import PAPER_FLICKER, PAPER_RHO, PAPER_SIGMA_B, TraceModel, TraceProvider, paper_params
 
     def make():
-        return TraceProvider(TraceModel(paper_params(seed=seed), 16384), kind=kind, perm=perm)
+        return TraceProvider(TraceModel(paper_params(seed=seed), 16384), kind=kind, perm=perm, guess_recall=guess_recall)
 
     key = {"trace": "paper_params", "sigma_b": PAPER_SIGMA_B, "rho": PAPER_RHO, "flicker": PAPER_FLICKER, "kind": kind,
-           "seed": seed,
+           "seed": seed, "guess_recall": guess_recall,
            "perm": None if perm is None else hashlib.sha256(np.concatenate(perm).tobytes()).hexdigest()[:12]}
     return make, key
 
@@ -220,6 +221,7 @@ ROWS = {
     "window_unbundled": "hybrid + predictor + window k=5 (unbundled layout)",
     "ours": "hybrid + predictor + window k=5 + bundling (ours)",
     "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
+    "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
 }
 
 
@@ -240,8 +242,9 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
 def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
-                 device: str = "cpu", io_threads: Optional[int] = None) -> dict:
-    """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``)."""
+                 device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0) -> dict:
+    """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
+    ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
     n0, w0 = n_tokens(quick, model, row)
@@ -252,6 +255,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["device"] = device
     if io_threads is not None:
         extra["io_threads"] = io_threads
+    if row == "ours_lookahead":
+        extra["lookahead"] = True
     if row == "ours_coact" and scale:
         raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
@@ -267,7 +272,7 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     if scale:
         cfg = EngineConfig(mode=mode, dram_budget=budget, window=win, **extra)
         if mode == "predictor":
-            fac, key = trace_provider_factory("predicted", perm=perm)
+            fac, key = trace_provider_factory("predicted", perm=perm, guess_recall=guess_recall)
             kw.update(provider_factory=fac, provider_key=key, perm=None)
         return run(directory, cfg, n, prompt=SCALE_PROMPT, **kw)
     cfg = real_cfg(setup, mode, dram_budget=budget, window=win, **extra)

@@ -11,9 +11,15 @@ naive row) and copies it to the GPU.
 
 It writes the scale model on that machine (13.4 GB, ``LLMFLASH_CACHE``), profiles its disk with ``profile-io`` (the
 reference for the read efficiency; every run uses the reader thread count it finds fastest for ours' 16 KiB reads
-among 16, 32 and 64), then runs naive and ours alternately ``--repeats`` times (the speedup of each
-repeat is naive / ours from adjacent runs), then hybrid and dense once. Active sets come from the trace source
-(simulated, as everywhere for the scale model); reads, copies and compute are measured.
+among 16, 32 and 64), then runs naive, ours and ours with lookahead alternately ``--repeats`` times (the speedup of
+each repeat is naive / ours from adjacent runs), then hybrid and dense once. Active sets come from the trace source
+(simulated, as everywhere for the scale model); reads, copies and compute are measured. Lookahead
+(``--lookahead-recall``, one row per value): layer l + 1's guessed rows are read while layer l computes; the guess is
+simulated too (the set the trace gives layer l + 1 next, each neuron kept with that probability: 1.0 is a lookahead
+predictor as good as the layer's own).
+
+Each row's I/O floor (``floor_ms``, computed): its bytes read per token at the disk's profiled throughput for its
+read sizes (``computed_io_ms``); ``x_floor`` = ms per token / floor; ``x_dense_compute`` = its compute ms / dense's.
 
 On the GPU machine (see README, "Scale model on a GPU")::
 
@@ -70,7 +76,18 @@ def summary_row(key: str, repeat: int, r: dict, naive_ms: float) -> dict:
             "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"], "label": "measured",
             "budget_gb": r["dram_bytes"] / 1e9, "host_buffers_gb": host_bytes(r) / 1e9,
             "gpu_accounted_gb": (r["dram_bytes"] - host_bytes(r)) / 1e9,
-            "gpu_peak_reserved_gb": r.get("gpu_peak_reserved_bytes", float("nan")) / 1e9}
+            "gpu_peak_reserved_gb": r.get("gpu_peak_reserved_bytes", float("nan")) / 1e9,
+            "floor_ms": s.get("computed_io_ms"),
+            "x_floor": s["ms_per_token"] / s["computed_io_ms"] if s.get("computed_io_ms") else None,
+            "lookahead": bool(r["config"].get("lookahead")),
+            "guess_recall": (r.get("provider") or {}).get("guess_recall") if r["config"].get("lookahead") else None}
+
+
+def report(head: str, row: dict) -> None:
+    print(f"{head} {row['total_ms']:,.1f} ms per token: {row['speedup_vs_naive']:.1f}x (io {row['io_ms']:.1f}, "
+          f"mem {row['mem_ms']:.1f}, compute {row['compute_ms']:.1f} ms; I/O floor {row['floor_ms'] or 0:.1f} ms, "
+          f"x{row['x_floor'] or 0:.2f}; read efficiency {row['read_efficiency'] or 0:.2f}; GPU memory peak "
+          f"{row['gpu_peak_reserved_gb']:.2f} GB of {row['gpu_accounted_gb']:.2f} accounted)", flush=True)
 
 
 def host_bytes(r: dict) -> int:
@@ -87,6 +104,9 @@ def main() -> None:
     p.add_argument("--naive-tokens", type=int, default=3, help="naive and hybrid: tokens per run (default 3)")
     p.add_argument("--profile-gb", type=float, default=2.0, help="size of the profile-io test file (GB)")
     p.add_argument("--skip", default="", help="comma-separated extra rows to skip: hybrid, dense")
+    p.add_argument("--lookahead-recall", default="1.0",
+                   help="comma-separated recalls of the simulated lookahead guess, one 'ours_lookahead' row each in "
+                        "every repeat ('' for none; default 1.0)")
     p.add_argument("--io-threads", type=int, default=0,
                    help="reader threads (0 = the count profile-io finds fastest for 16 KiB reads among 16, 32, 64)")
     p.add_argument("--replot", action="store_true",
@@ -96,7 +116,7 @@ def main() -> None:
     if args.replot:
         data = json.loads((args.out / "gpu_scale.json").read_text())
         naive_ms = [n["summary"]["ms_per_token"] for n in data["runs"]["naive"]]
-        rows = [summary_row(k, i + 1, r, naive_ms[i] if k in ("naive", "ours") else statistics.median(naive_ms))
+        rows = [summary_row(k, i + 1, r, naive_ms[i] if k == "naive" or k.startswith("ours") else statistics.median(naive_ms))
                 for k, rs in data["runs"].items() for i, r in enumerate(rs)]
         plot(rows, data, args.out / "gpu_scale.png")
         return
@@ -116,7 +136,9 @@ def main() -> None:
                                          and r["threads"] in PROFILE_THREADS), key=lambda r: r["gbps"])["threads"]
     table = sorted((r["chunk_bytes"], r["gbps"]) for r in profile if r["threads"] == io_threads)
     print(f"reader threads: {io_threads}", flush=True)
-    runs: dict[str, list[dict]] = {"naive": [], "ours": []}
+    recalls = [float(r) for r in args.lookahead_recall.split(",") if r.strip()]
+    ahead_keys = [f"ours_lookahead_r{r:g}" for r in recalls]
+    runs: dict[str, list[dict]] = {"naive": [], "ours": [], **{k: [] for k in ahead_keys}}
     rows: list[dict] = []
     data = {"paper_opt_6_7b_gpu": PAPER_GPU, "profile_io": profile, "setup": setup, "runs": runs,
             "disk_free_bytes": shutil.disk_usage(cache_dir()).free}
@@ -138,11 +160,14 @@ def main() -> None:
         runs["ours"].append(ours)
         n_ms = naive["summary"]["ms_per_token"]
         rows += [summary_row("naive", i + 1, naive, n_ms), summary_row("ours", i + 1, ours, n_ms)]
-        print(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours {ours['summary']['ms_per_token']:,.1f} ms per token: "
-              f"{rows[-1]['speedup_vs_naive']:.1f}x (ours io {rows[-1]['io_ms']:.1f}, mem {rows[-1]['mem_ms']:.1f}, "
-              f"compute {rows[-1]['compute_ms']:.1f} ms; read efficiency {rows[-1]['read_efficiency'] or 0:.2f}; "
-              f"GPU memory peak {rows[-1]['gpu_peak_reserved_gb']:.2f} GB of {rows[-1]['gpu_accounted_gb']:.2f} accounted)",
-              flush=True)
+        report(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours", rows[-1])
+        for key, recall in zip(ahead_keys, recalls):
+            r = engine_runs.standard_run(setup, "ours_lookahead", False, budget=args.budget, table=table, n=args.tokens,
+                                         warmup=WARMUP, share=False, device=args.device, io_threads=io_threads,
+                                         guess_recall=recall)
+            runs[key].append(r)
+            rows.append(summary_row(key, i + 1, r, n_ms))
+            report(f"repeat {i + 1}: {key}", rows[-1])
         write()
     naive_ms = statistics.median(r["summary"]["ms_per_token"] for r in runs["naive"])
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -154,6 +179,9 @@ def main() -> None:
         runs[key] = [r]
         rows.append(summary_row(key, 1, r, naive_ms))
         print(f"{key}: {r['summary']['ms_per_token']:,.1f} ms per token ({rows[-1]['speedup_vs_naive']:.1f}x)", flush=True)
+        if key == "dense":
+            for row in rows:
+                row["x_dense_compute"] = row["compute_ms"] / rows[-1]["compute_ms"]
         write()
     plot(rows, data, args.out / "gpu_scale.png")
     print(f"speedup ours vs naive per repeat: {', '.join(f'{s:.1f}x' for s in data['speedups'])} "
@@ -167,7 +195,8 @@ def plot(rows: list[dict], data: dict, png) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6), gridspec_kw={"width_ratios": [1.3, 0.9, 0.9, 1]})
     ax, ax1, ax2, ax3 = axes
     best = {}
-    for key in ("naive", "hybrid", "ours", "dense"):  # the median repeat of each method
+    methods = ["naive", "hybrid", "ours"] + sorted({r["method"] for r in rows if r["method"].startswith("ours_")}) + ["dense"]
+    for key in methods:  # the median repeat of each method
         rs = sorted((r for r in rows if r["method"] == key), key=lambda r: r["total_ms"])
         if rs:
             best[key] = rs[len(rs) // 2]
@@ -180,12 +209,13 @@ def plot(rows: list[dict], data: dict, png) -> None:
         ax.annotate(f"{b['total_ms']:,.0f} ms", (x[i], b["total_ms"]), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=8)
     ax.set_xticks(x)
-    ax.set_xticklabels([k.replace("paper ", "paper\n") for k, _ in bars], fontsize=8)
+    ax.set_xticklabels([k.replace("paper ", "paper\n").replace("ours_lookahead_r", "ours +\nlookahead\nrecall ")
+                        for k, _ in bars], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("latency per token (ms, log scale)")
     ax.set_title("Per-token latency: this GPU machine (measured, purple) vs the paper's RTX 4090 (grey)", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
-    parts = [k for k in ("ours", "dense") if k in best] + ["paper ours"]
+    parts = [k for k in methods if k in best and k not in ("naive", "hybrid")] + ["paper ours"]
     bottom = np.zeros(len(parts))
     for part, col, name in (("io_ms", "tab:red", "flash I/O (waiting)"), ("mem_ms", "tab:green", "memory mgmt + host->GPU"),
                             ("compute_ms", "tab:blue", "compute")):
@@ -193,14 +223,21 @@ def plot(rows: list[dict], data: dict, png) -> None:
         ax1.bar(np.arange(len(parts)), v, 0.6, bottom=bottom, color=col, label=name)
         bottom += v
     ax1.set_xticks(np.arange(len(parts)))
-    ax1.set_xticklabels(parts, fontsize=8)
+    ax1.set_xticklabels([k.replace("ours_lookahead_r", "lookahead\nr=") for k in parts], fontsize=8)
+    floors = [(i, best[k]["floor_ms"]) for i, k in enumerate(parts) if k in best and best[k].get("floor_ms")]
+    if floors:
+        ax1.plot(*zip(*floors), "k_", ms=22, mew=2, label="I/O floor (computed: bytes / profiled GB/s)")
     ax1.set_ylabel("ms per token")
     ax1.set_title("Where ours' time goes (stacked)", fontsize=9)
     ax1.legend(fontsize=8)
     ax1.grid(True, axis="y", alpha=0.3)
     sp = data["speedups"]
     ax2.plot(range(1, len(sp) + 1), sp, "o-", label="naive / ours, per repeat")
-    ax2.axhline(15, color="grey", ls="--", label="target 15x")
+    for key in methods:
+        if key.startswith("ours_lookahead"):
+            v = [r["speedup_vs_naive"] for r in sorted((r for r in rows if r["method"] == key), key=lambda r: r["repeat"])]
+            ax2.plot(range(1, len(v) + 1), v, "s--", label=f"naive / {key.replace('ours_lookahead_r', 'lookahead, recall ')}")
+    ax2.axhline(25, color="grey", ls="--", label="target 25x (issue 15)")
     ax2.axhline(PAPER_GPU["naive"][3] / PAPER_GPU["ours"][3], color="tab:orange", ls=":", label="paper, RTX 4090 (26x)")
     ax2.set_xticks(range(1, len(sp) + 1))
     ax2.set_xlabel("repeat (naive and ours run back to back)")

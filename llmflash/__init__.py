@@ -7,6 +7,7 @@ Core (this package)
     ``errors``     user-facing errors (one line, no traceback in the CLI)
     ``paths``      atomic files and directories, the cache directory
     ``storage``    aligned buffers and the parallel direct-I/O reader
+    ``threads``    reader and compute thread counts chosen from the cores free at start
     ``layout``     the ``ffn.bin`` layout (row-column bundles, 4 KiB aligned; quantized rows 512 B) and read plans
     ``quant``      group-wise int8/int4 codec of quantized FFN rows, int8 resident weights (``Int8Linear``)
     ``manifest``   the typed ``Manifest`` of a flash directory
@@ -14,6 +15,7 @@ Core (this package)
     ``ffn``        FFN math shared by every path: weights, activation, sparsity rules, ``DenseFFN``
     ``arch``       architecture adapters (Llama family, OPT family): where the FFN lives
     ``models``     model resolution (aliases, hub ids, local dirs, GGUF) and loading, a flash directory in memory
+    ``budget``     the DRAM budget planner (pure arithmetic: the caches' rows, the reserve, the minimum)
     ``cache_policy`` which neurons a layer's cache keeps: sliding window (default), LRU, pinned hot set + window
     ``cache``      the preallocated neuron cache (slots and a free list, hit/miss/eviction counters; membership: its
                    policy)
@@ -22,8 +24,11 @@ Core (this package)
     ``step``       the sparse step's reads into cache slots (``slot_plan``) and its native compute (``NativeRows``)
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
+    ``backend``    where the model computes: the CPU, or an accelerator the host copies rows to (pinned buffers,
+                   asynchronous copies, one wait per layer for the active set)
+    ``metrics``, ``hooks``: one per-token record (``TokenStats``) and run result; observer hooks for experiments
     ``engine``     the inference engine (dense, naive, hybrid, oracle, predictor modes)
-    ``sparsity``, ``text``, ``evaluate``, ``report``: thresholds, text sources, perplexity, JSON/format helpers
+    ``sparsity``, ``text``, ``corpora``, ``evaluate``, ``report``: thresholds, text sources, perplexity, JSON/format helpers
     ``sparse_model``, ``relufy_v1_format``: loading a trained sparse model (``llmflash-sparse/1``; the first
                    relufication's ``llmflash-relufy/1``, loading only)
 Build

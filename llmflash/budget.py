@@ -5,7 +5,8 @@ staging buffer, the predictors; on an accelerator the device staging too) and th
 
 - sparse modes: one neuron cache per layer, rows split by each layer's expected demand (``cache.split_rows``),
   each at least ``min_cache_rows`` and at most the layer's neurons; a working reserve held back (not allocated) of
-  ``reserve`` times the largest cache; on an accelerator a host landing buffer as large as the largest cache;
+  ``reserve`` times the largest cache; on an accelerator a host landing buffer as large as the largest cache (two
+  with lookahead: one layer's reads land while the next one's are already in flight);
 - ``hybrid``: as many whole layers resident as fit, the rest streamed;
 - ``naive`` / ``dense``: nothing more (``dense`` is the reference and has no budget).
 """
@@ -22,7 +23,7 @@ from .cache import split_rows
 class SparsePlan:
     cache_rows: tuple[int, ...]  # per layer
     reserve_rows: int  # the working reserve, in rows: held back inside the budget, not allocated
-    landing_rows: int  # accelerator: the host landing buffer's rows (the largest cache); 0 on the CPU
+    landing_rows: int  # accelerator: the host landing buffers' rows (each the largest cache); 0 on the CPU
 
     def planned_bytes(self, row_bytes: int) -> int:
         return (sum(self.cache_rows) + self.reserve_rows + self.landing_rows) * row_bytes
@@ -39,11 +40,12 @@ class SparseBudget:
     reserve: float = 0.0  # working reserve, in multiples of the largest cache
     offload: bool = False  # accelerator: reads land in a host buffer before the device cache
     demand: Optional[Sequence[float]] = None  # expected share of each layer's neurons per token; None: alike
+    landings: int = 1  # with ``offload``: host landing buffers (2 with lookahead)
 
     @property
     def minimum_bytes(self) -> int:
         """The smallest budget that holds ``min_cache_rows`` per layer with its landing and reserve share."""
-        per_row = int(self.row_bytes * (self.n_layers + self.offload + self.reserve))
+        per_row = int(self.row_bytes * (self.n_layers + self.offload * self.landings + self.reserve))
         return self.fixed_bytes + self.min_cache_rows * per_row
 
     def plan(self) -> SparsePlan:
@@ -56,7 +58,7 @@ class SparseBudget:
             return split_rows(rows_for_caches, demand, self.d_ffn, self.min_cache_rows)
 
         def held(rows: list[int]) -> tuple[int, int]:  # (reserve, landing) rows, sized by the largest cache
-            return int(self.reserve * max(rows)), (max(rows) if self.offload else 0)
+            return int(self.reserve * max(rows)), (max(rows) * self.landings if self.offload else 0)
 
         rows = split(total_rows)
         reserve_rows, landing_rows = held(rows)

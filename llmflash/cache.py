@@ -88,12 +88,15 @@ class DeviceRows(_Rows):
         self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=held, device=device)
                      for seg in layout.segments]
 
-    def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
+    def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray, non_blocking: bool = False) -> None:
         """Copy host rows [host_start, host_start + n) into rows [start, start + n), or into the slots ``start``
-        (int64 [n]) of a neuron cache (synchronous); quantized host rows into float rows are dequantized on arrival."""
+        (int64 [n]) of a neuron cache; quantized host rows into float rows are dequantized on arrival.
+        ``non_blocking`` (page-locked host rows): the copies are queued on the device's stream and the host rows must
+        stay untouched until they are done (``backend.AcceleratorBackend`` records when)."""
         if not n:
             return
-        slots = torch.from_numpy(start).to(self.rows[0].device) if isinstance(start, np.ndarray) else None
+        slots = (torch.from_numpy(start).to(self.rows[0].device, non_blocking=non_blocking)
+                 if isinstance(start, np.ndarray) else None)
         if host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
             for seg in self.layout.segments:
                 for name in seg.parts:
@@ -107,10 +110,10 @@ class DeviceRows(_Rows):
             return
         if slots is not None:
             for dst, src in zip(self.rows, host.rows):
-                dst.index_copy_(0, slots, src[host_start : host_start + n].to(dst.device))
+                dst.index_copy_(0, slots, src[host_start : host_start + n].to(dst.device, non_blocking=non_blocking))
             return
         for dst, src in zip(self.rows, host.rows):
-            dst[start : start + n].copy_(src[host_start : host_start + n])
+            dst[start : start + n].copy_(src[host_start : host_start + n], non_blocking=non_blocking)
 
 
 @dataclass

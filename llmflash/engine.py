@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import Adapter, HFModel
+from .backend import Backend, make_backend
 from .budget import SparseBudget, hybrid_resident_layers
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
@@ -60,7 +61,7 @@ from .provider import ActiveSetProvider, GateProvider, OracleProvider, Predictor
 from .quant import compute_layout, dense_layer_bytes, part_rows
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, slot_plan
-from .storage import FlashReader, pin_buffer, unpin_buffer
+from .storage import FlashReader
 from .threads import choose_threads, sense_cpu
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class _FlashFFNBase(nn.Module):
         for o in e.observers:
             o.read_plan(self.layer, ids)
         if ids.size:
+            e.backend.before_reads(store)  # copies out of these host rows (to an accelerator) are done
             for seg, buf in zip(e.fd.layout.segments, store.buffers):
                 if isinstance(dest, np.ndarray):
                     fo, nb, do = slot_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
@@ -222,7 +224,7 @@ class _FlashFFNBase(nn.Module):
         if not isinstance(rows, DeviceRows):
             return host
         t0 = _now_ms()
-        rows.load(host, n, host_start, start)
+        self.e.backend.load(rows, host, n, host_start, start)
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
@@ -326,16 +328,19 @@ class SparseFFN(_FlashFFNBase):
                                  row_layout=engine.row_layout)
         self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
         self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
-        self._prefetch: Optional[tuple[list, np.ndarray]] = None  # (tickets, slots) read ahead for this layer
+        # (tickets, slots) read ahead for this layer: into the cache's slots, or (accelerator) into its landing
+        # buffer's first rows, copied into the slots when they have arrived (``_land_prefetch``)
+        self._prefetch: Optional[tuple[list, np.ndarray]] = None
 
-    def _landing(self, slots: np.ndarray) -> tuple[RowStore, int | np.ndarray]:
-        """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in the engine's
-        host landing buffer from row 0 (accelerator; ``_upload`` then copies them into the slots)."""
+    def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
+        """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
+        host landing buffer from row ``start`` (accelerator; ``_upload`` then copies them into the slots)."""
         store = self.cache.store
         if isinstance(store, RowStore):
             return store, slots
-        assert self.e.landing is not None  # an engine with device caches has a landing buffer
-        return self.e.landing, 0
+        landings = self.e.landings
+        assert landings  # an engine with device caches has a landing buffer
+        return landings[self.layer % len(landings)], start
 
     def _update(self, need: np.ndarray, evict: bool = True, lookup: bool = True) -> CacheUpdate:
         upd = self.cache.update(need, self.e.step, evict=evict, lookup=lookup)
@@ -348,7 +353,7 @@ class SparseFFN(_FlashFFNBase):
         return upd
 
     def _ids(self, mask: Tensor) -> np.ndarray:
-        return mask.any(dim=0).nonzero().flatten().cpu().numpy()
+        return self.e.backend.host_ids(mask)
 
     def _need(self, x: Tensor, guess: bool = False) -> np.ndarray:
         """Union of the provider's active sets (or guessed sets) over the rows of x: sorted neuron ids."""
@@ -358,6 +363,8 @@ class SparseFFN(_FlashFFNBase):
         assert provider is not None  # sparse modes always have one
         if guess:
             ids = self._ids(provider.guess(self.layer, x))
+        elif e.accelerator:  # the mask comes back through page-locked memory: the layer's one wait
+            ids = self._ids(provider.active(self.layer, x))
         else:
             ids = provider.active_ids(self.layer, x)  # x [T, d] -> sorted ids of the union over the rows
         dt = _now_ms() - t0
@@ -377,8 +384,15 @@ class SparseFFN(_FlashFFNBase):
         upd = self._update(guess, lookup=False)  # slides the window; guessed overflow is dropped
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
-        land, dest = self._landing(upd.dest_slots)  # the cache itself: lookahead runs on the CPU only
+        land, dest = self._landing(upd.dest_slots)
         self._prefetch = (self._submit(land, upd.load_ids, dest), upd.dest_slots)
+
+    def _land_prefetch(self, pre: tuple[list, np.ndarray]) -> None:
+        """Wait for the reads a lookahead started for this layer; on an accelerator copy them into their slots."""
+        self._wait(pre[0])
+        if pre[1].size:
+            land, _ = self._landing(pre[1])
+            self._upload(land, self.cache.store, pre[1].size, 0, pre[1])
 
     def drain(self) -> None:
         """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
@@ -410,7 +424,7 @@ class SparseFFN(_FlashFFNBase):
             if late > cache.free.size:  # slots must be freed to make room: let the early reads land first
                 # (issued a layer ago, they have mostly arrived by now)
                 e.meter.mem_ms += _now_ms() - t0
-                self._wait(pre[0])
+                self._land_prefetch(pre)
                 pre = None
                 t0 = _now_ms()
         # after a lookahead the window has already slid for this step: nothing is freed while its reads are in flight
@@ -419,7 +433,8 @@ class SparseFFN(_FlashFFNBase):
         e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
-        land, dest = self._landing(upd.dest_slots)
+        # (on an accelerator they land after the rows a lookahead read ahead, which are not copied over yet)
+        land, dest = self._landing(upd.dest_slots, 0 if pre is None else pre[1].size)
         pending = self._submit(land, upd.load_ids, dest)
         overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
@@ -429,12 +444,13 @@ class SparseFFN(_FlashFFNBase):
         ids = cache.ids
         y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
-            self._wait(pre[0])
+            self._land_prefetch(pre)
             if pre[1].size:
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         self._wait(pending)
         if upd.load_ids.size:
-            rows = self._upload(land, cache.store, upd.load_ids.size, 0, upd.dest_slots)
+            rows = self._upload(land, cache.store, upd.load_ids.size, 0 if isinstance(dest, np.ndarray) else dest,
+                                upd.dest_slots)
             y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
         if overflow_pending is not None:
             self._wait(overflow_pending)
@@ -494,20 +510,18 @@ class Engine:
         self._layers_timed = False
         if config.cache_form not in CACHE_FORMS:
             raise LLMFlashError(f"unknown cache form {config.cache_form!r}: use one of {', '.join(CACHE_FORMS)}")
-        self.device = _device(config.device)
+        # where the model computes (``backend``): the CPU, or an accelerator the host copies rows to
+        self.backend: Backend = make_backend(config.device, stand_in=self.copy_on_cpu)
+        self.device = self.backend.device
         self.fd = fd = flash_dir if isinstance(flash_dir, FlashDir) else open_flash_dir(flash_dir)
-        self.accelerator = self.device.type != "cpu" or self.copy_on_cpu  # the model computes apart from the host
+        self.accelerator = self.backend.accelerator  # the model computes apart from the host
         dequantize_on_read = fd.layout.quantized and config.cache_form == "compute"
         # the rows computed on are kept apart from those reads land in: on an accelerator, or dequantized on arrival
         self.offload = self.accelerator or dequantize_on_read
         # the layout of those compute rows: the file's, or float rows of the compute dtype (no alignment padding)
         self.row_layout = compute_layout(fd.layout, fd.manifest.compute_dtype) if dequantize_on_read else fd.layout
-        if self.offload and config.lookahead:
-            raise LLMFlashError("--lookahead needs reads to land in the caches: use --device cpu (and --cache-form "
-                                "stored for a quantized directory), or drop --lookahead")
         if config.lookahead and not config.reuse:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
-        self._pinned: list = []
         large = fd.layout.d_model >= LARGE_D_MODEL
         # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
         self.threads = choose_threads(sense_cpu(), sparse=config.mode in SPARSE_MODES, large=large,
@@ -520,7 +534,7 @@ class Engine:
         # compute thread for large ones (compute-bound: the scale model)
         self.native_threads = self.compute_threads if large else 1
         # the native step's library, loaded (built on first use) when the config asks for it and it applies
-        self._native_lib = config.native and self.device.type == "cpu" and not self.copy_on_cpu \
+        self._native_lib = config.native and self.backend.native_ok \
             and config.mode in ("naive", "hybrid", *SPARSE_MODES) and native_library() is not None
         fd.verify_ffn()
         self.tokenizer = fd.tokenizer()
@@ -549,13 +563,15 @@ class Engine:
         staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
         self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
         self.staging_rows: RowStore | DeviceRows = self.staging  # what streamed chunks are computed from
-        self.landing: Optional[RowStore] = None  # accelerator, sparse modes: where the cache's reads land
+        # where the caches' reads land apart from the caches (accelerator, or rows dequantized on arrival): one host
+        # buffer, or two with lookahead (layer l's reads land in landings[l % 2] while layer l + 1's are in flight)
+        self.landings: list[RowStore] = []
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
         if self.offload:
             self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes
-            self._pin(self.staging.buffers)
+            self.backend.pin(self.staging.buffers)
         budget_bytes = int(config.dram_budget * fd.model_bytes)
         mode = config.mode
 
@@ -569,7 +585,7 @@ class Engine:
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
                 config.min_cache_rows,
                 config.working_reserve if config.working_reserve >= 0 else (4.0 if large and not self._native_lib else 0.0),
-                self.offload, active.layer_demand,
+                self.offload, active.layer_demand, landings=2 if config.lookahead else 1,
             )
             self._check_budget(budget_bytes, sb.minimum_bytes)
             plan = sb.plan()
@@ -577,9 +593,11 @@ class Engine:
             if plan.reserve_rows:
                 self.dram["working_reserve"] = plan.reserve_rows * self.row_layout.neuron_stride_bytes  # held back
             if self.offload:
-                self.landing = RowStore(layout, plan.landing_rows, fd.dtype)
-                self.dram["landing"] = self.landing.nbytes
-                self._pin(self.landing.buffers)
+                per = plan.landing_rows // sb.landings
+                self.landings = [RowStore(layout, per, fd.dtype) for _ in range(sb.landings)]
+                self.dram["landing"] = sum(b.nbytes for b in self.landings)
+                for b in self.landings:
+                    self.backend.pin(b.buffers)
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
             if config.lookahead and active.supports_guess:
@@ -602,7 +620,7 @@ class Engine:
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
             self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads)
             if self.accelerator:  # the resident weights are copied to the accelerator again every token
-                self._pin([fd.resident_buffer])
+                self.backend.pin([fd.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):
             self.dram["gate"] = int(self.gate.nbytes)
         for layer, m in enumerate(modules):
@@ -653,14 +671,6 @@ class Engine:
         self.biases = moved
         return pairs
 
-    def _pin(self, buffers: list) -> None:
-        if self.device.type == "cuda":
-            self._pinned += [b for b in buffers if pin_buffer(b)]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _check_budget(self, budget_bytes: int, minimum: int) -> None:
         if budget_bytes < minimum:
             mb = self.fd.model_bytes
@@ -675,19 +685,19 @@ class Engine:
         """Chain each sparse layer to the next, with the map from its FFN input to a guess of the next one's."""
         for layer, (m, nxt) in enumerate(zip(modules[:-1], modules[1:])):
             scale, shift = lookahead_map(self.adapter, self.model, layer)
-            m.next, m.guess_map = nxt, (scale.to(self.fd.dtype), shift.to(self.fd.dtype))
+            m.next, m.guess_map = nxt, (scale.to(self.device, self.fd.dtype), shift.to(self.device, self.fd.dtype))
 
     def _load_gate(self) -> Optional[PredictorSet]:
         """A gated model's gate, in the form every mode computes it: int8 on the CPU, float16 on an accelerator."""
         path = self.fd.gate_dir() if self.cfg.sparsity == "auto" else None
         if path is None:
             return None
-        gate = PredictorSet.load(path, dtype=ENGINE_DTYPE if self.device.type == "cpu" else torch.float16)
+        gate = PredictorSet.load(path, dtype=self.backend.predictor_dtype(ENGINE_DTYPE))
         lay = self.fd.layout
         gate.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn)
         if self.fd.neuron_order is not None:
             gate.permute_outputs(self.fd.neuron_order)
-        return gate.to_device(self.device) if self.device.type != "cpu" else gate
+        return gate.to_device(self.device) if self.accelerator else gate
 
     def gate_mask(self, layer: int, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
         """bool [T, n]: the neurons the gate lets through for the rows of x (file row order); computed once per
@@ -757,9 +767,10 @@ class Engine:
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
-        if dtype == ENGINE_DTYPE and self.device.type != "cpu":
-            log.info("int8 predictors use a CPU kernel: holding them in float16 on %s", self.device)
-            dtype = torch.float16
+        if self.backend.predictor_dtype(dtype) != dtype:
+            log.info("%s predictors have no kernel on %s: holding them in %s", self.cfg.predictor_dtype, self.device,
+                     self.backend.predictor_dtype(dtype))
+            dtype = self.backend.predictor_dtype(dtype)
         p = PredictorSet.load(predictors, dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self._rule_kind())
@@ -814,7 +825,7 @@ class Engine:
             t0 = _now_ms()
             for h, d in self._resident_pairs:
                 d.copy_(h)
-            self._sync()
+            self.backend.sync()
             self.meter.mem_ms += _now_ms() - t0
 
     def reader_totals(self) -> tuple[int, int]:
@@ -851,7 +862,7 @@ class Engine:
         ids = prompt_ids.view(1, -1).to(self.device)
         t0 = _now_ms()
         logits = self._forward(ids, cache)
-        self._sync()
+        self.backend.sync()
         prefill_ms = _now_ms() - t0
         eos = self.tokenizer.eos_token_id
         tokens: list[int] = []
@@ -870,7 +881,7 @@ class Engine:
             if self.resident_reader is not None:
                 self._reread_resident()
             logits = self._forward(torch.tensor([[nxt]], device=self.device), cache)
-            self._sync()
+            self.backend.sync()
             total = _now_ms() - t0 - m.excluded_ms
             b1, r1 = self.reader_totals()
             m.finish(total_ms=total, bytes_read=b1 - b0, reads=r1 - r0,
@@ -930,11 +941,7 @@ class Engine:
         self.reader.close()
         if self.resident_reader is not None:
             self.resident_reader.close()
-        if self._pinned:
-            self._sync()
-            for b in self._pinned:
-                unpin_buffer(b)
-            self._pinned = []
+        self.backend.release()
         self.model = None
         self.ffn_modules = []
         self.provider = None
@@ -951,18 +958,6 @@ class _NeedCounter(EngineObserver):
             self.counts[layer][update.need] += 1
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise LLMFlashError(f"--device {name!r} is not a device: use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LLMFlashError(f"--device {name}: no CUDA device is visible to torch {torch.__version__}")
-    if device.type not in ("cpu", "cuda"):
-        raise LLMFlashError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def lookahead_map(adapter: Adapter, model: HFModel, layer: int) -> tuple[Tensor, Tensor]:
     """(scale, shift) [d], float32: ``x * scale + shift`` turns layer ``layer``'s FFN input into a guess of layer + 1's.
 
@@ -976,5 +971,5 @@ def lookahead_map(adapter: Adapter, model: HFModel, layer: int) -> tuple[Tensor,
     w0 = w0.float()
     w0 = w0.where(w0.abs() > 1e-6, torch.full_like(w0, 1e-6))
     scale = w1.float() / w0
-    b0f, b1f = (torch.zeros(d) if b is None else b.float() for b in (b0, b1))
-    return scale, b1f - b0f * scale
+    b0f, b1f = (w0.new_zeros(d) if b is None else b.float() for b in (b0, b1))
+    return scale.cpu(), (b1f - b0f * scale).cpu()

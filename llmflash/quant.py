@@ -193,6 +193,7 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
 _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
+KERNEL_ALIGN_BYTES = 64  # ... and its weight at an address that is a multiple of this
 
 
 class Int8Linear(nn.Module):
@@ -211,6 +212,11 @@ class Int8Linear(nn.Module):
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__()
+        if q.device.type == "cpu" and q.data_ptr() % KERNEL_ALIGN_BYTES:
+            # a view into the resident buffer at an offset the kernel cannot take: its AVX-512 path loads the weight
+            # with aligned instructions and crashed on a 40-byte offset (AMD EPYC, torch 2.13, 8 rows of x). An
+            # aligned copy (torch allocates at 64 bytes); safetensors aligns tensors to 8 bytes only
+            q = q.clone()
         self.register_buffer("q", q)  # int8 [out, in]
         self.register_buffer("scale", scale)  # [out]
         self.register_buffer("bias", bias)

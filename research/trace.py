@@ -322,13 +322,20 @@ class TraceProvider(ActiveSetProvider):
     ``kind="true"``: like the oracle (time not counted, no DRAM). ``kind="predicted"``: a real low-rank predictor
     (``ranks``, random weights in the model dtype) runs on x for its compute and DRAM, and the trace's predicted set
     is returned. ``perm`` (per layer: file position -> original neuron id) serves a reordered flash layout.
+
+    Lookahead (``guess``, simulated): the set the layer's next ``active`` call will return is drawn ahead, and the
+    guess keeps each of its neurons with probability ``guess_recall`` (1: a lookahead predictor as good as the layer's
+    own; Deja Vu reports its lookahead predictors close to that). The predictor network runs for the guess too.
     """
 
     def __init__(self, model: TraceModel, kind: str = "predicted", d_model: int = 4096,
                  ranks: Optional[Sequence[int]] = PAPER_RANKS, dtype: torch.dtype = torch.bfloat16,
-                 perm: Optional[Sequence[np.ndarray]] = None) -> None:
+                 perm: Optional[Sequence[np.ndarray]] = None, guess_recall: float = 1.0) -> None:
         if kind not in ("true", "predicted"):
             raise ValueError(kind)
+        self.guess_recall = guess_recall
+        self._ahead: dict[int, np.ndarray] = {}  # layer -> its next sets [T, n], drawn by a guess
+        self._guess_rng = np.random.default_rng([model.p.seed, 3])
         self.model = model
         self.kind = kind
         self.counted = kind == "predicted"
@@ -348,8 +355,12 @@ class TraceProvider(ActiveSetProvider):
         self.calls = 0
         self.replay_ms = 0.0
 
+    supports_guess = True
+
     def reset(self) -> None:
         self.model.reset()
+        self._ahead.clear()
+        self._guess_rng = np.random.default_rng([self.model.p.seed, 3])
 
     def to_device(self, device: torch.device) -> None:
         """Run the predictor's compute on ``device`` (an engine on an accelerator)."""
@@ -360,23 +371,45 @@ class TraceProvider(ActiveSetProvider):
         ms, self.replay_ms = self.replay_ms, 0.0
         return ms
 
+    def _network(self, layer: int, x: Tensor) -> None:
+        """The predictor network's compute on x, its decisions brought to the host as a real predictor's would be
+        (a sync on a GPU); predicted mode only."""
+        if self.pred:
+            down, up, bias = self.pred[layer]
+            z = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+            z.cpu()
+
+    def _draw(self, layer: int, tokens: int) -> np.ndarray:
+        """The layer's next sets [tokens, n] (drawn ahead by a guess, else now), in the file's order."""
+        m = self._ahead.pop(layer, None)
+        if m is None or m.shape[0] != tokens:
+            which = 0 if self.kind == "true" else 1
+            m = np.stack([self.model.step(layer)[which] for _ in range(tokens)])
+            if self.perm is not None:
+                m = m[:, self.perm[layer]]
+        return m
+
     def active(self, layer: int, x: Tensor) -> Tensor:
         """The trace's next sets [T, n]. In predicted mode the predictor network runs on x first and its decisions
         reach the host, as a real predictor's would; drawing the trace's sets in their place is simulation, timed
         apart (``pop_replay_ms``) and left out of the token's time like the oracle's."""
-        if self.pred:
-            down, up, bias = self.pred[layer]
-            z = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
-            z.cpu()  # a real predictor's set reaches the host before its reads are issued (a sync on a GPU)
+        self._network(layer, x)
         t0 = time.perf_counter()
-        which = 0 if self.kind == "true" else 1
-        rows = [self.model.step(layer)[which] for _ in range(x.shape[0])]
-        m = np.stack(rows)
-        if self.perm is not None:
-            m = m[:, self.perm[layer]]
+        m = self._draw(layer, x.shape[0])
         self.calls += 1
         self.replay_ms += (time.perf_counter() - t0) * 1e3
         return torch.from_numpy(m)
+
+    def guess(self, layer: int, x: Tensor) -> Tensor:
+        """Lookahead (simulated, see the class docstring): the layer's next sets drawn now, each neuron kept with
+        probability ``guess_recall``; ``active`` returns the full sets later."""
+        self._network(layer, x)
+        t0 = time.perf_counter()
+        m = self._draw(layer, x.shape[0])
+        self._ahead[layer] = m
+        g = m if self.guess_recall >= 1 else m & (self._guess_rng.random(m.shape) < self.guess_recall)
+        self.replay_ms += (time.perf_counter() - t0) * 1e3
+        return torch.from_numpy(g)
 
 
 class PermutedProvider(WrappedProvider):

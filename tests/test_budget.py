@@ -19,18 +19,20 @@ def _budget(budget_bytes, **kw):
 def test_minimum_is_the_fixed_part_plus_the_floor_rows_with_their_shares():
     assert _budget(0).minimum_bytes == 1_000_000 + 16 * ROW * 4
     assert _budget(0, offload=True, reserve=2.0).minimum_bytes == 1_000_000 + 16 * int(ROW * (4 + 1 + 2.0))
+    assert _budget(0, offload=True, landings=2).minimum_bytes == 1_000_000 + 16 * ROW * (4 + 2)
     with pytest.raises(ValueError, match="below the minimum"):
         _budget(_budget(0).minimum_bytes - 1).plan()
 
 
 def test_the_caches_take_what_is_left_and_stay_within_the_budget():
     for budget in (3_000_000, 5_000_000, 20_000_000):
-        for kw in ({}, {"offload": True}, {"reserve": 1.5}, {"offload": True, "reserve": 4.0}):
+        for kw in ({}, {"offload": True}, {"reserve": 1.5}, {"offload": True, "reserve": 4.0},
+                   {"offload": True, "landings": 2}):
             b = _budget(budget, **kw)
             plan = b.plan()
             assert len(plan.cache_rows) == 4 and all(16 <= r <= 1000 for r in plan.cache_rows)
             assert b.fixed_bytes + plan.planned_bytes(ROW) <= budget
-            assert plan.landing_rows == (max(plan.cache_rows) if kw.get("offload") else 0)
+            assert plan.landing_rows == (max(plan.cache_rows) * kw.get("landings", 1) if kw.get("offload") else 0)
             reserve = kw.get("reserve", 0.0)
             assert (plan.reserve_rows > 0) == (reserve > 0)
             assert plan.reserve_rows >= int(reserve * max(plan.cache_rows))  # sized before the caches gave way

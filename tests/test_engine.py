@@ -252,6 +252,15 @@ def test_accelerator_path_on_cpu_gives_the_dense_tokens(flash_dirs, name, monkey
     res = _gen(flash_dirs[name], "oracle", budget=budget, staging_rows=384)
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
     assert {"landing", "staging_device"} <= set(res.dram_breakdown)
+    # lookahead: layer l + 1's guessed rows land in the second landing buffer while layer l's are copied over
+    ahead = _gen(flash_dirs[name], "oracle", n=10, window=2, lookahead=True)
+    assert ahead.tokens == ref[:10]
+    assert sum(t.loaded_neurons for t in ahead.per_token) >= sum(
+        t.loaded_neurons for t in _gen(flash_dirs[name], "oracle", n=10, window=2).per_token)
+    assert abs(_ppl(flash_dirs[name], "oracle", ids, window=2, lookahead=True) / dense_ppl - 1) < 1e-5
+    tight = _gen(flash_dirs[name], "oracle", budget=budget + 20 * lay.neuron_stride_bytes / fd.model_bytes,
+                 staging_rows=384, window=2, lookahead=True)
+    assert tight.tokens == ref and tight.dram_bytes <= (budget + 20 * lay.neuron_stride_bytes / fd.model_bytes) * fd.model_bytes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")

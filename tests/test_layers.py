@@ -197,3 +197,15 @@ def test_the_core_imports_its_own_modules_at_module_level():
 def test_cycle_finder():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_docstring_maps_every_module():
+    """``llmflash/__init__.py``'s map of the house names every module of the package (it must stay true)."""
+    import llmflash
+
+    doc = llmflash.__doc__ or ""
+    missing = [p.stem for p in sorted((ROOT / "llmflash").glob("*.py"))
+               if p.stem != "__init__" and f"``{p.stem}``" not in doc]
+    missing += [p.name for p in sorted((ROOT / "llmflash").iterdir())
+                if (p / "__init__.py").is_file() and f"``{p.name}``" not in doc]
+    assert not missing, f"modules missing from the map in llmflash/__init__.py: {missing}"

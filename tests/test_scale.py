@@ -186,6 +186,40 @@ def test_trace_provider_in_the_engine(scale_dirs):
     assert torch.equal(got, ref[:, perm[0]])
 
 
+def test_trace_lookahead_guess_draws_ahead_without_changing_the_sets(scale_dirs, monkeypatch):
+    """A guess draws the layer's next sets ahead (kept with probability guess_recall); ``active`` then returns exactly
+    the sets it would have returned without the guess. In the engine (CPU, and the accelerator's path on the CPU:
+    two landing buffers) lookahead moves reads earlier and reads the same sets' rows."""
+    params = TraceParams((0.1, 0.2), 0.8, 0.6)
+    n = 256
+    x = torch.zeros(1, TINY.d_model)
+    plain = TraceProvider(TraceModel(params, n), "true", d_model=TINY.d_model)
+    ahead = TraceProvider(TraceModel(params, n), "true", d_model=TINY.d_model, guess_recall=0.5)
+    plain.reset()
+    ahead.reset()
+    for _ in range(3):
+        for layer in (0, 1):
+            g = ahead.guess(layer, x)
+            a = ahead.active(layer, x)
+            assert torch.equal(a, plain.active(layer, x))
+            assert not (g & ~a).any() and 0 < int(g.sum()) < int(a.sum())  # a subset: about half of the set
+    fd = open_flash_dir(scale_dirs["tiny"])
+    for stand_in in (False, True):
+        monkeypatch.setattr(Engine, "copy_on_cpu", stand_in)
+        got = {}
+        for lookahead in (False, True):
+            prov = TraceProvider(TraceModel(params, fd.layout.d_ffn), "predicted", d_model=TINY.d_model, ranks=(8,))
+            e = Engine(fd, EngineConfig(mode="predictor", dram_budget=4 * BIG, window=2, lookahead=lookahead),
+                       provider=prov)
+            try:
+                prov.reset()
+                got[lookahead] = e.generate(torch.tensor([5]), 6, stop_at_eos=False)
+            finally:
+                e.close()
+        assert got[True].tokens == got[False].tokens
+        assert [t.loaded_neurons for t in got[True].per_token] == [t.loaded_neurons for t in got[False].per_token]
+
+
 def test_no_reuse_loads_the_whole_set_each_token(scale_dirs):
     params = TraceParams((0.1, 0.2), 0.8, 0.9)
     fd = open_flash_dir(scale_dirs["tiny"])

@@ -1,0 +1,145 @@
+"""Where the model computes (``EngineConfig.device``): the host's CPU, or an accelerator the host copies rows to.
+
+One interface instead of device branches in the engine. What differs between the two:
+
+- ``CpuBackend``: the resident weights, caches and predictors are host tensors; reads land where they are computed;
+  nothing is page-locked, copied asynchronously or waited for.
+- ``AcceleratorBackend`` (CUDA): resident weights, neuron caches (``cache.DeviceRows``) and predictors live in the
+  device's memory. Direct I/O cannot write there, so reads land in page-locked host buffers (``pin``) and ``load``
+  copies them on asynchronously, ordered on the compute stream; before reads land in a host buffer again,
+  ``before_reads`` waits until the copies out of it have finished. A layer's active set reaches the host as one copy
+  of its mask through page-locked memory (``host_ids``): the one wait per layer that the reads need.
+
+Tests run the accelerator's code path with CPU tensors (``Engine.copy_on_cpu``): ``AcceleratorBackend`` on the
+``cpu`` device pins nothing and copies synchronously.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache import DeviceRows, RowStore
+from .errors import LLMFlashError
+from .storage import pin_buffer, unpin_buffer
+
+
+class Backend:
+    """The CPU: every method is the identity or a no-op (see the module docstring)."""
+
+    accelerator = False  # the model computes apart from the host (reads land in host buffers and are copied on)
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @property
+    def native_ok(self) -> bool:
+        """Whether the native step (host rows, ``step.NativeRows``) can compute this backend's rows."""
+        return not self.accelerator
+
+    def predictor_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype predictors are held in here (``dtype`` asked for)."""
+        return dtype
+
+    def pin(self, buffers: list) -> None:
+        """Page-lock host buffers that reads land in before they are copied on."""
+
+    def release(self) -> None:
+        """Wait for outstanding copies and unpin what ``pin`` locked."""
+
+    def sync(self) -> None:
+        """Wait until the device has done everything queued (a token's end, before its time is taken)."""
+
+    def before_reads(self, host: RowStore) -> None:
+        """Wait until copies out of ``host`` are done: reads are about to overwrite it."""
+
+    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
+        """Copy host rows [host_start, +n) into ``rows`` at ``start`` (or its slots ``start``)."""
+        rows.load(host, n, host_start, start)
+
+    def host_ids(self, mask: Tensor) -> np.ndarray:
+        """Sorted ids of the neurons set in any row of ``mask`` (bool [T, n]), on the host."""
+        m = mask[0] if mask.shape[0] == 1 else mask.any(dim=0)
+        return np.flatnonzero(m.numpy())
+
+
+class CpuBackend(Backend):
+    pass
+
+
+class AcceleratorBackend(Backend):
+    """A CUDA device (or, in tests, the CPU standing in for one)."""
+
+    accelerator = True
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.cuda = device.type == "cuda"
+        self._pinned: list = []
+        self._copied: dict[int, torch.cuda.Event] = {}  # id(host store) -> the event after its last copy out
+        self._mask_host: Optional[Tensor] = None  # page-locked bool [n]: where a layer's mask comes back
+        self._mask_ready = torch.cuda.Event() if self.cuda else None
+
+    def predictor_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # int8 predictors have a CPU kernel only (``predictor.ENGINE_DTYPE``): float16 on the device
+        return torch.float16 if self.cuda and dtype not in (torch.float16, torch.float32, torch.bfloat16) else dtype
+
+    def pin(self, buffers: list) -> None:
+        if self.cuda:
+            self._pinned += [b for b in buffers if pin_buffer(b)]
+
+    def release(self) -> None:
+        if self._pinned:
+            self.sync()
+            for b in self._pinned:
+                unpin_buffer(b)
+            self._pinned = []
+        self._copied.clear()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def before_reads(self, host: RowStore) -> None:
+        ev = self._copied.pop(id(host), None)
+        if ev is not None:
+            ev.synchronize()
+
+    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
+        if not n:
+            return
+        rows.load(host, n, host_start, start, non_blocking=self.cuda)
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[id(host)] = ev
+
+    def host_ids(self, mask: Tensor) -> np.ndarray:
+        m = mask[0] if mask.shape[0] == 1 else mask.any(dim=0)
+        if not self.cuda or m.device.type == "cpu":
+            return np.flatnonzero(m.cpu().numpy())
+        if self._mask_host is None or self._mask_host.numel() < m.numel():
+            self._mask_host = torch.empty(m.numel(), dtype=torch.bool, pin_memory=True)
+        out = self._mask_host[: m.numel()]
+        out.copy_(m, non_blocking=True)
+        assert self._mask_ready is not None
+        self._mask_ready.record()
+        self._mask_ready.synchronize()
+        return np.flatnonzero(out.numpy())
+
+
+def make_backend(name: str, stand_in: bool = False) -> Backend:
+    """The backend of ``--device name`` (``cpu``, ``cuda``, ``cuda:N``); ``stand_in``: the accelerator's code path on
+    the CPU (tests)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LLMFlashError(f"--device {name!r} is not a device: use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LLMFlashError(f"--device {name}: no CUDA device is visible to torch {torch.__version__}")
+    if device.type not in ("cpu", "cuda"):
+        raise LLMFlashError(f"--device {name}: only cpu and cuda are supported")
+    return AcceleratorBackend(device) if device.type == "cuda" or stand_in else CpuBackend(device)
