@@ -276,6 +276,11 @@ def test_cuda_engine_gives_its_dense_tokens(flash_dirs, name):
               + 20 * lay.neuron_stride_bytes * (lay.n_layers + 1)) / fd.model_bytes
     res = _gen(flash_dirs[name], "oracle", budget=budget, staging_rows=384, device="cuda")
     assert res.tokens == ref.tokens and res.dram_bytes <= budget * fd.model_bytes
+    # lookahead: the next layer's rows land in the second page-locked landing buffer while this one's are copied
+    assert _gen(flash_dirs[name], "oracle", window=2, lookahead=True, device="cuda").tokens == ref.tokens
+    tight = budget + 20 * lay.neuron_stride_bytes / fd.model_bytes
+    res = _gen(flash_dirs[name], "oracle", budget=tight, staging_rows=384, window=2, lookahead=True, device="cuda")
+    assert res.tokens == ref.tokens and res.dram_bytes <= tight * fd.model_bytes
 
 
 def test_bad_device_is_one_clear_error(flash_dirs):
