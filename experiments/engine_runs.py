@@ -242,7 +242,8 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
 def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
-                 device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0) -> dict:
+                 device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0,
+                 native_reader: bool = True) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
     ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``)."""
     scale = "geometry" in setup
@@ -257,6 +258,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_threads"] = io_threads
     if row == "ours_lookahead":
         extra["lookahead"] = True
+    if not native_reader:
+        extra["native_reader"] = False
     if row == "ours_coact" and scale:
         raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]

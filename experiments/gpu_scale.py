@@ -80,6 +80,7 @@ def summary_row(key: str, repeat: int, r: dict, naive_ms: float) -> dict:
             "floor_ms": s.get("computed_io_ms"),
             "x_floor": s["ms_per_token"] / s["computed_io_ms"] if s.get("computed_io_ms") else None,
             "lookahead": bool(r["config"].get("lookahead")),
+            "native_reader": r["config"].get("native_reader", True),
             "guess_recall": (r.get("provider") or {}).get("guess_recall") if r["config"].get("lookahead") else None}
 
 
@@ -104,6 +105,9 @@ def main() -> None:
     p.add_argument("--naive-tokens", type=int, default=3, help="naive and hybrid: tokens per run (default 3)")
     p.add_argument("--profile-gb", type=float, default=2.0, help="size of the profile-io test file (GB)")
     p.add_argument("--skip", default="", help="comma-separated extra rows to skip: hybrid, dense")
+    p.add_argument("--python-reader", action="store_true",
+                   help="also run ours and ours + lookahead (the first recall) with the Python reader threads in every "
+                        "repeat (rows *_pyreader: the native reader's effect, same run)")
     p.add_argument("--lookahead-recall", default="1.0",
                    help="comma-separated recalls of the simulated lookahead guess, one 'ours_lookahead' row each in "
                         "every repeat ('' for none; default 1.0)")
@@ -161,11 +165,15 @@ def main() -> None:
         n_ms = naive["summary"]["ms_per_token"]
         rows += [summary_row("naive", i + 1, naive, n_ms), summary_row("ours", i + 1, ours, n_ms)]
         report(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours", rows[-1])
-        for key, recall in zip(ahead_keys, recalls):
-            r = engine_runs.standard_run(setup, "ours_lookahead", False, budget=args.budget, table=table, n=args.tokens,
+        extra = [(k, "ours_lookahead", rc, True) for k, rc in zip(ahead_keys, recalls)]
+        if args.python_reader:
+            extra += [("ours_pyreader", "ours", 1.0, False)]
+            extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", recalls[0], False)] if recalls else []
+        for key, row, recall, native_reader in extra:
+            r = engine_runs.standard_run(setup, row, False, budget=args.budget, table=table, n=args.tokens,
                                          warmup=WARMUP, share=False, device=args.device, io_threads=io_threads,
-                                         guess_recall=recall)
-            runs[key].append(r)
+                                         guess_recall=recall, native_reader=native_reader)
+            runs.setdefault(key, []).append(r)
             rows.append(summary_row(key, i + 1, r, n_ms))
             report(f"repeat {i + 1}: {key}", rows[-1])
         write()

@@ -149,6 +149,9 @@ class EngineConfig:
     # build, one warning and the Python path; the Python path stays the reference the native one equals within
     # float32 rounding. Rows need no padding then: ``row_bucket`` does not apply and ``working_reserve``'s auto is 0
     native: bool = True
+    # the flash reader's workers: C++ threads that never take the interpreter's lock (``storage.FlashReader``,
+    # ``native/reader.cpp``; built with g++ on first use), else Python threads (the reference, and the fallback)
+    native_reader: bool = True
 
 
 def _now_ms() -> float:
@@ -548,7 +551,8 @@ class Engine:
         self.threshold_on_act = own is not None and own.on_act  # the model's own rule thresholds |act(gate x)|
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
-        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes)
+        self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes,
+                                  native=config.native_reader)
         self.resident_reader: Optional[FlashReader] = None
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
@@ -618,7 +622,8 @@ class Engine:
         else:  # naive: everything from flash every token
             self._check_budget(budget_bytes, sum(self.dram.values()))
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
-            self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads)
+            self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads,
+                                               native=config.native_reader)
             if self.accelerator:  # the resident weights are copied to the accelerator again every token
                 self.backend.pin([fd.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):
@@ -895,6 +900,7 @@ class Engine:
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
                                        "row_bucket": self.row_bucket, "native_step": self.native,
+                                       "native_reader": self.reader.native,
                                        "busy": self.threads.busy,
                                        "load_cores": self.threads.load_cores, "cores": self.threads.cores},
         )

@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .errors import LLMFlashError
+from .native import reader_library
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class ReadTicket:
     """Reads in flight from one ``FlashReader.submit``; pass it to ``FlashReader.wait``."""
 
     __slots__ = ("n_reads", "bytes_read", "reads", "elapsed_ms", "_remaining", "_done", "_error", "_start_ns",
-                 "_views", "_fo", "_nb", "_do")
+                 "_views", "_fo", "_nb", "_do", "_native", "_keep")
 
     def __init__(self, n_reads: int, n_slices: int):
         self.n_reads = n_reads  # reads requested
@@ -194,11 +195,14 @@ class ReadTicket:
         self._fo: Optional[list[int]] = None  # file offsets, byte counts and buffer offsets of the reads
         self._nb: Optional[list[int]] = None
         self._do: Optional[list[int]] = None
+        self._native: Optional[int] = None  # the native reader's handle (until waited)
+        self._keep: tuple = ()  # the arrays the native reader reads its list from (alive until waited)
         if n_slices:
             self._done.acquire()  # released by the worker that finishes the last slice
 
     @property
     def done(self) -> bool:
+        """Whether the reads are done (a native reader's ticket: once waited)."""
         return self._remaining == 0
 
 
@@ -381,9 +385,15 @@ class FlashReader:
     into ``dest[dest_offsets[j]:][:nbytes[j]]``; all values multiples of ``align_bytes`` (default ``ALIGN_BYTES``;
     a quantized layout's rows are 512-byte aligned, direct I/O's own unit: ``SECTOR_BYTES``). The read list is cut
     into contiguous slices, one per worker; each worker loops ``os.preadv``. ``stats`` counts bytes the kernel returned.
+
+    ``native`` (default: where it builds, ``native.reader_library``): the workers are C++ threads that take the reads
+    one at a time and never hold the interpreter's lock (with Python workers every read takes it: 16-32 reader
+    threads then slow the thread that computes). The Python workers stay the reference and the fallback
+    (``native=False``, or ``LLMFLASH_NATIVE=0``).
     """
 
-    def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True, align_bytes: int = ALIGN_BYTES):
+    def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True, align_bytes: int = ALIGN_BYTES,
+                 native: bool = True):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if align_bytes < SECTOR_BYTES or align_bytes & (align_bytes - 1) or align_bytes > ALIGN_BYTES:
@@ -397,12 +407,23 @@ class FlashReader:
         self._shared = _Shared(fd, self.direct)
         self.stats = self._shared.stats
         self._tasks: SimpleQueue = SimpleQueue()
-        self._threads = [
-            threading.Thread(target=_worker, args=(self._tasks, self._shared), name=f"llmflash-io-{i}", daemon=True)
-            for i in range(n_threads)
-        ]
-        for t in self._threads:
-            t.start()
+        self._lib = reader_library() if native else None
+        self._pool: Optional[int] = None  # the native reader's thread pool
+        self._threads: list[threading.Thread] = []
+        if self._lib is not None:
+            self._pool = self._lib.llmflash_reader_new(fd, n_threads, int(self.direct))
+        else:
+            self._threads = [
+                threading.Thread(target=_worker, args=(self._tasks, self._shared), name=f"llmflash-io-{i}", daemon=True)
+                for i in range(n_threads)
+            ]
+            for t in self._threads:
+                t.start()
+
+    @property
+    def native(self) -> bool:
+        """Whether the native reader's threads do the reads."""
+        return self._pool is not None
 
     # --- reading -----------------------------------------------------------------------------------------------
     def submit(
@@ -449,6 +470,8 @@ class FlashReader:
             for v in reversed(views):
                 v.release()
             raise
+        if self._pool is not None:
+            return self._submit_native(mv, views, fo, nb, do, piece_bytes, t0)
 
         k = min(len(self._threads), -(-n // MIN_READS_PER_WORKER))  # slices (= workers woken)
         ticket = ReadTicket(n, k)
@@ -465,8 +488,52 @@ class FlashReader:
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket
 
+    def _submit_native(self, mv: memoryview, views: list, fo: np.ndarray, nb: np.ndarray, do: np.ndarray,
+                       piece_bytes: int, t0: int) -> ReadTicket:
+        """Queue the reads on the native pool: read j fills the buffers iov[iov_start[j]:iov_start[j + 1]] (one, or
+        its pieces for a scatter read)."""
+        n = len(fo)
+        iov_start = np.zeros(n + 1, dtype=np.int64)
+        if piece_bytes > 0:
+            np.cumsum(nb // piece_bytes, out=iov_start[1:])
+            iov_len = np.full(len(do), piece_bytes, dtype=np.int64)
+        else:
+            iov_start[1:] = np.arange(1, n + 1)
+            iov_len = nb
+        keep = tuple(np.ascontiguousarray(a, dtype=np.int64) for a in (fo, nb, iov_start, do, iov_len))
+        ticket = ReadTicket(n, 0)
+        ticket._remaining = 1  # until waited
+        ticket._views, ticket._keep = tuple(views), keep
+        assert self._lib is not None
+        ticket._native = self._lib.llmflash_reader_submit(self._pool, buffer_address(mv), n,
+                                                          *(a.ctypes.data for a in keep))
+        del mv, views
+        with self._shared.lock:  # type: ignore[union-attr]
+            self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        return ticket
+
+    def _wait_native(self, ticket: ReadTicket) -> None:
+        out = np.zeros(4, dtype=np.int64)
+        t0 = time.perf_counter_ns()
+        assert self._lib is not None
+        self._lib.llmflash_reader_wait(self._pool, ticket._native, out.ctypes.data)
+        ticket._native = None
+        nbytes, nreads, ns, err = out.tolist()
+        ticket.bytes_read, ticket.reads, ticket.elapsed_ms, ticket._remaining = nbytes, nreads, ns / 1e6, 0
+        with self._shared.lock:  # type: ignore[union-attr]
+            self.stats.bytes_read += nbytes
+            self.stats.reads += nreads
+            self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        _release_views(ticket)
+        ticket._keep = ()
+        if err:
+            raise OSError(err, f"{os.strerror(err)} (while reading {self.path})")
+
     def wait(self, ticket: ReadTicket) -> None:
         """Block until the ticket's reads are done; re-raise the first error a worker met."""
+        if ticket._native is not None:
+            self._wait_native(ticket)
+            return
         if ticket._remaining:
             t0 = time.perf_counter_ns()
             ticket._done.acquire()
@@ -494,7 +561,14 @@ class FlashReader:
         for t in self._threads:
             t.join()
         self._threads = []
+        self._free_pool()
         shared.close_fd()
+
+    def _free_pool(self) -> None:
+        """The native pool finishes the reads queued, then its threads stop."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._lib is not None:
+            self._lib.llmflash_reader_free(pool)
 
     def _stop_workers(self) -> Optional[_Shared]:
         shared, self._shared = self._shared, None
@@ -513,12 +587,14 @@ class FlashReader:
         # No join here (this may run at interpreter shutdown): the workers exit after the reads already queued and
         # the last one to go drops the _Shared, which closes the file.
         try:
+            if self._pool is not None:  # the file closes when the _Shared goes
+                self._free_pool()
             self._stop_workers()
         except Exception:  # noqa: BLE001
             pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._shared is None else f"{self.n_threads} threads"
+        state = "closed" if self._shared is None else f"{self.n_threads} {'native ' if self.native else ''}threads"
         return f"FlashReader({str(self.path)!r}, direct={self.direct}, {state})"
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from llmflash import storage
 from llmflash.errors import LLMFlashError
+from llmflash.native import reader_library
 from llmflash.storage import (
     ALIGN_BYTES,
     FlashReader,
@@ -59,6 +60,14 @@ def flash_file(tmp_path):
     return path, _random_file(path, 8 << 20)
 
 
+@pytest.fixture(params=[False, True], ids=["python-workers", "native-workers"])
+def native(request):
+    """Both readers: the Python workers (the reference) and the native pool (skipped where it does not build)."""
+    if request.param and reader_library() is None:
+        pytest.skip("the native reader does not build here")
+    return request.param
+
+
 def test_align_up():
     assert [align_up(n) for n in (0, 1, 4096, 4097)] == [0, 4096, 4096, 8192]
     assert align_up(5, 4) == 8
@@ -74,10 +83,10 @@ def test_aligned_buffer_is_page_aligned_and_zeroed():
     assert len(aligned_buffer(0)) == A  # never an empty mapping
 
 
-def test_reader_reads_exact_bytes_and_counts(flash_file):
+def test_reader_reads_exact_bytes_and_counts(flash_file, native):
     path, data = flash_file
     rng = np.random.default_rng(1)
-    with FlashReader(path, n_threads=8) as reader:
+    with FlashReader(path, n_threads=8, native=native) as reader:
         assert reader.direct  # ext4 under tmp_path
         total_bytes, total_reads = 0, 0
         for n in (1, 3, 17, 500):  # fewer reads than workers, and many per worker
@@ -94,11 +103,11 @@ def test_reader_reads_exact_bytes_and_counts(flash_file):
         assert reader.stats == ReadStats() and snap.reads == total_reads
 
 
-def test_reader_into_memoryview_and_buffer_released(flash_file):
+def test_reader_into_memoryview_and_buffer_released(flash_file, native):
     path, data = flash_file
     buf = aligned_buffer(64 * A)
     view = memoryview(buf)[8 * A:]  # an aligned window of the buffer
-    with FlashReader(path, n_threads=4) as reader:
+    with FlashReader(path, n_threads=4, native=native) as reader:
         fo = np.array([0, 10 * A, 100 * A], dtype=np.int64)
         nb = np.array([A, 2 * A, 4 * A], dtype=np.int64)
         do = np.array([0, A, 3 * A], dtype=np.int64)
@@ -109,22 +118,22 @@ def test_reader_into_memoryview_and_buffer_released(flash_file):
     buf.close()  # no views left behind by the reader
 
 
-def test_short_read_at_eof_counts_returned_bytes(tmp_path):
+def test_short_read_at_eof_counts_returned_bytes(tmp_path, native):
     path = tmp_path / "odd.bin"
     data = _random_file(path, 3 * A + 1000)
     buf = aligned_buffer(4 * A)
     buf[:] = b"\xff" * len(buf)
-    with FlashReader(path, n_threads=2) as reader:
+    with FlashReader(path, n_threads=2, native=native) as reader:
         reader.read(buf, np.array([2 * A], np.int64), np.array([2 * A], np.int64), np.array([0], np.int64))
         assert reader.stats.bytes_read == A + 1000 and reader.stats.reads == 1
     assert buf[:A + 1000] == data[2 * A:]
     assert buf[A + 1000:2 * A] == bytes(A - 1000)  # zero-filled remainder
 
 
-def test_submit_wait_two_in_flight(flash_file):
+def test_submit_wait_two_in_flight(flash_file, native):
     path, data = flash_file
     rng = np.random.default_rng(2)
-    with FlashReader(path, n_threads=4) as reader:
+    with FlashReader(path, n_threads=4, native=native) as reader:
         fo1, nb1, do1, n1 = _random_reads(rng, len(data), 300)
         fo2, nb2, do2, n2 = _random_reads(rng, len(data), 40)
         buf1, buf2 = aligned_buffer(n1), aligned_buffer(n2)
@@ -139,11 +148,11 @@ def test_submit_wait_two_in_flight(flash_file):
         assert reader.stats.bytes_read == n1 + n2 and reader.stats.reads == 340
 
 
-def test_bad_read_lists_raise_clear_errors(flash_file):
+def test_bad_read_lists_raise_clear_errors(flash_file, native):
     path, _ = flash_file
     buf = aligned_buffer(4 * A)
     one = np.zeros(1, np.int64)
-    with FlashReader(path, n_threads=2) as reader:
+    with FlashReader(path, n_threads=2, native=native) as reader:
         with pytest.raises(ValueError, match="unaligned"):
             reader.read(buf, one, np.array([100], np.int64), one)
         with pytest.raises(ValueError, match="unaligned"):
@@ -171,7 +180,7 @@ def test_worker_errors_reach_the_caller(flash_file, monkeypatch):
             raise OSError(errno.EIO, "simulated I/O error")
         return real_preadv(fd, buffers, offset, *args)
 
-    with FlashReader(path, n_threads=4) as reader:
+    with FlashReader(path, n_threads=4, native=False) as reader:
         monkeypatch.setattr(os, "preadv", failing_preadv)
         fo = np.arange(40, dtype=np.int64) * A
         buf = aligned_buffer(40 * A)
@@ -192,7 +201,7 @@ def test_missing_file_is_a_user_error(tmp_path):
 def test_close_stops_threads_and_is_idempotent(flash_file):
     path, _ = flash_file
     before = threading.active_count()
-    reader = FlashReader(path, n_threads=6)
+    reader = FlashReader(path, n_threads=6, native=False)
     assert threading.active_count() == before + 6
     reader.close()
     reader.close()
@@ -200,7 +209,7 @@ def test_close_stops_threads_and_is_idempotent(flash_file):
     with pytest.raises(ValueError, match="closed"):
         reader.read(aligned_buffer(A), [0], [A], [0])
     fds = len(os.listdir("/proc/self/fd"))
-    FlashReader(path, n_threads=6)  # dropped at once: __del__ stops its threads, the last one closes the file
+    FlashReader(path, n_threads=6, native=False)  # dropped at once: __del__ stops its threads, the last one closes the file
     gc.collect()
     for _ in range(200):
         if threading.active_count() == before:
@@ -211,7 +220,7 @@ def test_close_stops_threads_and_is_idempotent(flash_file):
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
-def test_kernel_sees_the_bytes_we_count(tmp_path):
+def test_kernel_sees_the_bytes_we_count(tmp_path, native):
     """read_bytes of /proc/self/io sums over threads, so O_DIRECT reads from the workers show up."""
     if proc_read_bytes() < 0:
         pytest.skip("/proc/self/io is not available")
@@ -220,7 +229,7 @@ def test_kernel_sees_the_bytes_we_count(tmp_path):
     rng = np.random.default_rng(3)
     fo, nb, do, nbytes = _random_reads(rng, len(data), 400)
     buf = aligned_buffer(nbytes)
-    with FlashReader(path, n_threads=16) as reader:
+    with FlashReader(path, n_threads=16, native=native) as reader:
         drop_file_cache(path)
         k0 = proc_read_bytes()
         reader.read(buf, fo, nb, do)
@@ -243,7 +252,7 @@ def _shm_file(tmp_name: str) -> tuple[Path, bytes]:
 
 
 @pytest.mark.parametrize("refuse", ["none", "open", "first_read"])
-def test_fallback_without_o_direct(refuse, monkeypatch, caplog):
+def test_fallback_without_o_direct(refuse, monkeypatch, caplog, native):
     """tmpfs refused O_DIRECT before Linux 6.6 (newer kernels accept it): refusals are also simulated."""
     path, data = _shm_file(refuse)
     try:
@@ -274,7 +283,7 @@ def test_fallback_without_o_direct(refuse, monkeypatch, caplog):
         fo, nb, do, nbytes = _random_reads(rng, len(data), 50, max_pages=4)
         buf = aligned_buffer(nbytes)
         with caplog.at_level(logging.WARNING, logger="llmflash.storage"):
-            with FlashReader(path, n_threads=4) as reader:
+            with FlashReader(path, n_threads=4, native=native) as reader:
                 reader.read(buf, fo, nb, do)
                 direct = reader.direct
         _check(buf, data, fo, nb, do)
@@ -339,3 +348,25 @@ def test_profile_io_cli(tmp_path, capsys):
     assert "missing" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert main(["profile-io", "--dir", str(tmp_path), "--size-gb", "1000000"]) == 2
     assert "free space" in capsys.readouterr().err
+
+
+def test_native_reader_errors_reach_the_caller_and_it_closes(flash_file):
+    """The native pool: an error of the kernel (here a closed descriptor) is raised in the caller; close() stops the
+    pool's threads (no Python threads were started)."""
+    if reader_library() is None:
+        pytest.skip("the native reader does not build here")
+    path, data = flash_file
+    before = threading.active_count()
+    reader = FlashReader(path, n_threads=4)
+    assert reader.native and threading.active_count() == before
+    fo = np.arange(8, dtype=np.int64) * A
+    buf = aligned_buffer(8 * A)
+    reader.read(buf, fo, np.full(8, A, np.int64), fo)
+    assert buf[:] == data[: 8 * A] and reader.stats.reads == 8
+    shared = reader._shared
+    os.close(shared.fd)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        reader.read(buf, fo, np.full(8, A, np.int64), fo)
+    shared.fd = -1  # closed above
+    reader.close()
+    reader.close()

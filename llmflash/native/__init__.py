@@ -1,4 +1,6 @@
-"""The native sparse step: ``step.cpp`` (one layer's FFN over cached rows, fused), built on first use and loaded.
+"""The native hot path, built on first use and loaded: ``step.cpp`` (one layer's FFN over cached rows, fused:
+``library()``) and ``reader.cpp`` (the flash reader's thread pool, parallel ``preadv`` without the interpreter:
+``reader_library()``).
 
 Built with the C++ compiler alone (``$CXX``, else ``g++``, else ``c++``: Debian's ``g++`` package) as a plain shared
 library behind a C ABI, loaded with ``ctypes`` (which releases the GIL during the call, so reader threads go on): no
@@ -8,8 +10,9 @@ another machine builds anew; the file appears atomically, so concurrent first us
 -march=native -fopenmp`` where the compiler takes them, fewer where it does not (OpenMP: the runtime torch has already
 loaded, by soname).
 
-Where nothing builds or loads (no compiler, an exotic platform, ``LLMFLASH_NATIVE=0``), ``library()`` logs ONE
-warning with the reason and returns None; the engine then runs its Python path.
+Where nothing builds or loads (no compiler, an exotic platform, ``LLMFLASH_NATIVE=0``), ``library()`` and
+``reader_library()`` each log ONE warning with the reason and return None; the engine then runs its Python path (and
+the reader its Python threads).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 ABI_VERSION = 2  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
+READER_SOURCE = Path(__file__).with_name("reader.cpp")
+READER_ABI_VERSION = 1  # llmflash_reader_version()
+READER_FLAG_SETS: tuple[tuple[str, ...], ...] = (("-O2", "-pthread"), ("-O2",))
 # tried in order: the first that compiles is used
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -39,7 +45,7 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
 )
 BUILD_TIMEOUT_S = 300
 
-_state: dict[str, object] = {}  # "lib": the loaded library or None, once tried; "reason": why not
+_state: dict[str, object] = {}  # "lib" / "reader": the loaded library or None, once tried; "reason": why not
 
 
 class _CompileError(Exception):
@@ -63,27 +69,31 @@ def _cpu_key() -> str:
         return platform.processor()
 
 
-def _build(cxx: str) -> Path:
-    """Compile ``step.cpp`` (cached); raise ``RuntimeError`` with the compiler's last line when no flag set works."""
-    src = SOURCE.read_bytes()
+def _build(cxx: str, source: Optional[Path] = None, flag_sets: Optional[tuple[tuple[str, ...], ...]] = None,
+           name: str = "libllmflash_step.so") -> Path:
+    """Compile ``source`` (default ``SOURCE`` with ``FLAG_SETS``; cached); raise ``RuntimeError`` with the compiler's
+    last line when no flag set works."""
+    source = source or SOURCE
+    flag_sets = flag_sets or FLAG_SETS
+    src = source.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_key().encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
-        out = cache_dir() / "native" / key / "libllmflash_step.so"
+        out = cache_dir() / "native" / key / name
         if out.is_file():
             return out
         try:
             with atomic_file(out) as tmp:  # renamed into place only if the compiler succeeded
-                cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-o", str(tmp), str(SOURCE)]
+                cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-o", str(tmp), str(source)]
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
                 if res.returncode != 0:
                     raise _CompileError((res.stderr.strip().splitlines() or ["no output"])[-1])
         except _CompileError as err:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
-        log.info("built the native sparse step with %s %s -> %s", cxx, " ".join(flags), out)
+        log.info("built %s with %s %s -> %s", source.name, cxx, " ".join(flags), out)
         return out
     raise RuntimeError("; ".join(errors))
 
@@ -115,7 +125,7 @@ def library() -> Optional[ctypes.CDLL]:
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
             _state["lib"] = None
             _state["reason"] = str(err)
-            log.warning("native sparse step unavailable (%s): using the Python path", err)
+            _warn_once("native sparse step unavailable (%s): using the Python path", err)
     lib = _state["lib"]
     return lib if isinstance(lib, ctypes.CDLL) else None
 
@@ -124,3 +134,46 @@ def unavailable_reason() -> Optional[str]:
     """Why ``library()`` returned None (None while it has not been tried or when it loaded)."""
     reason = _state.get("reason")
     return str(reason) if reason is not None else None
+
+
+def _load_reader() -> ctypes.CDLL:
+    if os.environ.get("LLMFLASH_NATIVE", "1") == "0":
+        raise RuntimeError("LLMFLASH_NATIVE=0")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (install g++: apt-get install g++)")
+    lib = ctypes.CDLL(str(_build(cxx, READER_SOURCE, READER_FLAG_SETS, "libllmflash_reader.so")))
+    lib.llmflash_reader_version.restype = ctypes.c_int32
+    if lib.llmflash_reader_version() != READER_ABI_VERSION:
+        raise RuntimeError(f"reader library ABI {lib.llmflash_reader_version()}, expected {READER_ABI_VERSION}")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.llmflash_reader_new.argtypes = [i32, i32, i32]
+    lib.llmflash_reader_new.restype = p
+    lib.llmflash_reader_submit.argtypes = [p, p, i64, p, p, p, p, p]
+    lib.llmflash_reader_submit.restype = p
+    lib.llmflash_reader_wait.argtypes = [p, p, p]
+    lib.llmflash_reader_wait.restype = None
+    lib.llmflash_reader_free.argtypes = [p]
+    lib.llmflash_reader_free.restype = None
+    return lib
+
+
+def reader_library() -> Optional[ctypes.CDLL]:
+    """The native reader's library, built on first use; None (after one warning) where it cannot be built."""
+    if "reader" not in _state:
+        try:
+            _state["reader"] = _load_reader()
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
+            _state["reader"] = None
+            _warn_once("native reader unavailable (%s): using Python reader threads", err)
+    lib = _state["reader"]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def _warn_once(message: str, err: BaseException) -> None:
+    """One warning per reason: where neither library builds for the same reason (no compiler), the second is info."""
+    seen = _state.setdefault("warned", set())
+    assert isinstance(seen, set)
+    reason = str(err)
+    (log.info if reason in seen else log.warning)(message, reason)
+    seen.add(reason)
