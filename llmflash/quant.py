@@ -14,8 +14,9 @@ With ``r = 1``, ``|w - q * s| <= s / 2`` (plus float16's rounding of ``s``: at m
 search, each group's squared error is at most that of ``r = 1``.
 
 A quantized FFN part (gate row, up row or down column) in a row is its codes followed by its scales
-(``layout.part_bytes``); rows are held as uint8 tensors and dequantized to the compute dtype when a part is used
-(``part_rows``), so the flash bytes and the neuron cache's DRAM both shrink with the bits.
+(``layout.part_bytes``); rows are held as uint8 tensors, so the flash bytes and the neuron cache's DRAM both shrink
+with the bits. The native step (``step.NativeRows``, ``native/step.cpp``) computes on them as they are, dequantizing
+inside its dot products; the Python path dequantizes a part to the compute dtype when it is used (``part_rows``).
 """
 
 from __future__ import annotations
