@@ -194,6 +194,10 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
 _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
+# ... and weights on a 64-byte boundary: torch 2.13's kernel on an AVX-512 CPU crashed (SIGSEGV) on int8 weights 8 or
+# 40 bytes past one for 4 or more rows of x (a prefill; weights viewed in place in resident.safetensors sit wherever
+# the file puts them), so misaligned weights take the dequantizing path
+_INT8_ALIGN = 64
 
 
 class Int8Linear(nn.Module):
@@ -202,8 +206,9 @@ class Int8Linear(nn.Module):
     On the CPU it runs torch's int8 weight-only kernel (``torch._weight_int8pack_mm``) on bfloat16 activations (the
     result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
     float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
-    in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
-    ``kernel = False``) is 5-15x slower than float32 (results/quantized/README.md)."""
+    in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, with
+    ``kernel = False``, or for weights not on a 64-byte boundary: ``_INT8_ALIGN``) is 5-15x slower than float32
+    (results/quantized/README.md)."""
 
     kernel = True
     q: Tensor
@@ -222,7 +227,8 @@ class Int8Linear(nn.Module):
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0:
+        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0 \
+                and self.q.data_ptr() % _INT8_ALIGN == 0:
             if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()

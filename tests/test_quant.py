@@ -310,6 +310,21 @@ def test_int8_linear_matches_its_dequantized_weight():
         Int8Linear.kernel = True
 
 
+def test_int8_linear_on_weights_off_a_64_byte_boundary():
+    """int8 weights viewed in place in a file's buffer may sit anywhere: off a 64-byte boundary the dequantizing path
+    runs (torch's kernel crashed there on an AVX-512 CPU for 4+ rows of x), with the same result."""
+    from llmflash.quant import Int8Linear, quantize_per_row
+
+    w = torch.randn(48, 64)
+    q, s = quantize_per_row(w)
+    buf = torch.zeros(q.numel() + 64, dtype=torch.int8)
+    off = next(o for o in range(1, 64) if (buf.data_ptr() + o) % 64 == 40)
+    view = buf[off : off + q.numel()].view(48, 64)
+    view.copy_(q)
+    x = torch.randn(8, 64)
+    assert torch.allclose(Int8Linear(view, s, None)(x), torch.nn.functional.linear(x, q.float() * s[:, None]), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_cache_form_compute_dequantizes_on_read(qdirs, dtype):
     """cache_form="compute": the caches hold float rows (more DRAM per neuron), reads land in a landing buffer and
