@@ -248,6 +248,84 @@ def test_kernel_with_the_threshold_on_the_activation(dtype):
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
 
 
+def _one_resident_layer(path: Path, staging_rows: int) -> float:
+    """A hybrid budget that keeps one layer resident (dequantized) and streams the others."""
+    from llmflash.quant import dense_layer_bytes
+
+    fd = open_flash_dir(path)
+    fixed = fd.resident_path.stat().st_size + staging_rows * fd.layout.neuron_stride_bytes
+    return (fixed + 1.5 * dense_layer_bytes(fd.layout, fd.dtype)) / fd.model_bytes
+
+
+@pytest.fixture(scope="module")
+def quant_dirs(flash_dirs):
+    """{(model, dtype): flash dir} of the tiny models at int8 and int4 (groups of 32; llama also int4 g64)."""
+    root = flash_dirs["llama"].parent
+    out = {}
+    for name in ("llama", "opt", "silu"):
+        for dtype in ("int8", "int4"):
+            out[name, dtype] = convert(str(root / name), root / f"{name}-{dtype}", dtype=dtype, progress=False,
+                                       calibration_tokens=512 if name == "silu" else 0)
+    out["llama", "int4g64"] = convert(str(root / "llama"), root / "llama-int4g64", dtype="int4", group_size=64,
+                                      progress=False, calibration_tokens=0)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4g64"])
+@pytest.mark.parametrize("name,kw", [
+    ("llama", {"mode": "oracle", "window": 2}),
+    ("opt", {"mode": "oracle", "window": 1}),
+    ("silu", {"mode": "oracle", "sparsity": "threshold"}),
+    ("llama", {"mode": "naive"}),
+    ("llama", {"mode": "hybrid", "staging_rows": 64}),  # one layer resident (``_one_resident_layer``), two streamed
+    ("llama", {"mode": "oracle", "cache_form": "compute"}),  # float rows dequantized on read: the float kernel
+])
+def test_native_on_quantized_rows_equals_the_python_path_and_dense(quant_dirs, dtype, name, kw):
+    """Quantized directories with the native step on: the Python path's tokens and log-probabilities (within 1e-5),
+    and dense's tokens at the same dtype."""
+    if (name, dtype) not in quant_dirs:
+        pytest.skip("int4 g64: the llama only")
+    path = quant_dirs[name, dtype]
+    kw = dict(kw)
+    if kw["mode"] == "hybrid":
+        kw["budget"] = _one_resident_layer(path, kw["staging_rows"])
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(14))
+    g_py, lp_py = _run(path, False, ids, **dict(kw))
+    g_nat, lp_nat = _run(path, True, ids, **dict(kw))
+    assert g_nat.tokens == g_py.tokens
+    assert torch.allclose(lp_nat, lp_py, rtol=0, atol=1e-5)
+    rule = {"sparsity": kw["sparsity"]} if "sparsity" in kw else {}
+    dense = Engine(path, EngineConfig(mode="dense", dram_budget=BIG, **rule))
+    try:
+        assert g_nat.tokens == dense.generate(PROMPT, 10, stop_at_eos=False).tokens
+    finally:
+        dense.close()
+
+
+@needs_native
+def test_native_on_quantized_rows_with_overflow_and_predictors(quant_dirs, tmp_path):
+    """int4 rows, 20 cache rows per layer (most of every set overflows through the staging buffer), then predictor
+    mode with 60: native on and off agree."""
+    from llmflash.predictor import LowRankPredictor, PredictorSet
+
+    path = quant_dirs["llama", "int4"]
+    fd = open_flash_dir(path)
+    lay = fd.layout
+    torch.manual_seed(0)
+    mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
+    meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
+    PredictorSet.from_modules(mods, [0.0] * lay.n_layers, meta).save(tmp_path / "pred")
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(15))
+    for kw in ({"mode": "oracle", "budget": _tight(path, 20), "staging_rows": 8},  # (60: room for the predictors)
+               {"mode": "predictor", "predictors": str(tmp_path / "pred"), "budget": _tight(path, 60)}):
+        g_py, lp_py = _run(path, False, ids, **dict(kw))
+        g_nat, lp_nat = _run(path, True, ids, **dict(kw))
+        assert g_nat.tokens == g_py.tokens
+        assert torch.allclose(lp_nat, lp_py, rtol=0, atol=1e-5)
+        assert sum(t.cache_misses for t in g_nat.per_token) > sum(t.loaded_neurons for t in g_nat.per_token)  # overflow
+
+
 def test_scatter_reads_land_in_their_slots_with_the_plans_reads(tmp_path):
     """A slot plan reads exactly what ``read_plan`` reads (same offsets, same sizes), each row into its slot."""
     lay = FlashLayout.build(2, 16, 64, True, "float32", True)
