@@ -11,8 +11,9 @@
 // The rows are read in place from the neuron cache matrix (any row stride): nothing is gathered or copied, and no
 // temporary depends on the number of rows. Rows are float32, bfloat16 or float16 (``llmflash_sparse_ffn``), or
 // group-quantized int8 / int4 parts (``llmflash_sparse_ffn_q``: llmflash/quant.py's format, dequantized on the fly
-// inside the dot products and axpys: each group's partial dot product is scaled once, float32 accumulation). Rows are split over threads (OpenMP, the runtime torch already loaded:
-// same soname), each with its own y, summed at the end. Plain C ABI, loaded with ctypes (no Python headers, no torch
+// inside the dot products and axpys, in AVX-512 / AVX2 registers where the build targets them: each group's partial
+// dot product is scaled once, float32 accumulation). Rows are split over threads (OpenMP, the runtime torch already
+// loaded: same soname), each with its own y, summed at the end. Plain C ABI, loaded with ctypes (no Python headers, no torch
 // headers: it builds in about a second with g++ alone).
 
 #include <cmath>
@@ -21,6 +22,9 @@
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -149,39 +153,92 @@ inline float half_to_float(uint16_t h) {
 inline float scale_at(const uint8_t* scales, int64_t g) {
     uint16_t h;
     std::memcpy(&h, scales + 2 * g, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);  // one instruction (F16C: x86 since 2012), where the build targets it (-march=native)
+#else
     return half_to_float(h);
+#endif
 }
-
-constexpr int LANES = 16;  // partial sums kept per lane: one AVX-512 register (two AVX2 ones)
 
 // The shape of one part: d values in groups of G, ``bits`` per code.
 struct QShape {
     int64_t d, G, groups, code_bytes;
-    bool fast;  // a group's codes are whole multiples of LANES bytes (int8: G % 16 == 0; int4: G % 32 == 0)
+    bool fast;  // vector steps: a group's codes are whole steps of W bytes (int8: G % W == 0; int4: G % (2 W) == 0)
 };
 
-// x . w of an int8 part; x [d].
+// The vector steps: W codes converted to floats in registers (AVX-512: 16, AVX2: 8, where the build targets them;
+// elsewhere the plain loops below, which the compiler may vectorize itself). Intrinsics, not the compilers' generic
+// vectors: GCC 12 converts int8 vectors to float one element at a time.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LLMFLASH_QVEC 1
+constexpr int W = 16;
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V codes8(const int8_t* p) {  // 16 int8 codes
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void codes4(const uint8_t* p, V& lo, V& hi) {  // 16 bytes: the low nibbles' values, the high ones' (q - 8)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi32(8);
+    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)), eight));
+    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)), eight));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LLMFLASH_QVEC 1
+constexpr int W = 8;
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float a) { return _mm256_set1_ps(a); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline float vsum(V v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+    return _mm_cvtss_f32(r);
+}
+inline V codes8(const int8_t* p) {  // 8 int8 codes
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void codes4(const uint8_t* p, V& lo, V& hi) {  // 8 bytes
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(b, m)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)), eight));
+}
+#else
+constexpr int W = 16;
+#endif
+
+// x . w of an int8 part; x [d]. Each group's partial dot product is scaled once; two running sums (even and odd
+// groups) so that consecutive groups do not wait on each other.
 inline float qdot8(const uint8_t* part, const float* x, const QShape& s) {
     const int8_t* q = reinterpret_cast<const int8_t*>(part);
     const uint8_t* sc = part + s.code_bytes;
+#ifdef LLMFLASH_QVEC
     if (s.fast) {
-        float acc[LANES] = {};
+        V acc0 = vzero(), acc1 = vzero();
         for (int64_t g = 0; g < s.groups; ++g) {
             const int8_t* qg = q + g * s.G;
             const float* xg = x + g * s.G;
-            float p[LANES] = {};
-            for (int64_t c = 0; c < s.G; c += LANES) {
-#pragma omp simd
-                for (int l = 0; l < LANES; ++l) p[l] += static_cast<float>(qg[c + l]) * xg[c + l];
-            }
-            const float sg = scale_at(sc, g);
-#pragma omp simd
-            for (int l = 0; l < LANES; ++l) acc[l] += sg * p[l];
+            V p = vzero();
+            for (int64_t c = 0; c < s.G; c += W) p = vfma(codes8(qg + c), vload(xg + c), p);
+            if (g & 1)
+                acc1 = vfma(p, vset(scale_at(sc, g)), acc1);
+            else
+                acc0 = vfma(p, vset(scale_at(sc, g)), acc0);
         }
-        float r = 0.f;
-        for (int l = 0; l < LANES; ++l) r += acc[l];
-        return r;
+        return vsum(vadd(acc0, acc1));
     }
+#endif
     float r = 0.f;
     for (int64_t g = 0; g < s.groups; ++g) {
         float p = 0.f;
@@ -195,29 +252,26 @@ inline float qdot8(const uint8_t* part, const float* x, const QShape& s) {
 inline float qdot4(const uint8_t* part, const float* xe, const float* xo, const QShape& s) {
     const uint8_t* sc = part + s.code_bytes;
     const int64_t gb = s.G / 2;  // bytes of a group's codes
+#ifdef LLMFLASH_QVEC
     if (s.fast) {
-        float acc[LANES] = {};
+        V acc0 = vzero(), acc1 = vzero();
         for (int64_t g = 0; g < s.groups; ++g) {
             const uint8_t* qg = part + g * gb;
             const float* eg = xe + g * gb;
             const float* og = xo + g * gb;
-            float p[LANES] = {};
-            for (int64_t c = 0; c < gb; c += LANES) {
-#pragma omp simd
-                for (int l = 0; l < LANES; ++l) {
-                    const uint8_t b = qg[c + l];
-                    p[l] += static_cast<float>(static_cast<int>(b & 15) - 8) * eg[c + l] +
-                            static_cast<float>(static_cast<int>(b >> 4) - 8) * og[c + l];
-                }
+            V p = vzero(), lo, hi;
+            for (int64_t c = 0; c < gb; c += W) {
+                codes4(qg + c, lo, hi);
+                p = vfma(hi, vload(og + c), vfma(lo, vload(eg + c), p));
             }
-            const float sg = scale_at(sc, g);
-#pragma omp simd
-            for (int l = 0; l < LANES; ++l) acc[l] += sg * p[l];
+            if (g & 1)
+                acc1 = vfma(p, vset(scale_at(sc, g)), acc1);
+            else
+                acc0 = vfma(p, vset(scale_at(sc, g)), acc0);
         }
-        float r = 0.f;
-        for (int l = 0; l < LANES; ++l) r += acc[l];
-        return r;
+        return vsum(vadd(acc0, acc1));
     }
+#endif
     float r = 0.f;
     for (int64_t g = 0; g < s.groups; ++g) {
         float p = 0.f;
@@ -239,7 +293,13 @@ inline void qaxpy8(float h, const uint8_t* part, float* y, const QShape& s) {
         const float hs = h * scale_at(sc, g);
         const int8_t* qg = q + g * s.G;
         float* yg = y + g * s.G;
-#pragma omp simd
+#ifdef LLMFLASH_QVEC
+        if (s.fast) {
+            const V vh = vset(hs);
+            for (int64_t c = 0; c < s.G; c += W) vstore(yg + c, vfma(vh, codes8(qg + c), vload(yg + c)));
+            continue;
+        }
+#endif
         for (int64_t k = 0; k < s.G; ++k) yg[k] += hs * static_cast<float>(qg[k]);
     }
 }
@@ -253,7 +313,18 @@ inline void qaxpy4(float h, const uint8_t* part, float* ye, float* yo, const QSh
         const uint8_t* qg = part + g * gb;
         float* eg = ye + g * gb;
         float* og = yo + g * gb;
-#pragma omp simd
+#ifdef LLMFLASH_QVEC
+        if (s.fast) {
+            const V vh = vset(hs);
+            for (int64_t c = 0; c < gb; c += W) {
+                V lo, hi;
+                codes4(qg + c, lo, hi);
+                vstore(eg + c, vfma(vh, lo, vload(eg + c)));
+                vstore(og + c, vfma(vh, hi, vload(og + c)));
+            }
+            continue;
+        }
+#endif
         for (int64_t j = 0; j < gb; ++j) {
             const uint8_t b = qg[j];
             eg[j] += hs * static_cast<float>(static_cast<int>(b & 15) - 8);
@@ -394,7 +465,7 @@ int32_t llmflash_sparse_ffn_q(const float* x, int64_t T, int64_t d, const void* 
     if (bits != 8 && bits != 4) return -1;
     if (group_size <= 0 || group_size % 2 || d % group_size) return -2;
     if (n <= 0) return 0;
-    QShape s{d, group_size, d / group_size, d * bits / 8, group_size % (bits == 8 ? LANES : 2 * LANES) == 0};
+    QShape s{d, group_size, d / group_size, d * bits / 8, group_size % (bits == 8 ? W : 2 * W) == 0};
     const uint8_t* A = static_cast<const uint8_t*>(a);
     const uint8_t* U = static_cast<const uint8_t*>(u);
     const uint8_t* D = static_cast<const uint8_t*>(down);
