@@ -194,10 +194,11 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
 _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
-# ... and weights on a 64-byte boundary: torch 2.13's kernel on an AVX-512 CPU crashed (SIGSEGV) on int8 weights 8 or
-# 40 bytes past one for 4 or more rows of x (a prefill; weights viewed in place in resident.safetensors sit wherever
-# the file puts them), so misaligned weights take the dequantizing path
-_INT8_ALIGN = 64
+# ... and weights on a 16-byte boundary: torch 2.13's kernel on an AVX-512 CPU crashed (SIGSEGV) on int8 weights 2, 4,
+# 8, 24 or 40 bytes past one for 4 or more rows of x (a prefill; 16, 32 and 48 ran right; weights viewed in place in
+# resident.safetensors sit wherever the file puts them: SmolLM2's at 48), so misaligned weights take the dequantizing
+# path
+_INT8_ALIGN = 16
 
 
 class Int8Linear(nn.Module):
@@ -207,7 +208,7 @@ class Int8Linear(nn.Module):
     result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
     float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
     in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, with
-    ``kernel = False``, or for weights not on a 64-byte boundary: ``_INT8_ALIGN``) is 5-15x slower than float32
+    ``kernel = False``, or for weights not on a 16-byte boundary: ``_INT8_ALIGN``) is 5-15x slower than float32
     (results/quantized/README.md)."""
 
     kernel = True

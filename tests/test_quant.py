@@ -310,8 +310,8 @@ def test_int8_linear_matches_its_dequantized_weight():
         Int8Linear.kernel = True
 
 
-def test_int8_linear_on_weights_off_a_64_byte_boundary():
-    """int8 weights viewed in place in a file's buffer may sit anywhere: off a 64-byte boundary the dequantizing path
+def test_int8_linear_on_weights_off_a_16_byte_boundary():
+    """int8 weights viewed in place in a file's buffer may sit anywhere: off a 16-byte boundary the dequantizing path
     runs (torch's kernel crashed there on an AVX-512 CPU for 4+ rows of x), with the same result."""
     from llmflash.quant import Int8Linear, quantize_per_row
 
