@@ -12,8 +12,14 @@ Stages (``--stages``, default all):
 - ``speed``: ms/token of dense and predictor mode at half of each directory's own model bytes and at one fixed
   DRAM budget in bytes (medians of alternating repeats, measured), bytes read per token (measured);
 - ``recall``: recall and over-prediction of the fp32-trained predictors on each dtype's true active sets (the model's
-  own threshold rule on that dtype's weights defines truth; measured on held-out text).
+  own threshold rule on that dtype's weights defines truth; measured on held-out text);
+- ``native``: one thread, one layer's set of 64-1024 rows of SmolLM2's shape held quantized (int8, int4) in a neuron
+  cache's slots: the native step (``step.NativeRows``, dequantizing inside the kernel) against the engine's Python
+  path (gather, dequantize, matmuls), and both on the same rows in float32 (medians of repeated calls, measured);
+- ``native_gen``: ``llmflash generate`` on the int8 / int4 directories in predictor mode, ``--native`` and
+  ``--no-native`` alternating (medians of repeats, measured).
 
+Not in the default ``--stages`` (``native``, ``native_gen``: issue 15's native step on quantized rows).
 Writes results/quantized/: quantized.json, one CSV per stage, quantized.png, config.json.
 """
 
@@ -314,6 +320,178 @@ def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- the native step on quantized rows
+
+
+def stage_native(args) -> list[dict]:
+    """One layer's set of rows, one thread (measured): SmolLM2's shape (d_model 576, a SwiGLU layer of 1536 neurons,
+    ReLU), random rows quantized in groups of ``--group-size`` and held in a 1536-slot cache at random used slots; the
+    native step against the engine's Python path over the same slots (``_FlashFFNBase._rows_output``: one gather per
+    segment, each part dequantized, torch matmuls); float32 rows of the same values as a reference. Each round times
+    ``--native-calls`` calls of every path in turn; the medians over ``--native-rounds`` rounds, per call."""
+    import os
+    import statistics
+    from types import SimpleNamespace
+
+    from llmflash.cache import RowStore
+    from llmflash.engine import _FlashFFNBase
+    from llmflash.ffn import activation_fn
+    from llmflash.layout import FlashLayout
+    from llmflash.quant import dequantize, encode_rows
+    from llmflash.step import NativeRows
+
+    d, n_ffn, cap = 576, 1536, 1536
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(cap, d, generator=g) * 0.04 for _ in range(3)]  # gate, up, down
+    x = torch.randn(1, d, generator=g)
+    stores = {}
+    for dtype in ("int8", "int4"):
+        lay = FlashLayout.build(1, d, n_ffn, True, dtype, True, group_size=args.group_size)
+        st = RowStore(lay, cap, torch.float32)
+        st.rows[0].copy_(encode_rows(w, lay, lay.segments[0].stride_bytes))
+        stores[dtype] = st
+    # float32 rows of the values the int8 rows hold (the float kernel's speed on the same work)
+    lay32 = FlashLayout.build(1, d, n_ffn, True, "float32", True)
+    st32 = RowStore(lay32, cap, torch.float32)
+    q8 = stores["int8"]
+    pb = q8.layout.segments[0].part_bytes
+    for k in range(3):
+        part = q8.rows[0][:, k * pb : (k + 1) * pb]
+        st32.rows[0][:, k * d : (k + 1) * d] = dequantize(part[:, :d], part[:, d:].contiguous().view(torch.float16), 8,
+                                                        args.group_size)
+    stores["float32"] = st32
+    kernel = NativeRows.make("relu", torch.float32, True, None, None)
+    assert kernel is not None, "the native step does not build here"
+    kernel.threads = 1
+
+    def python_path(store, ids, slots):  # the engine's reference path, with a stand-in for its layer module
+        me = SimpleNamespace(e=SimpleNamespace(row_bucket=0, fd=SimpleNamespace(gated=True), gate=None),
+                             act_bias=None, act=activation_fn("relu"), threshold=None, on_act=False, layer=0)
+        return _FlashFFNBase._rows_output(me, store, ids.size, ids, x, 0, slots)[0]  # type: ignore[arg-type]
+
+    rows = []
+    try:
+        with torch.inference_mode():
+            for n in args.native_rows:
+                rng = np.random.default_rng(n)
+                slots = np.sort(rng.choice(cap, n, replace=False)).astype(np.int64)
+                ids = np.sort(rng.choice(n_ffn, n, replace=False)).astype(np.int64)
+                calls = {}
+                for dtype, st in stores.items():
+                    y = torch.zeros(1, d)
+                    calls[dtype, "native"] = lambda st=st, y=y: kernel.add(y, x, st, slots, ids)
+                    calls[dtype, "python"] = lambda st=st: python_path(st, ids, slots)
+                # agreement (float32 rounding): the native step's output against the Python path's on the same rows
+                err = {}
+                for dtype, st in stores.items():
+                    y, ref = torch.zeros(1, d), python_path(st, ids, slots)
+                    kernel.add(y, x, st, slots, ids)
+                    err[dtype] = float((y - ref).abs().max() / ref.abs().max())
+                times: dict = {k: [] for k in calls}
+                for fn in calls.values():
+                    fn()
+                for _ in range(args.native_rounds):
+                    for k, fn in calls.items():
+                        t0 = time.perf_counter()
+                        for _ in range(args.native_calls):
+                            fn()
+                        times[k].append((time.perf_counter() - t0) * 1e6 / args.native_calls)
+                for dtype in stores:
+                    py, nat = (statistics.median(times[dtype, p]) for p in ("python", "native"))
+                    rows.append({"rows": n, "dtype": dtype, "group_size": args.group_size if dtype != "float32" else 0,
+                                 "python_us": py, "native_us": nat, "speedup": py / nat,
+                                 "native_vs_python_max_rel_err": err[dtype], "rounds": args.native_rounds,
+                                 "calls_per_round": args.native_calls, "threads": 1,
+                                 "load_average": os.getloadavg()[0], "label": "measured"})
+                    print(f"{n} rows {dtype}: python {py:.1f} us, native {nat:.1f} us ({py / nat:.1f}x)",
+                          file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def stage_native_gen(args) -> list[dict]:
+    """``llmflash generate`` in predictor mode on each quantized directory of ``--native-variants``, ``--native`` and
+    ``--no-native`` alternating within each repeat (one process per run; measured)."""
+    import os
+    import subprocess
+
+    runs = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    budgets = dict(b.split("=") for b in args.native_budgets.split(","))
+    dirs = {}
+    for label in args.native_variants.split(","):
+        dtype, _, resident = label.partition("+")
+        path = common.cache_dir() / "quantized" / f"{args.model}-{label}-g{args.group_size}"
+        from llmflash.convert import convert
+        from llmflash.errors import LLMFlashError
+        from llmflash.flashdir import open_flash_dir
+
+        try:
+            open_flash_dir(path)
+        except LLMFlashError:
+            print(f"converting {args.model} to {label}", file=sys.stderr, flush=True)
+            convert(args.model, path, dtype=dtype, resident_dtype="int8" if resident else "auto",
+                    group_size=args.group_size, force=True, progress=False, calibration_tokens=0)
+        dirs[label] = path
+    env = dict(os.environ, PYTHONPATH=str(common.REPO))
+    for rep in range(args.repeats):
+        for label, path in dirs.items():
+            for native in ((True, False) if rep % 2 == 0 else (False, True)):
+                out = args.out / f"native_gen_{label}_{'native' if native else 'python'}_{rep}.json"
+                cmd = ["llmflash", "generate", str(path), "--mode", "predictor", "--dram-budget",
+                       budgets.get(label, budgets.get("*", "0.5")), "--max-new-tokens", str(args.tokens),
+                       "--ignore-eos", "--prompt", args.native_prompt, "--native" if native else "--no-native",
+                       "--json", str(out)]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print(f"{label} {native}: {res.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+                    runs.append({"variant": label, "native": native, "repeat": rep, "error": res.stderr[-300:]})
+                    continue
+                r = json.loads(out.read_text())
+                out.unlink()
+                s = r["summary"]
+                runs.append({"variant": label, "native": native, "repeat": rep, "command": " ".join(cmd[:-2]),
+                             "native_step": r["config"]["native_step"], "dram_bytes": r["dram_bytes"],
+                             "model_bytes": r["model_bytes"], "ms_per_token": s["ms_per_token"], "io_ms": s["io_ms"],
+                             "mem_ms": s["mem_ms"], "compute_ms": s["compute_ms"], "predictor_ms": s["predictor_ms"],
+                             "bytes_read_per_token": s["bytes_read_per_token"], "cache_hit_rate": s["cache_hit_rate"],
+                             "tokens": r["tokens"], "compute_threads": r["config"]["compute_threads"],
+                             "io_threads": r["config"]["io_threads"], "load_average": os.getloadavg()[0],
+                             "label": "measured"})
+                print(f"rep {rep} {label} {'native' if native else 'python'}: {s['ms_per_token']:.1f} ms/token "
+                      f"(io {s['io_ms']:.1f}, compute {s['compute_ms']:.1f})", file=sys.stderr, flush=True)
+    return runs
+
+
+def native_gen_summary(runs: list[dict]) -> list[dict]:
+    """Medians over repeats per (variant, path), and the per-repeat speed-ups of the native step (their median)."""
+    out = []
+    ok = [r for r in runs if "error" not in r]
+    for v in dict.fromkeys(r["variant"] for r in ok):
+        for native in (False, True):
+            mine = [r for r in ok if r["variant"] == v and r["native"] == native]
+            if not mine:
+                continue
+            med = lambda k: float(np.median([r[k] for r in mine]))  # noqa: E731
+            row = {"variant": v, "path": "native" if native else "python", "repeats": len(mine),
+                   "ms_per_token": med("ms_per_token"), "ms_min": min(r["ms_per_token"] for r in mine),
+                   "ms_max": max(r["ms_per_token"] for r in mine), "io_ms": med("io_ms"), "mem_ms": med("mem_ms"),
+                   "compute_ms": med("compute_ms"), "predictor_ms": med("predictor_ms"),
+                   "bytes_read_per_token": med("bytes_read_per_token"), "dram_bytes": med("dram_bytes"),
+                   "load_average": med("load_average"), "label": "measured"}
+            if native:
+                py = {r["repeat"]: r for r in ok if r["variant"] == v and not r["native"]}
+                ratios = [py[r["repeat"]]["ms_per_token"] / r["ms_per_token"] for r in mine if r["repeat"] in py]
+                row["speedup"] = float(np.median(ratios)) if ratios else None
+                row["speedup_min"], row["speedup_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
+                row["same_tokens"] = all(py[r["repeat"]]["tokens"] == r["tokens"] for r in mine if r["repeat"] in py)
+            out.append(row)
+    return out
+
+
 def plot(data: dict, out: Path) -> None:
     plt = common.plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -370,6 +548,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of the timed runs")
     p.add_argument("--recall-source", default="wiki:eval", help="held-out text of the recall stage")
     p.add_argument("--recall-tokens", type=int, default=2048, help="tokens of the recall stage")
+    p.add_argument("--native-rows", type=lambda v: [int(n) for n in v.split(",")], default=[64, 128, 256, 512, 1024],
+                   help="native stage: the sizes of the row sets (comma-separated)")
+    p.add_argument("--native-rounds", type=int, default=21, help="native stage: rounds (a median over them)")
+    p.add_argument("--native-calls", type=int, default=20, help="native stage: calls of each path per round")
+    p.add_argument("--native-variants", default="int8,int4",
+                   help="native_gen stage: the directories (int8, int4, int8+r8, int4+r8: with int8 resident weights)")
+    p.add_argument("--native-budgets", default="*=0.5",
+                   help="native_gen stage: --dram-budget per variant (VARIANT=F,...; * for the others)")
+    p.add_argument("--native-prompt", default="The history of the printing press begins", help="native_gen's prompt")
     args = p.parse_args()
     if args.quick:
         args.ppl_tokens, args.tokens, args.repeats, args.recall_tokens = 1024, 12, 1, 512
@@ -396,8 +583,14 @@ def main() -> None:
     if "speed" in stages:
         data["speed_runs"] = stage_speed(args, dirs)
         done("speed_summary", speed_summary(data["speed_runs"]), "speed")
+    if "native" in stages:
+        done("native", stage_native(args), "native_step_rows")
+    if "native_gen" in stages:
+        data["native_gen_runs"] = stage_native_gen(args)
+        done("native_gen", native_gen_summary(data["native_gen_runs"]), "native_step_generate")
     common.save(out, NAME, args, data)
-    plot(data, out)
+    if any(data.get(k) for k in ("quality", "speed_summary", "recall")):  # (the native stages have tables only)
+        plot(data, out)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ class EngineConfig:
     hot_fraction: float = 0.5
     hot_calibration_tokens: int = 64
     # quantized directories (int8/int4): the form the neuron caches and the staging rows hold. "stored": the rows as
-    # read (DRAM per neuron at the stored bits, the budget counting them so), dequantized for every matmul; "compute":
+    # read (DRAM per neuron at the stored bits, the budget counting them so), dequantized inside the native step's
+    # dot products (on the Python path: for every matmul); "compute":
     # dequantized once when read into rows of the compute dtype (more DRAM per neuron, no dequantization per token;
     # reads land in a landing buffer first). Float directories: both are the stored rows
     cache_form: str = "stored"
@@ -277,7 +278,7 @@ class _FlashFFNBase(nn.Module):
              slots: Optional[np.ndarray] = None) -> Tensor:
         """y + the contribution of store rows [start, start + len(ids)) or ``slots`` holding neurons ``ids``: the
         native step where it runs (y then float32, added in place), the Python reference otherwise."""
-        if self.native is not None and y.dtype == torch.float32 and isinstance(store, RowStore) \
+        if self.native is not None and y.dtype == torch.float32 and store.rows[0].device.type == "cpu" \
                 and x.shape[0] <= MAX_NATIVE_TOKENS:
             rows = slots if slots is not None else self.e.row_range[start : start + ids.size]
             mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
@@ -643,11 +644,12 @@ class Engine:
 
     def native_rows(self, act_bias: Optional[Tensor], threshold: Optional[float]) -> Optional[NativeRows]:
         """A flash layer's native compute (``step.NativeRows``), or None: the Python path (off in the config, not
-        built, on an accelerator, or an activation / dtype / rule the kernel lacks: quantized rows, a threshold on the
-        activation alone)."""
-        if not self._native_lib or self.fd.layout.quantized or self.threshold_on_act:
+        built, on an accelerator, or an activation / dtype the kernel lacks). Quantized rows: as stored (int8 / int4,
+        dequantized inside the kernel) or, ``cache_form="compute"``, the float rows they were dequantized into."""
+        if not self._native_lib:
             return None
-        rows = NativeRows.make(self.fd.activation, self.fd.dtype, self.fd.gated, threshold, act_bias)
+        rows = NativeRows.make(self.fd.activation, self.fd.dtype, self.fd.gated, threshold, act_bias,
+                               self.threshold_on_act)
         if rows is not None:
             rows.threads = self.native_threads
         return rows

@@ -14,8 +14,9 @@ With ``r = 1``, ``|w - q * s| <= s / 2`` (plus float16's rounding of ``s``: at m
 search, each group's squared error is at most that of ``r = 1``.
 
 A quantized FFN part (gate row, up row or down column) in a row is its codes followed by its scales
-(``layout.part_bytes``); rows are held as uint8 tensors and dequantized to the compute dtype when a part is used
-(``part_rows``), so the flash bytes and the neuron cache's DRAM both shrink with the bits.
+(``layout.part_bytes``); rows are held as uint8 tensors, so the flash bytes and the neuron cache's DRAM both shrink
+with the bits. The native step (``step.NativeRows``, ``native/step.cpp``) computes on them as they are, dequantizing
+inside its dot products; the Python path dequantizes a part to the compute dtype when it is used (``part_rows``).
 """
 
 from __future__ import annotations
@@ -193,7 +194,11 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
 _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
-KERNEL_ALIGN_BYTES = 64  # ... and its weight at an address that is a multiple of this
+# ... and weights on a 16-byte boundary: torch 2.13's kernel on an AVX-512 CPU crashed (SIGSEGV) on int8 weights 2, 4,
+# 8, 24 or 40 bytes past one for 4 or more rows of x (a prefill; 16, 32 and 48 ran right). Weights viewed in place in
+# resident.safetensors sit wherever the file puts them (safetensors aligns to 8 bytes), so ``Int8Linear`` copies a
+# misaligned one (torch allocates at 64 bytes)
+KERNEL_ALIGN_BYTES = 16
 
 
 class Int8Linear(nn.Module):
@@ -203,7 +208,8 @@ class Int8Linear(nn.Module):
     result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
     float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
     in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
-    ``kernel = False``) is 5-15x slower than float32 (results/quantized/README.md)."""
+    ``kernel = False``) is 5-15x slower than float32
+    (results/quantized/README.md)."""
 
     kernel = True
     q: Tensor
@@ -213,10 +219,7 @@ class Int8Linear(nn.Module):
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__()
         if q.device.type == "cpu" and q.data_ptr() % KERNEL_ALIGN_BYTES:
-            # a view into the resident buffer at an offset the kernel cannot take: its AVX-512 path loads the weight
-            # with aligned instructions and crashed on a 40-byte offset (AMD EPYC, torch 2.13, 8 rows of x). An
-            # aligned copy (torch allocates at 64 bytes); safetensors aligns tensors to 8 bytes only
-            q = q.clone()
+            q = q.clone()  # a view at an offset the kernel cannot take (``KERNEL_ALIGN_BYTES``): an aligned copy
         self.register_buffer("q", q)  # int8 [out, in]
         self.register_buffer("scale", scale)  # [out]
         self.register_buffer("bias", bias)
@@ -227,7 +230,8 @@ class Int8Linear(nn.Module):
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0:
+        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0 \
+                and self.q.data_ptr() % KERNEL_ALIGN_BYTES == 0:
             if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()

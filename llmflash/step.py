@@ -5,7 +5,10 @@
   slots are not neighbours fills them with one scatter ``preadv`` (``FlashReader.submit(..., piece_bytes=stride)``).
 - ``NativeRows``: one layer's FFN contribution over a set of rows of a row store (a neuron cache's used slots, the
   staging buffer's rows) computed by the native kernel (``native/step.cpp``): rows read in place, one call per set,
-  no matmul, no gathered copies, no per-shape working memory. The engine's Python path (``_rows_output``: torch
+  no matmul, no gathered copies, no per-shape working memory. Float rows (float32, bfloat16, float16), or int8 /
+  int4 group-quantized rows as stored (``quant``: ``EngineConfig.cache_form="stored"``), dequantized on the fly
+  inside the dot products and axpys (each group's partial dot product scaled once; float32 accumulation) where the
+  Python path dequantizes every gathered part for every matmul. The engine's Python path (``_rows_output``: torch
   matmuls over the rows) stays the reference; the native one equals it within float32 rounding (see
   ``tests/test_native_step.py``: the sums run in another order, and an ``|h|`` within rounding of a threshold may fall
   on the other side).
@@ -15,13 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .cache import RowStore
+from .cache import DeviceRows, RowStore
 from .layout import Segment, runs
 from .native import library
 
@@ -51,62 +54,101 @@ def _addr(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+class _Parts(NamedTuple):
+    """Where a store's parts are: the first row's a (gate, else up), u (up of a gated FFN, else 0) and down; a/u's
+    row stride and down's (elements of float rows, bytes of quantized ones); and the rows' format."""
+
+    a: int
+    u: int
+    down: int
+    stride: int
+    stride_down: int
+    dtype_code: int  # float rows: ``DTYPE_CODES``; -1: quantized
+    bits: int  # quantized rows: 8 or 4
+    group_size: int
+
+
 class NativeRows:
-    """One layer's native compute over rows of row stores (``RowStore``: host memory, any row stride)."""
+    """One layer's native compute over rows of row stores (``RowStore``, or ``DeviceRows`` in host memory: any row
+    stride): float rows, or group-quantized ones (int8 / int4, ``quant``) dequantized on the fly inside the kernel."""
 
     def __init__(self, lib: ctypes.CDLL, kind: int, dtype: torch.dtype, gated: bool, threshold: Optional[float],
-                 act_bias: Optional[Tensor]) -> None:
+                 act_bias: Optional[Tensor], on_act: bool = False) -> None:
         self._fn = lib.llmflash_sparse_ffn
+        self._fn_q = lib.llmflash_sparse_ffn_q
         self.kind = kind
         self.dtype_code = DTYPE_CODES[dtype]
         self.gated = gated
         self.threshold = -1.0 if threshold is None else float(threshold)
+        self.on_act = int(on_act and threshold is not None)  # the threshold compares |act(a x + b)| alone
         self.bias = None if act_bias is None else act_bias.detach().float().contiguous()  # [d_ffn], float32
         self._bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
-        self._parts: dict[int, tuple[int, int, int, int, int, int]] = {}  # id(store) -> ``_pointers``
+        self._parts: dict[int, _Parts] = {}  # id(store) -> ``_pointers``
         self.threads = 1
 
     @staticmethod
     def make(activation: str, dtype: torch.dtype, gated: bool, threshold: Optional[float],
-             act_bias: Optional[Tensor]) -> Optional["NativeRows"]:
+             act_bias: Optional[Tensor], on_act: bool = False) -> Optional["NativeRows"]:
         """The native compute for a layer, or None where it does not apply (no library, an activation or dtype the
-        kernel lacks: logged at info level; the library's own absence was warned about once)."""
+        kernel lacks: logged at info level; the library's own absence was warned about once). ``dtype``: the compute
+        dtype (float rows are held in it; quantized rows are computed in float32 whatever it is)."""
         if activation not in ACT_CODES or dtype not in DTYPE_CODES:
             log.info("native sparse step: %s / %s not supported, using the Python path", activation, dtype)
             return None
         lib = library()
         if lib is None:
             return None
-        return NativeRows(lib, ACT_CODES[activation], dtype, gated, threshold, act_bias)
+        return NativeRows(lib, ACT_CODES[activation], dtype, gated, threshold, act_bias, on_act)
 
-    def _pointers(self, store: RowStore) -> tuple[int, int, int, int, int, int]:
-        """(a, u, down, a/u row stride, down row stride (elements), d) of a store; its buffers never move, so
-        computed once. Parts of one segment share its stride (bundled); unbundled, down has its own."""
+    def _pointers(self, store: RowStore | DeviceRows) -> _Parts:
+        """A store's ``_Parts``; its buffers never move, so computed once. Parts of one segment share its stride
+        (bundled); unbundled, down has its own."""
         key = id(store)
         p = self._parts.get(key)
-        if p is None:
+        if p is not None:
+            return p
+        lay = store.layout
+        if lay.quantized:  # uint8 rows: each part's codes, then its scales (``quant``), at byte offsets
+            (sa, oa), (sd, od) = lay.locate("gate" if self.gated else "up"), lay.locate("down")
+            su, ou = lay.locate("up") if self.gated else (sa, 0)
+            rows = store.rows
+            if su != sa or any(r.dtype != torch.uint8 or r.stride(1) != 1 for r in rows):
+                raise ValueError("the native step needs quantized rows as uint8, gate and up in one segment")
+            p = _Parts(rows[sa].data_ptr() + oa, rows[su].data_ptr() + ou if self.gated else 0,
+                       rows[sd].data_ptr() + od, rows[sa].stride(0), rows[sd].stride(0), -1, lay.bits, lay.group_size)
+        else:
             a = store.view("gate" if self.gated else "up")
             u = store.view("up") if self.gated else None
             down = store.view("down")
             if any(v.stride(1) != 1 for v in (a, down)) or (u is not None and u.stride(0) != a.stride(0)):
                 raise ValueError("the native step needs rows of contiguous parts, gate and up with one stride")
-            p = (a.data_ptr(), 0 if u is None else u.data_ptr(), down.data_ptr(), a.stride(0), down.stride(0),
-                 a.shape[1])
-            self._parts[key] = p
+            if a.dtype not in DTYPE_CODES or down.dtype != a.dtype:
+                raise ValueError(f"the native step has no kernel for rows of {a.dtype}")
+            p = _Parts(a.data_ptr(), 0 if u is None else u.data_ptr(), down.data_ptr(), a.stride(0), down.stride(0),
+                       DTYPE_CODES[a.dtype], 0, 0)
+        self._parts[key] = p
         return p
 
-    def add(self, y: Tensor, x: Tensor, store: RowStore, rows: np.ndarray, ids: np.ndarray,
+    def add(self, y: Tensor, x: Tensor, store: RowStore | DeviceRows, rows: np.ndarray, ids: np.ndarray,
             mask: Optional[Tensor] = None) -> None:
         """y [T, d] (float32, contiguous) += the contribution of ``store`` rows ``rows`` (int64 [n]) holding neurons
-        ``ids`` (int64 [n]) for x [T, d] (float32, contiguous); ``mask`` (bool [T, d_ffn]): a gated model's gate."""
+        ``ids`` (int64 [n]) for x [T, d] (float32, contiguous); ``mask`` (bool [T, d_ffn]): a gated model's gate.
+        ``store`` is in host memory."""
         n = rows.size
         if n == 0:
             return
-        a, u, down, stride, stride_down, d = self._pointers(store)
+        p = self._pointers(store)
+        d = store.layout.d_model
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         mptr, mstride = (0, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
-        rc = self._fn(x.data_ptr(), x.shape[0], d, a, u, down, stride, stride_down, self.dtype_code, _addr(rows), _addr(ids), n,
-                      self._bias_ptr, mptr, mstride, self.kind, self.threshold, y.data_ptr(), self.threads)
+        if p.dtype_code < 0:
+            rc = self._fn_q(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.bits,
+                            p.group_size, _addr(rows), _addr(ids), n, self._bias_ptr, mptr, mstride, self.kind,
+                            self.threshold, self.on_act, y.data_ptr(), self.threads)
+        else:
+            rc = self._fn(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.dtype_code,
+                          _addr(rows), _addr(ids), n, self._bias_ptr, mptr, mstride, self.kind, self.threshold,
+                          self.on_act, y.data_ptr(), self.threads)
         if rc != 0:
             raise RuntimeError(f"native sparse step failed ({rc})")

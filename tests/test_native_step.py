@@ -1,8 +1,9 @@
 """The native sparse step (``llmflash.step``, ``llmflash/native``) against the Python reference path, on tiny random
 models: equal within float32 rounding (the kernel sums rows in another order than torch's matmuls, and computes its
 activation with libm's exp/erf instead of torch's vectorised ones: differences of a few ulps, so tokens equal and
-log-probabilities within 1e-5), in oracle and predictor modes, with reuse, evictions and overflow; and one warning,
-never a traceback, where the library cannot be built."""
+log-probabilities within 1e-5), in oracle and predictor modes, with reuse, evictions and overflow; on int8 / int4
+group-quantized rows (dequantized inside the kernel) as on float ones; and one warning, never a traceback, where the
+library cannot be built."""
 
 from __future__ import annotations
 
@@ -151,6 +152,178 @@ def test_kernel_equals_torch_on_random_rows(dtype, atol, activation):
             h = h * mask[:, torch.from_numpy(ids)]
             ref = h @ store.gather("down", idx).float()
             assert torch.allclose(y, ref, rtol=1e-4, atol=atol if dtype != torch.float32 else 1e-5), (gated, threshold)
+
+
+def _quantized_store(lay: FlashLayout, cap: int, seed: int) -> RowStore:
+    """A store of ``cap`` random rows encoded in ``lay``'s quantized format (``quant.encode_rows``)."""
+    from llmflash.quant import encode_rows
+
+    g = torch.Generator().manual_seed(seed)
+    store = RowStore(lay, cap, torch.float32)
+    for seg, rows in zip(lay.segments, store.rows):
+        parts = [torch.randn(cap, lay.d_model, generator=g) * 0.3 for _ in seg.parts]
+        rows.copy_(encode_rows(parts, lay, seg.stride_bytes))
+    return store
+
+
+def _reference(store: RowStore, x, slots, ids, bias, mask, activation, threshold, on_act=False):
+    """The engine's Python path over quantized rows: the gathered rows dequantized (``quant.part_rows``), then the
+    float32 formula."""
+    from llmflash.ffn import activation_fn, neuron_outputs
+    from llmflash.quant import part_rows
+
+    lay, idx = store.layout, torch.from_numpy(slots)
+    gathered = [r.index_select(0, idx) for r in store.rows]
+    gated = "gate" in lay.segments[0].parts
+
+    def part(name):
+        return part_rows(lay, gathered, name, 0, slots.size, torch.float32)
+
+    h = neuron_outputs(x, part("gate" if gated else "up"), part("up") if gated else None,
+                       None if bias is None else bias[torch.from_numpy(ids)], activation_fn(activation), threshold,
+                       on_act)
+    if mask is not None:
+        h = h * mask[:, torch.from_numpy(ids)]
+    return h @ part("down")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("group", [32, 64, 8])  # 8: the kernel's plain loops (a group's codes under 16 bytes)
+@pytest.mark.parametrize("activation,threshold", [("relu", None), ("silu", 0.05)])
+def test_quantized_kernel_equals_the_python_path(dtype, group, activation, threshold):
+    """Quantized rows (int8, int4; groups of 32, 64 and 8; gated and plain, bundled and not): the kernel, which
+    dequantizes inside its dot products, equals the Python path's dequantize-then-matmul within float32 rounding:
+    a slot list with gaps, a bias, a gate mask, one and three tokens, one and two threads."""
+    d, n_ffn, cap = 128, 160, 96
+    for gated in (True, False):
+        for bundled in (True, False):
+            lay = FlashLayout.build(1, d, n_ffn, gated, dtype, bundled=bundled, group_size=group)
+            store = _quantized_store(lay, cap, seed=group + gated + 2 * bundled)
+            g = torch.Generator().manual_seed(7)
+            slots = np.sort(np.random.default_rng(group).choice(cap, 80, replace=False)).astype(np.int64)
+            ids = np.random.default_rng(1).choice(n_ffn, slots.size, replace=False).astype(np.int64)
+            bias = None if gated else torch.randn(n_ffn, generator=g) * 0.1
+            for T in (1, 3):
+                x = torch.randn(T, d, generator=g)
+                mask = torch.rand(T, n_ffn, generator=g) > 0.2 if gated else None
+                ref = _reference(store, x, slots, ids, bias, mask, activation, threshold)
+                k = NativeRows.make(activation, torch.float32, gated, threshold, bias)
+                assert k is not None
+                for threads in (1, 2):
+                    k.threads = threads
+                    y = torch.zeros(T, d)
+                    k.add(y, x, store, slots, ids, mask)
+                    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), (gated, bundled, T, threads)
+                    assert float(ref.abs().max()) > 0.1
+                y = torch.ones(T, d)  # it adds
+                k.threads = 1
+                k.add(y, x, store, slots[:5], ids[:5], mask)
+                ref5 = _reference(store, x, slots[:5], ids[:5], bias, mask, activation, threshold)
+                assert torch.allclose(y, ref5 + 1, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
+def test_kernel_with_the_threshold_on_the_activation(dtype):
+    """``on_act`` (a CATS-style rule: |act(gate x)| > threshold decides, the up projection does not), float and
+    quantized rows."""
+    d, n_ffn, cap = 64, 96, 48
+    if dtype == "float32":
+        lay = FlashLayout.build(1, d, n_ffn, True, dtype, bundled=True)
+        store = RowStore(lay, cap, torch.float32)
+        store.rows[0].copy_(torch.randn(store.rows[0].shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+    else:
+        lay = FlashLayout.build(1, d, n_ffn, True, dtype, bundled=True, group_size=32)
+        store = _quantized_store(lay, cap, seed=5)
+    slots = np.array([1, 2, 3, 10, 20, 33, 47], dtype=np.int64)
+    ids = np.array([5, 6, 7, 50, 60, 70, 95], dtype=np.int64)
+    x = torch.randn(2, d, generator=torch.Generator().manual_seed(6))
+    ref = _reference(store, x, slots, ids, None, None, "silu", 0.3, on_act=True)
+    assert not torch.allclose(ref, _reference(store, x, slots, ids, None, None, "silu", 0.3))  # another rule
+    k = NativeRows.make("silu", torch.float32, True, 0.3, None, on_act=True)
+    assert k is not None
+    y = torch.zeros(2, d)
+    k.add(y, x, store, slots, ids)
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def _one_resident_layer(path: Path, staging_rows: int) -> float:
+    """A hybrid budget that keeps one layer resident (dequantized) and streams the others."""
+    from llmflash.quant import dense_layer_bytes
+
+    fd = open_flash_dir(path)
+    fixed = fd.resident_path.stat().st_size + staging_rows * fd.layout.neuron_stride_bytes
+    return (fixed + 1.5 * dense_layer_bytes(fd.layout, fd.dtype)) / fd.model_bytes
+
+
+@pytest.fixture(scope="module")
+def quant_dirs(flash_dirs):
+    """{(model, dtype): flash dir} of the tiny models at int8 and int4 (groups of 32; llama also int4 g64)."""
+    root = flash_dirs["llama"].parent
+    out = {}
+    for name in ("llama", "opt", "silu"):
+        for dtype in ("int8", "int4"):
+            out[name, dtype] = convert(str(root / name), root / f"{name}-{dtype}", dtype=dtype, progress=False,
+                                       calibration_tokens=512 if name == "silu" else 0)
+    out["llama", "int4g64"] = convert(str(root / "llama"), root / "llama-int4g64", dtype="int4", group_size=64,
+                                      progress=False, calibration_tokens=0)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4g64"])
+@pytest.mark.parametrize("name,kw", [
+    ("llama", {"mode": "oracle", "window": 2}),
+    ("opt", {"mode": "oracle", "window": 1}),
+    ("silu", {"mode": "oracle", "sparsity": "threshold"}),
+    ("llama", {"mode": "naive"}),
+    ("llama", {"mode": "hybrid", "staging_rows": 64}),  # one layer resident (``_one_resident_layer``), two streamed
+    ("llama", {"mode": "oracle", "cache_form": "compute"}),  # float rows dequantized on read: the float kernel
+])
+def test_native_on_quantized_rows_equals_the_python_path_and_dense(quant_dirs, dtype, name, kw):
+    """Quantized directories with the native step on: the Python path's tokens and log-probabilities (within 1e-5),
+    and dense's tokens at the same dtype."""
+    if (name, dtype) not in quant_dirs:
+        pytest.skip("int4 g64: the llama only")
+    path = quant_dirs[name, dtype]
+    kw = dict(kw)
+    if kw["mode"] == "hybrid":
+        kw["budget"] = _one_resident_layer(path, kw["staging_rows"])
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(14))
+    g_py, lp_py = _run(path, False, ids, **dict(kw))
+    g_nat, lp_nat = _run(path, True, ids, **dict(kw))
+    assert g_nat.tokens == g_py.tokens
+    assert torch.allclose(lp_nat, lp_py, rtol=0, atol=1e-5)
+    rule = {"sparsity": kw["sparsity"]} if "sparsity" in kw else {}
+    dense = Engine(path, EngineConfig(mode="dense", dram_budget=BIG, **rule))
+    try:
+        assert g_nat.tokens == dense.generate(PROMPT, 10, stop_at_eos=False).tokens
+    finally:
+        dense.close()
+
+
+@needs_native
+def test_native_on_quantized_rows_with_overflow_and_predictors(quant_dirs, tmp_path):
+    """int4 rows, 20 cache rows per layer (most of every set overflows through the staging buffer), then predictor
+    mode with 60: native on and off agree."""
+    from llmflash.predictor import LowRankPredictor, PredictorSet
+
+    path = quant_dirs["llama", "int4"]
+    fd = open_flash_dir(path)
+    lay = fd.layout
+    torch.manual_seed(0)
+    mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
+    meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
+    PredictorSet.from_modules(mods, [0.0] * lay.n_layers, meta).save(tmp_path / "pred")
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(15))
+    for kw in ({"mode": "oracle", "budget": _tight(path, 20), "staging_rows": 8},  # (60: room for the predictors)
+               {"mode": "predictor", "predictors": str(tmp_path / "pred"), "budget": _tight(path, 60)}):
+        g_py, lp_py = _run(path, False, ids, **dict(kw))
+        g_nat, lp_nat = _run(path, True, ids, **dict(kw))
+        assert g_nat.tokens == g_py.tokens
+        assert torch.allclose(lp_nat, lp_py, rtol=0, atol=1e-5)
+        assert sum(t.cache_misses for t in g_nat.per_token) > sum(t.loaded_neurons for t in g_nat.per_token)  # overflow
 
 
 def test_scatter_reads_land_in_their_slots_with_the_plans_reads(tmp_path):

@@ -83,3 +83,25 @@ def test_perplexity_in_memory_uses_the_act_rule(act_model):
     plain = perplexity(model, tiny_tokenizer(), docs, seq_len=32, max_tokens=128,
                        rule=SparsityRule("threshold", (0.05,) * N_LAYERS), progress=False)
     assert ev["ffn_active_fraction"] != plain["ffn_active_fraction"]
+
+
+def test_native_step_computes_the_act_rule(act_model):
+    """The native step applies the act rule too (``NativeRows(on_act=True)``): the Python path's tokens and scores."""
+    import llmflash.native as native
+
+    if native.library() is None:
+        pytest.skip("the native step does not build here")
+    _, flash = act_model
+    ids = torch.randint(1, 200, (12,), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for on in (False, True):
+        eng = Engine(flash, EngineConfig(mode="oracle", dram_budget=3.0, staging_rows=32, native=on))
+        try:
+            assert eng.native == on
+            toks = eng.generate(ids, 8, stop_at_eos=False).tokens
+            eng.reset()
+            out[on] = toks, eng.score(ids)
+        finally:
+            eng.close()
+    assert out[True][0] == out[False][0]
+    assert torch.allclose(out[True][1], out[False][1], rtol=0, atol=1e-5)

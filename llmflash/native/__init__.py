@@ -1,6 +1,6 @@
-"""The native hot path, built on first use and loaded: ``step.cpp`` (one layer's FFN over cached rows, fused:
-``library()``) and ``reader.cpp`` (the flash reader's thread pool, parallel ``preadv`` without the interpreter:
-``reader_library()``).
+"""The native hot path, built on first use and loaded: ``step.cpp`` (one layer's FFN over cached rows, fused: float
+rows, or int8 / int4 group-quantized ones dequantized on the fly: ``library()``) and ``reader.cpp`` (the flash reader's
+thread pool, parallel ``preadv`` without the interpreter: ``reader_library()``).
 
 Built with the C++ compiler alone (``$CXX``, else ``g++``, else ``c++``: Debian's ``g++`` package) as a plain shared
 library behind a C ABI, loaded with ``ctypes`` (which releases the GIL during the call, so reader threads go on): no
@@ -32,7 +32,7 @@ from ..paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2  # llmflash_step_version() of the library this loader speaks to
+ABI_VERSION = 3  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
 READER_ABI_VERSION = 1  # llmflash_reader_version()
@@ -110,10 +110,13 @@ def _load() -> ctypes.CDLL:
     lib.llmflash_step_version.restype = ctypes.c_int32
     if lib.llmflash_step_version() != ABI_VERSION:
         raise RuntimeError(f"library ABI {lib.llmflash_step_version()}, expected {ABI_VERSION}")
-    f = lib.llmflash_sparse_ffn
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    f.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, p, p, i64, p, p, i64, i32, ctypes.c_float, p, i32]
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    f = lib.llmflash_sparse_ffn  # float rows
+    f.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, p, p, i64, p, p, i64, i32, f32, i32, p, i32]
     f.restype = i32
+    q = lib.llmflash_sparse_ffn_q  # group-quantized rows (int8, int4)
+    q.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, i32, p, p, i64, p, p, i64, i32, f32, i32, p, i32]
+    q.restype = i32
     return lib
 
 

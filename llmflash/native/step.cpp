@@ -2,14 +2,18 @@
 //
 //   for each row r (neuron ids[r], stored at matrix row rows[r]):
 //       z = a[rows[r]] . x[t] + bias[ids[r]]           (a: the gate rows of a gated FFN, else the up rows)
-//       h = act(z) * (u[rows[r]] . x[t])               (gated FFN; a plain FFN: h = act(z))
-//       h = |h| > threshold ? h : 0                    (threshold rule only)
+//       h = act(z) * (u[rows[r]] . x[t])               (gated FFN; a plain FFN: h = act(z); u is not read where
+//                                                        act(z) == 0: a ReLU's zeros)
+//       h = |h| > threshold ? h : 0                    (threshold rule only; on_act: |act(z)| > threshold instead)
 //       h = mask[t][ids[r]] ? h : 0                    (a gated model's own gate only)
 //       y[t] += h * down[rows[r]]                      (skipped when h == 0: a ReLU rule's zeros cost no reads)
 //
 // The rows are read in place from the neuron cache matrix (any row stride): nothing is gathered or copied, and no
-// temporary depends on the number of rows. Rows are split over threads (OpenMP, the runtime torch already loaded:
-// same soname), each with its own y, summed at the end. Plain C ABI, loaded with ctypes (no Python headers, no torch
+// temporary depends on the number of rows. Rows are float32, bfloat16 or float16 (``llmflash_sparse_ffn``), or
+// group-quantized int8 / int4 parts (``llmflash_sparse_ffn_q``: llmflash/quant.py's format, dequantized on the fly
+// inside the dot products and axpys, in AVX-512 / AVX2 registers where the build targets them: each group's partial
+// dot product is scaled once, float32 accumulation). Rows are split over threads (OpenMP, the runtime torch already
+// loaded: same soname), each with its own y, summed at the end. Plain C ABI, loaded with ctypes (no Python headers, no torch
 // headers: it builds in about a second with g++ alone).
 
 #include <cmath>
@@ -18,6 +22,9 @@
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -64,7 +71,7 @@ template <class W>
 void rows_range(const float* x, int64_t T, int64_t d, const typename W::T* a, const typename W::T* u,
                 const typename W::T* down, int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t lo,
                 int64_t hi, const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind,
-                float threshold, float* y) {
+                float threshold, int32_t on_act, float* y) {
     for (int64_t r = lo; r < hi; ++r) {
         const int64_t row = rows[r], id = ids[r];
         const typename W::T* ar = a + row * stride;
@@ -73,8 +80,9 @@ void rows_range(const float* x, int64_t T, int64_t d, const typename W::T* a, co
         for (int64_t t = 0; t < T; ++t) {
             const float* xt = x + t * d;
             float h = act(kind, dot<W>(ar, xt, d) + b);
-            if (u) h *= dot<W>(u + row * stride, xt, d);
-            if (threshold >= 0.f && !(std::fabs(h) > threshold)) h = 0.f;
+            if (on_act && !(std::fabs(h) > threshold)) h = 0.f;
+            if (u && h != 0.f) h *= dot<W>(u + row * stride, xt, d);
+            if (!on_act && threshold >= 0.f && !(std::fabs(h) > threshold)) h = 0.f;
             if (mask && !mask[t * mask_stride + id]) h = 0.f;
             if (h == 0.f) continue;
             float* yt = y + t * d;
@@ -87,7 +95,7 @@ void rows_range(const float* x, int64_t T, int64_t d, const typename W::T* a, co
 template <class W>
 void run(const float* x, int64_t T, int64_t d, const void* a, const void* u, const void* down, int64_t stride,
          int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t n, const float* bias, const uint8_t* mask,
-         int64_t mask_stride, int32_t kind, float threshold, float* y, int32_t n_threads) {
+         int64_t mask_stride, int32_t kind, float threshold, int32_t on_act, float* y, int32_t n_threads) {
     using E = typename W::T;
     const E* A = static_cast<const E*>(a);
     const E* U = static_cast<const E*>(u);
@@ -101,7 +109,8 @@ void run(const float* x, int64_t T, int64_t d, const void* a, const void* u, con
             const int i = omp_get_thread_num(), k = omp_get_num_threads();
             const int64_t lo = n * i / k, hi = n * (i + 1) / k;
             float* yi = i == 0 ? y : part.data() + static_cast<size_t>(i - 1) * T * d;
-            rows_range<W>(x, T, d, A, U, D, stride, stride_down, rows, ids, lo, hi, bias, mask, mask_stride, kind, threshold, yi);
+            rows_range<W>(x, T, d, A, U, D, stride, stride_down, rows, ids, lo, hi, bias, mask, mask_stride, kind, threshold,
+                          on_act, yi);
         }
         for (int i = 1; i < nt; ++i) {
             const float* p = part.data() + static_cast<size_t>(i - 1) * T * d;
@@ -110,7 +119,304 @@ void run(const float* x, int64_t T, int64_t d, const void* a, const void* u, con
         return;
     }
 #endif
-    rows_range<W>(x, T, d, A, U, D, stride, stride_down, rows, ids, 0, n, bias, mask, mask_stride, kind, threshold, y);
+    rows_range<W>(x, T, d, A, U, D, stride, stride_down, rows, ids, 0, n, bias, mask, mask_stride, kind, threshold, on_act, y);
+}
+
+
+// ------------------------------------------------------------------------------------------ group-quantized rows
+//
+// A part (gate row, up row, down column) of a quantized row: d codes (int8: one signed byte each; int4: q + 8, two per
+// byte, the low nibble the even index), then d / G float16 scales (one per group of G values along d_model), read
+// with memcpy (no alignment assumed). w[k] = q[k] * scale[k / G].
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: mant * 2^-24, exact in float32
+            const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;
+            return sign ? -f : f;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline float scale_at(const uint8_t* scales, int64_t g) {
+    uint16_t h;
+    std::memcpy(&h, scales + 2 * g, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);  // one instruction (F16C: x86 since 2012), where the build targets it (-march=native)
+#else
+    return half_to_float(h);
+#endif
+}
+
+// The shape of one part: d values in groups of G, ``bits`` per code.
+struct QShape {
+    int64_t d, G, groups, code_bytes;
+    bool fast;  // vector steps: a group's codes are whole steps of W bytes (int8: G % W == 0; int4: G % (2 W) == 0)
+};
+
+// The vector steps: W codes converted to floats in registers (AVX-512: 16, AVX2: 8, where the build targets them;
+// elsewhere the plain loops below, which the compiler may vectorize itself). Intrinsics, not the compilers' generic
+// vectors: GCC 12 converts int8 vectors to float one element at a time.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LLMFLASH_QVEC 1
+constexpr int W = 16;
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V codes8(const int8_t* p) {  // 16 int8 codes
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void codes4(const uint8_t* p, V& lo, V& hi) {  // 16 bytes: the low nibbles' values, the high ones' (q - 8)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi32(8);
+    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)), eight));
+    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)), eight));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LLMFLASH_QVEC 1
+constexpr int W = 8;
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float a) { return _mm256_set1_ps(a); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline float vsum(V v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 1));
+    return _mm_cvtss_f32(r);
+}
+inline V codes8(const int8_t* p) {  // 8 int8 codes
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void codes4(const uint8_t* p, V& lo, V& hi) {  // 8 bytes
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(b, m)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)), eight));
+}
+#else
+constexpr int W = 16;
+#endif
+
+// x . w of an int8 part; x [d]. Each group's partial dot product is scaled once; two running sums (even and odd
+// groups) so that consecutive groups do not wait on each other.
+inline float qdot8(const uint8_t* part, const float* x, const QShape& s) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(part);
+    const uint8_t* sc = part + s.code_bytes;
+#ifdef LLMFLASH_QVEC
+    if (s.fast) {
+        V acc0 = vzero(), acc1 = vzero();
+        for (int64_t g = 0; g < s.groups; ++g) {
+            const int8_t* qg = q + g * s.G;
+            const float* xg = x + g * s.G;
+            V p = vzero();
+            for (int64_t c = 0; c < s.G; c += W) p = vfma(codes8(qg + c), vload(xg + c), p);
+            if (g & 1)
+                acc1 = vfma(p, vset(scale_at(sc, g)), acc1);
+            else
+                acc0 = vfma(p, vset(scale_at(sc, g)), acc0);
+        }
+        return vsum(vadd(acc0, acc1));
+    }
+#endif
+    float r = 0.f;
+    for (int64_t g = 0; g < s.groups; ++g) {
+        float p = 0.f;
+        for (int64_t k = g * s.G; k < (g + 1) * s.G; ++k) p += static_cast<float>(q[k]) * x[k];
+        r += scale_at(sc, g) * p;
+    }
+    return r;
+}
+
+// x . w of an int4 part; xe, xo [d / 2]: x's even and odd values (the low and high nibbles' partners).
+inline float qdot4(const uint8_t* part, const float* xe, const float* xo, const QShape& s) {
+    const uint8_t* sc = part + s.code_bytes;
+    const int64_t gb = s.G / 2;  // bytes of a group's codes
+#ifdef LLMFLASH_QVEC
+    if (s.fast) {
+        V acc0 = vzero(), acc1 = vzero();
+        for (int64_t g = 0; g < s.groups; ++g) {
+            const uint8_t* qg = part + g * gb;
+            const float* eg = xe + g * gb;
+            const float* og = xo + g * gb;
+            V p = vzero(), lo, hi;
+            for (int64_t c = 0; c < gb; c += W) {
+                codes4(qg + c, lo, hi);
+                p = vfma(hi, vload(og + c), vfma(lo, vload(eg + c), p));
+            }
+            if (g & 1)
+                acc1 = vfma(p, vset(scale_at(sc, g)), acc1);
+            else
+                acc0 = vfma(p, vset(scale_at(sc, g)), acc0);
+        }
+        return vsum(vadd(acc0, acc1));
+    }
+#endif
+    float r = 0.f;
+    for (int64_t g = 0; g < s.groups; ++g) {
+        float p = 0.f;
+        for (int64_t j = g * gb; j < (g + 1) * gb; ++j) {
+            const uint8_t b = part[j];
+            p += static_cast<float>(static_cast<int>(b & 15) - 8) * xe[j] +
+                 static_cast<float>(static_cast<int>(b >> 4) - 8) * xo[j];
+        }
+        r += scale_at(sc, g) * p;
+    }
+    return r;
+}
+
+// y += h * w of an int8 part; y [d].
+inline void qaxpy8(float h, const uint8_t* part, float* y, const QShape& s) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(part);
+    const uint8_t* sc = part + s.code_bytes;
+    for (int64_t g = 0; g < s.groups; ++g) {
+        const float hs = h * scale_at(sc, g);
+        const int8_t* qg = q + g * s.G;
+        float* yg = y + g * s.G;
+#ifdef LLMFLASH_QVEC
+        if (s.fast) {
+            const V vh = vset(hs);
+            for (int64_t c = 0; c < s.G; c += W) vstore(yg + c, vfma(vh, codes8(qg + c), vload(yg + c)));
+            continue;
+        }
+#endif
+        for (int64_t k = 0; k < s.G; ++k) yg[k] += hs * static_cast<float>(qg[k]);
+    }
+}
+
+// y += h * w of an int4 part, into ye, yo [d / 2]: y's even and odd values.
+inline void qaxpy4(float h, const uint8_t* part, float* ye, float* yo, const QShape& s) {
+    const uint8_t* sc = part + s.code_bytes;
+    const int64_t gb = s.G / 2;
+    for (int64_t g = 0; g < s.groups; ++g) {
+        const float hs = h * scale_at(sc, g);
+        const uint8_t* qg = part + g * gb;
+        float* eg = ye + g * gb;
+        float* og = yo + g * gb;
+#ifdef LLMFLASH_QVEC
+        if (s.fast) {
+            const V vh = vset(hs);
+            for (int64_t c = 0; c < gb; c += W) {
+                V lo, hi;
+                codes4(qg + c, lo, hi);
+                vstore(eg + c, vfma(vh, lo, vload(eg + c)));
+                vstore(og + c, vfma(vh, hi, vload(og + c)));
+            }
+            continue;
+        }
+#endif
+        for (int64_t j = 0; j < gb; ++j) {
+            const uint8_t b = qg[j];
+            eg[j] += hs * static_cast<float>(static_cast<int>(b & 15) - 8);
+            og[j] += hs * static_cast<float>(static_cast<int>(b >> 4) - 8);
+        }
+    }
+}
+
+// Rows [lo, hi) of a quantized set into acc [T, d]: y's own order for int8; for int4 each token's y split into its
+// even values then its odd ones (xs: x split the same way), so that every loop runs over consecutive floats.
+template <int BITS>
+void qrows_range(const float* xs, int64_t T, const QShape& s, const uint8_t* a, const uint8_t* u, const uint8_t* down,
+                 int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t lo, int64_t hi,
+                 const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind, float threshold,
+                 int32_t on_act, float* acc) {
+    const int64_t d = s.d, half = d / 2;
+    for (int64_t r = lo; r < hi; ++r) {
+        const int64_t row = rows[r], id = ids[r];
+        const uint8_t* ar = a + row * stride;
+        const uint8_t* ur = u ? u + row * stride : nullptr;
+        const uint8_t* dr = down + row * stride_down;
+        const float b = bias ? bias[id] : 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = xs + t * d;
+            float z = BITS == 8 ? qdot8(ar, xt, s) : qdot4(ar, xt, xt + half, s);
+            float h = act(kind, z + b);
+            if (on_act && !(std::fabs(h) > threshold)) h = 0.f;
+            if (ur && h != 0.f) h *= BITS == 8 ? qdot8(ur, xt, s) : qdot4(ur, xt, xt + half, s);
+            if (!on_act && threshold >= 0.f && !(std::fabs(h) > threshold)) h = 0.f;
+            if (mask && !mask[t * mask_stride + id]) h = 0.f;
+            if (h == 0.f) continue;
+            float* at = acc + t * d;
+            if (BITS == 8)
+                qaxpy8(h, dr, at, s);
+            else
+                qaxpy4(h, dr, at, at + half, s);
+        }
+    }
+}
+
+template <int BITS>
+void qrun(const float* x, int64_t T, const QShape& s, const uint8_t* a, const uint8_t* u, const uint8_t* down,
+          int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t n, const float* bias,
+          const uint8_t* mask, int64_t mask_stride, int32_t kind, float threshold, int32_t on_act, float* y,
+          int32_t n_threads) {
+    const int64_t d = s.d, half = d / 2, td = T * d;
+    // x in the kernel's order (int4: even values, then odd ones, per token), and one accumulator per thread
+    std::vector<float> xs_own;
+    const float* xs = x;
+    if (BITS == 4) {
+        xs_own.resize(static_cast<size_t>(td));
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t j = 0; j < half; ++j) {
+                xs_own[t * d + j] = x[t * d + 2 * j];
+                xs_own[t * d + half + j] = x[t * d + 2 * j + 1];
+            }
+        xs = xs_own.data();
+    }
+    int nt = n_threads > 1 && n >= 64 ? n_threads : 1;
+#ifndef _OPENMP
+    nt = 1;
+#endif
+    std::vector<float> acc(static_cast<size_t>(nt) * td, 0.f);
+    if (nt > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+        {
+            const int i = omp_get_thread_num(), k = omp_get_num_threads();
+            const int64_t lo = n * i / k, hi = n * (i + 1) / k;
+            qrows_range<BITS>(xs, T, s, a, u, down, stride, stride_down, rows, ids, lo, hi, bias, mask, mask_stride,
+                              kind, threshold, on_act, acc.data() + static_cast<size_t>(i) * td);
+        }
+#endif
+    } else {
+        qrows_range<BITS>(xs, T, s, a, u, down, stride, stride_down, rows, ids, 0, n, bias, mask, mask_stride, kind,
+                          threshold, on_act, acc.data());
+    }
+    for (int i = 0; i < nt; ++i) {
+        const float* p = acc.data() + static_cast<size_t>(i) * td;
+        for (int64_t t = 0; t < T; ++t) {
+            float* yt = y + t * d;
+            const float* pt = p + t * d;
+            if (BITS == 8) {
+                for (int64_t k = 0; k < d; ++k) yt[k] += pt[k];
+            } else {
+                for (int64_t j = 0; j < half; ++j) {
+                    yt[2 * j] += pt[j];
+                    yt[2 * j + 1] += pt[half + j];
+                }
+            }
+        }
+    }
 }
 
 }  // namespace
@@ -118,32 +424,58 @@ void run(const float* x, int64_t T, int64_t d, const void* a, const void* u, con
 extern "C" {
 
 // Version of this ABI: the loader refuses a library of another version.
-int32_t llmflash_step_version() { return 2; }
+int32_t llmflash_step_version() { return 3; }
 
 // Adds the rows' contribution into y [T, d] (float32). x [T, d] float32, contiguous. a, u, down: the first row of
 // each part (u NULL for a plain FFN), rows ``stride`` (down: ``stride_down``) elements apart, of weight dtype
 // ``dtype``. rows, ids: [n].
-// bias: float32 [d_ffn] or NULL. mask: bool [T, mask_stride] or NULL. threshold < 0: none. Returns 0, or -1 for a
-// dtype this build does not support.
+// bias: float32 [d_ffn] or NULL. mask: bool [T, mask_stride] or NULL. threshold < 0: none; on_act: the threshold
+// compares |act(z)| alone (it must then be >= 0). Returns 0, or -1 for a dtype this build does not support.
 int32_t llmflash_sparse_ffn(const float* x, int64_t T, int64_t d, const void* a, const void* u, const void* down,
                             int64_t stride, int64_t stride_down, int32_t dtype, const int64_t* rows, const int64_t* ids, int64_t n,
                             const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind,
-                            float threshold, float* y, int32_t n_threads) {
+                            float threshold, int32_t on_act, float* y, int32_t n_threads) {
     switch (dtype) {
         case F32:
-            run<F32W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, y, n_threads);
+            run<F32W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act,
+                      y, n_threads);
             return 0;
         case BF16:
-            run<BF16W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, y, n_threads);
+            run<BF16W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act,
+                      y, n_threads);
             return 0;
 #ifdef __FLT16_MAX__
         case F16:
-            run<F16W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, y, n_threads);
+            run<F16W>(x, T, d, a, u, down, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act,
+                      y, n_threads);
             return 0;
 #endif
         default:
             return -1;
     }
+}
+
+// The same over group-quantized rows (llmflash/quant.py): a, u, down point at the first row's part (its codes; u NULL
+// for a plain FFN), rows ``stride`` (down: ``stride_down``) BYTES apart; ``bits`` 8 or 4, ``group_size`` values per
+// float16 scale (even, dividing d). Returns 0, -1 for other bits, -2 for a group size that does not fit d.
+int32_t llmflash_sparse_ffn_q(const float* x, int64_t T, int64_t d, const void* a, const void* u, const void* down,
+                              int64_t stride, int64_t stride_down, int32_t bits, int32_t group_size, const int64_t* rows,
+                              const int64_t* ids, int64_t n, const float* bias, const uint8_t* mask, int64_t mask_stride,
+                              int32_t kind, float threshold, int32_t on_act, float* y, int32_t n_threads) {
+    if (bits != 8 && bits != 4) return -1;
+    if (group_size <= 0 || group_size % 2 || d % group_size) return -2;
+    if (n <= 0) return 0;
+    QShape s{d, group_size, d / group_size, d * bits / 8, group_size % (bits == 8 ? W : 2 * W) == 0};
+    const uint8_t* A = static_cast<const uint8_t*>(a);
+    const uint8_t* U = static_cast<const uint8_t*>(u);
+    const uint8_t* D = static_cast<const uint8_t*>(down);
+    if (bits == 8)
+        qrun<8>(x, T, s, A, U, D, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act, y,
+                n_threads);
+    else
+        qrun<4>(x, T, s, A, U, D, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act, y,
+                n_threads);
+    return 0;
 }
 
 }  // extern "C"
