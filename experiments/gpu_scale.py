@@ -196,6 +196,12 @@ def main() -> None:
           f"(median {data['speedup_median']:.1f}x); total {time.perf_counter() - t_start:.0f} s")
 
 
+def short(key: str) -> str:
+    """A row's name on the figure's axes."""
+    out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ")
+    return out.replace("_pyreader", "\n(Python\nreader)").replace("ours_pyreader", "ours\n(Python\nreader)")
+
+
 def plot(rows: list[dict], data: dict, png) -> None:
     import numpy as np
 
@@ -217,8 +223,7 @@ def plot(rows: list[dict], data: dict, png) -> None:
         ax.annotate(f"{b['total_ms']:,.0f} ms", (x[i], b["total_ms"]), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=8)
     ax.set_xticks(x)
-    ax.set_xticklabels([k.replace("paper ", "paper\n").replace("ours_lookahead_r", "ours +\nlookahead\nrecall ")
-                        for k, _ in bars], fontsize=8)
+    ax.set_xticklabels([short(k) for k, _ in bars], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("latency per token (ms, log scale)")
     ax.set_title("Per-token latency: this GPU machine (measured, purple) vs the paper's RTX 4090 (grey)", fontsize=9)
@@ -231,7 +236,7 @@ def plot(rows: list[dict], data: dict, png) -> None:
         ax1.bar(np.arange(len(parts)), v, 0.6, bottom=bottom, color=col, label=name)
         bottom += v
     ax1.set_xticks(np.arange(len(parts)))
-    ax1.set_xticklabels([k.replace("ours_lookahead_r", "lookahead\nr=") for k in parts], fontsize=8)
+    ax1.set_xticklabels([short(k) for k in parts], fontsize=7)
     floors = [(i, best[k]["floor_ms"]) for i, k in enumerate(parts) if k in best and best[k].get("floor_ms")]
     if floors:
         ax1.plot(*zip(*floors), "k_", ms=22, mew=2, label="I/O floor (computed: bytes / profiled GB/s)")
@@ -244,7 +249,7 @@ def plot(rows: list[dict], data: dict, png) -> None:
     for key in methods:
         if key.startswith("ours_lookahead"):
             v = [r["speedup_vs_naive"] for r in sorted((r for r in rows if r["method"] == key), key=lambda r: r["repeat"])]
-            ax2.plot(range(1, len(v) + 1), v, "s--", label=f"naive / {key.replace('ours_lookahead_r', 'lookahead, recall ')}")
+            ax2.plot(range(1, len(v) + 1), v, "s--", label="naive / " + short(key).replace("\n", " "))
     ax2.axhline(25, color="grey", ls="--", label="target 25x (issue 15)")
     ax2.axhline(PAPER_GPU["naive"][3] / PAPER_GPU["ours"][3], color="tab:orange", ls=":", label="paper, RTX 4090 (26x)")
     ax2.set_xticks(range(1, len(sp) + 1))
