@@ -144,7 +144,10 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_name: str):
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "llmflash_source.json").write_text(json.dumps(stamp))
-    return model.to(dtype), tokenizer
+    # the copy just written, loaded as every later use loads it: the GGUF-loaded model carries transformers'
+    # quantizer state (its ``.float()`` raised on the first `llmflash convert smollm2-relu` from an empty cache)
+    del model
+    return _load_hf(str(cached), dtype)
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:

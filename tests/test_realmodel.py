@@ -61,3 +61,17 @@ def test_converted_alias_generates_with_its_default_predictors(tmp_path, capsys)
                  "--max-new-tokens", "3", "--ignore-eos", "--json", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[predictor] 3 tokens")
     assert json.loads(out.read_text())["config"]["predictors"] is None  # found by the engine, not passed
+
+
+def test_the_sparse_model_loads_first_from_an_empty_cache(tmp_path, monkeypatch):
+    """The GGUF's first use (dequantized, then cached) gives the model every later use gets: `llmflash convert
+    smollm2-relu` as a new user's first command used to fail (transformers' quantizer state refused `.float()`)."""
+    import torch
+
+    from llmflash.models import load_model
+
+    monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path))
+    first, _, _ = load_model("smollm2-relu")
+    again, _, _ = load_model("smollm2-relu")  # from the cached copy
+    a, b = first.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
