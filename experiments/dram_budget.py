@@ -2,7 +2,8 @@
 
 For each budget: ours (predictor + window k=5 + bundling; the neuron cache gets whatever the budget leaves after the
 resident weights, predictors and staging buffer) and hybrid (as many FFN layers resident as fit, the rest streamed
-every token; not run on the scale model in --quick). A budget below a mode's minimum is recorded as such (the engine
+every token; not run on the scale model in --quick), and ours on the Python path (``ours_python``: no native step,
+Python reader threads, the engine's reference; same exceptions). A budget below a mode's minimum is recorded as such (the engine
 refuses it and states the minimum, which the figure marks). ``--replot`` only redraws the figure from OUT's CSV.
 """
 
@@ -27,6 +28,9 @@ def main() -> None:
     p.add_argument("--budgets", default=None, help="comma-separated fractions (default: 0.35..0.8)")
     p.add_argument("--hybrid", choices=("auto", "yes", "no"), default="auto",
                    help="also run hybrid (auto: yes except for the scale model in --quick)")
+    p.add_argument("--python-path", choices=("auto", "yes", "no"), default="auto",
+                   help="also run ours on the Python path (no native step, Python reader threads: the reference) "
+                        "(auto: yes except for the scale model in --quick)")
     p.add_argument("--replot", action="store_true", help="only redraw the figure from OUT/dram_budget.csv")
     args = p.parse_args()
     if args.replot:
@@ -38,6 +42,8 @@ def main() -> None:
     for kind, setup in setups:
         budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (QUICK[kind] if args.quick else FULL)
         modes = ["ours"]
+        if args.python_path == "yes" or (args.python_path == "auto" and not (args.quick and kind == "scale")):
+            modes.append("ours_python")
         if args.hybrid == "yes" or (args.hybrid == "auto" and not (args.quick and kind == "scale")):
             modes.append("hybrid")
         runs = []
@@ -96,12 +102,13 @@ def plot(rows: list[dict], png) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.4), squeeze=False)
     for ax, m in zip(axes[0], models):
         missing = []
-        for mode, col in (("ours", "tab:blue"), ("hybrid", "tab:grey")):
+        for mode, col in (("ours", "tab:blue"), ("ours_python", "tab:orange"), ("hybrid", "tab:grey")):
             rs = sorted((r for r in rows if r["model"] == m and r["mode"] == mode and "ms_per_token" in r),
                         key=lambda r: r["budget"])
             minima = {r["minimum"] for r in rows if r["model"] == m and r["mode"] == mode and r.get("minimum")}
             if not rs and not minima:
-                missing.append(mode)
+                if mode != "ours_python":  # an engine variant, not a method the caption promises
+                    missing.append(mode)
                 continue
             if rs:
                 ax.plot([r["budget"] * 100 for r in rs], [r["ms_per_token"] for r in rs], "o-", color=col,

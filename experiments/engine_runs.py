@@ -222,6 +222,7 @@ ROWS = {
     "ours": "hybrid + predictor + window k=5 + bundling (ours)",
     "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
     "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
+    "ours_python": "ours, Python path (no native step, Python reader threads: the reference)",
 }
 
 
@@ -258,8 +259,10 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_threads"] = io_threads
     if row == "ours_lookahead":
         extra["lookahead"] = True
-    if not native_reader:
+    if not native_reader or row == "ours_python":
         extra["native_reader"] = False
+    if row == "ours_python":
+        extra["native"] = False
     if row == "ours_coact" and scale:
         raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]

@@ -1,15 +1,16 @@
-"""Table 3: end-to-end latency per token, split into flash I/O, memory management and compute (measured).
-
-Modes at half the model in DRAM (dense: everything in DRAM, the reference): dense, naive, hybrid and ours (hybrid +
-predictor + window k=5 + bundling), and for the real model ours_coact (ours on the file reordered by co-activation,
-beyond the paper: see experiments/ablation.py). Times are medians over generated tokens (after a warm-up of the window for the
-sparse mode), added serially as in the paper: total = I/O + memory management + compute. This machine's disk and
-CPU drift by up to 1.5x within minutes, so for the real model naive and the sparse rows are also measured again
+"""Table 3: end-to-end latency per token, split into flash I/O, memory management and compute (measured). Modes at half
+the model in DRAM (dense: everything in DRAM, the reference): dense, naive, hybrid and ours (hybrid + predictor +
+window k=5 + bundling) with two engine variants beside it (issue 15): ours_python (the Python path: no native step,
+Python reader threads; the reference the native parts must equal) and ours_lookahead (layer l + 1's guessed rows read
+while layer l computes), and for the real model ours_coact (ours on the file reordered by co-activation, beyond the
+paper: see experiments/ablation.py). Times are medians over generated tokens (after a warm-up of the window for the
+sparse mode), added serially as in the paper: total = I/O + memory management + compute. This machine's disk and CPU
+drift by up to 1.5x within minutes, so for the real model naive and the sparse rows are also measured again
 ``--repeats`` - 1 more times, alternating, and the speedup is reported as the median (and range) of the per-repeat
-ratios as well as from the table's single run. The real model's sparse
-mode uses its predictors when they exist, else the true (oracle) sets; the scale model's uses the trace source's
-predicted sets (simulated), with a real low-rank predictor of the paper's size computed every token. The dense row
-of the scale model needs ~14 GB of free memory: it is skipped in --quick and when that memory is not available.
+ratios as well as from the table's single run. The real model's sparse mode uses its predictors when they exist, else
+the true (oracle) sets; the scale model's uses the trace source's predicted sets (simulated), with a real low-rank
+predictor of the paper's size computed every token. The dense row of the scale model needs ~14 GB of free memory: it
+is skipped in --quick and when that memory is not available.
 
 Metric names follow ``llmflash.metrics`` (one definition each). Since issue 14, ``read_gbps`` / ``gbps_measured`` is
 bytes / the time reads were in flight and ``read_efficiency`` = ``read_gbps`` / ``computed_gbps`` (in [0, 1] up to
@@ -24,7 +25,8 @@ import statistics
 import common
 import engine_runs
 
-ORDER = ["dense", "naive", "hybrid", "ours", "ours_coact"]
+# ours' engine variants (issue 15) beside it: the Python path (the reference) and lookahead
+ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact"]
 PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
     "naive": (2196, 0, 986, 3182), "ours": (105, 58, 506, 669),
 }
@@ -106,7 +108,7 @@ def main() -> None:
                   f"{r['compute_ms']:>8.1f}  total {r['total_ms']:>9.1f} ms  ({r['speedup_vs_naive']:.1f}x vs naive{rep})")
 
 
-SPARSE_ROWS = ("ours", "ours_coact")
+SPARSE_ROWS = ("ours", "ours_python", "ours_lookahead", "ours_coact")
 
 
 def repeated_speedups(setup: dict, runs: dict, args, table) -> dict[str, list[float]]:
