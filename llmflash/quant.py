@@ -193,6 +193,7 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 INT8_WEIGHT_MM = getattr(torch, "_weight_int8pack_mm", None)
 _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
+_INT8_ALIGN = 16  # ... and a weight at a 16-byte-aligned address (torch 2.13 crashes on 8 mod 16, e.g. a safetensors view)
 
 
 class Int8Linear(nn.Module):
@@ -202,7 +203,8 @@ class Int8Linear(nn.Module):
     result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
     float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
     in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
-    ``kernel = False``) is 5-15x slower than float32 (results/quantized/README.md)."""
+    ``kernel = False``) is 5-15x slower than float32 (results/quantized/README.md). A weight the kernel cannot take (an
+    inner dimension not a multiple of 16, an address not 16-byte aligned) takes that path too."""
 
     kernel = True
     q: Tensor
@@ -221,7 +223,8 @@ class Int8Linear(nn.Module):
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0:
+        if (self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0
+                and self.q.data_ptr() % _INT8_ALIGN == 0):
             if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
