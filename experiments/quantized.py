@@ -76,7 +76,8 @@ def stage_groups(args) -> list[dict]:
     rows = []
     # float16 (a reference: its only error is rounding), then int8/int4 at group sizes dividing d_model (576)
     # (bits, group, clipping search): int4 with and without the search of its scales (quant.CLIP_RATIOS)
-    settings = [(16, 0, False)] + [(b, g, srch) for b in (8, 4) for g in (32, 64, 96, 192) for srch in (False, True)
+    groups = (32,) if common.smoke() else (32, 64, 96, 192)  # LLMFLASH_SMOKE=1: one group size
+    settings = [(16, 0, False)] + [(b, g, srch) for b in (8, 4) for g in groups for srch in (False, True)
                                    if spec.d_model % g == 0 and (b == 4 or not srch)]
     for bits, group, search in settings:
         t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def stage_kernels(args) -> list[dict]:
 
     from llmflash.quant import INT8_WEIGHT_MM, dequantize, quantize, quantize_per_row
 
-    def t(fn, n: int = 50) -> float:
+    def t(fn, n: int = 2 if common.smoke() else 50) -> float:
         fn()
         xs = []
         for _ in range(n):
@@ -165,6 +166,7 @@ def stage_kernels(args) -> list[dict]:
 
 # (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
 VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int8+r8", "int8", "int8"), ("int4+r8", "int4", "int8")]
+SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 
 def flash_dirs(args) -> dict[str, Path]:
@@ -173,10 +175,13 @@ def flash_dirs(args) -> dict[str, Path]:
     from llmflash.convert import convert
     from llmflash.errors import LLMFlashError
     from llmflash.flashdir import open_flash_dir
+    from llmflash.models import resolve
 
     out = {}
     for label, dtype, resident in VARIANTS:
-        path = common.cache_dir() / "quantized" / f"{args.model}-{label}-g{args.group_size}"
+        if common.smoke() and label not in SMOKE_VARIANTS:
+            continue
+        path = common.cache_dir() / "quantized" / f"{resolve(args.model).name}-{label}-g{args.group_size}"
         try:
             m = open_flash_dir(path).manifest
             q = m.quantization
@@ -241,7 +246,8 @@ def stage_speed(args, dirs: dict[str, Path]) -> list[dict]:
             if quantized:  # the caches dequantized on read (float rows: fewer of them, no dequantization per token)
                 settings.append(("predictor", fixed_bytes / mb, "fixed_compute_form", "compute"))
             for mode, budget, budget_name, form in settings:
-                cfg = EngineConfig(mode=mode, dram_budget=budget, cache_form=form)
+                cfg = EngineConfig(mode=mode, dram_budget=budget, cache_form=form,
+                                   predictors=args.predictors if mode == "predictor" else None)
                 try:
                     r = engine_runs.run(path, cfg, args.tokens, warmup=2, label=f"{label} {mode} {budget_name}",
                                         share=False)
@@ -298,7 +304,10 @@ def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
     from llmflash.text import load_texts
     from predictors.evaluate import eval_predictors
 
-    pset = PredictorSet.load(default_predictors(args.model))
+    found = args.predictors or default_predictors(args.model)
+    if found is None:
+        raise SystemExit(f"the recall stage needs --predictors: {args.model} has no committed predictors")
+    pset = PredictorSet.load(found)
     rule = pset.sparsity_rule()
     docs = load_texts(args.recall_source)
     rows = []
@@ -370,6 +379,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of the timed runs")
     p.add_argument("--recall-source", default="wiki:eval", help="held-out text of the recall stage")
     p.add_argument("--recall-tokens", type=int, default=2048, help="tokens of the recall stage")
+    p.add_argument("--predictors", default=None,
+                   help="the predictors of the speed and recall stages (default: the model's committed ones)")
     args = p.parse_args()
     if args.quick:
         args.ppl_tokens, args.tokens, args.repeats, args.recall_tokens = 1024, 12, 1, 512
