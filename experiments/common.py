@@ -169,8 +169,14 @@ def scale_setup() -> dict:
 COACT_FIT_SOURCE = "wiki:train"  # the text the neuron order is fitted on (the prompts come from wiki:eval)
 
 
+def smoke() -> bool:
+    """``LLMFLASH_SMOKE=1``: the test suite's end-to-end tier runs the script on a tiny model, to check that it runs,
+    not what it finds: the smallest settings that still pass through every stage."""
+    return os.environ.get("LLMFLASH_SMOKE") == "1"
+
+
 def coact_fit_tokens(quick: bool) -> int:
-    if os.environ.get("LLMFLASH_SMOKE") == "1":  # the test suite's end-to-end tier: that it runs, not what it finds
+    if smoke():
         return 256
     return 2048 if quick else 16384
 

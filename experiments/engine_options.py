@@ -14,7 +14,10 @@ share of compute, issue 4's "< 5%"). Computed, when ``llmflash collect`` has mad
 predicted set the lookahead guess covers (layer l's predictor on layer l-1's FFN input rescaled by the ratio of the
 two FFN norms' weights, as the engine does).
 
-    python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24]
+    python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24] [--model DIR --predictors PRED]
+
+``--model DIR --predictors PRED``: a flash directory and predictors trained on it instead (e.g. a tiny model in the
+test suite's end-to-end tier).
 
 Writes results/engine_options/{engine_options.json, engine_options.csv, engine_options.png, config.json}.
 """
@@ -47,11 +50,11 @@ PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes
 def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[dict]:
     """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
     from llmflash.arch import adapter_for
-    from llmflash.models import load_model
+    from llmflash.models import ALIASES, load_any
     from llmflash.predictor import PredictorSet
 
     ps = PredictorSet.load(setup["predictors"])
-    model, _, _ = load_model(setup["model"])
+    model = load_any(setup["model"] if setup["model"] in ALIASES else setup["flash_dir"]).model
     adapter = adapter_for(model.config)
     rows = []
     x_prev = None
@@ -77,7 +80,7 @@ def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
     return row
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, model: str = "smollm2-relu") -> None:
     plt = common.plt()
     arms = [a for a in ARMS if a in summary]
     fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -95,7 +98,7 @@ def plot(summary: dict, path: Path) -> None:
                 " of compute", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("ms per token (median of run medians)")
     ax.margins(y=0.18)
-    ax.set_title("smollm2-relu, predictor mode, half the model in DRAM: one change per arm (measured)", fontsize=9)
+    ax.set_title(f"{model}, predictor mode, half the model in DRAM: one change per arm (measured)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     common.savefig(fig, path)
@@ -107,21 +110,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="measured tokens per run (after 4 warm-up tokens)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's engine_options.json")
+    ap.add_argument("--model", default="smollm2-relu", help="smollm2-relu (default) or a flash directory DIR")
+    ap.add_argument("--predictors", default=None, help="the predictors (default: the model's committed ones)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.plot_only:
         import json
 
-        plot(json.loads((args.out / "engine_options.json").read_text())["summary"], args.out / "engine_options.png")
+        data = json.loads((args.out / "engine_options.json").read_text())
+        plot(data["summary"], args.out / "engine_options.png", data["setup"]["model"])
         return
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
         raise SystemExit(f"--arms: choose from {', '.join(ARMS)}")
     repeats = args.repeats or (2 if args.quick else 5)
-    setup = common.real_setup("smollm2-relu")
+    setup = common.real_setup(args.model)
+    if args.predictors:
+        setup = dict(setup, predictors=args.predictors, sparse_mode="predictor")
     if not setup.get("predictors"):
-        raise SystemExit("smollm2-relu has no predictors: these checks need predictor mode")
-    act_dir = cache_dir() / "act" / "smollm2-relu-eval"
+        raise SystemExit(f"{args.model} has no predictors: these checks need predictor mode (--predictors)")
+    act_dir = cache_dir() / "act" / f"{setup['model']}-eval"
     coverage = guess_coverage(setup, act_dir) if "lookahead" in arms and (act_dir / "x_00.npy").is_file() else []
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(repeats):
@@ -134,10 +142,10 @@ def main() -> None:
     data = {"setup": setup, "repeats": repeats, "tokens": args.tokens, "arms": {a: ARMS[a] for a in arms},
             "runs": runs, "summary": summary, "ratios": ratios, "guess_coverage": coverage,
             "mean_guess_coverage": float(np.mean([c["covered"] for c in coverage])) if coverage else None,
-            "labels": {"runs": "measured", "guess_coverage": "computed from collected activations (smollm2-relu-eval)"}}
+            "labels": {"runs": "measured", "guess_coverage": f"computed from collected activations ({act_dir.name})"}}
     rows = [{"arm": a, "repeat": i, **row} for a in arms for i, row in enumerate(runs[a])]
     common.save(args.out, "engine_options", args, data, rows)
-    plot(summary, args.out / "engine_options.png")
+    plot(summary, args.out / "engine_options.png", setup["model"])
     for a in arms:
         log.info("%-16s total %.1f ms (predictor %.2f ms = %.1f%% of compute)%s", a, summary[a]["total_ms"],
                  summary[a]["predictor_ms"], 100 * summary[a]["predictor_share_of_compute"],

@@ -32,6 +32,7 @@ from common import (
     real_coact_dir,
     real_unbundled_dir,
     scale_unbundled_dir,
+    smoke,
 )
 
 # ---------------------------------------------------------------------------------------------------- engine runs
@@ -229,7 +230,7 @@ ROWS = {
 def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
     """(tokens to generate, warm-up tokens excluded from the statistics) for a row. ``LLMFLASH_SMOKE=1`` (the test
     suite's end-to-end tier): a few tokens, to check that a script runs, not what it measures."""
-    if os.environ.get("LLMFLASH_SMOKE") == "1":
+    if smoke():
         return (3, 1) if row not in ("naive", "hybrid", "dense") else (2, 0)
     if model == SCALE:  # ~12 s per naive token, ~6 s hybrid, ~1 s sparse on this VM
         if row in ("naive", "hybrid", "dense"):

@@ -7,7 +7,7 @@ gated model at each gate setting (the gate alone, and the gate plus a threshold 
 model's own predictors (fraction they must read for their measured recall, at the shipped model's 80%-zeros ratio).
 Right: the training curves (KL to the original model) of both gated runs against the gates' scheduled keep.
 
-    python3 experiments/gated_report.py
+    python3 experiments/gated_report.py [--dir results/relufy] [--out DIR]   (default --out: DIR/gated)
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ def _curve(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", type=Path, default=Path("results/relufy"))
+    ap = argparse.ArgumentParser(prog="experiments/gated_report.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("results/relufy"), help="the records (default results/relufy)")
+    ap.add_argument("--out", type=Path, default=None, help="where gated.png goes (default DIR/gated)")
     args = ap.parse_args()
     gdir = args.dir / "gated"
+    out = args.out or gdir
     final = json.loads((gdir / "run2_bce" / "final.json").read_text())
     preds = json.loads((args.dir / "predictors_gpu" / "linear_r128_256" / "predictors_train.json").read_text())["summary"]
 
@@ -72,8 +74,9 @@ def main() -> None:
     bx.legend(fontsize=7, loc="upper left")
     b2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(gdir / "gated.png", dpi=130)
-    print(f"wrote {gdir / 'gated.png'}")
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "gated.png", dpi=130)
+    print(f"wrote {out / 'gated.png'}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ On the GPU machine (see README, "Scale model on a GPU")::
     LLMFLASH_CACHE=/tmp/llmflash python experiments/gpu_scale.py --prepare-only   # model + disk profile
     LLMFLASH_CACHE=/tmp/llmflash python experiments/gpu_scale.py --out $OUT/gpu_scale
 
+``--model DIR`` runs a flash directory instead (its own sparsity rule, oracle sets; with ``--device cpu``, e.g. a tiny
+model in the test suite's end-to-end tier).
+
 Metric names follow ``llmflash.metrics`` (one definition each). Since issue 14, ``read_gbps`` / ``gbps_measured`` is
 bytes / the time reads were in flight and ``read_efficiency`` = ``read_gbps`` / ``computed_gbps`` (in [0, 1] up to
 profile noise); committed CSVs written before that hold bytes / I/O wait time in the first and computed / waited I/O
@@ -48,6 +51,7 @@ import engine_runs
 PAPER_GPU = {"naive": (2196, 0, 22, 2218), "ours": (30, 34, 20, 84)}  # Table 3, RTX 4090: I/O, mem, compute, total ms
 PROFILE_CHUNKS = (4096, 16384, 65536, 262144, 1048576)
 PROFILE_THREADS = (16, 32, 64)  # candidate reader thread counts (the engine's default is 16)
+SMOKE_PROFILE = dict(chunk_sizes=(4096, 16384), thread_counts=(1, 16), repeats=1, reads_per_point=64)  # LLMFLASH_SMOKE
 ENGINE_READ_BYTES = 16384  # ours' typical read on the scale model: one 16 KiB neuron bundle
 WARMUP = 5  # ours: tokens that fill the window before the statistics start
 
@@ -59,9 +63,10 @@ def profile_disk(size_gb: float) -> list[dict]:
     path = cache_dir() / "gpu_profile.json"
     if path.is_file():
         return json.loads(path.read_text())
-    (cache_dir() / "profile").mkdir(exist_ok=True)
-    rows = profile_io(cache_dir() / "profile", int(size_gb * 1e9), chunk_sizes=PROFILE_CHUNKS,
-                      thread_counts=(1, *PROFILE_THREADS), repeats=2, progress=False)
+    (cache_dir() / "profile").mkdir(parents=True, exist_ok=True)
+    kw = SMOKE_PROFILE if common.smoke() else dict(chunk_sizes=PROFILE_CHUNKS, thread_counts=(1, *PROFILE_THREADS),
+                                                   repeats=2)
+    rows = profile_io(cache_dir() / "profile", int(size_gb * 1e9), progress=False, **kw)
     write_json(path, rows)
     return rows
 
@@ -98,6 +103,7 @@ def host_bytes(r: dict) -> int:
 
 def main() -> None:
     p = common.parser("gpu_scale", __doc__, models=False)
+    p.add_argument("--model", default=common.SCALE, help="the scale model (default), or a flash directory DIR")
     p.add_argument("--device", default="cuda", help="compute device (default cuda)")
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the model's bytes the engine may hold")
     p.add_argument("--repeats", type=int, default=3, help="alternating naive / ours rounds (default 3)")
@@ -127,7 +133,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.skip = min(args.repeats, 2), "hybrid,dense"
     t_start = time.perf_counter()
-    setup = common.scale_setup()
+    setup = common.scale_setup() if args.model == common.SCALE else common.flash_dir_setup(args.model)
     t_model = time.perf_counter() - t_start
     profile = profile_disk(args.profile_gb)
     t_profile = time.perf_counter() - t_start - t_model

@@ -121,7 +121,8 @@ def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s
     """Run ``cmd`` inside a fresh memory cgroup (``limit_bytes`` None: no limit, to measure usage). First the whole
     page cache is dropped (``drop_all``, the default: every page the child touches is then charged to it, its
     libraries' included); where that is refused, or with ``drop_all=False``, only the files or directories in
-    ``cold`` are evicted (the record's ``page_cache`` says which).
+    ``cold`` are evicted (the record's ``page_cache`` says which; so with ``LLMFLASH_SMOKE=1``, the test suite's
+    end-to-end tier).
 
     Returns {completed, returncode, wall_s, limit_bytes, max_usage_bytes, failcnt, oom_kills, timed_out, result
     (the child's RESULT JSON if any), stdout_tail, stderr_tail, page_cache, shared_mapped}.
@@ -129,6 +130,8 @@ def run_limited(cmd: list[str], limit_bytes: Optional[int], name: str, timeout_s
     why = available()
     if why:
         return {"completed": False, "error": why}
+    if os.environ.get("LLMFLASH_SMOKE") == "1":  # the test suite's end-to-end tier: that it runs; the machine's page
+        drop_all = False  # cache is left alone (every later import would read its libraries from disk again)
     dropped = drop_page_cache() if drop_all else "not asked"
     evict(cold)
     page_cache = ("whole page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches), then the model files evicted"

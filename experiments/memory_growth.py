@@ -12,7 +12,10 @@ fresh process per variant, for the scale model in predictor mode (trace source) 
 - ``native``: the native sparse step (issue 15; the three above are the Python path): the FFN rows are read in place
   by one C++ call per row set, no matmul and no gathered copy, so no bucketing and no working reserve.
 
-    python experiments/memory_growth.py [--quick] [--tokens 12]
+    python experiments/memory_growth.py [--quick] [--tokens 12] [--model DIR]
+
+``--model DIR`` measures a flash directory instead (its own sparsity rule, oracle sets, the experiments' prompt; e.g.
+a tiny model in the test suite's end-to-end tier).
 
 Writes results/memory_growth/{memory_growth.json, memory_growth.csv, memory_growth.png, config.json}. Measured.
 """
@@ -44,24 +47,30 @@ def rss_anon_bytes() -> int:
     return -1
 
 
-def child(variant: str, tokens: int) -> dict:
+def child(variant: str, tokens: int, model: str = common.SCALE) -> dict:
     """One variant in this process: RssAnon after construction and after every token."""
     import torch
 
     from llmflash.engine import Engine, EngineConfig
 
-    setup = common.scale_setup()
-    factory, _ = engine_runs.trace_provider_factory("predicted")
+    if model == common.SCALE:
+        setup = common.scale_setup()
+        factory, _ = engine_runs.trace_provider_factory("predicted")
+        mode, provider = "predictor", factory()
+    else:
+        setup = common.flash_dir_setup(model)
+        mode, provider = setup["sparse_mode"], None
     start = rss_anon_bytes()
-    engine = Engine(setup["flash_dir"], EngineConfig(mode="predictor", dram_budget=BUDGET, **VARIANTS[variant]),
-                    provider=factory())
+    engine = Engine(setup["flash_dir"], EngineConfig(mode=mode, dram_budget=BUDGET, **VARIANTS[variant]),
+                    provider=provider)
     built = rss_anon_bytes()
+    prompt = engine_runs.SCALE_PROMPT if model == common.SCALE else common.prompt_ids(engine.tokenizer)
     per_token: list[int] = []
     last = engine.adapter.layers(engine.model)[-1]
     hook = last.register_forward_hook(lambda *_: per_token.append(rss_anon_bytes()))  # once per forward = per token
     ctx = torch.backends.mkldnn.flags(enabled=False) if variant == "onednn_off" else contextlib.nullcontext()
     with ctx:
-        res = engine.generate(engine_runs.SCALE_PROMPT, tokens, stop_at_eos=False)
+        res = engine.generate(prompt, tokens, stop_at_eos=False)
     hook.remove()
     out = {"variant": variant, "engine_config": res.config, "dram_bytes": engine.dram_bytes, "rss_anon_start": start,
            "rss_anon_built": built, "rss_anon_per_token": per_token, "ms_per_token": [t.total_ms for t in res.per_token]}
@@ -69,7 +78,7 @@ def child(variant: str, tokens: int) -> dict:
     return out
 
 
-def plot(runs: list[dict], path) -> None:
+def plot(runs: list[dict], path, title: str = "OPT-6.7B-geometry scale model, predictor mode") -> None:
     plt = common.plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in runs:
@@ -79,7 +88,7 @@ def plot(runs: list[dict], path) -> None:
         ax.plot(range(len(y)), y, marker="o", label=f"{r['variant']} (median {med:,.0f} ms/token)")
     ax.set_xlabel("forward pass (0 = prompt, then one per generated token)")
     ax.set_ylabel("RssAnon - (engine DRAM + interpreter) [MiB]")
-    ax.set_title("OPT-6.7B-geometry scale model, predictor mode, budget 0.48")
+    ax.set_title(f"{title}, budget 0.48")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     common.savefig(fig, path)
@@ -90,16 +99,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="generated tokens per variant (default 12, --quick 8)")
     ap.add_argument("--child", default=None, help="internal: run one variant and print its JSON")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants to run, comma-separated")
+    ap.add_argument("--model", default=common.SCALE, help="the scale model (default), or a flash directory DIR")
     args = ap.parse_args()
     tokens = args.tokens or (8 if args.quick else 12)
     if args.child:
-        print(json.dumps(child(args.child, tokens)))
+        print(json.dumps(child(args.child, tokens, args.model)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     runs = []
     for variant in args.variants.split(","):
         t0 = time.time()
-        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(tokens)]
+        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(tokens), "--model", args.model]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"variant {variant} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -113,9 +123,9 @@ def main() -> None:
     rows = [{"variant": r["variant"], "token": i, "rss_anon_mib": v / 2**20,
              "ms_per_token": (r["ms_per_token"][i - 1] if 0 < i <= len(r["ms_per_token"]) else "")}
             for r in runs for i, v in enumerate(r["rss_anon_per_token"])]
-    common.save(args.out, "memory_growth", args, {"budget": BUDGET, "tokens": tokens, "runs": runs, "label": "measured"},
-                rows)
-    plot(runs, args.out / "memory_growth.png")
+    common.save(args.out, "memory_growth", args, {"budget": BUDGET, "tokens": tokens, "runs": runs, "label": "measured",
+                                                  "model": args.model}, rows)
+    plot(runs, args.out / "memory_growth.png", *(() if args.model == common.SCALE else (f"{args.model}, oracle mode",)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ system's smaller limits. ``--probe`` adds llmflash's int4 predictor mode at its 
 the runtime's floor lies); ``--from-runs`` rewrites the outputs from the run log.
 
 ``python3 experiments/peer_llamacpp.py`` needs root, cgroup v1 and ``llama_cpp``; without them it says why in one line
-and exits 0.
+and exits 0. ``--models scale --tiny`` runs the whole experiment on a tiny Llama geometry (``research.llama_scale.TINY``:
+what the test suite's end-to-end tier runs where llama.cpp is installed).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="real model: first tokens left out of a run's median")
     p.add_argument("--scale-warmup", type=int, default=1, help="scale model: the same")
     p.add_argument("--scale-layers", type=int, default=32, help="scale model's layers (32: Llama-2-7B)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the scale model at research.llama_scale.TINY's geometry (2 layers of 64; for tests)")
+    p.add_argument("--no-breakdown", action="store_true", help="leave the imports-only runtime breakdown out")
     p.add_argument("--threads", type=int, default=1, help="compute threads of every system")
     p.add_argument("--timeout", type=float, default=240, help="seconds per run")
     p.add_argument("--cache-form", default="stored", choices=("stored", "compute"),
@@ -182,7 +186,7 @@ def prepare(args) -> dict:
             "label": "SmolLM2-135M: llama.cpp on the wheel's Q4_1 GGUF (SmolLM2-135M-Instruct); llmflash on "
                      "smollm2-relu (same geometry, relufied) int4 FFN + int8 resident; accelerate on SmolLM2 bf16"}
     if "scale" in models:
-        g = llama_scale.LLAMA2_7B.with_layers(args.scale_layers)
+        g = llama_scale.TINY if args.tiny else llama_scale.LLAMA2_7B.with_layers(args.scale_layers)
         t0 = time.perf_counter()
         flash_path, gguf_path = llama_scale.write_both(g)
         write_s = time.perf_counter() - t0
@@ -196,7 +200,8 @@ def prepare(args) -> dict:
             "flash_min_budget": minimum(str(flash_path), prov), "gguf": str(gguf_path),
             "gguf_bytes": gguf_path.stat().st_size, "ids_file": str(ids_file), "prompt_tokens": 1,
             "geometry": json.loads((flash_path / llama_scale.SIDECAR).read_text())["geometry"], "write_s": write_s,
-            "label": f"Llama-2-7B geometry, {g.n_layers} layers, synthetic weights: Q4_0 GGUF vs int4 FFN + int8 "
+            "label": f"{g.name if args.tiny else 'Llama-2-7B'} geometry, {g.n_layers} layers, "
+                     "synthetic weights: Q4_0 GGUF vs int4 FFN + int8 "
                      "resident flash directory; our active sets from the trace source (simulated)"}
     return out
 
@@ -521,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-json", str(prep), "--models", args.models,
            "--scale-layers", str(args.scale_layers), "--cache-form", args.cache_form, "--scale-cache-form",
-           args.scale_cache_form]
+           args.scale_cache_form] + (["--tiny"] if args.tiny else [])
     t0 = time.perf_counter()
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit("peer_llamacpp: preparing the models failed (see above)")
@@ -537,8 +542,10 @@ def main(argv: Optional[list[str]] = None) -> int:
            "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     (args.out / f"{NAME}_runs.jsonl").unlink(missing_ok=True)
     records: list = []
-    print("runtime breakdown (imports only) ...", flush=True)
-    breakdown = runtime_breakdown(env, args)
+    breakdown = []
+    if not args.no_breakdown:
+        print("runtime breakdown (imports only) ...", flush=True)
+        breakdown = runtime_breakdown(env, args)
     for kind in ("real", "scale"):
         if kind in setups:
             setups[kind]["root"] = str(root)

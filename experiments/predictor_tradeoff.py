@@ -95,7 +95,7 @@ def trained_set(act: Activations, cfg: TrainConfig, tag: str) -> PredictorSet:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="experiments/predictor_tradeoff.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-relu")
     ap.add_argument("--sparsity", choices=("relu", "threshold"), default="relu")
     ap.add_argument("--threshold-sparsity", type=float, default=0.8)
@@ -116,7 +116,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    tag = args.tag or f"{args.model}-{args.sparsity}"
+    tag = args.tag or f"{Path(args.model).name}-{args.sparsity}"  # an alias, or a directory's name
     t_start = time.time()
 
     lm = load_any(args.model)

@@ -15,6 +15,7 @@ import common
 
 QUICK_CHUNKS = (4096, 8192, 16384, 32768, 65536, 262144, 1048576)
 QUICK_THREADS = (1, 16, 32)
+SMOKE_CHUNKS, SMOKE_THREADS = (4096, 65536), (1, 4)  # LLMFLASH_SMOKE=1
 # The paper's M1 Max SSD (Figure 2b and the text), for reference on the plot.
 PAPER = [(8192, 1.25, "paper M1 Max, 8 KiB random"), (16384, 2.25, "paper M1 Max, 16 KiB bundles"),
          (1 << 20, 6.1, "paper M1 Max, sequential")]
@@ -28,6 +29,8 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     kw = dict(chunk_sizes=QUICK_CHUNKS, thread_counts=QUICK_THREADS, reads_per_point=1000) if args.quick else \
         dict(chunk_sizes=sorted(set(CHUNK_SIZES) | {8192}), thread_counts=THREAD_COUNTS)
+    if common.smoke():  # the test suite's end-to-end tier: a few small reads (at least 64 per point, whatever the size)
+        repeats, kw = args.repeats or 1, dict(chunk_sizes=SMOKE_CHUNKS, thread_counts=SMOKE_THREADS, reads_per_point=64)
     rows = profile_io(cache_dir(), int(args.size_gb * 1e9), repeats=repeats, **kw)
     print(format_table(rows))
     out = args.out

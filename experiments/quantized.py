@@ -82,7 +82,8 @@ def stage_groups(args) -> list[dict]:
     rows = []
     # float16 (a reference: its only error is rounding), then int8/int4 at group sizes dividing d_model (576)
     # (bits, group, clipping search): int4 with and without the search of its scales (quant.CLIP_RATIOS)
-    settings = [(16, 0, False)] + [(b, g, srch) for b in (8, 4) for g in (32, 64, 96, 192) for srch in (False, True)
+    groups = (32,) if common.smoke() else (32, 64, 96, 192)  # LLMFLASH_SMOKE=1: one group size
+    settings = [(16, 0, False)] + [(b, g, srch) for b in (8, 4) for g in groups for srch in (False, True)
                                    if spec.d_model % g == 0 and (b == 4 or not srch)]
     for bits, group, search in settings:
         t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def stage_kernels(args) -> list[dict]:
 
     from llmflash.quant import INT8_WEIGHT_MM, dequantize, quantize, quantize_per_row
 
-    def t(fn, n: int = 50) -> float:
+    def t(fn, n: int = 2 if common.smoke() else 50) -> float:
         fn()
         xs = []
         for _ in range(n):
@@ -171,6 +172,7 @@ def stage_kernels(args) -> list[dict]:
 
 # (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
 VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int8+r8", "int8", "int8"), ("int4+r8", "int4", "int8")]
+SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 
 def flash_dirs(args) -> dict[str, Path]:
@@ -179,10 +181,13 @@ def flash_dirs(args) -> dict[str, Path]:
     from llmflash.convert import convert
     from llmflash.errors import LLMFlashError
     from llmflash.flashdir import open_flash_dir
+    from llmflash.models import resolve
 
     out = {}
     for label, dtype, resident in VARIANTS:
-        path = common.cache_dir() / "quantized" / f"{args.model}-{label}-g{args.group_size}"
+        if common.smoke() and label not in SMOKE_VARIANTS:
+            continue
+        path = common.cache_dir() / "quantized" / f"{resolve(args.model).name}-{label}-g{args.group_size}"
         try:
             m = open_flash_dir(path).manifest
             q = m.quantization
@@ -247,7 +252,8 @@ def stage_speed(args, dirs: dict[str, Path]) -> list[dict]:
             if quantized:  # the caches dequantized on read (float rows: fewer of them, no dequantization per token)
                 settings.append(("predictor", fixed_bytes / mb, "fixed_compute_form", "compute"))
             for mode, budget, budget_name, form in settings:
-                cfg = EngineConfig(mode=mode, dram_budget=budget, cache_form=form)
+                cfg = EngineConfig(mode=mode, dram_budget=budget, cache_form=form,
+                                   predictors=args.predictors if mode == "predictor" else None)
                 try:
                     r = engine_runs.run(path, cfg, args.tokens, warmup=2, label=f"{label} {mode} {budget_name}",
                                         share=False)
@@ -304,7 +310,10 @@ def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
     from llmflash.text import load_texts
     from predictors.evaluate import eval_predictors
 
-    pset = PredictorSet.load(default_predictors(args.model))
+    found = args.predictors or default_predictors(args.model)
+    if found is None:
+        raise SystemExit(f"the recall stage needs --predictors: {args.model} has no committed predictors")
+    pset = PredictorSet.load(found)
     rule = pset.sparsity_rule()
     docs = load_texts(args.recall_source)
     rows = []
@@ -326,19 +335,17 @@ def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
 def stage_native(args) -> list[dict]:
     """One layer's set of rows, one thread (measured): SmolLM2's shape (d_model 576, a SwiGLU layer of 1536 neurons,
     ReLU), random rows quantized in groups of ``--group-size`` and held in a 1536-slot cache at random used slots; the
-    native step against the engine's Python path over the same slots (``_FlashFFNBase._rows_output``: one gather per
+    native step against the engine's Python path over the same slots (``step.rows_output``: one gather per
     segment, each part dequantized, torch matmuls); float32 rows of the same values as a reference. Each round times
     ``--native-calls`` calls of every path in turn; the medians over ``--native-rounds`` rounds, per call."""
     import os
     import statistics
-    from types import SimpleNamespace
 
     from llmflash.cache import RowStore
-    from llmflash.engine import _FlashFFNBase
     from llmflash.ffn import activation_fn
     from llmflash.layout import FlashLayout
     from llmflash.quant import dequantize, encode_rows
-    from llmflash.step import NativeRows
+    from llmflash.step import NativeRows, rows_output
 
     d, n_ffn, cap = 576, 1536, 1536
     before = torch.get_num_threads()
@@ -366,10 +373,8 @@ def stage_native(args) -> list[dict]:
     assert kernel is not None, "the native step does not build here"
     kernel.threads = 1
 
-    def python_path(store, ids, slots):  # the engine's reference path, with a stand-in for its layer module
-        me = SimpleNamespace(e=SimpleNamespace(row_bucket=0, fd=SimpleNamespace(gated=True), gate=None),
-                             act_bias=None, act=activation_fn("relu"), threshold=None, on_act=False, layer=0)
-        return _FlashFFNBase._rows_output(me, store, ids.size, ids, x, 0, slots)[0]  # type: ignore[arg-type]
+    def python_path(store, ids, slots):  # the engine's reference path (step.rows_output)
+        return rows_output(store, ids, x, activation_fn("relu"), True, slots=slots)[0]
 
     rows = []
     try:
@@ -557,6 +562,8 @@ def main() -> None:
     p.add_argument("--native-budgets", default="*=0.5",
                    help="native_gen stage: --dram-budget per variant (VARIANT=F,...; * for the others)")
     p.add_argument("--native-prompt", default="The history of the printing press begins", help="native_gen's prompt")
+    p.add_argument("--predictors", default=None,
+                   help="the predictors of the speed and recall stages (default: the model's committed ones)")
     args = p.parse_args()
     if args.quick:
         args.ppl_tokens, args.tokens, args.repeats, args.recall_tokens = 1024, 12, 1, 512

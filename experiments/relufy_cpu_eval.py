@@ -1,6 +1,7 @@
 """CPU measurement of the shipped relufied model against the original, on the same held-out tokens.
 
     python experiments/relufy_cpu_eval.py [--max-tokens 8192] [--extra ARTIFACT_DIR:LABEL ...] [--dense-ppl P]
+                                          [--original smollm2] [--sparse smollm2-relu]
 
 Perplexity with ``llmflash.evaluate.perplexity`` (wiki:eval, first 8,192 tokens, windows of 512, float32) and the FFN
 active fraction (relu rule: exact zeros, over all layers and tokens) of ``smollm2`` and ``smollm2-relu`` (loaded with
@@ -29,22 +30,24 @@ OUT = repo_root() / "results" / "relufy" / "v1" / "cpu_eval.json"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="experiments/relufy_cpu_eval.py", description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--extra", nargs="*", default=[], help="more artifacts to measure, as DIR:LABEL")
     ap.add_argument("--dense-ppl", type=float, default=None, help="the original's perplexity, measured identically elsewhere")
+    ap.add_argument("--original", default="smollm2", help="the original model (an alias or a model directory)")
+    ap.add_argument("--sparse", default="smollm2-relu", help="the relufied model (an alias or a model directory)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     docs = load_texts("wiki:eval")
     results = {}
-    todo = [("smollm2", "smollm2", None)] if args.dense_ppl is None else []
+    todo = [(args.original, args.original, None)] if args.dense_ppl is None else []
     if args.dense_ppl is not None:
-        results["smollm2"] = {"ppl": args.dense_ppl, "ffn_active_fraction": 1.0, "tokens": args.max_tokens - args.max_tokens // args.seq_len,
+        results[args.original] = {"ppl": args.dense_ppl, "ffn_active_fraction": 1.0, "tokens": args.max_tokens - args.max_tokens // args.seq_len,
                               "source": "experiments/threshold_curve.py dense row (same function, text and tokens)"}
-    todo.append(("smollm2-relu", "smollm2-relu", None))
-    todo += [(e.rsplit(":", 1)[1], "smollm2", Path(e.rsplit(":", 1)[0])) for e in args.extra]
+    todo.append((args.sparse, args.sparse, None))
+    todo += [(e.rsplit(":", 1)[1], args.original, Path(e.rsplit(":", 1)[0])) for e in args.extra]
     for label, alias, art in todo:
         t0 = time.time()
         model, tok, _ = load_model(alias)
@@ -55,7 +58,7 @@ def main() -> None:
         res |= {"load_s": round(load_s, 1), "eval_s": round(time.time() - t0 - load_s, 1)}
         results[label] = res
         log.info("%s: ppl %.3f, FFN active fraction %.4f (load %.0f s)", label, res["ppl"], res["ffn_active_fraction"], load_s)
-    dense = results["smollm2"]["ppl"]
+    dense = results[args.original]["ppl"]
     for r in results.values():
         r["ppl_ratio"] = r["ppl"] / dense
     write_json(args.out, {

@@ -4,6 +4,9 @@
                                                                 [--targets 0.7,0.8,0.9] [--position-tokens 4096]
     python3 experiments/relufy_diagnostics.py --plot-only      (redraw the PNG from the JSON)
 
+``--original`` and ``--sparse`` name other models for (a) and (b) (aliases or model directories; e.g. tiny models in
+the test suite's end-to-end tier); the JSON keeps its keys.
+
 (a) Training-free masks on the ORIGINAL SmolLM2 (``load_model("smollm2")``, float32). Per-layer thresholds ``t`` are
     calibrated on the first ``--calib-tokens`` tokens of wiki:train (one batch of 512-token windows) as the quantile
     of the target sparsity of either the gate pre-activation ``g = gate_proj(x)`` or of ``|h|``, ``h = silu(g) * up(x)``.
@@ -174,13 +177,15 @@ def position_bins(res: dict, dense_nll: Optional[torch.Tensor]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="experiments/relufy_diagnostics.py", description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="0.7,0.8,0.9", help="target sparsities of the training-free masks")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--calib-tokens", type=int, default=2048, help="wiki:train tokens for the thresholds")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="wiki:eval tokens for (a)")
     ap.add_argument("--position-tokens", type=int, default=4096, help="wiki:eval tokens for (b) (same windows)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared: 2 at most)")
+    ap.add_argument("--original", default="smollm2", help="the original (SiLU) model of (a)")
+    ap.add_argument("--sparse", default="smollm2-relu", help="the relufied model of (b)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--plot-only", action="store_true", help="redraw diagnostics.png from diagnostics.json")
     args = ap.parse_args()
@@ -195,7 +200,7 @@ def main() -> None:
     kinds = [k for k in args.kinds.split(",") if k]
 
     # (a) training-free masks on the original model
-    model, tok, _ = load_model("smollm2")
+    model, tok, _ = load_model(args.original)
     n_layers = model.config.num_hidden_layers
     modules = install_dense_ffns(model, SparsityRule("relu"))
     eval_docs = load_texts("wiki:eval")
@@ -228,40 +233,40 @@ def main() -> None:
     del model, modules
 
     # (b) the shipped smollm2-relu by position
-    model, tok_r, _ = load_model("smollm2-relu")
+    model, tok_r, _ = load_model(args.sparse)
     modules = install_dense_ffns(model, SparsityRule("relu"))
     pwins = all_wins[: args.position_tokens // SEQ_LEN]
-    relu = evaluate(model, modules, pwins, n_layers)
+    relu = evaluate(model, modules, pwins, model.config.num_hidden_layers)
     dense_nll = dense["nll"][: len(pwins)] if len(pwins) <= len(wins) else None
     relu_pos = position_bins(relu, dense_nll)
-    log.info("smollm2-relu: ppl %.3f, active %.4f on %d tokens", relu["ppl"], relu["ffn_active_fraction"], relu["tokens"])
+    log.info("%s: ppl %.3f, active %.4f on %d tokens", args.sparse, relu["ppl"], relu["ffn_active_fraction"], relu["tokens"])
     for r in relu_pos:
         log.info("  positions %3d-%3d: active %.4f", r["position_from"], r["position_to"], r["active_fraction"])
 
     # outputs
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_rows = [{"part": "mask", "model": "smollm2", "kind": "dense", "target_sparsity": 0.0, "position_from": "",
+    csv_rows = [{"part": "mask", "model": args.original, "kind": "dense", "target_sparsity": 0.0, "position_from": "",
                  "position_to": "", "active_fraction": dense["ffn_active_fraction"], "ppl": dense["ppl"], "ppl_ratio": 1.0,
                  "tokens": dense["tokens"]}]
-    csv_rows += [{"part": "mask", "model": "smollm2", "kind": r["kind"], "target_sparsity": r["target_sparsity"],
+    csv_rows += [{"part": "mask", "model": args.original, "kind": r["kind"], "target_sparsity": r["target_sparsity"],
                   "position_from": "", "position_to": "", "active_fraction": r["active_fraction"], "ppl": r["ppl"],
                   "ppl_ratio": r["ppl_ratio"], "tokens": r["tokens"]} for r in masks]
-    for model_name, kind, rows in ([("smollm2-relu", "relu", relu_pos), ("smollm2", "dense", dense_pos)]
-                                   + [("smollm2", k, v) for k, v in mask_positions.items()]):
+    for model_name, kind, rows in ([(args.sparse, "relu", relu_pos), (args.original, "dense", dense_pos)]
+                                   + [(args.original, k, v) for k, v in mask_positions.items()]):
         csv_rows += [{"part": "position", "model": model_name, "kind": kind, "target_sparsity": "",
                       "position_from": r["position_from"], "position_to": r["position_to"],
                       "active_fraction": r["active_fraction"], "ppl": r["ppl"], "ppl_ratio": r.get("ppl_ratio", ""),
-                      "tokens": len(pwins if model_name == "smollm2-relu" else wins) * (r["position_to"] - r["position_from"] + 1)}
+                      "tokens": len(pwins if model_name == args.sparse else wins) * (r["position_to"] - r["position_from"] + 1)}
                      for r in rows]
     write_csv(args.out / "diagnostics.csv", csv_rows)
     data = {
         "labels": "measured (CPU, float32) except ppl_ratio, computed as the ratio of two measured perplexities on the same tokens",
-        "masks": {"model": "smollm2 (original, SiLU)", "kinds": {k: KIND_LABELS[k] for k in kinds},
+        "masks": {"model": f"{args.original} (original, SiLU)", "kinds": {k: KIND_LABELS[k] for k in kinds},
                   "calibration": {"text": "wiki:train", "tokens": int(calib.numel()), "quantile_of": {"shift/jump/silujump": "g = gate_proj(x)", "habs": "|silu(g) * up(x)|"}},
                   "evaluation": {"text": "wiki:eval", "tokens_predicted": dense["tokens"], "windows": len(wins), "seq_len": SEQ_LEN},
                   "dense": {"ppl": dense["ppl"], "active_fraction": dense["ffn_active_fraction"], "tokens": dense["tokens"]},
                   "results": masks},
-        "position": {"model": "smollm2-relu (shipped artifact)", "bin": BIN, "seq_len": SEQ_LEN, "windows": len(pwins),
+        "position": {"model": f"{args.sparse} (shipped artifact)", "bin": BIN, "seq_len": SEQ_LEN, "windows": len(pwins),
                      "note": "active fraction = exact zeros of relu(gate x + act_bias) * up x, averaged over layers; "
                              "ppl_ratio = per-bin perplexity over the original's on the same tokens (position p predicts p+1)",
                      "smollm2-relu": {"ppl": relu["ppl"], "active_fraction": relu["ffn_active_fraction"],

@@ -1,6 +1,6 @@
 """Turn the relufication runs' raw outputs (results/relufy/v1/raw, brought back from the GPU) into results/relufy/v1/.
 
-    python experiments/relufy_report.py
+    python experiments/relufy_report.py [--dir results/relufy/v1] [--out DIR]   (default --out: --dir)
 
 Reads raw/final (the shipped run: curve, frontier, config, log), raw/sweep-* (the first GPU call), raw/layer and
 raw/layer-r56 (per-layer steering, plan layer2 of experiments/relufy_gpu.py, not shipped), cpu_eval.json
@@ -11,6 +11,7 @@ every point labelled with where it was measured) and config.json (recipe, data, 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
@@ -21,7 +22,6 @@ from llmflash.report import save_figure
 from llmflash.report import write_json
 
 RESULTS = repo_root() / "results" / "relufy" / "v1"
-RAW = RESULTS / "raw"
 THRESHOLD = repo_root() / "results" / "threshold_curve" / "threshold_curve.csv"
 # Device time this work spent (from the device tool's lease reports): stage 0.6 min + sweep 9.1 + stage 0.9 + final 8.2.
 DEVICE_MINUTES = {"staging call 1": 0.6, "sweep (4 runs x 100 s)": 9.1, "staging call 2": 0.9, "final run": 8.2,
@@ -39,40 +39,42 @@ def num(x) -> float:
     return float(x) if x not in (None, "") else float("nan")
 
 
-def frontier_rows() -> list[dict]:
+def frontier_rows(src: Path = RESULTS) -> list[dict]:
+    """Every measured point of the runs under ``src/raw`` (and ``src/cpu_eval.json``)."""
+    raw = src / "raw"
     rows = []
-    final_cfg = json.loads((RAW / "final" / "relufy_config.json").read_text())
+    final_cfg = json.loads((raw / "final" / "relufy_config.json").read_text())
     teacher8k = final_cfg["results"]["teacher_ppl"]
-    for r in read_csv(RAW / "final" / "curve.csv"):
+    for r in read_csv(raw / "final" / "curve.csv"):
         if r.get("eval_ppl"):
             rows.append({"kind": "ramp", "run": "final", "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                          "eval_tokens": 8176, "active_fraction": num(r["eval_active_fraction"]), "ppl": num(r["eval_ppl"]),
                          "reference_ppl": teacher8k, "ppl_ratio": num(r["eval_ppl_ratio"])})
-    for r in read_csv(RAW / "final" / "frontier.csv"):
+    for r in read_csv(raw / "final" / "frontier.csv"):
         rows.append({"kind": r["kind"], "run": "final", "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                      "eval_tokens": int(r["eval_tokens"]), "active_fraction": num(r["eval_active_fraction"]),
                      "ppl": num(r["eval_ppl"]), "reference_ppl": num(r["teacher_ppl"]), "ppl_ratio": num(r["ppl_ratio"]),
                      "extra_shift_sigma": num(r["extra_shift_sigma"])})
-    for sweep in sorted(RAW.glob("sweep-*")):
+    for sweep in sorted(raw.glob("sweep-*")):
         for r in read_csv(sweep / "frontier.csv"):
             rows.append({"kind": "sweep", "run": sweep.name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                          "eval_tokens": int(r["eval_tokens"]), "active_fraction": num(r["eval_active_fraction"]),
                          "ppl": num(r["eval_ppl"]), "reference_ppl": num(r["teacher_ppl"]), "ppl_ratio": num(r["ppl_ratio"])})
     for name in PER_LAYER_RUNS:  # the second GPU call (plan layer2): --steer layer, not shipped
-        if not (RAW / name).is_dir():
+        if not (raw / name).is_dir():
             continue
-        cfg = json.loads((RAW / name / "relufy_config.json").read_text())
-        for r in read_csv(RAW / name / "curve.csv"):
+        cfg = json.loads((raw / name / "relufy_config.json").read_text())
+        for r in read_csv(raw / name / "curve.csv"):
             if r.get("eval_ppl"):
                 rows.append({"kind": "layer_ramp", "run": name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                              "eval_tokens": 8176, "active_fraction": num(r["eval_active_fraction"]), "ppl": num(r["eval_ppl"]),
                              "reference_ppl": cfg["results"]["teacher_ppl"], "ppl_ratio": num(r["eval_ppl_ratio"])})
-        for r in read_csv(RAW / name / "frontier.csv"):
+        for r in read_csv(raw / name / "frontier.csv"):
             rows.append({"kind": "layer_" + r["kind"], "run": name, "step": int(r["step"]), "where": "GPU fp32 (TF32 matmuls)",
                          "eval_tokens": int(r["eval_tokens"]), "active_fraction": num(r["eval_active_fraction"]),
                          "ppl": num(r["eval_ppl"]), "reference_ppl": num(r["teacher_ppl"]), "ppl_ratio": num(r["ppl_ratio"]),
                          "extra_shift_sigma": num(r["extra_shift_sigma"])})
-    cpu = RESULTS / "cpu_eval.json"
+    cpu = src / "cpu_eval.json"
     if cpu.is_file():
         data = json.loads(cpu.read_text())
         for label, r in data["results"].items():
@@ -126,7 +128,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_frontier(rows: list[dict], path: Path) -> None:
+def plot_frontier(rows: list[dict], path: Path, threshold: Path = THRESHOLD) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +152,8 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         if end:
             ax.plot([r["sparsity"] for r in end], [r["ppl_ratio"] for r in end], marker, ls="", color=color, ms=10,
                     markeredgecolor="black", label=f"per-layer steering (not shipped), {PER_LAYER_RUNS[name]}: end (65k tokens)")
-    if THRESHOLD.is_file():
-        th = [r for r in read_csv(THRESHOLD) if r["rule"] == "threshold"]
+    if threshold.is_file():
+        th = [r for r in read_csv(threshold) if r["rule"] == "threshold"]
         ax.plot([1 - num(r["active_fraction"]) for r in th], [num(r["ppl_ratio"]) for r in th], "d-", color="grey",
                 label="original + threshold rule (no training, CPU)")
     ax.axhline(1.3, color="grey", lw=0.8, ls="--")
@@ -168,15 +170,25 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    curve = read_csv(RAW / "final" / "curve.csv")
-    shutil.copy(RAW / "final" / "curve.csv", RESULTS / "curve.csv")
-    plot_curve(curve, RESULTS / "curve.png")
-    rows = frontier_rows()
-    write_rows(RESULTS / "frontier.csv", rows)
-    plot_frontier(rows, RESULTS / "frontier.png")
-    final_cfg = json.loads((RAW / "final" / "relufy_config.json").read_text())
-    cpu = json.loads((RESULTS / "cpu_eval.json").read_text()) if (RESULTS / "cpu_eval.json").is_file() else None
-    write_json(RESULTS / "config.json", {
+    ap = argparse.ArgumentParser(prog="experiments/relufy_report.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=RESULTS, help="the runs' directory: raw/ and cpu_eval.json "
+                                                               "(default results/relufy/v1)")
+    ap.add_argument("--threshold", type=Path, default=THRESHOLD,
+                    help="the threshold rule's curve drawn beside (default results/threshold_curve/threshold_curve.csv)")
+    ap.add_argument("--out", type=Path, default=None, help="where the report goes (default: --dir)")
+    args = ap.parse_args()
+    src, raw = args.dir, args.dir / "raw"
+    out = args.out or src
+    out.mkdir(parents=True, exist_ok=True)
+    curve = read_csv(raw / "final" / "curve.csv")
+    shutil.copy(raw / "final" / "curve.csv", out / "curve.csv")
+    plot_curve(curve, out / "curve.png")
+    rows = frontier_rows(src)
+    write_rows(out / "frontier.csv", rows)
+    plot_frontier(rows, out / "frontier.png", args.threshold)
+    final_cfg = json.loads((raw / "final" / "relufy_config.json").read_text())
+    cpu = json.loads((src / "cpu_eval.json").read_text()) if (src / "cpu_eval.json").is_file() else None
+    write_json(out / "config.json", {
         "shipped": "llmflash/artifacts/smollm2-relu (the final run's --out, 15.6 MB)",
         "recipe": final_cfg["config"] | {"steer": "global"},
         "recipe_notes": [

@@ -34,7 +34,7 @@ def _read_curve(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="experiments/sparse_campaign_report.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ab", type=Path, required=True, help="the extracted ab.tar.gz of the A/B call")
     ap.add_argument("--final", type=Path, required=True, help="the extracted final.tar.gz of the continuation call")
     ap.add_argument("--out", type=Path, default=Path("results/relufy/campaign"))

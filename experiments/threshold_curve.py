@@ -6,6 +6,7 @@ Thresholds (|h| under a per-layer threshold, CATS-style) are calibrated on wiki:
 dense model. The relufied model's points (results/relufy/frontier.csv, if present) go on the same plot.
 
     python experiments/threshold_curve.py [--targets 0.5,0.7,0.8,0.9] [--max-tokens 8192] [--plot-only]
+                                          [--model smollm2]   (another original: an alias or a model directory)
 
 Writes results/threshold_curve/{threshold_curve.csv, threshold_curve.png, config.json}.
 """
@@ -32,10 +33,11 @@ RELUFY_FRONTIER = repo_root() / "results" / "relufy" / "campaign" / "frontier.cs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="experiments/threshold_curve.py", description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="0.5,0.6,0.7,0.8,0.9,0.95")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--model", default="smollm2", help="the original model (an alias or a model directory)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV (e.g. after new relufy results)")
     args = ap.parse_args()
@@ -47,7 +49,7 @@ def main() -> None:
         return
     targets = [float(t) for t in args.targets.split(",")]
     t0 = time.time()
-    model, tok, _ = load_model("smollm2")
+    model, tok, src = load_model(args.model)
     docs = load_texts("wiki:eval")
     rows = []
     dense = perplexity(model, tok, docs, seq_len=args.seq_len, max_tokens=args.max_tokens, rule=SparsityRule("relu"))
@@ -55,7 +57,7 @@ def main() -> None:
                  "active_fraction": dense["ffn_active_fraction"], "tokens": dense["tokens"]})
     log.info("dense: ppl %.3f, active %.4f", dense["ppl"], dense["ffn_active_fraction"])
     for target in targets:
-        rule = rule_for(model, tok, "threshold", target, cache_key="smollm2")
+        rule = rule_for(model, tok, "threshold", target, cache_key=src.name)
         res = perplexity(model, tok, docs, seq_len=args.seq_len, max_tokens=args.max_tokens, rule=rule)
         rows.append({"rule": "threshold", "target_sparsity": target, "ppl": res["ppl"], "ppl_ratio": res["ppl"] / dense["ppl"],
                      "active_fraction": res["ffn_active_fraction"], "tokens": res["tokens"]})
@@ -64,7 +66,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "threshold_curve.csv", rows)
     write_json(args.out / "config.json", {
-        "model": "smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)",
+        "model": ("smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)" if args.model == "smollm2"
+                  else args.model),
         "rule": "per-layer threshold on |h| = |silu(gate x) * up x| (CATS-style), calibrated by llmflash.sparsity.rule_for",
         "calibration": {"text": CALIBRATION_SOURCE, "tokens": CALIBRATION_TOKENS, "seq_len": CALIBRATION_SEQ_LEN},
         "evaluation": {"text": "wiki:eval (articles held out by title hash)", "max_tokens": args.max_tokens,

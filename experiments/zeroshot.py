@@ -5,7 +5,12 @@ the 80% threshold rule (the paper's Table 4 in spirit: Falcon-7B 74.62 -> 72.52 
 The relufied model's oracle mode computes exactly its true active set, so its oracle accuracy is the smollm2-relu row.
 
     python experiments/zeroshot.py [--limit 30] [--tasks a,b,c] [--variants smollm2,smollm2-relu,predictor,threshold]
-                                   [--reuse [--rescore predictor]]
+                                   [--reuse [--rescore predictor]] [--original smollm2] [--sparse smollm2-relu]
+                                   [--predictors DIR]
+
+The variants name roles: ``smollm2`` is the original model (``--original``), ``smollm2-relu`` the relufied one
+(``--sparse``, with its committed predictors unless ``--predictors``); other models (aliases or model directories, e.g.
+tiny ones in the test suite's end-to-end tier) take their places and name the rows.
 
 Writes results/zeroshot/{zeroshot.csv, zeroshot.json, zeroshot.png, config.json}. Runs on the CPU in minutes.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from llmflash.arch import install_dense_ffns
-from llmflash.models import load_model
+from llmflash.models import load_model, resolve
 from llmflash.paths import repo_root
 from llmflash.report import environment, save_figure, write_csv, write_json
 from llmflash.sparsity import ActiveCounter, rule_for
@@ -31,7 +36,7 @@ OUT = repo_root() / "results" / "zeroshot"
 
 
 PREDICTOR_WINDOW = 4
-VARIANTS = {  # key: (label, model alias, sparsity rule or "predictor")
+VARIANTS = {  # key: (label, model alias, sparsity rule or "predictor"); the aliases stand for --original / --sparse
     "smollm2": ("smollm2", "smollm2", "relu"),
     "smollm2-relu": ("smollm2-relu", "smollm2-relu", "relu"),
     "predictor": (f"smollm2-relu predictor k={PREDICTOR_WINDOW}", "smollm2-relu", "predictor"),
@@ -39,12 +44,18 @@ VARIANTS = {  # key: (label, model alias, sparsity rule or "predictor")
 }
 
 
-def variants(keys: str) -> list[tuple[str, str, str]]:
-    """(label, model alias, sparsity rule) for a comma-separated list of VARIANTS keys."""
+def variants(keys: str, original: str = "smollm2", sparse: str = "smollm2-relu") -> list[tuple[str, str, str]]:
+    """(label, model, sparsity rule) for a comma-separated list of VARIANTS keys, ``original`` and ``sparse`` in the
+    places of smollm2 and smollm2-relu (in the labels too)."""
     unknown = [k for k in keys.split(",") if k not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
-    return [VARIANTS[k] for k in keys.split(",")]
+    models = {"smollm2": original, "smollm2-relu": sparse}
+    out = []
+    for k in keys.split(","):
+        label, alias, rule = VARIANTS[k]  # every label starts with its alias
+        out.append((models[alias] + label[len(alias):], models[alias], rule))
+    return out
 
 
 def previous_rows(out: Path, tasks: list, limit: int) -> tuple[list[dict], dict]:
@@ -70,15 +81,19 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="keep the rows of variants already in --out (same tasks and limit) instead of scoring them again")
     ap.add_argument("--rescore", default="", help="with --reuse: comma-separated variants to score again anyway")
+    ap.add_argument("--original", default="smollm2", help="the original model (an alias or a model directory)")
+    ap.add_argument("--sparse", default="smollm2-relu", help="the relufied model (an alias or a model directory)")
+    ap.add_argument("--predictors", default=None,
+                    help="the predictors of the predictor variant (default: the relufied model's committed ones)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.time()
     tasks = [load_task(name, limit=args.limit) for name in args.tasks.split(",")]
-    chosen = variants(args.variants)
+    chosen = variants(args.variants, args.original, args.sparse)
     old_rows, old_summary = previous_rows(args.out, tasks, args.limit) if args.reuse else ([], {})
     rows, summary, reused = [], {}, []
-    rescore = {label for label, _, _ in variants(args.rescore)} if args.rescore else set()
+    rescore = {label for label, _, _ in variants(args.rescore, args.original, args.sparse)} if args.rescore else set()
     for label, alias, sparsity in chosen:
         if label in old_summary and label not in rescore:
             rows += [r for r in old_rows if r["model"] == label]
@@ -89,7 +104,7 @@ def main() -> None:
         model, tok, _ = load_model(alias)
         # A model's own rule (the sparse smollm2-relu's trained thresholds), else exact zeros; the original under the
         # calibrated 80% threshold rule for the "threshold" variant.
-        rule = (rule_for(model, tok, "threshold", 0.8, cache_key="smollm2") if sparsity == "threshold"
+        rule = (rule_for(model, tok, "threshold", 0.8, cache_key=resolve(alias).name) if sparsity == "threshold"
                 else rule_for(model, tok, "auto"))
         n_layers = model.config.num_hidden_layers
         counter = ActiveCounter(n_layers)
@@ -98,7 +113,10 @@ def main() -> None:
             from llmflash.predictor import PredictorSet
             from predictors import default_predictors, window_mask_fn
 
-            pset = PredictorSet.load(default_predictors(alias))
+            found = args.predictors or default_predictors(resolve(alias).name)
+            if found is None:
+                raise SystemExit(f"the predictor variant needs --predictors: {alias} has no committed predictors")
+            pset = PredictorSet.load(found)
             pset.check_model(model, alias)
             mask_fn = window_mask_fn(pset, PREDICTOR_WINDOW)
         t_variant = time.time()
@@ -126,8 +144,9 @@ def main() -> None:
         "scoring": "sum of log-probabilities of the choice tokens (acc); per byte of the choice (acc_norm)",
         "task_choice": "short-input English multiple-choice tasks, chosen by input length before any scoring",
         "models": [{"label": v[0], "model": v[1], "sparsity": v[2]} for v in chosen],
-        "predictor_mode": f"committed predictors of smollm2-relu, window union of the last {PREDICTOR_WINDOW} tokens' "
-                          "predicted sets (llmflash.predictors window_mask_fn); missed neurons are really missing",
+        "predictor_mode": f"{args.predictors or 'committed predictors of ' + args.sparse}, window union of the last "
+                          f"{PREDICTOR_WINDOW} tokens' predicted sets (llmflash.predictors window_mask_fn); missed "
+                          "neurons are really missing",
         "oracle": "oracle mode computes exactly the true active set: its accuracy is the smollm2-relu row",
         "reused_from_earlier_run": reused,
         "wall_s": round(time.time() - t0, 1), "environment": environment(),

@@ -49,7 +49,7 @@ from .budget import SparseBudget, hybrid_resident_layers
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
-from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn, neuron_outputs
+from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
 from .layout import read_plan
@@ -58,9 +58,9 @@ from .models import default_predictors
 from .native import library as native_library
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
-from .quant import compute_layout, dense_layer_bytes, part_rows
+from .quant import compute_layout, dense_layer_bytes
 from .sparsity import model_rule, stored_thresholds, threshold_rule
-from .step import MAX_NATIVE_TOKENS, NativeRows, slot_plan
+from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
 from .storage import FlashReader
 from .threads import choose_threads, sense_cpu
 
@@ -232,39 +232,13 @@ class _FlashFFNBase(nn.Module):
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
-    def _rows_output(self, store: RowStore | DeviceRows, n: int, ids: np.ndarray, x: Tensor, start: int = 0,
+    def _rows_output(self, store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, start: int = 0,
                      slots: Optional[np.ndarray] = None) -> tuple[Tensor, Tensor]:
-        """FFN contribution of store rows [start, start + n), or of its rows ``slots`` (int64 [n]), holding neurons
-        ``ids``: (y [T, d], h [T, n]). The Python reference (torch matmuls)."""
-        bucket = self.e.row_bucket
-        if slots is None:
-            m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
-
-            def part(name: str) -> Tensor:
-                return store.part(name, m, start)
-        else:
-            m = -(-n // bucket) * bucket if bucket > 0 and n else n
-            idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
-            gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
-            d = store.layout.d_model
-
-            def part(name: str) -> Tensor:
-                if store.layout.quantized:  # the gathered rows as stored: dequantized ([m, d], a temporary)
-                    return part_rows(store.layout, gathered, name, 0, m, store.dtype)
-                seg, off = store.layout.locate(name)
-                return gathered[seg][:, off : off + d]  # [m, d]
-        bias = None if self.act_bias is None else self.act_bias[torch.from_numpy(ids).to(self.act_bias.device)]
-        if bias is not None and m > n:
-            bias = torch.cat([bias, bias.new_zeros(m - n)])
-        gated = self.e.fd.gated
-        a = part("gate" if gated else "up")
-        u = part("up") if gated else None
-        h = neuron_outputs(x, a, u, bias, self.act, self.threshold, self.on_act)  # [T, m]
-        if self.e.gate is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
-            h[..., :n] *= self.e.gate_mask(self.layer, x)[:, torch.from_numpy(ids).to(h.device)]
-        if m > n:
-            h[..., n:] = 0  # padding rows (stale or zero rows of the store, repeated slots) contribute nothing
-        return h @ part("down"), h[..., :n]
+        """FFN contribution of store rows [start, start + n) or ``slots`` holding neurons ``ids``: the Python
+        reference (``step.rows_output``) with this layer's rule, bias, gate and the engine's row bucket."""
+        mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
+        return rows_output(store, ids, x, self.act, self.e.fd.gated, self.threshold, self.on_act, self.act_bias,
+                           start, slots, self.e.row_bucket, mask)
 
     def _native_ok(self, x: Tensor) -> bool:
         return self.native is not None and x.shape[0] <= MAX_NATIVE_TOKENS
@@ -284,7 +258,7 @@ class _FlashFFNBase(nn.Module):
             mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
             self.native.add(y, x if x.dtype == torch.float32 else x.float(), store, rows, ids, mask)
             return y
-        out = self._rows_output(store, ids.size, ids, x, start, slots)[0]
+        out = self._rows_output(store, ids, x, start, slots)[0]
         return y + out.to(y.dtype)
 
     def _stream(self, x: Tensor, ids: np.ndarray, y: Optional[Tensor] = None) -> Tensor:

@@ -8,8 +8,8 @@
   no matmul, no gathered copies, no per-shape working memory. Float rows (float32, bfloat16, float16), or int8 /
   int4 group-quantized rows as stored (``quant``: ``EngineConfig.cache_form="stored"``), dequantized on the fly
   inside the dot products and axpys (each group's partial dot product scaled once; float32 accumulation) where the
-  Python path dequantizes every gathered part for every matmul. The engine's Python path (``_rows_output``: torch
-  matmuls over the rows) stays the reference; the native one equals it within float32 rounding (see
+  Python path dequantizes every gathered part for every matmul. ``rows_output``, the Python path (torch matmuls over
+  the rows), stays the reference; the native one equals it within float32 rounding (see
   ``tests/test_native_step.py``: the sums run in another order, and an ``|h|`` within rounding of a threshold may fall
   on the other side).
 """
@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .cache import DeviceRows, RowStore
+from .ffn import neuron_outputs
 from .layout import Segment, runs
 from .native import library
+from .quant import part_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,45 @@ def slot_plan(seg: Segment, layer: int, ids: np.ndarray, slots: np.ndarray,
     stride = seg.stride_bytes
     first, length = runs(ids, max(1, max_read_bytes // stride))
     return seg.layer_offsets[layer] + first * stride, length * stride, slots.astype(np.int64) * stride
+
+
+def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: Callable[[Tensor], Tensor], gated: bool,
+                threshold: Optional[float] = None, on_act: bool = False, act_bias: Optional[Tensor] = None,
+                start: int = 0, slots: Optional[np.ndarray] = None, bucket: int = 0,
+                mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The Python reference of a layer's FFN contribution over rows of a store: rows [start, start + n) or the rows
+    ``slots`` (int64 [n]), holding neurons ``ids`` (n of them, file row order); x [T, d] -> (y [T, d], h [T, n]).
+
+    ``act_bias``: the layer's activation bias over all its neurons; ``mask``: bool [T, d_ffn], a gated model's gate
+    (rows it shuts give 0); ``bucket`` > 0: the matmuls run over a multiple of that many rows (padding rows give 0)."""
+    n = ids.size
+    if slots is None:
+        m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
+
+        def part(name: str) -> Tensor:
+            return store.part(name, m, start)
+    else:
+        m = -(-n // bucket) * bucket if bucket > 0 and n else n
+        idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
+        gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
+        d = store.layout.d_model
+
+        def part(name: str) -> Tensor:
+            if store.layout.quantized:  # the gathered rows as stored: dequantized ([m, d], a temporary)
+                return part_rows(store.layout, gathered, name, 0, m, store.dtype)
+            seg, off = store.layout.locate(name)
+            return gathered[seg][:, off : off + d]  # [m, d]
+    bias = None if act_bias is None else act_bias[torch.from_numpy(ids).to(act_bias.device)]
+    if bias is not None and m > n:
+        bias = torch.cat([bias, bias.new_zeros(m - n)])
+    a = part("gate" if gated else "up")
+    u = part("up") if gated else None
+    h = neuron_outputs(x, a, u, bias, act, threshold, on_act)  # [T, m]
+    if mask is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
+        h[..., :n] *= mask[:, torch.from_numpy(ids).to(h.device)]
+    if m > n:
+        h[..., n:] = 0  # padding rows (stale or zero rows of the store, repeated slots) contribute nothing
+    return h @ part("down"), h[..., :n]
 
 
 def _addr(a: np.ndarray) -> int:

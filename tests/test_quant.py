@@ -323,6 +323,13 @@ def test_int8_linear_matches_its_dequantized_weight():
         assert torch.allclose(lin(x), ref, atol=1e-5)  # dequantized per call: exact
     finally:
         Int8Linear.kernel = True
+    # a weight 8 bytes off 16-byte alignment (a view into a resident.safetensors buffer can be): torch's kernel
+    # crashed on it; Int8Linear takes an aligned copy (test_int8_linear_takes_weights_at_any_offset)
+    buf = torch.empty(q.numel() + 64, dtype=torch.int8)
+    start = (-buf.data_ptr()) % 16 + 8
+    q8 = buf[start:start + q.numel()].view_as(q).copy_(q)
+    assert q8.data_ptr() % 16 == 8
+    assert torch.equal(Int8Linear(q8, s, b)(x), got)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
