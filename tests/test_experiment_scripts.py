@@ -87,6 +87,31 @@ def test_scripts_use_no_private_attribute_of_the_library():
 
 
 
+def test_scripts_patch_no_library_object():
+    """No experiment assigns to an attribute of what it imported from the project's packages (monkey-patching):
+    they configure through arguments and observe through hooks."""
+    project = ("llmflash", "research", "predictors", "sparsetrain")
+    found = []
+    for path in sorted(EXP.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in project:
+                imported |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in project}
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                base = t
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(t, ast.Attribute) and isinstance(base, ast.Name) and base.id in imported:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(t)} = ...")
+    assert not found, "\n".join(found)
+
+
 # ------------------------------------------------------------------------------ second tier: end to end, tiny model
 
 # Every script runs end to end here (``LLMFLASH_SMOKE=1``: the smallest settings that pass through every stage) on
