@@ -463,7 +463,8 @@ class FlashReader:
                 pb = np.full(n_dest, piece_bytes, dtype=np.int64)
                 _check_reads(do, pb, do, do_l, pb.tolist(), do_l, mv, self.align_bytes)
                 _check_reads(fo, nb, fo, fo_l, nb_l, fo_l, None, self.align_bytes)
-                do_l = _scatter_pieces(do, nb // piece_bytes, piece_bytes)
+                if self._pool is None:  # the Python workers' form: per read, its (offset, bytes) pieces
+                    do_l = _scatter_pieces(do, nb // piece_bytes, piece_bytes)
             else:
                 _check_reads(fo, nb, do, fo_l, nb_l, do_l, mv, self.align_bytes)
         except ValueError:
