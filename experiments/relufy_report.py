@@ -3,7 +3,7 @@
     python experiments/relufy_report.py [--dir results/relufy/v1] [--out DIR]   (default --out: --dir)
 
 Reads raw/final (the shipped run: curve, frontier, config, log), raw/sweep-* (the first GPU call), raw/layer and
-raw/layer-r56 (per-layer steering, plan layer2 of experiments/relufy_gpu.py, not shipped), cpu_eval.json
+raw/layer-r56 (per-layer steering, plan layer2 of sparsetrain/relufy_v1_device.py, not shipped), cpu_eval.json
 (experiments/relufy_cpu_eval.py) and results/threshold_curve/threshold_curve.csv if present. Writes curve.csv,
 curve.png (loss, sparsity and held-out perplexity vs step), frontier.csv + frontier.png (sparsity vs perplexity ratio,
 every point labelled with where it was measured) and config.json (recipe, data, hardware, device time, commands).
@@ -26,7 +26,7 @@ THRESHOLD = repo_root() / "results" / "threshold_curve" / "threshold_curve.csv"
 # Device time this work spent (from the device tool's lease reports): stage 0.6 min + sweep 9.1 + stage 0.9 + final 8.2.
 DEVICE_MINUTES = {"staging call 1": 0.6, "sweep (4 runs x 100 s)": 9.1, "staging call 2": 0.9, "final run": 8.2,
                   "per-layer runs (plan layer2, 2 runs side by side, staging excluded)": 8.6}
-# Plan layer2 of experiments/relufy_gpu.py (run with '{"time_budget_s": 450}'): --steer layer, both runs on one H100.
+# Plan layer2 of sparsetrain/relufy_v1_device.py (run with '{"time_budget_s": 450}'): --steer layer, both runs on one H100.
 PER_LAYER_RUNS = {"layer": "rank 40, ramp 0.55", "layer-r56": "rank 56, ramp 0.75"}
 
 
@@ -204,13 +204,13 @@ def main() -> None:
         "cpu_results": cpu,
         "device_minutes": DEVICE_MINUTES | {"total": round(sum(DEVICE_MINUTES.values()), 1)},
         "commands": {
-            "final run (GPU)": "python3 experiments/relufy_gpu.py run final   (after `stage-a`; see the script's docstring)",
+            "final run (GPU)": "python3 sparsetrain/relufy_v1_device.py run final   (after `stage-a`; see the script's docstring)",
             "same, as a command": "python3 -m sparsetrain.relufy_v1 smollm2 --out OUT --shift --target-sparsity 0.905 --steer global "
                                   "--ramp-frac 0.55 --anneal-frac 0.1 --l1-final 0.3 --ffn-rank 40 --attn-rank 0 "
                                   "--batch-tokens 16384 --micro-batch-tokens 16384 --lr 1e-3 --bias-lr 2e-3 --time-budget-s 465 "
                                   "--steps 100000 --eval-every 50 --final-eval-tokens 65536 --posthoc 0.92,0.94,0.96 "
                                   "--keep-sparsities 0.85 --device cuda",
-            "per-layer runs (GPU, not shipped)": "python3 experiments/relufy_gpu.py run layer2 '{\"time_budget_s\": 450}'   "
+            "per-layer runs (GPU, not shipped)": "python3 sparsetrain/relufy_v1_device.py run layer2 '{\"time_budget_s\": 450}'   "
                                                  "(outputs in raw/layer, raw/layer-r56)",
             "CPU measurement": "python experiments/relufy_cpu_eval.py",
             "diagnostics (CPU)": "OMP_NUM_THREADS=2 python3 experiments/relufy_diagnostics.py",

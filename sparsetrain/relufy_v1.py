@@ -1,6 +1,6 @@
 """The first relufication (training layer): turn a SiLU (SwiGLU) model into a ReLU-sparse one by distillation.
 
-Superseded by ``sparsetrain.job`` (the shipped ``smollm2-relu``); kept for ``experiments/relufy_gpu.py`` and the record
+Superseded by ``sparsetrain.job`` (the shipped ``smollm2-relu``); kept for ``sparsetrain.relufy_v1_device`` and the record
 in ``results/relufy/v1``. Run: ``python3 -m sparsetrain.relufy_v1 MODEL --out PATH [...]``; the artifact format and its
 loader are the core's ``llmflash.relufy_v1_format``.
 

