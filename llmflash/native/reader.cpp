@@ -190,7 +190,13 @@ void* llmflash_reader_submit(void* pool, char* base, int64_t n, const int64_t* f
     std::lock_guard<std::mutex> lock(p->m);
     p->queue.push_back(t);
   }
-  if (n == 1) p->cv.notify_one(); else p->cv.notify_all();
+  // as many readers as reads, not the whole pool: on 2 cores, waking 16 readers for a handful of reads slowed
+  // predictor mode (an alternating A/B on smollm2-relu, 2026-11-29: see the session's note)
+  if (n < static_cast<int64_t>(p->threads.size())) {
+    for (int64_t i = 0; i < n; ++i) p->cv.notify_one();
+  } else {
+    p->cv.notify_all();
+  }
   return t;
 }
 
