@@ -205,7 +205,7 @@ def main() -> None:
 def short(key: str) -> str:
     """A row's name on the figure's axes."""
     out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ")
-    return out.replace("_pyreader", "\n(Python\nreader)").replace("ours_pyreader", "ours\n(Python\nreader)")
+    return out.replace("_pyreader", "\n(Python\nreader)")
 
 
 def plot(rows: list[dict], data: dict, png) -> None:

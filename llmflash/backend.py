@@ -62,8 +62,7 @@ class Backend:
 
     def host_ids(self, mask: Tensor) -> np.ndarray:
         """Sorted ids of the neurons set in any row of ``mask`` (bool [T, n]), on the host."""
-        m = mask[0] if mask.shape[0] == 1 else mask.any(dim=0)
-        return np.flatnonzero(m.numpy())
+        return np.flatnonzero(_union(mask).cpu().numpy())
 
 
 class CpuBackend(Backend):
@@ -118,9 +117,9 @@ class AcceleratorBackend(Backend):
             self._copied[id(host)] = ev
 
     def host_ids(self, mask: Tensor) -> np.ndarray:
-        m = mask[0] if mask.shape[0] == 1 else mask.any(dim=0)
-        if not self.cuda or m.device.type == "cpu":
-            return np.flatnonzero(m.cpu().numpy())
+        if not self.cuda or mask.device.type == "cpu":
+            return super().host_ids(mask)
+        m = _union(mask)
         if self._mask_host is None or self._mask_host.numel() < m.numel():
             self._mask_host = torch.empty(m.numel(), dtype=torch.bool, pin_memory=True)
         out = self._mask_host[: m.numel()]
@@ -129,6 +128,11 @@ class AcceleratorBackend(Backend):
         self._mask_ready.record()
         self._mask_ready.synchronize()
         return np.flatnonzero(out.numpy())
+
+
+def _union(mask: Tensor) -> Tensor:
+    """bool [n]: set in any row of ``mask`` [T, n]."""
+    return mask[0] if mask.shape[0] == 1 else mask.any(dim=0)
 
 
 def make_backend(name: str, stand_in: bool = False) -> Backend:

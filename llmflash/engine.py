@@ -748,10 +748,10 @@ class Engine:
         if self.cfg.predictor_dtype not in PREDICTOR_DTYPES:
             raise LLMFlashError(f"unknown predictor dtype {self.cfg.predictor_dtype!r}: use one of {', '.join(PREDICTOR_DTYPES)}")
         dtype = ENGINE_DTYPE if self.cfg.predictor_dtype == "int8" else getattr(torch, self.cfg.predictor_dtype)
-        if self.backend.predictor_dtype(dtype) != dtype:
-            log.info("%s predictors have no kernel on %s: holding them in %s", self.cfg.predictor_dtype, self.device,
-                     self.backend.predictor_dtype(dtype))
-            dtype = self.backend.predictor_dtype(dtype)
+        held = self.backend.predictor_dtype(dtype)
+        if held != dtype:
+            log.info("%s predictors have no kernel on %s: holding them in %s", self.cfg.predictor_dtype, self.device, held)
+            dtype = held
         p = PredictorSet.load(predictors, dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self._rule_kind())

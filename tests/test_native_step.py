@@ -98,18 +98,23 @@ def test_native_with_overflow_equals_dense(flash_dirs, name):
         assert torch.allclose(lp_nat, lp_py, rtol=0, atol=1e-5)
 
 
-@needs_native
-def test_native_equals_the_python_path_in_predictor_mode(flash_dirs, tmp_path):
-    """Predictor mode (the cached rows that are not predicted are computed too, with the model's rule): a random
-    low-rank predictor set trained on nothing, the same for both paths."""
+def _random_predictors(path, out) -> None:
+    """A random rank-8 predictor set for the flash directory ``path`` (relu rule, trained on nothing), saved to out."""
     from llmflash.predictor import LowRankPredictor, PredictorSet
 
-    fd = open_flash_dir(flash_dirs["llama"])
+    fd = open_flash_dir(path)
     lay = fd.layout
     torch.manual_seed(0)
     mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
     meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
-    PredictorSet.from_modules(mods, [0.0] * lay.n_layers, meta).save(tmp_path / "pred")
+    PredictorSet.from_modules(mods, [0.0] * lay.n_layers, meta).save(out)
+
+
+@needs_native
+def test_native_equals_the_python_path_in_predictor_mode(flash_dirs, tmp_path):
+    """Predictor mode (the cached rows that are not predicted are computed too, with the model's rule): a random
+    low-rank predictor set trained on nothing, the same for both paths."""
+    _random_predictors(flash_dirs["llama"], tmp_path / "pred")
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(13))
     for budget in (BIG, _tight(flash_dirs["llama"], 40)):
         kw = dict(mode="predictor", predictors=str(tmp_path / "pred"), budget=budget)
@@ -307,15 +312,8 @@ def test_native_on_quantized_rows_equals_the_python_path_and_dense(quant_dirs, d
 def test_native_on_quantized_rows_with_overflow_and_predictors(quant_dirs, tmp_path):
     """int4 rows, 20 cache rows per layer (most of every set overflows through the staging buffer), then predictor
     mode with 60: native on and off agree."""
-    from llmflash.predictor import LowRankPredictor, PredictorSet
-
     path = quant_dirs["llama", "int4"]
-    fd = open_flash_dir(path)
-    lay = fd.layout
-    torch.manual_seed(0)
-    mods = [LowRankPredictor(lay.d_model, lay.d_ffn, 8) for _ in range(lay.n_layers)]
-    meta = {"d_model": lay.d_model, "d_ffn": lay.d_ffn, "model": fd.name, "rule": {"kind": "relu"}}
-    PredictorSet.from_modules(mods, [0.0] * lay.n_layers, meta).save(tmp_path / "pred")
+    _random_predictors(path, tmp_path / "pred")
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(15))
     for kw in ({"mode": "oracle", "budget": _tight(path, 20), "staging_rows": 8},  # (60: room for the predictors)
                {"mode": "predictor", "predictors": str(tmp_path / "pred"), "budget": _tight(path, 60)}):

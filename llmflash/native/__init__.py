@@ -25,7 +25,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import LLMFlashError
 from ..paths import atomic_file, cache_dir
@@ -45,7 +45,7 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
 )
 BUILD_TIMEOUT_S = 300
 
-_state: dict[str, object] = {}  # "lib" / "reader": the loaded library or None, once tried; "reason": why not
+_state: dict[str, object] = {}  # "lib" / "reader": the loaded library or None, once tried; "<key>_reason": why not
 
 
 class _CompileError(Exception):
@@ -98,12 +98,31 @@ def _build(cxx: str, source: Optional[Path] = None, flag_sets: Optional[tuple[tu
     raise RuntimeError("; ".join(errors))
 
 
-def _load() -> ctypes.CDLL:
+def _usable_compiler() -> str:
+    """The compiler to build with; ``RuntimeError`` where native code is switched off or no compiler exists."""
     if os.environ.get("LLMFLASH_NATIVE", "1") == "0":
         raise RuntimeError("LLMFLASH_NATIVE=0")
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (install g++: apt-get install g++)")
+    return cxx
+
+
+def _loaded(key: str, load: Callable[[], ctypes.CDLL], message: str) -> Optional[ctypes.CDLL]:
+    """``load()``'s library, tried once per process (``_state[key]``); None after one warning where it fails."""
+    if key not in _state:
+        try:
+            _state[key] = load()
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
+            _state[key] = None
+            _state[f"{key}_reason"] = str(err)
+            _warn_once(message, err)
+    lib = _state[key]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def _load() -> ctypes.CDLL:
+    cxx = _usable_compiler()
     import torch  # noqa: F401 - its OpenMP runtime first, so that the library shares it
 
     lib = ctypes.CDLL(str(_build(cxx)))
@@ -122,30 +141,17 @@ def _load() -> ctypes.CDLL:
 
 def library() -> Optional[ctypes.CDLL]:
     """The native step's library, built on first use; None (after one warning) where it cannot be built."""
-    if "lib" not in _state:
-        try:
-            _state["lib"] = _load()
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
-            _state["lib"] = None
-            _state["reason"] = str(err)
-            _warn_once("native sparse step unavailable (%s): using the Python path", err)
-    lib = _state["lib"]
-    return lib if isinstance(lib, ctypes.CDLL) else None
+    return _loaded("lib", _load, "native sparse step unavailable (%s): using the Python path")
 
 
 def unavailable_reason() -> Optional[str]:
     """Why ``library()`` returned None (None while it has not been tried or when it loaded)."""
-    reason = _state.get("reason")
+    reason = _state.get("lib_reason")
     return str(reason) if reason is not None else None
 
 
 def _load_reader() -> ctypes.CDLL:
-    if os.environ.get("LLMFLASH_NATIVE", "1") == "0":
-        raise RuntimeError("LLMFLASH_NATIVE=0")
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (install g++: apt-get install g++)")
-    lib = ctypes.CDLL(str(_build(cxx, READER_SOURCE, READER_FLAG_SETS, "libllmflash_reader.so")))
+    lib = ctypes.CDLL(str(_build(_usable_compiler(), READER_SOURCE, READER_FLAG_SETS, "libllmflash_reader.so")))
     lib.llmflash_reader_version.restype = ctypes.c_int32
     if lib.llmflash_reader_version() != READER_ABI_VERSION:
         raise RuntimeError(f"reader library ABI {lib.llmflash_reader_version()}, expected {READER_ABI_VERSION}")
@@ -163,14 +169,7 @@ def _load_reader() -> ctypes.CDLL:
 
 def reader_library() -> Optional[ctypes.CDLL]:
     """The native reader's library, built on first use; None (after one warning) where it cannot be built."""
-    if "reader" not in _state:
-        try:
-            _state["reader"] = _load_reader()
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, LLMFlashError) as err:
-            _state["reader"] = None
-            _warn_once("native reader unavailable (%s): using Python reader threads", err)
-    lib = _state["reader"]
-    return lib if isinstance(lib, ctypes.CDLL) else None
+    return _loaded("reader", _load_reader, "native reader unavailable (%s): using Python reader threads")
 
 
 def _warn_once(message: str, err: BaseException) -> None:
