@@ -50,10 +50,10 @@ PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes
 def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[dict]:
     """Per layer l >= 1: |guess & predicted| / |predicted| and |guess| / |predicted| on collected activations."""
     from llmflash.arch import adapter_for
-    from llmflash.models import ALIASES, load_any
+    from llmflash.models import ALIASES, load_any, predictor_dir
     from llmflash.predictor import PredictorSet
 
-    ps = PredictorSet.load(setup["predictors"])
+    ps = PredictorSet.load(predictor_dir(setup["predictors"]))
     model = load_any(setup["model"] if setup["model"] in ALIASES else setup["flash_dir"]).model
     adapter = adapter_for(model.config)
     rows = []

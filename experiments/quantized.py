@@ -305,7 +305,7 @@ def speed_summary(runs: list[dict]) -> list[dict]:
 
 def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
     """Recall and over-prediction of the committed (float32-trained) predictors on each variant's true active sets."""
-    from llmflash.models import default_predictors, load_any
+    from llmflash.models import default_predictors, load_any, predictor_dir
     from llmflash.predictor import PredictorSet
     from llmflash.text import load_texts
     from predictors.evaluate import eval_predictors
@@ -313,7 +313,7 @@ def stage_recall(args, dirs: dict[str, Path]) -> list[dict]:
     found = args.predictors or default_predictors(args.model)
     if found is None:
         raise SystemExit(f"the recall stage needs --predictors: {args.model} has no committed predictors")
-    pset = PredictorSet.load(found)
+    pset = PredictorSet.load(predictor_dir(found))
     rule = pset.sparsity_rule()
     docs = load_texts(args.recall_source)
     rows = []

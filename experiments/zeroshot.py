@@ -110,13 +110,14 @@ def main() -> None:
         counter = ActiveCounter(n_layers)
         mask_fn = None
         if sparsity == "predictor":
+            from llmflash.models import predictor_dir
             from llmflash.predictor import PredictorSet
             from predictors import default_predictors, window_mask_fn
 
             found = args.predictors or default_predictors(resolve(alias).name)
             if found is None:
                 raise SystemExit(f"the predictor variant needs --predictors: {alias} has no committed predictors")
-            pset = PredictorSet.load(found)
+            pset = PredictorSet.load(predictor_dir(found))
             pset.check_model(model, alias)
             mask_fn = window_mask_fn(pset, PREDICTOR_WINDOW)
         t_variant = time.time()

@@ -289,9 +289,10 @@ def eval_ppl(
         from predictors.evaluate import window_mask_fn
 
         from .arch import adapter_for
+        from .models import predictor_dir
         from .predictor import PredictorSet
 
-        ps = PredictorSet.load(predictors)
+        ps = PredictorSet.load(predictor_dir(predictors))
         spec_ffn = adapter_for(lm.model.config).ffn_spec(lm.model.config)
         ps.check_compatible(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, lm.name)
         mask_fn = window_mask_fn(ps, window)

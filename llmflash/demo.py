@@ -7,7 +7,8 @@ Rows, in order (``demo_rows``):
 3. ``naive`` (the whole model read from flash every token) and ``hybrid`` (whole layers resident as the budget allows,
    the rest read every token): the baselines;
 4. ``predictor``: the paper's method, trained low-rank predictors choosing the neurons (their cost counted), a sliding
-   window of neurons cached in DRAM;
+   window of neurons cached in DRAM; then the same with the model's default predictors where they are of another kind
+   (smollm2-relu: ``lowbit``, a 4-bit copy of the FFN's own gate and up, which marks far fewer neurons);
 5. ``oracle``: the true active set, the cost of finding it not counted: an upper bound, not a method.
 
 The sparse model's rows run on a copy of its flash directory whose neurons that fire together are stored side by
@@ -26,7 +27,7 @@ from .convert import convert
 from .engine import Engine, EngineConfig
 from .errors import LLMFlashError
 from .flashdir import open_flash_dir
-from .models import default_predictors, relu_artifact_tag
+from .models import default_predictors, lowrank_predictors, relu_artifact_tag
 from .paths import cache_dir
 from .report import environment, fmt_bytes
 
@@ -48,8 +49,10 @@ def default_setup(model: str = "smollm2") -> dict:
     if model != "smollm2-relu":
         raise LLMFlashError(f"demo runs {' or '.join(DEMO_MODELS)}, not {model!r}")
     preds = default_predictors(model)
+    lowrank = lowrank_predictors(model)
     if preds is not None:
-        return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "auto", "predictors": str(preds)}
+        return {"model": "smollm2-relu", "sparse_mode": "predictor", "sparsity": "auto", "predictors": str(preds),
+                "lowrank_predictors": None if lowrank is None else str(lowrank)}
     return {"model": "smollm2-relu", "sparse_mode": "oracle", "sparsity": "auto", "predictors": None}
 
 
@@ -108,10 +111,11 @@ class DemoRow:
     dram_budget: float
     role: str  # "original" | "reference" | "baseline" | "method" | "upper bound"
     predictors: Optional[str] = None
+    tag: str = ""  # what tells this row from another of its mode (e.g. the predictors' kind)
 
     @property
     def label(self) -> str:
-        return f"{self.mode} on {self.model}"
+        return f"{self.mode}{' ' + self.tag if self.tag else ''} on {self.model}"
 
     def config(self) -> EngineConfig:
         return EngineConfig(mode=self.mode, dram_budget=self.dram_budget, sparsity=self.sparsity,
@@ -139,9 +143,12 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
         DemoRow("naive", **sparse, dram_budget=dram_budget, role="baseline"),
         DemoRow("hybrid", **sparse, dram_budget=dram_budget, role="baseline"),
     ]
+    if setup.get("lowrank_predictors"):  # the paper's predictors first, then the default ones (another kind)
+        rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
+                            predictors=setup["lowrank_predictors"], tag="low-rank"))
     if setup["predictors"]:
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
-                            predictors=setup["predictors"]))
+                            predictors=setup["predictors"], tag="low-bit" if setup.get("lowrank_predictors") else ""))
     rows.append(DemoRow("oracle", **sparse, dram_budget=dram_budget, role="upper bound"))
     return rows
 
@@ -177,7 +184,7 @@ def run_row(row: DemoRow, prompt: str, max_new_tokens: int) -> dict:
         engine.close()
     cfg = res.config
     return {
-        "mode": row.mode, "model": row.model, "role": row.role, "flash_dir": str(row.flash_dir),
+        "mode": row.mode, "tag": row.tag, "model": row.model, "role": row.role, "flash_dir": str(row.flash_dir),
         "sparsity": row.sparsity, "dram_budget": row.dram_budget, **res.summary(),
         "prefill_ms": res.prefill_ms, "generated_tokens": len(res.tokens),
         "dram_bytes": res.dram_bytes, "dram_fraction": res.dram_bytes / res.model_bytes, "dram_holds": holds,
@@ -238,7 +245,8 @@ def format_table(result: dict) -> str:
         f"{'DRAM':>17}  {'same text as ' + model + ' dense':<34}DRAM holds",
     ]
     for r in rows:
-        name = f"{r['mode']}{'*' if r['busy'] else ''} ({r['model'] if r['role'] == 'original' else r['role']})"
+        what = r.get("tag") or (r["model"] if r["role"] == "original" else r["role"])
+        name = f"{r['mode']}{'*' if r['busy'] else ''} ({what})"
         same = "yes" if r["same_tokens_as_reference"] else f"first {r['tokens_as_reference']} of {len(r['tokens'])} tokens"
         dram = f"{fmt_bytes(r['dram_bytes'])} ({r['dram_fraction']:.0%})"
         lines.append(
@@ -249,7 +257,7 @@ def format_table(result: dict) -> str:
     ref = next(r for r in rows if r["role"] == "reference")
     texts = [(f"{original} dense (the original model)", r["text"]) for r in rows if r["role"] == "original"]
     texts += [(f"{model} dense", ref["text"])]
-    texts += [(f"{r['mode']} on {model}", r["text"]) for r in rows if r["role"] == "method"]
+    texts += [(f"{r['mode']}{' ' + r['tag'] if r.get('tag') else ''} on {model}", r["text"]) for r in rows if r["role"] == "method"]
     width = max(len(label) for label, _ in texts) + 1
     lines += [""] + [f"{label + ':':<{width}} {text!r}" for label, text in texts]
     busy = [r for r in rows if r["busy"]]
@@ -260,8 +268,9 @@ def format_table(result: dict) -> str:
     else:
         lines.append(f"the machine was quiet when every row started ({rows[0]['cores']} cores free)")
     lines += [
-        "predictor: the paper's method (trained predictors, their cost counted); oracle: the true active set, found "
-        "for free (an upper bound); threads: readers/compute",
+        "predictor: the paper's method (trained low-rank predictors; low-bit: a 4-bit copy of the FFN's gate and up "
+        "instead; their cost counted); oracle: the true active set, found for free (an upper bound); threads: "
+        "readers/compute",
         "(ms/token: median over generated tokens, measured; reads bypass the page cache; the oracle sums the same "
         "terms as dense in another order, and a threshold rule can turn a rounding difference into another neuron: "
         "texts may part after many tokens)",

@@ -54,7 +54,7 @@ from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flas
 from .hooks import EngineObserver
 from .layout import read_plan
 from .metrics import GenerationResult, TokenStats
-from .models import default_predictors
+from .models import default_predictors, predictor_dir
 from .native import library as native_library
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
@@ -752,7 +752,7 @@ class Engine:
         if held != dtype:
             log.info("%s predictors have no kernel on %s: holding them in %s", self.cfg.predictor_dtype, self.device, held)
             dtype = held
-        p = PredictorSet.load(predictors, dtype=dtype)
+        p = PredictorSet.load(predictor_dir(predictors), dtype=dtype)
         lay = self.fd.layout
         p.check_compatible(lay.n_layers, lay.d_model, lay.d_ffn, self.fd.name, rule_kind=self._rule_kind())
         if self.fd.neuron_order is not None:  # a reordered file (`llmflash reorder`): predict its rows directly

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .arch import adapter_for
 from .errors import LLMFlashError
 from .ffn import DenseFFN, FFNWeights
 from .flashdir import build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .paths import atomic_dir, cache_dir, package_dir
+from .predictor import SIDECAR, apply_recipe, ffn_fingerprint, fingerprints_match, is_recipe
 from .relufy_v1_format import apply_relufication
 from .sparse_model import CONFIG_FILE as SPARSE_CONFIG
 from .sparse_model import apply_artifact, load_gate
@@ -68,11 +71,43 @@ def relu_artifact_dir() -> Path:
 def default_predictors(model: str) -> Optional[Path]:
     """The committed default predictors of ``model`` (an alias, or a flash directory's ``manifest.model.source``:
     ``convert`` records the alias there), found in ``predictors/artifacts/<alias>/`` beside this package (a source
-    checkout or an installed wheel); None when the model has none."""
+    checkout or an installed wheel), as a loadable directory (``predictor_dir``); None when the model has none."""
     if model not in ALIASES:
         return None
     path = package_dir().parent / "predictors" / "artifacts" / model
+    return predictor_dir(path) if (path / "predictors.json").is_file() else None
+
+
+def lowrank_predictors(model: str) -> Optional[Path]:
+    """The committed low-rank (the paper's, trained) predictors of an alias whose default set is of another kind:
+    ``predictors/artifacts/<alias>-lowrank/``; None when there are none."""
+    if model not in ALIASES:
+        return None
+    path = package_dir().parent / "predictors" / "artifacts" / f"{model}-lowrank"
     return path if (path / "predictors.json").is_file() else None
+
+
+def predictor_dir(path: str | Path) -> Path:
+    """``path``, or for a low-bit recipe (``predictor.is_recipe``: the thresholds alone) the full set it describes,
+    built from its model's weights on first use and kept in the cache (a few seconds, once)."""
+    path = Path(path).expanduser()
+    if not is_recipe(path):
+        return path
+    raw = (path / SIDECAR).read_bytes()
+    recipe = json.loads(raw)
+    out = cache_dir() / "predictors" / f"{recipe['model']}-lowbit-{hashlib.sha256(raw).hexdigest()[:12]}"
+    if (out / SIDECAR).is_file():
+        return out
+    log.info("building the low-bit predictors of %s from its weights (once) in %s", recipe["model"], out)
+    model, _, _ = load_model(str(recipe["model"]))
+    if recipe.get("model_fingerprint") and not fingerprints_match(recipe["model_fingerprint"], ffn_fingerprint(model)):
+        raise LLMFlashError(f"{path} was made for other weights of {recipe['model']}: build it again with "
+                            "`llmflash train-predictors --kind lowbit`")
+    adapter = adapter_for(model.config)
+    spec = adapter.ffn_spec(model.config)
+    pset = apply_recipe(recipe, [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)], spec.activation)
+    pset.save(out)
+    return out
 
 
 def relu_artifact_tag() -> str:

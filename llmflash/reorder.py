@@ -26,7 +26,7 @@ from .arch import HFModel, install_dense_ffns
 from .ffn import Observer, SparsityRule
 from .flashdir import ACT_BIAS, _crc, open_flash_dir, write_flash_dir
 from .manifest import FFN_FILE, MANIFEST, ORDER_FILE, RESIDENT, NeuronOrder
-from .models import LoadedModel, load_in_memory
+from .models import LoadedModel, load_in_memory, predictor_dir
 from .paths import atomic_file, cache_dir
 from .predictor import PredictorSet
 from .sparse_model import GATE_DIR
@@ -58,7 +58,7 @@ def collect_masks(flash_dir: str | Path, sparsity: str = "relu", threshold_spars
     pset = None
     pred_id = None
     if predictors:
-        pset = PredictorSet.load(predictors)
+        pset = PredictorSet.load(predictor_dir(predictors))
         pred_id = [str(predictors), pset.meta.get("weights_sha256")]
     own = model_rule(fd.manifest.config) if sparsity == "auto" else None  # auto: the model's own rule, else relu
     # the resolved rule is part of the key: "auto" once meant plain relu here (all-ones masks on a SiLU model)

@@ -21,9 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing ACTDIR")
     p.set_defaults(func=run_collect)
 
-    p = sub.add_parser("train-predictors", help="train the low-rank activation predictors")
+    p = sub.add_parser("train-predictors", help="train the low-rank activation predictors (or build low-bit ones)")
     p.add_argument("actdir", type=Path, metavar="ACTDIR")
     p.add_argument("--out", required=True, type=Path, metavar="PREDDIR")
+    p.add_argument("--kind", choices=("lowrank", "lowbit"), default="lowrank",
+                   help="lowrank: trained low-rank predictors (the paper's); lowbit: a 4-bit copy of the model's own gate "
+                        "and up projections, only its thresholds calibrated (more DRAM, far fewer neurons read)")
+    p.add_argument("--model", default=None, metavar="DIR|MODEL",
+                   help="lowbit: the model ACTDIR was collected from (default: the model ACTDIR names)")
+    p.add_argument("--group-size", type=int, default=64, help="lowbit: inputs per scale (32, 64, 128 or 256)")
+    p.add_argument("--recipe", action="store_true",
+                   help="lowbit, a model alias: write the thresholds alone (a few KB); the codes are derived from the "
+                        "model's weights at first use")
     p.add_argument("--rank", type=int, default=48, help="rank of every layer but the last ones")
     p.add_argument("--rank-last", type=int, default=None, help="rank of the last --last-layers layers (default 2 x rank)")
     p.add_argument("--last-layers", type=int, default=4)
@@ -102,6 +111,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.rank < 1 or (args.rank_last is not None and args.rank_last < 1) or args.epochs < 1:
         raise LLMFlashError("--rank, --rank-last and --epochs must be positive")
     act = Activations.open(args.actdir)
+    if args.kind == "lowbit":
+        return _run_lowbit(args, act)
     try:
         ranks = None if args.ranks is None else tuple(int(r) for r in args.ranks.split(","))
     except ValueError:
@@ -129,40 +140,61 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_lowbit(args: argparse.Namespace, act) -> int:
+    from llmflash.errors import LLMFlashError
+    from llmflash.models import load_any, resolve
+    from llmflash.predictor import LOWBIT_GROUPS, PredictorSet
+    from llmflash.report import fmt_bytes, write_json
+
+    from .lowbit import LowBitConfig, build_lowbit
+
+    if args.group_size not in LOWBIT_GROUPS:
+        raise LLMFlashError(f"--group-size must be one of {', '.join(map(str, LOWBIT_GROUPS))}, not {args.group_size}")
+    lm = load_any(args.model or act.model_name)
+    cfg = LowBitConfig(group_size=args.group_size, recall_target=args.recall_target, holdout_fraction=args.holdout_fraction,
+                       pin_ratio=args.pin_ratio if args.pin_ratio > 0 else None)
+    if args.recipe and resolve(lm.name).kind != "alias":
+        raise LLMFlashError(f"--recipe needs a model alias (its weights found by name at first use), not {lm.name}")
+    pset = build_lowbit(act, lm, cfg)
+    pset.save(args.out, overwrite=args.force)
+    layers = pset.meta["layers"]
+    mean = lambda k: sum(s[k] for s in layers) / len(layers)  # noqa: E731
+    pred, true = mean("predicted_active_fraction"), mean("true_active_fraction")
+    held = PredictorSet.load(args.out)  # the engine's form: what its DRAM holds
+    if args.recipe:
+        pset.save(args.out, overwrite=True, with_codes=False)
+    print(f"built {pset.n_layers} low-bit predictors ({fmt_bytes(held.nbytes)} in the engine, groups of {args.group_size}) in {args.out}; "
+          f"held-out recall {mean('recall'):.3f}, precision {mean('precision'):.3f}, predicted/true active "
+          f"{pred:.3f}/{true:.3f} = {pred / true:.2f}x")
+    if args.json:
+        write_json(args.json, {"predictors": str(args.out), **{k: v for k, v in pset.meta.items()}})
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from llmflash.errors import LLMFlashError
-    from llmflash.evaluate import perplexity
-    from llmflash.models import load_any
+    from llmflash.models import load_any, predictor_dir
     from llmflash.predictor import PredictorSet
     from llmflash.report import fmt_bytes, write_json
     from llmflash.text import load_texts
 
-    from .evaluate import eval_predictors, window_mask_fn
+    from .evaluate import evaluate_set
 
     if args.window < 1:
         raise LLMFlashError("--window must be at least 1")
-    pset = PredictorSet.load(args.predictors)
+    pset = PredictorSet.load(predictor_dir(args.predictors))
     docs = load_texts(args.text_file)
     lm = load_any(args.model)
     pset.check_model(lm.model, lm.name, args.sparsity)
-    rule = pset.sparsity_rule()
-    res = eval_predictors(lm.model, lm.tokenizer, docs, pset, rule, max_tokens=args.max_tokens, seq_len=args.seq_len,
-                          window=args.window)
-    res = {"model": lm.name, "predictors": str(args.predictors), "rule": pset.rule.get("kind"),
-           "predictor_bytes": pset.nbytes, "predictor_macs_per_token": pset.macs_per_token, **res}
+    res = evaluate_set(lm, docs, pset, max_tokens=args.max_tokens, seq_len=args.seq_len, window=args.window, ppl=args.ppl)
+    res = {"predictors": str(args.predictors), **res}
     print(f"{lm.name} ({res['rule']} rule), {res['tokens']} tokens of {args.text_file}: recall {res['recall']:.3f} "
           f"(min layer {res['min_layer_recall']:.3f}), precision {res['precision']:.3f}, predicted/true active "
           f"{res['predicted_active_fraction']:.3f}/{res['true_active_fraction']:.3f} = {res['over_prediction']:.2f}x; "
           f"window {args.window}: holds {res['window_active_fraction']:.3f}, new per token {res['window_new_fraction']:.3f}; "
           f"predictors {fmt_bytes(pset.nbytes)}")
     if args.ppl:
-        oracle = perplexity(lm.model, lm.tokenizer, docs, seq_len=args.seq_len, max_tokens=args.max_tokens, rule=rule)
-        pred = perplexity(lm.model, lm.tokenizer, docs, seq_len=args.seq_len, max_tokens=args.max_tokens, rule=rule,
-                          mask_fn=window_mask_fn(pset, args.window))
-        res["ppl_oracle"], res["ppl_predictor"] = oracle["ppl"], pred["ppl"]
-        res["ppl_ratio"] = pred["ppl"] / oracle["ppl"]
-        res["ppl_tokens"] = pred["tokens"]
-        print(f"perplexity: oracle {oracle['ppl']:.3f}, predictor (window {args.window}) {pred['ppl']:.3f} "
+        print(f"perplexity: oracle {res['ppl_oracle']:.3f}, predictor (window {args.window}) {res['ppl_predictor']:.3f} "
               f"({100 * (res['ppl_ratio'] - 1):+.2f}%)")
     if args.json:
         write_json(args.json, res)

@@ -184,3 +184,23 @@ def eval_predictors(
         model(ids)
         n_tokens += ids.shape[1]
     return {"tokens": n_tokens, **conf.summary()}
+
+
+def evaluate_set(lm, docs: list[str], pset, *, max_tokens: Optional[int] = 32_768, seq_len: int = 512, window: int = 4,
+                 ppl: bool = False, progress: bool = True) -> dict:
+    """``eval_predictors`` for a loaded model and a ``PredictorSet``, with its size and cost, and with ``ppl`` the
+    perplexity in predictor mode (the window's union; missed neurons really missing) beside oracle mode."""
+    from llmflash.evaluate import perplexity
+
+    rule = pset.sparsity_rule()
+    res = eval_predictors(lm.model, lm.tokenizer, docs, pset, rule, max_tokens=max_tokens, seq_len=seq_len, window=window,
+                          progress=progress)
+    res = {"model": lm.name, "kind": pset.kind, "rule": pset.rule.get("kind"), "predictor_bytes": pset.nbytes,
+           "predictor_macs_per_token": pset.macs_per_token, **res}
+    if ppl:
+        oracle = perplexity(lm.model, lm.tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, rule=rule)
+        pred = perplexity(lm.model, lm.tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, rule=rule,
+                          mask_fn=window_mask_fn(pset, window))
+        res.update(ppl_oracle=oracle["ppl"], ppl_predictor=pred["ppl"], ppl_ratio=pred["ppl"] / oracle["ppl"],
+                   ppl_tokens=pred["tokens"])
+    return res

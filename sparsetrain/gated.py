@@ -50,7 +50,7 @@ from .model import CompactLlama, Shape, hf_state, load_hf_state
 from .train import Recipe, Trainer
 
 ARTIFACT = REPO / "llmflash" / "artifacts" / "smollm2-relu"
-PREDICTORS = REPO / "predictors" / "artifacts" / "smollm2-relu"
+PREDICTORS = REPO / "predictors" / "artifacts" / "smollm2-relu-lowrank"
 GATE_DIR = "gate"  # the gate's predictor set inside the artifact directory
 KEEPS = tuple(float(v) for v in os.environ.get("SPARSIFY_KEEPS", "0.16,0.20,0.24,0.28,0.32,0.40").split(","))
 CALIB_TOKENS = int(os.environ.get("SPARSIFY_CALIB_TOKENS", "65536"))

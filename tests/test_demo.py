@@ -77,6 +77,9 @@ def test_rows_table_and_records(rows):
     busy = dict(res, rows=[dict(r, busy=(r["mode"] == "predictor"), load_cores=1.0) for r in recs])
     table = format_table(busy)
     assert "predictor*" in table and "the machine was busy" in table and "1.0 of" in table
+    tagged = dict(res, rows=[dict(r, tag="low-bit", busy=False) if r["mode"] == "predictor" else r for r in recs])
+    table = format_table(tagged)  # a row told from another of its mode by its predictors' kind
+    assert "predictor (low-bit)" in table and "predictor low-bit on sparse:" in table
 
 
 def test_common_prefix():
