@@ -342,3 +342,25 @@ def test_lora_reencoding_keeps_the_applied_model(tmp_path):
     model = apply_artifact(tiny_llama(seed=6, d_ffn=128), tmp_path / "int8")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(model.state_dict()[key], applied["int8"][key], atol=1e-6)
+
+
+def test_allocate_on_cpu_reaches_its_targets(tmp_path, monkeypatch):
+    """The per-layer allocation job on a tiny model: the greedy path raises the mean sparsity by one step per row
+    (one layer at a time), each target is evaluated with uniform and greedy thresholds on the held-out stream."""
+    from sparsetrain import allocate, job
+
+    base = save_tiny(tiny_llama(seed=5, d_ffn=128), tmp_path / "base")
+    _tiny_streams(tmp_path, monkeypatch)
+    monkeypatch.setattr(job, "CALIB_TOKENS", 1024)
+    allocate.main(["--base", str(base), "--artifact", "none", "--device", "cpu", "--no-compile", "--seq-len", "64",
+                   "--calib-tokens", "512", "--start", "0.5", "--step", "0.1", "--targets", "0.6,0.7",
+                   "--eval-tokens", "512", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    rec = json.loads((tmp_path / "out" / "allocate.json").read_text())
+    path = rec["path"]
+    assert path[0]["mean"] == pytest.approx(0.5) and path[-1]["mean"] >= 0.7 - 1e-9
+    for a, b in zip(path, path[1:]):
+        assert b["mean"] == pytest.approx(a["mean"] + 0.1 / 3)
+        assert sum(x != y for x, y in zip(a["sparsity"], b["sparsity"])) == 1
+    assert {(p["target"], p["allocation"]) for p in rec["points"]} == {(t, h) for t in (0.6, 0.7) for h in ("uniform", "greedy")}
+    assert {r["corpus"] for r in rec["rows"]} == {"kjv"} and {r["seq_len"] for r in rec["rows"]} == {512, 2048}
+    assert all(r["ppl_ratio"] > 0 and 0 <= r["zeros"] <= 1 for r in rec["rows"])
