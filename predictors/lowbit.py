@@ -25,7 +25,7 @@ from llmflash.models import LoadedModel
 from llmflash.predictor import ENGINE_DTYPE, PredictorSet, ffn_fingerprint, fingerprints_match
 
 from .collect import Activations, rule_from_dict
-from .train import LayerStats, _layer_data, confusion, pinned_neurons, rates, threshold_for_recall
+from .train import LayerStats, _layer_data, confusion, pinned_neurons, rates, set_meta, threshold_for_recall
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,7 @@ def build_lowbit(act: Activations, lm: LoadedModel, cfg: LowBitConfig = LowBitCo
         raise LLMFlashError(f"{lm.name}'s FFN weights are not those {act.path} was collected from: pass the same model")
     rule = rule_from_dict(act.rule)
     weights = [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)]
-    meta = {
-        "model": act.model_name,
-        "model_fingerprint": mine,
-        "d_model": act.d_model,
-        "d_ffn": act.d_ffn,
-        "rule": act.rule,
-        "data_hash": act.data_hash,
-        "data_tokens": act.n_tokens,
-        "text_source": act.manifest.get("text_source"),
-        "training": {"kind": "lowbit", **asdict(cfg)},
-    }
+    meta = set_meta(act, {"kind": "lowbit", **asdict(cfg)})
     stored = PredictorSet.lowbit(weights, spec.activation, meta, cfg.group_size, rule.on_act, dtype=torch.float32)
     engine = PredictorSet.lowbit(weights, spec.activation, meta, cfg.group_size, rule.on_act, dtype=ENGINE_DTYPE)
     cal_rows, hold_rows = act.split(cfg.holdout_fraction)

@@ -197,6 +197,21 @@ def pinned_neurons(act: Activations, pin_ratio: Optional[float]) -> list[list[in
     return out
 
 
+def set_meta(act: Activations, training: dict) -> dict:
+    """A predictor set's metadata from the activations it was fitted on (``training``: how)."""
+    return {
+        "model": act.model_name,
+        "model_fingerprint": act.manifest.get("model_fingerprint"),
+        "d_model": act.d_model,
+        "d_ffn": act.d_ffn,
+        "rule": act.rule,
+        "data_hash": act.data_hash,
+        "data_tokens": act.n_tokens,
+        "text_source": act.manifest.get("text_source"),
+        "training": training,
+    }
+
+
 def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progress: bool = True) -> PredictorSet:
     """Train every layer's predictor from ``act``; thresholds calibrated on the held-out tokens."""
     if not 0.5 <= cfg.recall_target < 1.0:
@@ -228,18 +243,7 @@ def train_predictors(act: Activations, cfg: TrainConfig = TrainConfig(), progres
             time.perf_counter() - t0,
         ))
         bar.set_postfix(recall=f"{r['recall']:.3f}", over=f"{r['predicted_active_fraction'] / max(r['true_active_fraction'], 1e-9):.2f}")
-    meta = {
-        "model": act.model_name,
-        "model_fingerprint": act.manifest.get("model_fingerprint"),
-        "d_model": act.d_model,
-        "d_ffn": act.d_ffn,
-        "rule": act.rule,
-        "data_hash": act.data_hash,
-        "data_tokens": act.n_tokens,
-        "text_source": act.manifest.get("text_source"),
-        "training": asdict(cfg),
-        "layers": [asdict(s) for s in stats],
-    }
+    meta = {**set_meta(act, asdict(cfg)), "layers": [asdict(s) for s in stats]}
     return PredictorSet.from_modules(modules, thresholds, meta)
 
 

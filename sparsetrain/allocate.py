@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import WindowSampler
-from .gated import evaluate_both, start_student
-from .job import MIX, base_files, build_model, calibrate, load_streams, say, teacher_eval, tmp_root
+from .gated import eval_trainer, evaluate_both
+from .job import MIX, calibrate, say, teacher_eval, tmp_root
 from .model import CompactLlama
-from .train import Recipe, Trainer
+from .train import Trainer
 
 
 @torch.no_grad()
@@ -135,19 +135,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     t_call = time.perf_counter()
     targets = [float(t) for t in args.targets.split(",") if t]
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    shape, state = base_files(work, args.base)
-    artifact = None if args.artifact == "none" else Path(args.artifact)
-    model, start = start_student(shape, state, artifact, 0)
-    teacher = build_model(shape, state)
-    if args.device.startswith("cuda"):
-        teacher = teacher.to(torch.bfloat16)
-    train, held, _ = load_streams(work)
-    sampler = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=7)
-    recipe = Recipe(arm=start["config"]["activation"], compile=False, seq_len=args.seq_len,
-                    micro_batch_seqs=args.micro_batch_seqs, lora_rank=0)
-    trainer = Trainer(model, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"allocate: {m}"))
+    trainer, work = eval_trainer(args, "allocate")
+    train, held = trainer.sampler.streams, trainer.held_out
     student = trainer.student
     shipped = student.thresholds()
     calib = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=4242)

@@ -327,17 +327,13 @@ def run(args) -> None:
     say(f"done: steps {trainer.state.step}, tokens {trainer.state.tokens}, ratio {json.dumps(res['eval']['ratio'])}")
 
 
-def frontier_main(args) -> None:
-    """Evaluate an artifact (``--artifact``): per target sparsity of ``SPARSIFY_FRONTIER``, thresholds calibrated on
-    training-mix windows, then perplexity on every held-out corpus (512 and 2048 windows, ``--eval-tokens`` each)
-    beside the original's. Writes $OUT/frontier.json."""
-    from .job import frontier as sparsity_frontier
-
+def eval_trainer(args, tag: str) -> tuple[Trainer, Path]:
+    """A trainer that only evaluates: the artifact ``args.artifact`` (or ``none``: the base) as the student beside
+    the original, the staged streams, no compilation. Returns it and the work directory."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     shape, state = base_files(work, args.base)
-    model, start = start_student(shape, state, Path(args.artifact), 0)
+    model, start = start_student(shape, state, None if args.artifact == "none" else Path(args.artifact), 0)
     teacher = build_model(shape, state)
     if args.device.startswith("cuda"):
         teacher = teacher.to(torch.bfloat16)
@@ -345,7 +341,18 @@ def frontier_main(args) -> None:
     sampler = WindowSampler(train, {k: v for k, v in MIX.items() if k in train}, args.seq_len, seed=7)
     recipe = Recipe(arm=start["config"]["activation"], compile=False, seq_len=args.seq_len,
                     micro_batch_seqs=args.micro_batch_seqs, lora_rank=0)
-    trainer = Trainer(model, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"frontier: {m}"))
+    return Trainer(model, teacher, sampler, recipe, held, args.device, log_fn=lambda m: say(f"{tag}: {m}")), work
+
+
+def frontier_main(args) -> None:
+    """Evaluate an artifact (``--artifact``): per target sparsity of ``SPARSIFY_FRONTIER``, thresholds calibrated on
+    training-mix windows, then perplexity on every held-out corpus (512 and 2048 windows, ``--eval-tokens`` each)
+    beside the original's. Writes $OUT/frontier.json."""
+    from .job import frontier as sparsity_frontier
+
+    t0 = time.perf_counter()
+    trainer, work = eval_trainer(args, "frontier")
+    model = trainer.student
     teacher_ev = teacher_eval(trainer, work, args.eval_tokens)
     rows = sparsity_frontier(trainer, trainer.student, teacher_ev, args.eval_tokens)
     for r in rows:
