@@ -167,3 +167,33 @@ def test_bad_group_size_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "group-size" in err and "Traceback" not in err
     assert not Path(tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_lowbit_predictors_on_cuda(tmp_path):
+    """On a GPU the low-bit set is held dequantized (no int4 kernel there): every neuron predicted gives the GPU's
+    oracle tokens, a calibrated cut reads fewer neurons, and the budget holds."""
+    src = save_tiny(tiny_llama(), tmp_path / "model")
+    flash = convert(str(src), tmp_path / "flash", progress=False, calibration_tokens=512)
+    from llmflash.models import load_in_memory
+
+    lm = load_in_memory(flash)
+    weights, act = _weights(lm.model)
+    thresholds = lm.thresholds or {}
+    rule = SparsityRule("threshold", tuple(thresholds["0.8"]), 0.8) if "0.8" in thresholds else RULE
+    meta = {**_meta(lm.model, lm.name, rule)}
+    pset = PredictorSet.lowbit(weights, act, meta, 64, dtype=torch.float32)
+    for layer in range(pset.n_layers):
+        pset.set_threshold_logit(layer, -1.0)
+    pset.save(tmp_path / "all")
+    for layer in range(pset.n_layers):
+        pset.set_threshold_logit(layer, float(rule.thresholds[layer]))  # the rule's own cut: about the true set
+    pset.save(tmp_path / "cut")
+    prompt = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
+    kw = dict(sparsity="threshold", threshold_sparsity=0.8, device="cuda")
+    oracle = engine_generate(flash, prompt, 10, mode="oracle", **kw)
+    everything = engine_generate(flash, prompt, 10, mode="predictor", predictors=str(tmp_path / "all"), **kw)
+    assert everything.tokens == oracle.tokens
+    cut = engine_generate(flash, prompt, 10, mode="predictor", predictors=str(tmp_path / "cut"), **kw)
+    needed = lambda r: sum(t.cache_hits + t.cache_misses for t in r.per_token)  # noqa: E731
+    assert needed(cut) < needed(everything) and cut.dram_breakdown["predictors"] > 0
