@@ -22,7 +22,7 @@ Core (this package)
     ``native``     the native sparse step's C++ source and its loader (built with g++ on first use, cached; None and
                    one warning where it cannot build)
     ``step``       the sparse step's reads into cache slots (``slot_plan``) and its native compute (``NativeRows``)
-    ``predictor``  the predictor runtime (``PredictorSet``: load, predict)
+    ``predictor``  the predictor runtime (``PredictorSet``: load, predict; low-rank and low-bit sets)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``backend``    where the model computes: the CPU, or an accelerator the host copies rows to (pinned buffers,
                    asynchronous copies, one wait per layer for the active set)
