@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
     lowbit = build_lowbit(Activations.open(act_dir), lm, LowBitConfig(group_size=args.group_size,
                                                                        recall_target=args.recall_target))
     build_s = time.perf_counter() - t0
-    lowbit.save(args.out / "lowbit_set")
-    sets = {"lowbit": PredictorSet.load(args.out / "lowbit_set")}
+    built = act_dir.with_name(f"{act_dir.name}-lowbit")  # the set in the cache; only its sidecar is a result
+    lowbit.save(built)
+    shutil.copy(built / "predictors.json", args.out / "lowbit_set.json")
+    sets = {"lowbit": PredictorSet.load(built)}
     if args.lowrank != "none":
         sets["lowrank"] = PredictorSet.load(args.lowrank)
     rows = []
@@ -87,11 +90,6 @@ def main(argv=None) -> int:
             log.info("%s %s: recall %.3f, read %.3f for %.3f active (%.2fx), ppl %.3f vs oracle %.3f (%+.2f%%)", source,
                      kind, res["recall"], res["predicted_active_fraction"], res["true_active_fraction"],
                      res["over_prediction"], res["ppl_predictor"], res["ppl_oracle"], 100 * (res["ppl_ratio"] - 1))
-    for r in rows:  # the bulky set files are not results: only their measured figures
-        r.pop("predictors", None)
-    (args.out / "lowbit_set" / "predictors.safetensors").unlink()
-    (args.out / "lowbit_set" / "predictors.json").rename(args.out / "lowbit_set.json")
-    (args.out / "lowbit_set").rmdir()
     cols = ["corpus", "kind", "tokens", "recall", "min_layer_recall", "precision", "predicted_active_fraction",
             "true_active_fraction", "over_prediction", "window_active_fraction", "window_new_fraction", "ppl_oracle",
             "ppl_predictor", "ppl_ratio", "predictor_bytes", "predictor_macs_per_token"]

@@ -72,19 +72,21 @@ def default_predictors(model: str) -> Optional[Path]:
     """The committed default predictors of ``model`` (an alias, or a flash directory's ``manifest.model.source``:
     ``convert`` records the alias there), found in ``predictors/artifacts/<alias>/`` beside this package (a source
     checkout or an installed wheel), as a loadable directory (``predictor_dir``); None when the model has none."""
-    if model not in ALIASES:
-        return None
-    path = package_dir().parent / "predictors" / "artifacts" / model
-    return predictor_dir(path) if (path / "predictors.json").is_file() else None
+    path = _committed_predictors(model, "")
+    return None if path is None else predictor_dir(path)
 
 
 def lowrank_predictors(model: str) -> Optional[Path]:
     """The committed low-rank (the paper's, trained) predictors of an alias whose default set is of another kind:
     ``predictors/artifacts/<alias>-lowrank/``; None when there are none."""
+    return _committed_predictors(model, "-lowrank")
+
+
+def _committed_predictors(model: str, suffix: str) -> Optional[Path]:
     if model not in ALIASES:
         return None
-    path = package_dir().parent / "predictors" / "artifacts" / f"{model}-lowrank"
-    return path if (path / "predictors.json").is_file() else None
+    path = package_dir().parent / "predictors" / "artifacts" / f"{model}{suffix}"
+    return path if (path / SIDECAR).is_file() else None
 
 
 def predictor_dir(path: str | Path) -> Path:
@@ -105,8 +107,8 @@ def predictor_dir(path: str | Path) -> Path:
                             "`llmflash train-predictors --kind lowbit`")
     adapter = adapter_for(model.config)
     spec = adapter.ffn_spec(model.config)
-    pset = apply_recipe(recipe, [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)], spec.activation)
-    pset.save(out)
+    weights = [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)]
+    apply_recipe(recipe, weights, spec.activation, dtype=None).save(out)
     return out
 
 

@@ -254,9 +254,13 @@ class _LowBitLayer:
     weight: Optional[Tensor] = None  # a float form (or the engine form where the kernel does not apply): [rows, d]
     cut: Optional[np.ndarray] = None  # the engine form: float32 [n], threshold - bias (in output order)
 
+    def __post_init__(self) -> None:
+        self._act = activation_fn(self.activation)  # once: transformers' table builds a new module per lookup
+
     @property
     def quantized(self) -> bool:
-        return self.packed is not None or (self.weight is not None and self.cut is not None)
+        """The engine form: the stored codes went into the kernel's packing (or bf16 weights)."""
+        return self.codes is None
 
     @property
     def n(self) -> int:
@@ -288,7 +292,6 @@ class _LowBitLayer:
         else:
             self.weight = dequantize_lowbit(codes, scales, torch.bfloat16).contiguous()
         self.codes = self.scales = None
-        self.cut = np.zeros(self.n, np.float32)
         self.set_cut()
 
     def _stored(self) -> tuple[Tensor, Tensor]:
@@ -326,7 +329,7 @@ class _LowBitLayer:
         a = out[:, :n].float()
         if self.act_bias is not None:
             a = a + self.act_bias
-        z = activation_fn(self.activation)(a)
+        z = self._act(a)
         if self.gated and not self.on_act:
             z = z * out[:, n:].float()
         z = z.abs()
@@ -371,7 +374,10 @@ def same_model(a: str, b: str) -> bool:
 class PredictorSet:
     """All layers' predictors, in the model's compute dtype, ready for ``predict`` on every generated token."""
 
-    def __init__(self, layers: Sequence[_Layer | _LowBitLayer], meta: dict, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, layers: Sequence[_Layer | _LowBitLayer], meta: dict, dtype: torch.dtype = torch.float32,
+                 convert: bool = True) -> None:
+        """``convert=False``: the layers as given (a low-bit set being built holds its codes alone: it can be pinned,
+        given thresholds and saved, and ``in_form`` makes a copy that predicts)."""
         self._layers = list(layers)
         self.meta = meta
         self.n_layers: int = len(layers)
@@ -380,7 +386,19 @@ class PredictorSet:
         self.model_name: str = meta["model"]
         self.rule: dict = meta["rule"]
         self.dtype = dtype
-        self.to(dtype)
+        if convert:
+            self.to(dtype)
+
+    def in_form(self, dtype: torch.dtype) -> "PredictorSet":
+        """A low-bit set holding its codes, copied into ``dtype``'s form (the codes shared, not quantized again)."""
+        layers = []
+        for p in self._layers:
+            if not isinstance(p, _LowBitLayer):
+                raise LLMFlashError("in_form copies low-bit sets only")
+            p._stored()
+            layers.append(_LowBitLayer(p.codes, p.scales, p.bias.clone(), p.threshold_logit, p.group_size, p.activation,
+                                       p.gated, p.on_act, p.act_bias, order=p.order))
+        return PredictorSet(layers, dict(self.meta), dtype)
 
     @property
     def kind(self) -> str:
@@ -646,9 +664,10 @@ class PredictorSet:
 
     @classmethod
     def lowbit(cls, weights: Sequence[FFNWeights], activation: str, meta: dict, group_size: int = 64,
-               on_act: bool = False, dtype: torch.dtype = ENGINE_DTYPE) -> "PredictorSet":
+               on_act: bool = False, dtype: Optional[torch.dtype] = ENGINE_DTYPE) -> "PredictorSet":
         """A ``lowbit`` set from each layer's FFN weights (no data: thresholds start at 0, every neuron predicted;
-        calibrate them with ``set_threshold_logit``). ``meta`` as for any set (model, d_model, d_ffn, rule, ...)."""
+        calibrate them with ``set_threshold_logit``). ``meta`` as for any set (model, d_model, d_ffn, rule, ...).
+        ``dtype=None``: the codes alone (see ``__init__``'s ``convert``)."""
         if group_size not in LOWBIT_GROUPS:
             raise LLMFlashError(f"--group-size must be one of {', '.join(map(str, LOWBIT_GROUPS))}, not {group_size}")
         layers = []
@@ -660,7 +679,7 @@ class PredictorSet:
                                        act_bias=None if w.act_bias is None else w.act_bias.float().clone()))
         meta = {**meta, "kind": "lowbit", "bits": LOWBIT_BITS, "group_size": group_size, "activation": activation,
                 "on_act": on_act}
-        return cls(layers, meta, dtype)
+        return cls(layers, meta, dtype or torch.float32, convert=dtype is not None)
 
 
 def _lowbit_layers(tensors: dict[str, Tensor], meta: dict, n: int, d: int, n_layers: int) -> list[_Layer | _LowBitLayer]:
@@ -682,12 +701,13 @@ def _lowbit_layers(tensors: dict[str, Tensor], meta: dict, n: int, d: int, n_lay
     return layers
 
 
-def apply_recipe(recipe: dict, weights: Sequence[FFNWeights], activation: str) -> "PredictorSet":
+def apply_recipe(recipe: dict, weights: Sequence[FFNWeights], activation: str,
+                 dtype: Optional[torch.dtype] = torch.float32) -> "PredictorSet":
     """The low-bit set a recipe (a sidecar saved with ``with_codes=False``) describes, from the model's FFN weights: the
-    same codes (the quantizer is deterministic), pins and thresholds."""
+    same codes (the quantizer is deterministic), pins and thresholds; ``dtype=None``: the codes alone, to save."""
     meta = {k: v for k, v in recipe.items() if k not in ("codes", "weights_sha256")}
     pset = PredictorSet.lowbit(weights, activation, meta, int(recipe["group_size"]), bool(recipe.get("on_act", False)),
-                               dtype=torch.float32)
+                               dtype=dtype)
     for layer, pins in enumerate(recipe.get("pinned") or []):
         pset.pin(layer, list(pins))
     for layer, t in enumerate(recipe["threshold_logits"]):

@@ -56,16 +56,16 @@ def build_lowbit(act: Activations, lm: LoadedModel, cfg: LowBitConfig = LowBitCo
     rule = rule_from_dict(act.rule)
     weights = [adapter.ffn_weights(model, layer) for layer in range(spec.n_layers)]
     meta = set_meta(act, {"kind": "lowbit", **asdict(cfg)})
-    stored = PredictorSet.lowbit(weights, spec.activation, meta, cfg.group_size, rule.on_act, dtype=torch.float32)
-    engine = PredictorSet.lowbit(weights, spec.activation, meta, cfg.group_size, rule.on_act, dtype=ENGINE_DTYPE)
-    cal_rows, hold_rows = act.split(cfg.holdout_fraction)
+    stored = PredictorSet.lowbit(weights, spec.activation, meta, cfg.group_size, rule.on_act, dtype=None)  # codes
     pins = pinned_neurons(act, cfg.pin_ratio)
+    for layer, pinned in enumerate(pins):
+        stored.pin(layer, pinned)
+    engine = stored.in_form(ENGINE_DTYPE)
+    cal_rows, hold_rows = act.split(cfg.holdout_fraction)
     stats = []
     bar = tqdm(range(act.n_layers), desc="calibrate low-bit predictors", unit="layer", disable=not progress)
     for layer in bar:
         t0 = time.perf_counter()
-        for s in (stored, engine):
-            s.pin(layer, pins[layer])
         x_cal, y_cal = _layer_data(act, layer, cal_rows, cfg.max_calibration_tokens, 0)
         # the cut is chosen in the engine's form (the int4 kernel, bf16): the sets it marks are the ones the engine reads
         thr = threshold_for_recall(engine.scores(layer, x_cal), y_cal, cfg.recall_target, pins[layer])
