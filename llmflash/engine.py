@@ -108,6 +108,11 @@ class EngineConfig:
     # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
     # (results/engine_options, lookahead arm)
     lookahead: bool = False
+    # with lookahead on the CPU: rows of each of the two host buffers a layer's guessed neurons that do not fit its
+    # cache are read ahead into (layers alternate between them), counted in the budget. At half the model most of a
+    # token's set does not fit the caches; without these, lookahead could only read ahead what fits. -1 = auto: the
+    # staging buffer's rows; 0 = off
+    lookahead_rows: int = -1
     # sparse modes: False empties each layer's neuron cache before a token's set enters it, so every token loads its
     # whole active set (the paper's "+predictor" row, without the window's reuse). Not with lookahead
     reuse: bool = True
@@ -309,6 +314,9 @@ class SparseFFN(_FlashFFNBase):
         # (tickets, slots) read ahead for this layer: into the cache's slots, or (accelerator) into its landing
         # buffer's first rows, copied into the slots when they have arrived (``_land_prefetch``)
         self._prefetch: Optional[tuple[list, np.ndarray]] = None
+        # (tickets, ids) of the guessed neurons beyond the cache, read ahead into ``engine.aheads[layer % 2]``'s first
+        # rows (lookahead on the CPU)
+        self._ahead: Optional[tuple[list, np.ndarray]] = None
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
         """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
@@ -364,6 +372,10 @@ class SparseFFN(_FlashFFNBase):
         e.meter.loaded_neurons += upd.load_ids.size
         land, dest = self._landing(upd.dest_slots)
         self._prefetch = (self._submit(land, upd.load_ids, dest), upd.dest_slots)
+        if e.aheads and upd.overflow_ids.size:  # what does not fit the cache: read ahead into a host buffer
+            ahead = e.aheads[self.layer % 2]
+            over = upd.overflow_ids[: ahead.capacity]
+            self._ahead = (self._submit(ahead, over, 0), over)
 
     def _land_prefetch(self, pre: tuple[list, np.ndarray]) -> None:
         """Wait for the reads a lookahead started for this layer; on an accelerator copy them into their slots."""
@@ -374,10 +386,11 @@ class SparseFFN(_FlashFFNBase):
 
     def drain(self) -> None:
         """Wait for reads started by a lookahead that no forward consumed (before the cache is cleared)."""
-        if self._prefetch is not None:
-            for t in self._prefetch[0]:
-                self.e.reader.wait(t)
-            self._prefetch = None
+        for pending in (self._prefetch, self._ahead):
+            if pending is not None:
+                for t in pending[0]:
+                    self.e.reader.wait(t)
+        self._prefetch = self._ahead = None
 
     def forward(self, x: Tensor) -> Tensor:
         e = self.e
@@ -408,13 +421,21 @@ class SparseFFN(_FlashFFNBase):
         # after a lookahead the window has already slid for this step: nothing is freed while its reads are in flight
         upd = self._update(need, evict=pre is None)
         ready = upd.ready_slots if pre is None or not pre[1].size else np.setdiff1d(upd.ready_slots, pre[1])
-        e.meter.mem_ms += _now_ms() - t0
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
         # (on an accelerator they land after the rows a lookahead read ahead, which are not copied over yet)
         land, dest = self._landing(upd.dest_slots, 0 if pre is None else pre[1].size)
-        pending = self._submit(land, upd.load_ids, dest)
-        overflow = upd.overflow_ids  # needed but beyond the cache: read into the staging buffer in the same wave
+        load_ids, overflow = upd.load_ids, upd.overflow_ids  # overflow: beyond the cache, read into the staging buffer
+        ahead, self._ahead = self._ahead, None
+        copy = ahead_ids = None
+        if ahead is not None:  # what the guess already read beyond the cache is not read again (CPU: host rows)
+            into = np.isin(load_ids, ahead[1], assume_unique=True)  # cache slots freed since: copied over
+            copy = (upd.dest_slots[into], np.searchsorted(ahead[1], load_ids[into]))
+            load_ids, dest = load_ids[~into], upd.dest_slots[~into]
+            have = np.isin(overflow, ahead[1], assume_unique=True)  # computed where they landed
+            ahead_ids, overflow = overflow[have], overflow[~have]
+        e.meter.mem_ms += _now_ms() - t0
+        pending = self._submit(land, load_ids, dest)
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
         if self.next is not None and self.guess_map is not None:  # start the next layer's reads before computing this one
             scale, shift = self.guess_map
@@ -425,6 +446,17 @@ class SparseFFN(_FlashFFNBase):
             self._land_prefetch(pre)
             if pre[1].size:
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
+        if ahead is not None:
+            self._wait(ahead[0])  # (always: the buffer takes layer + 2's guess next)
+            buf = e.aheads[self.layer % 2]
+            assert ahead_ids is not None and copy is not None and isinstance(cache.store, RowStore)
+            if ahead_ids.size:
+                y = self._add(y, buf, ahead_ids, x2, slots=np.searchsorted(ahead[1], ahead_ids))
+            if copy[0].size:
+                t0 = _now_ms()
+                for dst, src in zip(cache.store.rows, buf.rows):
+                    dst[torch.from_numpy(copy[0])] = src[torch.from_numpy(copy[1])]
+                e.meter.mem_ms += _now_ms() - t0
         self._wait(pending)
         if upd.load_ids.size:
             rows = self._upload(land, cache.store, upd.load_ids.size, 0 if isinstance(dest, np.ndarray) else dest,
@@ -547,6 +579,12 @@ class Engine:
         self.landings: list[RowStore] = []
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
+        # lookahead on the CPU: two host buffers for the guessed rows beyond the caches (``SparseFFN._ahead``)
+        self.aheads: list[RowStore] = []
+        ahead_rows = config.lookahead_rows if config.lookahead_rows >= 0 else self.staging.capacity
+        if config.lookahead and config.mode in SPARSE_MODES and not self.offload and ahead_rows > 0:
+            self.aheads = [RowStore(layout, min(ahead_rows, layout.d_ffn), fd.dtype) for _ in range(2)]
+            self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
         if self.offload:
             self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes

@@ -11,7 +11,7 @@ import torch
 import llmflash.engine as engine_module
 from llmflash.cache import NeuronCache
 from llmflash.convert import convert
-from llmflash.engine import Engine, EngineConfig
+from llmflash.engine import Engine, EngineConfig, SparseFFN
 from llmflash.errors import BudgetError, LLMFlashError
 from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
@@ -231,6 +231,34 @@ def test_tight_budget_with_overflow_still_exact(flash_dirs):
     ref = _gen(flash_dirs["llama"], "dense").tokens
     res = _gen(flash_dirs["llama"], "oracle", budget=budget, staging_rows=384)
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+
+
+def test_lookahead_beyond_the_cache_still_exact(flash_dirs):
+    """With caches too small for the guessed sets, lookahead reads the guessed rows beyond them into its two host
+    buffers (counted in the budget); the layer computes what it needs from there, or copies them into freed slots,
+    and reads the rest: the output stays exact."""
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + 3 * 384 * lay.neuron_stride_bytes  # staging + two lookahead buffers
+    budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 20 rows per layer
+    ref = _gen(flash_dirs["llama"], "dense", n=10).tokens
+    seen = {"ahead": 0}
+    orig = SparseFFN._add
+
+    def add(self, y, store, ids, x, start=0, slots=None):  # count the rows computed where lookahead read them
+        seen["ahead"] += ids.size if any(store is b for b in self.e.aheads) else 0
+        return orig(self, y, store, ids, x, start, slots)
+
+    SparseFFN._add = add  # type: ignore[method-assign]
+    try:
+        res = _gen(flash_dirs["llama"], "oracle", n=10, budget=budget, staging_rows=384, window=2, lookahead=True)
+    finally:
+        SparseFFN._add = orig  # type: ignore[method-assign]
+    assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+    assert res.dram_breakdown["lookahead"] == 2 * 384 * lay.neuron_stride_bytes and seen["ahead"] > 0
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(9))
+    tight = _ppl(flash_dirs["llama"], "oracle", ids, budget=budget, staging_rows=384, window=2, lookahead=True)
+    assert abs(tight / _ppl(flash_dirs["llama"], "dense", ids) - 1) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
