@@ -171,14 +171,19 @@ def stage_kernels(args) -> list[dict]:
 # --------------------------------------------------------------------------------------------- the flash directories
 
 # (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
-VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int8+r8", "int8", "int8"), ("int4+r8", "int4", "int8")]
+# ("-gptq": converted with calibration, so int4's codes come from GPTQ's error-aware rounding; the others round to
+# nearest)
+VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int4-gptq", "int4", "auto"), ("int8+r8", "int8", "int8"),
+                                               ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8")]
 SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 
 def flash_dirs(args) -> dict[str, Path]:
     """One converted directory per variant, cached (``llmflash convert MODEL --dtype D [--resident-dtype int8]``,
-    thresholds not calibrated: the model's own rule applies)."""
+    ``--calibration-tokens 0`` but for the ``-gptq`` variants: the model's own rule applies, so the thresholds
+    calibrated there are not used)."""
     from llmflash.convert import convert
+    from llmflash.sparsity import CALIBRATION_TOKENS
     from llmflash.errors import LLMFlashError
     from llmflash.flashdir import open_flash_dir
     from llmflash.models import resolve
@@ -191,13 +196,15 @@ def flash_dirs(args) -> dict[str, Path]:
         try:
             m = open_flash_dir(path).manifest
             q = m.quantization
+            gptq = label.endswith("-gptq")
             ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
+            ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
         except LLMFlashError:
             ok = False
         if not ok:
             print(f"converting {args.model} to {label}", file=sys.stderr, flush=True)
             convert(args.model, path, dtype=dtype, resident_dtype=resident, group_size=args.group_size, force=True,
-                    progress=False, calibration_tokens=0)
+                    progress=False, calibration_tokens=CALIBRATION_TOKENS if label.endswith("-gptq") else 0)
         out[label] = path
     return out
 

@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 
 from .arch import HFModel, adapter_for
 from .errors import LLMFlashError
-from .ffn import FFNWeights
+from .ffn import FFNWeights, SparsityRule
 from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
+from .gptq import SOURCES as GPTQ_SOURCES
+from .gptq import collect_hessians, quantize_ffn
 from .layout import FlashLayout
 from .manifest import FFN_FILE, MANIFEST, QUANT_DTYPES, ModelInfo, Quantization
 from .models import load_model
@@ -31,7 +33,8 @@ from .quant import (
     quantize_resident,
 )
 from .sparse_model import GATE_DIR
-from .sparsity import CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_on_text
+from .sparsity import CALIBRATION_SEQ_LEN, CALIBRATION_SOURCE, CALIBRATION_TOKENS, calibrate_on_text, model_rule
+from .text import load_texts, token_stream, windows
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ DTYPES = tuple(TORCH_DTYPES) + QUANT_DTYPES  # what ``--dtype`` offers
 COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantized to and computed in
 
 
+# int4 with calibration: tokens (half of each of ``gptq.SOURCES``) whose FFN inputs GPTQ's rounding fits
+# (results/quantized)
+GPTQ_TOKENS = 8192
 RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
 
 
@@ -118,10 +124,14 @@ def convert_model(
         raise LLMFlashError(f"cannot convert to {dtype}: {err}") from None
     tdt = TORCH_DTYPES[COMPUTE_DTYPE if quantized else dtype]
     compute = COMPUTE_DTYPE if quantized else dtype
+    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
+    # int4: the codes by error-aware rounding on calibration text (``gptq``), where calibration is asked for
+    gptq_tokens = min(calibration_tokens, GPTQ_TOKENS) if dtype == "int4" else 0
+    rounding = f"gptq:{gptq_tokens}:{'+'.join(GPTQ_SOURCES)}" if gptq_tokens else "nearest"
     quantization = None
     if quantized or resident_dtype == "int8":
         quantization = Quantization(dtype, group_size if quantized else 0, compute,
-                                    compute if resident_dtype == "auto" else resident_dtype)
+                                    compute if resident_dtype == "auto" else resident_dtype, rounding=rounding)
 
     ffn_names = {n for layer in range(spec_ffn.n_layers)
                  for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
@@ -131,13 +141,19 @@ def convert_model(
         if pname in ffn_names or (tied and pname == "lm_head.weight"):
             continue
         resident[pname] = p.detach().to(tdt).contiguous()
-    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
     for layer, w in enumerate(ffn_weights):
         if w.act_bias is not None:
             resident[ACT_BIAS.format(layer)] = w.act_bias.to(tdt).contiguous()
         if w.out_bias is not None:
             resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
 
+    hessians = None
+    gptq_codes: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}  # layer -> part -> (codes, scales)
+    if gptq_tokens:  # (the FFNs become DenseFFN modules over the same weights: nothing written changes)
+        log.info("GPTQ: collecting FFN inputs on %d tokens of %s", gptq_tokens, " and ".join(GPTQ_SOURCES))
+        batches = [w for source in GPTQ_SOURCES for w in windows(
+            token_stream(tok, load_texts(source), max_tokens=gptq_tokens // len(GPTQ_SOURCES)), CALIBRATION_SEQ_LEN)]
+        hessians = collect_hessians(model, batches, model_rule(model.config) or SparsityRule("relu"), progress=progress)
     elem = layout.elem_bytes
     try:
         with write_flash_dir(out, layout) as wr:
@@ -150,7 +166,13 @@ def convert_model(
             for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
                 for s, seg in enumerate(layout.segments):
                     if quantized:  # [n, stride_bytes]: each part's codes and scales (``quant``)
-                        padded = encode_rows([_ffn_rows(w, (p,)) for p in seg.parts], layout, seg.stride_bytes)
+                        parts: list = [_ffn_rows(w, (p,)) for p in seg.parts]
+                        if hessians is not None:
+                            if layer not in gptq_codes:
+                                gptq_codes[layer] = quantize_ffn(w, hessians.x[layer], hessians.h[layer], layout.bits,
+                                                                 group_size)
+                            parts = [gptq_codes[layer][p] for p in seg.parts]
+                        padded = encode_rows(parts, layout, seg.stride_bytes)
                         wr.write_ffn(layer, s, padded.numpy().tobytes())
                         continue
                     rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
@@ -163,8 +185,8 @@ def convert_model(
                 shutil.copytree(gate_dir, wr.dir / GATE_DIR)
             config = model.config.to_dict()
             if quantized and calibration_tokens:  # calibrate on the weights the directory holds
-                for w in ffn_weights:
-                    _dequantize_in_place(w, layout.bits, group_size)
+                for layer, w in enumerate(ffn_weights):
+                    _dequantize_in_place(w, layout.bits, group_size, gptq_codes.get(layer))
             if int8_names and calibration_tokens:
                 dequantize_resident_in_place(model, int8_names)
             del ffn_weights, resident
@@ -180,11 +202,15 @@ def convert_model(
     return out
 
 
-def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int) -> None:
-    """Replace an in-memory FFN's weights (views of the model's parameters) by their quantized-dequantized values."""
-    for t in (w.gate, w.up, w.down):
+def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int,
+                         codes: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> None:
+    """Replace an in-memory FFN's weights (views of the model's parameters) by their quantized-dequantized values:
+    ``codes`` (part -> (codes, scales): what the directory holds, by GPTQ), else round to nearest."""
+    for name in ("gate", "up", "down"):
+        t = getattr(w, name)
         if t is not None:
-            t.copy_(dequantize(*quantize(t, bits, group_size), bits, group_size, t.dtype))
+            cs = quantize(t, bits, group_size) if codes is None else codes[name]
+            t.copy_(dequantize(*cs, bits, group_size, t.dtype))
 
 
 def _existing_model_name(path: Path) -> Optional[str]:

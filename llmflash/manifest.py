@@ -13,7 +13,7 @@ On disk (``indent=1`` JSON; the same keys since format version 1)::
     thresholds   (optional) {source, tokens, seq_len, by_sparsity: {"0.8": [t per layer], ...}}: the threshold rule's
                  per-layer thresholds, calibrated by ``convert`` (CATS-style quantiles of |h|; see ``sparsity``)
     quantization (format version 2, quantized directories only) {ffn, group_size, scale_dtype, compute_dtype,
-                 resident}: the FFN rows' format (``quant``, ``layout``), the dtype weights are dequantized to and
+                 resident, rounding}: the FFN rows' format (``quant``, ``layout``), the dtype weights are dequantized to and
                  computed in, and the resident weights' stored form (a float dtype, or int8: weight-only, per-row
                  scales)
 
@@ -117,10 +117,14 @@ class Quantization:
     compute_dtype: str  # what the weights are dequantized to and computed in: float32 | float16 | bfloat16
     resident: str  # the resident weights (attention, embeddings): a float dtype, or int8 (weight-only, per-row scales)
     scale_dtype: str = "float16"
+    # how the FFN codes were chosen (informational: readers need not know it): "nearest" (round to nearest, the
+    # scales by ``quant``'s clipping search), or "gptq:<tokens>:<source>" (``gptq``: error-aware rounding on the
+    # inputs of that many calibration tokens)
+    rounding: str = "nearest"
 
     def to_json(self) -> dict:
         return {"ffn": self.ffn, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
-                "compute_dtype": self.compute_dtype, "resident": self.resident}
+                "compute_dtype": self.compute_dtype, "resident": self.resident, "rounding": self.rounding}
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,8 @@ class Manifest:
             qd = get("quantization")
             q = Quantization(str(get("quantization", "ffn")), num("quantization", "group_size"),
                              str(get("quantization", "compute_dtype")), str(get("quantization", "resident")),
-                             str(qd.get("scale_dtype", "float16")) if isinstance(qd, dict) else "float16")
+                             str(qd.get("scale_dtype", "float16")) if isinstance(qd, dict) else "float16",
+                             str(qd.get("rounding", "nearest")) if isinstance(qd, dict) else "nearest")
             if (q.ffn != dtype or q.group_size != layout.group_size or q.compute_dtype not in FLOAT_DTYPES
                     or q.resident not in RESIDENT_DTYPES or q.scale_dtype != "float16"):
                 raise FlashFileError(f"{where}: 'quantization' does not match the dtype and layout: the manifest is "

@@ -58,9 +58,19 @@ def quantize(w: Tensor, bits: int, group_size: int, search: Optional[bool] = Non
 
     ``search``: pick each group's clipping ratio from ``CLIP_RATIOS`` by squared error (default: int4 only)."""
     n, d = w.shape
+    check_shape(n, d, bits, group_size)
+    scales, qf = group_scales(w.detach().float().reshape(n, d // group_size, group_size), bits, search)
+    return pack(qf.to(torch.int8).reshape(n, d), bits), scales.contiguous()
+
+
+def check_shape(n: int, d: int, bits: int, group_size: int) -> None:
     if bits not in (4, 8) or d % group_size or group_size % 2:
         raise ValueError(f"cannot quantize [{n}, {d}] to {bits} bits in groups of {group_size}")
-    g = w.detach().float().reshape(n, d // group_size, group_size)
+
+
+def group_scales(g: Tensor, bits: int, search: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """Groups g [n, G, k] (float32) -> (float16 scales [n, G], int codes as float [n, G, k]): absmax scales, or with
+    ``search`` (default: int4 only) each group's clipping ratio of ``CLIP_RATIOS`` with the least squared error."""
     m = qmax(bits)
     absmax = g.abs().amax(-1)  # [n, groups]
     scales = (absmax / m).to(SCALE_DTYPE)
@@ -73,11 +83,15 @@ def quantize(w: Tensor, bits: int, group_size: int, search: Optional[bool] = Non
             scales = torch.where(better, cand, scales)
             qf = torch.where(better[..., None], cq, qf)
             err = torch.minimum(cerr, err)
-    q = qf.to(torch.int8).reshape(n, d)
+    return scales, qf
+
+
+def pack(q: Tensor, bits: int) -> Tensor:
+    """Integer codes q [n, d] (int8, within [-qmax, qmax]) -> the stored bytes uint8 [n, d * bits / 8]."""
     if bits == 8:
-        return q.view(torch.uint8).contiguous(), scales.contiguous()
+        return q.view(torch.uint8).contiguous()
     u = (q + 8).to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scales.contiguous()
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
 def dequantize(codes: Tensor, scales: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -105,15 +119,17 @@ def error_bound(w: Tensor, bits: int, group_size: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------- FFN rows (ffn.bin)
 
 
-def encode_part(w: Tensor, bits: int, group_size: int) -> Tensor:
-    """One part of every row: w [n, d] -> uint8 [n, part_bytes] (codes, then the float16 scales' bytes)."""
-    codes, scales = quantize(w, bits, group_size)
+def encode_part(w: Tensor | tuple[Tensor, Tensor], bits: int, group_size: int) -> Tensor:
+    """One part of every row: w [n, d], or its (codes, scales) already quantized (``gptq``) -> uint8 [n, part_bytes]
+    (codes, then the float16 scales' bytes)."""
+    codes, scales = w if isinstance(w, tuple) else quantize(w, bits, group_size)
     return torch.cat([codes, scales.view(torch.uint8)], dim=1)
 
 
-def encode_rows(parts: list[Tensor], layout: FlashLayout, stride_bytes: int) -> Tensor:
-    """Rows of one segment: the parts [n, d] each (in the segment's order) -> uint8 [n, stride_bytes] (zero padded)."""
-    n = parts[0].shape[0]
+def encode_rows(parts: list[Tensor] | list[tuple[Tensor, Tensor]], layout: FlashLayout, stride_bytes: int) -> Tensor:
+    """Rows of one segment: the parts [n, d] each (in the segment's order), or their (codes, scales) -> uint8
+    [n, stride_bytes] (zero padded)."""
+    n = parts[0][0].shape[0] if isinstance(parts[0], tuple) else parts[0].shape[0]
     enc = [encode_part(p, layout.bits, layout.group_size) for p in parts]
     out = torch.zeros(n, stride_bytes, dtype=torch.uint8)
     row = torch.cat(enc, dim=1)

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+from llmflash import gptq
 from llmflash.commands import eval_ppl
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.flashdir import open_flash_dir
+from llmflash.quant import quantize
 
 from tiny import engine_generate, engine_perplexity, save_tiny, save_tiny_models, tiny_llama
 
@@ -222,9 +224,40 @@ def test_threshold_rule_is_calibrated_on_the_quantized_weights(tmp_path):
     assert _gen(path, "oracle", **kw).tokens == _gen(path, "dense", **kw).tokens
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(4))
     assert abs(_ppl(path, "oracle", ids, **kw) / _ppl(path, "dense", ids, **kw) - 1) < 1e-5
-    # the calibrated fraction holds on the weights the directory holds
+    # the calibrated fraction holds on the weights the directory holds (int4 with calibration: GPTQ's codes)
+    assert open_flash_dir(path).manifest.quantization.rounding == "gptq:512:wiki:train+bigbench:"
     out = eval_ppl(str(path), "wiki:train", max_tokens=512, seq_len=256, sparsity="threshold", threshold_sparsity=0.8)
     assert abs(out["ffn_active_fraction"] - 0.2) < 0.05
+
+
+def test_gptq_without_correlations_is_round_to_nearest():
+    """With uncorrelated inputs (H diagonal) no error has anywhere to go: GPTQ's codes and scales are round to
+    nearest's, for the parts grouped along their inputs (gate, up) and along their outputs (down)."""
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    H = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5).double()
+    for got in (gptq.quantize_inputs(w, H, 4, 32), gptq.quantize_inputs(w, H, 4, 32, act_order=True)):
+        assert all(torch.equal(a, b) for a, b in zip(got, quantize(w, 4, 32)))
+    Hn = torch.diag(torch.rand(48, generator=torch.Generator().manual_seed(2)) + 0.5).double()
+    assert all(torch.equal(a, b) for a, b in zip(gptq.quantize_outputs(w, Hn, 4, 32), quantize(w, 4, 32)))
+
+
+@pytest.mark.parametrize("part", ["inputs", "outputs"])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(part):
+    """On correlated inputs GPTQ's codes (same format, decodable by ``dequantize``) give a smaller output error than
+    round to nearest, on the calibration inputs and on fresh ones from the same distribution."""
+    g = torch.Generator().manual_seed(3)
+    n_in = 64 if part == "inputs" else 48
+    mix = torch.randn(n_in, n_in, generator=g)
+    X, Xt = (torch.randn(2048, n_in, generator=g) @ mix for _ in range(2))
+    w = torch.randn(48, 64, generator=g)
+    H, Ht = (x.double().T @ x.double() for x in (X, Xt))
+    if part == "inputs":
+        q = gptq.quantize_inputs(w, H, 4, 32)
+    else:
+        q = gptq.quantize_outputs(w, H, 4, 32)
+    along = part == "inputs"
+    for h in (H, Ht):
+        assert gptq.output_error(w, q, h, 4, 32, along) < 0.8 * gptq.output_error(w, quantize(w, 4, 32), h, 4, 32, along)
 
 
 @pytest.mark.parametrize("dtype", ["int4"])
