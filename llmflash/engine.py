@@ -52,7 +52,7 @@ from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
-from .layout import read_plan
+from .layout import bridge, read_plan
 from .metrics import GenerationResult, TokenStats
 from .models import default_predictors, predictor_dir
 from .native import library as native_library
@@ -113,6 +113,11 @@ class EngineConfig:
     # token's set does not fit the caches; without these, lookahead could only read ahead what fits. -1 = auto: the
     # staging buffer's rows; 0 = off
     lookahead_rows: int = -1
+    # sparse modes: a token's rows beyond its cache (read into the staging buffer, computed, not kept) are read with
+    # every gap of at most this many rows between two of them filled in, and the filled rows computed too (the model's
+    # own rule applies to them: an inactive one adds exactly zero, so the oracle stays exact): fewer, longer reads for
+    # a few more bytes, where the disk's reads per second (and the CPU each read costs) are the limit. 0 = off
+    max_gap_rows: int = 0
     # sparse modes: False empties each layer's neuron cache before a token's set enters it, so every token loads its
     # whole active set (the paper's "+predictor" row, without the window's reuse). Not with lookahead
     reuse: bool = True
@@ -434,6 +439,13 @@ class SparseFFN(_FlashFFNBase):
             load_ids, dest = load_ids[~into], upd.dest_slots[~into]
             have = np.isin(overflow, ahead[1], assume_unique=True)  # computed where they landed
             ahead_ids, overflow = overflow[have], overflow[~have]
+        keep = None  # the staging rows to compute, when the read bridged gaps over rows computed elsewhere
+        span = bridge(overflow, e.cfg.max_gap_rows)
+        if overflow.size < span.size <= e.staging.capacity:
+            fresh = cache.slot[span] < 0  # not cached (a cached row is computed from its slot)
+            if ahead_ids is not None and ahead_ids.size:
+                fresh &= ~np.isin(span, ahead_ids, assume_unique=True)  # nor read ahead
+            overflow, keep = span, (None if fresh.all() else np.flatnonzero(fresh))
         e.meter.mem_ms += _now_ms() - t0
         pending = self._submit(land, load_ids, dest)
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
@@ -465,7 +477,10 @@ class SparseFFN(_FlashFFNBase):
         if overflow_pending is not None:
             self._wait(overflow_pending)
             rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
-            y = self._add(y, rows, overflow, x2)
+            if keep is None:
+                y = self._add(y, rows, overflow, x2)
+            elif keep.size:
+                y = self._add(y, rows, overflow[keep], x2, slots=keep)
         elif overflow.size:
             y = self._stream(x2, overflow, y)
         return self._finish(y, x)

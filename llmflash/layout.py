@@ -179,6 +179,21 @@ def runs(ids: np.ndarray, max_run: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[starts_idx].astype(np.int64), lengths.astype(np.int64)
 
 
+def bridge(ids: np.ndarray, max_gap: int) -> np.ndarray:
+    """Sorted unique ids with every gap of at most ``max_gap`` missing ids between two of them filled in: the rows to
+    read so that neighbours a few rows apart become one longer read (fewer reads for a few more bytes)."""
+    if max_gap <= 0 or ids.size < 2:
+        return ids
+    gaps = np.diff(ids) - 1
+    fill = (gaps > 0) & (gaps <= max_gap)
+    if not fill.any():
+        return ids
+    reps = np.where(fill, gaps + 1, 1)  # each kept id, followed by the ids that fill the gap after it
+    starts = np.repeat(ids[:-1], reps)
+    offset = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+    return np.concatenate((starts + offset, ids[-1:])).astype(ids.dtype)
+
+
 def read_plan(
     seg: Segment, layer: int, ids: np.ndarray, dest_row0: int, max_read_bytes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from llmflash.engine import Engine, EngineConfig, SparseFFN
 from llmflash.errors import BudgetError, LLMFlashError
 from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
-from llmflash.layout import FlashLayout, read_plan, runs
+from llmflash.layout import FlashLayout, bridge, read_plan, runs
 from llmflash.models import load_in_memory
 from llmflash.provider import ActiveSetProvider
 from llmflash.storage import proc_read_bytes
@@ -231,6 +231,34 @@ def test_tight_budget_with_overflow_still_exact(flash_dirs):
     ref = _gen(flash_dirs["llama"], "dense").tokens
     res = _gen(flash_dirs["llama"], "oracle", budget=budget, staging_rows=384)
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+
+
+def test_bridge_fills_short_gaps_only():
+    ids = np.array([1, 2, 5, 9, 10, 20, 22])
+    assert bridge(ids, 0) is ids
+    assert bridge(ids, 1).tolist() == [1, 2, 5, 9, 10, 20, 21, 22]
+    assert bridge(ids, 3).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 21, 22]
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_bridged_overflow_reads_are_fewer_and_exact(flash_dirs, lookahead):
+    """Rows beyond the cache read with short gaps filled (``max_gap_rows``): fewer reads, more bytes, and the filled
+    rows computed under the rule (inactive: exactly zero) unless cached or read ahead: oracle still equals dense."""
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + (3 if lookahead else 1) * 384 * lay.neuron_stride_bytes
+    budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 20 rows per layer
+    ref = _gen(flash_dirs["llama"], "dense", n=10).tokens
+    kw = dict(n=10, budget=budget, staging_rows=384, window=2, lookahead=lookahead)
+    plain, bridged = (_gen(flash_dirs["llama"], "oracle", max_gap_rows=g, **kw) for g in (0, 4))
+    assert plain.tokens == bridged.tokens == ref
+    reads = [sum(t.reads for t in r.per_token) for r in (plain, bridged)]
+    nbytes = [sum(t.bytes_read for t in r.per_token) for r in (plain, bridged)]
+    assert reads[1] < reads[0] and nbytes[1] > nbytes[0]
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(10))
+    got = _ppl(flash_dirs["llama"], "oracle", ids, budget=budget, staging_rows=384, window=2, lookahead=lookahead,
+               max_gap_rows=4)
+    assert abs(got / _ppl(flash_dirs["llama"], "dense", ids) - 1) < 1e-5
 
 
 def test_lookahead_beyond_the_cache_still_exact(flash_dirs):
