@@ -7,14 +7,19 @@ prompt) with one change, run alternating (the disk and the machine drift) ``--re
 - ``fp16_predictors``: the predictors held in fp16 as stored (``EngineConfig.predictor_dtype``): their time and the
   cache's bytes (int8 frees 3 MiB of the budget for the neuron caches);
 - ``one_thread``: one compute thread (the auto setting for dense, naive and hybrid on small models);
-- ``lookahead``: layer l+1's set guessed from layer l's FFN input and its new neurons read early.
+- ``lookahead``: layer l+1's set guessed from layer l's FFN input and its new neurons read early (into the caches,
+  and beyond them into two host buffers: ``EngineConfig.lookahead_rows``);
+- ``lookahead_one_thread``: both (the reads in flight then leave the second core to the reader threads);
+- ``bridge_2``, ``bridge_4``: the rows beyond the cache read with gaps of up to 2 or 4 rows filled in
+  (``EngineConfig.max_gap_rows``): fewer, longer reads.
 
 Measured: medians of the per-token I/O wait, memory management, predictor and compute times (and the predictor's
 share of compute, issue 4's "< 5%"). Computed, when ``llmflash collect`` has made activations: how much of layer l's
 predicted set the lookahead guess covers (layer l's predictor on layer l-1's FFN input rescaled by the ratio of the
 two FFN norms' weights, as the engine does).
 
-    python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24] [--model DIR --predictors PRED]
+    python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24] [--arms A,B] [--order coactivation]
+        [--model DIR --predictors PRED]
 
 ``--model DIR --predictors PRED``: a flash directory and predictors trained on it instead (e.g. a tiny model in the
 test suite's end-to-end tier).
@@ -43,6 +48,9 @@ ARMS = {  # name -> EngineConfig changes
     "fp16_predictors": {"predictor_dtype": "float16"},
     "one_thread": {"compute_threads": 1},
     "lookahead": {"lookahead": True},
+    "lookahead_one_thread": {"lookahead": True, "compute_threads": 1},
+    "bridge_2": {"max_gap_rows": 2},
+    "bridge_4": {"max_gap_rows": 4},
 }
 PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes the predictor: shown without it
 
@@ -112,6 +120,8 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's engine_options.json")
     ap.add_argument("--model", default="smollm2-relu", help="smollm2-relu (default) or a flash directory DIR")
     ap.add_argument("--predictors", default=None, help="the predictors (default: the model's committed ones)")
+    ap.add_argument("--order", choices=("file", "coactivation"), default="file",
+                    help="the real model's neurons as converted, or its co-activation-ordered copy (the demo's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.plot_only:
@@ -127,6 +137,8 @@ def main() -> None:
     setup = common.real_setup(args.model)
     if args.predictors:
         setup = dict(setup, predictors=args.predictors, sparse_mode="predictor")
+    if args.order == "coactivation":
+        setup = dict(setup, flash_dir=common.real_coact_dir(setup, args.quick))
     if not setup.get("predictors"):
         raise SystemExit(f"{args.model} has no predictors: these checks need predictor mode (--predictors)")
     act_dir = cache_dir() / "act" / f"{setup['model']}-eval"

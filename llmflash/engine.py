@@ -111,7 +111,8 @@ class EngineConfig:
     # with lookahead on the CPU: rows of each of the two host buffers a layer's guessed neurons that do not fit its
     # cache are read ahead into (layers alternate between them), counted in the budget. At half the model most of a
     # token's set does not fit the caches; without these, lookahead could only read ahead what fits. -1 = auto: the
-    # staging buffer's rows; 0 = off
+    # staging buffer's rows, at most a quarter of a layer's, the two together at most a quarter of what the budget
+    # leaves beyond its minimum (none when that is under ``min_cache_rows``); 0 = off
     lookahead_rows: int = -1
     # sparse modes: a token's rows beyond its cache (read into the staging buffer, computed, not kept) are read with
     # every gap of at most this many rows between two of them filled in, and the filled rows computed too (the model's
@@ -594,12 +595,7 @@ class Engine:
         self.landings: list[RowStore] = []
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
-        # lookahead on the CPU: two host buffers for the guessed rows beyond the caches (``SparseFFN._ahead``)
-        self.aheads: list[RowStore] = []
-        ahead_rows = config.lookahead_rows if config.lookahead_rows >= 0 else self.staging.capacity
-        if config.lookahead and config.mode in SPARSE_MODES and not self.offload and ahead_rows > 0:
-            self.aheads = [RowStore(layout, min(ahead_rows, layout.d_ffn), fd.dtype) for _ in range(2)]
-            self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
+        self.aheads: list[RowStore] = []  # lookahead on the CPU: the guessed rows beyond the caches (``SparseFFN``)
         if self.offload:
             self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes
@@ -612,6 +608,17 @@ class Engine:
             if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
+            if config.lookahead and not self.offload:  # two host buffers for the guessed rows beyond the caches
+                rows = config.lookahead_rows
+                if rows < 0:  # auto: the staging buffer's rows, at most a quarter of a layer's and of the budget left
+                    spare = budget_bytes - sum(self.dram.values()) - (
+                        config.min_cache_rows * layout.n_layers * self.row_layout.neuron_stride_bytes)
+                    rows = min(self.staging.capacity, layout.d_ffn // 4,
+                               max(0, spare) // (8 * layout.neuron_stride_bytes))
+                    rows = rows if rows >= config.min_cache_rows else 0
+                if rows > 0:
+                    self.aheads = [RowStore(layout, min(rows, layout.d_ffn), fd.dtype) for _ in range(2)]
+                    self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = SparseBudget(
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,

@@ -249,7 +249,7 @@ def test_bridged_overflow_reads_are_fewer_and_exact(flash_dirs, lookahead):
     fixed = fd.resident_path.stat().st_size + (3 if lookahead else 1) * 384 * lay.neuron_stride_bytes
     budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 20 rows per layer
     ref = _gen(flash_dirs["llama"], "dense", n=10).tokens
-    kw = dict(n=10, budget=budget, staging_rows=384, window=2, lookahead=lookahead)
+    kw = dict(n=10, budget=budget, staging_rows=384, window=2, lookahead=lookahead, lookahead_rows=384)
     plain, bridged = (_gen(flash_dirs["llama"], "oracle", max_gap_rows=g, **kw) for g in (0, 4))
     assert plain.tokens == bridged.tokens == ref
     reads = [sum(t.reads for t in r.per_token) for r in (plain, bridged)]
@@ -257,7 +257,7 @@ def test_bridged_overflow_reads_are_fewer_and_exact(flash_dirs, lookahead):
     assert reads[1] < reads[0] and nbytes[1] > nbytes[0]
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(10))
     got = _ppl(flash_dirs["llama"], "oracle", ids, budget=budget, staging_rows=384, window=2, lookahead=lookahead,
-               max_gap_rows=4)
+               lookahead_rows=384, max_gap_rows=4)
     assert abs(got / _ppl(flash_dirs["llama"], "dense", ids) - 1) < 1e-5
 
 
@@ -279,13 +279,15 @@ def test_lookahead_beyond_the_cache_still_exact(flash_dirs):
 
     SparseFFN._add = add  # type: ignore[method-assign]
     try:
-        res = _gen(flash_dirs["llama"], "oracle", n=10, budget=budget, staging_rows=384, window=2, lookahead=True)
+        res = _gen(flash_dirs["llama"], "oracle", n=10, budget=budget, staging_rows=384, window=2, lookahead=True,
+                   lookahead_rows=384)
     finally:
         SparseFFN._add = orig  # type: ignore[method-assign]
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
     assert res.dram_breakdown["lookahead"] == 2 * 384 * lay.neuron_stride_bytes and seen["ahead"] > 0
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(9))
-    tight = _ppl(flash_dirs["llama"], "oracle", ids, budget=budget, staging_rows=384, window=2, lookahead=True)
+    tight = _ppl(flash_dirs["llama"], "oracle", ids, budget=budget, staging_rows=384, window=2, lookahead=True,
+                 lookahead_rows=384)
     assert abs(tight / _ppl(flash_dirs["llama"], "dense", ids) - 1) < 1e-5
 
 
