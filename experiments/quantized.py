@@ -171,10 +171,11 @@ def stage_kernels(args) -> list[dict]:
 # --------------------------------------------------------------------------------------------- the flash directories
 
 # (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
-# ("-gptq": converted with calibration, so int4's codes come from GPTQ's error-aware rounding; the others round to
-# nearest)
-VARIANTS = [(d, d, "auto") for d in DTYPES] + [("int4-gptq", "int4", "auto"), ("int8+r8", "int8", "int8"),
-                                               ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8")]
+# ("-gptq": converted with calibration, so the FFN codes come from GPTQ's error-aware rounding, convert's default;
+# the others round to nearest)
+VARIANTS = [(d, d, "auto") for d in DTYPES] + [
+    ("int8-gptq", "int8", "auto"), ("int4-gptq", "int4", "auto"), ("int8+r8", "int8", "int8"),
+    ("int8+r8-gptq", "int8", "int8"), ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8")]
 SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 

@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens of {CALIBRATION_SOURCE} that calibrate the thresholds of --sparsity threshold, stored in "
-                        "the manifest; int4: also up to 8192 tokens that GPTQ's error-aware rounding fits (0: none, and "
-                        "int4 rounds to nearest)")
+                        "the manifest; int8/int4: also up to 8192 tokens that GPTQ's error-aware rounding fits (0: "
+                        "none, and the FFN codes round to nearest)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("reorder", help="copy a flash directory with neurons that fire together stored side by side "

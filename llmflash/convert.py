@@ -55,7 +55,7 @@ DTYPES = tuple(TORCH_DTYPES) + QUANT_DTYPES  # what ``--dtype`` offers
 COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantized to and computed in
 
 
-# int4 with calibration: tokens (half of each of ``gptq.SOURCES``) whose FFN inputs GPTQ's rounding fits
+# int8/int4 with calibration: tokens (half of each of ``gptq.SOURCES``) whose FFN inputs GPTQ's rounding fits
 # (results/quantized)
 GPTQ_TOKENS = 8192
 RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
@@ -79,7 +79,8 @@ def convert(
     ``dtype``: float32, float16, bfloat16, or int8 / int4 (FFN rows quantized in groups of ``group_size`` values along
     d_model, computed in float32: ``quant``). ``calibration_tokens``: how many tokens of
     ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's thresholds (0: none; ``--sparsity threshold`` then
-    refuses the directory). ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
+    refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on up to ``GPTQ_TOKENS``
+    tokens (``gptq``), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
     (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``)."""
     _check_dtype(dtype, group_size, resident_dtype)
     out = Path(out).expanduser()
@@ -125,8 +126,8 @@ def convert_model(
     tdt = TORCH_DTYPES[COMPUTE_DTYPE if quantized else dtype]
     compute = COMPUTE_DTYPE if quantized else dtype
     ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
-    # int4: the codes by error-aware rounding on calibration text (``gptq``), where calibration is asked for
-    gptq_tokens = min(calibration_tokens, GPTQ_TOKENS) if dtype == "int4" else 0
+    # the codes by error-aware rounding on calibration text (``gptq``), where calibration is asked for
+    gptq_tokens = min(calibration_tokens, GPTQ_TOKENS) if quantized else 0
     rounding = f"gptq:{gptq_tokens}:{'+'.join(GPTQ_SOURCES)}" if gptq_tokens else "nearest"
     quantization = None
     if quantized or resident_dtype == "int8":

@@ -1,4 +1,5 @@
-"""Error-aware rounding of the FFN rows at convert time (GPTQ, Frantar et al. 2022) for the int4 flash format.
+"""Error-aware rounding of the FFN rows at convert time (GPTQ, Frantar et al. 2022) for the int8 and int4 flash
+formats.
 
 Round-to-nearest (``quant.quantize``) rounds every weight on its own. GPTQ quantizes a linear layer's input columns
 one at a time and spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
