@@ -184,10 +184,10 @@ def flash_dirs(args) -> dict[str, Path]:
     ``--calibration-tokens 0`` but for the ``-gptq`` variants: the model's own rule applies, so the thresholds
     calibrated there are not used)."""
     from llmflash.convert import convert
-    from llmflash.sparsity import CALIBRATION_TOKENS
     from llmflash.errors import LLMFlashError
     from llmflash.flashdir import open_flash_dir
     from llmflash.models import resolve
+    from llmflash.sparsity import CALIBRATION_TOKENS
 
     out = {}
     for label, dtype, resident in VARIANTS:
