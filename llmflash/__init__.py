@@ -33,6 +33,7 @@ Core (this package)
                    relufication's ``llmflash-relufy/1``, loading only)
 Build
     ``convert``    a model into a flash directory (thresholds calibrated and stored in the manifest)
+    ``gptq``       error-aware rounding of quantized FFN rows on calibration text (convert's int8/int4 codes)
     ``reorder``    a copy whose neurons that fire together are neighbours (after Ripple)
 Training
     the top-level ``predictors`` and ``sparsetrain`` packages (``sparsetrain.relufy_v1``: the first relufication)

@@ -5,7 +5,7 @@ module of a higher layer.
 Layers, lowest first (a module may import its own layer and the layers below it):
 
 - ``core``         llmflash: flash format, storage, cache, FFN math, engine, predictor runtime, model adapters
-- ``build``        llmflash.convert, llmflash.reorder: writing flash directories (through the one writer)
+- ``build``        llmflash.convert, llmflash.gptq, llmflash.reorder: writing flash directories (through the one writer)
 - ``training``     predictors/ (collection, training, evaluation of predictors), sparsetrain/ (sparse models by
                    distillation, and the first relufication: sparsetrain.relufy_v1)
 - ``research``     research/: trace sources, the scale model, zero-shot, profile-io, reproduce
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("llmflash", "predictors", "sparsetrain", "research", "experiments")
 LAYERS = ("core", "build", "training", "research", "app", "experiments")
 
-BUILD = {"llmflash.convert", "llmflash.reorder"}
+BUILD = {"llmflash.convert", "llmflash.gptq", "llmflash.reorder"}
 TRAINING: set[str] = set()  # llmflash modules of the training layer: none (training lives in predictors/, sparsetrain/)
 APP = {"llmflash.cli", "llmflash.commands", "llmflash.demo"}
 
