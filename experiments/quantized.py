@@ -194,10 +194,10 @@ def flash_dirs(args) -> dict[str, Path]:
         if common.smoke() and label not in SMOKE_VARIANTS:
             continue
         path = common.cache_dir() / "quantized" / f"{resolve(args.model).name}-{label}-g{args.group_size}"
+        gptq = label.endswith("-gptq")
         try:
             m = open_flash_dir(path).manifest
             q = m.quantization
-            gptq = label.endswith("-gptq")
             ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
             ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
         except LLMFlashError:
@@ -205,7 +205,7 @@ def flash_dirs(args) -> dict[str, Path]:
         if not ok:
             print(f"converting {args.model} to {label}", file=sys.stderr, flush=True)
             convert(args.model, path, dtype=dtype, resident_dtype=resident, group_size=args.group_size, force=True,
-                    progress=False, calibration_tokens=CALIBRATION_TOKENS if label.endswith("-gptq") else 0)
+                    progress=False, calibration_tokens=CALIBRATION_TOKENS if gptq else 0)
         out[label] = path
     return out
 

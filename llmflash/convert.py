@@ -19,7 +19,7 @@ from .errors import LLMFlashError
 from .ffn import FFNWeights, SparsityRule
 from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
 from .gptq import SOURCES as GPTQ_SOURCES
-from .gptq import collect_hessians, quantize_ffn
+from .gptq import Hessians, collect_hessians, quantize_ffn
 from .layout import FlashLayout
 from .manifest import FFN_FILE, MANIFEST, QUANT_DTYPES, ModelInfo, Quantization
 from .models import load_model
@@ -53,8 +53,6 @@ def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
 
 DTYPES = tuple(TORCH_DTYPES) + QUANT_DTYPES  # what ``--dtype`` offers
 COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantized to and computed in
-
-
 # int8/int4 with calibration: tokens (half of each of ``gptq.SOURCES``) whose FFN inputs GPTQ's rounding fits
 # (results/quantized)
 GPTQ_TOKENS = 8192
@@ -149,7 +147,7 @@ def convert_model(
             resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
 
     hessians = None
-    gptq_codes: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}  # layer -> part -> (codes, scales)
+    kept_codes: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}  # layer -> part -> (codes, scales), for calibration
     if gptq_tokens:  # (the FFNs become DenseFFN modules over the same weights: nothing written changes)
         log.info("GPTQ: collecting FFN inputs on %d tokens of %s", gptq_tokens, " and ".join(GPTQ_SOURCES))
         batches = [w for source in GPTQ_SOURCES for w in windows(
@@ -165,15 +163,12 @@ def convert_model(
                 resident = stored
             wr.save_resident(resident)
             for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
+                codes = _layer_codes(w, layout.bits, group_size, hessians, layer) if quantized else {}
+                if codes and calibration_tokens:
+                    kept_codes[layer] = codes
                 for s, seg in enumerate(layout.segments):
                     if quantized:  # [n, stride_bytes]: each part's codes and scales (``quant``)
-                        parts: list = [_ffn_rows(w, (p,)) for p in seg.parts]
-                        if hessians is not None:
-                            if layer not in gptq_codes:
-                                gptq_codes[layer] = quantize_ffn(w, hessians.x[layer], hessians.h[layer], layout.bits,
-                                                                 group_size)
-                            parts = [gptq_codes[layer][p] for p in seg.parts]
-                        padded = encode_rows(parts, layout, seg.stride_bytes)
+                        padded = encode_rows([codes[p] for p in seg.parts], layout, seg.stride_bytes)
                         wr.write_ffn(layer, s, padded.numpy().tobytes())
                         continue
                     rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
@@ -187,7 +182,7 @@ def convert_model(
             config = model.config.to_dict()
             if quantized and calibration_tokens:  # calibrate on the weights the directory holds
                 for layer, w in enumerate(ffn_weights):
-                    _dequantize_in_place(w, layout.bits, group_size, gptq_codes.get(layer))
+                    _dequantize_in_place(w, layout.bits, group_size, kept_codes.pop(layer))
             if int8_names and calibration_tokens:
                 dequantize_resident_in_place(model, int8_names)
             del ffn_weights, resident
@@ -203,15 +198,21 @@ def convert_model(
     return out
 
 
-def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int,
-                         codes: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> None:
-    """Replace an in-memory FFN's weights (views of the model's parameters) by their quantized-dequantized values:
-    ``codes`` (part -> (codes, scales): what the directory holds, by GPTQ), else round to nearest."""
-    for name in ("gate", "up", "down"):
+def _layer_codes(w: FFNWeights, bits: int, group_size: int, hessians: Optional[Hessians], layer: int
+                 ) -> dict[str, tuple[Tensor, Tensor]]:
+    """One FFN's parts quantized: part -> (codes, scales), by GPTQ on ``hessians`` or rounded to nearest."""
+    if hessians is not None:
+        return quantize_ffn(w, hessians.x[layer], hessians.h[layer], bits, group_size)
+    return {name: quantize(t, bits, group_size) for name in ("gate", "up", "down")
+            if (t := getattr(w, name)) is not None}
+
+
+def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int, codes: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Replace an in-memory FFN's weights (views of the model's parameters) by the values its ``codes`` (part ->
+    (codes, scales): what the directory holds) stand for."""
+    for name, cs in codes.items():
         t = getattr(w, name)
-        if t is not None:
-            cs = quantize(t, bits, group_size) if codes is None else codes[name]
-            t.copy_(dequantize(*cs, bits, group_size, t.dtype))
+        t.copy_(dequantize(*cs, bits, group_size, t.dtype))
 
 
 def _existing_model_name(path: Path) -> Optional[str]:
