@@ -26,7 +26,7 @@ from functools import reduce
 from operator import add, or_
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -62,6 +62,21 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
 def buffer_address(buf: Any) -> int:
     """Address of the first byte of a writable buffer (mmap, memoryview, bytearray, numpy array)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+class RowsTarget(NamedTuple):
+    """One destination of ``FlashReader.submit_rows``: rows of ``stride_bytes`` that start at byte
+    ``file_base_bytes`` of the file (one layer's segment), landing in buffer ``dest``; reads span at most
+    ``max_run_rows`` rows."""
+
+    dest: Buffer
+    file_base_bytes: int
+    stride_bytes: int
+    max_run_rows: int
 
 
 def pin_buffer(buf: Buffer) -> bool:
@@ -486,6 +501,58 @@ class FlashReader:
             lo = hi
         del mv, views
         with self._shared.lock:
+            self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        return ticket
+
+    def submit_rows(self, targets: Sequence[RowsTarget], ids: np.ndarray, file_rows: int,
+                    slots: Optional[np.ndarray] = None, dest_row0: int = 0) -> ReadTicket:
+        """Start the reads that bring rows ``ids`` (sorted, unique, < ``file_rows``) of each target's region of the
+        file into its buffer: into its rows ``slots`` (int64, one per id: a neuron cache's slots) or into consecutive
+        rows from ``dest_row0``. Runs of consecutive ids are one read each, split at the target's ``max_run_rows``:
+        the reads ``layout.read_plan`` / ``step.slot_plan`` make, planned in native code (one call per target instead
+        of a dozen numpy calls; the engine's hot path). Native reader only (``native``); one ticket for all targets."""
+        if self._pool is None or self._lib is None:
+            raise ValueError("submit_rows needs the native reader (FlashReader.native)")
+        t0 = time.perf_counter_ns()
+        lib = self._lib
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if slots is not None:
+            slots = np.ascontiguousarray(slots, dtype=np.int64)
+            if slots.size != ids.size:
+                raise ValueError(f"{ids.size} ids but {slots.size} slots")
+        views = []
+        plan = lib.llmflash_reader_plan_new()
+        try:
+            for t in targets:
+                if t.stride_bytes % self.align_bytes or t.file_base_bytes % self.align_bytes or t.file_base_bytes < 0:
+                    raise ValueError(f"unaligned rows: stride {t.stride_bytes} and file offset {t.file_base_bytes} "
+                                     f"must be multiples of {self.align_bytes} bytes")
+                mv = memoryview(t.dest)
+                if mv.readonly:
+                    raise ValueError("the destination buffer is read-only")
+                addr = buffer_address(t.dest)
+                if addr % ALIGN_BYTES:
+                    raise ValueError(f"unaligned destination: its address must be a multiple of {ALIGN_BYTES}")
+                views.append(mv)
+                rc = lib.llmflash_reader_plan_rows(plan, addr, mv.nbytes, t.file_base_bytes, t.stride_bytes, file_rows,
+                                                   ids.size, _addr(ids), 0 if slots is None else _addr(slots),
+                                                   dest_row0, max(1, t.max_run_rows))
+                if rc == -1:
+                    raise ValueError(f"row ids must be sorted, unique and in [0, {file_rows})")
+                if rc:
+                    raise ValueError(f"destination too small: rows beyond its {mv.nbytes // t.stride_bytes}")
+                if t.file_base_bytes + file_rows * t.stride_bytes > self.size_bytes:
+                    raise ValueError(f"rows beyond the end of {self.path}")
+        except BaseException:
+            lib.llmflash_reader_plan_free(plan)
+            for v in reversed(views):
+                v.release()
+            raise
+        ticket = ReadTicket(0, 0)
+        ticket._remaining = 1  # until waited
+        ticket._views = tuple(views)
+        ticket._native = lib.llmflash_reader_submit_plan(self._pool, plan)
+        with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket
 

@@ -233,6 +233,44 @@ def test_tight_budget_with_overflow_still_exact(flash_dirs):
     assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
+    """The engine's hot path plans its reads in the native reader (``FlashReader.submit_rows``); an observer that
+    counts reads gets the Python plans (the reference). Same tokens, and per token the same reads and bytes, through
+    a cache too small for the active set (overflow through the staging buffer) and with lookahead."""
+    from llmflash.native import reader_library
+
+    if reader_library() is None:
+        pytest.skip("the native reader does not build here")
+
+    class CountReads(EngineObserver):
+        def __init__(self):
+            self.issued = 0
+
+        def reads_issued(self, source, nbytes):
+            self.issued += nbytes.size
+
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + (3 if lookahead else 1) * 384 * lay.neuron_stride_bytes
+    budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 20 rows per layer
+    cfg = EngineConfig(mode="oracle", dram_budget=budget, staging_rows=384, window=2, lookahead=lookahead,
+                       lookahead_rows=384)
+    runs_ = []
+    for observers in ((), (CountReads(),)):
+        e = Engine(flash_dirs["llama"], cfg, observers=observers)
+        try:
+            assert e.reader.native
+            runs_.append(e.generate(PROMPT, 8, stop_at_eos=False))
+        finally:
+            e.close()
+    native_run, python_run = runs_
+    assert native_run.tokens == python_run.tokens == _gen(flash_dirs["llama"], "dense", n=8).tokens
+    assert [t.reads for t in native_run.per_token] == [t.reads for t in python_run.per_token]
+    assert [t.bytes_read for t in native_run.per_token] == [t.bytes_read for t in python_run.per_token]
+    assert sum(t.reads for t in native_run.per_token) > 0
+
+
 def test_bridge_fills_short_gaps_only():
     ids = np.array([1, 2, 5, 9, 10, 20, 22])
     assert bridge(ids, 0) is ids

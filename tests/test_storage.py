@@ -370,3 +370,83 @@ def test_native_reader_errors_reach_the_caller_and_it_closes(flash_file):
     shared.fd = -1  # closed above
     reader.close()
     reader.close()
+
+
+def _needs_native_reader() -> None:
+    if reader_library() is None:
+        pytest.skip("the native reader does not build here")
+
+
+@pytest.mark.parametrize("max_run", [1, 3, 64])
+def test_submit_rows_reads_what_the_python_plans_read(tmp_path, max_run):
+    """The native planner (the engine's hot path) makes the reads ``read_plan`` / ``slot_plan`` make: same count, same
+    bytes, each row landing where the Python plan puts it; into consecutive rows and into scattered slots, over two
+    targets (an unbundled layout's segments) in one ticket."""
+    from llmflash.layout import FlashLayout, read_plan
+    from llmflash.step import slot_plan
+    from llmflash.storage import RowsTarget
+
+    _needs_native_reader()
+    lay = FlashLayout.build(3, 16, 96, True, "float32", False)  # two segments: (gate, up) and (down,)
+    data = np.random.default_rng(0).integers(0, 256, lay.file_bytes, dtype=np.uint8).tobytes()
+    path = tmp_path / "ffn.bin"
+    path.write_bytes(data)
+    rng = np.random.default_rng(1)
+    ids = np.sort(rng.choice(96, 40, replace=False)).astype(np.int64)
+    ids[:6] = np.arange(10, 16)  # a long run, split at max_run
+    ids = np.unique(ids)
+    layer, cap = 2, 64
+    slots = rng.permutation(cap)[: ids.size].astype(np.int64)
+    max_read = max_run * max(s.stride_bytes for s in lay.segments)
+    with FlashReader(path, n_threads=4) as reader:
+        for dest in (slots, 5):
+            want_reads = 0
+            bufs = [aligned_buffer(cap * s.stride_bytes) for s in lay.segments]
+            targets = [RowsTarget(b, s.layer_offsets[layer], s.stride_bytes, max(1, max_read // s.stride_bytes))
+                       for b, s in zip(bufs, lay.segments)]
+            before = reader.stats.snapshot()
+            if isinstance(dest, np.ndarray):
+                t = reader.submit_rows(targets, ids, lay.d_ffn, slots=dest)
+            else:
+                t = reader.submit_rows(targets, ids, lay.d_ffn, dest_row0=dest)
+            reader.wait(t)
+            for s, b in zip(lay.segments, bufs):
+                if isinstance(dest, np.ndarray):
+                    fo, nb, po = slot_plan(s, layer, ids, dest, max_read)
+                    rows = dest
+                else:
+                    fo, nb, po = read_plan(s, layer, ids, dest, max_read)
+                    rows = dest + np.arange(ids.size)
+                want_reads += fo.size
+                for nid, row in zip(ids.tolist(), rows.tolist()):
+                    src = s.layer_offsets[layer] + nid * s.stride_bytes
+                    assert b[row * s.stride_bytes : (row + 1) * s.stride_bytes] == data[src : src + s.stride_bytes]
+            assert t.reads == want_reads == reader.stats.reads - before.reads
+            assert t.bytes_read == sum(ids.size * s.stride_bytes for s in lay.segments)
+            assert reader.stats.bytes_read - before.bytes_read == t.bytes_read
+
+
+def test_submit_rows_rejects_bad_ids_and_small_buffers(flash_file):
+    from llmflash.storage import RowsTarget
+
+    _needs_native_reader()
+    path, _ = flash_file
+    with FlashReader(path, n_threads=2) as reader:
+        buf = aligned_buffer(4 * A)
+        target = [RowsTarget(buf, 0, A, 8)]
+        for ids, kw, msg in ((np.array([3, 1]), {}, "sorted"), (np.array([1, 1]), {}, "sorted"),
+                             (np.array([0, 99]), {}, "sorted"), (np.array([0, 1]), {"slots": np.array([0, 4])}, "small"),
+                             (np.array([0, 1]), {"dest_row0": 3}, "small"), (np.array([0]), {"slots": np.array([0, 1])},
+                                                                           "slots")):
+            with pytest.raises(ValueError, match=msg):
+                reader.submit_rows(target, ids, 64, **kw)
+        with pytest.raises(ValueError, match="unaligned"):
+            reader.submit_rows([RowsTarget(buf, 512, A, 8)], np.array([0]), 64)
+        with pytest.raises(ValueError, match="beyond the end"):
+            reader.submit_rows(target, np.array([0]), 10 ** 6)
+        t = reader.submit_rows(target, np.array([0, 1, 2]), 64, slots=np.array([2, 0, 1]))  # still usable
+        reader.wait(t)
+        assert t.reads == 1 and t.bytes_read == 3 * A
+    with FlashReader(path, n_threads=2, native=False) as reader:
+        with pytest.raises(ValueError, match="native reader"):
+            reader.submit_rows([RowsTarget(aligned_buffer(A), 0, A, 1)], np.array([0]), 1)

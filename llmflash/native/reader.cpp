@@ -9,7 +9,14 @@
 // finished like the Python path: retried while the progress stays a multiple of 512 bytes, and past the end of the
 // file the rest of the destination is zeroed. Without O_DIRECT each read is followed by POSIX_FADV_DONTNEED.
 //
-// C ABI (ctypes releases the interpreter lock during every call): llmflash_reader_new / _submit / _wait / _free.
+// A ticket owns its read list. It comes either from a list made by the caller (llmflash_reader_submit: offsets and
+// lengths, as FlashReader.submit takes them) or from neuron ids planned here (llmflash_reader_plan_rows, then
+// llmflash_reader_submit_plan): runs of consecutive ids become one read each, landing in consecutive rows or row by
+// row in a neuron cache's slots. The planner is the engine's hot path: the same reads as the Python reference
+// (layout.read_plan / step.slot_plan), without a dozen numpy calls and list conversions per layer.
+//
+// C ABI (ctypes releases the interpreter lock during every call): llmflash_reader_new / _submit / _plan_new /
+// _plan_rows / _submit_plan / _plan_free / _wait / _free.
 
 #include <fcntl.h>
 #include <sys/uio.h>
@@ -38,13 +45,12 @@ int64_t now_ns() {
 }
 
 struct Ticket {
-  char* base;
-  int64_t n;
-  const int64_t* fo;
-  const int64_t* nb;
-  const int64_t* iov_start;
-  const int64_t* iov_off;
-  const int64_t* iov_len;
+  int64_t n = 0;                   // reads
+  std::vector<int64_t> fo;         // per read: file offset, bytes
+  std::vector<int64_t> nb;
+  std::vector<int64_t> iov_start;  // per read: its buffers are iov[iov_start[j] .. iov_start[j + 1])
+  std::vector<char*> iov_ptr;      // per buffer: where, how many bytes
+  std::vector<int64_t> iov_len;
   std::atomic<int64_t> next{0};   // next read to hand out
   std::atomic<int64_t> left{0};   // reads not finished
   std::atomic<int64_t> bytes{0};  // bytes the kernel returned
@@ -93,7 +99,7 @@ int64_t do_read(const Pool& p, const Ticket& t, int64_t j, int* err) {
     struct iovec iov[IOV_MAX];
     int64_t part = 0;
     for (int64_t i = s; i < e; ++i) {
-      iov[i - s].iov_base = t.base + t.iov_off[i];
+      iov[i - s].iov_base = t.iov_ptr[i];
       iov[i - s].iov_len = static_cast<size_t>(t.iov_len[i]);
       part += t.iov_len[i];
     }
@@ -110,13 +116,13 @@ int64_t do_read(const Pool& p, const Ticket& t, int64_t j, int* err) {
       for (int64_t i = s; i < e; ++i) {
         const int64_t len = t.iov_len[i];
         const int64_t have = std::min<int64_t>(std::max<int64_t>(r - pos, 0), len);
-        total += have < len ? finish(p.fd, t.base + t.iov_off[i], len, t.fo[j] + got + pos, have, err) : len;
+        total += have < len ? finish(p.fd, t.iov_ptr[i], len, t.fo[j] + got + pos, have, err) : len;
         pos += len;
         if (*err) break;
       }
       got += total;
       // what follows a short read lies past the end of the file: zero the remaining buffers
-      for (int64_t i = e; i < b; ++i) std::memset(t.base + t.iov_off[i], 0, static_cast<size_t>(t.iov_len[i]));
+      for (int64_t i = e; i < b; ++i) std::memset(t.iov_ptr[i], 0, static_cast<size_t>(t.iov_len[i]));
       break;
     }
     got += r;
@@ -129,6 +135,7 @@ void worker(Pool* p) {
   for (;;) {
     Ticket* t = nullptr;
     int64_t j = 0;
+    bool more = false;
     {
       std::unique_lock<std::mutex> lock(p->m);
       p->cv.wait(lock, [p] { return p->stop || !p->queue.empty(); });
@@ -136,7 +143,11 @@ void worker(Pool* p) {
       t = p->queue.front();
       j = t->next.fetch_add(1);
       if (j + 1 >= t->n) p->queue.pop_front();  // its last read is handed out
+      more = !p->queue.empty();
     }
+    // reads left to hand out: wake one more reader (a chain: the submitter wakes one, each woken reader the next, so
+    // the submitting thread is not preempted by a burst of wake-ups on a machine with few cores)
+    if (more) p->cv.notify_one();
     int err = 0;
     const int64_t got = do_read(*p, *t, j, &err);
     t->bytes.fetch_add(got);
@@ -153,11 +164,30 @@ void worker(Pool* p) {
   }
 }
 
+// Queue a ticket (its reads planned) and return it: the handle for llmflash_reader_wait.
+void* enqueue(Pool* p, Ticket* t) {
+  t->n = static_cast<int64_t>(t->fo.size());
+  t->left.store(t->n);
+  t->start_ns = now_ns();
+  if (t->n <= 0) {
+    t->done = true;
+    return t;
+  }
+  {
+    std::lock_guard<std::mutex> lock(p->m);
+    p->queue.push_back(t);
+  }
+  // one reader woken here; it wakes the next while reads remain (``worker``): never more readers than reads, and the
+  // submitting thread returns after one wake-up instead of being preempted by up to 16 of them on a 2-core machine
+  p->cv.notify_one();
+  return t;
+}
+
 }  // namespace
 
 extern "C" {
 
-int llmflash_reader_version() { return 1; }
+int llmflash_reader_version() { return 2; }
 
 void* llmflash_reader_new(int fd, int n_threads, int direct) {
   Pool* p = new Pool();
@@ -167,38 +197,76 @@ void* llmflash_reader_new(int fd, int n_threads, int direct) {
   return p;
 }
 
-// Queue a ticket's reads and return at once: a handle for llmflash_reader_wait. The arrays and the destination must
-// stay alive and untouched until then.
+// Queue n reads and return at once (a handle for llmflash_reader_wait): read j fills the buffers
+// base + iov_off[i], iov_len[i] for i in [iov_start[j], iov_start[j + 1]). The lists are copied; the destination must
+// stay alive and untouched until the wait.
 void* llmflash_reader_submit(void* pool, char* base, int64_t n, const int64_t* fo, const int64_t* nb,
                              const int64_t* iov_start, const int64_t* iov_off, const int64_t* iov_len) {
-  Pool* p = static_cast<Pool*>(pool);
   Ticket* t = new Ticket();
-  t->base = base;
-  t->n = n;
-  t->fo = fo;
-  t->nb = nb;
-  t->iov_start = iov_start;
-  t->iov_off = iov_off;
-  t->iov_len = iov_len;
-  t->left.store(n);
-  t->start_ns = now_ns();
-  if (n <= 0) {
-    t->done = true;
-    return t;
+  if (n > 0) {
+    t->fo.assign(fo, fo + n);
+    t->nb.assign(nb, nb + n);
+    t->iov_start.assign(iov_start, iov_start + n + 1);
+    const int64_t k = iov_start[n];
+    t->iov_ptr.resize(static_cast<size_t>(k));
+    for (int64_t i = 0; i < k; ++i) t->iov_ptr[i] = base + iov_off[i];
+    t->iov_len.assign(iov_len, iov_len + k);
   }
-  {
-    std::lock_guard<std::mutex> lock(p->m);
-    p->queue.push_back(t);
-  }
-  // as many readers as reads, not the whole pool: on 2 cores, waking 16 readers for a handful of reads slowed
-  // predictor mode (an alternating A/B on smollm2-relu, 2026-11-29: see the session's note)
-  if (n < static_cast<int64_t>(p->threads.size())) {
-    for (int64_t i = 0; i < n; ++i) p->cv.notify_one();
-  } else {
-    p->cv.notify_all();
-  }
+  return enqueue(static_cast<Pool*>(pool), t);
+}
+
+// An empty read list to plan reads into (llmflash_reader_plan_rows), then queue (llmflash_reader_submit_plan) or free.
+void* llmflash_reader_plan_new() {
+  Ticket* t = new Ticket();
+  t->iov_start.push_back(0);
   return t;
 }
+
+// Plan the reads that bring rows ids[0..n) (sorted, unique, each < file_rows) of one layer's segment, which starts at
+// byte file_base of the file with rows of `stride` bytes, into a destination of dest_bytes bytes at `base`: into its
+// rows slots[k] (one per id, a neuron cache's slots), or (slots == NULL) into consecutive rows from dest_row0. Runs of
+// consecutive ids are one read each, split at max_run rows: layout.read_plan / step.slot_plan's reads. Returns 0; -1
+// for ids not sorted, unique and in the layer, -2 for a destination row outside the buffer (nothing planned then).
+int llmflash_reader_plan_rows(void* plan, char* base, int64_t dest_bytes, int64_t file_base, int64_t stride,
+                              int64_t file_rows, int64_t n, const int64_t* ids, const int64_t* slots,
+                              int64_t dest_row0, int64_t max_run) {
+  Ticket* t = static_cast<Ticket*>(plan);
+  if (n <= 0) return 0;
+  if (stride <= 0 || max_run <= 0) return -1;
+  const int64_t rows = dest_bytes / stride;
+  for (int64_t k = 0; k < n; ++k) {
+    if (ids[k] < 0 || ids[k] >= file_rows || (k > 0 && ids[k] <= ids[k - 1])) return -1;
+    const int64_t row = slots != nullptr ? slots[k] : dest_row0 + k;
+    if (row < 0 || row >= rows) return -2;
+  }
+  int64_t k = 0;
+  while (k < n) {
+    int64_t len = 1;
+    while (k + len < n && len < max_run && ids[k + len] == ids[k] + len) ++len;
+    t->fo.push_back(file_base + ids[k] * stride);
+    t->nb.push_back(len * stride);
+    if (slots != nullptr) {
+      for (int64_t i = 0; i < len; ++i) {
+        t->iov_ptr.push_back(base + slots[k + i] * stride);
+        t->iov_len.push_back(stride);
+      }
+    } else {
+      t->iov_ptr.push_back(base + (dest_row0 + k) * stride);
+      t->iov_len.push_back(len * stride);
+    }
+    t->iov_start.push_back(static_cast<int64_t>(t->iov_ptr.size()));
+    k += len;
+  }
+  return 0;
+}
+
+// Queue a planned read list; it becomes the ticket (wait on the returned handle, do not free the plan).
+void* llmflash_reader_submit_plan(void* pool, void* plan) {
+  return enqueue(static_cast<Pool*>(pool), static_cast<Ticket*>(plan));
+}
+
+// Free a plan that was not submitted.
+void llmflash_reader_plan_free(void* plan) { delete static_cast<Ticket*>(plan); }
 
 // Block until a ticket's reads are done, free it and write out[0..3] = bytes, reads, elapsed ns, errno (0: none).
 void llmflash_reader_wait(void* pool, void* ticket, int64_t* out) {
