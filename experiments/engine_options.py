@@ -11,7 +11,9 @@ prompt) with one change, run alternating (the disk and the machine drift) ``--re
   and beyond them into two host buffers: ``EngineConfig.lookahead_rows``);
 - ``lookahead_one_thread``: both (the reads in flight then leave the second core to the reader threads);
 - ``bridge_2``, ``bridge_4``: the rows beyond the cache read with gaps of up to 2 or 4 rows filled in
-  (``EngineConfig.max_gap_rows``): fewer, longer reads.
+  (``EngineConfig.max_gap_rows``): fewer, longer reads;
+- ``python_plans``: the reads planned in numpy (``layout.read_plan`` / ``step.slot_plan``) and handed to the reader
+  as lists, instead of from the neuron ids inside the native reader (``EngineConfig.native_plans``).
 
 Measured: medians of the per-token I/O wait, memory management, predictor and compute times (and the predictor's
 share of compute, issue 4's "< 5%"). Computed, when ``llmflash collect`` has made activations: how much of layer l's
@@ -51,6 +53,7 @@ ARMS = {  # name -> EngineConfig changes
     "lookahead_one_thread": {"lookahead": True, "compute_threads": 1},
     "bridge_2": {"max_gap_rows": 2},
     "bridge_4": {"max_gap_rows": 4},
+    "python_plans": {"native_plans": False},
 }
 PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes the predictor: shown without it
 

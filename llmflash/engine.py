@@ -164,6 +164,10 @@ class EngineConfig:
     # the flash reader's workers: C++ threads that never take the interpreter's lock (``storage.FlashReader``,
     # ``native/reader.cpp``; built with g++ on first use), else Python threads (the reference, and the fallback)
     native_reader: bool = True
+    # with the native reader: a layer's reads planned from its neuron ids inside the reader (``FlashReader.submit_rows``,
+    # one call per layer), else by ``layout.read_plan`` / ``step.slot_plan`` in numpy (the reference; also used while an
+    # observer counts the reads)
+    native_plans: bool = True
 
 
 def _now_ms() -> float:
@@ -201,8 +205,8 @@ class _FlashFFNBase(nn.Module):
         tickets = []
         for o in e.observers:
             o.read_plan(self.layer, ids)
-        if ids.size and e.reader.native and not any(type(o).reads_issued is not EngineObserver.reads_issued
-                                                    for o in e.observers):
+        if ids.size and e.reader.native and e.cfg.native_plans and \
+                not any(type(o).reads_issued is not EngineObserver.reads_issued for o in e.observers):
             # the hot path: the native reader plans the same reads from the ids (one call, one ticket)
             e.backend.before_reads(store)
             segs = e.fd.layout.segments
@@ -948,6 +952,7 @@ class Engine:
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
                                        "row_bucket": self.row_bucket, "native_step": self.native,
                                        "native_reader": self.reader.native,
+                                       "native_plans": self.reader.native and self.cfg.native_plans,
                                        "busy": self.threads.busy,
                                        "load_cores": self.threads.load_cores, "cores": self.threads.cores},
         )

@@ -345,18 +345,33 @@ def eval_trainer(args, tag: str) -> tuple[Trainer, Path]:
 
 
 def frontier_main(args) -> None:
-    """Evaluate an artifact (``--artifact``): per target sparsity of ``SPARSIFY_FRONTIER``, thresholds calibrated on
-    training-mix windows, then perplexity on every held-out corpus (512 and 2048 windows, ``--eval-tokens`` each)
-    beside the original's. Writes $OUT/frontier.json."""
+    """Evaluate an artifact (``--artifact``): first as it ships (its own thresholds: rows with target_sparsity
+    "shipped"), then per target sparsity of ``SPARSIFY_FRONTIER``, thresholds calibrated on training-mix windows;
+    perplexity on every held-out corpus (512 and 2048 windows, ``--eval-tokens`` each) beside the original's.
+    Writes $OUT/frontier.json."""
     from .job import frontier as sparsity_frontier
 
     t0 = time.perf_counter()
     trainer, work = eval_trainer(args, "frontier")
+    if args.corpora:  # a subset of the held-out corpora (e.g. the hardest one, on a CPU)
+        keep = args.corpora.split(",")
+        missing = sorted(set(keep) - set(trainer.held_out))
+        if missing:
+            raise SystemExit(f"--corpora: no held-out corpus {', '.join(missing)} (have {', '.join(trainer.held_out)})")
+        trainer.held_out = {k: v for k, v in trainer.held_out.items() if k in keep}
     model = trainer.student
     teacher_ev = teacher_eval(trainer, work, args.eval_tokens)
-    rows = sparsity_frontier(trainer, trainer.student, teacher_ev, args.eval_tokens)
+    shipped = []  # the artifact as it ships: its own thresholds, not recalibrated
+    for seq in (512, 2048):
+        for name, v in trainer.evaluate(seq, args.eval_tokens, model=model).items():
+            ref = teacher_ev[str(seq)][name]
+            if ref["tokens"] != v["tokens"]:
+                raise SystemExit(f"{name} {seq}: the original was scored on other tokens")
+            shipped.append({"target_sparsity": "shipped", "seq_len": seq, "corpus": name, "ppl": v["ppl"],
+                            "ppl_ratio": v["ppl"] / ref["ppl"], "tokens": v["tokens"], "zeros": 1 - v["active_fraction"]})
+    rows = shipped + sparsity_frontier(trainer, trainer.student, teacher_ev, args.eval_tokens)
     for r in rows:
-        say(f"{r['target_sparsity']} {r['seq_len']} {r['corpus']}: ratio {r['ppl_ratio']:.3f}, zeros {r['zeros']:.3f}")
+        say(f"{r['target_sparsity']} {r['seq_len']} {r['corpus']}: ratio {r['ppl_ratio']:.4f}, zeros {r['zeros']:.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [int(n) for n in args.teacher_tokens.split(",") if n]  # the original at other budgets (earlier runs' ratios)
@@ -406,6 +421,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=131_072)
+    ap.add_argument("--corpora", default="", help="frontier: only these held-out corpora (comma-separated; default all)")
     ap.add_argument("--frontier-tokens", type=int, default=65_536)
     ap.add_argument("--teacher-tokens", default="",
                     help="frontier: also score the original on the first N tokens of each corpus (comma-separated Ns)")

@@ -44,7 +44,8 @@ STAGE_DIRS = [REPO / ".device-stage" / "sparsify-1", REPO / ".device-stage" / "s
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PART1_BYTES = 50 * 1024 * 1024  # with part 2 and the tree, each call stays under 64 MiB
 ARMS = ("silu", "relu")
-FRONTIER = tuple(float(v) for v in os.environ.get("SPARSIFY_FRONTIER", "0.80,0.85,0.88,0.90,0.92,0.94").split(","))
+FRONTIER = tuple(float(v) for v in os.environ.get("SPARSIFY_FRONTIER", "0.80,0.85,0.88,0.90,0.92,0.94").split(",")
+                 if v.strip())  # "": no recalibrated targets (``gated frontier``: the shipped point alone)
 CALIB_TOKENS = int(os.environ.get("SPARSIFY_CALIB_TOKENS", "65536"))  # training-mix tokens per threshold calibration
 PROBE_STEPS = int(os.environ.get("SPARSIFY_PROBE_STEPS", "300"))  # optimizer steps of each layer's probe predictor
 PROBE_TOKENS = int(os.environ.get("SPARSIFY_PROBE_TOKENS", "32768"))  # training tokens of the probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -257,14 +258,16 @@ def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
     cfg = EngineConfig(mode="oracle", dram_budget=budget, staging_rows=384, window=2, lookahead=lookahead,
                        lookahead_rows=384)
     runs_ = []
-    for observers in ((), (CountReads(),)):
-        e = Engine(flash_dirs["llama"], cfg, observers=observers)
+    for observers, c in (((), cfg), ((CountReads(),), cfg), ((), replace(cfg, native_plans=False))):
+        e = Engine(flash_dirs["llama"], c, observers=observers)
         try:
             assert e.reader.native
             runs_.append(e.generate(PROMPT, 8, stop_at_eos=False))
         finally:
             e.close()
-    native_run, python_run = runs_
+    native_run, python_run, off_run = runs_
+    assert off_run.tokens == native_run.tokens and off_run.config["native_plans"] is False
+    assert [t.reads for t in off_run.per_token] == [t.reads for t in native_run.per_token]
     assert native_run.tokens == python_run.tokens == _gen(flash_dirs["llama"], "dense", n=8).tokens
     assert [t.reads for t in native_run.per_token] == [t.reads for t in python_run.per_token]
     assert [t.bytes_read for t in native_run.per_token] == [t.bytes_read for t in python_run.per_token]

@@ -271,6 +271,17 @@ def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
     assert 1 - final["eval"]["student"]["512"]["kjv"]["active_fraction"] == pytest.approx(0.8, abs=0.1)
     hf = apply_artifact(tiny_llama(seed=4, d_ffn=128), out)
     assert model_rule(hf.config).on_act
+    # ``gated frontier``: the artifact as it ships (its own thresholds), then the recalibrated targets
+    fout = tmp_path / "frontier"
+    gated.main(["frontier", "--base", str(base), "--device", "cpu", "--seq-len", "64", "--micro-batch-seqs", "2",
+                "--eval-tokens", "512", "--work", str(tmp_path / "w"), "--out", str(fout), "--artifact", str(out)])
+    rows = json.loads((fout / "frontier.json").read_text())["rows"]
+    shipped = [r for r in rows if r["target_sparsity"] == "shipped"]
+    assert {(r["seq_len"], r["corpus"]) for r in shipped} == {(r["seq_len"], r["corpus"]) for r in rows
+                                                              if r["target_sparsity"] == 0.8}
+    ship_kjv = next(r for r in shipped if r["seq_len"] == 512 and r["corpus"] == "kjv")
+    run_kjv = final["eval"]["student"]["512"]["kjv"]
+    assert ship_kjv["zeros"] == pytest.approx(1 - run_kjv["active_fraction"], abs=1e-6)  # the run's own evaluation
     pout = tmp_path / "pred"
     predictors_job.main(["--work", str(tmp_path / "w"), "--out", str(pout), "--base", str(base), "--artifact", str(out),
                          "--device", "cpu", "--tokens", "2048", "--calib-tokens", "1024", "--eval-tokens", "512",
