@@ -45,7 +45,8 @@ LOWRANK_DEFAULT = repo_root() / "predictors" / "artifacts" / "smollm2-relu-lowra
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-relu", help="model alias, directory or flash directory")
-    p.add_argument("--lowrank", default=str(LOWRANK_DEFAULT), help="the low-rank set to compare ('none': leave it out)")
+    p.add_argument("--lowrank", default=str(LOWRANK_DEFAULT) if LOWRANK_DEFAULT.is_dir() else "none",
+                   help="the low-rank set to compare ('none': leave it out; default: the committed one, if any)")
     p.add_argument("--calibration-text", default="wiki:train", help="the low-bit cuts' calibration text")
     p.add_argument("--calibration-tokens", type=int, default=32_768)
     p.add_argument("--recall-target", type=float, default=0.96, help="the shipped recipe's (held-out recall >= 0.95)")

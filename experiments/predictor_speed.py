@@ -60,6 +60,7 @@ def main(argv=None) -> int:
             "lowbit": args.lowbit or default_predictors("smollm2-relu")}
     rows_cfg = [("naive", None), ("predictor_lowrank", sets["lowrank"]), ("predictor_lowbit", sets["lowbit"]),
                 ("oracle", None)]
+    rows_cfg = [(label, preds) for label, preds in rows_cfg if preds is not None or not label.startswith("predictor")]
     rows = []
     for spec in [s for s in args.dirs.split(",") if s]:
         path = resolve_dir(spec)

@@ -29,6 +29,7 @@ from .errors import LLMFlashError
 from .flashdir import open_flash_dir
 from .models import default_predictors, lowrank_predictors, relu_artifact_tag
 from .paths import cache_dir
+from .predictor import SIDECAR
 from .report import environment, fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,20 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
                             predictors=setup["lowrank_predictors"], tag="low-rank"))
     if setup["predictors"]:
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
-                            predictors=setup["predictors"], tag="low-bit" if setup.get("lowrank_predictors") else ""))
+                            predictors=setup["predictors"], tag=_kind_tag(setup["predictors"])))
     rows.append(DemoRow("oracle", **sparse, dram_budget=dram_budget, role="upper bound"))
     return rows
+
+
+def _kind_tag(predictors: str) -> str:
+    """A predictor set's kind as the table names it: "low-bit" or "low-rank" (from its sidecar)."""
+    import json
+
+    try:
+        kind = json.loads((Path(predictors) / SIDECAR).read_text()).get("kind", "lowrank")
+    except (OSError, ValueError):
+        return ""
+    return "low-bit" if kind == "lowbit" else "low-rank"
 
 
 def dram_holds(engine: Engine) -> str:
@@ -268,9 +280,9 @@ def format_table(result: dict) -> str:
     else:
         lines.append(f"the machine was quiet when every row started ({rows[0]['cores']} cores free)")
     lines += [
-        "predictor: the paper's method (trained low-rank predictors; low-bit: a 4-bit copy of the FFN's gate and up "
-        "instead; their cost counted); oracle: the true active set, found for free (an upper bound); threads: "
-        "readers/compute",
+        "predictor: the paper's method, the predictors' cost counted (low-rank: trained predictors, the paper's; "
+        "low-bit: a 4-bit copy of the FFN's gate and up); oracle: the true active set, found for free (an upper "
+        "bound); threads: readers/compute",
         "(ms/token: median over generated tokens, measured; reads bypass the page cache; the oracle sums the same "
         "terms as dense in another order, and a threshold rule can turn a rounding difference into another neuron: "
         "texts may part after many tokens)",

@@ -11,8 +11,9 @@ The runtime (``PredictorSet``: ``load``, ``predict``, ``check_compatible``, ``nb
 the core; this package depends on the core only.
 
 Default predictors for ``smollm2-relu`` live in ``predictors/artifacts/smollm2-relu``: a low-bit recipe (its cuts and
-pins; the codes are derived from the model's weights on first use, see ``default_predictors``); its low-rank set,
-the paper's kind, in ``predictors/artifacts/smollm2-relu-lowrank``.
+pins; the codes are derived from the model's weights on first use, see ``default_predictors``). A low-rank set (the
+paper's kind) for an alias goes in ``predictors/artifacts/<alias>-lowrank`` (``lowrank_predictors``); the one trained
+for the previous smollm2-relu was removed with that model (tenth session) and is to be retrained on the GPU.
 """
 
 from __future__ import annotations

@@ -353,6 +353,7 @@ def frontier_main(args) -> None:
 
     t0 = time.perf_counter()
     trainer, work = eval_trainer(args, "frontier")
+    trainer.eval_batch_tokens = args.eval_batch_tokens
     if args.corpora:  # a subset of the held-out corpora (e.g. the hardest one, on a CPU)
         keep = args.corpora.split(",")
         missing = sorted(set(keep) - set(trainer.held_out))
@@ -421,6 +422,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=131_072)
+    ap.add_argument("--eval-batch-tokens", type=int, default=0,
+                    help="frontier: tokens per evaluation batch (0: 16 windows; a CPU wants about 4096)")
     ap.add_argument("--corpora", default="", help="frontier: only these held-out corpora (comma-separated; default all)")
     ap.add_argument("--frontier-tokens", type=int, default=65_536)
     ap.add_argument("--teacher-tokens", default="",

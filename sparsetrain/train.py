@@ -187,6 +187,7 @@ class Trainer:
         self.teacher = teacher.to(device)
         self.sampler = sampler
         self.held_out = held_out
+        self.eval_batch_tokens = 0  # tokens per evaluation batch; 0: 16 windows (a CPU wants fewer: full-vocabulary logits)
         self.log = log_fn
         for ffn in self.student.ffns():
             ffn.sparse = True
@@ -353,9 +354,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, seq_len: int, max_tokens: int, model: Optional[CompactLlama] = None,
-                 corpora: Optional[dict[str, np.ndarray]] = None, batch_seqs: int = 16) -> dict:
+                 corpora: Optional[dict[str, np.ndarray]] = None, batch_seqs: Optional[int] = None) -> dict:
         """Per held-out corpus: perplexity (all positions scored) and the active fraction under the thresholds."""
         model = model or self.student
+        batch_seqs = batch_seqs or (max(1, self.eval_batch_tokens // seq_len) if self.eval_batch_tokens else 16)
         out = {}
         for name, stream in (corpora or self.held_out).items():
             wins = eval_windows(stream, seq_len, max_tokens)
