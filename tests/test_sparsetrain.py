@@ -274,7 +274,8 @@ def test_continuation_with_the_act_rule_on_cpu(tmp_path, monkeypatch):
     # ``gated frontier``: the artifact as it ships (its own thresholds), then the recalibrated targets
     fout = tmp_path / "frontier"
     gated.main(["frontier", "--base", str(base), "--device", "cpu", "--seq-len", "64", "--micro-batch-seqs", "2",
-                "--eval-tokens", "512", "--work", str(tmp_path / "w"), "--out", str(fout), "--artifact", str(out)])
+                "--eval-tokens", "512", "--eval-batch-tokens", "128", "--work", str(tmp_path / "w"), "--out", str(fout),
+                "--artifact", str(out)])
     rows = json.loads((fout / "frontier.json").read_text())["rows"]
     shipped = [r for r in rows if r["target_sparsity"] == "shipped"]
     assert {(r["seq_len"], r["corpus"]) for r in shipped} == {(r["seq_len"], r["corpus"]) for r in rows
