@@ -29,7 +29,7 @@ from .errors import LLMFlashError
 from .flashdir import open_flash_dir
 from .models import default_predictors, lowrank_predictors, relu_artifact_tag
 from .paths import cache_dir
-from .predictor import SIDECAR
+from .predictor import set_kind
 from .report import environment, fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -155,14 +155,9 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
 
 
 def _kind_tag(predictors: str) -> str:
-    """A predictor set's kind as the table names it: "low-bit" or "low-rank" (from its sidecar)."""
-    import json
-
-    try:
-        kind = json.loads((Path(predictors) / SIDECAR).read_text()).get("kind", "lowrank")
-    except (OSError, ValueError):
-        return ""
-    return "low-bit" if kind == "lowbit" else "low-rank"
+    """A predictor set's kind as the table names it: "low-bit" or "low-rank" ("" where it cannot be read)."""
+    kind = set_kind(predictors)
+    return "" if kind is None else "low-bit" if kind == "lowbit" else "low-rank"
 
 
 def dram_holds(engine: Engine) -> str:

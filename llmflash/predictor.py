@@ -65,13 +65,25 @@ PIN_LOGIT = 30_000.0  # the bias of a pinned neuron: always predicted (fits fp16
 RECIPE = "derived from the model's weights at first use"  # a sidecar's "codes" when the weights are not stored
 
 
-def is_recipe(path: str | Path) -> bool:
-    """A low-bit set saved without its codes (``save(with_codes=False)``)."""
+def _sidecar(path: str | Path) -> Optional[dict]:
+    """A saved set's sidecar, or None where it cannot be read."""
     try:
         meta = json.loads((Path(path) / SIDECAR).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("codes") == RECIPE and not (Path(path) / WEIGHTS).is_file()
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_recipe(path: str | Path) -> bool:
+    """A low-bit set saved without its codes (``save(with_codes=False)``)."""
+    meta = _sidecar(path)
+    return meta is not None and meta.get("codes") == RECIPE and not (Path(path) / WEIGHTS).is_file()
+
+
+def set_kind(path: str | Path) -> Optional[str]:
+    """A saved set's kind ("lowrank" or "lowbit"), or None where its sidecar cannot be read."""
+    meta = _sidecar(path)
+    return None if meta is None else str(meta.get("kind", "lowrank"))
 
 
 class LowRankPredictor(nn.Module):

@@ -29,6 +29,7 @@ from .ffn import neuron_outputs
 from .layout import Segment, runs
 from .native import library
 from .quant import part_rows
+from .storage import array_address
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: C
     if m > n:
         h[..., n:] = 0  # padding rows (stale or zero rows of the store, repeated slots) contribute nothing
     return h @ part("down"), h[..., :n]
-
-
-def _addr(a: np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0])
 
 
 class _Parts(NamedTuple):
@@ -185,11 +182,11 @@ class NativeRows:
         mptr, mstride = (0, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
         if p.dtype_code < 0:
             rc = self._fn_q(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.bits,
-                            p.group_size, _addr(rows), _addr(ids), n, self._bias_ptr, mptr, mstride, self.kind,
+                            p.group_size, array_address(rows), array_address(ids), n, self._bias_ptr, mptr, mstride, self.kind,
                             self.threshold, self.on_act, y.data_ptr(), self.threads)
         else:
             rc = self._fn(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.dtype_code,
-                          _addr(rows), _addr(ids), n, self._bias_ptr, mptr, mstride, self.kind, self.threshold,
+                          array_address(rows), array_address(ids), n, self._bias_ptr, mptr, mstride, self.kind, self.threshold,
                           self.on_act, y.data_ptr(), self.threads)
         if rc != 0:
             raise RuntimeError(f"native sparse step failed ({rc})")

@@ -64,7 +64,8 @@ def buffer_address(buf: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-def _addr(a: np.ndarray) -> int:
+def array_address(a: np.ndarray) -> int:
+    """Address of a numpy array's first element (for the native libraries)."""
     return int(a.__array_interface__["data"][0])
 
 
@@ -535,7 +536,7 @@ class FlashReader:
                     raise ValueError(f"unaligned destination: its address must be a multiple of {ALIGN_BYTES}")
                 views.append(mv)
                 rc = lib.llmflash_reader_plan_rows(plan, addr, mv.nbytes, t.file_base_bytes, t.stride_bytes, file_rows,
-                                                   ids.size, _addr(ids), 0 if slots is None else _addr(slots),
+                                                   ids.size, array_address(ids), 0 if slots is None else array_address(slots),
                                                    dest_row0, max(1, t.max_run_rows))
                 if rc == -1:
                     raise ValueError(f"row ids must be sorted, unique and in [0, {file_rows})")

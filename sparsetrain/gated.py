@@ -362,15 +362,7 @@ def frontier_main(args) -> None:
         trainer.held_out = {k: v for k, v in trainer.held_out.items() if k in keep}
     model = trainer.student
     teacher_ev = teacher_eval(trainer, work, args.eval_tokens)
-    shipped = []  # the artifact as it ships: its own thresholds, not recalibrated
-    for seq in (512, 2048):
-        for name, v in trainer.evaluate(seq, args.eval_tokens, model=model).items():
-            ref = teacher_ev[str(seq)][name]
-            if ref["tokens"] != v["tokens"]:
-                raise SystemExit(f"{name} {seq}: the original was scored on other tokens")
-            shipped.append({"target_sparsity": "shipped", "seq_len": seq, "corpus": name, "ppl": v["ppl"],
-                            "ppl_ratio": v["ppl"] / ref["ppl"], "tokens": v["tokens"], "zeros": 1 - v["active_fraction"]})
-    rows = shipped + sparsity_frontier(trainer, trainer.student, teacher_ev, args.eval_tokens)
+    rows = sparsity_frontier(trainer, model, teacher_ev, args.eval_tokens, shipped=True)
     for r in rows:
         say(f"{r['target_sparsity']} {r['seq_len']} {r['corpus']}: ratio {r['ppl_ratio']:.4f}, zeros {r['zeros']:.4f}")
     out = Path(args.out)

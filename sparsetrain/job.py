@@ -340,17 +340,20 @@ def arm_records(work: Path) -> dict[str, dict]:
             for arm in ARMS if (work / arm / "record.json").is_file()}
 
 
-def frontier(trainer: Trainer, model: CompactLlama, teacher_eval: dict, max_tokens: int) -> list[dict]:
+def frontier(trainer: Trainer, model: CompactLlama, teacher_eval: dict, max_tokens: int,
+             shipped: bool = False) -> list[dict]:
     """Per target sparsity (thresholds recalibrated on training-mix windows): each held-out corpus's perplexity, its
-    ratio to the original's on the same tokens, and the measured zeros."""
+    ratio to the original's on the same tokens, and the measured zeros. ``shipped``: first the model as it is (its own
+    thresholds), as rows whose target_sparsity is "shipped"."""
     saved = model.thresholds()
     rows = []
     same = {seq: all(teacher_eval[str(seq)][k]["tokens"] == eval_windows(v, seq, max_tokens).shape[0] * (seq - 1)
                      for k, v in trainer.held_out.items()) for seq in (512, 2048)}
     teacher = {str(seq): (teacher_eval[str(seq)] if same[seq] else trainer.evaluate(seq, max_tokens, model=trainer.teacher))
                for seq in (512, 2048)}  # the original on exactly the tokens the student is scored on
-    for sp in FRONTIER:
-        model.set_thresholds(calibrate(trainer, model, sp))
+    for sp in (("shipped",) if shipped else ()) + FRONTIER:
+        if sp != "shipped":
+            model.set_thresholds(calibrate(trainer, model, sp))
         for seq in (512, 2048):
             ev = trainer.evaluate(seq, max_tokens, model=model)
             for name, v in ev.items():
