@@ -10,8 +10,9 @@ prompt) with one change, run alternating (the disk and the machine drift) ``--re
 - ``lookahead``: layer l+1's set guessed from layer l's FFN input and its new neurons read early (into the caches,
   and beyond them into two host buffers: ``EngineConfig.lookahead_rows``);
 - ``lookahead_one_thread``: both (the reads in flight then leave the second core to the reader threads);
-- ``bridge_2``, ``bridge_4``: the rows beyond the cache read with gaps of up to 2 or 4 rows filled in
-  (``EngineConfig.max_gap_rows``): fewer, longer reads;
+- ``no_bridge``, ``bridge_2``, ``bridge_4``: the rows beyond the cache read with gaps of up to 0, 2 or 4 rows filled
+  in (``EngineConfig.max_gap_rows``; the default, auto, fills the rows that fit in 8 KiB: one float32 row of
+  SmolLM2): fewer, longer reads for more bytes;
 - ``python_plans``: the reads planned in numpy (``layout.read_plan`` / ``step.slot_plan``) and handed to the reader
   as lists, instead of from the neuron ids inside the native reader (``EngineConfig.native_plans``).
 
@@ -51,6 +52,7 @@ ARMS = {  # name -> EngineConfig changes
     "one_thread": {"compute_threads": 1},
     "lookahead": {"lookahead": True},
     "lookahead_one_thread": {"lookahead": True, "compute_threads": 1},
+    "no_bridge": {"max_gap_rows": 0},
     "bridge_2": {"max_gap_rows": 2},
     "bridge_4": {"max_gap_rows": 4},
     "python_plans": {"native_plans": False},

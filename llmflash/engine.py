@@ -70,6 +70,7 @@ MODES = ("dense", "naive", "hybrid", "oracle", "predictor")
 CACHE_FORMS = ("stored", "compute")  # EngineConfig.cache_form
 PREDICTOR_DTYPES = ("int8", "float16", "float32")  # EngineConfig.predictor_dtype
 LARGE_D_MODEL = 2048
+AUTO_GAP_BYTES = 8192  # EngineConfig.max_gap_rows = -1: gaps filled up to this many bytes of rows
 SPARSE_MODES = ("oracle", "predictor")
 # cache_policy="hot": the text whose needed sets choose each layer's hot neurons at engine start (fixed, so runs agree)
 HOT_CALIBRATION_TEXT = (
@@ -117,8 +118,12 @@ class EngineConfig:
     # sparse modes: a token's rows beyond its cache (read into the staging buffer, computed, not kept) are read with
     # every gap of at most this many rows between two of them filled in, and the filled rows computed too (the model's
     # own rule applies to them: an inactive one adds exactly zero, so the oracle stays exact): fewer, longer reads for
-    # a few more bytes, where the disk's reads per second (and the CPU each read costs) are the limit. 0 = off
-    max_gap_rows: int = 0
+    # a few more bytes, where the disk's reads per second (and the CPU each read costs) are the limit. 0 = off; -1 =
+    # auto: the gap rows that fit in ``AUTO_GAP_BYTES`` (one row of SmolLM2's float32 bundles, two of float16, none
+    # for the scale model's 24 KiB rows). On this disk a read costs about what 8-10 KiB more of a read does (machine
+    # notes: 4 KiB reads at ~80k/s, 8 KiB at ~62k/s, 16 KiB at ~50k/s), plus ~8 us of a core; measured: the engine
+    # options' bridge arms (results/relufy/reruns_c5/engine_options)
+    max_gap_rows: int = -1
     # sparse modes: False empties each layer's neuron cache before a token's set enters it, so every token loads its
     # whole active set (the paper's "+predictor" row, without the window's reuse). Not with lookahead
     reuse: bool = True
@@ -456,7 +461,7 @@ class SparseFFN(_FlashFFNBase):
             have = np.isin(overflow, ahead[1], assume_unique=True)  # computed where they landed
             ahead_ids, overflow = overflow[have], overflow[~have]
         keep = None  # the staging rows to compute, when the read bridged gaps over rows computed elsewhere
-        span = bridge(overflow, e.cfg.max_gap_rows)
+        span = bridge(overflow, e.max_gap_rows)
         if overflow.size < span.size <= e.staging.capacity:
             fresh = cache.slot[span] < 0  # not cached (a cached row is computed from its slot)
             if ahead_ids is not None and ahead_ids.size:
@@ -569,6 +574,8 @@ class Engine:
                                       io_threads=config.io_threads, compute_threads=config.compute_threads)
         self.compute_threads = self.threads.compute_threads  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
+        row_bytes = max(seg.stride_bytes for seg in fd.layout.segments)  # one read unit of a row
+        self.max_gap_rows = config.max_gap_rows if config.max_gap_rows >= 0 else AUTO_GAP_BYTES // row_bytes
         # threads of the native step: one for small models (a layer's rows are a few hundred KB, done in ~0.1-0.2 ms,
         # and a second OpenMP thread spins after each call on the core the reader threads need: with it, predictor
         # mode's reads waited 2x longer than the Python path's in results/native_step/run_a_native_threads_2), every
@@ -950,7 +957,8 @@ class Engine:
             text=self.tokenizer.decode(tokens, skip_special_tokens=True), dram_bytes=self.dram_bytes,
             model_bytes=self.fd.model_bytes, prefill_ms=prefill_ms, per_token=stats, dram_breakdown=dict(self.dram),
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
-                                       "row_bucket": self.row_bucket, "native_step": self.native,
+                                       "row_bucket": self.row_bucket, "max_gap_rows": self.max_gap_rows,
+                                       "native_step": self.native,
                                        "native_reader": self.reader.native,
                                        "native_plans": self.reader.native and self.cfg.native_plans,
                                        "busy": self.threads.busy,

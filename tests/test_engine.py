@@ -302,6 +302,18 @@ def test_bridged_overflow_reads_are_fewer_and_exact(flash_dirs, lookahead):
     assert abs(got / _ppl(flash_dirs["llama"], "dense", ids) - 1) < 1e-5
 
 
+def test_auto_gap_fills_the_rows_that_fit_8_kib(flash_dirs):
+    """``max_gap_rows=-1`` (the default) resolves to the rows of the widest segment that fit in ``AUTO_GAP_BYTES``;
+    the run records the resolved value."""
+    from llmflash.engine import AUTO_GAP_BYTES
+
+    fd = open_flash_dir(flash_dirs["llama"])
+    want = AUTO_GAP_BYTES // max(seg.stride_bytes for seg in fd.layout.segments)
+    res = _gen(flash_dirs["llama"], "oracle", n=2)
+    assert res.config["max_gap_rows"] == want
+    assert _gen(flash_dirs["llama"], "oracle", n=2, max_gap_rows=0).config["max_gap_rows"] == 0
+
+
 def test_lookahead_beyond_the_cache_still_exact(flash_dirs):
     """With caches too small for the guessed sets, lookahead reads the guessed rows beyond them into its two host
     buffers (counted in the budget); the layer computes what it needs from there, or copies them into freed slots,
