@@ -3,13 +3,17 @@
 Arms, each the default engine (smollm2-relu, predictor mode, half the model in DRAM, the experiments' 128-token wiki
 prompt) with one change, run alternating (the disk and the machine drift) ``--repeats`` times each:
 
-- ``default``: int8 predictors, compute threads auto (every core in the sparse modes), no lookahead;
+- ``default``: int8 predictors, compute threads and lookahead auto (on a quiet CPU of at most 2 cores: lookahead with
+  one compute thread; elsewhere every core, no lookahead);
+- ``no_lookahead``: lookahead off (the default before the eleventh session; compute threads auto: every core);
 - ``fp16_predictors``: the predictors held in fp16 as stored (``EngineConfig.predictor_dtype``): their time and the
   cache's bytes (int8 frees 3 MiB of the budget for the neuron caches);
-- ``one_thread``: one compute thread (the auto setting for dense, naive and hybrid on small models);
-- ``lookahead``: layer l+1's set guessed from layer l's FFN input and its new neurons read early (into the caches,
-  and beyond them into two host buffers: ``EngineConfig.lookahead_rows``);
-- ``lookahead_one_thread``: both (the reads in flight then leave the second core to the reader threads);
+- ``one_thread``: one compute thread, no lookahead (the auto setting for dense, naive and hybrid on small models);
+- ``lookahead``: on whatever the machine (compute threads auto: one on at most 2 free cores); layer l+1's set
+  guessed from layer l's FFN input and its new neurons read early (into the caches, and beyond them into two host
+  buffers: ``EngineConfig.lookahead_rows``);
+- ``lookahead_one_thread``: lookahead and one compute thread (the reads in flight then keep the second core: the
+  default on 2 cores); ``lookahead_two_threads``: with two (how it was measured before: 1.08x);
 - ``no_bridge``, ``bridge_2``, ``bridge_4``: the rows beyond the cache read with gaps of up to 0, 2 or 4 rows filled
   in (``EngineConfig.max_gap_rows``; the default, auto, fills the rows that fit in 8 KiB: one float32 row of
   SmolLM2): fewer, longer reads for more bytes;
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 from llmflash.engine import EngineConfig, lookahead_map
+from llmflash.errors import BudgetError
 from llmflash.paths import cache_dir
 
 import common
@@ -49,9 +54,11 @@ log = logging.getLogger("engine_options")
 ARMS = {  # name -> EngineConfig changes
     "default": {},
     "fp16_predictors": {"predictor_dtype": "float16"},
-    "one_thread": {"compute_threads": 1},
+    "one_thread": {"compute_threads": 1, "lookahead": False},
+    "no_lookahead": {"lookahead": False},
     "lookahead": {"lookahead": True},
     "lookahead_one_thread": {"lookahead": True, "compute_threads": 1},
+    "lookahead_two_threads": {"lookahead": True, "compute_threads": 2},
     "no_bridge": {"max_gap_rows": 0},
     "bridge_2": {"max_gap_rows": 2},
     "bridge_4": {"max_gap_rows": 4},
@@ -149,15 +156,23 @@ def main() -> None:
     act_dir = cache_dir() / "act" / f"{setup['model']}-eval"
     coverage = guess_coverage(setup, act_dir) if "lookahead" in arms and (act_dir / "x_00.npy").is_file() else []
     runs: dict[str, list[dict]] = {a: [] for a in arms}
+    refused: dict[str, str] = {}  # arms the budget cannot hold (e.g. a low-bit set held in fp16): said, not run
     for r in range(repeats):
-        for a in arms:  # alternating: the disk and the machine drift
-            runs[a].append(measure(setup, ARMS[a], args.tokens, warmup=4))
+        for a in [a for a in arms if a not in refused]:  # alternating: the disk and the machine drift
+            try:
+                runs[a].append(measure(setup, ARMS[a], args.tokens, warmup=4))
+            except BudgetError as err:
+                refused[a] = str(err)
+                log.info("arm %s refused: %s", a, err)
+                continue
             log.info("run %d %s: %s", r, a, {k: round(v, 3) for k, v in runs[a][-1].items()})
+    arms = [a for a in arms if a not in refused]
+    runs = {a: runs[a] for a in arms}
     summary = {a: {f: statistics.median(r[f] for r in v) for f in v[0]} for a, v in runs.items()}
     ratios = {f"{a}_over_default_total": summary[a]["total_ms"] / summary["default"]["total_ms"]
               for a in arms if a != "default" and "default" in summary}
     data = {"setup": setup, "repeats": repeats, "tokens": args.tokens, "arms": {a: ARMS[a] for a in arms},
-            "runs": runs, "summary": summary, "ratios": ratios, "guess_coverage": coverage,
+            "runs": runs, "summary": summary, "ratios": ratios, "refused": refused, "guess_coverage": coverage,
             "mean_guess_coverage": float(np.mean([c["covered"] for c in coverage])) if coverage else None,
             "labels": {"runs": "measured", "guess_coverage": f"computed from collected activations ({act_dir.name})"}}
     rows = [{"arm": a, "repeat": i, **row} for a in arms for i, row in enumerate(runs[a])]

@@ -124,10 +124,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
     p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
     p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
-    p.add_argument("--lookahead", action="store_true",
-                   help="sparse modes: start reading the next layer's guessed neurons early (off: slower on 2 cores)")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparse modes: start reading the next layer's guessed neurons early (default: auto, on with "
+                        "one compute thread on a quiet CPU of at most 2 cores, off elsewhere)")
     p.add_argument("--compute-threads", type=int, default=0, metavar="N",
-                   help="torch threads (0 = auto: every free core in the sparse modes)")
+                   help="torch threads (0 = auto: every free core in the sparse modes, one there with lookahead on at "
+                        "most 2 free cores)")
     p.add_argument("--predictor-dtype", default="int8", choices=PREDICTOR_DTYPES,
                    help="form the predictors are held in (int8: weight-only, the smallest and fastest)")
     p.add_argument("--cache-form", default="stored", choices=CACHE_FORMS,

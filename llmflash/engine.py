@@ -20,9 +20,9 @@ page-locked host buffers: a sparse layer's new rows in a landing buffer the size
 chunks in the staging buffer, and are copied over (timed as memory management; naive also copies the resident weights
 again after re-reading them). The cache's bookkeeping is unchanged; its row moves happen on the GPU.
 
-Lookahead (``EngineConfig.lookahead``, sparse modes, off by default): a layer with few new neurons per token issues
-few reads, and a wave of a few dozen reads is latency-bound (the disk needs many in flight). So while layer l runs,
-the engine also guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual
+Lookahead (``EngineConfig.lookahead``, sparse modes; on by default only on a quiet CPU of at most 2 cores): a layer
+with few new neurons per token issues few reads, and a wave of a few dozen reads is latency-bound (the disk needs many
+in flight). So while layer l runs, the engine also guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual
 stream changes little from one layer to the next; Deja Vu's observation) and starts reading the guessed neurons that
 are new to l+1's window. At layer l+1 the real set is predicted as usual and only what the guess missed is read then.
 The guess only moves reads earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros
@@ -35,7 +35,7 @@ import functools
 import inspect
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar, cast
 
@@ -62,7 +62,7 @@ from .quant import compute_layout, dense_layer_bytes
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
 from .storage import FlashReader, RowsTarget
-from .threads import choose_threads, sense_cpu
+from .threads import choose_threads, lookahead_pays, sense_cpu
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,11 @@ class EngineConfig:
     # use less the load other work put on them at start (on a busy machine torch's workers wait for a core at every
     # small op)
     compute_threads: int = 0
-    # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. Off by default: on this 2-core
-    # machine the reader threads' GIL hand-offs slow the overlapped compute more than the hidden I/O saves
-    # (results/engine_options, lookahead arm)
-    lookahead: bool = False
+    # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. None = auto
+    # (``threads.lookahead_pays``): on with one compute thread on a quiet CPU of at most 2 cores (0.91-0.93x the time
+    # without it there: results/relufy/reruns_c5/engine_options*), off elsewhere (with two compute threads on 2 cores it
+    # was 1.08x: the reader threads' hand-offs slow the overlapped compute more than the hidden I/O saves)
+    lookahead: Optional[bool] = None
     # with lookahead on the CPU: rows of each of the two host buffers a layer's guessed neurons that do not fit its
     # cache are read ahead into (layers alternate between them), counted in the budget. At half the model most of a
     # token's set does not fit the caches; without these, lookahead could only read ahead what fits. -1 = auto: the
@@ -570,8 +571,13 @@ class Engine:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         large = fd.layout.d_model >= LARGE_D_MODEL
         # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
-        self.threads = choose_threads(sense_cpu(), sparse=config.mode in SPARSE_MODES, large=large,
-                                      io_threads=config.io_threads, compute_threads=config.compute_threads)
+        cpu = sense_cpu()
+        if config.lookahead is None:  # auto: where it was measured to pay
+            auto = config.mode in SPARSE_MODES and config.reuse and lookahead_pays(cpu, accelerator=self.accelerator)
+            self.cfg = config = replace(config, lookahead=auto)
+        self.threads = choose_threads(cpu, sparse=config.mode in SPARSE_MODES, large=large,
+                                      io_threads=config.io_threads, compute_threads=config.compute_threads,
+                                      lookahead=bool(config.lookahead) and not self.accelerator)
         self.compute_threads = self.threads.compute_threads  # set while generating/scoring
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
         row_bytes = max(seg.stride_bytes for seg in fd.layout.segments)  # one read unit of a row

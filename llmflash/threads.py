@@ -26,6 +26,12 @@ IO_THREADS_PER_CORE = 8  # a quiet machine: 16 on 2 cores, the count the engine 
 # alternating runs of predictor mode on smollm2-relu) 4 readers and 1 compute thread did at least as well as 2 or 8
 # readers, and several times better than the old 16 readers with 2 compute threads (to be re-measured when quiet)
 BUSY_IO_THREADS_PER_CORE = 4
+# lookahead (``EngineConfig.lookahead``) on by default on a quiet CPU of at most this many cores, with one compute
+# thread: the reads in flight then keep the second core. On the 2-core machine, predictor mode on smollm2-relu at half
+# the model: 0.91-0.93x the time without it in three runs of five alternating repeats (results/engine_options/reads,
+# results/relufy/reruns_c5/engine_options and engine_options_coact, lookahead_one_thread arm), while lookahead with two
+# compute threads was 1.08x. Not measured on more cores, nor on a busy machine: off there
+AUTO_LOOKAHEAD_MAX_CORES = 2
 
 
 @dataclass(frozen=True)
@@ -57,18 +63,28 @@ class ThreadPlan:
         return asdict(self)
 
 
+def lookahead_pays(cpu: CpuState, *, accelerator: bool) -> bool:
+    """Whether ``EngineConfig.lookahead``'s auto setting turns it on: on a quiet CPU of at most
+    ``AUTO_LOOKAHEAD_MAX_CORES`` cores (the case measured; an accelerator's engine keeps it off unless asked)."""
+    return not accelerator and cpu.cores <= AUTO_LOOKAHEAD_MAX_CORES and not cpu.busy
+
+
 def choose_threads(cpu: CpuState, *, sparse: bool, large: bool, io_threads: int = 0,
-                   compute_threads: int = 0) -> ThreadPlan:
+                   compute_threads: int = 0, lookahead: bool = False) -> ThreadPlan:
     """Reader and compute threads for an engine; ``io_threads`` / ``compute_threads`` > 0 are taken as given.
 
-    Compute: every free core in the sparse modes and for large models (``large``: GBs of matvecs per token); one
-    thread for small models in dense, naive and hybrid, whose whole-layer reads keep another core busy
-    (results/engine_options, results/latency). Readers: ``IO_THREADS_PER_CORE`` per free core on a quiet machine
-    (``BUSY_IO_THREADS_PER_CORE`` on a busy one), at least 2 and at most ``MAX_IO_THREADS``.
+    Compute: every free core in the sparse modes and for large models (``large``: GBs of matvecs per token), except
+    with ``lookahead`` on a small model and at most ``AUTO_LOOKAHEAD_MAX_CORES`` free cores: one, so that the reads in
+    flight keep the other core; one thread for small models in dense, naive and hybrid, whose whole-layer reads keep
+    another core busy (results/engine_options, results/latency). Readers: ``IO_THREADS_PER_CORE`` per free core on a
+    quiet machine (``BUSY_IO_THREADS_PER_CORE`` on a busy one), at least 2 and at most ``MAX_IO_THREADS``.
     """
     free = cpu.free_cores
     if compute_threads <= 0:
-        compute_threads = free if (sparse or large) else 1
+        if sparse and lookahead and not large and free <= AUTO_LOOKAHEAD_MAX_CORES:
+            compute_threads = 1
+        else:
+            compute_threads = free if (sparse or large) else 1
     if io_threads <= 0:
         per_core = BUSY_IO_THREADS_PER_CORE if cpu.busy else IO_THREADS_PER_CORE
         io_threads = max(2, min(MAX_IO_THREADS, per_core * free))

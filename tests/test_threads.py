@@ -11,6 +11,7 @@ from llmflash.threads import (
     CpuState,
     choose_threads,
     load_from_samples,
+    lookahead_pays,
     sense_cpu,
 )
 
@@ -39,6 +40,18 @@ def test_small_dense_and_streamed_modes_compute_on_one_thread_large_on_the_free_
     for busy in (0.0, 1.0):
         assert choose_threads(CpuState(8, busy), sparse=False, large=False).compute_threads == 1
     assert choose_threads(CpuState(8, 3.0), sparse=False, large=True).compute_threads == 5
+
+
+def test_lookahead_is_auto_on_a_quiet_cpu_of_two_cores_with_one_compute_thread():
+    assert lookahead_pays(CpuState(2, 0.0), accelerator=False)
+    assert not lookahead_pays(CpuState(2, 1.0), accelerator=False)  # busy: not measured
+    assert not lookahead_pays(CpuState(8, 0.0), accelerator=False)  # more cores: not measured
+    assert not lookahead_pays(CpuState(2, 0.0), accelerator=True)
+    assert choose_threads(CpuState(2, 0.0), sparse=True, large=False, lookahead=True).compute_threads == 1
+    assert choose_threads(CpuState(2, 0.0), sparse=True, large=True, lookahead=True).compute_threads == 2
+    assert choose_threads(CpuState(8, 0.0), sparse=True, large=False, lookahead=True).compute_threads == 8
+    assert choose_threads(CpuState(2, 0.0), sparse=True, large=False, lookahead=True,
+                          compute_threads=2).compute_threads == 2
 
 
 def test_many_cores_cap_the_readers():
@@ -78,3 +91,4 @@ def test_engine_takes_explicit_threads_and_records_its_choice(tmp_path):
         e.close()
     assert (cfg["io_threads"], cfg["compute_threads"]) == (3, 1)
     assert isinstance(cfg["busy"], bool) and cfg["cores"] >= 1 and 0 <= cfg["load_cores"] <= cfg["cores"]
+    assert isinstance(cfg["lookahead"], bool)  # auto (None) is resolved, and the run records what ran
