@@ -21,12 +21,12 @@ chunks in the staging buffer, and are copied over (timed as memory management; n
 again after re-reading them). The cache's bookkeeping is unchanged; its row moves happen on the GPU.
 
 Lookahead (``EngineConfig.lookahead``, sparse modes; on by default only on a quiet CPU of at most 2 cores): a layer
-with few new neurons per token issues few reads, and a wave of a few dozen reads is latency-bound (the disk needs many
-in flight). So while layer l runs, the engine also guesses layer l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual
-stream changes little from one layer to the next; Deja Vu's observation) and starts reading the guessed neurons that
-are new to l+1's window. At layer l+1 the real set is predicted as usual and only what the guess missed is read then.
-The guess only moves reads earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros
-for a ReLU rule when a guessed neuron is inactive).
+with few new neurons per token issues few reads, and a wave of a few dozen reads is latency-bound (the disk needs
+many in flight). So while layer l runs, the engine also guesses layer l+1's set from layer l's FFN input (rescaled
+from l's FFN norm to l+1's: the residual stream changes little from one layer to the next; Deja Vu's observation) and
+starts reading the guessed neurons that are new to l+1's window. At layer l+1 the real set is predicted as usual and
+only what the guess missed is read then. The guess only moves reads earlier: what is computed is the window of the
+real sets plus the guessed rows (exact zeros for a ReLU rule when a guessed neuron is inactive).
 """
 
 from __future__ import annotations
