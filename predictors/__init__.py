@@ -12,8 +12,8 @@ the core; this package depends on the core only.
 
 Default predictors for ``smollm2-relu`` live in ``predictors/artifacts/smollm2-relu``: a low-bit recipe (its cuts and
 pins; the codes are derived from the model's weights on first use, see ``default_predictors``). A low-rank set (the
-paper's kind) for an alias goes in ``predictors/artifacts/<alias>-lowrank`` (``lowrank_predictors``); the one trained
-for the previous smollm2-relu was removed with that model (tenth session) and is to be retrained on the GPU.
+paper's kind) for an alias goes in ``predictors/artifacts/<alias>-lowrank`` (``lowrank_predictors``): smollm2-relu's
+was trained on the GPU by ``sparsetrain.predictors_job``.
 """
 
 from __future__ import annotations
