@@ -245,9 +245,10 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
                  device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0,
-                 native_reader: bool = True) -> dict:
+                 native_reader: bool = True, lookahead_depth: int = 1) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
-    ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``)."""
+    ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``);
+    ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
     n0, w0 = n_tokens(quick, model, row)
@@ -260,6 +261,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_threads"] = io_threads
     if row not in ("dense", "naive", "hybrid"):  # the rows keep their meaning whatever the engine's default
         extra["lookahead"] = row == "ours_lookahead"
+        if row == "ours_lookahead" and lookahead_depth != 1:
+            extra["lookahead_depth"] = lookahead_depth
     if not native_reader or row == "ours_python":
         extra["native_reader"] = False
     if row == "ours_python":

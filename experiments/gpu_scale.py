@@ -86,7 +86,8 @@ def summary_row(key: str, repeat: int, r: dict, naive_ms: float) -> dict:
             "x_floor": s["ms_per_token"] / s["computed_io_ms"] if s.get("computed_io_ms") else None,
             "lookahead": bool(r["config"].get("lookahead")),
             "native_reader": r["config"].get("native_reader", True),
-            "guess_recall": (r.get("provider") or {}).get("guess_recall") if r["config"].get("lookahead") else None}
+            "guess_recall": (r.get("provider") or {}).get("guess_recall") if r["config"].get("lookahead") else None,
+            "lookahead_depth": r["config"].get("lookahead_depth", 1) if r["config"].get("lookahead") else None}
 
 
 def report(head: str, row: dict) -> None:
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--python-reader", action="store_true",
                    help="also run ours and ours + lookahead (the first recall) with the Python reader threads in every "
                         "repeat (rows *_pyreader: the native reader's effect, same run)")
+    p.add_argument("--lookahead-depth", default="1",
+                   help="comma-separated lookahead depths, one row per recall and depth (layer l starts layer l+D's "
+                        "reads; default 1)")
     p.add_argument("--lookahead-recall", default="1.0",
                    help="comma-separated recalls of the simulated lookahead guess, one 'ours_lookahead' row each in "
                         "every repeat ('' for none; default 1.0)")
@@ -147,7 +151,9 @@ def main() -> None:
     table = sorted((r["chunk_bytes"], r["gbps"]) for r in profile if r["threads"] == io_threads)
     print(f"reader threads: {io_threads}", flush=True)
     recalls = [float(r) for r in args.lookahead_recall.split(",") if r.strip()]
-    ahead_keys = [f"ours_lookahead_r{r:g}" for r in recalls]
+    depths = [int(d) for d in args.lookahead_depth.split(",") if d.strip()]
+    aheads = [(f"ours_lookahead_r{r:g}" + (f"_d{d}" if d > 1 else ""), r, d) for r in recalls for d in depths]
+    ahead_keys = [k for k, _, _ in aheads]
     runs: dict[str, list[dict]] = {"naive": [], "ours": [], **{k: [] for k in ahead_keys}}
     rows: list[dict] = []
     data = {"paper_opt_6_7b_gpu": PAPER_GPU, "profile_io": profile, "setup": setup, "runs": runs,
@@ -171,14 +177,14 @@ def main() -> None:
         n_ms = naive["summary"]["ms_per_token"]
         rows += [summary_row("naive", i + 1, naive, n_ms), summary_row("ours", i + 1, ours, n_ms)]
         report(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours", rows[-1])
-        extra = [(k, "ours_lookahead", rc, True) for k, rc in zip(ahead_keys, recalls)]
+        extra = [(k, "ours_lookahead", rc, True, d) for k, rc, d in aheads]
         if args.python_reader:
-            extra += [("ours_pyreader", "ours", 1.0, False)]
-            extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", recalls[0], False)] if recalls else []
-        for key, row, recall, native_reader in extra:
+            extra += [("ours_pyreader", "ours", 1.0, False, 1)]
+            extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", aheads[0][1], False, aheads[0][2])] if aheads else []
+        for key, row, recall, native_reader, depth in extra:
             r = engine_runs.standard_run(setup, row, False, budget=args.budget, table=table, n=args.tokens,
                                          warmup=WARMUP, share=False, device=args.device, io_threads=io_threads,
-                                         guess_recall=recall, native_reader=native_reader)
+                                         guess_recall=recall, native_reader=native_reader, lookahead_depth=depth)
             runs.setdefault(key, []).append(r)
             rows.append(summary_row(key, i + 1, r, n_ms))
             report(f"repeat {i + 1}: {key}", rows[-1])
@@ -204,7 +210,7 @@ def main() -> None:
 
 def short(key: str) -> str:
     """A row's name on the figure's axes."""
-    out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ")
+    out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ").replace("_d", "\ndepth ")
     return out.replace("_pyreader", "\n(Python\nreader)")
 
 

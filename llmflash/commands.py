@@ -127,6 +127,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                    help="sparse modes: start reading the next layer's guessed neurons early (default: auto, on with "
                         "one compute thread on a quiet CPU of at most 2 cores, off elsewhere)")
+    p.add_argument("--lookahead-depth", type=int, default=1, metavar="D",
+                   help="with lookahead: layers whose reads are in flight ahead of the one computing (layer l starts "
+                        "layer l+D's reads)")
     p.add_argument("--compute-threads", type=int, default=0, metavar="N",
                    help="torch threads (0 = auto: every free core in the sparse modes, one there with lookahead on at "
                         "most 2 free cores)")
@@ -158,7 +161,8 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
     return EngineConfig(
         mode=mode, dram_budget=args.dram_budget, window=args.window, io_threads=args.threads,
         sparsity=args.sparsity, threshold_sparsity=args.threshold_sparsity, predictors=args.predictors,
-        lookahead=args.lookahead, compute_threads=args.compute_threads, predictor_dtype=args.predictor_dtype,
+        lookahead=args.lookahead, lookahead_depth=args.lookahead_depth, compute_threads=args.compute_threads,
+        predictor_dtype=args.predictor_dtype,
         device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form, native=args.native,
     )
 

@@ -26,7 +26,9 @@ many in flight). So while layer l runs, the engine also guesses layer l+1's set 
 from l's FFN norm to l+1's: the residual stream changes little from one layer to the next; Deja Vu's observation) and
 starts reading the guessed neurons that are new to l+1's window. At layer l+1 the real set is predicted as usual and
 only what the guess missed is read then. The guess only moves reads earlier: what is computed is the window of the
-real sets plus the guessed rows (exact zeros for a ReLU rule when a guessed neuron is inactive).
+real sets plus the guessed rows (exact zeros for a ReLU rule when a guessed neuron is inactive). With
+``lookahead_depth`` D > 1, layer l starts layer l+D's reads (layer 0 those of layers 1..D), so D layers' reads are
+queued while the host plans and computes.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ class EngineConfig:
     # without it there: results/relufy/reruns_c5/engine_options*), off elsewhere (with two compute threads on 2 cores it
     # was 1.08x: the reader threads' hand-offs slow the overlapped compute more than the hidden I/O saves)
     lookahead: Optional[bool] = None
+    # with lookahead: how many layers ahead reads are in flight. 1: while layer l runs, layer l+1's guessed rows are
+    # read (guessed from layer l's FFN input); D > 1: layer l starts layer l+D's reads (layer 0 the first D layers'),
+    # so the disk always has D layers' reads queued while the host plans and computes (a layer's reads no longer wait
+    # for the previous layer's host work). The guess of layer l+D comes from layer l's input through the composed
+    # norm maps, so it misses more the further ahead it looks; each layer in flight takes a host buffer
+    # (accelerator: a landing buffer the size of the largest cache, in the budget; CPU: an ``aheads`` buffer)
+    lookahead_depth: int = 1
     # with lookahead on the CPU: rows of each of the two host buffers a layer's guessed neurons that do not fit its
     # cache are read ahead into (layers alternate between them), counted in the budget. At half the model most of a
     # token's set does not fit the caches; without these, lookahead could only read ahead what fits. -1 = auto: the
@@ -336,13 +345,14 @@ class SparseFFN(_FlashFFNBase):
         self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype,
                                  device=engine.device if engine.offload else None, policy=policy,
                                  row_layout=engine.row_layout)
-        self.next: Optional["SparseFFN"] = None  # layer + 1, when lookahead is on
-        self.guess_map: Optional[tuple[Tensor, Tensor]] = None  # x_l -> approximate x_{l+1}: x * scale + shift
+        # with lookahead: (layer m, scale, shift) for each later layer m whose reads this layer may start, x_l * scale +
+        # shift approximating x_m (``Engine._link_lookahead``)
+        self.ahead_of: list[tuple["SparseFFN", Tensor, Tensor]] = []
         # (tickets, slots) read ahead for this layer: into the cache's slots, or (accelerator) into its landing
         # buffer's first rows, copied into the slots when they have arrived (``_land_prefetch``)
         self._prefetch: Optional[tuple[list, np.ndarray]] = None
-        # (tickets, ids) of the guessed neurons beyond the cache, read ahead into ``engine.aheads[layer % 2]``'s first
-        # rows (lookahead on the CPU)
+        # (tickets, ids) of the guessed neurons beyond the cache, read ahead into ``engine.aheads[layer % n]``'s first
+        # rows (lookahead on the CPU; n = depth + 1 buffers)
         self._ahead: Optional[tuple[list, np.ndarray]] = None
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
@@ -389,6 +399,17 @@ class SparseFFN(_FlashFFNBase):
             e.meter.excluded_ms += dt
         return ids
 
+    def start_ahead(self, x: Tensor) -> None:
+        """Lookahead from this layer's FFN input x [1, d]: start the reads of each later layer within the depth that no
+        earlier layer of this token has started (layer 0: layers 1..depth; layer l > 0: layer l + depth)."""
+        e = self.e
+        if self.layer == 0:
+            e.ahead_upto = 0
+        for m, scale, shift in self.ahead_of:
+            if m.layer > e.ahead_upto:
+                m.prefetch(x * scale + shift)
+                e.ahead_upto = m.layer
+
     def prefetch(self, x_guess: Tensor) -> None:
         """Lookahead: enter the guessed set into the window now and start reading its new rows."""
         e = self.e
@@ -400,7 +421,7 @@ class SparseFFN(_FlashFFNBase):
         land, dest = self._landing(upd.dest_slots)
         self._prefetch = (self._submit(land, upd.load_ids, dest), upd.dest_slots)
         if e.aheads and upd.overflow_ids.size:  # what does not fit the cache: read ahead into a host buffer
-            ahead = e.aheads[self.layer % 2]
+            ahead = e.aheads[self.layer % len(e.aheads)]
             over = upd.overflow_ids[: ahead.capacity]
             self._ahead = (self._submit(ahead, over, 0), over)
 
@@ -471,9 +492,8 @@ class SparseFFN(_FlashFFNBase):
         e.meter.mem_ms += _now_ms() - t0
         pending = self._submit(land, load_ids, dest)
         overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
-        if self.next is not None and self.guess_map is not None:  # start the next layer's reads before computing this one
-            scale, shift = self.guess_map
-            self.next.prefetch(x2 * scale + shift)
+        if self.ahead_of:  # start later layers' reads before computing this one
+            self.start_ahead(x2)
         ids = cache.ids
         y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
@@ -481,8 +501,8 @@ class SparseFFN(_FlashFFNBase):
             if pre[1].size:
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         if ahead is not None:
-            self._wait(ahead[0])  # (always: the buffer takes layer + 2's guess next)
-            buf = e.aheads[self.layer % 2]
+            self._wait(ahead[0])  # (always: the buffer takes layer + depth + 1's guess next)
+            buf = e.aheads[self.layer % len(e.aheads)]
             assert ahead_ids is not None and copy is not None and isinstance(cache.store, RowStore)
             if ahead_ids.size:
                 y = self._add(y, buf, ahead_ids, x2, slots=np.searchsorted(ahead[1], ahead_ids))
@@ -569,6 +589,8 @@ class Engine:
         self.row_layout = compute_layout(fd.layout, fd.manifest.compute_dtype) if dequantize_on_read else fd.layout
         if config.lookahead and not config.reuse:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
+        if config.lookahead_depth < 1:
+            raise LLMFlashError("--lookahead-depth must be at least 1 (layers whose reads are in flight ahead)")
         large = fd.layout.d_model >= LARGE_D_MODEL
         # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
         cpu = sense_cpu()
@@ -619,7 +641,8 @@ class Engine:
         self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
         self.staging_rows: RowStore | DeviceRows = self.staging  # what streamed chunks are computed from
         # where the caches' reads land apart from the caches (accelerator, or rows dequantized on arrival): one host
-        # buffer, or two with lookahead (layer l's reads land in landings[l % 2] while layer l + 1's are in flight)
+        # buffer, or depth + 1 with lookahead (layer l's reads land in landings[l % n] while layers l + 1 .. l + depth's
+        # are in flight)
         self.landings: list[RowStore] = []
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
@@ -636,23 +659,24 @@ class Engine:
             if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
-            if config.lookahead and not self.offload:  # two host buffers for the guessed rows beyond the caches
+            depth = min(config.lookahead_depth, max(1, layout.n_layers - 1))
+            if config.lookahead and not self.offload:  # depth + 1 host buffers for the guessed rows beyond the caches
                 rows = config.lookahead_rows
                 if rows < 0:  # auto: the staging buffer's rows, at most a quarter of a layer's and of the budget left
                     spare = budget_bytes - sum(self.dram.values()) - (
                         config.min_cache_rows * layout.n_layers * self.row_layout.neuron_stride_bytes)
                     rows = min(self.staging.capacity, layout.d_ffn // 4,
-                               max(0, spare) // (8 * layout.neuron_stride_bytes))
+                               max(0, spare) // (4 * (depth + 1) * layout.neuron_stride_bytes))
                     rows = rows if rows >= config.min_cache_rows else 0
                 if rows > 0:
-                    self.aheads = [RowStore(layout, min(rows, layout.d_ffn), fd.dtype) for _ in range(2)]
+                    self.aheads = [RowStore(layout, min(rows, layout.d_ffn), fd.dtype) for _ in range(depth + 1)]
                     self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = SparseBudget(
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
                 config.min_cache_rows,
                 config.working_reserve if config.working_reserve >= 0 else (4.0 if large and not self._native_lib else 0.0),
-                self.offload, active.layer_demand, landings=2 if config.lookahead else 1,
+                self.offload, active.layer_demand, landings=depth + 1 if config.lookahead else 1,
             )
             self._check_budget(budget_bytes, sb.minimum_bytes)
             plan = sb.plan()
@@ -668,7 +692,7 @@ class Engine:
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
             if config.lookahead and active.supports_guess:
-                self._link_lookahead(sparse)
+                self._link_lookahead(sparse, depth)
             modules: list[nn.Module] = list(sparse)
         elif mode == "dense":
             dense = [self._resident_ffn(layer) for layer in range(layout.n_layers)]
@@ -750,11 +774,20 @@ class Engine:
                 f"{self.cfg.mode} ({parts}, plus {self.cfg.min_cache_rows} cached rows per layer in sparse modes)"
             )
 
-    def _link_lookahead(self, modules: list["SparseFFN"]) -> None:
-        """Chain each sparse layer to the next, with the map from its FFN input to a guess of the next one's."""
-        for layer, (m, nxt) in enumerate(zip(modules[:-1], modules[1:])):
-            scale, shift = lookahead_map(self.adapter, self.model, layer)
-            m.next, m.guess_map = nxt, (scale.to(self.device, self.fd.dtype), shift.to(self.device, self.fd.dtype))
+    def _link_lookahead(self, modules: list["SparseFFN"], depth: int) -> None:
+        """Give each sparse layer l the layers l+1..l+depth it may start reads for, each with the map from l's FFN input
+        to a guess of that layer's (the one-layer maps composed)."""
+        steps = [lookahead_map(self.adapter, self.model, layer) for layer in range(len(modules) - 1)]
+        for layer, m in enumerate(modules):
+            scale, shift = torch.ones_like(steps[0][0]), torch.zeros_like(steps[0][1])
+            for k in range(1, depth + 1):
+                if layer + k >= len(modules):
+                    break
+                s1, b1 = steps[layer + k - 1]
+                scale, shift = scale * s1, shift * s1 + b1  # (x * scale + shift) * s1 + b1
+                m.ahead_of.append((modules[layer + k], scale.to(self.device, self.fd.dtype),
+                                   shift.to(self.device, self.fd.dtype)))
+        self.ahead_upto = 0  # the last layer whose reads the token being computed has started
 
     def _load_gate(self) -> Optional[PredictorSet]:
         """A gated model's gate, in the form every mode computes it: int8 on the CPU, float16 on an accelerator."""

@@ -214,6 +214,46 @@ def test_lookahead_moves_reads_not_results(flash_dirs, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("stand_in", [False, True])
+def test_deeper_lookahead_moves_reads_not_results(flash_dirs, name, stand_in, monkeypatch):
+    """Depth 2 (layer 0 starts the reads of layers 1 and 2, each later layer those of the layer two ahead): every
+    layer after the first is read ahead once per token, into depth + 1 host buffers counted in the budget; the output
+    stays exact, on the CPU and on the accelerator's code path (landing buffers)."""
+    monkeypatch.setattr(Engine, "copy_on_cpu", stand_in)
+    ref = _gen(flash_dirs[name], "dense", n=10).tokens
+    calls: list[int] = []
+    orig = SparseFFN.prefetch
+
+    def prefetch(self, x_guess):
+        calls.append(self.layer)
+        return orig(self, x_guess)
+
+    monkeypatch.setattr(SparseFFN, "prefetch", prefetch)
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    n = 10
+    res = _gen(flash_dirs[name], "oracle", n=n, window=2, lookahead=True, lookahead_depth=2)
+    assert res.tokens == ref
+    assert res.config["lookahead_depth"] == 2
+    assert calls == [1, 2] * (n - 1)  # the first token comes from the prefill; layer 0 starts both later layers
+    if stand_in:
+        landing = res.dram_breakdown["landing"]
+        assert landing % 3 == 0 and landing > 0  # three landing buffers alike
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(6))
+    deep = _ppl(flash_dirs[name], "oracle", ids, window=2, lookahead=True, lookahead_depth=2)
+    assert abs(deep / _ppl(flash_dirs[name], "dense", ids) - 1) < 1e-5
+    if not stand_in:  # caches too small for the guesses: the guessed rows beyond them go to three host buffers
+        fixed = fd.resident_path.stat().st_size + 4 * 384 * lay.neuron_stride_bytes
+        budget = (fixed + 20 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes
+        tight = _gen(flash_dirs[name], "oracle", n=n, budget=budget, staging_rows=384, window=2, lookahead=True,
+                     lookahead_rows=384, lookahead_depth=2)
+        assert tight.tokens == ref and tight.dram_bytes <= budget * fd.model_bytes
+        assert tight.dram_breakdown["lookahead"] == 3 * 384 * lay.neuron_stride_bytes
+    with pytest.raises(LLMFlashError, match="lookahead-depth"):
+        _gen(flash_dirs[name], "oracle", n=2, lookahead=True, lookahead_depth=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
 def test_row_bucket_pads_shapes_not_results(flash_dirs, name):
     """Computing cached rows in padded regions (fewer matmul shapes) leaves the output unchanged."""
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(7))

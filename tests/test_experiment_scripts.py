@@ -214,7 +214,7 @@ END_TO_END = {
                         inputs=committed("relufy/gated", "relufy/predictors_gpu")),
     "gpu_scale": Run(("gpu_scale.json", "gpu_scale.csv", "gpu_scale.png"),
                      ("--quick", "--model", "{flash}", "--device", "cpu", "--profile-gb", "0.004", "--repeats", "1",
-                      "--tokens", "6", "--naive-tokens", "2", "--out", "{out}")),
+                      "--tokens", "6", "--naive-tokens", "2", "--lookahead-depth", "1,2", "--out", "{out}")),
     "latency": Run(("latency.json", "table3.csv", "latency.png")),
     "memlimit": Run((), ("mmap", "{flash}", "--prompt-tokens", "8", "--tokens", "2"),
                     then=(("skeleton", "{flash}", "--prompt-tokens", "8", "--tokens", "2"),
