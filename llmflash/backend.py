@@ -56,9 +56,11 @@ class Backend:
     def before_reads(self, host: RowStore) -> None:
         """Wait until copies out of ``host`` are done: reads are about to overwrite it."""
 
-    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
-        """Copy host rows [host_start, +n) into ``rows`` at ``start`` (or its slots ``start``)."""
-        rows.load(host, n, host_start, start)
+    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray,
+             scratch: Optional[list[Tensor]] = None) -> None:
+        """Copy host rows [host_start, +n) into ``rows`` at ``start`` (or its slots ``start``; ``scratch``: device rows
+        the copies into slots pass through instead of a temporary)."""
+        rows.load(host, n, host_start, start, scratch=scratch)
 
     def host_ids(self, mask: Tensor) -> np.ndarray:
         """Sorted ids of the neurons set in any row of ``mask`` (bool [T, n]), on the host."""
@@ -107,10 +109,11 @@ class AcceleratorBackend(Backend):
         if ev is not None:
             ev.synchronize()
 
-    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray) -> None:
+    def load(self, rows: DeviceRows, host: RowStore, n: int, host_start: int, start: int | np.ndarray,
+             scratch: Optional[list[Tensor]] = None) -> None:
         if not n:
             return
-        rows.load(host, n, host_start, start, non_blocking=self.cuda)
+        rows.load(host, n, host_start, start, non_blocking=self.cuda, scratch=scratch)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record()

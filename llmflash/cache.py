@@ -88,11 +88,14 @@ class DeviceRows(_Rows):
         self.rows = [torch.zeros(capacity, seg.stride_bytes // layout.elem_bytes, dtype=held, device=device)
                      for seg in layout.segments]
 
-    def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray, non_blocking: bool = False) -> None:
+    def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray, non_blocking: bool = False,
+             scratch: Optional[list[Tensor]] = None) -> None:
         """Copy host rows [host_start, host_start + n) into rows [start, start + n), or into the slots ``start``
         (int64 [n]) of a neuron cache; quantized host rows into float rows are dequantized on arrival.
         ``non_blocking`` (page-locked host rows): the copies are queued on the device's stream and the host rows must
-        stay untouched until they are done (``backend.AcceleratorBackend`` records when)."""
+        stay untouched until they are done (``backend.AcceleratorBackend`` records when). ``scratch``: per segment
+        device rows (of this store's dtype) that rows bound for slots are copied into first, instead of a temporary
+        allocated per call (used when the n rows fit)."""
         if not n:
             return
         slots = (torch.from_numpy(start).to(self.rows[0].device, non_blocking=non_blocking)
@@ -109,8 +112,15 @@ class DeviceRows(_Rows):
                             0, slots, vals.to(self.rows[s].device, self.rows[s].dtype))
             return
         if slots is not None:
-            for dst, src in zip(self.rows, host.rows):
-                dst.index_copy_(0, slots, src[host_start : host_start + n].to(dst.device, non_blocking=non_blocking))
+            use = scratch if scratch is not None and n <= scratch[0].shape[0] else None
+            for i, (dst, src) in enumerate(zip(self.rows, host.rows)):
+                part = src[host_start : host_start + n]
+                if use is not None:  # through preallocated device rows: no allocation
+                    tmp = use[i][:n]
+                    tmp.copy_(part, non_blocking=non_blocking)
+                else:
+                    tmp = part.to(dst.device, non_blocking=non_blocking)
+                dst.index_copy_(0, slots, tmp)
             return
         for dst, src in zip(self.rows, host.rows):
             dst[start : start + n].copy_(src[host_start : host_start + n], non_blocking=non_blocking)

@@ -60,7 +60,7 @@ from .models import default_predictors, predictor_dir
 from .native import library as native_library
 from .predictor import ENGINE_DTYPE, PredictorSet
 from .provider import ActiveSetProvider, GateProvider, OracleProvider, PredictorProvider
-from .quant import compute_layout, dense_layer_bytes
+from .quant import compute_layout, dense_layer_bytes, storage_dtype
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
 from .storage import FlashReader, RowsTarget
@@ -150,7 +150,8 @@ class EngineConfig:
     # caches, and was OOM-killed in a cgroup of its budget: results/memory_growth, results/memory_limit; on a GPU
     # the caching allocator's peak was 130 MB above the accounted bytes without it: results/gpu_scale); 0 for small
     # models, whose working memory is within the runtime's overhead; 0 too where the native step runs (no per-shape
-    # working memory: results/native_step/memory_growth).
+    # working memory: results/native_step/memory_growth). On an accelerator the reserve is allocated, as the rows that
+    # gathers of cached slots are copied into (``Engine.gather_scratch``: no allocation per call), and its auto is 1.
     working_reserve: float = -1
     # where the model computes: "cpu", or an accelerator ("cuda", "cuda:1"). On an accelerator the resident weights,
     # neuron caches and predictors live in its memory (the budget then bounds that memory plus the engine's host
@@ -269,7 +270,7 @@ class _FlashFFNBase(nn.Module):
         if not isinstance(rows, DeviceRows):
             return host
         t0 = _now_ms()
-        self.e.backend.load(rows, host, n, host_start, start)
+        self.e.backend.load(rows, host, n, host_start, start, self.e.gather_scratch)
         self.e.meter.mem_ms += _now_ms() - t0
         return rows
 
@@ -279,7 +280,7 @@ class _FlashFFNBase(nn.Module):
         reference (``step.rows_output``) with this layer's rule, bias, gate and the engine's row bucket."""
         mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
         return rows_output(store, ids, x, self.act, self.e.fd.gated, self.threshold, self.on_act, self.act_bias,
-                           start, slots, self.e.row_bucket, mask)
+                           start, slots, self.e.row_bucket, mask, self.e.gather_scratch)
 
     def _native_ok(self, x: Tensor) -> bool:
         return self.native is not None and x.shape[0] <= MAX_NATIVE_TOKENS
@@ -601,7 +602,9 @@ class Engine:
                                       io_threads=config.io_threads, compute_threads=config.compute_threads,
                                       lookahead=bool(config.lookahead) and not self.accelerator)
         self.compute_threads = self.threads.compute_threads  # set while generating/scoring
-        self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large else 0)
+        # (auto: on the CPU only; an accelerator's matmuls keep no memory per shape, and its gathers go to the
+        # preallocated ``gather_scratch``)
+        self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large and not self.accelerator else 0)
         row_bytes = max(seg.stride_bytes for seg in fd.layout.segments)  # one read unit of a row
         self.max_gap_rows = config.max_gap_rows if config.max_gap_rows >= 0 else AUTO_GAP_BYTES // row_bytes
         # threads of the native step: one for small models (a layer's rows are a few hundred KB, done in ~0.1-0.2 ms,
@@ -647,6 +650,7 @@ class Engine:
         self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
         self.aheads: list[RowStore] = []  # lookahead on the CPU: the guessed rows beyond the caches (``SparseFFN``)
+        self.gather_scratch: Optional[list[Tensor]] = None  # accelerator: preallocated rows for gathered slots
         if self.offload:
             self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes
@@ -675,13 +679,19 @@ class Engine:
             sb = SparseBudget(
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
                 config.min_cache_rows,
-                config.working_reserve if config.working_reserve >= 0 else (4.0 if large and not self._native_lib else 0.0),
+                config.working_reserve if config.working_reserve >= 0 else (
+                    (1.0 if self.accelerator else 4.0) if large and not self._native_lib else 0.0),
                 self.offload, active.layer_demand, landings=depth + 1 if config.lookahead else 1,
             )
             self._check_budget(budget_bytes, sb.minimum_bytes)
             plan = sb.plan()
             self.cache_rows = list(plan.cache_rows)
-            if plan.reserve_rows:
+            if plan.reserve_rows and self.accelerator:  # the reserve allocated: the rows gathers copy slots into
+                self.gather_scratch = [torch.empty(plan.reserve_rows, seg.stride_bytes // self.row_layout.elem_bytes,
+                                                   dtype=storage_dtype(self.row_layout, fd.dtype), device=self.device)
+                                       for seg in self.row_layout.segments]
+                self.dram["gather_scratch"] = sum(t.numel() * t.element_size() for t in self.gather_scratch)
+            elif plan.reserve_rows:
                 self.dram["working_reserve"] = plan.reserve_rows * self.row_layout.neuron_stride_bytes  # held back
             if self.offload:
                 per = plan.landing_rows // sb.landings

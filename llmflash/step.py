@@ -56,12 +56,14 @@ def slot_plan(seg: Segment, layer: int, ids: np.ndarray, slots: np.ndarray,
 def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: Callable[[Tensor], Tensor], gated: bool,
                 threshold: Optional[float] = None, on_act: bool = False, act_bias: Optional[Tensor] = None,
                 start: int = 0, slots: Optional[np.ndarray] = None, bucket: int = 0,
-                mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                mask: Optional[Tensor] = None, scratch: Optional[list[Tensor]] = None) -> tuple[Tensor, Tensor]:
     """The Python reference of a layer's FFN contribution over rows of a store: rows [start, start + n) or the rows
     ``slots`` (int64 [n]), holding neurons ``ids`` (n of them, file row order); x [T, d] -> (y [T, d], h [T, n]).
 
     ``act_bias``: the layer's activation bias over all its neurons; ``mask``: bool [T, d_ffn], a gated model's gate
-    (rows it shuts give 0); ``bucket`` > 0: the matmuls run over a multiple of that many rows (padding rows give 0)."""
+    (rows it shuts give 0); ``bucket`` > 0: the matmuls run over a multiple of that many rows (padding rows give 0);
+    ``scratch``: per segment a preallocated [rows, stride] tensor on the store's device that gathered slots are copied
+    into (no allocation per call; used when they fit), else each gather allocates its copy."""
     n = ids.size
     if slots is None:
         m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
@@ -71,7 +73,10 @@ def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: C
     else:
         m = -(-n // bucket) * bucket if bucket > 0 and n else n
         idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
-        gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
+        if scratch is not None and m <= scratch[0].shape[0]:  # into the preallocated rows: no allocation
+            gathered = [torch.index_select(r, 0, idx.to(r.device), out=buf[:m]) for r, buf in zip(store.rows, scratch)]
+        else:
+            gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
         d = store.layout.d_model
 
         def part(name: str) -> Tensor:

@@ -465,6 +465,32 @@ def test_working_reserve_is_held_back_from_the_caches(flash_dirs):
 
 
 
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_accelerator_gathers_into_its_reserve(flash_dirs, name, monkeypatch):
+    """On an accelerator the working reserve is allocated as the rows that gathers of cached slots are copied into
+    (``gather_scratch``, counted in the budget): no gather allocates, and the output is unchanged (stand-in path)."""
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    budget = (fd.resident_path.stat().st_size + 3 * 384 * lay.neuron_stride_bytes
+              + 80 * lay.neuron_stride_bytes * (lay.n_layers + 2)) / fd.model_bytes
+    ref = _gen(flash_dirs[name], "dense", n=10).tokens
+    allocated = {"n": 0}
+    orig = torch.Tensor.index_select
+
+    def index_select(self, dim, index):  # the method form allocates; the scratch path calls torch.index_select(out=)
+        allocated["n"] += 1
+        return orig(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
+    res = _gen(flash_dirs[name], "oracle", n=10, budget=budget, staging_rows=384, window=2, working_reserve=1.0)
+    assert res.tokens == ref and res.dram_bytes <= budget * fd.model_bytes
+    assert "gather_scratch" in res.dram_breakdown and "working_reserve" not in res.dram_breakdown
+    assert allocated["n"] == 0
+    assert _gen(flash_dirs[name], "oracle", n=10, budget=budget, staging_rows=384, window=2, working_reserve=0).tokens == ref
+    assert allocated["n"] > 0  # without the reserve, every gather allocates its copy
+
+
 def test_bytes_read_match_the_kernel(flash_dirs):
     """Everything the engine's readers count (prefill + per-token) is what the kernel read for the process."""
     if proc_read_bytes() < 0:
