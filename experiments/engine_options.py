@@ -26,7 +26,7 @@ predicted set the lookahead guess covers (layer l's predictor on layer l-1's FFN
 two FFN norms' weights, as the engine does).
 
     python experiments/engine_options.py [--quick] [--repeats 5] [--tokens 24] [--arms A,B] [--order coactivation]
-        [--model DIR --predictors PRED]
+        [--model DIR --predictors PRED] [--budget 0.5]
 
 ``--model DIR --predictors PRED``: a flash directory and predictors trained on it instead (e.g. a tiny model in the
 test suite's end-to-end tier).
@@ -90,8 +90,8 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
     return rows
 
 
-def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
-    cfg = EngineConfig(mode="predictor", dram_budget=0.5, predictors=setup["predictors"], **changes)
+def measure(setup: dict, changes: dict, tokens: int, warmup: int, budget: float = 0.5) -> dict:
+    cfg = EngineConfig(mode="predictor", dram_budget=budget, predictors=setup["predictors"], **changes)
     s = engine_runs.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
     row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
     row["predictor_share_of_compute"] = s["predictor_ms"] / s["compute_ms"]
@@ -100,7 +100,7 @@ def measure(setup: dict, changes: dict, tokens: int, warmup: int) -> dict:
     return row
 
 
-def plot(summary: dict, path: Path, model: str = "smollm2-relu") -> None:
+def plot(summary: dict, path: Path, model: str = "smollm2-relu", budget: float = 0.5) -> None:
     plt = common.plt()
     arms = [a for a in ARMS if a in summary]
     fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -118,7 +118,8 @@ def plot(summary: dict, path: Path, model: str = "smollm2-relu") -> None:
                 " of compute", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("ms per token (median of run medians)")
     ax.margins(y=0.18)
-    ax.set_title(f"{model}, predictor mode, half the model in DRAM: one change per arm (measured)", fontsize=9)
+    held = "half the model" if budget == 0.5 else f"{budget:.0%} of the model"
+    ax.set_title(f"{model}, predictor mode, {held} in DRAM: one change per arm (measured)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     common.savefig(fig, path)
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's engine_options.json")
     ap.add_argument("--model", default="smollm2-relu", help="smollm2-relu (default) or a flash directory DIR")
     ap.add_argument("--predictors", default=None, help="the predictors (default: the model's committed ones)")
+    ap.add_argument("--budget", type=float, default=0.5, help="--dram-budget of every arm (default 0.5)")
     ap.add_argument("--order", choices=("file", "coactivation"), default="file",
                     help="the real model's neurons as converted, or its co-activation-ordered copy (the demo's)")
     args = ap.parse_args()
@@ -140,7 +142,7 @@ def main() -> None:
         import json
 
         data = json.loads((args.out / "engine_options.json").read_text())
-        plot(data["summary"], args.out / "engine_options.png", data["setup"]["model"])
+        plot(data["summary"], args.out / "engine_options.png", data["setup"]["model"], data.get("budget", 0.5))
         return
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
@@ -160,7 +162,7 @@ def main() -> None:
     for r in range(repeats):
         for a in [a for a in arms if a not in refused]:  # alternating: the disk and the machine drift
             try:
-                runs[a].append(measure(setup, ARMS[a], args.tokens, warmup=4))
+                runs[a].append(measure(setup, ARMS[a], args.tokens, warmup=4, budget=args.budget))
             except BudgetError as err:
                 refused[a] = str(err)
                 log.info("arm %s refused: %s", a, err)
@@ -171,13 +173,14 @@ def main() -> None:
     summary = {a: {f: statistics.median(r[f] for r in v) for f in v[0]} for a, v in runs.items()}
     ratios = {f"{a}_over_default_total": summary[a]["total_ms"] / summary["default"]["total_ms"]
               for a in arms if a != "default" and "default" in summary}
-    data = {"setup": setup, "repeats": repeats, "tokens": args.tokens, "arms": {a: ARMS[a] for a in arms},
+    data = {"setup": setup, "repeats": repeats, "tokens": args.tokens, "budget": args.budget,
+            "arms": {a: ARMS[a] for a in arms},
             "runs": runs, "summary": summary, "ratios": ratios, "refused": refused, "guess_coverage": coverage,
             "mean_guess_coverage": float(np.mean([c["covered"] for c in coverage])) if coverage else None,
             "labels": {"runs": "measured", "guess_coverage": f"computed from collected activations ({act_dir.name})"}}
     rows = [{"arm": a, "repeat": i, **row} for a in arms for i, row in enumerate(runs[a])]
     common.save(args.out, "engine_options", args, data, rows)
-    plot(summary, args.out / "engine_options.png", setup["model"])
+    plot(summary, args.out / "engine_options.png", setup["model"], args.budget)
     for a in arms:
         log.info("%-16s total %.1f ms (predictor %.2f ms = %.1f%% of compute)%s", a, summary[a]["total_ms"],
                  summary[a]["predictor_ms"], 100 * summary[a]["predictor_share_of_compute"],

@@ -126,7 +126,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                    help="sparse modes: start reading the next layer's guessed neurons early (default: auto, on with "
-                        "one compute thread on a quiet CPU of at most 2 cores, off elsewhere)")
+                        "one compute thread on a quiet CPU of at most 2 cores while the caches hold less than a "
+                        "token's expected set, off elsewhere)")
     p.add_argument("--lookahead-depth", type=int, default=1, metavar="D",
                    help="with lookahead: layers whose reads are in flight ahead of the one computing (layer l starts "
                         "layer l+D's reads)")

@@ -20,11 +20,11 @@ page-locked host buffers: a sparse layer's new rows in a landing buffer the size
 chunks in the staging buffer, and are copied over (timed as memory management; naive also copies the resident weights
 again after re-reading them). The cache's bookkeeping is unchanged; its row moves happen on the GPU.
 
-Lookahead (``EngineConfig.lookahead``, sparse modes; on by default only on a quiet CPU of at most 2 cores): a layer
-with few new neurons per token issues few reads, and a wave of a few dozen reads is latency-bound (the disk needs
-many in flight). So while layer l runs, the engine also guesses layer l+1's set from layer l's FFN input (rescaled
-from l's FFN norm to l+1's: the residual stream changes little from one layer to the next; Deja Vu's observation) and
-starts reading the guessed neurons that are new to l+1's window. At layer l+1 the real set is predicted as usual and
+Lookahead (``EngineConfig.lookahead``, sparse modes; on by default only on a quiet CPU of at most 2 cores whose
+caches hold less than a token's set): a layer with few new neurons per token issues few reads, and a wave of a few
+dozen reads is latency-bound (the disk needs many in flight). So while layer l runs, the engine also guesses layer
+l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual stream changes little from one
+layer to the next; Deja Vu's observation) and starts reading the guessed neurons that are new to l+1's window. At layer l+1 the real set is predicted as usual and
 only what the guess missed is read then. The guess only moves reads earlier: what is computed is the window of the
 real sets plus the guessed rows (exact zeros for a ReLU rule when a guessed neuron is inactive). With
 ``lookahead_depth`` D > 1, layer l starts layer l+D's reads (layer 0 those of layers 1..D), so D layers' reads are
@@ -110,7 +110,9 @@ class EngineConfig:
     # sparse modes: start reading layer l+1's guessed new neurons while layer l runs. None = auto
     # (``threads.lookahead_pays``): on with one compute thread on a quiet CPU of at most 2 cores (0.91-0.93x the time
     # without it there: results/relufy/reruns_c5/engine_options*), off elsewhere (with two compute threads on 2 cores it
-    # was 1.08x: the reader threads' hand-offs slow the overlapped compute more than the hidden I/O saves)
+    # was 1.08x: the reader threads' hand-offs slow the overlapped compute more than the hidden I/O saves), and there
+    # only while the caches hold less than a token's expected set (``Engine._ahead_pays``: with larger caches the
+    # guesses' wrong loads evict the window and it was 1.1-1.25x)
     lookahead: Optional[bool] = None
     # with lookahead: how many layers ahead reads are in flight. 1: while layer l runs, layer l+1's guessed rows are
     # read (guessed from layer l's FFN input); D > 1: layer l starts layer l+D's reads (layer 0 the first D layers'),
@@ -595,7 +597,8 @@ class Engine:
         large = fd.layout.d_model >= LARGE_D_MODEL
         # what the machine offers now (the cores, the load of other work): sampled before this engine starts anything
         cpu = sense_cpu()
-        if config.lookahead is None:  # auto: where it was measured to pay
+        auto_ahead = config.lookahead is None  # auto: where it was measured to pay (and, below, small caches only)
+        if auto_ahead:
             auto = config.mode in SPARSE_MODES and config.reuse and lookahead_pays(cpu, accelerator=self.accelerator)
             self.cfg = config = replace(config, lookahead=auto)
         self.threads = choose_threads(cpu, sparse=config.mode in SPARSE_MODES, large=large,
@@ -663,6 +666,14 @@ class Engine:
             if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
+            reserve = config.working_reserve if config.working_reserve >= 0 else (
+                (1.0 if self.accelerator else 4.0) if large and not self._native_lib else 0.0)
+            if auto_ahead and config.lookahead and not self._ahead_pays(budget_bytes, reserve, active.layer_demand):
+                self.cfg = config = replace(config, lookahead=False)
+                self.threads = choose_threads(cpu, sparse=True, large=large, io_threads=config.io_threads,
+                                              compute_threads=config.compute_threads, lookahead=False)
+                self.compute_threads = self.threads.compute_threads
+                self.native_threads = self.compute_threads if large else 1
             depth = min(config.lookahead_depth, max(1, layout.n_layers - 1))
             if config.lookahead and not self.offload:  # depth + 1 host buffers for the guessed rows beyond the caches
                 rows = config.lookahead_rows
@@ -678,10 +689,8 @@ class Engine:
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = SparseBudget(
                 budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
-                config.min_cache_rows,
-                config.working_reserve if config.working_reserve >= 0 else (
-                    (1.0 if self.accelerator else 4.0) if large and not self._native_lib else 0.0),
-                self.offload, active.layer_demand, landings=depth + 1 if config.lookahead else 1,
+                config.min_cache_rows, reserve, self.offload, active.layer_demand,
+                landings=depth + 1 if config.lookahead else 1,
             )
             self._check_budget(budget_bytes, sb.minimum_bytes)
             plan = sb.plan()
@@ -783,6 +792,25 @@ class Engine:
                 f"{minimum / mb:.3f} ({minimum / 2**20:.1f} MiB of the model's {mb / 2**20:.1f} MiB) for mode "
                 f"{self.cfg.mode} ({parts}, plus {self.cfg.min_cache_rows} cached rows per layer in sparse modes)"
             )
+
+    def _ahead_pays(self, budget_bytes: int, reserve: float, demand: Optional[Sequence[float]]) -> bool:
+        """Lookahead's auto rule past the CPU's (``threads.lookahead_pays``): only while the caches, planned without it,
+        hold fewer rows than a token's expected set (``demand``: each layer's predicted share; unknown: True). With
+        caches that hold a token's set, the guessed loads (about a third of them wrong: recall and precision 0.64-0.66
+        on smollm2-relu) evict the window's rows and its reads are wasted: on this 2-core CPU lookahead took 1.15x the
+        time at 60% of smollm2-relu, 1.11x at 80%, 1.25x with int8 resident weights at half the model, and 0.98x at
+        half the float32 model, where the caches hold a fifth of a token's set (twelfth session, 3 alternating
+        repeats; results/engine_options)."""
+        if demand is None:
+            return True
+        lay = self.fd.layout
+        probe = SparseBudget(budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, lay.n_layers,
+                             lay.d_ffn, self.cfg.min_cache_rows, reserve, self.offload, demand, landings=1)
+        try:
+            held = sum(probe.plan().cache_rows)
+        except ValueError:  # below the minimum: the budget check reports it
+            return True
+        return held < sum(demand) * lay.d_ffn
 
     def _link_lookahead(self, modules: list["SparseFFN"], depth: int) -> None:
         """Give each sparse layer l the layers l+1..l+depth it may start reads for, each with the map from l's FFN input

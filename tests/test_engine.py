@@ -18,7 +18,7 @@ from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
 from llmflash.layout import FlashLayout, bridge, read_plan, runs
 from llmflash.models import load_in_memory
-from llmflash.provider import ActiveSetProvider
+from llmflash.provider import ActiveSetProvider, OracleProvider
 from llmflash.storage import proc_read_bytes
 
 from tiny import engine_generate, engine_perplexity, save_tiny_models
@@ -251,6 +251,28 @@ def test_deeper_lookahead_moves_reads_not_results(flash_dirs, name, stand_in, mo
         assert tight.dram_breakdown["lookahead"] == 3 * 384 * lay.neuron_stride_bytes
     with pytest.raises(LLMFlashError, match="lookahead-depth"):
         _gen(flash_dirs[name], "oracle", n=2, lookahead=True, lookahead_depth=0)
+
+
+def test_auto_lookahead_only_while_the_caches_hold_less_than_a_token(flash_dirs, monkeypatch):
+    """Lookahead's auto setting (where the machine would have it on) stays on while the caches, planned without it,
+    hold fewer rows than a token's expected set, and is off when they hold more (with its one compute thread undone)."""
+    monkeypatch.setattr(engine_module, "lookahead_pays", lambda cpu, accelerator: True)
+    monkeypatch.setattr(OracleProvider, "layer_demand", [0.5, 0.5, 0.5])  # 384 of the 3 x 256 neurons per token
+    fd = open_flash_dir(flash_dirs["llama"])
+    lay = fd.layout
+    tight = (fd.resident_path.stat().st_size + 384 * lay.neuron_stride_bytes
+             + 40 * lay.neuron_stride_bytes * lay.n_layers) / fd.model_bytes  # 40 rows per layer: 120 < 384
+    small = Engine(fd, EngineConfig(mode="oracle", dram_budget=tight, staging_rows=384))
+    large = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, staging_rows=384))
+    forced = Engine(fd, EngineConfig(mode="oracle", dram_budget=BIG, staging_rows=384, lookahead=True))
+    try:
+        assert small.cfg.lookahead and sum(small.cache_rows) < 384
+        assert not large.cfg.lookahead and sum(large.cache_rows) >= 384 and "lookahead" not in large.dram
+        assert forced.cfg.lookahead  # asked for: kept whatever the caches
+        assert large.compute_threads >= small.compute_threads
+    finally:
+        for e in (small, large, forced):
+            e.close()
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
