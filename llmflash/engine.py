@@ -24,9 +24,10 @@ Lookahead (``EngineConfig.lookahead``, sparse modes; on by default only on a qui
 caches hold less than a token's set): a layer with few new neurons per token issues few reads, and a wave of a few
 dozen reads is latency-bound (the disk needs many in flight). So while layer l runs, the engine also guesses layer
 l+1's set from layer l's FFN input (rescaled from l's FFN norm to l+1's: the residual stream changes little from one
-layer to the next; Deja Vu's observation) and starts reading the guessed neurons that are new to l+1's window. At layer l+1 the real set is predicted as usual and
-only what the guess missed is read then. The guess only moves reads earlier: what is computed is the window of the
-real sets plus the guessed rows (exact zeros for a ReLU rule when a guessed neuron is inactive). With
+layer to the next; Deja Vu's observation) and starts reading the guessed neurons that are new to l+1's window. At
+layer l+1 the real set is predicted as usual and only what the guess missed is read then. The guess only moves reads
+earlier: what is computed is the window of the real sets plus the guessed rows (exact zeros for a ReLU rule when a
+guessed neuron is inactive). With
 ``lookahead_depth`` D > 1, layer l starts layer l+D's reads (layer 0 those of layers 1..D), so D layers' reads are
 queued while the host plans and computes.
 """
