@@ -242,7 +242,7 @@ class NeuronCache:
             return
         self.slot[self.ids[slots]] = -1
         self.ids[slots] = -1
-        self.free = np.union1d(self.free, slots)
+        self.free = np.sort(np.concatenate((self.free, slots)))  # disjoint: a freed slot was in use
         self._used = np.flatnonzero(self.ids >= 0)
         self.count = self._used.size
 

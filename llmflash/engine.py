@@ -472,7 +472,11 @@ class SparseFFN(_FlashFFNBase):
                 t0 = _now_ms()
         # after a lookahead the window has already slid for this step: nothing is freed while its reads are in flight
         upd = self._update(need, evict=pre is None)
-        ready = upd.ready_slots if pre is None or not pre[1].size else np.setdiff1d(upd.ready_slots, pre[1])
+        ready = upd.ready_slots
+        if pre is not None and pre[1].size:  # the slots a lookahead is still filling: computed once they have landed
+            filling = np.zeros(cache.capacity, dtype=bool)
+            filling[pre[1]] = True
+            ready = ready[~filling[ready]]  # (a mask: np.setdiff1d sorted both, 0.3-0.8 ms per layer)
         e.meter.loaded_neurons += upd.load_ids.size
         # the new rows' reads are in flight while the rows already cached are computed; only waiting counts as I/O
         # (on an accelerator they land after the rows a lookahead read ahead, which are not copied over yet)
