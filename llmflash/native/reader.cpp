@@ -239,6 +239,12 @@ int llmflash_reader_plan_rows(void* plan, char* base, int64_t dest_bytes, int64_
     const int64_t row = slots != nullptr ? slots[k] : dest_row0 + k;
     if (row < 0 || row >= rows) return -2;
   }
+  // at most one read and one buffer per id: room made once, not grown read by read
+  t->fo.reserve(t->fo.size() + n);
+  t->nb.reserve(t->nb.size() + n);
+  t->iov_start.reserve(t->iov_start.size() + n);
+  t->iov_ptr.reserve(t->iov_ptr.size() + n);
+  t->iov_len.reserve(t->iov_len.size() + n);
   int64_t k = 0;
   while (k < n) {
     int64_t len = 1;
