@@ -29,6 +29,7 @@ do not, and say so in their records).
 
 from __future__ import annotations
 
+import inspect
 import json
 import mmap
 import os
@@ -235,15 +236,17 @@ def _greedy(model, ids, n: int) -> tuple[list[int], list[float]]:
     from transformers import DynamicCache
 
     cache = DynamicCache()
+    # the KV cache's argument: ``cache`` in newer transformers (which warn on ``past_key_values``), else the old name
+    arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     times = []
     with torch.inference_mode():
-        logits = model(input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=ids.view(1, -1), **{arg: cache}, use_cache=True).logits[0, -1]
         out = []
         for _ in range(n):
             nxt = int(torch.argmax(logits))
             out.append(nxt)
             t0 = time.perf_counter()
-            logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[nxt]]), **{arg: cache}, use_cache=True).logits[0, -1]
             times.append((time.perf_counter() - t0) * 1e3)
     return out, times
 
