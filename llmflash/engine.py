@@ -484,18 +484,23 @@ class SparseFFN(_FlashFFNBase):
         load_ids, overflow = upd.load_ids, upd.overflow_ids  # overflow: beyond the cache, read into the staging buffer
         ahead, self._ahead = self._ahead, None
         copy = ahead_ids = None
+        read_ahead = None  # bool [d_ffn]: the neurons the guess read beyond the cache (masks: np.isin sorts)
         if ahead is not None:  # what the guess already read beyond the cache is not read again (CPU: host rows)
-            into = np.isin(load_ids, ahead[1], assume_unique=True)  # cache slots freed since: copied over
+            read_ahead = np.zeros(cache.d_ffn, dtype=bool)
+            read_ahead[ahead[1]] = True
+            into = read_ahead[load_ids]  # cache slots freed since: copied over
             copy = (upd.dest_slots[into], np.searchsorted(ahead[1], load_ids[into]))
             load_ids, dest = load_ids[~into], upd.dest_slots[~into]
-            have = np.isin(overflow, ahead[1], assume_unique=True)  # computed where they landed
+            have = read_ahead[overflow]  # computed where they landed
             ahead_ids, overflow = overflow[have], overflow[~have]
         keep = None  # the staging rows to compute, when the read bridged gaps over rows computed elsewhere
         span = bridge(overflow, e.max_gap_rows)
         if overflow.size < span.size <= e.staging.capacity:
             fresh = cache.slot[span] < 0  # not cached (a cached row is computed from its slot)
-            if ahead_ids is not None and ahead_ids.size:
-                fresh &= ~np.isin(span, ahead_ids, assume_unique=True)  # nor read ahead
+            if ahead_ids is not None and ahead_ids.size:  # nor read ahead and computed there
+                computed = np.zeros(cache.d_ffn, dtype=bool)
+                computed[ahead_ids] = True
+                fresh &= ~computed[span]
             overflow, keep = span, (None if fresh.all() else np.flatnonzero(fresh))
         e.meter.mem_ms += _now_ms() - t0
         pending = self._submit(land, load_ids, dest)

@@ -341,6 +341,13 @@ def test_bridge_fills_short_gaps_only():
     assert bridge(ids, 0) is ids
     assert bridge(ids, 1).tolist() == [1, 2, 5, 9, 10, 20, 21, 22]
     assert bridge(ids, 3).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 21, 22]
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # one-row gaps take a mask path: the same rows as the general one (gaps of at most 1)
+        ids = np.sort(rng.choice(300, rng.integers(2, 200), replace=False)).astype(np.int64)
+        gaps = np.diff(ids) - 1
+        want = np.union1d(ids, ids[:-1][gaps == 1] + 1)
+        got = bridge(ids, 1)
+        assert got.dtype == ids.dtype and got.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
