@@ -224,17 +224,23 @@ class _FlashFFNBase(nn.Module):
         tickets = []
         for o in e.observers:
             o.read_plan(self.layer, ids)
-        if ids.size and e.reader.native and e.cfg.native_plans and \
-                not any(type(o).reads_issued is not EngineObserver.reads_issued for o in e.observers):
-            # the hot path: the native reader plans the same reads from the ids (one call, one ticket)
+        if ids.size and e.reader.native and e.cfg.native_plans:
+            # the hot path: the native reader plans the same reads from the ids (one call, one ticket); observers that
+            # count reads get the planned sizes from it (so an experiment measures the path users run)
             e.backend.before_reads(store)
             segs = e.fd.layout.segments
             targets = [RowsTarget(buf, seg.layer_offsets[self.layer], seg.stride_bytes,
                                   max(1, e.cfg.max_read_bytes // seg.stride_bytes))
                        for seg, buf in zip(segs, store.buffers)]
             slots = dest if isinstance(dest, np.ndarray) else None
+            counting = [o for o in e.observers if type(o).reads_issued is not EngineObserver.reads_issued]
+
+            def on_sizes(sizes: np.ndarray) -> None:
+                for o in counting:
+                    o.reads_issued("ffn", sizes)
+
             tickets.append(e.reader.submit_rows(targets, ids, e.fd.layout.d_ffn, slots,
-                                                0 if slots is not None else int(dest)))
+                                                0 if slots is not None else int(dest), on_sizes if counting else None))
         elif ids.size:  # the reference: plans made here (and shown to observers that count reads)
             e.backend.before_reads(store)  # copies out of these host rows (to an accelerator) are done
             for seg, buf in zip(e.fd.layout.segments, store.buffers):

@@ -26,7 +26,7 @@ from functools import reduce
 from operator import add, or_
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -506,12 +506,15 @@ class FlashReader:
         return ticket
 
     def submit_rows(self, targets: Sequence[RowsTarget], ids: np.ndarray, file_rows: int,
-                    slots: Optional[np.ndarray] = None, dest_row0: int = 0) -> ReadTicket:
+                    slots: Optional[np.ndarray] = None, dest_row0: int = 0,
+                    on_sizes: Optional[Callable[[np.ndarray], None]] = None) -> ReadTicket:
         """Start the reads that bring rows ``ids`` (sorted, unique, < ``file_rows``) of each target's region of the
         file into its buffer: into its rows ``slots`` (int64, one per id: a neuron cache's slots) or into consecutive
         rows from ``dest_row0``. Runs of consecutive ids are one read each, split at the target's ``max_run_rows``:
         the reads ``layout.read_plan`` / ``step.slot_plan`` make, planned in native code (one call per target instead
-        of a dozen numpy calls; the engine's hot path). Native reader only (``native``); one ticket for all targets."""
+        of a dozen numpy calls; the engine's hot path). Native reader only (``native``); one ticket for all targets.
+        ``on_sizes``: called with the planned reads' byte counts (int64 [reads]) before they are queued (an observer
+        counting reads by size)."""
         if self._pool is None or self._lib is None:
             raise ValueError("submit_rows needs the native reader (FlashReader.native)")
         t0 = time.perf_counter_ns()
@@ -544,6 +547,10 @@ class FlashReader:
                     raise ValueError(f"destination too small: rows beyond its {mv.nbytes // t.stride_bytes}")
                 if t.file_base_bytes + file_rows * t.stride_bytes > self.size_bytes:
                     raise ValueError(f"rows beyond the end of {self.path}")
+            if on_sizes is not None:
+                sizes = np.empty(lib.llmflash_reader_plan_sizes(plan, None), dtype=np.int64)
+                lib.llmflash_reader_plan_sizes(plan, sizes.ctypes.data)
+                on_sizes(sizes)
         except BaseException:
             lib.llmflash_reader_plan_free(plan)
             for v in reversed(views):

@@ -298,9 +298,11 @@ def test_tight_budget_with_overflow_still_exact(flash_dirs):
 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
-    """The engine's hot path plans its reads in the native reader (``FlashReader.submit_rows``); an observer that
-    counts reads gets the Python plans (the reference). Same tokens, and per token the same reads and bytes, through
-    a cache too small for the active set (overflow through the staging buffer) and with lookahead."""
+    """The engine's hot path plans its reads in the native reader (``FlashReader.submit_rows``), also with an
+    observer that counts reads by size (it gets the native plan's sizes: an experiment measures the path users run);
+    ``native_plans=False`` plans them in numpy (the reference). Same tokens, per token the same reads and bytes, and
+    the same read sizes counted, through a cache too small for the active set (overflow through the staging buffer)
+    and with lookahead."""
     from llmflash.native import reader_library
 
     if reader_library() is None:
@@ -308,10 +310,10 @@ def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
 
     class CountReads(EngineObserver):
         def __init__(self):
-            self.issued = 0
+            self.sizes: list[int] = []
 
         def reads_issued(self, source, nbytes):
-            self.issued += nbytes.size
+            self.sizes += np.asarray(nbytes).tolist()
 
     fd = open_flash_dir(flash_dirs["llama"])
     lay = fd.layout
@@ -320,14 +322,31 @@ def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
     cfg = EngineConfig(mode="oracle", dram_budget=budget, staging_rows=384, window=2, lookahead=lookahead,
                        lookahead_rows=384)
     runs_ = []
-    for observers, c in (((), cfg), ((CountReads(),), cfg), ((), replace(cfg, native_plans=False))):
-        e = Engine(flash_dirs["llama"], c, observers=observers)
-        try:
-            assert e.reader.native
-            runs_.append(e.generate(PROMPT, 8, stop_at_eos=False))
-        finally:
-            e.close()
+    native_count, python_count = CountReads(), CountReads()
+    planned = {"numpy": 0}
+    orig_plan, orig_slot = engine_module.read_plan, engine_module.slot_plan
+
+    def count(f):
+        def g(*a, **k):
+            planned["numpy"] += 1
+            return f(*a, **k)
+        return g
+
+    engine_module.read_plan, engine_module.slot_plan = count(orig_plan), count(orig_slot)
+    try:
+        for observers, c in (((), cfg), ((native_count,), cfg), ((python_count,), replace(cfg, native_plans=False))):
+            e = Engine(flash_dirs["llama"], c, observers=observers)
+            before = planned["numpy"]  # (the oracle's own copy of the weights is read at start with numpy plans)
+            try:
+                assert e.reader.native
+                runs_.append(e.generate(PROMPT, 8, stop_at_eos=False))
+            finally:
+                e.close()
+            assert (planned["numpy"] > before) == (not c.native_plans)  # an observer no longer forces numpy plans
+    finally:
+        engine_module.read_plan, engine_module.slot_plan = orig_plan, orig_slot
     native_run, python_run, off_run = runs_
+    assert sorted(native_count.sizes) == sorted(python_count.sizes) and native_count.sizes
     assert off_run.tokens == native_run.tokens and off_run.config["native_plans"] is False
     assert [t.reads for t in off_run.per_token] == [t.reads for t in native_run.per_token]
     assert native_run.tokens == python_run.tokens == _gen(flash_dirs["llama"], "dense", n=8).tokens

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ABI_VERSION = 3  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
-READER_ABI_VERSION = 2  # llmflash_reader_version()
+READER_ABI_VERSION = 3  # llmflash_reader_version()
 READER_FLAG_SETS: tuple[tuple[str, ...], ...] = (("-O2", "-pthread"), ("-O2",))
 # tried in order: the first that compiles is used
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -168,6 +168,8 @@ def _load_reader() -> ctypes.CDLL:
     lib.llmflash_reader_submit_plan.restype = p
     lib.llmflash_reader_plan_free.argtypes = [p]
     lib.llmflash_reader_plan_free.restype = None
+    lib.llmflash_reader_plan_sizes.argtypes = [p, p]
+    lib.llmflash_reader_plan_sizes.restype = i64
     lib.llmflash_reader_wait.argtypes = [p, p, p]
     lib.llmflash_reader_wait.restype = None
     lib.llmflash_reader_free.argtypes = [p]

@@ -16,7 +16,7 @@
 // (layout.read_plan / step.slot_plan), without a dozen numpy calls and list conversions per layer.
 //
 // C ABI (ctypes releases the interpreter lock during every call): llmflash_reader_new / _submit / _plan_new /
-// _plan_rows / _submit_plan / _plan_free / _wait / _free.
+// _plan_rows / _plan_sizes / _submit_plan / _plan_free / _wait / _free.
 
 #include <fcntl.h>
 #include <sys/uio.h>
@@ -187,7 +187,7 @@ void* enqueue(Pool* p, Ticket* t) {
 
 extern "C" {
 
-int llmflash_reader_version() { return 2; }
+int llmflash_reader_version() { return 3; }
 
 void* llmflash_reader_new(int fd, int n_threads, int direct) {
   Pool* p = new Pool();
@@ -273,6 +273,15 @@ void* llmflash_reader_submit_plan(void* pool, void* plan) {
 
 // Free a plan that was not submitted.
 void llmflash_reader_plan_free(void* plan) { delete static_cast<Ticket*>(plan); }
+
+// The reads planned so far: their count, and (out != NULL) their byte counts into out[0..count), for an observer
+// that counts reads by size (before llmflash_reader_submit_plan, which hands the plan over).
+int64_t llmflash_reader_plan_sizes(void* plan, int64_t* out) {
+  const Ticket* t = static_cast<const Ticket*>(plan);
+  const int64_t n = static_cast<int64_t>(t->nb.size());
+  if (out != nullptr) std::memcpy(out, t->nb.data(), static_cast<size_t>(n) * sizeof(int64_t));
+  return n;
+}
 
 // Block until a ticket's reads are done, free it and write out[0..3] = bytes, reads, elapsed ns, errno (0: none).
 void llmflash_reader_wait(void* pool, void* ticket, int64_t* out) {
