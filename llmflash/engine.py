@@ -65,7 +65,7 @@ from .quant import compute_layout, dense_layer_bytes, storage_dtype
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
 from .storage import FlashReader, RowsTarget
-from .threads import choose_threads, lookahead_pays, sense_cpu
+from .threads import CpuState, choose_threads, lookahead_pays, sense_cpu
 
 log = logging.getLogger(__name__)
 
@@ -617,20 +617,12 @@ class Engine:
         if auto_ahead:
             auto = config.mode in SPARSE_MODES and config.reuse and lookahead_pays(cpu, accelerator=self.accelerator)
             self.cfg = config = replace(config, lookahead=auto)
-        self.threads = choose_threads(cpu, sparse=config.mode in SPARSE_MODES, large=large,
-                                      io_threads=config.io_threads, compute_threads=config.compute_threads,
-                                      lookahead=bool(config.lookahead) and not self.accelerator)
-        self.compute_threads = self.threads.compute_threads  # set while generating/scoring
+        self._set_threads(cpu, large)
         # (auto: on the CPU only; an accelerator's matmuls keep no memory per shape, and its gathers go to the
         # preallocated ``gather_scratch``)
         self.row_bucket = config.row_bucket if config.row_bucket >= 0 else (256 if large and not self.accelerator else 0)
         row_bytes = max(seg.stride_bytes for seg in fd.layout.segments)  # one read unit of a row
         self.max_gap_rows = config.max_gap_rows if config.max_gap_rows >= 0 else AUTO_GAP_BYTES // row_bytes
-        # threads of the native step: one for small models (a layer's rows are a few hundred KB, done in ~0.1-0.2 ms,
-        # and a second OpenMP thread spins after each call on the core the reader threads need: with it, predictor
-        # mode's reads waited 2x longer than the Python path's in results/native_step/run_a_native_threads_2), every
-        # compute thread for large ones (compute-bound: the scale model)
-        self.native_threads = self.compute_threads if large else 1
         # the native step's library, loaded (built on first use) when the config asks for it and it applies
         self._native_lib = config.native and self.backend.native_ok \
             and config.mode in ("naive", "hybrid", *SPARSE_MODES) and native_library() is not None
@@ -686,10 +678,7 @@ class Engine:
                 (1.0 if self.accelerator else 4.0) if large and not self._native_lib else 0.0)
             if auto_ahead and config.lookahead and not self._ahead_pays(budget_bytes, reserve, active.layer_demand):
                 self.cfg = config = replace(config, lookahead=False)
-                self.threads = choose_threads(cpu, sparse=True, large=large, io_threads=config.io_threads,
-                                              compute_threads=config.compute_threads, lookahead=False)
-                self.compute_threads = self.threads.compute_threads
-                self.native_threads = self.compute_threads if large else 1
+                self._set_threads(cpu, large)  # (compute threads no longer held to one for the reads ahead)
             depth = min(config.lookahead_depth, max(1, layout.n_layers - 1))
             if config.lookahead and not self.offload:  # depth + 1 host buffers for the guessed rows beyond the caches
                 rows = config.lookahead_rows
@@ -703,11 +692,7 @@ class Engine:
                     self.aheads = [RowStore(layout, min(rows, layout.d_ffn), fd.dtype) for _ in range(depth + 1)]
                     self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
-            sb = SparseBudget(
-                budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, layout.n_layers, layout.d_ffn,
-                config.min_cache_rows, reserve, self.offload, active.layer_demand,
-                landings=depth + 1 if config.lookahead else 1,
-            )
+            sb = self._sparse_budget(budget_bytes, reserve, active.layer_demand, depth + 1 if config.lookahead else 1)
             self._check_budget(budget_bytes, sb.minimum_bytes)
             plan = sb.plan()
             self.cache_rows = list(plan.cache_rows)
@@ -809,24 +794,42 @@ class Engine:
                 f"{self.cfg.mode} ({parts}, plus {self.cfg.min_cache_rows} cached rows per layer in sparse modes)"
             )
 
+    def _set_threads(self, cpu: CpuState, large: bool) -> None:
+        """Reader, compute and native-step threads for ``self.cfg`` on ``cpu`` (``threads.choose_threads``; compute
+        threads are set while generating/scoring). The native step's: one for small models (a layer's rows are a few
+        hundred KB, done in ~0.1-0.2 ms, and a second OpenMP thread spins after each call on the core the reader
+        threads need: with it, predictor mode's reads waited 2x longer than the Python path's in
+        results/native_step/run_a_native_threads_2), every compute thread for large ones (compute-bound: the scale
+        model)."""
+        cfg = self.cfg
+        self.threads = choose_threads(cpu, sparse=cfg.mode in SPARSE_MODES, large=large, io_threads=cfg.io_threads,
+                                      compute_threads=cfg.compute_threads,
+                                      lookahead=bool(cfg.lookahead) and not self.accelerator)
+        self.compute_threads = self.threads.compute_threads
+        self.native_threads = self.compute_threads if large else 1
+
+    def _sparse_budget(self, budget_bytes: int, reserve: float, demand: Optional[Sequence[float]],
+                       landings: int) -> SparseBudget:
+        """The sparse modes' budget over what the engine holds so far (``self.dram``), at this directory's row size."""
+        lay = self.fd.layout
+        return SparseBudget(budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, lay.n_layers,
+                            lay.d_ffn, self.cfg.min_cache_rows, reserve, self.offload, demand, landings=landings)
+
     def _ahead_pays(self, budget_bytes: int, reserve: float, demand: Optional[Sequence[float]]) -> bool:
         """Lookahead's auto rule past the CPU's (``threads.lookahead_pays``): only while the caches, planned without it,
         hold fewer rows than a token's expected set (``demand``: each layer's predicted share; unknown: True). With
         caches that hold a token's set, the guessed loads (about a third of them wrong: recall and precision 0.64-0.66
-        on smollm2-relu) evict the window's rows and its reads are wasted: on this 2-core CPU lookahead took 1.15x the
-        time at 60% of smollm2-relu, 1.11x at 80%, 1.25x with int8 resident weights at half the model, and 0.98x at
-        half the float32 model, where the caches hold a fifth of a token's set (twelfth session, 3 alternating
-        repeats; results/engine_options)."""
+        on smollm2-relu) evict the window's rows and its reads are wasted. Measured on this 2-core CPU, lookahead's
+        time against none (3 alternating repeats, results/engine_options/auto_lookahead): 0.89x at half the float32
+        model, where the caches hold a fifth of a token's set; 1.04x at 60%, 1.14x at 80%, and 1.21x with int8
+        resident weights at half the model."""
         if demand is None:
             return True
-        lay = self.fd.layout
-        probe = SparseBudget(budget_bytes, sum(self.dram.values()), self.row_layout.neuron_stride_bytes, lay.n_layers,
-                             lay.d_ffn, self.cfg.min_cache_rows, reserve, self.offload, demand, landings=1)
         try:
-            held = sum(probe.plan().cache_rows)
+            held = sum(self._sparse_budget(budget_bytes, reserve, demand, landings=1).plan().cache_rows)
         except ValueError:  # below the minimum: the budget check reports it
             return True
-        return held < sum(demand) * lay.d_ffn
+        return held < sum(demand) * self.fd.layout.d_ffn
 
     def _link_lookahead(self, modules: list["SparseFFN"], depth: int) -> None:
         """Give each sparse layer l the layers l+1..l+depth it may start reads for, each with the map from l's FFN input
