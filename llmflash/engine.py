@@ -818,8 +818,8 @@ class Engine:
     def _ahead_pays(self, budget_bytes: int, reserve: float, demand: Optional[Sequence[float]]) -> bool:
         """Lookahead's auto rule past the CPU's (``threads.lookahead_pays``): only while the caches, planned without it,
         hold fewer rows than a token's expected set (``demand``: each layer's predicted share; unknown: True). With
-        caches that hold a token's set, the guessed loads (about a third of them wrong: recall and precision 0.64-0.66
-        on smollm2-relu) evict the window's rows and its reads are wasted. Measured on this 2-core CPU, lookahead's
+        caches that hold a token's set, the guessed loads that the token does not need evict the window's rows (1.5-1.6x
+        the reads) and its reads are wasted. Measured on this 2-core CPU, lookahead's
         time against none (3 alternating repeats, results/engine_options/auto_lookahead): 0.89x at half the float32
         model, where the caches hold a fifth of a token's set; 1.04x at 60%, 1.14x at 80%, and 1.21x with int8
         resident weights at half the model."""
