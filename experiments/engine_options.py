@@ -18,7 +18,12 @@ prompt) with one change, run alternating (the disk and the machine drift) ``--re
   in (``EngineConfig.max_gap_rows``; the default, auto, fills the rows that fit in 8 KiB: one float32 row of
   SmolLM2): fewer, longer reads for more bytes;
 - ``python_plans``: the reads planned in numpy (``layout.read_plan`` / ``step.slot_plan``) and handed to the reader
-  as lists, instead of from the neuron ids inside the native reader (``EngineConfig.native_plans``).
+  as lists, instead of from the neuron ids inside the native reader (``EngineConfig.native_plans``);
+- ``python_cache``: the neuron caches' slot bookkeeping in numpy (the reference) instead of ``native/cache.cpp``
+  (``EngineConfig.native_cache``);
+- ``reader_threads``: the native reader's C++ threads (one blocking read each) instead of io_uring
+  (``EngineConfig.io_uring``); ``uring_depth_32``, ``_64``, ``_256``: io_uring with that many reads in flight at most
+  (``EngineConfig.uring_depth``; default 128).
 
 Measured: medians of the per-token I/O wait, memory management, predictor and compute times (and the predictor's
 share of compute, issue 4's "< 5%"). Computed, when ``llmflash collect`` has made activations: how much of layer l's
@@ -63,6 +68,11 @@ ARMS = {  # name -> EngineConfig changes
     "bridge_2": {"max_gap_rows": 2},
     "bridge_4": {"max_gap_rows": 4},
     "python_plans": {"native_plans": False},
+    "python_cache": {"native_cache": False},
+    "reader_threads": {"io_uring": False},
+    "uring_depth_32": {"uring_depth": 32},
+    "uring_depth_64": {"uring_depth": 64},
+    "uring_depth_256": {"uring_depth": 256},
 }
 PARTS = ("io_ms", "mem_ms", "predictor_ms", "compute_ms")  # compute_ms includes the predictor: shown without it
 

@@ -4,6 +4,7 @@ computed I/O time. Model setups and output files: ``common``."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -122,7 +123,7 @@ def _session_path(key: dict) -> Optional[Path]:
 def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.Tensor] = None,
         provider_factory: Optional[Callable[[], object]] = None, provider_key: Optional[dict] = None,
         no_reuse: bool = False, perm: Optional[list] = None, warmup: int = 0, label: str = "", table=None,
-        share: bool = True) -> dict:
+        share: bool = True, profile_to: Optional[Path] = None) -> dict:
     """One timed generation: Engine(flash_dir, cfg, provider) generating ``n_tokens`` greedy tokens.
 
     ``no_reuse``: each token loads its whole active set (no window reuse: ``EngineConfig.reuse=False``).
@@ -131,6 +132,8 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     Returns {label, mode, config, summary (see ``summarize``), per_token, dram_bytes, model_bytes, ...}. When
     ``LLMFLASH_SESSION`` is set (``llmflash reproduce``), a run with the same key made earlier in the session by
     another script is reused instead of measured again (marked ``shared_from``).
+    ``profile_to``: the generation also runs under torch.profiler and cProfile, whose top tables are written to this
+    text file (the times then include the profilers' own overhead: shares, not timings).
     """
     key = {"dir": str(flash_dir), "cfg": asdict(cfg), "n": n_tokens, "warmup": warmup, "provider": provider_key,
            "prompt": None if prompt is None else prompt.tolist(), "no_reuse": no_reuse,
@@ -156,7 +159,10 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
             engine.provider.reset()
         ids = prompt if prompt is not None else prompt_ids(engine.tokenizer)
         t0 = time.perf_counter()
-        res = engine.generate(ids, n_tokens, stop_at_eos=False)
+        if profile_to is None:
+            res = engine.generate(ids, n_tokens, stop_at_eos=False)
+        else:
+            res = _profiled(functools.partial(engine.generate, ids, n_tokens, stop_at_eos=False), Path(profile_to), cuda)
         wall = time.perf_counter() - t0
     finally:
         engine.close()
@@ -180,6 +186,30 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     if sp is not None:
         write_json(sp, out)
     return out
+
+
+def _profiled(fn: Callable[[], GenerationResult], out: Path, cuda: bool) -> GenerationResult:
+    """``fn()`` under torch.profiler (CPU, and CUDA when used) and cProfile; their top tables go to ``out``."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = cProfile.Profile()
+    with profile(activities=activities) as tprof:
+        prof.enable()
+        res = fn()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+    parts = [f"# {len(res.per_token)} tokens; cProfile, by own time\n", text.getvalue()]
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if cuda else ()):
+        parts += [f"\n# torch.profiler, by {key}\n", tprof.key_averages().table(sort_by=key, row_limit=40)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(parts))
+    return res
 
 
 # ----------------------------------------------------------------------------------- the two models' standard runs
@@ -245,10 +275,12 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
                  device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0,
-                 native_reader: bool = True, lookahead_depth: int = 1) -> dict:
+                 native_reader: bool = True, lookahead_depth: int = 1, profile_to: Optional[Path] = None,
+                 io_uring: bool = True) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
     ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``);
-    ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``)."""
+    ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``); ``profile_to``: see ``run``;
+    ``io_uring=False``: the native reader's threads instead (``EngineConfig.io_uring``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
     n0, w0 = n_tokens(quick, model, row)
@@ -265,6 +297,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
             extra["lookahead_depth"] = lookahead_depth
     if not native_reader or row == "ours_python":
         extra["native_reader"] = False
+    if not io_uring:
+        extra["io_uring"] = False
     if row == "ours_python":
         extra["native"] = False
     if row == "ours_coact" and scale:
@@ -272,7 +306,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
-    kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share)
+    kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share,
+                    profile_to=profile_to)
     if row in ("dense", "naive", "hybrid"):
         mode, win = row, window
     else:

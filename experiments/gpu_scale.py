@@ -115,6 +115,9 @@ def main() -> None:
     p.add_argument("--python-reader", action="store_true",
                    help="also run ours and ours + lookahead (the first recall) with the Python reader threads in every "
                         "repeat (rows *_pyreader: the native reader's effect, same run)")
+    p.add_argument("--reader-threads", action="store_true",
+                   help="also run ours and ours + lookahead (the first recall) with the native reader's threads instead "
+                        "of io_uring in every repeat (rows *_threads: io_uring's effect, same run)")
     p.add_argument("--lookahead-depth", default="1",
                    help="comma-separated lookahead depths, one row per recall and depth (layer l starts layer l+D's "
                         "reads; default 1)")
@@ -126,6 +129,10 @@ def main() -> None:
     p.add_argument("--replot", action="store_true",
                    help="only redraw the figure from OUT/gpu_scale.json (no GPU needed)")
     p.add_argument("--prepare-only", action="store_true", help="write the scale model and profile the disk, then stop")
+    p.add_argument("--profile", default="",
+                   help="comma-separated rows (ours, dense, or a lookahead row's name, e.g. ours_lookahead_r1) to run "
+                        "once more at the end under torch.profiler and cProfile: OUT/profile_ROW.txt (shares of the "
+                        "time, not timings)")
     args = p.parse_args()
     if args.replot:
         data = json.loads((args.out / "gpu_scale.json").read_text())
@@ -177,14 +184,20 @@ def main() -> None:
         n_ms = naive["summary"]["ms_per_token"]
         rows += [summary_row("naive", i + 1, naive, n_ms), summary_row("ours", i + 1, ours, n_ms)]
         report(f"repeat {i + 1}: naive {n_ms:,.0f} ms, ours", rows[-1])
-        extra = [(k, "ours_lookahead", rc, True, d) for k, rc, d in aheads]
+        extra = [(k, "ours_lookahead", rc, True, d, True) for k, rc, d in aheads]
         if args.python_reader:
-            extra += [("ours_pyreader", "ours", 1.0, False, 1)]
-            extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", aheads[0][1], False, aheads[0][2])] if aheads else []
-        for key, row, recall, native_reader, depth in extra:
+            extra += [("ours_pyreader", "ours", 1.0, False, 1, True)]
+            extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", aheads[0][1], False, aheads[0][2], True)] \
+                if aheads else []
+        if args.reader_threads:
+            extra += [("ours_threads", "ours", 1.0, True, 1, False)]
+            extra += [(f"{ahead_keys[0]}_threads", "ours_lookahead", aheads[0][1], True, aheads[0][2], False)] \
+                if aheads else []
+        for key, row, recall, native_reader, depth, uring in extra:
             r = engine_runs.standard_run(setup, row, False, budget=args.budget, table=table, n=args.tokens,
                                          warmup=WARMUP, share=False, device=args.device, io_threads=io_threads,
-                                         guess_recall=recall, native_reader=native_reader, lookahead_depth=depth)
+                                         guess_recall=recall, native_reader=native_reader, lookahead_depth=depth,
+                                         io_uring=uring)
             runs.setdefault(key, []).append(r)
             rows.append(summary_row(key, i + 1, r, n_ms))
             report(f"repeat {i + 1}: {key}", rows[-1])
@@ -203,6 +216,15 @@ def main() -> None:
             for row in rows:
                 row["x_dense_compute"] = row["compute_ms"] / rows[-1]["compute_ms"]
         write()
+    profiled = {"ours": {"row": "ours"}, "dense": {"row": "dense", "budget": 1.0, "n": 10, "warmup": 2},
+                **{k: {"row": "ours_lookahead", "guess_recall": rc, "lookahead_depth": d} for k, rc, d in aheads}}
+    for key in (k.strip() for k in args.profile.split(",") if k.strip()):
+        if key not in profiled:
+            raise SystemExit(f"--profile: {key} is not one of {', '.join(profiled)}")
+        kw = {"budget": args.budget, "n": args.tokens, "warmup": WARMUP, **profiled[key]}
+        engine_runs.standard_run(setup, kw.pop("row"), False, table=table, share=False, device=args.device,
+                                 io_threads=io_threads, profile_to=args.out / f"profile_{key}.txt", **kw)
+        print(f"profile of {key}: {args.out / f'profile_{key}.txt'}", flush=True)
     plot(rows, data, args.out / "gpu_scale.png")
     print(f"speedup ours vs naive per repeat: {', '.join(f'{s:.1f}x' for s in data['speedups'])} "
           f"(median {data['speedup_median']:.1f}x); total {time.perf_counter() - t_start:.0f} s")
@@ -211,7 +233,7 @@ def main() -> None:
 def short(key: str) -> str:
     """A row's name on the figure's axes."""
     out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ").replace("_d", "\ndepth ")
-    return out.replace("_pyreader", "\n(Python\nreader)")
+    return out.replace("_pyreader", "\n(Python\nreader)").replace("_threads", "\n(reader\nthreads)")
 
 
 def plot(rows: list[dict], data: dict, png) -> None:

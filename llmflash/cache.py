@@ -14,16 +14,17 @@ are copied into their slots.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .cache_policy import CachePolicy, WindowPolicy
+from .cache_policy import CachePolicy, HotPolicy, LRUPolicy, WindowPolicy
 from .layout import FlashLayout
+from .native import cache_library
 from .quant import part_rows, storage_dtype
-from .storage import aligned_buffer
+from .storage import aligned_buffer, array_address
 
 NEVER = np.iinfo(np.int64).min // 2
 
@@ -156,10 +157,12 @@ class NeuronCache:
 
     def __init__(self, layout: FlashLayout, capacity: int, window: int, dtype: torch.dtype,
                  device: Optional[torch.device] = None, policy: Optional[CachePolicy] = None,
-                 row_layout: Optional[FlashLayout] = None) -> None:
+                 row_layout: Optional[FlashLayout] = None, native: bool = True) -> None:
         """``device``: keep the rows there (``DeviceRows`` in ``row_layout``, default ``layout``; the engine lands
         reads in a host buffer and copies them in); None: in a host ``RowStore`` that the reads write directly.
-        ``policy``: who stays (default: a sliding window of ``window`` tokens)."""
+        ``policy``: who stays (default: a sliding window of ``window`` tokens). ``native``: ``update`` runs in the
+        native library (``native/cache.cpp``: the same plan, about 10x less time per call) where it loads and the
+        policy is the window or LRU; else numpy (the reference)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
@@ -174,6 +177,19 @@ class NeuronCache:
         self._used = np.empty(0, dtype=np.int64)  # used slots, ascending (kept in step with ``ids``)
         self.count = 0
         self.counters = CacheCounters()
+        lib = cache_library() if native else None
+        self._native: Optional[Callable[..., int]] = None if lib is None else lib.llmflash_cache_update
+        if self._native is not None:  # the free and used lists in fixed buffers, with their lengths in ``_lens``
+            self._free_buf = self.free.copy()
+            self._used_buf = np.empty(self.capacity, dtype=np.int64)
+            self._lens = np.array([self.capacity, 0], dtype=np.int64)  # free, used
+            self._counts = np.zeros(5, dtype=np.int64)
+            self._state_ptrs = tuple(array_address(a) for a in (self.ids, self.slot, self.last, self._free_buf))
+            self._lens_ptr = array_address(self._lens)
+            self._used_ptr = array_address(self._used_buf)
+            self._counts_ptr = array_address(self._counts)
+            self._sync_views()
+        self._bound: Optional[tuple] = None  # (policy, its native code, pinned mask or None, its address)
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +211,9 @@ class NeuronCache:
         new rows only take free slots, and what does not fit overflows. ``lookup=False``: ``need`` is a guess read
         ahead (lookahead), not a lookup: its rows count as loads, not as hits or misses.
         """
+        if self._native is not None and type(self.policy) in _NATIVE_POLICIES \
+                and (self._filled or not self.policy.preload().size):
+            return self._update_native(need, step, evict, lookup)
         self.last[need] = step
         deleted = 0
         if evict:
@@ -234,7 +253,54 @@ class NeuronCache:
         c.evictions += deleted
         c.overflows += overflow.size if lookup else 0  # a guess's overflow is dropped, not read
         c.loads += load.size
+        if self._native is not None:  # (the hot policy's preload): the native path goes on from this state
+            ready, dest = ready.copy(), dest.copy()  # (views of the buffers rewritten below)
+            self._free_buf[: self.free.size] = self.free
+            self._used_buf[: self._used.size] = self._used
+            self._lens[:] = (self.free.size, self._used.size)
+            self._sync_views()
         return CacheUpdate(load, dest, overflow, deleted, hits, misses, need, ready)
+
+    def _update_native(self, need: np.ndarray, step: int, evict: bool, lookup: bool) -> CacheUpdate:
+        """``update`` in ``native/cache.cpp``: the same plan as the numpy reference, with the state in place."""
+        need = np.ascontiguousarray(need, dtype=np.int64)
+        n = need.size
+        out = np.empty(3 * n + self.capacity, dtype=np.int64)  # load, dest, overflow [n] each, ready [capacity]
+        base = array_address(out)
+        self._filled = True
+        if self._bound is None or self._bound[0] is not self.policy:  # (the engine may set a policy after start)
+            pinned = getattr(self.policy, "pinned", None)
+            pinned = None if pinned is None else np.ascontiguousarray(pinned, dtype=np.uint8)
+            self._bound = (self.policy, 1 if isinstance(self.policy, LRUPolicy) else 0, pinned,
+                           0 if pinned is None else array_address(pinned))
+        _, code, _, pinned_ptr = self._bound
+        ids_p, slot_p, last_p, free_p = self._state_ptrs
+        lens = self._lens_ptr
+        assert self._native is not None
+        rc = self._native(step, int(evict), code, getattr(self.policy, "window", 0), pinned_ptr,
+                          self.capacity, ids_p, slot_p, last_p, free_p, lens, self._used_ptr, lens + 8,
+                          array_address(need), n, base, base + 8 * n, base + 16 * n, base + 24 * n, self._counts_ptr)
+        if rc != 0:
+            raise RuntimeError(f"native cache update failed ({rc})")
+        n_load, n_over, n_ready, deleted, n_missing = self._counts.tolist()
+        self._sync_views()
+        load, dest, overflow = out[:n_load], out[n : n + n_load], out[2 * n : 2 * n + n_over]
+        ready = out[3 * n : 3 * n + n_ready]
+        hits, misses = (n - n_missing, n_missing) if lookup else (0, 0)
+        c = self.counters
+        c.hits += hits
+        c.misses += misses
+        c.evictions += deleted
+        c.overflows += n_over if lookup else 0
+        c.loads += n_load
+        return CacheUpdate(load, dest, overflow, deleted, hits, misses, need, ready)
+
+    def _sync_views(self) -> None:
+        """``free`` and ``_used`` as views of the native path's buffers, at their current lengths."""
+        n_free, n_used = self._lens.tolist()
+        self.free = self._free_buf[:n_free]
+        self._used = self._used_buf[:n_used]
+        self.count = n_used
 
     def _free_slots(self, slots: np.ndarray) -> None:
         """Put ``slots`` back on the free list (their rows stay where they are, unread until reused)."""
@@ -254,6 +320,13 @@ class NeuronCache:
         self._used = np.empty(0, dtype=np.int64)
         self.count = 0
         self._filled = False
+        if self._native is not None:
+            self._free_buf[:] = np.arange(self.capacity)
+            self._lens[:] = (self.capacity, 0)
+            self._sync_views()
+
+
+_NATIVE_POLICIES = (WindowPolicy, LRUPolicy, HotPolicy)  # the policies native/cache.cpp implements
 
 
 def split_rows(total_rows: int, weights: list[float], cap: int, floor: int) -> list[int]:

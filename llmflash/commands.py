@@ -120,7 +120,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="sparse modes: which neurons the caches keep: window (the paper's), lru, or hot (a hot set "
                         "pinned, measured on a short calibration text at start, plus the window)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="reader threads (parallel reads in flight; 0 = auto: fit the free cores)")
+                   help="reader threads (parallel reads in flight; with io_uring, where the kernel allows it, at least "
+                        "128 are in flight from one thread; 0 = auto: fit the free cores)")
     p.add_argument("--predictors", metavar="PATH", help="predictor directory (default: the model's own, if any)")
     p.add_argument("--sparsity", default="auto", choices=("auto", "relu", "threshold"), help=SPARSITY_HELP)
     p.add_argument("--threshold-sparsity", type=float, default=0.8, metavar="S", help="target sparsity of the threshold rule")

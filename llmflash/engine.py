@@ -64,7 +64,7 @@ from .provider import ActiveSetProvider, GateProvider, OracleProvider, Predictor
 from .quant import compute_layout, dense_layer_bytes, storage_dtype
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
-from .storage import FlashReader, RowsTarget
+from .storage import URING_DEPTH, FlashReader, RowsTarget
 from .threads import CpuState, choose_threads, lookahead_pays, sense_cpu
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,18 @@ class EngineConfig:
     # the flash reader's workers: C++ threads that never take the interpreter's lock (``storage.FlashReader``,
     # ``native/reader.cpp``; built with g++ on first use), else Python threads (the reference, and the fallback)
     native_reader: bool = True
+    # the native reader through io_uring where the kernel allows it (one thread keeping up to max(io_threads,
+    # uring_depth) reads in flight; less CPU per read than its C++ threads' blocking reads: results/engine_options),
+    # else its C++ threads
+    io_uring: bool = True
+    uring_depth: int = URING_DEPTH
     # with the native reader: a layer's reads planned from its neuron ids inside the reader (``FlashReader.submit_rows``,
     # one call per layer), else by ``layout.read_plan`` / ``step.slot_plan`` in numpy (the reference; also used while an
     # observer counts the reads)
     native_plans: bool = True
+    # the neuron caches' slot bookkeeping per token (``NeuronCache.update``) in ``native/cache.cpp`` (window, LRU and
+    # hot policies), else numpy (the reference it equals exactly)
+    native_cache: bool = True
 
 
 def _now_ms() -> float:
@@ -354,7 +362,7 @@ class SparseFFN(_FlashFFNBase):
         policy = make_policy(engine.cfg.cache_policy, engine.cfg.window, engine.fd.layout.d_ffn)
         self.cache = NeuronCache(engine.fd.layout, capacity, engine.cfg.window, engine.fd.dtype,
                                  device=engine.device if engine.offload else None, policy=policy,
-                                 row_layout=engine.row_layout)
+                                 row_layout=engine.row_layout, native=engine.cfg.native_cache)
         # with lookahead: (layer m, scale, shift) for each later layer m whose reads this layer may start, x_l * scale +
         # shift approximating x_m (``Engine._link_lookahead``)
         self.ahead_of: list[tuple["SparseFFN", Tensor, Tensor]] = []
@@ -639,7 +647,8 @@ class Engine:
         self.gate = self._load_gate()  # a gated model's gate (part of its rule), or None
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
         self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes,
-                                  native=config.native_reader)
+                                  native=config.native_reader, io_uring=config.io_uring,
+                                  uring_depth=config.uring_depth)
         self.resident_reader: Optional[FlashReader] = None
 
         resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
@@ -730,7 +739,8 @@ class Engine:
             self._check_budget(budget_bytes, sum(self.dram.values()))
             modules = [StreamedFFN(self, layer) for layer in range(layout.n_layers)]
             self.resident_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads,
-                                               native=config.native_reader)
+                                               native=config.native_reader, io_uring=config.io_uring,
+                                               uring_depth=config.uring_depth)
             if self.accelerator:  # the resident weights are copied to the accelerator again every token
                 self.backend.pin([fd.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):

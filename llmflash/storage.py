@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 4096  # O_DIRECT needs 512; 4096 matches pages and SSD sectors
 SECTOR_BYTES = 512  # the smallest unit of direct I/O (FlashReader's align_bytes for quantized layouts)
+URING_DEPTH = 128  # io_uring: reads in flight (FlashReader's default; experiments/engine_options.py's uring_depth arms)
 MIN_READS_PER_WORKER = 2  # a small read list wakes fewer workers (a wake-up costs about as much as a read's Python)
 _SMALL_LIST = 64  # read lists up to this length are validated in plain Python
 READ_RANGE_CHUNK_BYTES = 4 << 20  # read_range: one preadv per 4 MiB, several in flight
@@ -402,14 +403,16 @@ class FlashReader:
     a quantized layout's rows are 512-byte aligned, direct I/O's own unit: ``SECTOR_BYTES``). The read list is cut
     into contiguous slices, one per worker; each worker loops ``os.preadv``. ``stats`` counts bytes the kernel returned.
 
-    ``native`` (default: where it builds, ``native.reader_library``): the workers are C++ threads that take the reads
-    one at a time and never hold the interpreter's lock (with Python workers every read takes it: 16-32 reader
-    threads then slow the thread that computes). The Python workers stay the reference and the fallback
-    (``native=False``, or ``LLMFLASH_NATIVE=0``).
+    ``native`` (default: where it builds, ``native.reader_library``): the reads are done by C++ that never holds the
+    interpreter's lock (with Python workers every read takes it: 16-32 reader threads then slow the thread that
+    computes): with ``io_uring`` (default) one thread keeping up to ``max(n_threads, uring_depth)`` reads in flight in
+    an io_uring where the kernel allows it (less CPU per read than a thread's blocking read and wake-up: ``uring``
+    says whether it does), else ``n_threads`` C++ threads that take the reads one at a time. The Python workers stay the
+    reference and the fallback (``native=False``, or ``LLMFLASH_NATIVE=0``).
     """
 
     def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True, align_bytes: int = ALIGN_BYTES,
-                 native: bool = True):
+                 native: bool = True, io_uring: bool = True, uring_depth: int = URING_DEPTH):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if align_bytes < SECTOR_BYTES or align_bytes & (align_bytes - 1) or align_bytes > ALIGN_BYTES:
@@ -427,7 +430,8 @@ class FlashReader:
         self._pool: Optional[int] = None  # the native reader's thread pool
         self._threads: list[threading.Thread] = []
         if self._lib is not None:
-            self._pool = self._lib.llmflash_reader_new(fd, n_threads, int(self.direct))
+            depth = max(n_threads, uring_depth) if io_uring else 0
+            self._pool = self._lib.llmflash_reader_new(fd, n_threads, int(self.direct), depth)
         else:
             self._threads = [
                 threading.Thread(target=_worker, args=(self._tasks, self._shared), name=f"llmflash-io-{i}", daemon=True)
@@ -438,8 +442,13 @@ class FlashReader:
 
     @property
     def native(self) -> bool:
-        """Whether the native reader's threads do the reads."""
+        """Whether the native reader does the reads."""
         return self._pool is not None
+
+    @property
+    def uring(self) -> bool:
+        """Whether the native reader reads through io_uring (else its threads, or Python's)."""
+        return self._pool is not None and self._lib is not None and bool(self._lib.llmflash_reader_uring(self._pool))
 
     # --- reading -----------------------------------------------------------------------------------------------
     def submit(

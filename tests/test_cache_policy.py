@@ -207,3 +207,38 @@ def test_hot_policy_pins_the_calibrated_sets(flash_dirs):
 def test_unknown_policy_is_one_clear_error(flash_dirs):
     with pytest.raises(LLMFlashError, match="unknown cache policy 'fifo'"):
         _engine(flash_dirs["llama"], "oracle", cache_policy="fifo")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_native_update_equals_the_numpy_reference_call_by_call(policy):
+    """``native/cache.cpp`` plans exactly what the numpy reference does: the same loads, slots, overflow, ready slots,
+    deletions and counters, over random needed sets with lookahead-style calls (no eviction, guesses) mixed in, and
+    after a clear."""
+    from llmflash.native import cache_library
+
+    if cache_library() is None:
+        pytest.skip("no native library here")
+    rng = np.random.default_rng(3)
+    d_ffn, capacity = 64, 20
+    lay = FlashLayout.build(1, 16, d_ffn, True, "float32", True)
+
+    def make(native: bool) -> NeuronCache:
+        pol = make_policy(policy, 3, d_ffn) if policy != "hot" else HotPolicy(3, [1, 5, 9, 40], d_ffn)
+        return NeuronCache(lay, capacity, window=3, dtype=torch.float32, policy=pol, native=native)
+
+    ref, nat = make(False), make(True)
+    assert nat._native is not None and ref._native is None
+    for step in range(60):
+        if step == 30:
+            ref.clear()
+            nat.clear()
+        for evict, lookup in ((True, True),) if step % 3 else ((True, False), (False, True)):
+            need = np.unique(rng.integers(0, d_ffn, size=int(rng.integers(0, 30))))
+            a, b = ref.update(need, step, evict=evict, lookup=lookup), nat.update(need, step, evict=evict, lookup=lookup)
+            for name in ("load_ids", "dest_slots", "overflow_ids", "ready_slots"):
+                assert getattr(a, name).tolist() == getattr(b, name).tolist(), (step, name)
+            assert (a.deleted, a.hits, a.misses) == (b.deleted, b.hits, b.misses)
+            assert ref.ids.tolist() == nat.ids.tolist() and ref.slot.tolist() == nat.slot.tolist()
+            assert ref.free.tolist() == nat.free.tolist() and ref.used_slots().tolist() == nat.used_slots().tolist()
+            assert ref.count == nat.count
+    assert ref.counters == nat.counters

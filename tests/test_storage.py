@@ -60,12 +60,14 @@ def flash_file(tmp_path):
     return path, _random_file(path, 8 << 20)
 
 
-@pytest.fixture(params=[False, True], ids=["python-workers", "native-workers"])
+@pytest.fixture(params=["python", "threads", "uring"], ids=["python-workers", "native-threads", "native-uring"])
 def native(request):
-    """Both readers: the Python workers (the reference) and the native pool (skipped where it does not build)."""
-    if request.param and reader_library() is None:
+    """Every reader, as FlashReader's keyword arguments: the Python workers (the reference), the native pool's threads
+    and its io_uring (skipped where the native reader does not build; where the kernel refuses io_uring it runs its
+    threads, and says so)."""
+    if request.param != "python" and reader_library() is None:
         pytest.skip("the native reader does not build here")
-    return request.param
+    return {"native": request.param != "python", "io_uring": request.param == "uring"}
 
 
 def test_align_up():
@@ -86,7 +88,7 @@ def test_aligned_buffer_is_page_aligned_and_zeroed():
 def test_reader_reads_exact_bytes_and_counts(flash_file, native):
     path, data = flash_file
     rng = np.random.default_rng(1)
-    with FlashReader(path, n_threads=8, native=native) as reader:
+    with FlashReader(path, n_threads=8, **native) as reader:
         assert reader.direct  # ext4 under tmp_path
         total_bytes, total_reads = 0, 0
         for n in (1, 3, 17, 500):  # fewer reads than workers, and many per worker
@@ -107,7 +109,7 @@ def test_reader_into_memoryview_and_buffer_released(flash_file, native):
     path, data = flash_file
     buf = aligned_buffer(64 * A)
     view = memoryview(buf)[8 * A:]  # an aligned window of the buffer
-    with FlashReader(path, n_threads=4, native=native) as reader:
+    with FlashReader(path, n_threads=4, **native) as reader:
         fo = np.array([0, 10 * A, 100 * A], dtype=np.int64)
         nb = np.array([A, 2 * A, 4 * A], dtype=np.int64)
         do = np.array([0, A, 3 * A], dtype=np.int64)
@@ -123,7 +125,7 @@ def test_short_read_at_eof_counts_returned_bytes(tmp_path, native):
     data = _random_file(path, 3 * A + 1000)
     buf = aligned_buffer(4 * A)
     buf[:] = b"\xff" * len(buf)
-    with FlashReader(path, n_threads=2, native=native) as reader:
+    with FlashReader(path, n_threads=2, **native) as reader:
         reader.read(buf, np.array([2 * A], np.int64), np.array([2 * A], np.int64), np.array([0], np.int64))
         assert reader.stats.bytes_read == A + 1000 and reader.stats.reads == 1
     assert buf[:A + 1000] == data[2 * A:]
@@ -133,7 +135,7 @@ def test_short_read_at_eof_counts_returned_bytes(tmp_path, native):
 def test_submit_wait_two_in_flight(flash_file, native):
     path, data = flash_file
     rng = np.random.default_rng(2)
-    with FlashReader(path, n_threads=4, native=native) as reader:
+    with FlashReader(path, n_threads=4, **native) as reader:
         fo1, nb1, do1, n1 = _random_reads(rng, len(data), 300)
         fo2, nb2, do2, n2 = _random_reads(rng, len(data), 40)
         buf1, buf2 = aligned_buffer(n1), aligned_buffer(n2)
@@ -152,7 +154,7 @@ def test_bad_read_lists_raise_clear_errors(flash_file, native):
     path, _ = flash_file
     buf = aligned_buffer(4 * A)
     one = np.zeros(1, np.int64)
-    with FlashReader(path, n_threads=2, native=native) as reader:
+    with FlashReader(path, n_threads=2, **native) as reader:
         with pytest.raises(ValueError, match="unaligned"):
             reader.read(buf, one, np.array([100], np.int64), one)
         with pytest.raises(ValueError, match="unaligned"):
@@ -229,7 +231,7 @@ def test_kernel_sees_the_bytes_we_count(tmp_path, native):
     rng = np.random.default_rng(3)
     fo, nb, do, nbytes = _random_reads(rng, len(data), 400)
     buf = aligned_buffer(nbytes)
-    with FlashReader(path, n_threads=16, native=native) as reader:
+    with FlashReader(path, n_threads=16, **native) as reader:
         drop_file_cache(path)
         k0 = proc_read_bytes()
         reader.read(buf, fo, nb, do)
@@ -283,7 +285,7 @@ def test_fallback_without_o_direct(refuse, monkeypatch, caplog, native):
         fo, nb, do, nbytes = _random_reads(rng, len(data), 50, max_pages=4)
         buf = aligned_buffer(nbytes)
         with caplog.at_level(logging.WARNING, logger="llmflash.storage"):
-            with FlashReader(path, n_threads=4, native=native) as reader:
+            with FlashReader(path, n_threads=4, **native) as reader:
                 reader.read(buf, fo, nb, do)
                 direct = reader.direct
         _check(buf, data, fo, nb, do)
@@ -348,6 +350,41 @@ def test_profile_io_cli(tmp_path, capsys):
     assert "missing" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert main(["profile-io", "--dir", str(tmp_path), "--size-gb", "1000000"]) == 2
     assert "free space" in capsys.readouterr().err
+
+
+def test_uring_reader_many_tickets_and_scatter_reads(flash_file):
+    """io_uring (where the kernel allows it): more reads in flight than the ring holds, from several tickets queued
+    before any wait, plain and scatter reads mixed, land exactly; the ring's thread stops on close."""
+    if reader_library() is None:
+        pytest.skip("the native reader does not build here")
+    path, data = flash_file
+    rng = np.random.default_rng(11)
+    before = threading.active_count()
+    with FlashReader(path, n_threads=2, io_uring=True, uring_depth=8) as reader:
+        if not reader.uring:
+            pytest.skip("the kernel refuses io_uring here (the reader runs its threads)")
+        plain = []
+        for _ in range(6):
+            fo, nb, do, n = _random_reads(rng, len(data), 50)
+            buf = aligned_buffer(n)
+            plain.append((reader.submit(buf, fo, nb, do), buf, fo, nb, do))
+        # scatter: 30 reads of 1-3 pages, each page to its own slot of a 200-slot buffer
+        pages = rng.integers(1, 4, size=30)
+        fo = rng.choice(len(data) // A - 4, size=30, replace=False).astype(np.int64) * A
+        slots = rng.permutation(200)[: int(pages.sum())].astype(np.int64)
+        sbuf = aligned_buffer(200 * A)
+        scat = reader.submit(sbuf, fo, pages.astype(np.int64) * A, slots * A, piece_bytes=A)
+        for t, buf, fo_, nb_, do_ in reversed(plain):
+            reader.wait(t)
+            _check(buf, data, fo_, nb_, do_)
+        reader.wait(scat)
+        k = 0
+        for off, n in zip(fo.tolist(), pages.tolist()):
+            for p in range(n):
+                assert sbuf[slots[k] * A : (slots[k] + 1) * A] == data[off + p * A : off + (p + 1) * A]
+                k += 1
+        assert reader.stats.reads == 6 * 50 + 30
+    assert threading.active_count() == before
 
 
 def test_native_reader_errors_reach_the_caller_and_it_closes(flash_file):

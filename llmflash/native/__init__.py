@@ -1,6 +1,7 @@
 """The native hot path, built on first use and loaded: ``step.cpp`` (one layer's FFN over cached rows, fused: float
-rows, or int8 / int4 group-quantized ones dequantized on the fly: ``library()``) and ``reader.cpp`` (the flash reader's
-thread pool, parallel ``preadv`` without the interpreter: ``reader_library()``).
+rows, or int8 / int4 group-quantized ones dequantized on the fly: ``library()``), ``reader.cpp`` (the flash reader:
+io_uring, or a pool of threads doing parallel ``preadv``, without the interpreter: ``reader_library()``) and
+``cache.cpp`` (a neuron cache's slot bookkeeping per token: ``cache_library()``).
 
 Built with the C++ compiler alone (``$CXX``, else ``g++``, else ``c++``: Debian's ``g++`` package) as a plain shared
 library behind a C ABI, loaded with ``ctypes`` (which releases the GIL during the call, so reader threads go on): no
@@ -10,9 +11,9 @@ another machine builds anew; the file appears atomically, so concurrent first us
 -march=native -fopenmp`` where the compiler takes them, fewer where it does not (OpenMP: the runtime torch has already
 loaded, by soname).
 
-Where nothing builds or loads (no compiler, an exotic platform, ``LLMFLASH_NATIVE=0``), ``library()`` and
-``reader_library()`` each log ONE warning with the reason and return None; the engine then runs its Python path (and
-the reader its Python threads).
+Where nothing builds or loads (no compiler, an exotic platform, ``LLMFLASH_NATIVE=0``), ``library()``,
+``reader_library()`` and ``cache_library()`` each log ONE warning with the reason and return None; the engine then
+runs its Python path (the reader its Python threads, the caches numpy).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 ABI_VERSION = 3  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
-READER_ABI_VERSION = 3  # llmflash_reader_version()
+READER_ABI_VERSION = 4  # llmflash_reader_version()
+CACHE_SOURCE = Path(__file__).with_name("cache.cpp")
+CACHE_ABI_VERSION = 1  # llmflash_cache_version()
 READER_FLAG_SETS: tuple[tuple[str, ...], ...] = (("-O2", "-pthread"), ("-O2",))
 # tried in order: the first that compiles is used
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -156,8 +159,10 @@ def _load_reader() -> ctypes.CDLL:
     if lib.llmflash_reader_version() != READER_ABI_VERSION:
         raise RuntimeError(f"reader library ABI {lib.llmflash_reader_version()}, expected {READER_ABI_VERSION}")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    lib.llmflash_reader_new.argtypes = [i32, i32, i32]
+    lib.llmflash_reader_new.argtypes = [i32, i32, i32, i32]
     lib.llmflash_reader_new.restype = p
+    lib.llmflash_reader_uring.argtypes = [p]
+    lib.llmflash_reader_uring.restype = i32
     lib.llmflash_reader_submit.argtypes = [p, p, i64, p, p, p, p, p]
     lib.llmflash_reader_submit.restype = p
     lib.llmflash_reader_plan_new.argtypes = []
@@ -180,6 +185,23 @@ def _load_reader() -> ctypes.CDLL:
 def reader_library() -> Optional[ctypes.CDLL]:
     """The native reader's library, built on first use; None (after one warning) where it cannot be built."""
     return _loaded("reader", _load_reader, "native reader unavailable (%s): using Python reader threads")
+
+
+def _load_cache() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build(_usable_compiler(), CACHE_SOURCE, READER_FLAG_SETS, "libllmflash_cache.so")))
+    lib.llmflash_cache_version.restype = ctypes.c_int32
+    if lib.llmflash_cache_version() != CACHE_ABI_VERSION:
+        raise RuntimeError(f"cache library ABI {lib.llmflash_cache_version()}, expected {CACHE_ABI_VERSION}")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    f = lib.llmflash_cache_update
+    f.argtypes = [i64, i32, i32, i64, p, i64, p, p, p, p, p, p, p, p, i64, p, p, p, p, p]
+    f.restype = i32
+    return lib
+
+
+def cache_library() -> Optional[ctypes.CDLL]:
+    """The native cache bookkeeping's library, built on first use; None (after one warning) where it cannot be built."""
+    return _loaded("cache", _load_cache, "native cache bookkeeping unavailable (%s): using numpy")
 
 
 def _warn_once(message: str, err: BaseException) -> None:
