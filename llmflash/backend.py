@@ -8,7 +8,9 @@ One interface instead of device branches in the engine. What differs between the
   device's memory. Direct I/O cannot write there, so reads land in page-locked host buffers (``pin``) and ``load``
   copies them on asynchronously, ordered on the compute stream; before reads land in a host buffer again,
   ``before_reads`` waits until the copies out of it have finished. A layer's active set reaches the host as one copy
-  of its mask through page-locked memory (``host_ids``): the one wait per layer that the reads need.
+  of its mask through page-locked memory (``host_ids``): the one wait per layer that the reads need. Index lists the
+  device needs (cache slots, neuron ids) go over the same way, without a wait (``indices``): a copy from pageable
+  memory would make the host wait for everything queued before it, several times per layer.
 
 Tests run the accelerator's code path with CPU tensors (``Engine.copy_on_cpu``): ``AcceleratorBackend`` on the
 ``cpu`` device pins nothing and copies synchronously.
@@ -25,6 +27,8 @@ from torch import Tensor
 from .cache import DeviceRows, RowStore
 from .errors import LLMFlashError
 from .storage import pin_buffer, unpin_buffer
+
+INDEX_RING = 16  # page-locked index buffers that ``AcceleratorBackend.indices`` cycles through
 
 
 class Backend:
@@ -66,6 +70,10 @@ class Backend:
         """Sorted ids of the neurons set in any row of ``mask`` (bool [T, n]), on the host."""
         return np.flatnonzero(_union(mask).cpu().numpy())
 
+    def indices(self, arrays: list[np.ndarray]) -> list[Tensor]:
+        """int64 index tensors on the device for host index arrays (int64), in one copy; on the CPU their views."""
+        return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
+
 
 class CpuBackend(Backend):
     pass
@@ -83,6 +91,12 @@ class AcceleratorBackend(Backend):
         self._copied: dict[int, torch.cuda.Event] = {}  # id(host store) -> the event after its last copy out
         self._mask_host: Optional[Tensor] = None  # page-locked bool [n]: where a layer's mask comes back
         self._mask_ready = torch.cuda.Event() if self.cuda else None
+        # ``indices``: a ring of page-locked int64 buffers (numpy views beside them), each with the event after its
+        # last copy (a buffer is refilled only once its copy is done: long since, the ring being INDEX_RING deep)
+        self._index_bufs: list[Optional[tuple[Tensor, np.ndarray]]] = [None] * INDEX_RING
+        self._index_done = [torch.cuda.Event() if self.cuda else None for _ in range(INDEX_RING)]
+        self._index_used = [False] * INDEX_RING
+        self._index_next = 0
 
     def predictor_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # int8 predictors have a CPU kernel only (``predictor.ENGINE_DTYPE``): float16 on the device
@@ -113,11 +127,39 @@ class AcceleratorBackend(Backend):
              scratch: Optional[list[Tensor]] = None) -> None:
         if not n:
             return
-        rows.load(host, n, host_start, start, non_blocking=self.cuda, scratch=scratch)
+        rows.load(host, n, host_start, start, non_blocking=self.cuda, scratch=scratch, indices=self.indices)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record()
             self._copied[id(host)] = ev
+
+    def indices(self, arrays: list[np.ndarray]) -> list[Tensor]:
+        if not self.cuda:
+            return super().indices(arrays)
+        n = sum(a.size for a in arrays)
+        k = self._index_next
+        self._index_next = (k + 1) % INDEX_RING
+        ev = self._index_done[k]
+        assert ev is not None
+        if self._index_used[k]:
+            ev.synchronize()
+        buf = self._index_bufs[k]
+        if buf is None or buf[1].size < n:
+            pinned = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
+            buf = self._index_bufs[k] = (pinned, pinned.numpy())
+        host, view = buf
+        off = 0
+        for a in arrays:
+            view[off : off + a.size] = a
+            off += a.size
+        dev = host[:n].to(self.device, non_blocking=True)
+        ev.record()
+        self._index_used[k] = True
+        out, off = [], 0
+        for a in arrays:
+            out.append(dev[off : off + a.size])
+            off += a.size
+        return out
 
     def host_ids(self, mask: Tensor) -> np.ndarray:
         if not self.cuda or mask.device.type == "cpu":

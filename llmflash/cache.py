@@ -90,17 +90,21 @@ class DeviceRows(_Rows):
                      for seg in layout.segments]
 
     def load(self, host: RowStore, n: int, host_start: int, start: int | np.ndarray, non_blocking: bool = False,
-             scratch: Optional[list[Tensor]] = None) -> None:
+             scratch: Optional[list[Tensor]] = None,
+             indices: Optional[Callable[[list[np.ndarray]], list[Tensor]]] = None) -> None:
         """Copy host rows [host_start, host_start + n) into rows [start, start + n), or into the slots ``start``
         (int64 [n]) of a neuron cache; quantized host rows into float rows are dequantized on arrival.
         ``non_blocking`` (page-locked host rows): the copies are queued on the device's stream and the host rows must
         stay untouched until they are done (``backend.AcceleratorBackend`` records when). ``scratch``: per segment
         device rows (of this store's dtype) that rows bound for slots are copied into first, instead of a temporary
-        allocated per call (used when the n rows fit)."""
+        allocated per call (used when the n rows fit). ``indices``: how the slots reach the device
+        (``backend.Backend.indices``: page-locked, no wait), else a plain copy."""
         if not n:
             return
-        slots = (torch.from_numpy(start).to(self.rows[0].device, non_blocking=non_blocking)
-                 if isinstance(start, np.ndarray) else None)
+        slots = None
+        if isinstance(start, np.ndarray):
+            slots = (indices([start])[0] if indices is not None
+                     else torch.from_numpy(start).to(self.rows[0].device, non_blocking=non_blocking))
         if host.layout.quantized and not self.layout.quantized:  # dequantized on arrival
             for seg in self.layout.segments:
                 for name in seg.parts:

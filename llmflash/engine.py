@@ -297,7 +297,7 @@ class _FlashFFNBase(nn.Module):
         reference (``step.rows_output``) with this layer's rule, bias, gate and the engine's row bucket."""
         mask = self.e.gate_mask(self.layer, x) if self.e.gate is not None else None
         return rows_output(store, ids, x, self.act, self.e.fd.gated, self.threshold, self.on_act, self.act_bias,
-                           start, slots, self.e.row_bucket, mask, self.e.gather_scratch)
+                           start, slots, self.e.row_bucket, mask, self.e.gather_scratch, self.e.backend.indices)
 
     def _native_ok(self, x: Tensor) -> bool:
         return self.native is not None and x.shape[0] <= MAX_NATIVE_TOKENS

@@ -56,27 +56,40 @@ def slot_plan(seg: Segment, layer: int, ids: np.ndarray, slots: np.ndarray,
 def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: Callable[[Tensor], Tensor], gated: bool,
                 threshold: Optional[float] = None, on_act: bool = False, act_bias: Optional[Tensor] = None,
                 start: int = 0, slots: Optional[np.ndarray] = None, bucket: int = 0,
-                mask: Optional[Tensor] = None, scratch: Optional[list[Tensor]] = None) -> tuple[Tensor, Tensor]:
+                mask: Optional[Tensor] = None, scratch: Optional[list[Tensor]] = None,
+                indices: Optional[Callable[[list[np.ndarray]], list[Tensor]]] = None) -> tuple[Tensor, Tensor]:
     """The Python reference of a layer's FFN contribution over rows of a store: rows [start, start + n) or the rows
     ``slots`` (int64 [n]), holding neurons ``ids`` (n of them, file row order); x [T, d] -> (y [T, d], h [T, n]).
 
     ``act_bias``: the layer's activation bias over all its neurons; ``mask``: bool [T, d_ffn], a gated model's gate
     (rows it shuts give 0); ``bucket`` > 0: the matmuls run over a multiple of that many rows (padding rows give 0);
     ``scratch``: per segment a preallocated [rows, stride] tensor on the store's device that gathered slots are copied
-    into (no allocation per call; used when they fit), else each gather allocates its copy."""
+    into (no allocation per call; used when they fit), else each gather allocates its copy. ``indices``: how index
+    arrays reach the store's device (``backend.Backend.indices``: one page-locked copy, no wait), else plain copies."""
     n = ids.size
+    device = store.rows[0].device
+    if indices is None or device.type == "cpu":
+        def indices(arrays: list[np.ndarray]) -> list[Tensor]:
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for a in arrays]
+    idx_np = None
+    if slots is not None:
+        m = -(-n // bucket) * bucket if bucket > 0 and n else n
+        idx_np = np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots
+    need_ids = act_bias is not None or mask is not None
+    uploaded = indices([a for a in (idx_np, ids if need_ids else None) if a is not None])
+    idx = uploaded[0] if idx_np is not None else None
+    ids_t = uploaded[-1] if need_ids else None
     if slots is None:
         m = min(-(-n // bucket) * bucket, store.capacity - start) if bucket > 0 else n  # rows computed (>= n)
 
         def part(name: str) -> Tensor:
             return store.part(name, m, start)
     else:
-        m = -(-n // bucket) * bucket if bucket > 0 and n else n
-        idx = torch.from_numpy(np.concatenate([slots, np.full(m - n, slots[0] if n else 0)]) if m > n else slots)
+        assert idx is not None
         if scratch is not None and m <= scratch[0].shape[0]:  # into the preallocated rows: no allocation
-            gathered = [torch.index_select(r, 0, idx.to(r.device), out=buf[:m]) for r, buf in zip(store.rows, scratch)]
+            gathered = [torch.index_select(r, 0, idx, out=buf[:m]) for r, buf in zip(store.rows, scratch)]
         else:
-            gathered = [r.index_select(0, idx.to(r.device)) for r in store.rows]  # per segment [m, stride]: one copy
+            gathered = [r.index_select(0, idx) for r in store.rows]  # per segment [m, stride]: one copy
         d = store.layout.d_model
 
         def part(name: str) -> Tensor:
@@ -84,14 +97,14 @@ def rows_output(store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, act: C
                 return part_rows(store.layout, gathered, name, 0, m, store.dtype)
             seg, off = store.layout.locate(name)
             return gathered[seg][:, off : off + d]  # [m, d]
-    bias = None if act_bias is None else act_bias[torch.from_numpy(ids).to(act_bias.device)]
+    bias = None if act_bias is None else act_bias[ids_t]
     if bias is not None and m > n:
         bias = torch.cat([bias, bias.new_zeros(m - n)])
     a = part("gate" if gated else "up")
     u = part("up") if gated else None
     h = neuron_outputs(x, a, u, bias, act, threshold, on_act)  # [T, m]
     if mask is not None:  # a gated model: rows the gate shuts for this token (cached rows too) give 0
-        h[..., :n] *= mask[:, torch.from_numpy(ids).to(h.device)]
+        h[..., :n] *= mask[:, ids_t]
     if m > n:
         h[..., n:] = 0  # padding rows (stale or zero rows of the store, repeated slots) contribute nothing
     return h @ part("down"), h[..., :n]
