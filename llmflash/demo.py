@@ -195,7 +195,8 @@ def run_row(row: DemoRow, prompt: str, max_new_tokens: int) -> dict:
         "sparsity": row.sparsity, "dram_budget": row.dram_budget, **res.summary(),
         "prefill_ms": res.prefill_ms, "generated_tokens": len(res.tokens),
         "dram_bytes": res.dram_bytes, "dram_fraction": res.dram_bytes / res.model_bytes, "dram_holds": holds,
-        "dram_breakdown": res.dram_breakdown, "io_threads": cfg["io_threads"], "compute_threads": cfg["compute_threads"],
+        "dram_breakdown": res.dram_breakdown, "io_threads": cfg["io_threads"], "io_uring": cfg["io_uring"],
+        "compute_threads": cfg["compute_threads"],
         "busy": cfg["busy"], "load_cores": cfg["load_cores"], "cores": cfg["cores"],
         "tokens": res.tokens, "text": res.text,
     }
@@ -259,7 +260,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name:<24}{r['ms_per_token']:>9.1f}{r['tokens_per_s']:>7.1f}{r['speedup_vs_naive']:>8.1f}x"
             f"{fmt_bytes(r['bytes_read_per_token']):>12}{r['reads_per_token']:>7.0f}"
-            f"{str(r['io_threads']) + '/' + str(r['compute_threads']):>8}{dram:>17}  {same:<34}{r['dram_holds']}"
+            f"{('ring' if r.get('io_uring') else str(r['io_threads'])) + '/' + str(r['compute_threads']):>8}"
+            f"{dram:>17}  {same:<34}{r['dram_holds']}"
         )
     ref = next(r for r in rows if r["role"] == "reference")
     texts = [(f"{original} dense (the original model)", r["text"]) for r in rows if r["role"] == "original"]
@@ -277,7 +279,7 @@ def format_table(result: dict) -> str:
     lines += [
         "predictor: the paper's method, the predictors' cost counted (low-rank: trained predictors, the paper's; "
         "low-bit: a 4-bit copy of the FFN's gate and up); oracle: the true active set, found for free (an upper "
-        "bound); threads: readers/compute",
+        "bound); threads: readers (ring: io_uring, one thread) / compute",
         "(ms/token: median over generated tokens, measured; reads bypass the page cache; the oracle sums the same "
         "terms as dense in another order, and a threshold rule can turn a rounding difference into another neuron: "
         "texts may part after many tokens)",

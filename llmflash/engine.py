@@ -1065,7 +1065,7 @@ class Engine:
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
                                        "row_bucket": self.row_bucket, "max_gap_rows": self.max_gap_rows,
                                        "native_step": self.native,
-                                       "native_reader": self.reader.native,
+                                       "native_reader": self.reader.native, "io_uring": self.reader.uring,
                                        "native_plans": self.reader.native and self.cfg.native_plans,
                                        "busy": self.threads.busy,
                                        "load_cores": self.threads.load_cores, "cores": self.threads.cores},
