@@ -153,11 +153,19 @@ def unavailable_reason() -> Optional[str]:
     return str(reason) if reason is not None else None
 
 
+def _load_checked(source: Path, name: str, abi: int) -> ctypes.CDLL:
+    """Build (cached) and load the library of ``source`` (``READER_FLAG_SETS``), its ``llmflash_<name>_version()``
+    checked against ``abi``."""
+    lib = ctypes.CDLL(str(_build(_usable_compiler(), source, READER_FLAG_SETS, f"libllmflash_{name}.so")))
+    version = getattr(lib, f"llmflash_{name}_version")
+    version.restype = ctypes.c_int32
+    if version() != abi:
+        raise RuntimeError(f"{name} library ABI {version()}, expected {abi}")
+    return lib
+
+
 def _load_reader() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build(_usable_compiler(), READER_SOURCE, READER_FLAG_SETS, "libllmflash_reader.so")))
-    lib.llmflash_reader_version.restype = ctypes.c_int32
-    if lib.llmflash_reader_version() != READER_ABI_VERSION:
-        raise RuntimeError(f"reader library ABI {lib.llmflash_reader_version()}, expected {READER_ABI_VERSION}")
+    lib = _load_checked(READER_SOURCE, "reader", READER_ABI_VERSION)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.llmflash_reader_new.argtypes = [i32, i32, i32, i32]
     lib.llmflash_reader_new.restype = p
@@ -188,10 +196,7 @@ def reader_library() -> Optional[ctypes.CDLL]:
 
 
 def _load_cache() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_build(_usable_compiler(), CACHE_SOURCE, READER_FLAG_SETS, "libllmflash_cache.so")))
-    lib.llmflash_cache_version.restype = ctypes.c_int32
-    if lib.llmflash_cache_version() != CACHE_ABI_VERSION:
-        raise RuntimeError(f"cache library ABI {lib.llmflash_cache_version()}, expected {CACHE_ABI_VERSION}")
+    lib = _load_checked(CACHE_SOURCE, "cache", CACHE_ABI_VERSION)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     f = lib.llmflash_cache_update
     f.argtypes = [i64, i32, i32, i64, p, i64, p, p, p, p, p, p, p, p, i64, p, p, p, p, p]
