@@ -36,7 +36,8 @@ two FFN norms' weights, as the engine does).
 ``--model DIR --predictors PRED``: a flash directory and predictors trained on it instead (e.g. a tiny model in the
 test suite's end-to-end tier).
 
-Writes results/engine_options/{engine_options.json, engine_options.csv, engine_options.png, config.json}.
+Writes results/engine_options/{engine_options.json, engine_options.csv, engine_options.png, config.json}; with
+``--profile`` also profile_ARM.txt (the first arm run once more under cProfile and torch.profiler).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import logging
 import statistics
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -100,9 +102,11 @@ def guess_coverage(setup: dict, act_dir: Path, max_tokens: int = 4096) -> list[d
     return rows
 
 
-def measure(setup: dict, changes: dict, tokens: int, warmup: int, budget: float = 0.5) -> dict:
+def measure(setup: dict, changes: dict, tokens: int, warmup: int, budget: float = 0.5,
+            profile_to: Optional[Path] = None) -> dict:
     cfg = EngineConfig(mode="predictor", dram_budget=budget, predictors=setup["predictors"], **changes)
-    s = engine_runs.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False)["summary"]
+    s = engine_runs.run(setup["flash_dir"], cfg, tokens + warmup, warmup=warmup, share=False,
+                        profile_to=profile_to)["summary"]
     row = {"total_ms": s["ms_per_token"], **{k: s[k] for k in PARTS}}
     row["predictor_share_of_compute"] = s["predictor_ms"] / s["compute_ms"]
     row["reads_per_token"] = s["reads_per_token"]
@@ -146,6 +150,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="--dram-budget of every arm (default 0.5)")
     ap.add_argument("--order", choices=("file", "coactivation"), default="file",
                     help="the real model's neurons as converted, or its co-activation-ordered copy (the demo's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the repeats, run the first arm once more under cProfile and torch.profiler: "
+                         "OUT/profile_ARM.txt (shares of the time, not timings)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.plot_only:
@@ -190,6 +197,9 @@ def main() -> None:
             "labels": {"runs": "measured", "guess_coverage": f"computed from collected activations ({act_dir.name})"}}
     rows = [{"arm": a, "repeat": i, **row} for a in arms for i, row in enumerate(runs[a])]
     common.save(args.out, "engine_options", args, data, rows)
+    if args.profile and arms:
+        measure(setup, ARMS[arms[0]], args.tokens, warmup=4, budget=args.budget,
+                profile_to=args.out / f"profile_{arms[0]}.txt")
     plot(summary, args.out / "engine_options.png", setup["model"], args.budget)
     for a in arms:
         log.info("%-16s total %.1f ms (predictor %.2f ms = %.1f%% of compute)%s", a, summary[a]["total_ms"],

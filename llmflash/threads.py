@@ -4,7 +4,9 @@ Two kinds: reader threads (``FlashReader``: reads in flight at once) and compute
 Both compete for the cores the process may use (``os.sched_getaffinity``) with whatever else runs there. On a 2-core
 machine with one core busy elsewhere, 16 reader threads plus a compute thread per core made the sparse path collapse
 (memory management 99 ms and compute 284 ms per token against 13 and 141 alone): every wake-up and every torch
-worker had to wait for a core. So the engine counts the free cores at start and sizes both kinds by them.
+worker had to wait for a core. So the engine counts the free cores at start and sizes both kinds by them. Where the
+native reader runs io_uring (the default where the kernel allows it), one thread does all the reads and the reader
+thread count only sets a floor under the reads it keeps in flight (``storage.FlashReader``'s ``uring_depth``).
 
 ``sense_cpu`` sees the machine (the affinity mask, and /proc/stat sampled over ``SAMPLE_MS``: how many of those cores
 other work kept busy); ``choose_threads`` is a pure function of what was seen, the mode and explicit settings
