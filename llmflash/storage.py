@@ -70,7 +70,7 @@ def array_address(a: np.ndarray) -> int:
     array allows it (writable, contiguous, not empty: about 4x faster than ``__array_interface__``, which builds a
     dict; the engine asks a few hundred times per token), else from ``__array_interface__``."""
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        return ctypes.addressof(ctypes.c_char.from_buffer(a.data))
     except (TypeError, ValueError, BufferError):
         return int(a.__array_interface__["data"][0])
 
