@@ -16,10 +16,10 @@
 // (layout.read_plan / step.slot_plan), without a dozen numpy calls and list conversions per layer.
 //
 // Two ways to do the reads, chosen at llmflash_reader_new: a pool of threads, each with one blocking preadv in flight
-// (reads in flight = threads; about 9-10 us of CPU per 8 KiB read here, most of it the threads' sleeps and wake-ups),
-// or io_uring (Linux 5.6+): one thread keeps up to `depth` reads in flight in a ring and reaps their completions,
-// about 3 us of CPU per read (measured on the development machine's virtio disk). Where the kernel refuses io_uring
-// (an old kernel, a seccomp profile), the pool falls back to threads; llmflash_reader_uring says which it runs.
+// (reads in flight = threads; each read puts a thread to sleep and wakes it), or io_uring (Linux 5.6+): one thread
+// keeps up to `depth` reads in flight in a ring and reaps their completions in batches, for less CPU per read (the
+// engine's A/B: results/engine_options/uring_13th). Where the kernel refuses io_uring (an old kernel, a seccomp
+// profile), the pool falls back to threads; llmflash_reader_uring says which it runs.
 //
 // C ABI (ctypes releases the interpreter lock during every call): llmflash_reader_new / _uring / _submit / _plan_new /
 // _plan_rows / _plan_sizes / _submit_plan / _plan_free / _wait / _free.
