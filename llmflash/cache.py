@@ -165,7 +165,7 @@ class NeuronCache:
         """``device``: keep the rows there (``DeviceRows`` in ``row_layout``, default ``layout``; the engine lands
         reads in a host buffer and copies them in); None: in a host ``RowStore`` that the reads write directly.
         ``policy``: who stays (default: a sliding window of ``window`` tokens). ``native``: ``update`` runs in the
-        native library (``native/cache.cpp``: the same plan, about 10x less time per call) where it loads and the
+        native library (``native/cache.cpp``: the same plan without numpy's per-call overheads) where it loads and the
         policy is the window or LRU; else numpy (the reference)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)

@@ -67,8 +67,8 @@ def buffer_address(buf: Any) -> int:
 
 def array_address(a: np.ndarray) -> int:
     """Address of a numpy array's first element (for the native libraries). Through the buffer protocol where the
-    array allows it (writable, contiguous, not empty: about 4x faster than ``__array_interface__``, which builds a
-    dict; the engine asks a few hundred times per token), else from ``__array_interface__``."""
+    array allows it (writable, contiguous, not empty: cheaper than ``__array_interface__``, which builds a dict; the
+    engine asks a few hundred times per token), else from ``__array_interface__``."""
     try:
         return ctypes.addressof(ctypes.c_char.from_buffer(a.data))
     except (TypeError, ValueError, BufferError):
