@@ -166,7 +166,7 @@ class NeuronCache:
         reads in a host buffer and copies them in); None: in a host ``RowStore`` that the reads write directly.
         ``policy``: who stays (default: a sliding window of ``window`` tokens). ``native``: ``update`` runs in the
         native library (``native/cache.cpp``: the same plan without numpy's per-call overheads) where it loads and the
-        policy is the window or LRU; else numpy (the reference)."""
+        policy is the window, LRU or hot set; else numpy (the reference)."""
         self.d_ffn = layout.d_ffn
         self.capacity = min(capacity, layout.d_ffn)
         self.window = window
