@@ -92,10 +92,10 @@ class AcceleratorBackend(Backend):
         self._mask_host: Optional[Tensor] = None  # page-locked bool [n]: where a layer's mask comes back
         self._mask_ready = torch.cuda.Event() if self.cuda else None
         # ``indices``: a ring of page-locked int64 buffers (numpy views beside them), each with the event after its
-        # last copy (a buffer is refilled only once its copy is done: long since, the ring being INDEX_RING deep)
+        # last copy (a buffer is refilled only once its copy is done: long since, the ring being INDEX_RING deep; an
+        # event never recorded is done at once)
         self._index_bufs: list[Optional[tuple[Tensor, np.ndarray]]] = [None] * INDEX_RING
-        self._index_done = [torch.cuda.Event() if self.cuda else None for _ in range(INDEX_RING)]
-        self._index_used = [False] * INDEX_RING
+        self._index_done = [torch.cuda.Event() for _ in range(INDEX_RING)] if self.cuda else []
         self._index_next = 0
 
     def predictor_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -140,9 +140,7 @@ class AcceleratorBackend(Backend):
         k = self._index_next
         self._index_next = (k + 1) % INDEX_RING
         ev = self._index_done[k]
-        assert ev is not None
-        if self._index_used[k]:
-            ev.synchronize()
+        ev.synchronize()
         buf = self._index_bufs[k]
         if buf is None or buf[1].size < n:
             pinned = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
@@ -154,7 +152,6 @@ class AcceleratorBackend(Backend):
             off += a.size
         dev = host[:n].to(self.device, non_blocking=True)
         ev.record()
-        self._index_used[k] = True
         out, off = [], 0
         for a in arrays:
             out.append(dev[off : off + a.size])

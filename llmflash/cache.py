@@ -193,7 +193,7 @@ class NeuronCache:
             self._used_ptr = array_address(self._used_buf)
             self._counts_ptr = array_address(self._counts)
             self._sync_views()
-        self._bound: Optional[tuple] = None  # (policy, its native code, pinned mask or None, its address)
+        self._bound: Optional[tuple] = None  # (policy, its native code, window, pinned mask or None, its address)
 
     @property
     def nbytes(self) -> int:
@@ -275,13 +275,13 @@ class NeuronCache:
         if self._bound is None or self._bound[0] is not self.policy:  # (the engine may set a policy after start)
             pinned = getattr(self.policy, "pinned", None)
             pinned = None if pinned is None else np.ascontiguousarray(pinned, dtype=np.uint8)
-            self._bound = (self.policy, 1 if isinstance(self.policy, LRUPolicy) else 0, pinned,
-                           0 if pinned is None else array_address(pinned))
-        _, code, _, pinned_ptr = self._bound
+            self._bound = (self.policy, 1 if isinstance(self.policy, LRUPolicy) else 0,
+                           getattr(self.policy, "window", 0), pinned, 0 if pinned is None else array_address(pinned))
+        _, code, window, _, pinned_ptr = self._bound
         ids_p, slot_p, last_p, free_p = self._state_ptrs
         lens = self._lens_ptr
         assert self._native is not None
-        rc = self._native(step, int(evict), code, getattr(self.policy, "window", 0), pinned_ptr,
+        rc = self._native(step, int(evict), code, window, pinned_ptr,
                           self.capacity, ids_p, slot_p, last_p, free_p, lens, self._used_ptr, lens + 8,
                           array_address(need), n, base, base + 8 * n, base + 16 * n, base + 24 * n, self._counts_ptr)
         if rc != 0:

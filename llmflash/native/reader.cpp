@@ -66,9 +66,7 @@ struct Ticket {
   std::vector<int64_t> fo;         // per read: file offset, bytes
   std::vector<int64_t> nb;
   std::vector<int64_t> iov_start;  // per read: its buffers are iov[iov_start[j] .. iov_start[j + 1])
-  std::vector<char*> iov_ptr;      // per buffer: where, how many bytes
-  std::vector<int64_t> iov_len;
-  std::vector<struct iovec> iovs;  // the ring's copy of the buffers (readv keeps a pointer until the read is done)
+  std::vector<struct iovec> iov;   // per buffer: where, how many bytes (preadv's and the ring's readv's list)
   std::atomic<int64_t> next{0};   // next read to hand out
   std::atomic<int64_t> left{0};   // reads not finished
   std::atomic<int64_t> bytes{0};  // bytes the kernel returned
@@ -138,19 +136,14 @@ int64_t do_read(const Pool& p, const Ticket& t, int64_t j, int* err, int64_t fir
   // preadv takes at most IOV_MAX buffers: longer scatter lists go in several calls
   for (int64_t s = a; s < b; s += IOV_MAX) {
     const int64_t e = std::min<int64_t>(b, s + IOV_MAX);
-    struct iovec iov[IOV_MAX];
     int64_t part = 0;
-    for (int64_t i = s; i < e; ++i) {
-      iov[i - s].iov_base = t.iov_ptr[i];
-      iov[i - s].iov_len = static_cast<size_t>(t.iov_len[i]);
-      part += t.iov_len[i];
-    }
+    for (int64_t i = s; i < e; ++i) part += static_cast<int64_t>(t.iov[i].iov_len);
     ssize_t r;
     if (s == a && first >= 0) {
       r = static_cast<ssize_t>(first);
     } else {
       do {
-        r = preadv(p.fd, iov, static_cast<int>(e - s), t.fo[j] + got);
+        r = preadv(p.fd, &t.iov[s], static_cast<int>(e - s), t.fo[j] + got);
       } while (r < 0 && errno == EINTR);
     }
     if (r < 0) {
@@ -160,15 +153,16 @@ int64_t do_read(const Pool& p, const Ticket& t, int64_t j, int* err, int64_t fir
     if (r < part) {  // short: finish each buffer not fully filled (or zero it past EOF)
       int64_t pos = 0, total = 0;
       for (int64_t i = s; i < e; ++i) {
-        const int64_t len = t.iov_len[i];
+        const int64_t len = static_cast<int64_t>(t.iov[i].iov_len);
         const int64_t have = std::min<int64_t>(std::max<int64_t>(r - pos, 0), len);
-        total += have < len ? finish(p.fd, t.iov_ptr[i], len, t.fo[j] + got + pos, have, err) : len;
+        total += have < len ? finish(p.fd, static_cast<char*>(t.iov[i].iov_base), len, t.fo[j] + got + pos, have, err)
+                            : len;
         pos += len;
         if (*err) break;
       }
       got += total;
       // what follows a short read lies past the end of the file: zero the remaining buffers
-      for (int64_t i = e; i < b; ++i) std::memset(t.iov_ptr[i], 0, static_cast<size_t>(t.iov_len[i]));
+      for (int64_t i = e; i < b; ++i) std::memset(t.iov[i].iov_base, 0, t.iov[i].iov_len);
       break;
     }
     got += r;
@@ -336,11 +330,11 @@ void uring_worker(Pool* p) {
       e->user_data = static_cast<uint64_t>(k);
       if (b - a == 1) {
         e->opcode = IORING_OP_READ;
-        e->addr = reinterpret_cast<uint64_t>(t.iov_ptr[a]);
-        e->len = static_cast<uint32_t>(t.iov_len[a]);
+        e->addr = reinterpret_cast<uint64_t>(t.iov[a].iov_base);
+        e->len = static_cast<uint32_t>(t.iov[a].iov_len);
       } else {
         e->opcode = IORING_OP_READV;
-        e->addr = reinterpret_cast<uint64_t>(&t.iovs[a]);
+        e->addr = reinterpret_cast<uint64_t>(&t.iov[a]);
         e->len = static_cast<uint32_t>(b - a);
       }
       ++inflight;
@@ -425,10 +419,6 @@ void* enqueue(Pool* p, Ticket* t) {
     t->done = true;
     return t;
   }
-  if (p->uring) {  // the buffers as iovecs for readv (the ring reads them when it gets there)
-    t->iovs.resize(t->iov_ptr.size());
-    for (size_t i = 0; i < t->iov_ptr.size(); ++i) t->iovs[i] = {t->iov_ptr[i], static_cast<size_t>(t->iov_len[i])};
-  }
   bool in_ring;
   {
     std::lock_guard<std::mutex> lock(p->m);
@@ -482,9 +472,8 @@ void* llmflash_reader_submit(void* pool, char* base, int64_t n, const int64_t* f
     t->nb.assign(nb, nb + n);
     t->iov_start.assign(iov_start, iov_start + n + 1);
     const int64_t k = iov_start[n];
-    t->iov_ptr.resize(static_cast<size_t>(k));
-    for (int64_t i = 0; i < k; ++i) t->iov_ptr[i] = base + iov_off[i];
-    t->iov_len.assign(iov_len, iov_len + k);
+    t->iov.resize(static_cast<size_t>(k));
+    for (int64_t i = 0; i < k; ++i) t->iov[i] = {base + iov_off[i], static_cast<size_t>(iov_len[i])};
   }
   return enqueue(static_cast<Pool*>(pool), t);
 }
@@ -517,8 +506,7 @@ int llmflash_reader_plan_rows(void* plan, char* base, int64_t dest_bytes, int64_
   t->fo.reserve(t->fo.size() + n);
   t->nb.reserve(t->nb.size() + n);
   t->iov_start.reserve(t->iov_start.size() + n);
-  t->iov_ptr.reserve(t->iov_ptr.size() + n);
-  t->iov_len.reserve(t->iov_len.size() + n);
+  t->iov.reserve(t->iov.size() + n);
   int64_t k = 0;
   while (k < n) {
     int64_t len = 1;
@@ -527,14 +515,12 @@ int llmflash_reader_plan_rows(void* plan, char* base, int64_t dest_bytes, int64_
     t->nb.push_back(len * stride);
     if (slots != nullptr) {
       for (int64_t i = 0; i < len; ++i) {
-        t->iov_ptr.push_back(base + slots[k + i] * stride);
-        t->iov_len.push_back(stride);
+        t->iov.push_back({base + slots[k + i] * stride, static_cast<size_t>(stride)});
       }
     } else {
-      t->iov_ptr.push_back(base + (dest_row0 + k) * stride);
-      t->iov_len.push_back(len * stride);
+      t->iov.push_back({base + (dest_row0 + k) * stride, static_cast<size_t>(len * stride)});
     }
-    t->iov_start.push_back(static_cast<int64_t>(t->iov_ptr.size()));
+    t->iov_start.push_back(static_cast<int64_t>(t->iov.size()));
     k += len;
   }
   return 0;
