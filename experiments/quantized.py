@@ -183,15 +183,18 @@ def flash_dirs(args) -> dict[str, Path]:
     """One converted directory per variant, cached (``llmflash convert MODEL --dtype D [--resident-dtype int8]``,
     ``--calibration-tokens 0`` but for the ``-gptq`` variants: the model's own rule applies, so the thresholds
     calibrated there are not used)."""
-    from llmflash.convert import convert
+    from llmflash.convert import GPTQ_TOKENS, convert
     from llmflash.errors import LLMFlashError
     from llmflash.flashdir import open_flash_dir
     from llmflash.models import resolve
+    from llmflash.quant import INT4_CODES
     from llmflash.sparsity import CALIBRATION_TOKENS
 
     out = {}
     for label, dtype, resident in VARIANTS:
         if common.smoke() and label not in SMOKE_VARIANTS:
+            continue
+        if args.variants and label not in args.variants and label != "float32":  # (float32: every ratio's reference)
             continue
         path = common.cache_dir() / "quantized" / f"{resolve(args.model).name}-{label}-g{args.group_size}"
         gptq = label.endswith("-gptq")
@@ -200,6 +203,8 @@ def flash_dirs(args) -> dict[str, Path]:
             q = m.quantization
             ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
             ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
+            ok = ok and (not gptq or q is not None and q.rounding.startswith(f"gptq:{GPTQ_TOKENS}:"))
+            ok = ok and (dtype != "int4" or q is not None and q.rounding.endswith(INT4_CODES))  # today's int4 codes
         except LLMFlashError:
             ok = False
         if not ok:
@@ -570,6 +575,9 @@ def main() -> None:
     p.add_argument("--native-budgets", default="*=0.5",
                    help="native_gen stage: --dram-budget per variant (VARIANT=F,...; * for the others)")
     p.add_argument("--native-prompt", default="The history of the printing press begins", help="native_gen's prompt")
+    p.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="quality/recall/speed: only these variants (comma-separated; the others' rows are kept from "
+                        "the previous run); default: all")
     p.add_argument("--predictors", default=None,
                    help="the predictors of the speed and recall stages (default: the model's committed ones)")
     args = p.parse_args()
@@ -582,6 +590,11 @@ def main() -> None:
     if prev.is_file():
         data = json.loads(prev.read_text())
     def done(key: str, rows: list[dict], csv_name: str) -> None:  # each stage's data is saved as soon as it is there
+        if args.variants and key in ("quality", "recall"):  # the other variants' rows stay, in the table's order
+            order = [v for v, _, _ in VARIANTS]
+            mine = {r["variant"] for r in rows}
+            rows = sorted([r for r in data.get(key, []) if r["variant"] not in mine] + rows,
+                          key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         data[key] = rows
         common.write_csv(out / f"{csv_name}.csv", rows)
         common.save(out, NAME, args, data)

@@ -11,7 +11,7 @@ import torch
 
 from .cache_policy import POLICIES
 from .convert import DTYPES as CONVERT_DTYPES
-from .convert import RESIDENT_DTYPES
+from .convert import GPTQ_TOKENS, RESIDENT_DTYPES
 from .demo import DEMO_MODELS
 from .engine import CACHE_FORMS, MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
@@ -55,8 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens of {CALIBRATION_SOURCE} that calibrate the thresholds of --sparsity threshold, stored in "
-                        "the manifest; int8/int4: also up to 8192 tokens that GPTQ's error-aware rounding fits (0: "
-                        "none, and the FFN codes round to nearest)")
+                        "the manifest (0: none; int8/int4: and no GPTQ, the FFN codes round to nearest)")
+    p.add_argument("--gptq-tokens", type=int, default=GPTQ_TOKENS, metavar="N",
+                   help="int8/int4 with calibration: tokens (half wiki:train, half bigbench:) whose FFN inputs GPTQ's "
+                        "error-aware rounding fits (0: round to nearest)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("reorder", help="copy a flash directory with neurons that fire together stored side by side "
@@ -177,7 +179,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force,
                   calibration_tokens=args.calibration_tokens, group_size=args.group_size,
-                  resident_dtype=args.resident_dtype)
+                  resident_dtype=args.resident_dtype, gptq_tokens=args.gptq_tokens)
     fd = open_flash_dir(out)
     b = fd.manifest.bytes
     print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "

@@ -26,6 +26,7 @@ from .models import load_model
 from .quant import (
     DEFAULT_GROUP_SIZE,
     GROUP_SIZES,
+    INT4_CODES,
     dequantize,
     dequantize_resident_in_place,
     encode_rows,
@@ -54,8 +55,9 @@ def _ffn_rows(w: FFNWeights, parts: tuple[str, ...]) -> Tensor:
 DTYPES = tuple(TORCH_DTYPES) + QUANT_DTYPES  # what ``--dtype`` offers
 COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantized to and computed in
 # int8/int4 with calibration: tokens (half of each of ``gptq.SOURCES``) whose FFN inputs GPTQ's rounding fits
-# (results/quantized)
-GPTQ_TOKENS = 8192
+# (``--gptq-tokens``; smollm2-relu's int4 perplexity on four held-out sources: 1.04-1.09x float32's with 32768,
+# 1.06-1.11x with 8192: results/quantized)
+GPTQ_TOKENS = 32768
 RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
 
 
@@ -71,14 +73,15 @@ def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto") -> N
 def convert(
     spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True,
     calibration_tokens: int = CALIBRATION_TOKENS, group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto",
+    gptq_tokens: int = GPTQ_TOKENS,
 ) -> Path:
     """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``.
 
     ``dtype``: float32, float16, bfloat16, or int8 / int4 (FFN rows quantized in groups of ``group_size`` values along
     d_model, computed in float32: ``quant``). ``calibration_tokens``: how many tokens of
     ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's thresholds (0: none; ``--sparsity threshold`` then
-    refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on up to ``GPTQ_TOKENS``
-    tokens (``gptq``), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
+    refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on ``gptq_tokens``
+    tokens (``gptq``; 0: to nearest), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
     (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``)."""
     _check_dtype(dtype, group_size, resident_dtype)
     out = Path(out).expanduser()
@@ -89,13 +92,14 @@ def convert(
     # in the target dtype (a 7B model in fp16 needs 14 GB); quantized: in the dtype it will compute in
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype if dtype in TORCH_DTYPES else COMPUTE_DTYPE])
     return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress,
-                         calibration_tokens=calibration_tokens, group_size=group_size, resident_dtype=resident_dtype)
+                         calibration_tokens=calibration_tokens, group_size=group_size, resident_dtype=resident_dtype,
+                         gptq_tokens=gptq_tokens)
 
 
 def convert_model(
     model: HFModel, tok: Any, name: str, spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True,
     force: bool = False, progress: bool = True, calibration_tokens: int = CALIBRATION_TOKENS,
-    group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto",
+    group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto", gptq_tokens: int = GPTQ_TOKENS,
 ) -> Path:
     """Write an in-memory model (already in ``dtype``; float32 for int8/int4) as a flash directory at ``out``;
     ``spec`` is recorded.
@@ -106,6 +110,8 @@ def convert_model(
     _check_dtype(dtype, group_size, resident_dtype)
     if calibration_tokens < 0:
         raise LLMFlashError(f"--calibration-tokens {calibration_tokens}: give a token count >= 0 (0: no calibration)")
+    if gptq_tokens < 0:
+        raise LLMFlashError(f"--gptq-tokens {gptq_tokens}: give a token count >= 0 (0: round to nearest)")
     out = Path(out).expanduser()
     if out.exists():
         existing = _existing_model_name(out)
@@ -125,8 +131,10 @@ def convert_model(
     compute = COMPUTE_DTYPE if quantized else dtype
     ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
     # the codes by error-aware rounding on calibration text (``gptq``), where calibration is asked for
-    gptq_tokens = min(calibration_tokens, GPTQ_TOKENS) if quantized else 0
+    gptq_tokens = gptq_tokens if quantized and calibration_tokens else 0
     rounding = f"gptq:{gptq_tokens}:{'+'.join(GPTQ_SOURCES)}" if gptq_tokens else "nearest"
+    if quantized and layout.bits == 4:
+        rounding += INT4_CODES  # the search's 16th level (older directories: codes -7..7 only; both decode alike)
     quantization = None
     if quantized or resident_dtype == "int8":
         quantization = Quantization(dtype, group_size if quantized else 0, compute,

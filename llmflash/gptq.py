@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .arch import install_dense_ffns
 from .ffn import FFNWeights, SparsityRule
-from .quant import check_shape, dequantize, group_scales, pack, qmax
+from .quant import check_shape, dequantize, group_scales, pack, qmax, qmin, safe_div
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def quantize_inputs(w: Tensor, H: Tensor, bits: int, group_size: int, act_order:
     dead = Hp.diagonal() == 0
     W[:, dead] = 0
     U = _inverse_factor(Hp, dead)
-    m = qmax(bits)
+    m, lo = qmax(bits), qmin(bits)
     scales = torch.zeros(n, d // group_size, dtype=torch.float16)
     if act_order:
         scales = group_scales(w.detach().float().reshape(n, d // group_size, group_size), bits)[0]
@@ -136,7 +136,7 @@ def quantize_inputs(w: Tensor, H: Tensor, bits: int, group_size: int, act_order:
         if not act_order and col % group_size == 0:  # the group's scales, from its columns' current values
             scales[:, g] = group_scales(block[:, i : i + group_size][:, None, :], bits)[0][:, 0]
         s = scales[:, g].float()
-        c = torch.round(block[:, i] / s.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-m, m)
+        c = torch.round(safe_div(block[:, i], s)).clamp_(lo, m)
         q[:, col] = c.to(torch.int8)
         return c * s
 

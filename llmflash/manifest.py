@@ -119,7 +119,7 @@ class Quantization:
     scale_dtype: str = "float16"
     # how the FFN codes were chosen (informational: readers need not know it): "nearest" (round to nearest, the
     # scales by ``quant``'s clipping search), or "gptq:<tokens>:<source>" (``gptq``: error-aware rounding on the
-    # inputs of that many calibration tokens)
+    # inputs of that many calibration tokens); int4 adds ";codes -8..7" where the scale search used the 16th code
     rounding: str = "nearest"
 
     def to_json(self) -> dict:

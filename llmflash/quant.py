@@ -10,6 +10,11 @@ default for int4: outliers clipped a little buy finer steps for the rest; int8 u
 - int4: ``qmax = 7``, two values per byte, stored as ``q + 8``: the low nibble holds the even index, the high nibble
   the odd one.
 
+int4's search also tries the code the symmetric range leaves unused, -8 (llama.cpp's Q4_0 does the same): scales
+``s = +-r * max|w| / 8`` with codes in ``[-8, 7]``, the sign chosen per group so that the group's extreme value lands
+on -8. The scale may then be negative; every decoder computes ``w = q * s`` and needs nothing else. Same bytes, a
+16th level: on smollm2-relu's FFN weights the relative RMS error drops from 0.093 to 0.087 (results/quantized).
+
 With ``r = 1``, ``|w - q * s| <= s / 2`` (plus float16's rounding of ``s``: at most ``qmax * s * 2**-11``); with the
 search, each group's squared error is at most that of ``r = 1``.
 
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 from .layout import QUANT_BITS, FlashLayout
 
 SCALE_DTYPE = torch.float16
+INT4_CODES = ";codes -8..7"  # the manifest's ``rounding`` of int4 directories whose search uses the 16th level
 GROUP_SIZES = (32, 64)  # the group sizes convert offers (results/quantized: error against bytes)
 DEFAULT_GROUP_SIZE = 32
 
@@ -46,11 +52,22 @@ def code_bytes(d: int, bits: int) -> int:
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # the scale search's candidates (fractions of max|w|)
 
 
-def _codes(g: Tensor, scales: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """Groups g [n, G, k] at float16 scales [n, G] -> (int codes as float [n, G, k], squared error per group [n, G])."""
-    s = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    q = torch.round(g / s).clamp_(-m, m)
-    return q, (g - q * scales.float()[..., None]).square().sum(-1)
+def qmin(bits: int) -> int:
+    """The lowest code: -8 for int4 (its 16th level, reached by the scale search only), -qmax for int8."""
+    return -8 if bits == 4 else -qmax(bits)
+
+
+def safe_div(w: Tensor, s: Tensor) -> Tensor:
+    """w / s for scales of either sign (a zero scale: the group is all zeros, its codes 0)."""
+    return w / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _codes(g: Tensor, scales: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Groups g [n, G, k] at float16 scales [n, G] (either sign) -> (int codes in [lo, hi] as float [n, G, k], squared
+    error per group [n, G])."""
+    s = scales.float()[..., None]
+    q = torch.round(safe_div(g, s)).clamp_(lo, hi)
+    return q, (g - q * s).square().sum(-1)
 
 
 def quantize(w: Tensor, bits: int, group_size: int, search: Optional[bool] = None) -> tuple[Tensor, Tensor]:
@@ -71,23 +88,26 @@ def check_shape(n: int, d: int, bits: int, group_size: int) -> None:
 def group_scales(g: Tensor, bits: int, search: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Groups g [n, G, k] (float32) -> (float16 scales [n, G], int codes as float [n, G, k]): absmax scales, or with
     ``search`` (default: int4 only) each group's clipping ratio of ``CLIP_RATIOS`` with the least squared error."""
-    m = qmax(bits)
+    m, lo = qmax(bits), qmin(bits)
     absmax = g.abs().amax(-1)  # [n, groups]
     scales = (absmax / m).to(SCALE_DTYPE)
-    qf, err = _codes(g, scales, m)
+    qf, err = _codes(g, scales, lo, m)
     if bits == 4 if search is None else search:
-        for r in CLIP_RATIOS[1:]:
-            cand = (absmax * r / m).to(SCALE_DTYPE)
-            cq, cerr = _codes(g, cand, m)
-            better = cerr < err
-            scales = torch.where(better, cand, scales)
-            qf = torch.where(better[..., None], cq, qf)
-            err = torch.minimum(cerr, err)
+        # the extreme value's sign: a scale of the opposite sign puts it on the code -8 (int4's 16th level)
+        at = g.abs().argmax(-1, keepdim=True)
+        flip = -torch.sign(torch.gather(g, -1, at)[..., 0]).where(absmax > 0, torch.ones_like(absmax))
+        for r in CLIP_RATIOS:
+            for cand in ((absmax * r / m).to(SCALE_DTYPE), (flip * absmax * r / -lo).to(SCALE_DTYPE)):
+                cq, cerr = _codes(g, cand, lo, m)
+                better = cerr < err
+                scales = torch.where(better, cand, scales)
+                qf = torch.where(better[..., None], cq, qf)
+                err = torch.minimum(cerr, err)
     return scales, qf
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
-    """Integer codes q [n, d] (int8, within [-qmax, qmax]) -> the stored bytes uint8 [n, d * bits / 8]."""
+    """Integer codes q [n, d] (int8, within [qmin, qmax]) -> the stored bytes uint8 [n, d * bits / 8]."""
     if bits == 8:
         return q.view(torch.uint8).contiguous()
     u = (q + 8).to(torch.uint8)

@@ -270,7 +270,7 @@ def quant_dirs(flash_dirs):
     for name in ("llama", "opt", "silu"):
         for dtype in ("int8", "int4"):
             out[name, dtype] = convert(str(root / name), root / f"{name}-{dtype}", dtype=dtype, progress=False,
-                                       calibration_tokens=512 if name == "silu" else 0)
+                                       calibration_tokens=512 if name == "silu" else 0, gptq_tokens=512)
     out["llama", "int4g64"] = convert(str(root / "llama"), root / "llama-int4g64", dtype="int4", group_size=64,
                                       progress=False, calibration_tokens=0)
     return out

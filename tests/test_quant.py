@@ -119,6 +119,24 @@ def test_int4_codes_pack_two_values_per_byte_low_nibble_first():
     assert codes[0, :2].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | (8 << 4)]
 
 
+def test_int4_search_uses_the_sixteenth_code():
+    """int4's scale search also tries the code -8 (a scale whose sign puts the group's extreme value there): exact
+    where a group's values are multiples of its extreme / 8, and never worse than the symmetric -7..7 codes."""
+    from llmflash.quant import dequantize, quantize
+
+    steps = torch.tensor([-8.0, -3, 0, 1, 5, 7, 2, -1] * 4)  # one group of 32: extreme -8, steps of 0.25
+    w = torch.stack([steps * 0.25, -steps * 0.25])  # the second group's extreme is positive: a negative scale
+    codes, scales = quantize(w, 4, 32)
+    assert torch.equal(dequantize(codes, scales, 4, 32), w)
+    assert float(scales[0, 0]) == 0.25 and float(scales[1, 0]) == -0.25
+    assert (codes[:, 0] & 15).tolist() == [0, 0]  # the stored nibble of -8
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g)
+    sym = quantize(r, 4, 32, search=False)
+    err = lambda cs: float((dequantize(*cs, 4, 32) - r).square().sum())  # noqa: E731
+    assert err(quantize(r, 4, 32)) < 0.8 * err(sym)
+
+
 def test_bad_group_size_is_refused():
     from llmflash.layout import FlashLayout
     from llmflash.quant import quantize
@@ -219,13 +237,14 @@ def test_512_byte_aligned_reads_match_the_kernel(qdirs):
 def test_threshold_rule_is_calibrated_on_the_quantized_weights(tmp_path):
     """A SiLU model under the threshold rule: convert calibrates on the dequantized weights, and oracle == dense."""
     save_tiny(tiny_llama(seed=1, d_model=128, d_ffn=384), tmp_path / "m")
-    path = convert(str(tmp_path / "m"), tmp_path / "q", dtype="int4", progress=False, calibration_tokens=512)
+    path = convert(str(tmp_path / "m"), tmp_path / "q", dtype="int4", progress=False, calibration_tokens=512,
+                   gptq_tokens=512)
     kw = dict(sparsity="threshold", threshold_sparsity=0.8)
     assert _gen(path, "oracle", **kw).tokens == _gen(path, "dense", **kw).tokens
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(4))
     assert abs(_ppl(path, "oracle", ids, **kw) / _ppl(path, "dense", ids, **kw) - 1) < 1e-5
     # the calibrated fraction holds on the weights the directory holds (int4 with calibration: GPTQ's codes)
-    assert open_flash_dir(path).manifest.quantization.rounding == "gptq:512:wiki:train+bigbench:"
+    assert open_flash_dir(path).manifest.quantization.rounding == "gptq:512:wiki:train+bigbench:;codes -8..7"
     out = eval_ppl(str(path), "wiki:train", max_tokens=512, seq_len=256, sparsity="threshold", threshold_sparsity=0.8)
     assert abs(out["ffn_active_fraction"] - 0.2) < 0.05
 
@@ -288,6 +307,13 @@ def test_cli_convert_int4_and_bad_dtype(qdirs, tmp_path, capsys):
         main(["convert", str(src), "--out", str(tmp_path / "x"), "--dtype", "int3"])
     assert err.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # GPTQ on a chosen number of tokens, recorded in the manifest; a negative count is one line
+    assert main(["convert", str(src), "--out", str(tmp_path / "g"), "--dtype", "int4", "--calibration-tokens", "64",
+                 "--gptq-tokens", "128"]) == 0
+    assert open_flash_dir(tmp_path / "g").manifest.quantization.rounding == "gptq:128:wiki:train+bigbench:;codes -8..7"
+    capsys.readouterr()
+    assert main(["convert", str(src), "--out", str(tmp_path / "n"), "--dtype", "int4", "--gptq-tokens", "-1"]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------- resident weights
@@ -333,7 +359,9 @@ def test_int8_resident_weights_every_mode(qdirs, name, tmp_path, monkeypatch):
     finally:
         e.close()
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(3))
-    assert abs(_ppl(path, "oracle", ids, window=2) / _ppl(path, "dense", ids) - 1) < 1e-5
+    # (not 1e-5 as at float resident weights: the int8 kernel rounds its activations to bfloat16, so a float32
+    # summation-order difference in the FFN's output can move one of them by a bfloat16 step: 3e-5 seen on OPT)
+    assert abs(_ppl(path, "oracle", ids, window=2) / _ppl(path, "dense", ids) - 1) < 2e-4
     out = eval_ppl(str(path), str(qdirs["text"]), max_tokens=200, seq_len=64)
     assert math.isfinite(out["ppl"])
     monkeypatch.setattr(Engine, "copy_on_cpu", True)
