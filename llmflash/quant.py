@@ -87,7 +87,8 @@ def check_shape(n: int, d: int, bits: int, group_size: int) -> None:
 
 def group_scales(g: Tensor, bits: int, search: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Groups g [n, G, k] (float32) -> (float16 scales [n, G], int codes as float [n, G, k]): absmax scales, or with
-    ``search`` (default: int4 only) each group's clipping ratio of ``CLIP_RATIOS`` with the least squared error."""
+    ``search`` (default: int4 only) each group's clipping ratio of ``CLIP_RATIOS`` with the least squared error, int4
+    also over scales that put the group's extreme value on the code -8 (see the module docstring)."""
     m, lo = qmax(bits), qmin(bits)
     absmax = g.abs().amax(-1)  # [n, groups]
     scales = (absmax / m).to(SCALE_DTYPE)
@@ -97,7 +98,8 @@ def group_scales(g: Tensor, bits: int, search: Optional[bool] = None) -> tuple[T
         at = g.abs().argmax(-1, keepdim=True)
         flip = -torch.sign(torch.gather(g, -1, at)[..., 0]).where(absmax > 0, torch.ones_like(absmax))
         for r in CLIP_RATIOS:
-            for cand in ((absmax * r / m).to(SCALE_DTYPE), (flip * absmax * r / -lo).to(SCALE_DTYPE)):
+            sym = () if r == 1.0 else ((absmax * r / m).to(SCALE_DTYPE),)  # (r = 1: the scales the search starts from)
+            for cand in (*sym, (flip * absmax * r / -lo).to(SCALE_DTYPE)):
                 cq, cerr = _codes(g, cand, lo, m)
                 better = cerr < err
                 scales = torch.where(better, cand, scales)
