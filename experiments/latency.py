@@ -46,11 +46,14 @@ def main() -> None:
                    help="real model: alternating naive / sparse repeats for the speedup's median (default 3, full 5)")
     p.add_argument("--compute-threads", type=int, default=None,
                    help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
+    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8"),
+                   help="real model: its resident weights as converted (auto: float32) or in int8 (the demo's "
+                        "directory: convert --resident-dtype int8)")
     args = p.parse_args()
     table = engine_runs.load_bandwidth(16)
     setups = []
     if common.wanted(args, "real"):
-        setups.append(common.real_setup(args.model))
+        setups.append(common.real_setup(args.model, resident_dtype=args.resident_dtype))
     if common.wanted(args, "scale"):
         setups.append(common.scale_setup())
     data: dict = {"paper_opt_6_7b_cpu": PAPER, "models": {}}

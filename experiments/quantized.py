@@ -126,7 +126,7 @@ def stage_kernels(args) -> list[dict]:
 
     import torch.nn.functional as F
 
-    from llmflash.quant import INT8_WEIGHT_MM, dequantize, quantize, quantize_per_row
+    from llmflash.quant import INT8_WEIGHT_MM, Int8Linear, dequantize, quantize, quantize_per_row
 
     def t(fn, n: int = 2 if common.smoke() else 50) -> float:
         fn()
@@ -148,10 +148,20 @@ def stage_kernels(args) -> list[dict]:
             q, s = quantize_per_row(w)
             x = torch.randn(1, in_f)
             sb = s.to(torch.bfloat16)
+            lin = Int8Linear(q, s, None)
+
+            def split() -> torch.Tensor:  # torch's kernel on a bfloat16 hi/lo pair of x (Int8Linear's prefill path)
+                hi = x.to(torch.bfloat16)
+                y = mm(torch.cat((hi, (x - hi.float()).to(torch.bfloat16))), q, sb).float()
+                return y[:1] + y[1:]
+
             rows.append({"what": what, "shape": f"{out_f}x{in_f}", "float32_linear_ms": t(lambda: F.linear(x, w)),
                          "dequantize_then_linear_ms": t(lambda: F.linear(x, q.float() * s[:, None])),
                          "int8pack_float32_ms": t(lambda: mm(x, q, s)),
-                         "int8pack_bfloat16_ms": t(lambda: mm(x.to(torch.bfloat16), q, sb).float()), "label": "measured"})
+                         "int8pack_bfloat16_ms": t(lambda: mm(x.to(torch.bfloat16), q, sb).float()),
+                         "int8pack_bfloat16_split_ms": t(split),
+                         # Int8Linear at decode: llmflash's kernel (native/step.cpp), float32 throughout
+                         "int8linear_decode_ms": t(lambda: lin(x)), "label": "measured"})
         for bits in (8, 4):
             n, d = 1152, 576  # 75% of a layer's 1536 neurons: what predictor mode computes on smollm2-relu
             w = torch.randn(n, d) * 0.02
@@ -170,11 +180,12 @@ def stage_kernels(args) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- the flash directories
 
-# (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and int8/int4 with int8 resident
+# (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and float32/int8/int4 with int8 resident
 # ("-gptq": converted with calibration, so the FFN codes come from GPTQ's error-aware rounding, convert's default;
 # the others round to nearest)
 VARIANTS = [(d, d, "auto") for d in DTYPES] + [
-    ("int8-gptq", "int8", "auto"), ("int4-gptq", "int4", "auto"), ("int8+r8", "int8", "int8"),
+    ("int8-gptq", "int8", "auto"), ("int4-gptq", "int4", "auto"), ("float32+r8", "float32", "int8"),
+    ("int8+r8", "int8", "int8"),
     ("int8+r8-gptq", "int8", "int8"), ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8")]
 SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 

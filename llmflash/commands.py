@@ -107,6 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-relu", choices=DEMO_MODELS,
                    help="smollm2-relu: the sparse model with its trained predictors; smollm2: the original under the "
                         "threshold rule, oracle only")
+    p.add_argument("--resident-dtype", default="int8", choices=("int8", "auto"),
+                   help="the sparse model's resident weights (attention, embeddings, head): int8 (a directory "
+                        "converted with --resident-dtype int8, so that the budget leaves more to the neuron cache) "
+                        "or auto (float32, as stored)")
     p.add_argument("--json", metavar="OUT", help="write the result: one record per row")
     p.set_defaults(func=cmd_demo)
 
@@ -322,7 +326,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"llmflash demo: {msg}", file=sys.stderr, flush=True)
 
     result = run_demo(max_new_tokens=args.max_new_tokens, prompt=args.prompt, dram_budget=args.dram_budget,
-                      model=args.model, progress=progress)
+                      model=args.model, progress=progress, resident_dtype=args.resident_dtype)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layout import QUANT_BITS, FlashLayout
+from .native import library as native_library
 
 SCALE_DTYPE = torch.float16
 INT4_CODES = ";codes -8..7"  # the manifest's ``rounding`` of int4 directories whose search uses the 16th level
@@ -237,19 +238,32 @@ _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
 # resident.safetensors sit wherever the file puts them (safetensors aligns to 8 bytes), so ``Int8Linear`` copies a
 # misaligned one (torch allocates at 64 bytes)
 KERNEL_ALIGN_BYTES = 16
+NATIVE_MAX_TOKENS = 8  # rows of x up to which Int8Linear runs llmflash's own kernel (decode); more: torch's
 
 
 class Int8Linear(nn.Module):
     """A ``nn.Linear`` whose weight is held in int8 with per-row scales (weight-only).
 
-    On the CPU it runs torch's int8 weight-only kernel (``torch._weight_int8pack_mm``) on bfloat16 activations (the
-    result is cast back): on this machine, one thread, a SmolLM2 attention projection takes 0.05 ms against 0.07 for
-    float32 ``F.linear`` and 0.38 for the kernel on float32 activations, and the 49152-row head 25 ms against 33 (82
-    in float32); dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
-    ``kernel = False``) is 5-15x slower than float32
-    (results/quantized/README.md)."""
+    torch's int8 weight-only CPU kernel (``torch._weight_int8pack_mm``) is fast only on bfloat16 activations: on this
+    machine, one thread, the 49152-row head takes 3.9 ms against 10.0 for float32 ``F.linear`` and 23.7 on float32
+    activations; dequantizing the weight for each call (``F.linear(x, q * s)``, the path elsewhere, or with
+    ``kernel = False``) is 3-12x slower than float32 (results/quantized/kernels.csv).
+
+    bfloat16 keeps 8 bits of each activation, which cost smollm2-relu 1.2% perplexity on wiki:eval (15.83 against
+    float32's 15.65; 15.68 with the weights dequantized per call), and its output is rounded to bfloat16 too, so the
+    result jumps where a tiny change of x crosses a rounding boundary (two paths that sum the same FFN terms in
+    another order, dense and oracle, then part after a few tokens). So:
+
+    - a decode step's few rows of float32 activations (at most ``NATIVE_MAX_TOKENS``) go to llmflash's own kernel
+      (``native/step.cpp``, ``llmflash_int8_linear``): int8 codes converted in registers, float32 activations,
+      accumulation and output, the rows split over torch's threads (the head 1.8 ms, one thread);
+    - a prefill's many rows (or where the native library is missing) go to torch's kernel with ``split`` (the
+      default): x as two bfloat16 rows, x_hi = bf16(x) and x_lo = bf16(x - x_hi), the outputs summed in float32: 16
+      bits of each activation for twice the rows (wiki:eval 15.58; the output's bfloat16 rounding stays)."""
 
     kernel = True
+    split = True  # torch's kernel: float32 activations as a bfloat16 hi/lo pair (the class docstring)
+    native = True  # decode steps through llmflash's kernel where it loads
     q: Tensor
     scale: Tensor
     bias: Optional[Tensor]
@@ -267,13 +281,43 @@ class Int8Linear(nn.Module):
     def weight_dequantized(self, dtype: torch.dtype) -> Tensor:
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
+    def _native_forward(self, x: Tensor) -> Optional[Tensor]:
+        """y through ``llmflash_int8_linear`` (float32 throughout), or None where it does not apply."""
+        if not (self.native and x.dtype == torch.float32 and x.device.type == "cpu" and self.q.device.type == "cpu"):
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        t = x2.shape[0]
+        if not 0 < t <= NATIVE_MAX_TOKENS or self.scale.dtype != torch.float32 or not self.q.is_contiguous() \
+                or (self.bias is not None and self.bias.dtype != torch.float32):
+            return None
+        lib = native_library()
+        if lib is None:
+            return None
+        x2 = x2.contiguous()
+        y = torch.empty(t, self.out_features, dtype=torch.float32)
+        lib.llmflash_int8_linear(x2.data_ptr(), t, self.in_features, self.q.data_ptr(), self.scale.data_ptr(),
+                                 0 if self.bias is None else self.bias.data_ptr(), self.out_features, y.data_ptr(),
+                                 torch.get_num_threads())
+        return y.view(*x.shape[:-1], -1)
+
     def forward(self, x: Tensor) -> Tensor:
+        y_native = self._native_forward(x)
+        if y_native is not None:
+            return y_native
         if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0 \
                 and self.q.data_ptr() % KERNEL_ALIGN_BYTES == 0:
             if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-            y = _INT8_MM(x2, self.q, self._scale_bf16).to(x.dtype).view(*x.shape[:-1], -1)
+            x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+            hi = x2.to(torch.bfloat16)
+            if self.split and x2.dtype == torch.float32:
+                t = x2.shape[0]
+                lo = (x2 - hi.float()).to(torch.bfloat16)
+                y2 = _INT8_MM(torch.cat((hi, lo)), self.q, self._scale_bf16)  # [2T, out]: hi's rows, then lo's
+                y = y2[:t].float() + y2[t:].float()
+            else:
+                y = _INT8_MM(hi.contiguous(), self.q, self._scale_bf16)
+            y = y.to(x.dtype).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_dequantized(x.dtype), self.bias)
 

@@ -89,7 +89,7 @@ def test_common_prefix():
 
 
 def test_cli_demo_prints_progress_and_writes_one_record_per_row(rows, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "demo_rows", lambda model, budget, progress=None: rows)
+    monkeypatch.setattr(demo, "demo_rows", lambda model, budget, progress=None, resident_dtype="int8": rows)
     out = tmp_path / "demo.json"
     assert main(["demo", "--max-new-tokens", "4", "--dram-budget", "0.5", "--json", str(out)]) == 0
     cap = capsys.readouterr()

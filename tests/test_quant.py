@@ -371,14 +371,21 @@ def test_int8_resident_weights_every_mode(qdirs, name, tmp_path, monkeypatch):
 def test_int8_linear_matches_its_dequantized_weight():
     from llmflash.quant import Int8Linear, quantize_per_row
 
-    w, b = torch.randn(48, 64), torch.randn(48)
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
     q, s = quantize_per_row(w)
     lin = Int8Linear(q, s, b)
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(3, 5, 64, generator=g)
     ref = torch.nn.functional.linear(x, q.float() * s[:, None], b)
     assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
-    got = lin(x)  # torch's int8 kernel on bfloat16 activations: bfloat16's rounding
+    got = lin(x)  # torch's int8 kernel on a bfloat16 hi/lo pair of each activation: 16 of its bits
     assert got.dtype == x.dtype and ((got - ref).norm() / ref.norm()) < 1e-2
+    Int8Linear.split = False
+    try:
+        one = lin(x)  # the kernel on bfloat16 activations alone: 8 bits each, a larger error
+    finally:
+        Int8Linear.split = True
+    assert (got - ref).norm() < 0.9 * (one - ref).norm()  # (the output's bfloat16 rounding stays in both)
     Int8Linear.kernel = False
     try:
         assert torch.allclose(lin(x), ref, atol=1e-5)  # dequantized per call: exact
@@ -391,6 +398,39 @@ def test_int8_linear_matches_its_dequantized_weight():
     q8 = buf[start:start + q.numel()].view_as(q).copy_(q)
     assert q8.data_ptr() % 16 == 8
     assert torch.equal(Int8Linear(q8, s, b)(x), got)
+
+
+def test_int8_linear_decode_runs_the_native_kernel_in_float32():
+    """A decode step's rows (at most NATIVE_MAX_TOKENS) go through llmflash's kernel: float32 activations, sums and
+    output, so the result is the dequantized weight's product within float32 rounding (torch's kernel rounds x and y
+    to bfloat16), for one or more threads, with or without a bias, and a row count that is not a multiple of 16."""
+    from llmflash.native import library
+    from llmflash.quant import NATIVE_MAX_TOKENS, Int8Linear, quantize_per_row
+
+    if library() is None:
+        pytest.skip("no native library here")
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(300, 96, generator=g), torch.randn(300, generator=g)
+    q, s = quantize_per_row(w)
+    for bias in (None, b):
+        lin = Int8Linear(q, s, bias)
+        for t in (1, 3, NATIVE_MAX_TOKENS):
+            x = torch.randn(1, t, 96, generator=g)
+            ref = torch.nn.functional.linear(x.double(), (q.double() * s.double()[:, None]),
+                                             None if bias is None else bias.double())
+            before = torch.get_num_threads()
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                try:
+                    got = lin(x)
+                finally:
+                    torch.set_num_threads(before)
+                assert got.dtype == torch.float32 and got.shape == (1, t, 300)
+                assert ((got.double() - ref).norm() / ref.norm()) < 1e-6
+    x = torch.randn(NATIVE_MAX_TOKENS + 1, 96, generator=g)  # a prefill's rows: torch's kernel, bfloat16 rounding
+    ref = torch.nn.functional.linear(x, q.float() * s[:, None], b)
+    err = ((lin(x) - ref).norm() / ref.norm()).item()
+    assert 1e-6 < err < 1e-2
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])

@@ -419,12 +419,83 @@ void qrun(const float* x, int64_t T, const QShape& s, const uint8_t* a, const ui
     }
 }
 
+// ------------------------------------------------------------------------------------ int8 weight-only linear
+//
+// y[t, r] = scale[r] * (q[r] . x[t]) (+ bias[r]): a resident weight held in int8 with one float32 scale per row
+// (llmflash/quant.py's Int8Linear), float32 activations and accumulation (torch's own int8 kernel takes bfloat16
+// activations and returns bfloat16). Rows [lo, hi).
+void i8rows(const float* x, int64_t T, int64_t k, const int8_t* q, const float* scale, const float* bias, float* y,
+            int64_t m, int64_t lo, int64_t hi) {
+    constexpr int64_t MAXT = 8;
+    int64_t r = lo;
+#ifdef LLMFLASH_QVEC
+    if (T == 1) {  // a decode step: one row after the other (a stream), four independent sums per row
+        for (; r < hi; ++r) {
+            const int8_t* qr = q + r * k;
+            V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+            int64_t c = 0;
+            for (; c + 4 * W <= k; c += 4 * W) {
+                a0 = vfma(codes8(qr + c), vload(x + c), a0);
+                a1 = vfma(codes8(qr + c + W), vload(x + c + W), a1);
+                a2 = vfma(codes8(qr + c + 2 * W), vload(x + c + 2 * W), a2);
+                a3 = vfma(codes8(qr + c + 3 * W), vload(x + c + 3 * W), a3);
+            }
+            for (; c + W <= k; c += W) a0 = vfma(codes8(qr + c), vload(x + c), a0);
+            float out = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+            for (; c < k; ++c) out += static_cast<float>(qr[c]) * x[c];
+            y[r] = out * scale[r] + (bias ? bias[r] : 0.f);
+        }
+    }
+#endif
+    for (; r < hi; ++r) {
+        const int8_t* qr = q + r * k;
+        for (int64_t t0 = 0; t0 < T; t0 += MAXT) {
+            const int64_t nt = T - t0 < MAXT ? T - t0 : MAXT;
+            float out[MAXT];
+            int64_t c = 0;
+#ifdef LLMFLASH_QVEC
+            V acc[MAXT];
+            for (int64_t t = 0; t < nt; ++t) acc[t] = vzero();
+            for (; c + W <= k; c += W) {
+                const V w = codes8(qr + c);
+                for (int64_t t = 0; t < nt; ++t) acc[t] = vfma(w, vload(x + (t0 + t) * k + c), acc[t]);
+            }
+            for (int64_t t = 0; t < nt; ++t) out[t] = vsum(acc[t]);
+#else
+            for (int64_t t = 0; t < nt; ++t) out[t] = 0.f;
+#endif
+            for (; c < k; ++c)
+                for (int64_t t = 0; t < nt; ++t) out[t] += static_cast<float>(qr[c]) * x[(t0 + t) * k + c];
+            for (int64_t t = 0; t < nt; ++t)
+                y[(t0 + t) * m + r] = out[t] * scale[r] + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Version of this ABI: the loader refuses a library of another version.
-int32_t llmflash_step_version() { return 3; }
+int32_t llmflash_step_version() { return 4; }
+
+// y [T, m] = x [T, k] @ (q [m, k] * scale[:, None]).T (+ bias [m], or NULL): int8 weights, one float32 scale per row,
+// float32 activations, accumulation and output; rows split over ``n_threads`` (OpenMP) where there are many.
+void llmflash_int8_linear(const float* x, int64_t T, int64_t k, const int8_t* q, const float* scale, const float* bias,
+                          int64_t m, float* y, int32_t n_threads) {
+    int nt = n_threads > 1 && m >= 256 ? n_threads : 1;
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int i = omp_get_thread_num(), n = omp_get_num_threads();
+            i8rows(x, T, k, q, scale, bias, y, m, m * i / n, m * (i + 1) / n);
+        }
+        return;
+    }
+#endif
+    i8rows(x, T, k, q, scale, bias, y, m, 0, m);
+}
 
 // Adds the rows' contribution into y [T, d] (float32). x [T, d] float32, contiguous. a, u, down: the first row of
 // each part (u NULL for a plain FFN), rows ``stride`` (down: ``stride_down``) elements apart, of weight dtype
