@@ -283,12 +283,14 @@ class Int8Linear(nn.Module):
 
     def _native_forward(self, x: Tensor) -> Optional[Tensor]:
         """y through ``llmflash_int8_linear`` (float32 throughout), or None where it does not apply."""
-        if not (self.native and x.dtype == torch.float32 and x.device.type == "cpu" and self.q.device.type == "cpu"):
+        if not (self.kernel and self.native and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.q.device.type == "cpu"):
             return None
         x2 = x.reshape(-1, x.shape[-1])
         t = x2.shape[0]
-        if not 0 < t <= NATIVE_MAX_TOKENS or self.scale.dtype != torch.float32 or not self.q.is_contiguous() \
-                or (self.bias is not None and self.bias.dtype != torch.float32):
+        b = self.bias
+        if not 0 < t <= NATIVE_MAX_TOKENS or self.scale.dtype != torch.float32 or not self.scale.is_contiguous() \
+                or not self.q.is_contiguous() or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous())):
             return None
         lib = native_library()
         if lib is None:
@@ -296,7 +298,7 @@ class Int8Linear(nn.Module):
         x2 = x2.contiguous()
         y = torch.empty(t, self.out_features, dtype=torch.float32)
         lib.llmflash_int8_linear(x2.data_ptr(), t, self.in_features, self.q.data_ptr(), self.scale.data_ptr(),
-                                 0 if self.bias is None else self.bias.data_ptr(), self.out_features, y.data_ptr(),
+                                 0 if b is None else b.data_ptr(), self.out_features, y.data_ptr(),
                                  torch.get_num_threads())
         return y.view(*x.shape[:-1], -1)
 
