@@ -99,3 +99,36 @@ def test_cli_demo_prints_progress_and_writes_one_record_per_row(rows, tmp_path, 
     d = json.loads(out.read_text())
     assert [r["mode"] for r in d["rows"]] == ["dense", "dense", "naive", "hybrid", "predictor", "oracle"]
     assert all({"mode", "model", "ms_per_token", "busy", "io_threads"} <= set(r) for r in d["rows"])
+
+
+def test_int8_resident_rows_equal_their_dense_reference(tmp_path):
+    """The demo's sparse directory holds its resident weights in int8: naive, hybrid and the oracle still produce the
+    reference's tokens (the int8 weights are multiplied in float32 at decode), and the table says what it runs."""
+    save_tiny(tiny_llama(seed=0, relu=True, d_model=128, d_ffn=512), tmp_path / "sparse")
+    path = convert(str(tmp_path / "sparse"), tmp_path / "r8", progress=False, calibration_tokens=0,
+                   resident_dtype="int8")
+    kw = {"model": "sparse", "flash_dir": path, "sparsity": "relu"}
+    rows = [DemoRow("dense", **kw, dram_budget=1.0, role="reference"),
+            DemoRow("naive", **kw, dram_budget=BUDGET, role="baseline"),
+            DemoRow("hybrid", **kw, dram_budget=BUDGET, role="baseline"),
+            DemoRow("oracle", **kw, dram_budget=BUDGET, role="upper bound")]
+    res = run_demo(max_new_tokens=8, prompt="Hello world", dram_budget=BUDGET, rows=rows)
+    assert res["resident_dtype"] == "int8" and "resident weights in int8" in format_table(res)
+    assert all(r["same_tokens_as_reference"] for r in res["rows"])
+
+
+def test_cli_demo_passes_the_resident_dtype(rows, monkeypatch, capsys):
+    seen = []
+    real_rows = demo.demo_rows
+
+    def fake_rows(model, budget, progress=None, resident_dtype="int8"):
+        seen.append(resident_dtype)
+        return rows
+
+    monkeypatch.setattr(demo, "demo_rows", fake_rows)
+    assert main(["demo", "--max-new-tokens", "3", "--resident-dtype", "auto"]) == 0
+    assert main(["demo", "--max-new-tokens", "3"]) == 0
+    assert seen == ["auto", "int8"]
+    with pytest.raises(demo.LLMFlashError, match="int8 or auto"):
+        real_rows("smollm2-relu", 0.5, resident_dtype="int4")
+    capsys.readouterr()
