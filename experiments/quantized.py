@@ -522,20 +522,29 @@ def native_gen_summary(runs: list[dict]) -> list[dict]:
 
 
 def plot(data: dict, out: Path) -> None:
+    """Three panels: perplexity relative to float32 per held-out source against the model's bytes (the issue's 1% and
+    10% lines), ms per token per variant and setting, and the fp32-derived predictors' recall and over-prediction."""
     plt = common.plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     q = data.get("quality") or []
     if q:
         ax = axes[0]
         sources = [k[4:-1] for k in q[0] if k.startswith("ppl[")]
-        for source in sources:
-            ax.plot([r["model_bytes"] / 2**20 for r in q], [r[f"ppl[{source}]"] for r in q], "o", label=source)
-            for r in q:
-                ax.annotate(r["variant"], (r["model_bytes"] / 2**20, r[f"ppl[{source}]"]), fontsize=7)
-        ax.set_xlabel("model bytes (MiB)")
-        ax.set_ylabel("perplexity (measured)")
-        ax.set_title("quality against size")
-        ax.legend(fontsize=8)
+        rows = sorted(q, key=lambda r: -r["model_bytes"])  # largest first: float32 at the left
+        x = np.arange(len(rows))
+        for i, source in enumerate(sources):
+            key = f"ppl_vs_float32[{source}]"
+            ax.plot(x + (i - (len(sources) - 1) / 2) * 0.12, [r.get(key, np.nan) for r in rows], "os^D"[i % 4],
+                    color=f"C{i}", label=source)
+        for y, what in ((1.01, "+1% (int8's bound)"), (1.10, "+10% (int4's bound)")):
+            ax.axhline(y, color="0.5", ls=":", lw=1)
+            ax.text(-0.4, y, what, fontsize=7, va="bottom", ha="left", color="0.4")
+        ax.axhline(1.0, color="0.7", lw=0.8)
+        ax.set_xticks(x, [f"{r['variant']}\n{r['model_bytes'] / 2**20:.0f} MiB" for r in rows], fontsize=7,
+                      rotation=45, ha="right")
+        ax.set_ylabel("perplexity / float32's (measured)")
+        ax.set_title("quality by variant, largest first (held-out sources)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.9))
     sp = data.get("speed_summary") or []
     if sp:
         ax = axes[1]
@@ -545,21 +554,29 @@ def plot(data: dict, out: Path) -> None:
         for k, (mode, budget) in enumerate(settings):
             ys = [next((r["ms_per_token"] for r in sp if (r["variant"], r["mode"], r["budget"]) == (v, mode, budget)),
                        np.nan) for v in variants]
-            ax.bar(x + (k - 1.5) * 0.2, ys, 0.2, label=f"{mode} {budget}")
-        ax.set_xticks(x, variants, fontsize=8)
+            ax.bar(x + (k - 1.5) * 0.2, ys, 0.2, label=f"{mode} {budget}" if budget != "-" else mode)
+        ax.set_xticks(x, variants, fontsize=8, rotation=30, ha="right")
         ax.set_ylabel("ms/token (median of repeats, measured)")
-        ax.set_title("speed (" + data.get("speed_note", "medians of repeats")[:48] + "...)", fontsize=8)
+        note = data.get("speed_note", "medians of repeats")
+        ax.set_title("speed: " + (note if len(note) <= 70 else note[:67] + "..."), fontsize=8)
         ax.legend(fontsize=8)
     rc = data.get("recall") or []
     if rc:
         ax = axes[2]
-        ax.plot([r["variant"] for r in rc], [r["recall"] for r in rc], "o-", label="recall")
+        x = np.arange(len(rc))
+        ax.bar(x - 0.2, [r["recall"] for r in rc], 0.4, label="recall")
         ax2 = ax.twinx()
-        ax2.plot([r["variant"] for r in rc], [r["over_prediction"] for r in rc], "s--", color="C1", label="over-prediction")
+        ax2.bar(x + 0.2, [r["over_prediction"] for r in rc], 0.4, color="C1", label="predicted / true active")
+        lo = min(r["recall"] for r in rc)
+        ax.set_ylim(min(0.9, lo - 0.01), 1.0)
+        ax2.set_ylim(1.0, max(1.3, max(r["over_prediction"] for r in rc) + 0.05))
+        ax.set_xticks(x, [r["variant"] for r in rc], fontsize=8, rotation=30, ha="right")
         ax.set_ylabel("recall (measured)")
-        ax2.set_ylabel("predicted / true active")
-        ax.set_title("fp32-trained predictors on quantized weights")
-        ax.tick_params(axis="x", labelsize=8)
+        ax2.set_ylabel("predicted / true active (measured)")
+        ax.set_title("float32-derived predictors on quantized weights", fontsize=10)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     common.savefig(fig, out / f"{NAME}.png")
 
