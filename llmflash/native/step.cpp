@@ -13,8 +13,9 @@
 // group-quantized int8 / int4 parts (``llmflash_sparse_ffn_q``: llmflash/quant.py's format, dequantized on the fly
 // inside the dot products and axpys, in AVX-512 / AVX2 registers where the build targets them: each group's partial
 // dot product is scaled once, float32 accumulation). Rows are split over threads (OpenMP, the runtime torch already
-// loaded: same soname), each with its own y, summed at the end. Plain C ABI, loaded with ctypes (no Python headers, no torch
-// headers: it builds in about a second with g++ alone).
+// loaded: same soname), each with its own y, summed at the end. Also ``llmflash_int8_linear``: a resident weight held in
+// int8 with one scale per row times a decode step's float32 activations, in float32 (llmflash/quant.py's Int8Linear).
+// Plain C ABI, loaded with ctypes (no Python headers, no torch headers: it builds in about a second with g++ alone).
 
 #include <cmath>
 #include <cstdint>
