@@ -522,8 +522,9 @@ def native_gen_summary(runs: list[dict]) -> list[dict]:
 
 
 def plot(data: dict, out: Path) -> None:
-    """Three panels: perplexity relative to float32 per held-out source against the model's bytes (the issue's 1% and
-    10% lines), ms per token per variant and setting, and the fp32-derived predictors' recall and over-prediction."""
+    """Three panels: perplexity relative to float32 per held-out source for each variant, largest model first (the
+    issue's 1% and 10% lines), ms per token per variant and setting, and the float32-derived predictors' recall and
+    over-prediction per variant."""
     plt = common.plt()
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     q = data.get("quality") or []
