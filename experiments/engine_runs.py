@@ -258,6 +258,7 @@ ROWS = {
     "window_unbundled": "hybrid + predictor + window k=5 (unbundled layout)",
     "ours": "hybrid + predictor + window k=5 + bundling (ours)",
     "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
+    "ours_coact_hot": "ours + co-activation order + pinned hot set (PowerInfer-style cache policy, beyond the paper)",
     "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
     "ours_python": "ours, Python path (no native step, Python reader threads: the reference)",
 }
@@ -307,9 +308,11 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_uring"] = False
     if row == "ours_python":
         extra["native"] = False
-    if row == "ours_coact" and scale:
-        raise ValueError("the co-activation order needs real activations: the scale model has no ours_coact row")
-    directory = flash_dir or (real_coact_dir(setup, quick) if row == "ours_coact" else setup["flash_dir"]
+    if row in ("ours_coact", "ours_coact_hot") and scale:
+        raise ValueError(f"the co-activation order needs real activations: the scale model has no {row} row")
+    if row == "ours_coact_hot":
+        extra["cache_policy"] = "hot"
+    directory = flash_dir or (real_coact_dir(setup, quick) if row in ("ours_coact", "ours_coact_hot") else setup["flash_dir"]
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
     kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share,

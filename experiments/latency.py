@@ -3,7 +3,8 @@ the model in DRAM (dense: everything in DRAM, the reference): dense, naive, hybr
 window k=5 + bundling) with two engine variants beside it (issue 15): ours_python (the Python path: no native step,
 Python reader threads; the reference the native parts must equal) and ours_lookahead (layer l + 1's guessed rows read
 while layer l computes), and for the real model ours_coact (ours on the file reordered by co-activation, beyond the
-paper: see experiments/ablation.py). Times are medians over generated tokens (after a warm-up of the window for the
+paper: see experiments/ablation.py) and ours_coact_hot (that file with PowerInfer's cache policy: each layer's most
+often needed neurons, counted at engine start, pinned in half its cache rows, the window managing the rest). Times are medians over generated tokens (after a warm-up of the window for the
 sparse mode), added serially as in the paper: total = I/O + memory management + compute. This machine's disk and CPU
 drift by up to 1.5x within minutes, so for the real model naive and the sparse rows are also measured again
 ``--repeats`` - 1 more times, alternating, and the speedup is reported as the median (and range) of the per-repeat
@@ -26,7 +27,7 @@ import common
 import engine_runs
 
 # ours' engine variants (issue 15) beside it: the Python path (the reference) and lookahead
-ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact"]
+ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot"]
 PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
     "naive": (2196, 0, 986, 3182), "ours": (105, 58, 506, 669),
 }
@@ -61,7 +62,7 @@ def main() -> None:
     for setup in setups:
         runs = {}
         for key in ORDER:
-            if key == "ours_coact" and "geometry" in setup:
+            if key in ("ours_coact", "ours_coact_hot") and "geometry" in setup:
                 continue
             if key == "dense" and "geometry" in setup:
                 need = open_model_bytes(setup) + (4 << 30)
@@ -111,7 +112,7 @@ def main() -> None:
                   f"{r['compute_ms']:>8.1f}  total {r['total_ms']:>9.1f} ms  ({r['speedup_vs_naive']:.1f}x vs naive{rep})")
 
 
-SPARSE_ROWS = ("ours", "ours_python", "ours_lookahead", "ours_coact")
+SPARSE_ROWS = ("ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot")
 
 
 def repeated_speedups(setup: dict, runs: dict, args, table) -> dict[str, list[float]]:
@@ -144,7 +145,8 @@ def plot(rows: list[dict], png) -> None:
 
     plt = common.plt()
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.5), squeeze=False)
+    bars = max(sum(1 for r in rows if r["model"] == m and "total_ms" in r) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.2, 1.0 * bars + 1.5) * len(models), 4.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == m and "total_ms" in r]
         x = np.arange(len(rs))
@@ -157,7 +159,7 @@ def plot(rows: list[dict], png) -> None:
         for i, r in enumerate(rs):
             rep = f"\n(median of {r['repeats']}: {r['speedup_median_of_repeats']:.1f}x)" if "repeats" in r else ""
             ax.annotate(f"{r['total_ms']:,.0f} ms\n{r['speedup_vs_naive']:.1f}x{rep}", (x[i], bottom[i]),
-                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         ax.set_xticks(x)
         ax.set_xticklabels([r["method"].replace("_", "\n") for r in rs])
         ax.set_ylabel("latency per token (ms, median)")
