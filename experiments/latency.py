@@ -4,7 +4,8 @@ window k=5 + bundling) with two engine variants beside it (issue 15): ours_pytho
 Python reader threads; the reference the native parts must equal) and ours_lookahead (layer l + 1's guessed rows read
 while layer l computes), and for the real model ours_coact (ours on the file reordered by co-activation, beyond the
 paper: see experiments/ablation.py) and ours_coact_hot (that file with PowerInfer's cache policy: each layer's most
-often needed neurons, counted at engine start, pinned in half its cache rows, the window managing the rest). Times are medians over generated tokens (after a warm-up of the window for the
+often needed neurons, counted at engine start, pinned in half its cache rows, the window managing the rest). Times
+are medians over generated tokens (after a warm-up of the window for the
 sparse mode), added serially as in the paper: total = I/O + memory management + compute. This machine's disk and CPU
 drift by up to 1.5x within minutes, so for the real model naive and the sparse rows are also measured again
 ``--repeats`` - 1 more times, alternating, and the speedup is reported as the median (and range) of the per-repeat

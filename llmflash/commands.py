@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "float32)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES, metavar="G",
                    help="int8/int4: values per scale along d_model (32 or 64)")
+    p.add_argument("--int4-gate-up", default="auto", choices=("auto", "sym", "asym"),
+                   help="int4: gate and up rows symmetric, asymmetric (an offset per group, like Q4_1) or auto "
+                        "(asymmetric where they already sit on 4-bit asymmetric grids: a Q4_1 GGUF's are kept)")
     p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="the resident weights (attention, embeddings, tied head): auto (the compute dtype) or int8 "
                         "(weight-only, one scale per row)")
@@ -183,7 +186,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert(args.model, Path(args.out), dtype=args.dtype, bundled=not args.no_bundling, force=args.force,
                   calibration_tokens=args.calibration_tokens, group_size=args.group_size,
-                  resident_dtype=args.resident_dtype, gptq_tokens=args.gptq_tokens)
+                  resident_dtype=args.resident_dtype, gptq_tokens=args.gptq_tokens, int4_gate_up=args.int4_gate_up)
     fd = open_flash_dir(out)
     b = fd.manifest.bytes
     print(f"converted {args.model} -> {out}: {fmt_bytes(b.model)} of weights "

@@ -20,7 +20,7 @@ from .ffn import FFNWeights, SparsityRule
 from .flashdir import ACT_BIAS, OUT_BIAS, TORCH_DTYPES, write_flash_dir
 from .gptq import SOURCES as GPTQ_SOURCES
 from .gptq import Hessians, collect_hessians, quantize_ffn
-from .layout import FlashLayout
+from .layout import ASYM_PARTS, FlashLayout
 from .manifest import FFN_FILE, MANIFEST, QUANT_DTYPES, ModelInfo, Quantization
 from .models import load_model
 from .quant import (
@@ -30,7 +30,9 @@ from .quant import (
     dequantize,
     dequantize_resident_in_place,
     encode_rows,
+    on_asym_grid,
     quantize,
+    quantize_asym,
     quantize_resident,
 )
 from .sparse_model import GATE_DIR
@@ -61,7 +63,12 @@ GPTQ_TOKENS = 32768
 RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
 
 
-def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto") -> None:
+INT4_GATE_UP = ("auto", "sym", "asym")  # ``--int4-gate-up``
+
+
+def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto", int4_gate_up: str = "auto") -> None:
+    if int4_gate_up not in INT4_GATE_UP:
+        raise LLMFlashError(f"--int4-gate-up {int4_gate_up!r}: use one of {', '.join(INT4_GATE_UP)}")
     if dtype not in DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if resident_dtype not in RESIDENT_DTYPES:
@@ -73,7 +80,7 @@ def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto") -> N
 def convert(
     spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True, force: bool = False, progress: bool = True,
     calibration_tokens: int = CALIBRATION_TOKENS, group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto",
-    gptq_tokens: int = GPTQ_TOKENS,
+    gptq_tokens: int = GPTQ_TOKENS, int4_gate_up: str = "auto",
 ) -> Path:
     """Convert ``MODEL`` into a flash directory at ``out`` (the format: ``flashdir``). Returns ``out``.
 
@@ -82,8 +89,11 @@ def convert(
     ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's thresholds (0: none; ``--sparsity threshold`` then
     refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on ``gptq_tokens``
     tokens (``gptq``; 0: to nearest), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
-    (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``)."""
-    _check_dtype(dtype, group_size, resident_dtype)
+    (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``).
+    ``int4_gate_up``: int4's gate and up rows ``sym`` (symmetric, as down), ``asym`` (an offset per group:
+    ``quant.quantize_asym``, rounded to nearest) or ``auto`` (asym where they already sit on 4-bit asymmetric grids of
+    the group size, as a Q4_1 GGUF's do, so that they are kept, not rounded again; else sym)."""
+    _check_dtype(dtype, group_size, resident_dtype, int4_gate_up)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise LLMFlashError(f"--out {out} is a file, not a directory: choose another --out")
@@ -93,13 +103,14 @@ def convert(
     model, tok, src = load_model(spec, TORCH_DTYPES[dtype if dtype in TORCH_DTYPES else COMPUTE_DTYPE])
     return convert_model(model, tok, src.name, spec, out, dtype=dtype, bundled=bundled, force=force, progress=progress,
                          calibration_tokens=calibration_tokens, group_size=group_size, resident_dtype=resident_dtype,
-                         gptq_tokens=gptq_tokens)
+                         gptq_tokens=gptq_tokens, int4_gate_up=int4_gate_up)
 
 
 def convert_model(
     model: HFModel, tok: Any, name: str, spec: str, out: Path, *, dtype: str = "float32", bundled: bool = True,
     force: bool = False, progress: bool = True, calibration_tokens: int = CALIBRATION_TOKENS,
     group_size: int = DEFAULT_GROUP_SIZE, resident_dtype: str = "auto", gptq_tokens: int = GPTQ_TOKENS,
+    int4_gate_up: str = "auto",
 ) -> Path:
     """Write an in-memory model (already in ``dtype``; float32 for int8/int4) as a flash directory at ``out``;
     ``spec`` is recorded.
@@ -107,7 +118,7 @@ def convert_model(
     With ``calibration_tokens`` > 0 the model is then modified in place to calibrate the thresholds (float32, its FFNs
     swapped for ``DenseFFN`` modules with the same weights; a quantized directory's FFN weights replaced by their
     dequantized values first, so the thresholds fit the weights the directory holds)."""
-    _check_dtype(dtype, group_size, resident_dtype)
+    _check_dtype(dtype, group_size, resident_dtype, int4_gate_up)
     if calibration_tokens < 0:
         raise LLMFlashError(f"--calibration-tokens {calibration_tokens}: give a token count >= 0 (0: no calibration)")
     if gptq_tokens < 0:
@@ -122,19 +133,22 @@ def convert_model(
     adapter = adapter_for(model.config)
     spec_ffn = adapter.ffn_spec(model.config)
     quantized = dtype in QUANT_DTYPES
+    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
+    asym = _asym_parts(ffn_weights, dtype, group_size, int4_gate_up)
     try:
         layout = FlashLayout.build(spec_ffn.n_layers, spec_ffn.d_model, spec_ffn.d_ffn, spec_ffn.gated, dtype, bundled,
-                                   group_size=group_size if quantized else 0)
+                                   group_size=group_size if quantized else 0, asym_parts=asym)
     except ValueError as err:
         raise LLMFlashError(f"cannot convert to {dtype}: {err}") from None
     tdt = TORCH_DTYPES[COMPUTE_DTYPE if quantized else dtype]
     compute = COMPUTE_DTYPE if quantized else dtype
-    ffn_weights = [adapter.ffn_weights(model, layer) for layer in range(spec_ffn.n_layers)]
     # the codes by error-aware rounding on calibration text (``gptq``), where calibration is asked for
     gptq_tokens = gptq_tokens if quantized and calibration_tokens else 0
     rounding = f"gptq:{gptq_tokens}:{'+'.join(GPTQ_SOURCES)}" if gptq_tokens else "nearest"
     if quantized and layout.bits == 4:
         rounding += INT4_CODES  # the search's 16th level (older directories: codes -7..7 only; both decode alike)
+    if asym:
+        rounding += f";{'+'.join(asym)} asymmetric, nearest"
     quantization = None
     if quantized or resident_dtype == "int8":
         quantization = Quantization(dtype, group_size if quantized else 0, compute,
@@ -155,7 +169,7 @@ def convert_model(
             resident[OUT_BIAS.format(layer)] = w.out_bias.to(tdt).contiguous()
 
     hessians = None
-    kept_codes: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}  # layer -> part -> (codes, scales), for calibration
+    kept_codes: dict[int, dict[str, tuple[Tensor, ...]]] = {}  # layer -> part -> (codes, scales[, offsets])
     if gptq_tokens:  # (the FFNs become DenseFFN modules over the same weights: nothing written changes)
         log.info("GPTQ: collecting FFN inputs on %d tokens of %s", gptq_tokens, " and ".join(GPTQ_SOURCES))
         batches = [w for source in GPTQ_SOURCES for w in windows(
@@ -171,12 +185,12 @@ def convert_model(
                 resident = stored
             wr.save_resident(resident)
             for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
-                codes = _layer_codes(w, layout.bits, group_size, hessians, layer) if quantized else {}
+                codes = _layer_codes(w, layout.bits, group_size, hessians, layer, asym) if quantized else {}
                 if codes and calibration_tokens:
                     kept_codes[layer] = codes
                 for s, seg in enumerate(layout.segments):
                     if quantized:  # [n, stride_bytes]: each part's codes and scales (``quant``)
-                        padded = encode_rows([codes[p] for p in seg.parts], layout, seg.stride_bytes)
+                        padded = encode_rows([codes[p] for p in seg.parts], layout, seg.stride_bytes, seg.parts)
                         wr.write_ffn(layer, s, padded.numpy().tobytes())
                         continue
                     rows = _ffn_rows(w, seg.parts).to(tdt)  # [n, len(parts) * d]
@@ -206,21 +220,41 @@ def convert_model(
     return out
 
 
-def _layer_codes(w: FFNWeights, bits: int, group_size: int, hessians: Optional[Hessians], layer: int
-                 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """One FFN's parts quantized: part -> (codes, scales), by GPTQ on ``hessians`` or rounded to nearest."""
+def _asym_parts(weights: list[FFNWeights], dtype: str, group_size: int, choice: str) -> tuple[str, ...]:
+    """The parts ``--int4-gate-up`` stores asymmetrically (module docstring of ``quant``'s asymmetric int4)."""
+    if dtype != "int4" or choice == "sym":
+        return ()
+    parts = tuple(p for p in ASYM_PARTS if getattr(weights[0], p) is not None)
+    if choice == "asym":
+        return parts
+    # auto: every layer's gate and up already on 4-bit asymmetric grids (a Q4_1 source): keep them
+    on_grid = all(on_asym_grid(getattr(w, p), group_size) for w in weights for p in parts)
+    if on_grid:
+        log.info("int4: the gate and up rows sit on 4-bit asymmetric grids of %d (a Q4_1 source): stored "
+                 "asymmetrically, kept to a sixteenth of a step", group_size)
+    return parts if on_grid else ()
+
+
+def _layer_codes(w: FFNWeights, bits: int, group_size: int, hessians: Optional[Hessians], layer: int,
+                 asym: tuple[str, ...] = ()) -> dict[str, tuple[Tensor, ...]]:
+    """One FFN's parts quantized: part -> (codes, scales), by GPTQ on ``hessians`` or rounded to nearest; the
+    ``asym`` parts -> (codes, scales, offsets), rounded to nearest on their asymmetric grids."""
+    out: dict[str, tuple[Tensor, ...]] = {}
     if hessians is not None:
-        return quantize_ffn(w, hessians.x[layer], hessians.h[layer], bits, group_size)
-    return {name: quantize(t, bits, group_size) for name in ("gate", "up", "down")
-            if (t := getattr(w, name)) is not None}
+        out.update(quantize_ffn(w, hessians.x[layer], hessians.h[layer], bits, group_size, skip=asym))
+    else:
+        out.update({name: quantize(t, bits, group_size) for name in ("gate", "up", "down")
+                    if name not in asym and (t := getattr(w, name)) is not None})
+    out.update({name: quantize_asym(getattr(w, name), group_size) for name in asym})
+    return out
 
 
-def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int, codes: dict[str, tuple[Tensor, Tensor]]) -> None:
+def _dequantize_in_place(w: FFNWeights, bits: int, group_size: int, codes: dict[str, tuple[Tensor, ...]]) -> None:
     """Replace an in-memory FFN's weights (views of the model's parameters) by the values its ``codes`` (part ->
-    (codes, scales): what the directory holds) stand for."""
+    (codes, scales[, offsets]): what the directory holds) stand for."""
     for name, cs in codes.items():
         t = getattr(w, name)
-        t.copy_(dequantize(*cs, bits, group_size, t.dtype))
+        t.copy_(dequantize(cs[0], cs[1], bits, group_size, t.dtype, cs[2] if len(cs) == 3 else None))
 
 
 def _existing_model_name(path: Path) -> Optional[str]:

@@ -170,11 +170,16 @@ def quantize_outputs(down: Tensor, H: Tensor, bits: int, group_size: int, act_or
     return pack(q, bits), scales
 
 
-def quantize_ffn(w: FFNWeights, hx: Tensor, hh: Tensor, bits: int, group_size: int
+def quantize_ffn(w: FFNWeights, hx: Tensor, hh: Tensor, bits: int, group_size: int, skip: tuple[str, ...] = ()
                  ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Every part of one FFN -> {part: (codes, scales)} ("gate", "up", "down"; "up" and "down" only without a gate)."""
-    out = {"up": quantize_inputs(w.up, hx, bits, group_size), "down": quantize_outputs(w.down, hh, bits, group_size)}
-    if w.gate is not None:
+    """Every part of one FFN but those in ``skip`` -> {part: (codes, scales)} ("gate", "up", "down"; "up" and "down"
+    only without a gate)."""
+    out = {}
+    if "up" not in skip:
+        out["up"] = quantize_inputs(w.up, hx, bits, group_size)
+    if "down" not in skip:
+        out["down"] = quantize_outputs(w.down, hh, bits, group_size)
+    if w.gate is not None and "gate" not in skip:
         out["gate"] = quantize_inputs(w.gate, hx, bits, group_size)
     return out
 

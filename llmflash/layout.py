@@ -17,6 +17,10 @@ by the groups' float16 scales: ``part_bytes = d * bits / 8 + 2 * d / group_size`
 column and their scales are one bundle, so one read brings everything; rows are padded to ``align_bytes`` (512 for
 quantized layouts: the unit of direct I/O; at 4096 a SmolLM2 neuron would read 4096 bytes at every bit width) and
 neighbouring rows still merge into one read. ``quant`` holds the codec.
+
+An int4 layout may store its gate and up rows asymmetrically (``asym_parts``, ``convert --int4-gate-up``): each group
+also has an int8 offset after the scales (``part_bytes`` + d / group_size, rounded up to even), which is how a Q4_1
+source's blocks are kept. SmolLM2's bundle is then 342 + 342 + 324 = 1 008 bytes, still one 1 024-byte row.
 """
 
 from __future__ import annotations
@@ -34,10 +38,17 @@ SCALE_BYTES = 2  # one float16 scale per group
 QUANT_ALIGN_BYTES = 512  # row alignment of quantized layouts: direct I/O's unit (offsets, lengths)
 
 
-def part_bytes(d_model: int, dtype: str, group_size: int = 0) -> int:
-    """Bytes of one part (gate row, up row or down column: ``d_model`` values) in a row of ``ffn.bin``."""
+OFFSET_BYTES = 1  # asymmetric int4 parts: one int8 offset per group (``quant``: in sixteenths of the group's scale)
+ASYM_PARTS = ("gate", "up")  # the parts that may be asymmetric: those the FFN takes dot products with
+
+
+def part_bytes(d_model: int, dtype: str, group_size: int = 0, asym: bool = False) -> int:
+    """Bytes of one part (gate row, up row or down column: ``d_model`` values) in a row of ``ffn.bin``; ``asym``: an
+    asymmetric int4 part (an offset per group after its scales)."""
     if dtype in QUANT_BITS:
-        return d_model * QUANT_BITS[dtype] // 8 + (d_model // group_size) * SCALE_BYTES
+        groups = d_model // group_size
+        offsets = groups * OFFSET_BYTES + (groups * OFFSET_BYTES) % 2  # (even: the next part's scales stay aligned)
+        return d_model * QUANT_BITS[dtype] // 8 + groups * SCALE_BYTES + (offsets if asym else 0)
     return d_model * DTYPE_BYTES[dtype]
 
 
@@ -52,9 +63,6 @@ class Segment:
         """Offset of a part in a row, in elements of a float row (bytes of a quantized one: ``part_bytes`` each)."""
         return self.parts.index(part) * d_model
 
-    @property
-    def part_bytes(self) -> int:
-        return self.row_bytes // len(self.parts)
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,19 @@ class FlashLayout:
     file_bytes: int
     group_size: int = 0  # quantized layouts: values per scale along d_model; 0 for float rows
     align_bytes: int = ALIGN_BYTES  # rows are padded to a multiple of this (reads are multiples of it)
+    asym_parts: tuple[str, ...] = ()  # int4: the parts stored asymmetrically (an int8 offset per group; ``quant``)
 
     @staticmethod
     def build(n_layers: int, d_model: int, d_ffn: int, gated: bool, dtype: str, bundled: bool,
-              group_size: int = 0, align_bytes: Optional[int] = None) -> "FlashLayout":
+              group_size: int = 0, align_bytes: Optional[int] = None,
+              asym_parts: tuple[str, ...] = ()) -> "FlashLayout":
         """``group_size``: quantized dtypes (int8, int4) only: values per scale, dividing ``d_model``.
         ``align_bytes``: the rows' alignment (default: 4096 for float rows, 512 for quantized ones; rows kept in DRAM
-        only may take less)."""
+        only may take less). ``asym_parts``: int4 only, some of ``ASYM_PARTS`` stored asymmetrically."""
         parts = ("gate", "up", "down") if gated else ("up", "down")
+        asym_parts = tuple(p for p in parts if p in asym_parts)
+        if set(asym_parts) - set(ASYM_PARTS) or (asym_parts and dtype != "int4"):
+            raise ValueError(f"asymmetric parts {asym_parts}: only int4 gate and up rows can be")
         groups = [parts] if bundled else [parts[:-1], parts[-1:]]
         quantized = dtype in QUANT_BITS
         if dtype not in DTYPE_BYTES and not quantized:
@@ -85,8 +98,8 @@ class FlashLayout:
         if not quantized:
             group_size = 0
         align = align_bytes or (QUANT_ALIGN_BYTES if quantized else ALIGN_BYTES)
-        pbytes = part_bytes(d_model, dtype, group_size)
-        strides = [align_up(len(g) * pbytes, align) for g in groups]
+        row_bytes = [sum(part_bytes(d_model, dtype, group_size, p in asym_parts) for p in g) for g in groups]
+        strides = [align_up(b, align) for b in row_bytes]
         offsets: list[list[int]] = [[] for _ in groups]
         pos = 0
         for _ in range(n_layers):
@@ -95,9 +108,10 @@ class FlashLayout:
                 offsets[s].append(pos)
                 pos += stride * d_ffn
         segments = tuple(
-            Segment(tuple(g), len(g) * pbytes, stride, tuple(off)) for g, stride, off in zip(groups, strides, offsets)
+            Segment(tuple(g), b, stride, tuple(off)) for g, b, stride, off in zip(groups, row_bytes, strides, offsets)
         )
-        return FlashLayout(n_layers, d_model, d_ffn, dtype, bundled, segments, align_up(pos), group_size, align)
+        return FlashLayout(n_layers, d_model, d_ffn, dtype, bundled, segments, align_up(pos), group_size, align,
+                           asym_parts)
 
     @property
     def quantized(self) -> bool:
@@ -134,7 +148,9 @@ class FlashLayout:
         for i, seg in enumerate(self.segments):
             if part in seg.parts:
                 if self.quantized:
-                    return i, seg.parts.index(part) * seg.part_bytes
+                    before = seg.parts[: seg.parts.index(part)]
+                    return i, sum(part_bytes(self.d_model, self.dtype, self.group_size, p in self.asym_parts)
+                                  for p in before)
                 return i, seg.part_offset_elems(part, self.d_model)
         raise KeyError(part)
 
@@ -143,6 +159,10 @@ class FlashLayout:
         d["segments"] = [asdict(s) for s in self.segments]
         if not self.quantized and self.align_bytes == ALIGN_BYTES:  # float layouts: the keys of format version 1
             del d["group_size"], d["align_bytes"]
+        if not self.asym_parts:  # (the key of asymmetric layouts only: older readers load the others)
+            del d["asym_parts"]
+        else:
+            d["asym_parts"] = list(self.asym_parts)
         return d
 
     @staticmethod
@@ -152,7 +172,8 @@ class FlashLayout:
             for s in d["segments"]
         )
         lay = FlashLayout(int(d["n_layers"]), int(d["d_model"]), int(d["d_ffn"]), d["dtype"], bool(d["bundled"]), segs,
-                          int(d["file_bytes"]), int(d.get("group_size", 0)), int(d.get("align_bytes", ALIGN_BYTES)))
+                          int(d["file_bytes"]), int(d.get("group_size", 0)), int(d.get("align_bytes", ALIGN_BYTES)),
+                          tuple(d.get("asym_parts", ())))
         if lay.dtype not in DTYPE_BYTES and lay.dtype not in QUANT_BITS:
             raise ValueError(f"unknown dtype {lay.dtype!r}")
         if lay.quantized and (lay.group_size <= 0 or lay.d_model % lay.group_size):

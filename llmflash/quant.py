@@ -1,5 +1,6 @@
-"""Group-wise symmetric weight quantization (issue 13): the codec of quantized FFN rows in ``ffn.bin`` and the
-neuron cache, and of quantized resident weights.
+"""Group-wise weight quantization (issue 13): the codec of quantized FFN rows in ``ffn.bin`` and the neuron cache,
+and of quantized resident weights. Symmetric below; int4 gate and up rows may also be asymmetric (``quantize_asym``:
+Q4_1's grid, an int8 offset per group).
 
 A vector of ``d`` values is cut into groups of ``group_size`` consecutive values (along d_model); each group has one
 float16 scale ``s = r * max|w| / qmax`` and integer codes ``q = round(w / s)`` clamped to ``[-qmax, qmax]``, where
@@ -27,7 +28,7 @@ inside its dot products; the Python path dequantizes a part to the compute dtype
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,17 +118,75 @@ def pack(q: Tensor, bits: int) -> Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def dequantize(codes: Tensor, scales: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The inverse of ``quantize``: codes [n, d * bits / 8] (uint8, or any view of those bytes), scales [n, groups]
-    -> w [n, d] in ``dtype``."""
+def dequantize(codes: Tensor, scales: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32,
+               offsets: Optional[Tensor] = None) -> Tensor:
+    """The inverse of ``quantize`` (and, with ``offsets``, of ``quantize_asym``): codes [n, d * bits / 8] (uint8, or
+    any view of those bytes), scales [n, groups], offsets int8 [n, groups] -> w [n, d] in ``dtype``."""
     n = codes.shape[0]
     if bits == 8:
         q = codes.view(torch.int8)
     else:
         q = torch.stack((codes & 15, codes >> 4), dim=-1).view(n, 2 * codes.shape[1]).view(torch.int8) - 8
     d = q.shape[1]
-    w = q.view(n, d // group_size, group_size).to(dtype) * scales.to(dtype).unsqueeze(-1)
+    s = scales.to(dtype).unsqueeze(-1)
+    w = q.view(n, d // group_size, group_size).to(dtype) * s
+    if offsets is not None:
+        w = w + offsets.view(torch.int8).to(dtype).unsqueeze(-1) * (s / OFFSET_UNITS)
     return w.view(n, d)
+
+
+# ----------------------------------------------------------------------------- asymmetric int4 (gate and up rows)
+#
+# A group of an asymmetric part: codes n in [0, 15] (stored as the symmetric ones are), a float16 scale s and an int8
+# offset z: w = s * (n - 8) + s * z / 16. That is Q4_1's grid (w = n * d + m, the form of SmolLM2's GGUF) with
+# d = s and m = s * (z / 16 - 8), the minimum kept to a sixteenth of a step (one byte instead of Q4_1's float16 two):
+# a Q4_1 group comes back within s / 32 of its values. Only the parts the FFN takes dot products with (gate, up) may
+# be asymmetric (``layout.ASYM_PARTS``): an offset adds s * z / 16 * sum(x over the group) to x . w.
+
+OFFSET_UNITS = 16
+
+
+def quantize_asym(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """w [n, d] -> (codes uint8 [n, d / 2], scales float16 [n, groups], offsets int8 [n, groups]) on the asymmetric
+    int4 grid (above): per group the range [min, max] (shrunk about its middle by the ratio of ``CLIP_RATIOS`` with
+    the least squared error) spread over the 16 codes. A group already on a 4-bit asymmetric grid that uses its
+    lowest and highest codes (a Q4_1 block) gets its own step back exactly."""
+    n, d = w.shape
+    check_shape(n, d, 4, group_size)
+    g = w.detach().float().reshape(n, d // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+
+    def grid(r: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # (codes - 8, scales, offsets, squared error)
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * r
+        s = (2 * half / 15).to(SCALE_DTYPE)
+        sf = s.float()
+        safe = torch.where(sf == 0, torch.ones_like(sf), sf)
+        z = torch.round((mid - half + 8 * sf) / safe * OFFSET_UNITS).clamp_(-128, 127)
+        off = (sf * z / OFFSET_UNITS)[..., None]
+        q = torch.round((g - off) / safe[..., None]).clamp_(-8, 7)
+        return q, s, z, (g - q * sf[..., None] - off).square().sum(-1)
+
+    best_q, best_s, best_z, best_err = grid(CLIP_RATIOS[0])
+    for r in CLIP_RATIOS[1:]:
+        q, s, z, err = grid(r)
+        better = err < best_err
+        best_q = torch.where(better[..., None], q, best_q)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return pack(best_q.to(torch.int8).reshape(n, d), 4), best_s.contiguous(), best_z.to(torch.int8).contiguous()
+
+
+def on_asym_grid(w: Tensor, group_size: int, tol: float = 1e-6) -> bool:
+    """Whether w [n, d] already sits on 4-bit asymmetric grids of ``group_size`` (a Q4_1 source: SmolLM2's GGUF), so
+    that ``quantize_asym`` keeps it to a sixteenth of a step where ``quantize`` would round it again."""
+    n, d = w.shape
+    if d % group_size or d < group_size:
+        return False
+    g = w.detach().float().reshape(n, d // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((hi - lo) / 15).clamp_min(1e-30)
+    q = (g - lo) / step
+    return bool(((q - q.round()).abs() * step <= tol * g.abs().amax().clamp_min(1e-30)).all())
 
 
 def error_bound(w: Tensor, bits: int, group_size: int) -> Tensor:
@@ -142,18 +201,33 @@ def error_bound(w: Tensor, bits: int, group_size: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------- FFN rows (ffn.bin)
 
 
-def encode_part(w: Tensor | tuple[Tensor, Tensor], bits: int, group_size: int) -> Tensor:
-    """One part of every row: w [n, d], or its (codes, scales) already quantized (``gptq``) -> uint8 [n, part_bytes]
-    (codes, then the float16 scales' bytes)."""
-    codes, scales = w if isinstance(w, tuple) else quantize(w, bits, group_size)
-    return torch.cat([codes, scales.view(torch.uint8)], dim=1)
+def encode_part(w: Tensor | tuple[Tensor, ...], bits: int, group_size: int, asym: bool = False) -> Tensor:
+    """One part of every row: w [n, d], or its (codes, scales[, offsets]) already quantized (``gptq``,
+    ``quantize_asym``) -> uint8 [n, part_bytes] (codes, then the float16 scales' bytes, then an asymmetric part's
+    int8 offsets, padded to an even count)."""
+    if isinstance(w, tuple):
+        enc = w
+    else:
+        enc = quantize_asym(w, group_size) if asym else quantize(w, bits, group_size)
+    if asym != (len(enc) == 3):
+        raise ValueError("an asymmetric part needs (codes, scales, offsets), a symmetric one (codes, scales)")
+    out = [enc[0], enc[1].view(torch.uint8)]
+    if asym:
+        off = enc[2].view(torch.uint8)
+        out += [off, torch.zeros(off.shape[0], off.shape[1] % 2, dtype=torch.uint8)]
+    return torch.cat(out, dim=1)
 
 
-def encode_rows(parts: list[Tensor] | list[tuple[Tensor, Tensor]], layout: FlashLayout, stride_bytes: int) -> Tensor:
-    """Rows of one segment: the parts [n, d] each (in the segment's order), or their (codes, scales) -> uint8
-    [n, stride_bytes] (zero padded)."""
+def encode_rows(parts: Sequence[Tensor | tuple[Tensor, ...]], layout: FlashLayout, stride_bytes: int,
+                names: Optional[tuple[str, ...]] = None) -> Tensor:
+    """Rows of one segment: the parts [n, d] each (in the segment's order, named ``names``: the segment's parts, for
+    the layout's asymmetric ones), or their (codes, scales[, offsets]) -> uint8 [n, stride_bytes] (zero padded)."""
     n = parts[0][0].shape[0] if isinstance(parts[0], tuple) else parts[0].shape[0]
-    enc = [encode_part(p, layout.bits, layout.group_size) for p in parts]
+    if names is None:
+        if layout.asym_parts:
+            raise ValueError("encode_rows on a layout with asymmetric parts needs the parts' names")
+        names = ("",) * len(parts)
+    enc = [encode_part(p, layout.bits, layout.group_size, name in layout.asym_parts) for p, name in zip(parts, names)]
     out = torch.zeros(n, stride_bytes, dtype=torch.uint8)
     row = torch.cat(enc, dim=1)
     out[:, : row.shape[1]] = row
@@ -177,7 +251,8 @@ def part_rows(layout: FlashLayout, rows: list[Tensor], part: str, start: int, n:
     groups = d // layout.group_size
     codes = r[:, off : off + cb]
     scales = r[:, off + cb : off + cb + 2 * groups].view(SCALE_DTYPE)  # byte offsets even: a float16 view
-    return dequantize(codes, scales, layout.bits, layout.group_size, dtype)
+    offsets = r[:, off + cb + 2 * groups : off + cb + 3 * groups] if part in layout.asym_parts else None
+    return dequantize(codes, scales, layout.bits, layout.group_size, dtype, offsets)
 
 
 def compute_layout(layout: FlashLayout, dtype: str) -> FlashLayout:

@@ -122,6 +122,7 @@ class _Parts(NamedTuple):
     dtype_code: int  # float rows: ``DTYPE_CODES``; -1: quantized
     bits: int  # quantized rows: 8 or 4
     group_size: int
+    asym: int = 0  # int4: bit 0, a's parts asymmetric (an offset per group: ``quant``); bit 1, u's
 
 
 class NativeRows:
@@ -170,8 +171,10 @@ class NativeRows:
             rows = store.rows
             if su != sa or any(r.dtype != torch.uint8 or r.stride(1) != 1 for r in rows):
                 raise ValueError("the native step needs quantized rows as uint8, gate and up in one segment")
+            asym = int(("gate" if self.gated else "up") in lay.asym_parts) | (2 * int(self.gated and "up" in lay.asym_parts))
             p = _Parts(rows[sa].data_ptr() + oa, rows[su].data_ptr() + ou if self.gated else 0,
-                       rows[sd].data_ptr() + od, rows[sa].stride(0), rows[sd].stride(0), -1, lay.bits, lay.group_size)
+                       rows[sd].data_ptr() + od, rows[sa].stride(0), rows[sd].stride(0), -1, lay.bits, lay.group_size,
+                       asym)
         else:
             a = store.view("gate" if self.gated else "up")
             u = store.view("up") if self.gated else None
@@ -201,7 +204,7 @@ class NativeRows:
         if p.dtype_code < 0:
             rc = self._fn_q(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.bits,
                             p.group_size, array_address(rows), array_address(ids), n, self._bias_ptr, mptr, mstride, self.kind,
-                            self.threshold, self.on_act, y.data_ptr(), self.threads)
+                            self.threshold, self.on_act, y.data_ptr(), self.threads, p.asym)
         else:
             rc = self._fn(x.data_ptr(), x.shape[0], d, p.a, p.u, p.down, p.stride, p.stride_down, p.dtype_code,
                           array_address(rows), array_address(ids), n, self._bias_ptr, mptr, mstride, self.kind, self.threshold,

@@ -166,8 +166,8 @@ def _quantized_store(lay: FlashLayout, cap: int, seed: int) -> RowStore:
     g = torch.Generator().manual_seed(seed)
     store = RowStore(lay, cap, torch.float32)
     for seg, rows in zip(lay.segments, store.rows):
-        parts = [torch.randn(cap, lay.d_model, generator=g) * 0.3 for _ in seg.parts]
-        rows.copy_(encode_rows(parts, lay, seg.stride_bytes))
+        parts = [torch.randn(cap, lay.d_model, generator=g) * 0.3 + 0.05 for _ in seg.parts]  # (offsets nonzero)
+        rows.copy_(encode_rows(parts, lay, seg.stride_bytes, seg.parts))
     return store
 
 
@@ -193,17 +193,21 @@ def _reference(store: RowStore, x, slots, ids, bias, mask, activation, threshold
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4a"])  # int4a: gate and up rows asymmetric (``quant``)
 @pytest.mark.parametrize("group", [32, 64, 8])  # 8: the kernel's plain loops (a group's codes under 16 bytes)
 @pytest.mark.parametrize("activation,threshold", [("relu", None), ("silu", 0.05)])
 def test_quantized_kernel_equals_the_python_path(dtype, group, activation, threshold):
-    """Quantized rows (int8, int4; groups of 32, 64 and 8; gated and plain, bundled and not): the kernel, which
-    dequantizes inside its dot products, equals the Python path's dequantize-then-matmul within float32 rounding:
-    a slot list with gaps, a bias, a gate mask, one and three tokens, one and two threads."""
+    """Quantized rows (int8, int4, int4 with asymmetric gate and up rows; groups of 32, 64 and 8; gated and plain,
+    bundled and not): the kernel, which dequantizes inside its dot products, equals the Python path's
+    dequantize-then-matmul within float32 rounding: a slot list with gaps, a bias, a gate mask, one and three tokens,
+    one and two threads."""
     d, n_ffn, cap = 128, 160, 96
+    asym = ("gate", "up") if dtype == "int4a" else ()
+    dtype = dtype.rstrip("a")
     for gated in (True, False):
         for bundled in (True, False):
-            lay = FlashLayout.build(1, d, n_ffn, gated, dtype, bundled=bundled, group_size=group)
+            lay = FlashLayout.build(1, d, n_ffn, gated, dtype, bundled=bundled, group_size=group, asym_parts=asym)
+            assert bool(lay.asym_parts) == bool(asym)
             store = _quantized_store(lay, cap, seed=group + gated + 2 * bundled)
             g = torch.Generator().manual_seed(7)
             slots = np.sort(np.random.default_rng(group).choice(cap, 80, replace=False)).astype(np.int64)
@@ -273,11 +277,14 @@ def quant_dirs(flash_dirs):
                                        calibration_tokens=512 if name == "silu" else 0, gptq_tokens=512)
     out["llama", "int4g64"] = convert(str(root / "llama"), root / "llama-int4g64", dtype="int4", group_size=64,
                                       progress=False, calibration_tokens=0)
+    out["llama", "int4a"] = convert(str(root / "llama"), root / "llama-int4a", dtype="int4", int4_gate_up="asym",
+                                    progress=False, calibration_tokens=512, gptq_tokens=512)
+    assert open_flash_dir(out["llama", "int4a"]).layout.asym_parts == ("gate", "up")
     return out
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", ["int8", "int4", "int4g64"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4g64", "int4a"])
 @pytest.mark.parametrize("name,kw", [
     ("llama", {"mode": "oracle", "window": 2}),
     ("opt", {"mode": "oracle", "window": 1}),
@@ -290,7 +297,7 @@ def test_native_on_quantized_rows_equals_the_python_path_and_dense(quant_dirs, d
     """Quantized directories with the native step on: the Python path's tokens and log-probabilities (within 1e-5),
     and dense's tokens at the same dtype."""
     if (name, dtype) not in quant_dirs:
-        pytest.skip("int4 g64: the llama only")
+        pytest.skip("int4 g64 and asymmetric int4: the llama only")
     path = quant_dirs[name, dtype]
     kw = dict(kw)
     if kw["mode"] == "hybrid":

@@ -469,3 +469,95 @@ def test_quantized_on_cuda_every_mode_gives_its_dense_tokens(qdirs, dtype, tmp_p
         for mode in ("naive", "hybrid", "oracle"):
             assert _gen(path, mode, device="cuda").tokens == ref, mode
         assert _gen(path, "oracle", device="cuda", cache_form="compute").tokens == ref
+
+
+# ------------------------------------------------------------------------------ asymmetric int4 (gate and up rows)
+
+
+def _q4_1(n: int, d: int, seed: int, group: int = 32) -> torch.Tensor:
+    """Weights on Q4_1 grids (SmolLM2's GGUF): per group of ``group`` a float16 step d and minimum m, codes 0-15 with
+    both ends used: w = q * d + m."""
+    g = torch.Generator().manual_seed(seed)
+    step = (torch.rand(n, d // group, generator=g) * 0.02 + 1e-3).half().float()
+    low = (-(torch.rand(n, d // group, generator=g) * 12 + 1) * step).half().float()
+    q = torch.randint(0, 16, (n, d // group, group), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (q * step[..., None] + low[..., None]).reshape(n, d)
+
+
+def test_asymmetric_int4_keeps_q4_1_blocks_and_fits_smollm2_in_1024_bytes():
+    from llmflash.layout import FlashLayout
+    from llmflash.quant import dequantize, encode_rows, on_asym_grid, quantize_asym
+
+    w = _q4_1(48, 128, seed=1)
+    assert on_asym_grid(w, 32) and not on_asym_grid(torch.randn(48, 128), 32)
+    codes, scales, offsets = quantize_asym(w, 32)
+    assert codes.shape == (48, 64) and scales.dtype == torch.float16 and offsets.dtype == torch.int8
+    step = (w.view(48, 4, 32).amax(-1) - w.view(48, 4, 32).amin(-1)) / 15
+    assert torch.equal(scales.float(), step)  # the source's own step
+    back = dequantize(codes, scales, 4, 32, offsets=offsets)
+    assert ((back - w).abs() <= step.repeat_interleave(32, 1) / 32 + 1e-7).all()  # within 1/32 of a step
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))  # off-grid weights: still no worse than sym
+    rel = lambda b: float((b - x).norm() / x.norm())  # noqa: E731
+    c, s, z = quantize_asym(x, 32)
+    assert rel(dequantize(c, s, 4, 32, offsets=z)) < rel(dequantize(*quantize(x, 4, 32), 4, 32))
+    # SmolLM2's bundle: gate and up asymmetric (288 + 36 + 18 bytes each), down symmetric (324): 1 008 -> 1 024
+    lay = FlashLayout.build(30, 576, 1536, True, "int4", True, group_size=32, asym_parts=("gate", "up"))
+    assert lay.segments[0].row_bytes == 1008 and lay.neuron_stride_bytes == 1024
+    assert lay.locate("up") == (0, 342) and lay.locate("down") == (0, 684)
+    assert FlashLayout.from_json(lay.to_json()) == lay and "asym_parts" not in FlashLayout.build(
+        1, 64, 8, True, "int4", True, group_size=32).to_json()
+    with pytest.raises(ValueError, match="only int4 gate and up"):
+        FlashLayout.build(1, 64, 8, True, "int8", True, group_size=32, asym_parts=("gate",))
+    with pytest.raises(ValueError, match="only int4 gate and up"):
+        FlashLayout.build(1, 64, 8, True, "int4", True, group_size=32, asym_parts=("down",))
+    small = FlashLayout.build(1, 128, 8, True, "int4", True, group_size=32, asym_parts=("gate", "up"))
+    with pytest.raises(ValueError, match="names"):
+        encode_rows([w[:8]] * 3, small, small.segments[0].stride_bytes)
+
+
+def test_convert_keeps_a_q4_1_sources_gate_and_up(tmp_path, monkeypatch):
+    """``--int4-gate-up auto``: gate and up rows on Q4_1 grids are stored asymmetrically (within 1/32 of a step of the
+    source), random ones symmetrically; every mode equals dense on the asymmetric directory, the accelerator's device
+    rows too (on CPU tensors); ``sym`` and ``asym`` force the form."""
+    import numpy as np
+
+    from llmflash.quant import part_rows
+
+    model = tiny_llama(relu=True, d_model=128, d_ffn=384, seed=4)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for name in ("gate_proj", "up_proj"):
+                lin = getattr(layer.mlp, name)
+                lin.weight.copy_(_q4_1(*lin.weight.shape, seed=10 * i + len(name)))
+    src = save_tiny(model, tmp_path / "q41")
+    auto = convert(str(src), tmp_path / "auto", dtype="int4", progress=False, calibration_tokens=0)
+    fd = open_flash_dir(auto)
+    assert fd.layout.asym_parts == ("gate", "up") and "asymmetric" in fd.manifest.quantization.rounding
+    assert fd.layout.neuron_stride_bytes == 512  # 3 * (64 + 8) + 2 * 4 (+ padding): no more than symmetric rows
+    seg = fd.layout.segments[0]
+    raw = np.fromfile(fd.ffn_path, dtype=np.uint8, count=seg.stride_bytes * 384, offset=seg.layer_offsets[0])
+    rows = [torch.from_numpy(raw.reshape(384, seg.stride_bytes).copy())]
+    for part in ("gate", "up"):
+        ref = getattr(model.model.layers[0].mlp, f"{part}_proj").weight
+        step = (ref.view(384, 4, 32).amax(-1) - ref.view(384, 4, 32).amin(-1)) / 15
+        got = part_rows(fd.layout, rows, part, 0, 384, torch.float32)
+        assert ((got - ref).abs() <= step.repeat_interleave(32, 1) / 32 + 1e-7).all()
+    ref_tokens = _gen(auto, "dense").tokens
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(auto, mode).tokens == ref_tokens, mode
+    assert _gen(auto, "predictor", predictors=_all_active_predictors(auto, tmp_path / "p")).tokens == ref_tokens
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "copy_on_cpu", True)
+        for mode in ("naive", "oracle"):
+            assert _gen(auto, mode).tokens == ref_tokens, mode
+    sym = convert(str(src), tmp_path / "sym", dtype="int4", progress=False, calibration_tokens=0, int4_gate_up="sym")
+    assert open_flash_dir(sym).layout.asym_parts == ()
+    plain = save_tiny(tiny_llama(relu=True, d_model=128, d_ffn=384, seed=4), tmp_path / "plain")
+    assert open_flash_dir(convert(str(plain), tmp_path / "p-auto", dtype="int4", progress=False,
+                                  calibration_tokens=0)).layout.asym_parts == ()
+    forced = convert(str(plain), tmp_path / "p-asym", dtype="int4", progress=False, calibration_tokens=0,
+                     int4_gate_up="asym")
+    assert open_flash_dir(forced).layout.asym_parts == ("gate", "up")
+    with pytest.raises(Exception, match="int4-gate-up"):
+        convert(str(plain), tmp_path / "bad", dtype="int4", progress=False, calibration_tokens=0, int4_gate_up="x")

@@ -33,7 +33,7 @@ from ..paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4  # llmflash_step_version() of the library this loader speaks to
+ABI_VERSION = 5  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
 READER_ABI_VERSION = 4  # llmflash_reader_version()
@@ -137,7 +137,7 @@ def _load() -> ctypes.CDLL:
     f.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, p, p, i64, p, p, i64, i32, f32, i32, p, i32]
     f.restype = i32
     q = lib.llmflash_sparse_ffn_q  # group-quantized rows (int8, int4)
-    q.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, i32, p, p, i64, p, p, i64, i32, f32, i32, p, i32]
+    q.argtypes = [p, i64, i64, p, p, p, i64, i64, i32, i32, p, p, i64, p, p, i64, i32, f32, i32, p, i32, i32]
     q.restype = i32
     i8 = lib.llmflash_int8_linear  # int8 weight-only linear (resident weights), float32 activations
     i8.argtypes = [p, i64, i64, p, p, p, i64, p, i32]

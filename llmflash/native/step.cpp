@@ -249,6 +249,16 @@ inline float qdot8(const uint8_t* part, const float* x, const QShape& s) {
     return r;
 }
 
+// The offsets' term of x . w for an asymmetric int4 part (llmflash/quant.py: w = s (q - 8) + s z / 16, z int8 after
+// the scales): sum over groups of s z / 16 * (x's sum over the group), xsum [groups].
+inline float qoffsets(const uint8_t* part, const float* xsum, const QShape& s) {
+    const uint8_t* sc = part + s.code_bytes;
+    const int8_t* z = reinterpret_cast<const int8_t*>(sc + 2 * s.groups);
+    float r = 0.f;
+    for (int64_t g = 0; g < s.groups; ++g) r += scale_at(sc, g) * static_cast<float>(z[g]) * xsum[g];
+    return r * (1.f / 16.f);
+}
+
 // x . w of an int4 part; xe, xo [d / 2]: x's even and odd values (the low and high nibbles' partners).
 inline float qdot4(const uint8_t* part, const float* xe, const float* xo, const QShape& s) {
     const uint8_t* sc = part + s.code_bytes;
@@ -336,11 +346,12 @@ inline void qaxpy4(float h, const uint8_t* part, float* ye, float* yo, const QSh
 
 // Rows [lo, hi) of a quantized set into acc [T, d]: y's own order for int8; for int4 each token's y split into its
 // even values then its odd ones (xs: x split the same way), so that every loop runs over consecutive floats.
+// asym: bit 0, a's parts are asymmetric int4; bit 1, u's (xsums [T, groups]: each token's sums of x over the groups).
 template <int BITS>
 void qrows_range(const float* xs, int64_t T, const QShape& s, const uint8_t* a, const uint8_t* u, const uint8_t* down,
                  int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t lo, int64_t hi,
                  const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind, float threshold,
-                 int32_t on_act, float* acc) {
+                 int32_t on_act, float* acc, int32_t asym, const float* xsums) {
     const int64_t d = s.d, half = d / 2;
     for (int64_t r = lo; r < hi; ++r) {
         const int64_t row = rows[r], id = ids[r];
@@ -350,10 +361,16 @@ void qrows_range(const float* xs, int64_t T, const QShape& s, const uint8_t* a, 
         const float b = bias ? bias[id] : 0.f;
         for (int64_t t = 0; t < T; ++t) {
             const float* xt = xs + t * d;
+            const float* xsum = xsums ? xsums + t * s.groups : nullptr;
             float z = BITS == 8 ? qdot8(ar, xt, s) : qdot4(ar, xt, xt + half, s);
+            if (asym & 1) z += qoffsets(ar, xsum, s);
             float h = act(kind, z + b);
             if (on_act && !(std::fabs(h) > threshold)) h = 0.f;
-            if (ur && h != 0.f) h *= BITS == 8 ? qdot8(ur, xt, s) : qdot4(ur, xt, xt + half, s);
+            if (ur && h != 0.f) {
+                float v = BITS == 8 ? qdot8(ur, xt, s) : qdot4(ur, xt, xt + half, s);
+                if (asym & 2) v += qoffsets(ur, xsum, s);
+                h *= v;
+            }
             if (!on_act && threshold >= 0.f && !(std::fabs(h) > threshold)) h = 0.f;
             if (mask && !mask[t * mask_stride + id]) h = 0.f;
             if (h == 0.f) continue;
@@ -370,8 +387,15 @@ template <int BITS>
 void qrun(const float* x, int64_t T, const QShape& s, const uint8_t* a, const uint8_t* u, const uint8_t* down,
           int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t n, const float* bias,
           const uint8_t* mask, int64_t mask_stride, int32_t kind, float threshold, int32_t on_act, float* y,
-          int32_t n_threads) {
+          int32_t n_threads, int32_t asym) {
     const int64_t d = s.d, half = d / 2, td = T * d;
+    std::vector<float> xsums;  // asymmetric parts: each token's sums of x over the groups
+    if (asym) {
+        xsums.assign(static_cast<size_t>(T * s.groups), 0.f);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t k = 0; k < d; ++k) xsums[t * s.groups + k / s.G] += x[t * d + k];
+    }
+    const float* xsp = asym ? xsums.data() : nullptr;
     // x in the kernel's order (int4: even values, then odd ones, per token), and one accumulator per thread
     std::vector<float> xs_own;
     const float* xs = x;
@@ -396,12 +420,12 @@ void qrun(const float* x, int64_t T, const QShape& s, const uint8_t* a, const ui
             const int i = omp_get_thread_num(), k = omp_get_num_threads();
             const int64_t lo = n * i / k, hi = n * (i + 1) / k;
             qrows_range<BITS>(xs, T, s, a, u, down, stride, stride_down, rows, ids, lo, hi, bias, mask, mask_stride,
-                              kind, threshold, on_act, acc.data() + static_cast<size_t>(i) * td);
+                              kind, threshold, on_act, acc.data() + static_cast<size_t>(i) * td, asym, xsp);
         }
 #endif
     } else {
         qrows_range<BITS>(xs, T, s, a, u, down, stride, stride_down, rows, ids, 0, n, bias, mask, mask_stride, kind,
-                          threshold, on_act, acc.data());
+                          threshold, on_act, acc.data(), asym, xsp);
     }
     for (int i = 0; i < nt; ++i) {
         const float* p = acc.data() + static_cast<size_t>(i) * td;
@@ -478,7 +502,7 @@ void i8rows(const float* x, int64_t T, int64_t k, const int8_t* q, const float* 
 extern "C" {
 
 // Version of this ABI: the loader refuses a library of another version.
-int32_t llmflash_step_version() { return 4; }
+int32_t llmflash_step_version() { return 5; }
 
 // y [T, m] = x [T, k] @ (q [m, k] * scale[:, None]).T (+ bias [m], or NULL): int8 weights, one float32 scale per row,
 // float32 activations, accumulation and output; rows split over ``n_threads`` (OpenMP) where there are many.
@@ -529,13 +553,16 @@ int32_t llmflash_sparse_ffn(const float* x, int64_t T, int64_t d, const void* a,
 
 // The same over group-quantized rows (llmflash/quant.py): a, u, down point at the first row's part (its codes; u NULL
 // for a plain FFN), rows ``stride`` (down: ``stride_down``) BYTES apart; ``bits`` 8 or 4, ``group_size`` values per
-// float16 scale (even, dividing d). Returns 0, -1 for other bits, -2 for a group size that does not fit d.
+// float16 scale (even, dividing d); ``asym``: bit 0, a's parts are asymmetric int4 (an int8 offset per group after
+// the scales), bit 1, u's. Returns 0, -1 for other bits, -2 for a group size that does not fit d, -3 for asymmetric
+// parts that are not int4.
 int32_t llmflash_sparse_ffn_q(const float* x, int64_t T, int64_t d, const void* a, const void* u, const void* down,
                               int64_t stride, int64_t stride_down, int32_t bits, int32_t group_size, const int64_t* rows,
                               const int64_t* ids, int64_t n, const float* bias, const uint8_t* mask, int64_t mask_stride,
-                              int32_t kind, float threshold, int32_t on_act, float* y, int32_t n_threads) {
+                              int32_t kind, float threshold, int32_t on_act, float* y, int32_t n_threads, int32_t asym) {
     if (bits != 8 && bits != 4) return -1;
     if (group_size <= 0 || group_size % 2 || d % group_size) return -2;
+    if (asym && bits != 4) return -3;
     if (n <= 0) return 0;
     QShape s{d, group_size, d / group_size, d * bits / 8, group_size % (bits == 8 ? W : 2 * W) == 0};
     const uint8_t* A = static_cast<const uint8_t*>(a);
@@ -543,10 +570,10 @@ int32_t llmflash_sparse_ffn_q(const float* x, int64_t T, int64_t d, const void* 
     const uint8_t* D = static_cast<const uint8_t*>(down);
     if (bits == 8)
         qrun<8>(x, T, s, A, U, D, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act, y,
-                n_threads);
+                n_threads, 0);
     else
         qrun<4>(x, T, s, A, U, D, stride, stride_down, rows, ids, n, bias, mask, mask_stride, kind, threshold, on_act, y,
-                n_threads);
+                n_threads, asym);
     return 0;
 }
 
