@@ -217,8 +217,8 @@ def _int4_rows(rng: np.random.Generator, g: LlamaGeometry, layout: FlashLayout) 
     n_groups = g.d_model // g.group_size
     rows = np.zeros((g.d_ffn, seg.stride_bytes), dtype=np.uint8)
     scale = np.frombuffer(np.float16(WEIGHT_STD / 4.61).tobytes(), dtype=np.uint8)
-    for i in range(len(seg.parts)):
-        off = i * seg.part_bytes
+    for part in seg.parts:  # (symmetric parts: the layout builds none asymmetric here)
+        off = layout.locate(part)[1]
         rows[:, off: off + code_b] = rng.integers(0, 256, size=(g.d_ffn, code_b), dtype=np.uint8)
         rows[:, off + code_b: off + code_b + 2 * n_groups] = np.tile(scale, n_groups)
     return rows
