@@ -303,10 +303,15 @@ def test_cli_convert_int4_and_bad_dtype(qdirs, tmp_path, capsys):
                  "--calibration-tokens", "0"]) == 0
     assert "512 bytes per neuron" in capsys.readouterr().out  # 128-wide rows: 3 * (64 + 2 * 2) -> 512
     assert open_flash_dir(tmp_path / "q").layout.group_size == 64
-    with pytest.raises(SystemExit) as err:
-        main(["convert", str(src), "--out", str(tmp_path / "x"), "--dtype", "int3"])
-    assert err.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["convert", str(src), "--out", str(tmp_path / "a"), "--dtype", "int4", "--int4-gate-up", "asym",
+                 "--calibration-tokens", "0"]) == 0
+    assert open_flash_dir(tmp_path / "a").layout.asym_parts == ("gate", "up")
+    capsys.readouterr()
+    for bad in (["--dtype", "int3"], ["--dtype", "int4", "--int4-gate-up", "q4"]):
+        with pytest.raises(SystemExit) as err:
+            main(["convert", str(src), "--out", str(tmp_path / "x"), *bad])
+        assert err.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # GPTQ on a chosen number of tokens, recorded in the manifest; a negative count is one line
     assert main(["convert", str(src), "--out", str(tmp_path / "g"), "--dtype", "int4", "--calibration-tokens", "64",
                  "--gptq-tokens", "128"]) == 0
