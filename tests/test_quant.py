@@ -502,6 +502,11 @@ def test_asymmetric_int4_keeps_q4_1_blocks_and_fits_smollm2_in_1024_bytes():
 
     w = _q4_1(48, 128, seed=1)
     assert on_asym_grid(w, 32) and not on_asym_grid(torch.randn(48, 128), 32)
+    few = w.clone()
+    few[0, :32] = torch.randn(32)  # one group in 192 off its grid: still a Q4_1 source; one in 4 is not
+    assert on_asym_grid(few, 32) and not on_asym_grid(few, 32, min_fraction=1.0)
+    few[::4, :32] = torch.randn(12, 32)
+    assert not on_asym_grid(few, 32)
     codes, scales, offsets = quantize_asym(w, 32)
     assert codes.shape == (48, 64) and scales.dtype == torch.float16 and offsets.dtype == torch.int8
     step = (w.view(48, 4, 32).amax(-1) - w.view(48, 4, 32).amin(-1)) / 15
