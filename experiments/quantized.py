@@ -217,13 +217,14 @@ def flash_dirs(args) -> dict[str, Path]:
         gptq = label.endswith("-gptq")
         asym = label.startswith("int4a")
         try:
-            m = open_flash_dir(path).manifest
+            fd = open_flash_dir(path)
+            m = fd.manifest
             q = m.quantization
             ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
             ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
             ok = ok and (not gptq or q is not None and q.rounding.startswith(f"gptq:{GPTQ_TOKENS}:"))
             ok = ok and (dtype != "int4" or q is not None and INT4_CODES in q.rounding)  # today's int4 codes
-            ok = ok and bool(open_flash_dir(path).layout.asym_parts) == asym
+            ok = ok and bool(fd.layout.asym_parts) == asym
         except LLMFlashError:
             ok = False
         if not ok:

@@ -11,7 +11,7 @@ import torch
 
 from .cache_policy import POLICIES
 from .convert import DTYPES as CONVERT_DTYPES
-from .convert import GPTQ_TOKENS, RESIDENT_DTYPES
+from .convert import GPTQ_TOKENS, INT4_GATE_UP, RESIDENT_DTYPES
 from .demo import DEMO_MODELS
 from .engine import CACHE_FORMS, MODES, PREDICTOR_DTYPES, Engine, EngineConfig, GenerationResult
 from .errors import LLMFlashError
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "float32)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES, metavar="G",
                    help="int8/int4: values per scale along d_model (32 or 64)")
-    p.add_argument("--int4-gate-up", default="auto", choices=("auto", "sym", "asym"),
+    p.add_argument("--int4-gate-up", default="auto", choices=INT4_GATE_UP,
                    help="int4: gate and up rows symmetric, asymmetric (an offset per group, like Q4_1) or auto "
                         "(asymmetric where they already sit on 4-bit asymmetric grids: a Q4_1 GGUF's are kept)")
     p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
