@@ -1,4 +1,5 @@
-"""Cache policies at equal DRAM: the paper's sliding window, LRU, and a PowerInfer-style pinned hot set + window.
+"""Cache policies at equal DRAM: the paper's sliding window, LRU, a PowerInfer-style pinned hot set + window, and LFU
+(decayed use counts with admission: ``llmflash.cache_policy.LFUPolicy``).
 
 Every policy runs with the same ``--dram-budget`` (so the same cache rows per layer: the budget planner does not look
 at the policy) on the same prompt; per policy: hit rate, misses (neurons read from flash), evictions, bytes read and
@@ -21,7 +22,7 @@ import common
 from engine_runs import n_tokens, real_cfg, run
 
 FIXED_PROMPT = "The history of the printing press begins in the fifteenth century, when"  # --flash-dir runs
-METRICS = ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_read_per_token", "loaded_neurons_per_token",
+METRICS = ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_read_per_token", "reads_per_token", "loaded_neurons_per_token",
            "cache_hits_per_token", "cache_misses_per_token", "cache_evictions_per_token", "cache_hit_rate")
 
 
@@ -33,6 +34,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot)")
     p.add_argument("--hot-tokens", type=int, default=64, help="hot: calibration tokens that choose the hot sets")
     p.add_argument("--flash-dir", default=None, help="run this flash directory in oracle mode instead of the real model")
+    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8"),
+                   help="real model: its resident weights as converted (auto: float32) or in int8 (the demo's and "
+                        "Table 3's directory)")
     args = p.parse_args()
     prompt = None  # the real model: the standard held-out prompt (``common.prompt_ids``)
     if args.flash_dir:
@@ -41,7 +45,7 @@ def main() -> None:
         n, warmup = 8, 1
         prompt = open_flash_dir(args.flash_dir).tokenizer()(FIXED_PROMPT, return_tensors="pt").input_ids[0]
     else:
-        setup = common.real_setup(args.model)
+        setup = common.real_setup(args.model, resident_dtype=args.resident_dtype)
         base = real_cfg(setup, setup["sparse_mode"], dram_budget=args.budget, window=args.window)
         n, warmup = n_tokens(args.quick, "real", setup["sparse_mode"])
     n = args.tokens or n

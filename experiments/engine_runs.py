@@ -259,9 +259,14 @@ ROWS = {
     "ours": "hybrid + predictor + window k=5 + bundling (ours)",
     "ours_coact": "ours + co-activation order (Ripple-style, beyond the paper)",
     "ours_coact_hot": "ours + co-activation order + pinned hot set (PowerInfer-style cache policy, beyond the paper)",
+    "ours_lfu": "ours with the LFU cache policy (decayed use counts, admission; beyond the paper)",
+    "ours_coact_lfu": "ours + co-activation order + the LFU cache policy (beyond the paper)",
     "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
     "ours_python": "ours, Python path (no native step, Python reader threads: the reference)",
 }
+
+
+COACT_ROWS = ("ours_coact", "ours_coact_hot", "ours_coact_lfu")  # rows on the file reordered by co-activation
 
 
 def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
@@ -308,11 +313,11 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_uring"] = False
     if row == "ours_python":
         extra["native"] = False
-    if row in ("ours_coact", "ours_coact_hot") and scale:
+    if row in COACT_ROWS and scale:
         raise ValueError(f"the co-activation order needs real activations: the scale model has no {row} row")
-    if row == "ours_coact_hot":
-        extra["cache_policy"] = "hot"
-    directory = flash_dir or (real_coact_dir(setup, quick) if row in ("ours_coact", "ours_coact_hot") else setup["flash_dir"]
+    if row in ("ours_coact_hot", "ours_lfu", "ours_coact_lfu"):
+        extra["cache_policy"] = "hot" if row == "ours_coact_hot" else "lfu"
+    directory = flash_dir or (real_coact_dir(setup, quick) if row in COACT_ROWS else setup["flash_dir"]
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
     kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share,

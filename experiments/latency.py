@@ -3,8 +3,11 @@ the model in DRAM (dense: everything in DRAM, the reference): dense, naive, hybr
 window k=5 + bundling) with two engine variants beside it (issue 15): ours_python (the Python path: no native step,
 Python reader threads; the reference the native parts must equal) and ours_lookahead (layer l + 1's guessed rows read
 while layer l computes), and for the real model ours_coact (ours on the file reordered by co-activation, beyond the
-paper: see experiments/ablation.py) and ours_coact_hot (that file with PowerInfer's cache policy: each layer's most
-often needed neurons, counted at engine start, pinned in half its cache rows, the window managing the rest). Times
+paper: see experiments/ablation.py), ours_coact_hot (that file with PowerInfer's cache policy: each layer's most
+often needed neurons, counted at engine start, pinned in half its cache rows, the window managing the rest), and
+ours_lfu / ours_coact_lfu (the LFU cache policy: decayed use counts, a newcomer entering only in place of a neuron worth
+less; ``llmflash.cache_policy.LFUPolicy``). Each row's I/O floor (``floor_ms``, computed): its reads at the disk's
+profiled throughput for their sizes (results/profile_io); ``x_floor`` = ms per token / floor. Times
 are medians over generated tokens (after a warm-up of the window for the
 sparse mode), added serially as in the paper: total = I/O + memory management + compute. This machine's disk and CPU
 drift by up to 1.5x within minutes, so for the real model naive and the sparse rows are also measured again
@@ -28,7 +31,9 @@ import common
 import engine_runs
 
 # ours' engine variants (issue 15) beside it: the Python path (the reference) and lookahead
-ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot"]
+ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot", "ours_lfu",
+         "ours_coact_lfu"]
+REAL_ONLY = ("ours_coact", "ours_coact_hot", "ours_lfu", "ours_coact_lfu")  # rows the scale model does not run
 PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
     "naive": (2196, 0, 986, 3182), "ours": (105, 58, 506, 669),
 }
@@ -63,7 +68,7 @@ def main() -> None:
     for setup in setups:
         runs = {}
         for key in ORDER:
-            if key in ("ours_coact", "ours_coact_hot") and "geometry" in setup:
+            if key in REAL_ONLY and "geometry" in setup:
                 continue
             if key == "dense" and "geometry" in setup:
                 need = open_model_bytes(setup) + (4 << 30)
@@ -97,7 +102,10 @@ def main() -> None:
                          "predictor_ms": s["predictor_ms"], "tokens_per_s": s["tokens_per_s"],
                          "speedup_vs_naive": naive / s["ms_per_token"], "dram_fraction": r["dram_fraction"],
                          "gb_read_per_token": s["bytes_read_per_token"] / 1e9, "read_gbps": s["read_gbps"],
-                         "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"],
+                         "read_efficiency": s.get("read_efficiency"), "reads_per_token": s["reads_per_token"],
+                         "floor_ms": s.get("computed_io_ms"),
+                         "x_floor": s["ms_per_token"] / s["computed_io_ms"] if s.get("computed_io_ms") else None,
+                         "tokens_measured": s["tokens_measured"],
                          "label": "measured", "shared_from": r.get("shared_from"),
                          **({"speedup_median_of_repeats": statistics.median(ratios[key]),
                              "speedup_min_of_repeats": min(ratios[key]), "speedup_max_of_repeats": max(ratios[key]),
@@ -113,7 +121,7 @@ def main() -> None:
                   f"{r['compute_ms']:>8.1f}  total {r['total_ms']:>9.1f} ms  ({r['speedup_vs_naive']:.1f}x vs naive{rep})")
 
 
-SPARSE_ROWS = ("ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot")
+SPARSE_ROWS = ("ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot", "ours_lfu", "ours_coact_lfu")
 
 
 def repeated_speedups(setup: dict, runs: dict, args, table) -> dict[str, list[float]]:
@@ -161,6 +169,9 @@ def plot(rows: list[dict], png) -> None:
             rep = f"\n(median of {r['repeats']}: {r['speedup_median_of_repeats']:.1f}x)" if "repeats" in r else ""
             ax.annotate(f"{r['total_ms']:,.0f} ms\n{r['speedup_vs_naive']:.1f}x{rep}", (x[i], bottom[i]),
                         textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        floors = [(x[i], r["floor_ms"]) for i, r in enumerate(rs) if r.get("floor_ms")]
+        if floors:
+            ax.plot(*zip(*floors), "k_", ms=16, mew=2, label="I/O floor (computed: reads at the profiled GB/s)")
         ax.set_xticks(x)
         ax.set_xticklabels([r["method"].replace("_", "\n") for r in rs])
         ax.set_ylabel("latency per token (ms, median)")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cache_policy import CachePolicy, HotPolicy, LRUPolicy, WindowPolicy
+from .cache_policy import CachePolicy, HotPolicy, LFUPolicy, LRUPolicy, WindowPolicy
 from .layout import FlashLayout
 from .native import cache_library
 from .quant import part_rows, storage_dtype
@@ -218,6 +218,7 @@ class NeuronCache:
         if self._native is not None and type(self.policy) in _NATIVE_POLICIES \
                 and (self._filled or not self.policy.preload().size):
             return self._update_native(need, step, evict, lookup)
+        self.policy.touch(need, self.last, step)
         self.last[need] = step
         deleted = 0
         if evict:
@@ -232,16 +233,26 @@ class NeuronCache:
             extra = np.setdiff1d(pre[self.slot[pre] < 0], missing)
             self._filled = True
         free = self.free.size
+        worth = self.policy.value(missing) if missing.size > free else None
+        if worth is not None:  # the most valuable newcomers first (ties: lower id)
+            missing = missing[np.lexsort((missing, -worth))]
         if evict and missing.size > free:  # over capacity: drop what the policy lets go, first to go first
             used = self._used
             candidates = self.policy.evictable(self.ids[used], self.last, step)
             k = min(missing.size - free, candidates.size)
+            if worth is not None and k:  # a cached neuron goes only for a newcomer worth more (admission)
+                held, coming = self.policy.value(self.ids[used[candidates[:k]]]), self.policy.value(missing[free : free + k])
+                assert held is not None and coming is not None
+                beats = held < coming
+                k = k if beats.all() else int(np.argmin(beats))
             if k:
                 deleted += k
                 self._free_slots(used[candidates[:k]])
             free = self.free.size
         ready = self._used
         load, overflow = missing[:free], missing[free:]
+        if worth is not None:
+            load, overflow = np.sort(load), np.sort(overflow)
         if extra.size and load.size < free:
             load = np.union1d(load, extra[: free - load.size])
         dest, self.free = self.free[: load.size], self.free[load.size :]
@@ -275,15 +286,20 @@ class NeuronCache:
         if self._bound is None or self._bound[0] is not self.policy:  # (the engine may set a policy after start)
             pinned = getattr(self.policy, "pinned", None)
             pinned = None if pinned is None else np.ascontiguousarray(pinned, dtype=np.uint8)
-            self._bound = (self.policy, 1 if isinstance(self.policy, LRUPolicy) else 0,
-                           getattr(self.policy, "window", 0), pinned, 0 if pinned is None else array_address(pinned))
+            code = 2 if isinstance(self.policy, LFUPolicy) else 1 if isinstance(self.policy, LRUPolicy) else 0
+            self._bound = (self.policy, code, getattr(self.policy, "window", 0), pinned,
+                           0 if pinned is None else array_address(pinned))
         _, code, window, _, pinned_ptr = self._bound
+        lfu = self.policy if code == 2 else None
+        assert lfu is None or isinstance(lfu, LFUPolicy)
+        score_ptr, inc = (0, 0.0) if lfu is None else (array_address(lfu.score), lfu.increment(step))
         ids_p, slot_p, last_p, free_p = self._state_ptrs
         lens = self._lens_ptr
         assert self._native is not None
         rc = self._native(step, int(evict), code, window, pinned_ptr,
                           self.capacity, ids_p, slot_p, last_p, free_p, lens, self._used_ptr, lens + 8,
-                          array_address(need), n, base, base + 8 * n, base + 16 * n, base + 24 * n, self._counts_ptr)
+                          array_address(need), n, base, base + 8 * n, base + 16 * n, base + 24 * n, self._counts_ptr,
+                          score_ptr, inc)
         if rc != 0:
             raise RuntimeError(f"native cache update failed ({rc})")
         n_load, n_over, n_ready, deleted, n_missing = self._counts.tolist()
@@ -317,6 +333,7 @@ class NeuronCache:
         self.count = self._used.size
 
     def clear(self) -> None:
+        self.policy.reset()
         self.slot[self.ids[self._used]] = -1
         self.ids[:] = -1
         self.last[:] = NEVER
@@ -330,7 +347,7 @@ class NeuronCache:
             self._sync_views()
 
 
-_NATIVE_POLICIES = (WindowPolicy, LRUPolicy, HotPolicy)  # the policies native/cache.cpp implements
+_NATIVE_POLICIES = (WindowPolicy, LRUPolicy, HotPolicy, LFUPolicy)  # the policies native/cache.cpp implements
 
 
 def split_rows(total_rows: int, weights: list[float], cap: int, floor: int) -> list[int]:

@@ -126,8 +126,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the model's weight bytes the engine may hold, in (0, 1]")
     p.add_argument("--window", type=int, default=5, metavar="K", help="sliding window in tokens (paper: 4-5)")
     p.add_argument("--cache-policy", default="window", choices=POLICIES,
-                   help="sparse modes: which neurons the caches keep: window (the paper's), lru, or hot (a hot set "
-                        "pinned, measured on a short calibration text at start, plus the window)")
+                   help="sparse modes: which neurons the caches keep: window (the paper's), lru, hot (a hot set "
+                        "pinned, measured on a short calibration text at start, plus the window) or lfu (the neurons "
+                        "needed most often lately, use counts decaying per token)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="reader threads (parallel reads in flight; with io_uring, where the kernel allows it, at least "
                         "128 are in flight from one thread; 0 = auto: fit the free cores)")

@@ -5,7 +5,8 @@ Embeddings, attention and norms are resident (loaded once with direct I/O). Each
 - ``ResidentFFN`` (``DenseFFN`` over weights read once into DRAM): ``dense`` mode; the layers that fit in ``hybrid``;
 - ``StreamedFFN``: the whole layer read through a staging buffer every token: ``naive``; the rest of ``hybrid``;
 - ``SparseFFN``: only the active neurons, kept in a ``NeuronCache`` whose membership a ``CachePolicy`` decides
-  (``EngineConfig.cache_policy``: the paper's sliding window by default, LRU, or a pinned hot set plus the window);
+  (``EngineConfig.cache_policy``: the paper's sliding window by default, LRU, a pinned hot set plus the window, or
+  decayed use counts);
   the active set comes from an ``ActiveSetProvider`` (``oracle``: the true set; ``predictor``: trained low-rank
   predictors).
 
@@ -165,7 +166,8 @@ class EngineConfig:
     # "lru" (the most recently used up to the cache's rows) or "hot" (PowerInfer-style: the layer's most frequently
     # needed neurons, counted by running this engine's own active-set provider over ``HOT_CALIBRATION_TEXT`` at start
     # (``hot_calibration_tokens`` decode steps, no extra weights loaded), pinned in ``hot_fraction`` of its cache rows;
-    # the window manages the rest)
+    # the window manages the rest) or "lfu" (decayed use counts: the neurons needed most often lately stay, and a
+    # newcomer enters only in place of one worth less: ``cache_policy.LFUPolicy``)
     cache_policy: str = "window"
     hot_fraction: float = 0.5
     hot_calibration_tokens: int = 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmflash.cache import NeuronCache
-from llmflash.cache_policy import HotPolicy, LRUPolicy, WindowPolicy, hot_sets, make_policy
+from llmflash.cache_policy import HotPolicy, LFUPolicy, LRUPolicy, WindowPolicy, hot_sets, make_policy
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import LLMFlashError
@@ -22,7 +22,7 @@ from tiny import save_tiny_models
 
 BIG = 8.0
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
-POLICIES = ("window", "lru", "hot")
+POLICIES = ("window", "lru", "hot", "lfu")
 
 
 def _cache(capacity: int, policy) -> NeuronCache:
@@ -71,6 +71,36 @@ def test_hot_set_is_pinned_and_the_window_manages_the_rest():
         assert {7, 8} <= _cached(cache)
     cache.clear()  # emptied: the hot set comes back with the next fill
     assert cache.update(_ids(3), 30).load_ids.tolist() == [3, 7, 8]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_lfu_keeps_the_often_needed_and_admits_only_newcomers_worth_more(native):
+    cache = NeuronCache(FlashLayout.build(1, 16, 64, True, "float32", True), 3, window=2, dtype=torch.float32,
+                        policy=LFUPolicy(64, decay=0.9), native=native)
+    for step in range(3):  # 0 and 1 needed three times, 2 once (worth 0.9 ** 3 + 0.9 ** 2 + 0.9 and 0.9 ** 3 at step 3)
+        cache.update(_ids(0, 1) if step else _ids(0, 1, 2), step)
+    assert _cached(cache) == {0, 1, 2}
+    upd = cache.update(_ids(5, 9), 3)  # full: 2 (0.73) makes room for one newcomer (1); 0 and 1 (2.44) stay
+    assert upd.deleted == 1 and upd.load_ids.tolist() == [5] and upd.overflow_ids.tolist() == [9]
+    assert _cached(cache) == {0, 1, 5} and (upd.hits, upd.misses) == (0, 2)
+    upd = cache.update(_ids(9), 4)  # 9 (0.9 + 1) now beats 5 (0.9): 5 goes, not 0 or 1 (2.2)
+    assert upd.deleted == 1 and upd.load_ids.tolist() == [9] and _cached(cache) == {0, 1, 9}
+    upd = cache.update(_ids(7), 5)  # a newcomer (1) beats nothing cached (9: 1.71, 0 and 1: 1.98): it overflows
+    assert upd.deleted == 0 and upd.overflow_ids.tolist() == [7] and _cached(cache) == {0, 1, 9}
+    cache.clear()  # a new sequence: nothing is worth anything
+    assert cache.policy.score.sum() == 0 and cache.update(_ids(4), 0).load_ids.tolist() == [4]
+
+
+def test_lfu_rebases_its_scores_without_changing_their_order():
+    pol = LFUPolicy(8, decay=0.5)
+    last = np.full(8, -1, dtype=np.int64)
+    pol.touch(_ids(1, 2), last, 0)
+    pol.touch(_ids(2), last, 1)
+    assert pol.value(_ids(2))[0] > pol.value(_ids(1))[0]
+    pol.touch(_ids(3), last, 400)  # 0.5 ** -400 > 1e100: rebased to 400 first
+    assert pol.base == 400 and pol.value(_ids(3))[0] == 1.0 and 0 < pol.value(_ids(1))[0] < pol.value(_ids(2))[0]
+    with pytest.raises(LLMFlashError, match="decay"):
+        LFUPolicy(8, decay=1.5)
 
 
 def test_window_policy_is_the_cache_default_and_hot_without_ids_is_the_window():

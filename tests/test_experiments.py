@@ -130,7 +130,7 @@ def test_cache_policies_experiment_on_a_tiny_model(flash, tmp_path, monkeypatch)
     cache_policies.main()
     data = json.loads((out / "cache_policies.json").read_text())
     rows = {r["policy"]: r for r in data["rows"]}
-    assert set(rows) == {"window", "lru", "hot"} and all(r["same_tokens_as_window"] for r in rows.values())
+    assert set(rows) == {"window", "lru", "hot", "lfu"} and all(r["same_tokens_as_window"] for r in rows.values())
     assert len({r["dram_bytes"] for r in rows.values()}) == 1  # equal DRAM
     assert all(0 <= r["cache_hit_rate"] <= 1 for r in rows.values())
     assert (out / "cache_policies.csv").is_file() and (out / "cache_policies.png").is_file()

@@ -7,9 +7,13 @@
 //   last[d_ffn]      last step each neuron was needed
 //   free_buf[capacity], *n_free   the free list: free slots, ascending
 //   used_buf[capacity], *n_used   the used slots, ascending
-// Policies: 0 = sliding window (a neuron expires once last <= step - window), 1 = LRU (nothing expires). With
-// ``pinned`` (uint8 [d_ffn], may be null) pinned neurons neither expire nor make room (the hot policy).
-// Room for newcomers: cached neurons not needed at ``step`` go, least recently used first (ties: slot order).
+// Policies: 0 = sliding window (a neuron expires once last <= step - window), 1 = LRU (nothing expires), 2 = LFU
+// (nothing expires; ``score`` [d_ffn], float64, what each neuron is worth: a neuron needed at ``step`` and not yet
+// counted at it gains ``inc``; llmflash.cache_policy.LFUPolicy). With ``pinned`` (uint8 [d_ffn], may be null) pinned
+// neurons neither expire nor make room (the hot policy).
+// Room for newcomers: cached neurons not needed at ``step`` go, least recently used first (ties: slot order); under
+// LFU those worth least first (ties: least recently used, then slot order), each only for a newcomer worth more, the
+// newcomers taken most valuable first (ties: lower id), the ones left out overflowing.
 //
 // Outputs (caller-allocated): out_load / out_dest [n_need] (neurons to read, ascending, and their slots: the lowest
 // free ones), out_overflow [n_need] (needed, beyond capacity), out_ready [capacity] (slots cached before this call's
@@ -21,7 +25,7 @@
 
 extern "C" {
 
-int32_t llmflash_cache_version() { return 1; }
+int32_t llmflash_cache_version() { return 2; }
 
 static void free_slots(const std::vector<int64_t>& freed_sorted, int64_t* ids, int64_t* slot, int64_t* free_buf,
                        int64_t* n_free, int64_t* used_buf, int64_t* n_used) {
@@ -69,7 +73,11 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
                               int64_t capacity, int64_t* ids, int64_t* slot, int64_t* last, int64_t* free_buf,
                               int64_t* n_free, int64_t* used_buf, int64_t* n_used, const int64_t* need, int64_t n_need,
                               int64_t* out_load, int64_t* out_dest, int64_t* out_overflow, int64_t* out_ready,
-                              int64_t* counts) {
+                              int64_t* counts, double* score, double inc) {
+    if (policy == 2 && !score) return -1;
+    if (policy == 2)
+        for (int64_t i = 0; i < n_need; ++i)
+            if (last[need[i]] != step) score[need[i]] += inc;
     for (int64_t i = 0; i < n_need; ++i) last[need[i]] = step;
     int64_t deleted = 0;
     std::vector<int64_t> freed;
@@ -84,6 +92,11 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     int64_t n_missing = 0;  // out_load holds the missing neurons for now (ascending, as need is)
     for (int64_t i = 0; i < n_need; ++i)
         if (slot[need[i]] < 0) out_load[n_missing++] = need[i];
+    const bool worth = policy == 2 && n_missing > *n_free;
+    if (worth)  // the most valuable newcomers first (ties: lower id)
+        std::sort(out_load, out_load + n_missing, [score](int64_t a, int64_t b) {
+            return score[a] > score[b] || (score[a] == score[b] && a < b);
+        });
     if (evict && n_missing > *n_free) {  // over capacity: drop neurons not needed now, least recently used first
         std::vector<std::pair<int64_t, int64_t>> cand;  // (last use, slot): slot order breaks ties, as a stable sort
         for (int64_t u = 0; u < *n_used; ++u) {
@@ -91,8 +104,19 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
             if (last[id] < step && !(pinned && pinned[id])) cand.emplace_back(last[id], s);
         }
         int64_t k = std::min<int64_t>(n_missing - *n_free, (int64_t)cand.size());
-        if (k > 0) {
+        if (k > 0 && policy == 2) {  // worth least first; a cached neuron goes only for a newcomer worth more
+            std::sort(cand.begin(), cand.end(), [score, ids](const std::pair<int64_t, int64_t>& a,
+                                                               const std::pair<int64_t, int64_t>& b) {
+                const double sa = score[ids[a.second]], sb = score[ids[b.second]];
+                return sa < sb || (sa == sb && a < b);
+            });
+            int64_t beats = 0;
+            while (beats < k && score[ids[cand[beats].second]] < score[out_load[*n_free + beats]]) ++beats;
+            k = beats;
+        } else if (k > 0) {
             order_by_last(cand);
+        }
+        if (k > 0) {
             freed.clear();
             for (int64_t c = 0; c < k; ++c) freed.push_back(cand[c].second);
             std::sort(freed.begin(), freed.end());
@@ -103,6 +127,10 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     int64_t n_ready = *n_used;
     std::copy(used_buf, used_buf + n_ready, out_ready);
     int64_t n_load = std::min(n_missing, *n_free), n_over = n_missing - n_load;
+    if (worth) {  // the admitted and the left out, each in id order again
+        std::sort(out_load, out_load + n_load);
+        std::sort(out_load + n_load, out_load + n_missing);
+    }
     std::copy(out_load + n_load, out_load + n_missing, out_overflow);
     for (int64_t i = 0; i < n_load; ++i) {
         int64_t s = free_buf[i];
