@@ -99,6 +99,7 @@ def summarize(res: GenerationResult, rec: Optional[ReadRecorder], warmup: int, t
         "ms_per_token": median([t.total_ms for t in pt]), "mean_ms_per_token": sum(t.total_ms for t in pt) / n,
         "io_ms": median([t.io_ms for t in pt]), "mem_ms": median([t.mem_ms for t in pt]),
         "compute_ms": median([t.compute_ms for t in pt]), "predictor_ms": median([t.predictor_ms for t in pt]),
+        "queue_ms": median([t.queue_ms for t in pt]),
         "mean_io_ms": io_ms / n, "mean_read_ms": read_ms / n,
         "bytes_read_per_token": b / n, "reads_per_token": r / n, "mean_read_bytes": b / r if r else 0.0,
         "read_gbps": metrics.read_gbps(b, read_ms), "io_wait_gbps": metrics.io_wait_gbps(b, io_ms),

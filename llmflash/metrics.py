@@ -9,8 +9,8 @@ One definition per metric (every summary, experiment and report uses these funct
 
 - ``read_gbps`` (GB/s): bytes read / the time the reads were in flight (``read_ms``: submit to completion, which
   may overlap compute). The storage throughput the engine achieved; ``read_gbps(bytes, read_ms)``.
-- ``io_wait_gbps`` (GB/s): bytes read / the time the token waited for reads (``io_ms``). What a token sees; higher
-  than ``read_gbps`` when reads overlap compute (lookahead). ``io_wait_gbps(bytes, io_ms)``.
+- ``io_wait_gbps`` (GB/s): bytes read / the token's I/O time (``io_ms``: handing the reads over and waiting for them).
+  What a token sees; higher than ``read_gbps`` when reads overlap compute (lookahead). ``io_wait_gbps(bytes, io_ms)``.
 - ``profiled_gbps`` (GB/s): the machine's throughput at a read size, measured by ``profile-io`` and interpolated in
   log2(size) (``profiled_gbps(table, nbytes)``); for a mix of sizes, bytes / ``profiled_read_ms(histogram, table)``
   (the time every read would take at the profiled throughput for its size; the experiments' ``computed_io_ms``, and
@@ -40,7 +40,7 @@ def read_gbps(nbytes: float, read_ms: float) -> float:
 
 
 def io_wait_gbps(nbytes: float, io_ms: float) -> float:
-    """GB/s: bytes read / the time spent waiting for them (``io_ms``). 0 when nothing was waited for."""
+    """GB/s: bytes read / the time spent handing them over and waiting for them (``io_ms``). 0 when none was spent."""
     return nbytes / (io_ms / 1e3) / 1e9 if io_ms > 0 else 0.0
 
 
@@ -69,10 +69,11 @@ def read_efficiency(achieved_gbps: float, reference_gbps: float) -> float:
 
 @dataclass
 class TokenStats:
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
+    io_ms: float = 0.0  # waiting for reads, and handing them to the kernel (``queue_ms``)
+    mem_ms: float = 0.0  # the neuron caches' bookkeeping, planning the reads, copies between host and device rows
     compute_ms: float = 0.0
     total_ms: float = 0.0
+    queue_ms: float = 0.0  # part of io_ms: the engine's time in the reader's submit calls (``ReadTicket.queue_ms``)
     bytes_read: int = 0
     reads: int = 0
     excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
@@ -129,6 +130,7 @@ class GenerationResult:
             "mem_ms": median([t.mem_ms for t in pt]),
             "compute_ms": median([t.compute_ms for t in pt]),
             "predictor_ms": median([t.predictor_ms for t in pt]),
+            "queue_ms": median([t.queue_ms for t in pt]),
             "bytes_read_per_token": n_bytes / len(pt),
             "reads_per_token": n_reads / len(pt),
             "mean_read_bytes": n_bytes / n_reads if n_reads else 0.0,

@@ -201,14 +201,18 @@ def _open_flash(path: Union[str, Path], direct: bool) -> tuple[int, bool]:
 class ReadTicket:
     """Reads in flight from one ``FlashReader.submit``; pass it to ``FlashReader.wait``."""
 
-    __slots__ = ("n_reads", "bytes_read", "reads", "elapsed_ms", "_remaining", "_done", "_error", "_start_ns",
-                 "_views", "_fo", "_nb", "_do", "_native", "_keep")
+    __slots__ = ("n_reads", "bytes_read", "reads", "elapsed_ms", "queue_ms", "_remaining", "_done", "_error",
+                 "_start_ns", "_views", "_fo", "_nb", "_do", "_native", "_keep")
 
     def __init__(self, n_reads: int, n_slices: int):
         self.n_reads = n_reads  # reads requested
         self.bytes_read = 0  # bytes returned by the kernel (filled in as slices finish)
         self.reads = 0  # reads performed
         self.elapsed_ms = 0.0  # submit -> last read done
+        # the submitting thread's time handing the planned reads over (to the native pool, which hands them to the
+        # kernel, or to the Python workers' queue): on a machine with few cores, mostly the kernel's work of starting
+        # them, done by the pool's thread in the submitter's place
+        self.queue_ms = 0.0
         self._remaining = n_slices
         self._error: Optional[BaseException] = None
         self._start_ns = time.perf_counter_ns()
@@ -510,10 +514,12 @@ class FlashReader:
         ticket._views = tuple(views)
         put = self._tasks.put
         lo = 0
+        q0 = time.perf_counter_ns()
         for i in range(1, k + 1):
             hi = i * n // k
             put((ticket, mv, lo, hi))
             lo = hi
+        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
         del mv, views
         with self._shared.lock:
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
@@ -573,7 +579,9 @@ class FlashReader:
         ticket = ReadTicket(0, 0)
         ticket._remaining = 1  # until waited
         ticket._views = tuple(views)
+        q0 = time.perf_counter_ns()
         ticket._native = lib.llmflash_reader_submit_plan(self._pool, plan)
+        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket
@@ -595,8 +603,10 @@ class FlashReader:
         ticket._remaining = 1  # until waited
         ticket._views, ticket._keep = tuple(views), keep
         assert self._lib is not None
+        q0 = time.perf_counter_ns()
         ticket._native = self._lib.llmflash_reader_submit(self._pool, buffer_address(mv), n,
                                                           *(a.ctypes.data for a in keep))
+        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
         del mv, views
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6

@@ -54,6 +54,8 @@ def test_run_records_every_read_and_shares_within_a_session(flash, tmp_path, mon
     assert s["computed_io_ms"] > 0 and 0 < s["read_efficiency"]
     assert abs(s["read_efficiency"] - s["read_gbps"] / s["computed_gbps"]) < 1e-9  # one definition (llmflash.metrics)
     assert s["io_wait_gbps"] >= s["read_gbps"] * 0.999  # waiting is at most the reads' time in flight
+    assert all(0 <= t["queue_ms"] <= t["io_ms"] for t in r["per_token"])  # handing reads over is part of I/O
+    assert sum(t["queue_ms"] for t in r["per_token"]) > 0
     again = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table, no_reuse=True)
     assert again.get("shared_from") is not None and again["tokens"] == r["tokens"]
     w5 = engine_runs.run(flash, cfg, 6, prompt=torch.tensor([5, 17, 99, 3]), warmup=1, table=table)  # a new key

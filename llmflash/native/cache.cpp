@@ -93,10 +93,15 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     for (int64_t i = 0; i < n_need; ++i)
         if (slot[need[i]] < 0) out_load[n_missing++] = need[i];
     const bool worth = policy == 2 && n_missing > *n_free;
-    if (worth)  // the most valuable newcomers first (ties: lower id)
-        std::sort(out_load, out_load + n_missing, [score](int64_t a, int64_t b) {
-            return score[a] > score[b] || (score[a] == score[b] && a < b);
-        });
+    // LFU: only the first n_free + (what may be evicted) newcomers' order matters (the rest overflow, in id order)
+    std::vector<std::pair<double, int64_t>> coming;  // (-worth, id): the most valuable first, ties to the lower id
+    if (worth) {
+        coming.reserve((size_t)n_missing);
+        for (int64_t i = 0; i < n_missing; ++i) coming.emplace_back(-score[out_load[i]], out_load[i]);
+        const int64_t head = std::min<int64_t>(n_missing, *n_free + *n_used);
+        std::partial_sort(coming.begin(), coming.begin() + head, coming.end());
+        for (int64_t i = 0; i < n_missing; ++i) out_load[i] = coming[(size_t)i].second;
+    }
     if (evict && n_missing > *n_free) {  // over capacity: drop neurons not needed now, least recently used first
         std::vector<std::pair<int64_t, int64_t>> cand;  // (last use, slot): slot order breaks ties, as a stable sort
         for (int64_t u = 0; u < *n_used; ++u) {
@@ -105,14 +110,14 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
         }
         int64_t k = std::min<int64_t>(n_missing - *n_free, (int64_t)cand.size());
         if (k > 0 && policy == 2) {  // worth least first; a cached neuron goes only for a newcomer worth more
-            std::sort(cand.begin(), cand.end(), [score, ids](const std::pair<int64_t, int64_t>& a,
-                                                               const std::pair<int64_t, int64_t>& b) {
-                const double sa = score[ids[a.second]], sb = score[ids[b.second]];
-                return sa < sb || (sa == sb && a < b);
-            });
+            std::vector<std::pair<double, std::pair<int64_t, int64_t>>> held;  // (worth, (last use, slot))
+            held.reserve(cand.size());
+            for (const auto& c : cand) held.emplace_back(score[ids[c.second]], c);
+            std::partial_sort(held.begin(), held.begin() + k, held.end());
             int64_t beats = 0;
-            while (beats < k && score[ids[cand[beats].second]] < score[out_load[*n_free + beats]]) ++beats;
+            while (beats < k && held[(size_t)beats].first < -coming[(size_t)(*n_free + beats)].first) ++beats;
             k = beats;
+            for (int64_t c = 0; c < k; ++c) cand[(size_t)c] = held[(size_t)c].second;
         } else if (k > 0) {
             order_by_last(cand);
         }
