@@ -8,7 +8,9 @@ Rows, in order (``demo_rows``):
    the rest read every token): the baselines;
 4. ``predictor``: the paper's method, trained low-rank predictors choosing the neurons (their cost counted), a sliding
    window of neurons cached in DRAM; then the same with the model's default predictors where they are of another kind
-   (smollm2-relu: ``lowbit``, a 4-bit copy of the FFN's own gate and up, which marks far fewer neurons);
+   (smollm2-relu: ``lowbit``, a 4-bit copy of the FFN's own gate and up, which marks far fewer neurons); then those
+   with the LFU cache policy instead of the window (beyond the paper: the caches keep the neurons needed most often
+   lately; fewer reads when they are smaller than the window's sets, results/cache_policies);
 5. ``oracle``: the true active set, the cost of finding it not counted: an upper bound, not a method.
 
 The sparse model's rows run on a copy of its flash directory whose neurons that fire together are stored side by
@@ -129,6 +131,7 @@ class DemoRow:
     role: str  # "original" | "reference" | "baseline" | "method" | "upper bound"
     predictors: Optional[str] = None
     tag: str = ""  # what tells this row from another of its mode (e.g. the predictors' kind)
+    cache_policy: str = "window"  # sparse modes: who stays in the neuron caches (``EngineConfig.cache_policy``)
 
     @property
     def label(self) -> str:
@@ -136,7 +139,7 @@ class DemoRow:
 
     def config(self) -> EngineConfig:
         return EngineConfig(mode=self.mode, dram_budget=self.dram_budget, sparsity=self.sparsity,
-                            predictors=self.predictors)
+                            predictors=self.predictors, cache_policy=self.cache_policy)
 
 
 def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = None,
@@ -168,8 +171,11 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
                             predictors=setup["lowrank_predictors"], tag="low-rank"))
     if setup["predictors"]:
+        kind = _kind_tag(setup["predictors"])
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
-                            predictors=setup["predictors"], tag=_kind_tag(setup["predictors"])))
+                            predictors=setup["predictors"], tag=kind))
+        rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
+                            predictors=setup["predictors"], tag=f"{kind}, lfu".lstrip(", "), cache_policy="lfu"))
     rows.append(DemoRow("oracle", **sparse, dram_budget=dram_budget, role="upper bound"))
     return rows
 
@@ -193,7 +199,8 @@ def dram_holds(engine: Engine) -> str:
     if parts.get("predictors"):
         words.append("predictors")
     if parts.get("neuron_cache"):
-        words.append(f"neuron cache (window {engine.cfg.window})")
+        policy = engine.cfg.cache_policy
+        words.append(f"neuron cache ({'window ' + str(engine.cfg.window) if policy == 'window' else policy})")
     text = "+".join(words)
     oracle_bytes = getattr(engine, "oracle_bytes", 0)
     if oracle_bytes:
@@ -212,7 +219,7 @@ def run_row(row: DemoRow, prompt: str, max_new_tokens: int) -> dict:
     cfg = res.config
     return {
         "mode": row.mode, "tag": row.tag, "model": row.model, "role": row.role, "flash_dir": str(row.flash_dir),
-        "sparsity": row.sparsity, "dram_budget": row.dram_budget, **res.summary(),
+        "sparsity": row.sparsity, "dram_budget": row.dram_budget, "cache_policy": row.cache_policy, **res.summary(),
         "prefill_ms": res.prefill_ms, "generated_tokens": len(res.tokens),
         "dram_bytes": res.dram_bytes, "dram_fraction": res.dram_bytes / res.model_bytes, "dram_holds": holds,
         "dram_breakdown": res.dram_breakdown, "io_threads": cfg["io_threads"], "io_uring": cfg["io_uring"],
@@ -300,7 +307,8 @@ def format_table(result: dict) -> str:
         lines.append(f"the machine was quiet when every row started ({rows[0]['cores']} cores free)")
     lines += [
         "predictor: the paper's method, the predictors' cost counted (low-rank: trained predictors, the paper's; "
-        "low-bit: a 4-bit copy of the FFN's gate and up); oracle: the true active set, found for free (an upper "
+        "low-bit: a 4-bit copy of the FFN's gate and up; lfu: the caches keep the neurons needed most often lately "
+        "instead of the last tokens' window, beyond the paper); oracle: the true active set, found for free (an upper "
         "bound); threads: readers (ring: io_uring, one thread) / compute",
         "(ms/token: median over generated tokens, measured; reads bypass the page cache; the oracle sums the same "
         "terms as dense in another order, and a threshold rule can turn a rounding difference into another neuron: "

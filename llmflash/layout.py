@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from .native import cache_library
 from .storage import ALIGN_BYTES, align_up
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -200,11 +201,18 @@ def runs(ids: np.ndarray, max_run: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[starts_idx].astype(np.int64), lengths.astype(np.int64)
 
 
-def bridge(ids: np.ndarray, max_gap: int) -> np.ndarray:
+def bridge(ids: np.ndarray, max_gap: int, native: bool = True) -> np.ndarray:
     """Sorted unique ids with every gap of at most ``max_gap`` missing ids between two of them filled in: the rows to
-    read so that neighbours a few rows apart become one longer read (fewer reads for a few more bytes)."""
+    read so that neighbours a few rows apart become one longer read (fewer reads for a few more bytes). ``native``:
+    through ``native/cache.cpp``'s loop where the library loads (the same ids), else numpy (the reference)."""
     if max_gap <= 0 or ids.size < 2:
         return ids
+    lib = cache_library() if native else None
+    if lib is not None and ids.dtype == np.int64 and ids[0] >= 0:  # the engine's per-layer call: one native loop
+        ids = np.ascontiguousarray(ids)
+        out = np.empty(int(ids[-1] - ids[0]) + 1, dtype=np.int64)
+        n = lib.llmflash_bridge(ids.ctypes.data, ids.size, max_gap, out.ctypes.data)
+        return ids if n == ids.size else out[:n]
     if max_gap == 1 and ids[0] >= 0:  # the common case (one float32 row of a small model): a mask, a third the time
         m = np.zeros(int(ids[-1]) + 1, dtype=bool)
         m[ids] = True

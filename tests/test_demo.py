@@ -111,10 +111,13 @@ def test_int8_resident_rows_equal_their_dense_reference(tmp_path):
     rows = [DemoRow("dense", **kw, dram_budget=1.0, role="reference"),
             DemoRow("naive", **kw, dram_budget=BUDGET, role="baseline"),
             DemoRow("hybrid", **kw, dram_budget=BUDGET, role="baseline"),
-            DemoRow("oracle", **kw, dram_budget=BUDGET, role="upper bound")]
+            DemoRow("oracle", **kw, dram_budget=BUDGET, role="upper bound"),
+            DemoRow("oracle", **kw, dram_budget=BUDGET, role="upper bound", tag="lfu", cache_policy="lfu")]
     res = run_demo(max_new_tokens=8, prompt="Hello world", dram_budget=BUDGET, rows=rows)
     assert res["resident_dtype"] == "int8" and "resident weights in int8" in format_table(res)
     assert all(r["same_tokens_as_reference"] for r in res["rows"])
+    assert res["rows"][-1]["cache_policy"] == "lfu" and "neuron cache (lfu)" in res["rows"][-1]["dram_holds"]
+    assert "neuron cache (window 5)" in res["rows"][-2]["dram_holds"]
 
 
 def test_cli_demo_passes_the_resident_dtype(rows, monkeypatch, capsys):

@@ -355,18 +355,20 @@ def test_native_read_plans_equal_the_python_plans(flash_dirs, lookahead):
     assert sum(t.reads for t in native_run.per_token) > 0
 
 
-def test_bridge_fills_short_gaps_only():
-    ids = np.array([1, 2, 5, 9, 10, 20, 22])
-    assert bridge(ids, 0) is ids
-    assert bridge(ids, 1).tolist() == [1, 2, 5, 9, 10, 20, 21, 22]
-    assert bridge(ids, 3).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 21, 22]
+@pytest.mark.parametrize("native", [False, True])
+def test_bridge_fills_short_gaps_only(native):
+    ids = np.array([1, 2, 5, 9, 10, 20, 22], dtype=np.int64)
+    assert bridge(ids, 0, native) is ids
+    assert bridge(ids, 1, native).tolist() == [1, 2, 5, 9, 10, 20, 21, 22]
+    assert bridge(ids, 3, native).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 21, 22]
     rng = np.random.default_rng(0)
     for _ in range(200):  # one-row gaps take a mask path: the same rows as the general one (gaps of at most 1)
         ids = np.sort(rng.choice(300, rng.integers(2, 200), replace=False)).astype(np.int64)
         gaps = np.diff(ids) - 1
         want = np.union1d(ids, ids[:-1][gaps == 1] + 1)
-        got = bridge(ids, 1)
+        got = bridge(ids, 1, native)
         assert got.dtype == ids.dtype and got.tolist() == want.tolist()
+        assert bridge(ids, 4, native).tolist() == bridge(ids, 4, native=False).tolist()
 
 
 @pytest.mark.parametrize("lookahead", [False, True])

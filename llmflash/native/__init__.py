@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
 READER_ABI_VERSION = 4  # llmflash_reader_version()
 CACHE_SOURCE = Path(__file__).with_name("cache.cpp")
-CACHE_ABI_VERSION = 2  # llmflash_cache_version()
+CACHE_ABI_VERSION = 3  # llmflash_cache_version()
 READER_FLAG_SETS: tuple[tuple[str, ...], ...] = (("-O2", "-pthread"), ("-O2",))
 # tried in order: the first that compiles is used
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -204,6 +204,8 @@ def _load_cache() -> ctypes.CDLL:
     f = lib.llmflash_cache_update
     f.argtypes = [i64, i32, i32, i64, p, i64, p, p, p, p, p, p, p, p, i64, p, p, p, p, p, p, ctypes.c_double]
     f.restype = i32
+    lib.llmflash_bridge.argtypes = [p, i64, i64, p]
+    lib.llmflash_bridge.restype = i64
     return lib
 
 

@@ -20,12 +20,13 @@
 // loads). counts[0..4] = n_load, n_overflow, n_ready, deleted, n_missing.
 
 #include <algorithm>
+#include <functional>
 #include <cstdint>
 #include <vector>
 
 extern "C" {
 
-int32_t llmflash_cache_version() { return 2; }
+int32_t llmflash_cache_version() { return 3; }
 
 static void free_slots(const std::vector<int64_t>& freed_sorted, int64_t* ids, int64_t* slot, int64_t* free_buf,
                        int64_t* n_free, int64_t* used_buf, int64_t* n_used) {
@@ -93,14 +94,21 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     for (int64_t i = 0; i < n_need; ++i)
         if (slot[need[i]] < 0) out_load[n_missing++] = need[i];
     const bool worth = policy == 2 && n_missing > *n_free;
-    // LFU: only the first n_free + (what may be evicted) newcomers' order matters (the rest overflow, in id order)
-    std::vector<std::pair<double, int64_t>> coming;  // (-worth, id): the most valuable first, ties to the lower id
+    // LFU: the newcomers leave a heap most valuable first (ties: lower id), and only as many as may enter
+    using Coming = std::pair<double, int64_t>;  // (-worth, id)
+    const std::greater<Coming> first_coming;
+    std::vector<Coming> coming;
+    std::vector<int64_t> admitted;
+    auto pop_coming = [&]() {
+        std::pop_heap(coming.begin(), coming.end(), first_coming);
+        admitted.push_back(coming.back().second);
+        coming.pop_back();
+    };
     if (worth) {
         coming.reserve((size_t)n_missing);
         for (int64_t i = 0; i < n_missing; ++i) coming.emplace_back(-score[out_load[i]], out_load[i]);
-        const int64_t head = std::min<int64_t>(n_missing, *n_free + *n_used);
-        std::partial_sort(coming.begin(), coming.begin() + head, coming.end());
-        for (int64_t i = 0; i < n_missing; ++i) out_load[i] = coming[(size_t)i].second;
+        std::make_heap(coming.begin(), coming.end(), first_coming);
+        for (int64_t i = 0; i < *n_free; ++i) pop_coming();  // the free slots go to the most valuable
     }
     if (evict && n_missing > *n_free) {  // over capacity: drop neurons not needed now, least recently used first
         std::vector<std::pair<int64_t, int64_t>> cand;  // (last use, slot): slot order breaks ties, as a stable sort
@@ -109,15 +117,22 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
             if (last[id] < step && !(pinned && pinned[id])) cand.emplace_back(last[id], s);
         }
         int64_t k = std::min<int64_t>(n_missing - *n_free, (int64_t)cand.size());
-        if (k > 0 && policy == 2) {  // worth least first; a cached neuron goes only for a newcomer worth more
-            std::vector<std::pair<double, std::pair<int64_t, int64_t>>> held;  // (worth, (last use, slot))
+        if (k > 0 && policy == 2) {  // worth least first (ties: least recently used, then slot); each goes only for a
+            // newcomer worth more
+            using Held = std::pair<double, std::pair<int64_t, int64_t>>;  // (worth, (last use, slot))
+            const std::greater<Held> first_held;
+            std::vector<Held> held;
             held.reserve(cand.size());
             for (const auto& c : cand) held.emplace_back(score[ids[c.second]], c);
-            std::partial_sort(held.begin(), held.begin() + k, held.end());
+            std::make_heap(held.begin(), held.end(), first_held);
             int64_t beats = 0;
-            while (beats < k && held[(size_t)beats].first < -coming[(size_t)(*n_free + beats)].first) ++beats;
+            while (beats < k && held.front().first < -coming.front().first) {
+                std::pop_heap(held.begin(), held.end(), first_held);
+                cand[(size_t)beats++] = held.back().second;
+                held.pop_back();
+                pop_coming();
+            }
             k = beats;
-            for (int64_t c = 0; c < k; ++c) cand[(size_t)c] = held[(size_t)c].second;
         } else if (k > 0) {
             order_by_last(cand);
         }
@@ -132,8 +147,11 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     int64_t n_ready = *n_used;
     std::copy(used_buf, used_buf + n_ready, out_ready);
     int64_t n_load = std::min(n_missing, *n_free), n_over = n_missing - n_load;
+    if (worth && (int64_t)admitted.size() != n_load) return -2;  // (cannot happen: each eviction admits one)
     if (worth) {  // the admitted and the left out, each in id order again
-        std::sort(out_load, out_load + n_load);
+        std::sort(admitted.begin(), admitted.end());
+        std::copy(admitted.begin(), admitted.end(), out_load);
+        for (size_t i = 0; i < coming.size(); ++i) out_load[n_load + (int64_t)i] = coming[i].second;
         std::sort(out_load + n_load, out_load + n_missing);
     }
     std::copy(out_load + n_load, out_load + n_missing, out_overflow);
@@ -157,6 +175,21 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     counts[3] = deleted;
     counts[4] = n_missing;
     return 0;
+}
+
+// Sorted unique ids with every gap of at most max_gap missing ids between two of them filled in (llmflash.layout.bridge):
+// written to out (room for ids[n - 1] - ids[0] + 1); returns how many.
+int64_t llmflash_bridge(const int64_t* ids, int64_t n, int64_t max_gap, int64_t* out) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (i > 0) {
+            const int64_t gap = ids[i] - ids[i - 1] - 1;
+            if (gap > 0 && gap <= max_gap)
+                for (int64_t v = ids[i - 1] + 1; v < ids[i]; ++v) out[m++] = v;
+        }
+        out[m++] = ids[i];
+    }
+    return m;
 }
 
 }  // extern "C"
