@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--lookahead-recall", default="1.0",
                    help="comma-separated recalls of the simulated lookahead guess, one 'ours_lookahead' row each in "
                         "every repeat ('' for none; default 1.0)")
+    p.add_argument("--lfu", action="store_true",
+                   help="also run 'ours_lfu': ours with the LFU cache policy (EngineConfig.cache_policy='lfu')")
     p.add_argument("--io-threads", type=int, default=0,
                    help="reader threads (0 = the count profile-io finds fastest for 16 KiB reads among 16, 32, 64)")
     p.add_argument("--replot", action="store_true",
@@ -189,6 +191,8 @@ def main() -> None:
             extra += [("ours_pyreader", "ours", 1.0, False, 1, True)]
             extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", aheads[0][1], False, aheads[0][2], True)] \
                 if aheads else []
+        if args.lfu:
+            extra += [("ours_lfu", "ours_lfu", 1.0, True, 1, True)]
         if args.reader_threads:
             extra += [("ours_threads", "ours", 1.0, True, 1, False)]
             extra += [(f"{ahead_keys[0]}_threads", "ours_lookahead", aheads[0][1], True, aheads[0][2], False)] \

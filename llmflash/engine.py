@@ -264,24 +264,27 @@ class _FlashFFNBase(nn.Module):
                 for o in e.observers:
                     o.reads_issued("ffn", nb)
                 tickets.append(e.reader.submit(buf, fo, nb, do, piece_bytes=piece))
-        # planning the reads is memory management; handing them over (the reader's submit call: on few cores mostly the
-        # kernel starting them, done by the reader's thread in this one's place) is I/O (``queue_ms``, part of
-        # ``io_ms``), as is waiting for them. Both lie within the reads' own time in flight, so ``io_ms`` never exceeds
-        # it (``metrics.io_wait_gbps`` >= ``read_gbps``)
-        queue = sum(t.queue_ms for t in tickets)
-        e.meter.mem_ms += _now_ms() - t0 - queue
-        e.meter.io_ms += queue
-        e.meter.queue_ms += queue
+        # planning the reads is memory management; handing them over (the reader's submit call after it queued them:
+        # on few cores mostly the kernel starting them, done by the reader's thread in this one's place) is I/O, moved
+        # there by ``_wait`` once the tickets say how long it took (``queue_ms``)
+        e.meter.mem_ms += _now_ms() - t0
         return tickets
 
     def _wait(self, tickets: list) -> None:
+        """Wait for the tickets' reads. I/O time: the waiting, and the hand-over the submit calls took (``queue_ms``,
+        counted as memory management by ``_submit`` until now). Both lie within the reads' own time in flight, so
+        ``io_ms`` does not exceed it (``metrics.io_wait_gbps`` >= ``read_gbps``)."""
         if not tickets:
             return
         t0 = _now_ms()
         for t in tickets:
             self.e.reader.wait(t)
-        self.e.meter.io_ms += _now_ms() - t0
-        self.e.meter.read_ms += max(t.elapsed_ms for t in tickets)
+        m = self.e.meter
+        queue = sum(t.queue_ms for t in tickets)
+        m.io_ms += _now_ms() - t0 + queue
+        m.mem_ms -= queue
+        m.queue_ms += queue
+        m.read_ms += max(t.elapsed_ms for t in tickets)
 
     def _read(self, store: RowStore, ids: np.ndarray, dest: int | np.ndarray) -> None:
         """Read rows ``ids`` (sorted) into ``store`` (``_submit``'s ``dest``); timed as I/O."""

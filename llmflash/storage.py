@@ -202,17 +202,18 @@ class ReadTicket:
     """Reads in flight from one ``FlashReader.submit``; pass it to ``FlashReader.wait``."""
 
     __slots__ = ("n_reads", "bytes_read", "reads", "elapsed_ms", "queue_ms", "_remaining", "_done", "_error",
-                 "_start_ns", "_views", "_fo", "_nb", "_do", "_native", "_keep")
+                 "_start_ns", "_queued_ns", "_views", "_fo", "_nb", "_do", "_native", "_keep")
 
     def __init__(self, n_reads: int, n_slices: int):
         self.n_reads = n_reads  # reads requested
         self.bytes_read = 0  # bytes returned by the kernel (filled in as slices finish)
         self.reads = 0  # reads performed
-        self.elapsed_ms = 0.0  # submit -> last read done
-        # the submitting thread's time handing the planned reads over (to the native pool, which hands them to the
+        self.elapsed_ms = 0.0  # submit -> the later of the last read's end and the submit call's return
+        # the submit call's time after the reads were queued (handing them to the native pool, which hands them to the
         # kernel, or to the Python workers' queue): on a machine with few cores, mostly the kernel's work of starting
-        # them, done by the pool's thread in the submitter's place
+        # them, done by the pool's thread in the submitter's place. Within ``elapsed_ms``; known once waited (native)
         self.queue_ms = 0.0
+        self._queued_ns = 0  # (Python workers) when the submit call returned
         self._remaining = n_slices
         self._error: Optional[BaseException] = None
         self._start_ns = time.perf_counter_ns()
@@ -345,7 +346,7 @@ def _worker(tasks: SimpleQueue, shared: _Shared) -> None:
                 ticket._error = error
             ticket._remaining -= 1
             last = ticket._remaining == 0
-        if last:
+        if last:  # (the submit call may not have returned yet: ``wait`` takes the later of the two)
             ticket.elapsed_ms = (time.perf_counter_ns() - ticket._start_ns) / 1e6
             _release_views(ticket)
             ticket._done.release()
@@ -519,7 +520,8 @@ class FlashReader:
             hi = i * n // k
             put((ticket, mv, lo, hi))
             lo = hi
-        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
+        ticket._queued_ns = time.perf_counter_ns()
+        ticket.queue_ms = (ticket._queued_ns - q0) / 1e6
         del mv, views
         with self._shared.lock:
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
@@ -579,9 +581,7 @@ class FlashReader:
         ticket = ReadTicket(0, 0)
         ticket._remaining = 1  # until waited
         ticket._views = tuple(views)
-        q0 = time.perf_counter_ns()
         ticket._native = lib.llmflash_reader_submit_plan(self._pool, plan)
-        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket
@@ -603,23 +603,22 @@ class FlashReader:
         ticket._remaining = 1  # until waited
         ticket._views, ticket._keep = tuple(views), keep
         assert self._lib is not None
-        q0 = time.perf_counter_ns()
         ticket._native = self._lib.llmflash_reader_submit(self._pool, buffer_address(mv), n,
                                                           *(a.ctypes.data for a in keep))
-        ticket.queue_ms = (time.perf_counter_ns() - q0) / 1e6
         del mv, views
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket
 
     def _wait_native(self, ticket: ReadTicket) -> None:
-        out = np.zeros(4, dtype=np.int64)
+        out = np.zeros(5, dtype=np.int64)
         t0 = time.perf_counter_ns()
         assert self._lib is not None
         self._lib.llmflash_reader_wait(self._pool, ticket._native, out.ctypes.data)
         ticket._native = None
-        nbytes, nreads, ns, err = out.tolist()
+        nbytes, nreads, ns, err, queue_ns = out.tolist()
         ticket.bytes_read, ticket.reads, ticket.elapsed_ms, ticket._remaining = nbytes, nreads, ns / 1e6, 0
+        ticket.queue_ms = queue_ns / 1e6
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.bytes_read += nbytes
             self.stats.reads += nreads
@@ -640,6 +639,8 @@ class FlashReader:
             ticket._done.release()
             with self._shared.lock:  # type: ignore[union-attr]
                 self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
+        if ticket._queued_ns:  # in flight until the reads were done and the submit call had returned
+            ticket.elapsed_ms = max(ticket.elapsed_ms, (ticket._queued_ns - ticket._start_ns) / 1e6)
         if ticket._error is not None:
             err, ticket._error = ticket._error, None
             try:

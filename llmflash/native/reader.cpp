@@ -73,6 +73,7 @@ struct Ticket {
   std::atomic<int> error{0};      // first errno met
   int64_t start_ns = 0;
   int64_t end_ns = 0;
+  int64_t queued_ns = 0;           // when the submit call that queued it returned (written by the submitter)
   bool done = false;
   std::mutex m;
   std::condition_variable cv;
@@ -417,6 +418,7 @@ void* enqueue(Pool* p, Ticket* t) {
   t->start_ns = now_ns();
   if (t->n <= 0) {
     t->done = true;
+    t->queued_ns = t->start_ns;
     return t;
   }
   bool in_ring;
@@ -434,6 +436,7 @@ void* enqueue(Pool* p, Ticket* t) {
 #else
   (void)in_ring;
 #endif
+  t->queued_ns = now_ns();  // (the ticket is freed only by llmflash_reader_wait, called after this returns)
   return t;
 }
 
@@ -441,7 +444,7 @@ void* enqueue(Pool* p, Ticket* t) {
 
 extern "C" {
 
-int llmflash_reader_version() { return 4; }
+int llmflash_reader_version() { return 5; }
 
 // A pool reading from fd: with uring_depth > 0 and direct I/O, io_uring with that many reads in flight where the kernel
 // allows it, else (or where it does not) n_threads threads.
@@ -543,7 +546,9 @@ int64_t llmflash_reader_plan_sizes(void* plan, int64_t* out) {
   return n;
 }
 
-// Block until a ticket's reads are done, free it and write out[0..3] = bytes, reads, elapsed ns, errno (0: none).
+// Block until a ticket's reads are done, free it and write out[0..4] = bytes, reads, elapsed ns (from its queueing to
+// the later of its last read's end and the submit call's return), errno (0: none), ns the submit call took after
+// queueing it (the hand-over: on few cores mostly the kernel's work of starting the reads, done in the caller's place).
 void llmflash_reader_wait(void* pool, void* ticket, int64_t* out) {
   (void)pool;
   Ticket* t = static_cast<Ticket*>(ticket);
@@ -553,8 +558,9 @@ void llmflash_reader_wait(void* pool, void* ticket, int64_t* out) {
   }
   out[0] = t->bytes.load();
   out[1] = t->n > 0 ? t->n : 0;
-  out[2] = (t->n > 0 ? t->end_ns : t->start_ns) - t->start_ns;
+  out[2] = (t->n > 0 ? std::max(t->end_ns, t->queued_ns) : t->start_ns) - t->start_ns;
   out[3] = t->error.load();
+  out[4] = t->queued_ns - t->start_ns;
   delete t;
 }
 
