@@ -6,7 +6,8 @@ cache beyond the limit. The group is removed afterwards. Needs root and cgroup v
 
 Also the children themselves (``python experiments/memlimit.py CHILD ...``):
 - ``skeleton DIR``: the runtime overhead: the model skeleton with its resident weights and a zero FFN, generating a
-  few tokens (interpreter, torch, transformers, tokenizer, KV cache, activations, allocator slack);
+  few tokens (interpreter, torch, transformers, tokenizer, llmflash's native libraries, KV cache, activations,
+  allocator slack);
 - ``mmap DIR``: a plain mmap-based loader: resident tensors and FFN rows as zero-copy views of ``mmap``-ed files
   (private, file-backed), the dense model computed from them, greedy decoding;
 - ``hf MODELDIR``: transformers' ``from_pretrained`` of a Hugging Face model directory, greedy decoding;
@@ -186,8 +187,11 @@ def measure_overhead(flash_dir: str, prompt_tokens: int, tokens: int, timeout_s:
     """Runtime overhead (bytes the cgroup sees beyond the resident weights) of the skeleton with a zero FFN: the same
     interpreter, libraries and modules as the engine runs, the prompt and ``tokens`` generated tokens."""
     from llmflash.flashdir import open_flash_dir
+    from llmflash.native import cache_library, library, reader_library
     from llmflash.paths import cache_dir
 
+    for load in (library, reader_library, cache_library):  # built here, once, not by a child inside its cgroup
+        load()
     session = os.environ.get("LLMFLASH_SESSION")
     cached = cache_dir() / "sessions" / session / f"overhead-{Path(flash_dir).name}-{prompt_tokens}-{tokens}.json" \
         if session else None
@@ -263,11 +267,14 @@ def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
 
     sys.path.insert(0, str(HERE))
     from llmflash import engine  # noqa: F401
+    from llmflash.native import cache_library, library, reader_library
     from research import trace
 
     import common  # noqa: F401 - the same modules as the engine children (engine, trace source, scipy)
     import engine_runs  # noqa: F401
 
+    for load in (library, reader_library, cache_library):  # the engine's native libraries, loaded as it loads them
+        load()
     trace.paper_active_profile()
     torch.set_num_threads(1)
     fd = open_flash_dir(flash_dir)
