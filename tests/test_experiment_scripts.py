@@ -202,6 +202,7 @@ END_TO_END = {
     "active_fraction": Run(("active_fraction.json", "active_fraction.csv", "active_fraction.png")),
     "cache_policies": Run(("cache_policies.json", "cache_policies.csv", "cache_policies.png"),
                           STANDARD + ("--repeats", "1", "--tokens", "2", "--hot-tokens", "8")),
+    "cache_replay": Run(("cache_replay.json", "cache_replay.csv", "cache_replay.png"), STANDARD + ("--tokens", "6")),
     "cgroup_budget": Run(("cgroup_budget.json", "config.json"), STANDARD + ("--tokens", "2"), needs=cgroups),
     "coactivation": Run(("coactivation.json", "config.json")),
     "dram_budget": Run(("dram_budget.json", "dram_budget.csv", "dram_budget.png")),

@@ -136,3 +136,17 @@ def test_cache_policies_experiment_on_a_tiny_model(flash, tmp_path, monkeypatch)
     assert len({r["dram_bytes"] for r in rows.values()}) == 1  # equal DRAM
     assert all(0 <= r["cache_hit_rate"] <= 1 for r in rows.values())
     assert (out / "cache_policies.csv").is_file() and (out / "cache_policies.png").is_file()
+
+
+def test_belady_replay_is_the_bound_of_every_policy():
+    import cache_replay
+
+    from llmflash.layout import FlashLayout
+
+    assert cache_replay.belady([np.array([1]), np.array([2]), np.array([1])], 1) == 2  # 2 bypasses: 1 is needed next
+    lay = FlashLayout.build(1, 16, 64, True, "float32", True)
+    rng = np.random.default_rng(1)
+    sets = [np.unique(rng.choice(64, size=int(rng.integers(3, 15)), replace=False)) for _ in range(40)]
+    best = cache_replay.belady(sets, 12)
+    for pol in ("window", "lru", "lfu"):
+        assert best <= cache_replay.replay(sets, pol, 12, 64, 3, lay)

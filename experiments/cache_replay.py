@@ -1,0 +1,134 @@
+"""How far the cache policies are from the best possible at equal DRAM (computed, on measured sets).
+
+The real model generates ``--tokens`` tokens in its sparse mode at ``--budget`` (the window policy), and the sets each
+layer's cache was asked for are recorded (measured). They are then replayed through ``llmflash.cache.NeuronCache``
+with each policy (the engine's own bookkeeping, at the engine's cache sizes), and through Belady's rule with bypass,
+which knows the future: after each token keep the neurons whose next need comes soonest, and leave out a newcomer needed
+later than all of them. No policy can miss less (a miss is a row read from flash). Per policy: misses per token and
+the share of the gap between LRU and Belady's rule it closes. A replay feeds every policy the same sets; in the engine
+a policy may change the sets slightly (in predictor mode a cached neuron the predictor missed adds its true value).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from llmflash.cache import CacheUpdate, NeuronCache
+from llmflash.cache_policy import POLICIES, make_policy
+from llmflash.engine import Engine
+from llmflash.flashdir import open_flash_dir
+from llmflash.hooks import EngineObserver
+
+import common
+from engine_runs import real_cfg
+
+BELADY = "belady"  # the replay's bound (not an engine policy)
+
+
+class SetRecorder(EngineObserver):
+    """Each decode step's lookups per layer (the prefill's, which look up several tokens' sets at once, left out)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.sets: dict[int, list[np.ndarray]] = defaultdict(list)
+
+    def cache_updated(self, layer: int, update: CacheUpdate) -> None:
+        if self.step > 0 and update.hits + update.misses:
+            self.sets[layer].append(update.need.copy())
+
+    def forward_done(self, step: int) -> None:
+        self.step = step + 1
+
+
+def replay(sets: Sequence[np.ndarray], policy: str, capacity: int, d_ffn: int, window: int, layout) -> int:
+    """Misses of one layer's cache under ``policy`` over ``sets``, from an empty cache (Belady's too)."""
+    cache = NeuronCache(layout, capacity, window, torch.float32, policy=make_policy(policy, window, d_ffn))
+    return sum(cache.update(need, step).misses for step, need in enumerate(sets))
+
+
+def belady(sets: Sequence[np.ndarray], capacity: int) -> int:
+    """Misses of the best offline policy with bypass over ``sets``: after each lookup the cache keeps the ``capacity``
+    neurons (among those cached and those just needed) whose next need is soonest."""
+    nxt: list[dict[int, int]] = [{} for _ in sets]
+    upcoming: dict[int, int] = {}
+    for t in range(len(sets) - 1, -1, -1):  # next need after t of each neuron needed at t
+        nxt[t] = {int(i): upcoming.get(int(i), 1 << 62) for i in sets[t]}
+        for i in sets[t]:
+            upcoming[int(i)] = t
+    cached: dict[int, int] = {}  # neuron -> its next need
+    misses = 0
+    for t, need in enumerate(sets):
+        misses += sum(1 for i in need if int(i) not in cached)
+        cached.update(nxt[t])
+        if len(cached) > capacity:
+            cached = dict(sorted(cached.items(), key=lambda kv: (kv[1], kv[0]))[:capacity])
+    return misses
+
+
+def main() -> None:
+    p = common.parser("cache_replay", __doc__)
+    p.add_argument("--budget", type=float, default=0.5, help="DRAM budget, a fraction of the model's bytes")
+    p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 128, --quick 24)")
+    p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot policies)")
+    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8"),
+                   help="real model: its resident weights as converted (auto) or in int8 (the demo's directory)")
+    args = p.parse_args()
+    n = args.tokens or (24 if args.quick else 128)
+    setup = common.real_setup(args.model, resident_dtype=args.resident_dtype)
+    fd = open_flash_dir(setup["flash_dir"])
+    cfg = real_cfg(setup, setup["sparse_mode"], dram_budget=args.budget, window=args.window, lookahead=False)
+    rec = SetRecorder()
+    engine = Engine(fd, cfg, observers=[rec])
+    try:
+        engine.generate(common.prompt_ids(engine.tokenizer), n, stop_at_eos=False)
+        caps = list(engine.cache_rows)
+    finally:
+        engine.close()
+    layout = fd.layout
+    steps = min(len(s) for s in rec.sets.values())
+    policies = [p for p in POLICIES if p != "hot"] + [BELADY]  # (hot: its calibration needs the engine's own text)
+    misses = {pol: 0 for pol in policies}
+    for layer, cap in enumerate(caps):
+        sets = rec.sets[layer][:steps]
+        for pol in policies:
+            misses[pol] += belady(sets, cap) if pol == BELADY else replay(sets, pol, cap, layout.d_ffn, args.window,
+                                                                          layout)
+    needed = sum(int(s.size) for layer in range(len(caps)) for s in rec.sets[layer][:steps])
+    lru, best = misses["lru"], misses[BELADY]
+    rows = [{"policy": pol, "label": "computed (replay of measured sets)", "misses_per_token": m / steps,
+             "needed_per_token": needed / steps, "hit_rate": 1 - m / needed if needed else 0.0,
+             "misses_vs_lru": m / lru if lru else float("nan"),
+             "gap_closed": (lru - m) / (lru - best) if lru > best else float("nan")} for pol, m in misses.items()]
+    data = {"setup": {k: v for k, v in setup.items() if k != "geometry"}, "budget": args.budget, "window": args.window,
+            "tokens": n, "steps_replayed": steps, "cache_rows": caps, "rows": rows}
+    common.save(args.out, "cache_replay", args, data=data, rows=rows)
+    plot(rows, setup["label"], args.budget, args.out / "cache_replay.png")
+    for r in rows:
+        print(f"{r['policy']:<8} misses/token {r['misses_per_token']:9.1f}  hit rate {r['hit_rate']:.3f}  "
+              f"vs lru {r['misses_vs_lru']:.3f}  gap to Belady closed {r['gap_closed']:.2f}")
+
+
+def plot(rows: list[dict], label: str, budget: float, path) -> None:
+    plt = common.plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    names = [r["policy"] for r in rows]
+    colors = ["tab:gray" if r["policy"] == BELADY else "tab:blue" for r in rows]
+    ax.bar(names, [r["misses_per_token"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['misses_per_token']:,.0f}", (i, r["misses_per_token"]), textcoords="offset points",
+                    xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_ylabel("rows read per token (misses)")
+    ax.set_title(f"Cache policies vs the best possible (Belady, bypass) at {budget:.0%} DRAM\n{label} "
+                 "(computed: replay of measured sets)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    common.savefig(fig, path)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
