@@ -44,9 +44,9 @@ class SetRecorder(EngineObserver):
         self.step = step + 1
 
 
-def replay(sets: Sequence[np.ndarray], policy: str, capacity: int, d_ffn: int, window: int, layout) -> int:
+def replay(sets: Sequence[np.ndarray], policy: str, capacity: int, window: int, layout) -> int:
     """Misses of one layer's cache under ``policy`` over ``sets``, from an empty cache (Belady's too)."""
-    cache = NeuronCache(layout, capacity, window, torch.float32, policy=make_policy(policy, window, d_ffn))
+    cache = NeuronCache(layout, capacity, window, torch.float32, policy=make_policy(policy, window, layout.d_ffn))
     return sum(cache.update(need, step).misses for step, need in enumerate(sets))
 
 
@@ -95,8 +95,7 @@ def main() -> None:
     for layer, cap in enumerate(caps):
         sets = rec.sets[layer][:steps]
         for pol in policies:
-            misses[pol] += belady(sets, cap) if pol == BELADY else replay(sets, pol, cap, layout.d_ffn, args.window,
-                                                                          layout)
+            misses[pol] += belady(sets, cap) if pol == BELADY else replay(sets, pol, cap, args.window, layout)
     needed = sum(int(s.size) for layer in range(len(caps)) for s in rec.sets[layer][:steps])
     lru, best = misses["lru"], misses[BELADY]
     rows = [{"policy": pol, "label": "computed (replay of measured sets)", "misses_per_token": m / steps,

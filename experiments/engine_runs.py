@@ -268,6 +268,7 @@ ROWS = {
 
 
 COACT_ROWS = ("ours_coact", "ours_coact_hot", "ours_coact_lfu")  # rows on the file reordered by co-activation
+ROW_POLICIES = {"ours_coact_hot": "hot", "ours_lfu": "lfu", "ours_coact_lfu": "lfu"}  # rows with another cache policy
 
 
 def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
@@ -316,8 +317,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["native"] = False
     if row in COACT_ROWS and scale:
         raise ValueError(f"the co-activation order needs real activations: the scale model has no {row} row")
-    if row in ("ours_coact_hot", "ours_lfu", "ours_coact_lfu"):
-        extra["cache_policy"] = "hot" if row == "ours_coact_hot" else "lfu"
+    if row in ROW_POLICIES:
+        extra["cache_policy"] = ROW_POLICIES[row]
     directory = flash_dir or (real_coact_dir(setup, quick) if row in COACT_ROWS else setup["flash_dir"]
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))

@@ -33,7 +33,7 @@ import engine_runs
 # ours' engine variants (issue 15) beside it: the Python path (the reference) and lookahead
 ORDER = ["dense", "naive", "hybrid", "ours", "ours_python", "ours_lookahead", "ours_coact", "ours_coact_hot", "ours_lfu",
          "ours_coact_lfu"]
-REAL_ONLY = ("ours_coact", "ours_coact_hot", "ours_lfu", "ours_coact_lfu")  # rows the scale model does not run
+REAL_ONLY = engine_runs.COACT_ROWS + ("ours_lfu",)  # rows the scale model does not run
 PAPER = {  # Table 3, OPT-6.7B on the CPU (M1 Max), ms: I/O, memory management, compute, total
     "naive": (2196, 0, 986, 3182), "ours": (105, 58, 506, 669),
 }

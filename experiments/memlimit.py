@@ -187,11 +187,10 @@ def measure_overhead(flash_dir: str, prompt_tokens: int, tokens: int, timeout_s:
     """Runtime overhead (bytes the cgroup sees beyond the resident weights) of the skeleton with a zero FFN: the same
     interpreter, libraries and modules as the engine runs, the prompt and ``tokens`` generated tokens."""
     from llmflash.flashdir import open_flash_dir
-    from llmflash.native import cache_library, library, reader_library
+    from llmflash.native import load_all
     from llmflash.paths import cache_dir
 
-    for load in (library, reader_library, cache_library):  # built here, once, not by a child inside its cgroup
-        load()
+    load_all()  # built here, once, not by a child inside its cgroup
     session = os.environ.get("LLMFLASH_SESSION")
     cached = cache_dir() / "sessions" / session / f"overhead-{Path(flash_dir).name}-{prompt_tokens}-{tokens}.json" \
         if session else None
@@ -267,14 +266,13 @@ def child_skeleton(flash_dir: str, prompt_tokens: int, tokens: int) -> dict:
 
     sys.path.insert(0, str(HERE))
     from llmflash import engine  # noqa: F401
-    from llmflash.native import cache_library, library, reader_library
+    from llmflash.native import load_all
     from research import trace
 
     import common  # noqa: F401 - the same modules as the engine children (engine, trace source, scipy)
     import engine_runs  # noqa: F401
 
-    for load in (library, reader_library, cache_library):  # the engine's native libraries, loaded as it loads them
-        load()
+    load_all()  # the engine's native libraries, loaded as it loads them
     trace.paper_active_profile()
     torch.set_num_threads(1)
     fd = open_flash_dir(flash_dir)

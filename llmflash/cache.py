@@ -235,15 +235,16 @@ class NeuronCache:
         free = self.free.size
         worth = self.policy.value(missing) if missing.size > free else None
         if worth is not None:  # the most valuable newcomers first (ties: lower id)
-            missing = missing[np.lexsort((missing, -worth))]
+            order = np.lexsort((missing, -worth))
+            missing, worth = missing[order], worth[order]
         if evict and missing.size > free:  # over capacity: drop what the policy lets go, first to go first
             used = self._used
             candidates = self.policy.evictable(self.ids[used], self.last, step)
             k = min(missing.size - free, candidates.size)
             if worth is not None and k:  # a cached neuron goes only for a newcomer worth more (admission)
-                held, coming = self.policy.value(self.ids[used[candidates[:k]]]), self.policy.value(missing[free : free + k])
-                assert held is not None and coming is not None
-                beats = held < coming
+                held = self.policy.value(self.ids[used[candidates[:k]]])
+                assert held is not None
+                beats = held < worth[free : free + k]
                 k = k if beats.all() else int(np.argmin(beats))
             if k:
                 deleted += k

@@ -175,7 +175,7 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
                             predictors=setup["predictors"], tag=kind))
         rows.append(DemoRow("predictor", **sparse, dram_budget=dram_budget, role="method",
-                            predictors=setup["predictors"], tag=f"{kind}, lfu".lstrip(", "), cache_policy="lfu"))
+                            predictors=setup["predictors"], tag=", ".join(t for t in (kind, "lfu") if t), cache_policy="lfu"))
     rows.append(DemoRow("oracle", **sparse, dram_budget=dram_budget, role="upper bound"))
     return rows
 

@@ -149,4 +149,4 @@ def test_belady_replay_is_the_bound_of_every_policy():
     sets = [np.unique(rng.choice(64, size=int(rng.integers(3, 15)), replace=False)) for _ in range(40)]
     best = cache_replay.belady(sets, 12)
     for pol in ("window", "lru", "lfu"):
-        assert best <= cache_replay.replay(sets, pol, 12, 64, 3, lay)
+        assert best <= cache_replay.replay(sets, pol, 12, 3, lay)

@@ -214,6 +214,12 @@ def cache_library() -> Optional[ctypes.CDLL]:
     return _loaded("cache", _load_cache, "native cache bookkeeping unavailable (%s): using numpy")
 
 
+def load_all() -> None:
+    """Build (cached) and load every native library the engine uses, e.g. before a memory-limited child starts."""
+    for load in (library, reader_library, cache_library):
+        load()
+
+
 def _warn_once(message: str, err: BaseException) -> None:
     """One warning per reason: where neither library builds for the same reason (no compiler), the second is info."""
     seen = _state.setdefault("warned", set())

@@ -147,8 +147,8 @@ int32_t llmflash_cache_update(int64_t step, int32_t evict, int32_t policy, int64
     int64_t n_ready = *n_used;
     std::copy(used_buf, used_buf + n_ready, out_ready);
     int64_t n_load = std::min(n_missing, *n_free), n_over = n_missing - n_load;
-    if (worth && (int64_t)admitted.size() != n_load) return -2;  // (cannot happen: each eviction admits one)
     if (worth) {  // the admitted and the left out, each in id order again
+        if ((int64_t)admitted.size() != n_load) return -2;  // (cannot happen: each eviction admits one)
         std::sort(admitted.begin(), admitted.end());
         std::copy(admitted.begin(), admitted.end(), out_load);
         for (size_t i = 0; i < coming.size(); ++i) out_load[n_load + (int64_t)i] = coming[i].second;
