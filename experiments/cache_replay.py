@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5, help="DRAM budget, a fraction of the model's bytes")
     p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 128, --quick 24)")
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot policies)")
-    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8"),
+    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8", "int4"),
                    help="real model: its resident weights as converted (auto) or in int8 (the demo's directory)")
     args = p.parse_args()
     n = args.tokens or (24 if args.quick else 128)

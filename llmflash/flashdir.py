@@ -52,7 +52,7 @@ from .manifest import (
     Quantization,
 )
 from .paths import atomic_dir
-from .quant import QSCALE, QWEIGHT, install_int8_resident, part_rows, storage_dtype
+from .quant import QROWS, QSCALE, QWEIGHT, install_quantized_resident, part_rows, storage_dtype
 from .storage import ALIGN_BYTES, read_range
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,8 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
     adapter = adapter_for(config)
     biases = {}
     state = {}
-    quantized = {n for n in resident if n.endswith((QWEIGHT.format(""), QSCALE.format("")))}  # int8 resident weights
+    # int8 / int4 resident weights (``quant``): installed as their modules below
+    quantized = {n for n in resident if n.endswith((QWEIGHT.format(""), QSCALE.format(""), QROWS.format("")))}
     for name, t in resident.items():
         if name.startswith("llmflash.ffn.") or name in quantized:
             continue
@@ -426,7 +427,9 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
         raise FlashFileError(f"{fd.resident_path} has tensors this model does not ({unexpected[:3]}...): re-run convert")
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if quantized:
-        install_int8_resident(model, resident, tied)  # int8 modules over the tensors (a tied head shares the rows)
+        q = fd.manifest.quantization
+        # modules over the tensors (a tied head shares the rows)
+        install_quantized_resident(model, resident, tied, q.resident_group_size if q is not None else 0, fd.dtype)
     if tied and isinstance(getattr(model.get_output_embeddings(), "weight", None), nn.Parameter):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -46,7 +46,7 @@ ORDER_FILE = "permutation.npy"  # optional: int64 [n_layers, d_ffn], row j of la
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_DTYPES = ("int8", "int4")
 DTYPES = FLOAT_DTYPES + QUANT_DTYPES
-RESIDENT_DTYPES = FLOAT_DTYPES + ("int8",)
+RESIDENT_DTYPES = FLOAT_DTYPES + ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -115,16 +115,21 @@ class Quantization:
     ffn: str  # int8 | int4: the FFN rows (groups of ``group_size`` values along d_model, float16 scales in the row)
     group_size: int
     compute_dtype: str  # what the weights are dequantized to and computed in: float32 | float16 | bfloat16
-    resident: str  # the resident weights (attention, embeddings): a float dtype, or int8 (weight-only, per-row scales)
+    resident: str  # the resident weights (attention, embeddings): a float dtype, int8 (weight-only, per-row scales)
+    # or int4 (weight-only, float16 scales per ``resident_group_size`` values along each row: ``quant.QLinear``)
     scale_dtype: str = "float16"
     # how the FFN codes were chosen (informational: readers need not know it): "nearest" (round to nearest, the
     # scales by ``quant``'s clipping search), or "gptq:<tokens>:<source>" (``gptq``: error-aware rounding on the
     # inputs of that many calibration tokens); int4 adds ";codes -8..7" where the scale search used the 16th code
     rounding: str = "nearest"
+    resident_group_size: int = 0  # int4 resident weights' group size (0 otherwise)
 
     def to_json(self) -> dict:
-        return {"ffn": self.ffn, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
-                "compute_dtype": self.compute_dtype, "resident": self.resident, "rounding": self.rounding}
+        d = {"ffn": self.ffn, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
+             "compute_dtype": self.compute_dtype, "resident": self.resident, "rounding": self.rounding}
+        if self.resident_group_size:  # (the key of int4 resident weights only: older readers load the others)
+            d["resident_group_size"] = self.resident_group_size
+        return d
 
 
 @dataclass(frozen=True)
@@ -245,9 +250,13 @@ class Manifest:
             q = Quantization(str(get("quantization", "ffn")), num("quantization", "group_size"),
                              str(get("quantization", "compute_dtype")), str(get("quantization", "resident")),
                              str(qd.get("scale_dtype", "float16")) if isinstance(qd, dict) else "float16",
-                             str(qd.get("rounding", "nearest")) if isinstance(qd, dict) else "nearest")
+                             str(qd.get("rounding", "nearest")) if isinstance(qd, dict) else "nearest",
+                             num("quantization", "resident_group_size") if isinstance(qd, dict)
+                             and "resident_group_size" in qd else 0)
+            rgs = q.resident_group_size
             if (q.ffn != dtype or q.group_size != layout.group_size or q.compute_dtype not in FLOAT_DTYPES
-                    or q.resident not in RESIDENT_DTYPES or q.scale_dtype != "float16"):
+                    or q.resident not in RESIDENT_DTYPES or q.scale_dtype != "float16"
+                    or (q.resident == "int4") != (rgs > 0) or rgs % 2):
                 raise FlashFileError(f"{where}: 'quantization' does not match the dtype and layout: the manifest is "
                                      "corrupt; re-run convert")
             quantization = q

@@ -313,8 +313,10 @@ _INT8_MM = INT8_WEIGHT_MM
 _INT8_K = 16  # the kernel wants an inner dimension that is a multiple of this
 # ... and weights on a 16-byte boundary: torch 2.13's kernel on an AVX-512 CPU crashed (SIGSEGV) on int8 weights 2, 4,
 # 8, 24 or 40 bytes past one for 4 or more rows of x (a prefill; 16, 32 and 48 ran right). Weights viewed in place in
-# resident.safetensors sit wherever the file puts them (safetensors aligns to 8 bytes), so ``Int8Linear`` copies a
-# misaligned one (torch allocates at 64 bytes)
+# resident.safetensors sit wherever the file puts them (safetensors aligns to 8 bytes), so ``Int8Linear`` hands that
+# kernel an aligned copy of a misaligned one for the call (torch allocates at 64 bytes); llmflash's own kernel (a
+# decode step) reads them where they are. (Until the eighteenth session the copy was taken once and kept: every
+# misaligned weight then sat twice in DRAM, 0.7 GB more on the 8-layer Llama-2-7B geometry of results/peer.)
 KERNEL_ALIGN_BYTES = 16
 NATIVE_MAX_TOKENS = 8  # rows of x up to which Int8Linear runs llmflash's own kernel (decode); more: torch's
 
@@ -348,8 +350,6 @@ class Int8Linear(nn.Module):
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__()
-        if q.device.type == "cpu" and q.data_ptr() % KERNEL_ALIGN_BYTES:
-            q = q.clone()  # a view at an offset the kernel cannot take (``KERNEL_ALIGN_BYTES``): an aligned copy
         self.register_buffer("q", q)  # int8 [out, in]
         self.register_buffer("scale", scale)  # [out]
         self.register_buffer("bias", bias)
@@ -384,19 +384,20 @@ class Int8Linear(nn.Module):
         y_native = self._native_forward(x)
         if y_native is not None:
             return y_native
-        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0 \
-                and self.q.data_ptr() % KERNEL_ALIGN_BYTES == 0:
+        if self.kernel and _INT8_MM is not None and x.device.type == "cpu" and self.in_features % _INT8_K == 0:
             if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
+            # a view at an offset the kernel cannot take (``KERNEL_ALIGN_BYTES``): an aligned copy for this call
+            q = self.q if self.q.data_ptr() % KERNEL_ALIGN_BYTES == 0 else self.q.clone()
             x2 = x.reshape(-1, x.shape[-1])  # [T, in]
             hi = x2.to(torch.bfloat16)
             if self.split and x2.dtype == torch.float32:
                 t = x2.shape[0]
                 lo = (x2 - hi.float()).to(torch.bfloat16)
-                y2 = _INT8_MM(torch.cat((hi, lo)), self.q, self._scale_bf16)  # [2T, out]: hi's rows, then lo's
+                y2 = _INT8_MM(torch.cat((hi, lo)), q, self._scale_bf16)  # [2T, out]: hi's rows, then lo's
                 y = y2[:t].float() + y2[t:].float()
             else:
-                y = _INT8_MM(hi.contiguous(), self.q, self._scale_bf16)
+                y = _INT8_MM(hi.contiguous(), q, self._scale_bf16)
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_dequantized(x.dtype), self.bias)
@@ -419,6 +420,86 @@ class Int8Embedding(nn.Module):
         return self.q[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
 
+QROWS = "{}.qrows"  # a weight's group-quantized rows (``--resident-dtype int4``): uint8 [rows, part_bytes]
+
+
+def decode_rows(rows: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Group-quantized rows (``encode_part``'s form: codes, then float16 scales) uint8 [n, part_bytes] -> [n, d]."""
+    n, width = rows.shape
+    d = width * 8 * group_size // (bits * group_size + 8 * SCALE_DTYPE.itemsize)  # width = d bits / 8 + 2 d / G
+    cb = code_bytes(d, bits)
+    return dequantize(rows[:, :cb], rows[:, cb : cb + 2 * (d // group_size)].view(SCALE_DTYPE), bits, group_size, dtype)
+
+
+class QLinear(nn.Module):
+    """A ``nn.Linear`` whose weight rows are group-quantized (``encode_part``: int4 or int8 codes, one float16 scale
+    per ``group_size`` values along the input; weight-only), the form of ``--resident-dtype int4``.
+
+    A decode step's few rows of float32 activations (at most ``NATIVE_MAX_TOKENS``) go to llmflash's kernel
+    (``native/step.cpp``, ``llmflash_q_linear``: codes converted in registers, each group's partial dot product
+    scaled once, float32 accumulation and output); more rows (a prefill), other devices, or no native library:
+    the weight is dequantized for the call and ``F.linear`` computes (the reference the kernel equals within float32
+    rounding)."""
+
+    rows: Tensor
+    bias: Optional[Tensor]
+
+    def __init__(self, rows: Tensor, bits: int, group_size: int, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)  # uint8 [out, part_bytes]
+        self.register_buffer("bias", bias)
+        self.bits, self.group_size = bits, group_size
+        self.out_features = rows.shape[0]
+        self.in_features = rows.shape[1] * 8 * group_size // (bits * group_size + 8 * SCALE_DTYPE.itemsize)
+
+    def weight_dequantized(self, dtype: torch.dtype) -> Tensor:
+        return decode_rows(self.rows, self.bits, self.group_size, dtype)
+
+    def _native_forward(self, x: Tensor) -> Optional[Tensor]:
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and self.rows.device.type == "cpu"
+                and self.rows.stride(1) == 1):
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        t = x2.shape[0]
+        b = self.bias
+        if not 0 < t <= NATIVE_MAX_TOKENS or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous())):
+            return None
+        lib = native_library()
+        if lib is None:
+            return None
+        x2 = x2.contiguous()
+        y = torch.empty(t, self.out_features, dtype=torch.float32)
+        rc = lib.llmflash_q_linear(x2.data_ptr(), t, self.in_features, self.rows.data_ptr(), self.rows.stride(0),
+                                   self.bits, self.group_size, 0 if b is None else b.data_ptr(), self.out_features,
+                                   y.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"llmflash_q_linear failed ({rc})")
+        return y.view(*x.shape[:-1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._native_forward(x)
+        if y is not None:
+            return y
+        return F.linear(x, self.weight_dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QEmbedding(nn.Module):
+    """A ``nn.Embedding`` whose rows are group-quantized (``QLinear``'s form): the looked-up rows are dequantized."""
+
+    rows: Tensor
+
+    def __init__(self, rows: Tensor, bits: int, group_size: int, padding_idx: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)  # uint8 [vocab, part_bytes]
+        self.bits, self.group_size, self.padding_idx, self.dtype = bits, group_size, padding_idx, dtype
+        self.num_embeddings = rows.shape[0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = self.rows[ids.reshape(-1)]
+        return decode_rows(flat, self.bits, self.group_size, self.dtype).view(*ids.shape, -1)
+
+
 def quantizable_weights(model: nn.Module) -> dict[str, nn.Module]:
     """{weight name: module} of the weights ``--resident-dtype int8`` quantizes: every ``nn.Linear`` and plain
     ``nn.Embedding`` (subclasses such as learned positions or scaled embeddings keep their own forward: left float)."""
@@ -429,52 +510,79 @@ def quantizable_weights(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def quantize_resident(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Resident tensors with every quantizable weight (``quantizable_weights``) replaced by its int8 form."""
+RESIDENT_BITS = {"int8": 8, "int4": 4}  # ``--resident-dtype``: int8 per-row scales; int4 group-wise (``QLinear``)
+
+
+def _groupable(t: Tensor, group_size: int) -> bool:
+    return t.dim() == 2 and group_size > 0 and group_size % 2 == 0 and t.shape[1] % group_size == 0
+
+
+def quantize_resident(tensors: dict[str, Tensor], model: nn.Module, dtype: str = "int8",
+                      group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Tensor]:
+    """Resident tensors with every quantizable weight (``quantizable_weights``) replaced by its ``dtype`` form: int8
+    with one scale per row (``QWEIGHT``/``QSCALE``), or int4 rows in groups of ``group_size`` (``QROWS``; a weight
+    whose width the groups do not divide stays float)."""
     targets = quantizable_weights(model)
     out = {}
     for name, t in tensors.items():
-        if name in targets and t.dim() == 2:
+        if name in targets and t.dim() == 2 and dtype == "int8":
             q, s = quantize_per_row(t)
             out[QWEIGHT.format(name)], out[QSCALE.format(name)] = q, s
+        elif name in targets and dtype == "int4" and _groupable(t, group_size):
+            out[QROWS.format(name)] = encode_part(t.detach().float(), 4, group_size)
         else:
             out[name] = t
     return out
 
 
-def dequantize_resident_in_place(model: nn.Module, names: set[str]) -> None:
-    """Replace the float weights ``names`` of an in-memory model by their int8 round trip (calibration sees the
-    weights a directory holds)."""
+def dequantize_resident_in_place(model: nn.Module, names: set[str], dtype: str = "int8",
+                                 group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Replace the float weights ``names`` of an in-memory model by their ``quantize_resident`` round trip
+    (calibration sees the weights a directory holds)."""
     for name, m in quantizable_weights(model).items():
         if name in names:
             w: Tensor = getattr(m, "weight").data
+            if dtype == "int4":
+                if _groupable(w, group_size):
+                    w.copy_(decode_rows(encode_part(w.float(), 4, group_size), 4, group_size).to(w.dtype))
+                continue
             q, s = quantize_per_row(w)
             w.copy_((q.float() * s[:, None]).to(w.dtype))
 
 
-def install_int8_resident(model: nn.Module, tensors: dict[str, Tensor], tied: bool) -> set[str]:
-    """Swap the modules whose weights ``tensors`` holds in int8 (``QWEIGHT``/``QSCALE``) for ``Int8Linear`` /
-    ``Int8Embedding`` over those tensors (views: no copy). A tied output head shares the input embedding's int8 rows.
-    Returns the names of the weights so installed."""
+def install_quantized_resident(model: nn.Module, tensors: dict[str, Tensor], tied: bool, group_size: int = 0,
+                               dtype: torch.dtype = torch.float32) -> set[str]:
+    """Swap the modules whose weights ``tensors`` holds quantized for modules over those tensors (views: no copy):
+    int8 (``QWEIGHT``/``QSCALE``) -> ``Int8Linear`` / ``Int8Embedding``; int4 rows (``QROWS``, groups of
+    ``group_size``) -> ``QLinear`` / ``QEmbedding`` (embeddings looked up in ``dtype``). A tied output head shares
+    the input embedding's rows. Returns the names of the weights so installed."""
     done = set()
     targets = quantizable_weights(model)
     for name, m in targets.items():
         q, s = tensors.get(QWEIGHT.format(name)), tensors.get(QSCALE.format(name))
-        if q is None or s is None:
+        rows = tensors.get(QROWS.format(name))
+        if (q is None or s is None) and rows is None:
             continue
         parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(m, nn.Linear):
-            bias = tensors.get(name.removesuffix("weight") + "bias")
-            new: nn.Module = Int8Linear(q, s, bias)
+        bias = tensors.get(name.removesuffix("weight") + "bias") if isinstance(m, nn.Linear) else None
+        new: nn.Module
+        if rows is not None:
+            new = (QLinear(rows, 4, group_size, bias) if isinstance(m, nn.Linear)
+                   else QEmbedding(rows, 4, group_size, getattr(m, "padding_idx", None), dtype))
         else:
-            new = Int8Embedding(q, s, getattr(m, "padding_idx", None))
+            assert q is not None and s is not None
+            new = Int8Linear(q, s, bias) if isinstance(m, nn.Linear) else Int8Embedding(q, s, getattr(m, "padding_idx", None))
         setattr(parent, attr, new)
         done.add(name)
     if tied:
         emb = model.get_input_embeddings()  # type: ignore[operator]
+        head: Optional[nn.Module] = None
         if isinstance(emb, Int8Embedding):
             head = Int8Linear(emb.q, emb.scale, None)
+        elif isinstance(emb, QEmbedding):
+            head = QLinear(emb.rows, emb.bits, emb.group_size, None)
+        if head is not None:
             model.set_output_embeddings(head)  # type: ignore[operator]
             done.add("lm_head.weight")
     return done

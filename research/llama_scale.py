@@ -1,5 +1,6 @@
 """A Llama-2-7B-geometry scale model at 4 bits, written twice from synthetic weights: as a llmflash flash directory
-(int4 FFN bundles, int8 resident weights) and as a llama.cpp GGUF (Q4_0), for the peer baseline (issue 13, item 5).
+(int4 FFN bundles; int8 resident weights, or int4 with ``--resident int4``) and as a llama.cpp GGUF (Q4_0), for the
+peer baseline (issue 13, item 5).
 
 Llama-2-7B: 32 layers, d_model 4096, d_ffn 11008 (SwiGLU: gate, up, down), 32 heads, vocabulary 32000, an untied
 output head, RMSNorm. Its trained weights are not available offline, and what the comparison needs is their bytes:
@@ -12,7 +13,8 @@ come from the trace source (``research.trace``, labelled simulated), as for the 
   one scale giving a weight standard deviation of about 0.02), norms float32 ones; an SPM-style vocabulary
   (3 control tokens, 256 byte tokens, the rest placeholders) so that llama.cpp loads it; prompts are given as ids.
 - The flash directory: ``ffn.bin`` in the int4 bundled layout (``quant``: codes + float16 group scales per part),
-  ``resident.safetensors`` with int8 weights and float32 per-row scales (``quant.QWEIGHT``/``QSCALE``), a byte-level
+  ``resident.safetensors`` with int8 weights and float32 per-row scales (``quant.QWEIGHT``/``QSCALE``; int4: rows of
+  codes and float16 group scales, ``quant.QROWS``, about 1.3 GB instead of 2.4 at 7B), a byte-level
   tokenizer, ``manifest.json`` through ``flashdir.write_flash_dir``.
 
 ``--layers N`` writes the same per-layer geometry with fewer layers (``LlamaGeometry.with_layers``): the experiments
@@ -33,14 +35,16 @@ from typing import Iterator, Optional
 import numpy as np
 
 from llmflash.errors import LLMFlashError
-from llmflash.layout import FlashLayout
+from llmflash.layout import FlashLayout, part_bytes
 from llmflash.manifest import FFN_FILE, RESIDENT, ModelInfo, Quantization
 from llmflash.paths import cache_dir
-from llmflash.quant import QSCALE, QWEIGHT
+from llmflash.quant import QROWS, QSCALE, QWEIGHT
 
 SIDECAR = "scale.json"
 WEIGHT_STD = 0.02
 Q4_0_BLOCK, Q4_0_BYTES = 32, 18  # values per block, bytes per block (float16 scale + 16 bytes of nibbles)
+# int4 codes uniform in 0..15 (q - 8: standard deviation about 4.61 steps): the float16 scale's bytes for std WEIGHT_STD
+INT4_SCALE = np.frombuffer(np.float16(WEIGHT_STD / 4.61).tobytes(), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,15 @@ TINY = LlamaGeometry(name="llama-tiny-scale", n_layers=2, d_model=64, d_ffn=160,
                      max_positions=256)
 
 
-def scale_paths(g: LlamaGeometry = LLAMA2_7B, root: Optional[Path] = None) -> tuple[Path, Path]:
-    """(flash directory, GGUF file) of a geometry, under ``cache_dir()/peer`` by default."""
+RESIDENT_DTYPES = ("int8", "int4")  # the flash directory's resident weights (``quant``: Int8Linear / QLinear)
+
+
+def scale_paths(g: LlamaGeometry = LLAMA2_7B, root: Optional[Path] = None,
+                resident: str = "int8") -> tuple[Path, Path]:
+    """(flash directory, GGUF file) of a geometry, under ``cache_dir()/peer`` by default (int4 resident weights: the
+    directory's name ends in -r4)."""
     root = Path(root) if root is not None else cache_dir() / "peer"
-    return root / g.name, root / f"{g.name}.Q4_0.gguf"
+    return root / (g.name + ("-r4" if resident == "int4" else "")), root / f"{g.name}.Q4_0.gguf"
 
 
 def _check_space(where: Path, need: int) -> None:
@@ -216,7 +225,7 @@ def _int4_rows(rng: np.random.Generator, g: LlamaGeometry, layout: FlashLayout) 
     code_b = g.d_model // 2
     n_groups = g.d_model // g.group_size
     rows = np.zeros((g.d_ffn, seg.stride_bytes), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(WEIGHT_STD / 4.61).tobytes(), dtype=np.uint8)
+    scale = INT4_SCALE
     for part in seg.parts:  # (symmetric parts: the layout builds none asymmetric here)
         off = layout.locate(part)[1]
         rows[:, off: off + code_b] = rng.integers(0, 256, size=(g.d_ffn, code_b), dtype=np.uint8)
@@ -224,21 +233,25 @@ def _int4_rows(rng: np.random.Generator, g: LlamaGeometry, layout: FlashLayout) 
     return rows
 
 
-def _resident_specs(g: LlamaGeometry) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, safetensors dtype, shape) of every resident tensor: int8 weights + float32 row scales, float32 norms."""
+def _resident_specs(g: LlamaGeometry, resident: str = "int8") -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every resident tensor: int8 weights + float32 row scales (or int4 rows:
+    codes and float16 group scales, ``quant.QROWS``), float32 norms."""
     out = []
     for _, hf, (r, c) in g.matrices():
         if ".mlp." in hf:
             continue
-        out += [(QWEIGHT.format(hf), "I8", (r, c)), (QSCALE.format(hf), "F32", (r,))]
+        if resident == "int4":
+            out.append((QROWS.format(hf), "U8", (r, part_bytes(c, "int4", g.group_size))))
+        else:
+            out += [(QWEIGHT.format(hf), "I8", (r, c)), (QSCALE.format(hf), "F32", (r,))]
     out += [(hf, "F32", (g.d_model,)) for _, hf in g.norms()]
     return out
 
 
-def _write_resident(path: Path, g: LlamaGeometry, rng: np.random.Generator) -> tuple[int, int]:
+def _write_resident(path: Path, g: LlamaGeometry, rng: np.random.Generator, resident: str = "int8") -> tuple[int, int]:
     """Stream resident.safetensors. Returns (CRC32 of the file, tensor bytes)."""
-    specs = _resident_specs(g)
-    size = {"I8": 1, "F32": 4}
+    specs = _resident_specs(g, resident)
+    size = {"I8": 1, "U8": 1, "F32": 4}
     header: dict = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, dt, shape in specs:
@@ -261,6 +274,17 @@ def _write_resident(path: Path, g: LlamaGeometry, rng: np.random.Generator) -> t
                     f.write(buf)
                     crc = zlib.crc32(buf, crc)
                 continue
+            if dt == "U8":  # int4 rows: random codes, then constant float16 scales (as ``_int4_rows``)
+                code_b = shape[1] - 2 * (2 * shape[1] // (g.group_size + 4))  # width = d / 2 + 2 d / G
+                n_scale = (shape[1] - code_b) // 2
+                for a, b in _row_chunks(shape[0], shape[1]):
+                    rows = np.empty((b - a, shape[1]), dtype=np.uint8)
+                    rows[:, :code_b] = rng.integers(0, 256, size=(b - a, code_b), dtype=np.uint8)
+                    rows[:, code_b:] = np.tile(INT4_SCALE, n_scale)
+                    buf = rows.tobytes()
+                    f.write(buf)
+                    crc = zlib.crc32(buf, crc)
+                continue
             fill = row_scale if name.endswith(QSCALE.format("")) else np.float32(1.0)
             buf = np.full(shape, fill, dtype=np.float32).tobytes()
             f.write(buf)
@@ -270,39 +294,47 @@ def _write_resident(path: Path, g: LlamaGeometry, rng: np.random.Generator) -> t
     return crc & 0xFFFFFFFF, pos
 
 
-def write_flash(out: Path, g: LlamaGeometry = LLAMA2_7B, force: bool = False) -> Path:
-    """Write ``g``'s flash directory (int4 FFN, int8 resident; reused when it exists with this geometry)."""
+def write_flash(out: Path, g: LlamaGeometry = LLAMA2_7B, force: bool = False, resident: str = "int8") -> Path:
+    """Write ``g``'s flash directory (int4 FFN, ``resident`` weights: int8 or int4; reused when it exists with this
+    geometry and resident dtype)."""
+    if resident not in RESIDENT_DTYPES:
+        raise LLMFlashError(f"resident weights {resident!r}: use one of {', '.join(RESIDENT_DTYPES)}")
     from llmflash.flashdir import open_flash_dir, write_flash_dir
     from research.scale import _byte_tokenizer
 
     out = Path(out)
     if not force:
         try:
-            if open_flash_dir(out).name == g.name and json.loads((out / SIDECAR).read_text()).get("geometry") == asdict(g):
+            side = json.loads((out / SIDECAR).read_text())
+            if open_flash_dir(out).name == g.name and side.get("geometry") == asdict(g) and \
+                    side.get("resident", "").startswith(resident):
                 return out
         except (LLMFlashError, OSError, ValueError):
             pass
     layout = g.layout()
-    res_bytes = sum(int(np.prod(s)) * (1 if dt == "I8" else 4) for _, dt, s in _resident_specs(g))
+    res_bytes = sum(int(np.prod(s)) * (4 if dt == "F32" else 1) for _, dt, s in _resident_specs(g, resident))
     _check_space(out.parent, layout.file_bytes + res_bytes)
     rng = np.random.default_rng(g.seed + 1)
     with write_flash_dir(out, layout) as wr:
-        crc, nbytes = _write_resident(wr.dir / RESIDENT, g, rng)
+        crc, nbytes = _write_resident(wr.dir / RESIDENT, g, rng, resident)
         wr.resident_written(nbytes, crc)
         for layer in range(g.n_layers):
             wr.write_ffn(layer, 0, _int4_rows(rng, g, layout).data)
         _byte_tokenizer(g.vocab).save_pretrained(wr.dir)
         wr.finish(ModelInfo(g.name, f"synthetic:{g.name}", "llama"), g.hf_config(), "int4", True, "silu",
-                  quantization=Quantization("int4", g.group_size, "float32", "int8"))
+                  quantization=Quantization("int4", g.group_size, "float32", resident,
+                                            resident_group_size=g.group_size if resident == "int4" else 0))
         (wr.dir / SIDECAR).write_text(json.dumps({
             "geometry": asdict(g), "ffn": f"int4 g{g.group_size}: random codes, float16 scales for std {WEIGHT_STD}",
-            "resident": "int8 uniform codes, float32 row scales; RMSNorm weights 1"}, indent=1))
+            "resident": ("int4 random codes, float16 group scales" if resident == "int4" else
+                         "int8 uniform codes, float32 row scales") + "; RMSNorm weights 1"}, indent=1))
     return out
 
 
-def write_both(g: LlamaGeometry = LLAMA2_7B, root: Optional[Path] = None, force: bool = False) -> tuple[Path, Path]:
-    flash, gguf_path = scale_paths(g, root)
-    return write_flash(flash, g, force), write_gguf(gguf_path, g, force)
+def write_both(g: LlamaGeometry = LLAMA2_7B, root: Optional[Path] = None, force: bool = False,
+               resident: str = "int8") -> tuple[Path, Path]:
+    flash, gguf_path = scale_paths(g, root, resident)
+    return write_flash(flash, g, force, resident), write_gguf(gguf_path, g, force)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -311,9 +343,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny geometry (tests)")
     p.add_argument("--root", type=Path, default=None, help="where to write (default: the cache directory's peer/)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--resident", default="int8", choices=RESIDENT_DTYPES, help="the flash directory's resident weights")
     a = p.parse_args(argv)
     g = TINY if a.tiny else LLAMA2_7B.with_layers(a.layers)
-    flash, gguf_path = write_both(g, a.root, a.force)
+    flash, gguf_path = write_both(g, a.root, a.force, a.resident)
     print(f"{flash} ({FFN_FILE} {(flash / FFN_FILE).stat().st_size / 1e9:.2f} GB, "
           f"{RESIDENT} {(flash / RESIDENT).stat().st_size / 1e9:.2f} GB); {gguf_path} "
           f"({gguf_path.stat().st_size / 1e9:.2f} GB)")

@@ -132,6 +132,6 @@ def test_cli_demo_passes_the_resident_dtype(rows, monkeypatch, capsys):
     assert main(["demo", "--max-new-tokens", "3", "--resident-dtype", "auto"]) == 0
     assert main(["demo", "--max-new-tokens", "3"]) == 0
     assert seen == ["auto", "int8"]
-    with pytest.raises(demo.LLMFlashError, match="int8 or auto"):
-        real_rows("smollm2-relu", 0.5, resident_dtype="int4")
+    with pytest.raises(demo.LLMFlashError, match="int8, int4 or auto"):
+        real_rows("smollm2-relu", 0.5, resident_dtype="int2")
     capsys.readouterr()

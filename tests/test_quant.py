@@ -326,7 +326,8 @@ def test_cli_convert_int4_and_bad_dtype(qdirs, tmp_path, capsys):
 
 def test_int8_linear_takes_weights_at_any_offset():
     """A weight viewing the resident buffer at an offset that is not a multiple of 64 bytes (safetensors aligns to 8)
-    gives the aligned weight's output (torch's int8 kernel crashed on such a view: an aligned copy is taken)."""
+    gives the aligned weight's output (torch's int8 kernel crashed on such a view: it gets an aligned copy for the
+    call), and the module keeps the view (no second copy of the weight in DRAM)."""
     from llmflash.quant import Int8Linear
 
     g = torch.Generator().manual_seed(0)
@@ -337,7 +338,8 @@ def test_int8_linear_takes_weights_at_any_offset():
     for off in (8, 40):
         view = buf[off : off + q.numel()].view(128, 128)
         view.copy_(q)
-        assert torch.equal(Int8Linear(view, scale, None)(x), ref)
+        lin = Int8Linear(view, scale, None)
+        assert torch.equal(lin(x), ref) and lin.q.data_ptr() == view.data_ptr()
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
@@ -397,7 +399,7 @@ def test_int8_linear_matches_its_dequantized_weight():
     finally:
         Int8Linear.kernel = True
     # a weight 8 bytes off 16-byte alignment (a view into a resident.safetensors buffer can be): torch's kernel
-    # crashed on it; Int8Linear takes an aligned copy (test_int8_linear_takes_weights_at_any_offset)
+    # crashed on it; Int8Linear hands it an aligned copy (test_int8_linear_takes_weights_at_any_offset)
     buf = torch.empty(q.numel() + 64, dtype=torch.int8)
     start = (-buf.data_ptr()) % 16 + 8
     q8 = buf[start:start + q.numel()].view_as(q).copy_(q)
@@ -577,3 +579,90 @@ def test_convert_keeps_a_q4_1_sources_gate_and_up(tmp_path, monkeypatch):
     assert open_flash_dir(forced).layout.asym_parts == ("gate", "up")
     with pytest.raises(Exception, match="int4-gate-up"):
         convert(str(plain), tmp_path / "bad", dtype="int4", progress=False, calibration_tokens=0, int4_gate_up="x")
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_int4_resident_weights_every_mode(qdirs, name, tmp_path, monkeypatch):
+    """--resident-dtype int4: attention, embeddings and the tied head as group-quantized int4 rows (``QLinear``,
+    ``QEmbedding``), a quarter of float32's bytes and less than int8's; the manifest names the group size; every mode
+    gives dense's tokens; the accelerator's code path too; eval-ppl works."""
+    from llmflash.quant import QEmbedding, QLinear
+
+    src = qdirs[name, "int8"].parent / name
+    path = convert(str(src), tmp_path / "r4", dtype="int4", resident_dtype="int4", progress=False, calibration_tokens=0)
+    fd = open_flash_dir(path)
+    q = fd.manifest.quantization
+    assert (q.resident, q.resident_group_size) == ("int4", 32)
+    r8 = convert(str(src), tmp_path / "r8", dtype="int4", resident_dtype="int8", progress=False, calibration_tokens=0)
+    assert fd.manifest.bytes.resident_tensors < open_flash_dir(r8).manifest.bytes.resident_tensors
+    ref = _gen(path, "dense")
+    assert ref.dram_breakdown["resident"] == fd.resident_path.stat().st_size
+    for mode in ("naive", "hybrid", "oracle"):
+        assert _gen(path, mode).tokens == ref.tokens, mode
+    e = Engine(path, EngineConfig(mode="oracle", dram_budget=BIG))
+    try:
+        mods = list(e.model.modules())
+        assert any(isinstance(m, QEmbedding) for m in mods) and any(isinstance(m, QLinear) for m in mods)
+        assert not any(isinstance(m, torch.nn.Linear) for m in mods)
+    finally:
+        e.close()
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(3))
+    assert abs(_ppl(path, "oracle", ids, window=2) / _ppl(path, "dense", ids) - 1) < 1e-5
+    out = eval_ppl(str(path), str(qdirs["text"]), max_tokens=200, seq_len=64)
+    assert math.isfinite(out["ppl"])
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    assert _gen(path, "naive").tokens == ref.tokens
+
+
+def test_q_linear_equals_its_dequantized_weight():
+    """QLinear: llmflash's kernel for a decode step's float32 rows (one or two threads, with or without a bias, rows
+    not a multiple of 16) and the dequantized weight for a prefill's rows both give the product with the
+    dequantized weight within float32 rounding; the rows' round trip is close to the weight."""
+    from llmflash.native import library
+    from llmflash.quant import NATIVE_MAX_TOKENS, QEmbedding, QLinear, decode_rows, encode_part
+
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(300, 128, generator=g), torch.randn(300, generator=g)
+    for bits, gs in ((4, 32), (4, 64), (8, 32)):
+        rows = encode_part(w, bits, gs)
+        deq = decode_rows(rows, bits, gs)
+        assert deq.shape == w.shape
+        assert ((deq - w).norm() / w.norm()) < (0.12 if bits == 4 else 0.01)
+        for bias in (None, b):
+            lin = QLinear(rows, bits, gs, bias)
+            assert (lin.in_features, lin.out_features) == (128, 300)
+            for t in (1, 3, NATIVE_MAX_TOKENS, NATIVE_MAX_TOKENS + 5):
+                x = torch.randn(t, 128, generator=g)
+                ref = torch.nn.functional.linear(x.double(), deq.double(), None if bias is None else bias.double())
+                before = torch.get_num_threads()
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    try:
+                        got = lin(x)
+                    finally:
+                        torch.set_num_threads(before)
+                    assert got.dtype == torch.float32 and got.shape == (t, 300)
+                    assert ((got.double() - ref).norm() / ref.norm()) < 1e-6, (bits, gs, t, threads)
+    emb = QEmbedding(encode_part(w, 4, 32), 4, 32)
+    ids = torch.tensor([[3, 0, 299], [7, 7, 1]])
+    assert torch.equal(emb(ids), decode_rows(encode_part(w, 4, 32), 4, 32)[ids])
+    if library() is None:
+        pytest.skip("no native library here: the dequantized path alone was checked")
+
+
+def test_resident_int4_manifest_is_checked(qdirs, tmp_path):
+    """A manifest that says int4 resident weights without a group size (or the reverse) is refused in one line."""
+    import json
+
+    from llmflash.errors import FlashFileError
+    from llmflash.flashdir import open_flash_dir as open_dir
+
+    src = qdirs["llama", "int8"].parent / "llama"
+    path = convert(str(src), tmp_path / "r4", dtype="float32", resident_dtype="int4", progress=False,
+                   calibration_tokens=0)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["quantization"]["resident_group_size"] == 32 and m["quantization"]["ffn"] == "float32"
+    del m["quantization"]["resident_group_size"]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FlashFileError, match="quantization"):
+        open_dir(path)

@@ -33,7 +33,7 @@ from ..paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5  # llmflash_step_version() of the library this loader speaks to
+ABI_VERSION = 6  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
 READER_ABI_VERSION = 5  # llmflash_reader_version()
@@ -142,6 +142,9 @@ def _load() -> ctypes.CDLL:
     i8 = lib.llmflash_int8_linear  # int8 weight-only linear (resident weights), float32 activations
     i8.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
     i8.restype = None
+    ql = lib.llmflash_q_linear  # group-quantized weight-only linear (int4 / int8 resident weights)
+    ql.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, p, i32]
+    ql.restype = i32
     return lib
 
 

@@ -14,7 +14,8 @@
 // inside the dot products and axpys, in AVX-512 / AVX2 registers where the build targets them: each group's partial
 // dot product is scaled once, float32 accumulation). Rows are split over threads (OpenMP, the runtime torch already
 // loaded: same soname), each with its own y, summed at the end. Also ``llmflash_int8_linear``: a resident weight held in
-// int8 with one scale per row times a decode step's float32 activations, in float32 (llmflash/quant.py's Int8Linear).
+// int8 with one scale per row times a decode step's float32 activations, in float32 (llmflash/quant.py's Int8Linear),
+// and ``llmflash_q_linear``: the same for a resident weight whose rows are group-quantized parts (QLinear).
 // Plain C ABI, loaded with ctypes (no Python headers, no torch headers: it builds in about a second with g++ alone).
 
 #include <cmath>
@@ -497,12 +498,31 @@ void i8rows(const float* x, int64_t T, int64_t k, const int8_t* q, const float* 
     }
 }
 
+// -------------------------------------------------------------------- group-quantized weight-only linear
+//
+// y[t, r] = w[r] . x[t] (+ bias[r]): a resident weight whose rows are group-quantized parts (llmflash/quant.py's
+// QLinear: each row d codes then d / G float16 scales, rows ``stride`` bytes apart), float32 activations (xs: x in the
+// kernel's order, int4: each token's even values then its odd ones), accumulation and output. Rows [lo, hi).
+template <int BITS>
+void qlinear_rows(const float* xs, int64_t T, const QShape& s, const uint8_t* w, int64_t stride, const float* bias,
+                  float* y, int64_t m, int64_t lo, int64_t hi) {
+    const int64_t d = s.d, half = d / 2;
+    for (int64_t r = lo; r < hi; ++r) {
+        const uint8_t* wr = w + r * stride;
+        const float b = bias ? bias[r] : 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = xs + t * d;
+            y[t * m + r] = (BITS == 8 ? qdot8(wr, xt, s) : qdot4(wr, xt, xt + half, s)) + b;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Version of this ABI: the loader refuses a library of another version.
-int32_t llmflash_step_version() { return 5; }
+int32_t llmflash_step_version() { return 6; }
 
 // y [T, m] = x [T, k] @ (q [m, k] * scale[:, None]).T (+ bias [m], or NULL): int8 weights, one float32 scale per row,
 // float32 activations, accumulation and output; rows split over ``n_threads`` (OpenMP) where there are many.
@@ -520,6 +540,48 @@ void llmflash_int8_linear(const float* x, int64_t T, int64_t k, const int8_t* q,
     }
 #endif
     i8rows(x, T, k, q, scale, bias, y, m, 0, m);
+}
+
+// y [T, m] = x [T, k] @ W.T (+ bias [m], or NULL): W's m rows group-quantized (``bits`` 8 or 4, ``group_size`` values
+// per float16 scale), ``stride`` bytes apart; float32 activations, accumulation and output; rows split over
+// ``n_threads`` (OpenMP) where there are many. Returns 0, -1 for other bits, -2 for a group size that does not fit k.
+int32_t llmflash_q_linear(const float* x, int64_t T, int64_t k, const void* w, int64_t stride, int32_t bits,
+                          int32_t group_size, const float* bias, int64_t m, float* y, int32_t n_threads) {
+    if (bits != 8 && bits != 4) return -1;
+    if (group_size <= 0 || group_size % 2 || k % group_size) return -2;
+    QShape s{k, group_size, k / group_size, k * bits / 8, group_size % (bits == 8 ? W : 2 * W) == 0};
+    const uint8_t* wq = static_cast<const uint8_t*>(w);
+    std::vector<float> xs_own;
+    const float* xs = x;
+    if (bits == 4) {  // the kernel's order: each token's even values, then its odd ones
+        const int64_t half = k / 2;
+        xs_own.resize(static_cast<size_t>(T * k));
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t j = 0; j < half; ++j) {
+                xs_own[t * k + j] = x[t * k + 2 * j];
+                xs_own[t * k + half + j] = x[t * k + 2 * j + 1];
+            }
+        xs = xs_own.data();
+    }
+    auto rows = [&](int64_t lo, int64_t hi) {
+        if (bits == 8)
+            qlinear_rows<8>(xs, T, s, wq, stride, bias, y, m, lo, hi);
+        else
+            qlinear_rows<4>(xs, T, s, wq, stride, bias, y, m, lo, hi);
+    };
+    int nt = n_threads > 1 && m >= 256 ? n_threads : 1;
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int i = omp_get_thread_num(), n = omp_get_num_threads();
+            rows(m * i / n, m * (i + 1) / n);
+        }
+        return 0;
+    }
+#endif
+    rows(0, m);
+    return 0;
 }
 
 // Adds the rows' contribution into y [T, d] (float32). x [T, d] float32, contiguous. a, u, down: the first row of
