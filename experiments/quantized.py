@@ -183,7 +183,8 @@ def stage_kernels(args) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- the flash directories
 
-# (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, and float32/int8/int4 with int8 resident
+# (label, --dtype, --resident-dtype): every FFN dtype with float32 resident weights, float32/int8/int4 with int8 resident,
+# float32/int4 with int4 resident
 # ("-gptq": converted with calibration, so the FFN codes come from GPTQ's error-aware rounding, convert's default;
 # the others round to nearest)
 VARIANTS = [(d, d, "auto") for d in DTYPES] + [
@@ -192,7 +193,9 @@ VARIANTS = [(d, d, "auto") for d in DTYPES] + [
     ("int8+r8-gptq", "int8", "int8"), ("int4+r8", "int4", "int8"), ("int4+r8-gptq", "int4", "int8"),
     # int4 with asymmetric gate and up rows (``convert --int4-gate-up asym``: a Q4_1 source's blocks kept; GPTQ then
     # rounds down only)
-    ("int4a", "int4", "auto"), ("int4a-gptq", "int4", "auto"), ("int4a+r8-gptq", "int4", "int8")]
+    ("int4a", "int4", "auto"), ("int4a-gptq", "int4", "auto"), ("int4a+r8-gptq", "int4", "int8"),
+    # int4 resident weights too (``--resident-dtype int4``: a float16 scale per 32 values)
+    ("float32+r4", "float32", "int4"), ("int4+r4-gptq", "int4", "int4")]
 SMOKE_VARIANTS = ("float32", "int8", "int4+r8")  # LLMFLASH_SMOKE=1: the reference, int8 and int4 rows, int8 resident
 
 
@@ -220,7 +223,8 @@ def flash_dirs(args) -> dict[str, Path]:
             fd = open_flash_dir(path)
             m = fd.manifest
             q = m.quantization
-            ok = m.dtype == dtype and (q.resident == "int8" if resident == "int8" else q is None or q.resident != "int8")
+            held = q.resident if q is not None and q.resident in ("int8", "int4") else "auto"
+            ok = m.dtype == dtype and held == resident
             ok = ok and (q is None or q.rounding.startswith("gptq") == gptq)
             ok = ok and (not gptq or q is not None and q.rounding.startswith(f"gptq:{GPTQ_TOKENS}:"))
             ok = ok and (dtype != "int4" or q is not None and INT4_CODES in q.rounding)  # today's int4 codes

@@ -469,15 +469,15 @@ def test_cache_form_compute_dequantizes_on_read(qdirs, dtype):
 @pytest.mark.parametrize("dtype", ["int8", "int4", "int4a"])
 def test_quantized_on_cuda_every_mode_gives_its_dense_tokens(qdirs, dtype, tmp_path):
     """On a GPU the caches hold quantized rows in GPU memory (or dequantized ones: cache_form="compute"), int8
-    resident weights dequantize per matmul there; every mode gives the GPU's dense tokens. int4a: asymmetric gate and
-    up rows."""
+    (and int4) resident weights dequantize per matmul there; every mode gives the GPU's dense tokens. int4a:
+    asymmetric gate and up rows."""
     src = str(qdirs["llama", "int8"].parent / "llama")
     kw = {"int4_gate_up": "asym"} if dtype == "int4a" else {}
     dtype = dtype.rstrip("a")
     own = qdirs["llama", dtype] if not kw else convert(src, tmp_path / "a", dtype=dtype, progress=False,
                                                         calibration_tokens=0, **kw)
-    for path in (own, convert(src, tmp_path / "r8", dtype=dtype, resident_dtype="int8", progress=False,
-                              calibration_tokens=0, **kw)):
+    for path in (own, *(convert(src, tmp_path / res, dtype=dtype, resident_dtype=res, progress=False,
+                                calibration_tokens=0, **kw) for res in ("int8", "int4"))):
         ref = _gen(path, "dense", device="cuda").tokens
         for mode in ("naive", "hybrid", "oracle"):
             assert _gen(path, mode, device="cuda").tokens == ref, mode
