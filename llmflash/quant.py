@@ -27,8 +27,9 @@ inside its dot products; the Python path dequantizes a part to the compute dtype
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +322,25 @@ KERNEL_ALIGN_BYTES = 16
 NATIVE_MAX_TOKENS = 8  # rows of x up to which Int8Linear runs llmflash's own kernel (decode); more: torch's
 
 
+def _native_linear(x: Tensor, bias: Optional[Tensor], out_features: int, applies: bool,
+                   call: Callable[..., object]) -> Optional[Tensor]:
+    """A decode step's rows x [..., in] (float32 on the CPU, at most ``NATIVE_MAX_TOKENS`` of them) through a native
+    kernel, ``call(lib, x2 [T, in], T, bias address or 0, y [T, out])`` filling y; None where it does not apply
+    (``applies`` False, other rows, a bias not float32 and contiguous, no native library): the caller's other path."""
+    if not (applies and x.dtype == torch.float32 and x.device.type == "cpu"):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    t = x2.shape[0]
+    if not 0 < t <= NATIVE_MAX_TOKENS or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    y = torch.empty(t, out_features, dtype=torch.float32)
+    call(lib, x2.contiguous(), t, 0 if bias is None else bias.data_ptr(), y)
+    return y.view(*x.shape[:-1], -1)
+
+
 class Int8Linear(nn.Module):
     """A ``nn.Linear`` whose weight is held in int8 with per-row scales (weight-only).
 
@@ -361,24 +381,12 @@ class Int8Linear(nn.Module):
 
     def _native_forward(self, x: Tensor) -> Optional[Tensor]:
         """y through ``llmflash_int8_linear`` (float32 throughout), or None where it does not apply."""
-        if not (self.kernel and self.native and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.q.device.type == "cpu"):
-            return None
-        x2 = x.reshape(-1, x.shape[-1])
-        t = x2.shape[0]
-        b = self.bias
-        if not 0 < t <= NATIVE_MAX_TOKENS or self.scale.dtype != torch.float32 or not self.scale.is_contiguous() \
-                or not self.q.is_contiguous() or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous())):
-            return None
-        lib = native_library()
-        if lib is None:
-            return None
-        x2 = x2.contiguous()
-        y = torch.empty(t, self.out_features, dtype=torch.float32)
-        lib.llmflash_int8_linear(x2.data_ptr(), t, self.in_features, self.q.data_ptr(), self.scale.data_ptr(),
-                                 0 if b is None else b.data_ptr(), self.out_features, y.data_ptr(),
-                                 torch.get_num_threads())
-        return y.view(*x.shape[:-1], -1)
+        q, scale = self.q, self.scale
+        applies = self.kernel and self.native and q.device.type == "cpu" and scale.dtype == torch.float32 \
+            and scale.is_contiguous() and q.is_contiguous()
+        return _native_linear(x, self.bias, self.out_features, applies, lambda lib, x2, t, b, y: lib.llmflash_int8_linear(
+            x2.data_ptr(), t, self.in_features, q.data_ptr(), scale.data_ptr(), b, self.out_features, y.data_ptr(),
+            torch.get_num_threads()))
 
     def forward(self, x: Tensor) -> Tensor:
         y_native = self._native_forward(x)
@@ -456,25 +464,16 @@ class QLinear(nn.Module):
         return decode_rows(self.rows, self.bits, self.group_size, dtype)
 
     def _native_forward(self, x: Tensor) -> Optional[Tensor]:
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and self.rows.device.type == "cpu"
-                and self.rows.stride(1) == 1):
-            return None
-        x2 = x.reshape(-1, x.shape[-1])
-        t = x2.shape[0]
-        b = self.bias
-        if not 0 < t <= NATIVE_MAX_TOKENS or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous())):
-            return None
-        lib = native_library()
-        if lib is None:
-            return None
-        x2 = x2.contiguous()
-        y = torch.empty(t, self.out_features, dtype=torch.float32)
-        rc = lib.llmflash_q_linear(x2.data_ptr(), t, self.in_features, self.rows.data_ptr(), self.rows.stride(0),
-                                   self.bits, self.group_size, 0 if b is None else b.data_ptr(), self.out_features,
-                                   y.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"llmflash_q_linear failed ({rc})")
-        return y.view(*x.shape[:-1], -1)
+        """y through ``llmflash_q_linear`` (float32 throughout), or None where it does not apply."""
+        rows = self.rows
+
+        def call(lib: ctypes.CDLL, x2: Tensor, t: int, b: int, y: Tensor) -> None:
+            rc = lib.llmflash_q_linear(x2.data_ptr(), t, self.in_features, rows.data_ptr(), rows.stride(0), self.bits,
+                                       self.group_size, b, self.out_features, y.data_ptr(), torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"llmflash_q_linear failed ({rc})")
+
+        return _native_linear(x, self.bias, self.out_features, rows.device.type == "cpu" and rows.stride(1) == 1, call)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._native_forward(x)
