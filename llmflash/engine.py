@@ -66,7 +66,7 @@ from .provider import ActiveSetProvider, GateProvider, OracleProvider, Predictor
 from .quant import compute_layout, dense_layer_bytes, storage_dtype
 from .sparsity import model_rule, stored_thresholds, threshold_rule
 from .step import MAX_NATIVE_TOKENS, NativeRows, rows_output, slot_plan
-from .storage import URING_DEPTH, FlashReader, RowsTarget
+from .storage import URING_DEPTH, FlashReader, RowsJob, RowsTarget
 from .threads import CpuState, choose_threads, lookahead_pays, sense_cpu
 
 log = logging.getLogger(__name__)
@@ -230,40 +230,50 @@ class _FlashFFNBase(nn.Module):
     def _submit(self, store: RowStore, ids: np.ndarray, dest: int | np.ndarray) -> list:
         """Start reading rows ``ids`` (sorted) of this layer into ``store`` rows from ``dest`` (an int: consecutive
         rows), or into its rows ``dest`` (int64 [len(ids)]: a neuron cache's slots; scatter reads)."""
+        return self._submit_many([(store, ids, dest)])
+
+    def _submit_many(self, parts: list[tuple[RowStore, np.ndarray, int | np.ndarray]]) -> list:
+        """``_submit`` for several (store, ids, dest) at once: with the native reader one plan and one ticket for all
+        (a layer's cache loads and its rows beyond the cache: one hand-over to the kernel, one wait)."""
         e = self.e
         t0 = _now_ms()
         tickets = []
+        parts = [p for p in parts if p[1].size]
         for o in e.observers:
-            o.read_plan(self.layer, ids)
-        if ids.size and e.reader.native and e.cfg.native_plans:
+            for _, ids, _ in parts:
+                o.read_plan(self.layer, ids)
+        if parts and e.reader.native and e.cfg.native_plans:
             # the hot path: the native reader plans the same reads from the ids (one call, one ticket); observers that
             # count reads get the planned sizes from it (so an experiment measures the path users run)
-            e.backend.before_reads(store)
             segs = e.fd.layout.segments
-            targets = [RowsTarget(buf, seg.layer_offsets[self.layer], seg.stride_bytes,
-                                  max(1, e.cfg.max_read_bytes // seg.stride_bytes))
-                       for seg, buf in zip(segs, store.buffers)]
-            slots = dest if isinstance(dest, np.ndarray) else None
+            jobs = []
+            for store, ids, dest in parts:
+                e.backend.before_reads(store)
+                targets = tuple(RowsTarget(buf, seg.layer_offsets[self.layer], seg.stride_bytes,
+                                           max(1, e.cfg.max_read_bytes // seg.stride_bytes))
+                                for seg, buf in zip(segs, store.buffers))
+                slots = dest if isinstance(dest, np.ndarray) else None
+                jobs.append(RowsJob(targets, ids, slots, 0 if slots is not None else int(dest)))
             counting = [o for o in e.observers if type(o).reads_issued is not EngineObserver.reads_issued]
 
             def on_sizes(sizes: np.ndarray) -> None:
                 for o in counting:
                     o.reads_issued("ffn", sizes)
 
-            tickets.append(e.reader.submit_rows(targets, ids, e.fd.layout.d_ffn, slots,
-                                                0 if slots is not None else int(dest), on_sizes if counting else None))
-        elif ids.size:  # the reference: plans made here (and shown to observers that count reads)
-            e.backend.before_reads(store)  # copies out of these host rows (to an accelerator) are done
-            for seg, buf in zip(e.fd.layout.segments, store.buffers):
-                if isinstance(dest, np.ndarray):
-                    fo, nb, do = slot_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
-                    piece = seg.stride_bytes
-                else:
-                    fo, nb, do = read_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
-                    piece = 0
-                for o in e.observers:
-                    o.reads_issued("ffn", nb)
-                tickets.append(e.reader.submit(buf, fo, nb, do, piece_bytes=piece))
+            tickets.append(e.reader.submit_rows_jobs(jobs, e.fd.layout.d_ffn, on_sizes if counting else None))
+        else:  # the reference: plans made here (and shown to observers that count reads)
+            for store, ids, dest in parts:
+                e.backend.before_reads(store)  # copies out of these host rows (to an accelerator) are done
+                for seg, buf in zip(e.fd.layout.segments, store.buffers):
+                    if isinstance(dest, np.ndarray):
+                        fo, nb, do = slot_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
+                        piece = seg.stride_bytes
+                    else:
+                        fo, nb, do = read_plan(seg, self.layer, ids, dest, e.cfg.max_read_bytes)
+                        piece = 0
+                    for o in e.observers:
+                        o.reads_issued("ffn", nb)
+                    tickets.append(e.reader.submit(buf, fo, nb, do, piece_bytes=piece))
         # planning the reads is memory management; handing them over (the reader's submit call after it queued them:
         # on few cores mostly the kernel starting them, done by the reader's thread in this one's place) is I/O, moved
         # there by ``_wait`` once the tickets say how long it took (``queue_ms``)
@@ -528,8 +538,10 @@ class SparseFFN(_FlashFFNBase):
                 fresh &= ~computed[span]
             overflow, keep = span, (None if fresh.all() else np.flatnonzero(fresh))
         e.meter.mem_ms += _now_ms() - t0
-        pending = self._submit(land, load_ids, dest)
-        overflow_pending = self._submit(e.staging, overflow, 0) if 0 < overflow.size <= e.staging.capacity else None
+        # the cache loads and the rows beyond the cache (into the staging buffer): one hand-over, one ticket
+        beyond = 0 < overflow.size <= e.staging.capacity
+        pending = self._submit_many([(land, load_ids, dest)] + ([(e.staging, overflow, 0)] if beyond else []))
+        overflow_pending: Optional[list] = [] if beyond else None  # (waited for with the loads)
         if self.ahead_of:  # start later layers' reads before computing this one
             self.start_ahead(x2)
         ids = cache.ids

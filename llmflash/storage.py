@@ -86,6 +86,16 @@ class RowsTarget(NamedTuple):
     max_run_rows: int
 
 
+class RowsJob(NamedTuple):
+    """One set of rows for ``FlashReader.submit_rows_jobs``: rows ``ids`` (sorted, unique) read into each of
+    ``targets`` at their rows ``slots`` (int64, one per id), or at consecutive rows from ``dest_row0``."""
+
+    targets: tuple[RowsTarget, ...]
+    ids: np.ndarray
+    slots: Optional[np.ndarray] = None
+    dest_row0: int = 0
+
+
 def pin_buffer(buf: Buffer) -> bool:
     """Page-lock ``buf`` for CUDA (``cudaHostRegister``) so that host->GPU copies from it run at full speed and
     without a bounce buffer. False where CUDA is absent or refuses (the copies then still work, slower)."""
@@ -537,38 +547,49 @@ class FlashReader:
         of a dozen numpy calls; the engine's hot path). Native reader only (``native``); one ticket for all targets.
         ``on_sizes``: called with the planned reads' byte counts (int64 [reads]) before they are queued (an observer
         counting reads by size)."""
+        return self.submit_rows_jobs([RowsJob(tuple(targets), ids, slots, dest_row0)], file_rows, on_sizes)
+
+    def submit_rows_jobs(self, jobs: Sequence["RowsJob"], file_rows: int,
+                         on_sizes: Optional[Callable[[np.ndarray], None]] = None) -> ReadTicket:
+        """``submit_rows`` for several sets of rows at once (a layer's cache loads and its rows beyond the cache, in
+        two buffers): one plan, one hand-over to the kernel, one ticket for all of them."""
         if self._pool is None or self._lib is None:
             raise ValueError("submit_rows needs the native reader (FlashReader.native)")
         t0 = time.perf_counter_ns()
         lib = self._lib
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if slots is not None:
-            slots = np.ascontiguousarray(slots, dtype=np.int64)
-            if slots.size != ids.size:
-                raise ValueError(f"{ids.size} ids but {slots.size} slots")
         views = []
+        keep = []  # the id and slot arrays the plan was made from (alive until it is queued)
         plan = lib.llmflash_reader_plan_new()
         try:
-            for t in targets:
-                if t.stride_bytes % self.align_bytes or t.file_base_bytes % self.align_bytes or t.file_base_bytes < 0:
-                    raise ValueError(f"unaligned rows: stride {t.stride_bytes} and file offset {t.file_base_bytes} "
-                                     f"must be multiples of {self.align_bytes} bytes")
-                mv = memoryview(t.dest)
-                if mv.readonly:
-                    raise ValueError("the destination buffer is read-only")
-                addr = buffer_address(t.dest)
-                if addr % ALIGN_BYTES:
-                    raise ValueError(f"unaligned destination: its address must be a multiple of {ALIGN_BYTES}")
-                views.append(mv)
-                rc = lib.llmflash_reader_plan_rows(plan, addr, mv.nbytes, t.file_base_bytes, t.stride_bytes, file_rows,
-                                                   ids.size, array_address(ids), 0 if slots is None else array_address(slots),
-                                                   dest_row0, max(1, t.max_run_rows))
-                if rc == -1:
-                    raise ValueError(f"row ids must be sorted, unique and in [0, {file_rows})")
-                if rc:
-                    raise ValueError(f"destination too small: rows beyond its {mv.nbytes // t.stride_bytes}")
-                if t.file_base_bytes + file_rows * t.stride_bytes > self.size_bytes:
-                    raise ValueError(f"rows beyond the end of {self.path}")
+            for job in jobs:
+                ids = np.ascontiguousarray(job.ids, dtype=np.int64)
+                slots = job.slots
+                if slots is not None:
+                    slots = np.ascontiguousarray(slots, dtype=np.int64)
+                    if slots.size != ids.size:
+                        raise ValueError(f"{ids.size} ids but {slots.size} slots")
+                keep += [ids, slots]
+                for t in job.targets:
+                    if t.stride_bytes % self.align_bytes or t.file_base_bytes % self.align_bytes or t.file_base_bytes < 0:
+                        raise ValueError(f"unaligned rows: stride {t.stride_bytes} and file offset {t.file_base_bytes} "
+                                         f"must be multiples of {self.align_bytes} bytes")
+                    mv = memoryview(t.dest)
+                    if mv.readonly:
+                        raise ValueError("the destination buffer is read-only")
+                    addr = buffer_address(t.dest)
+                    if addr % ALIGN_BYTES:
+                        raise ValueError(f"unaligned destination: its address must be a multiple of {ALIGN_BYTES}")
+                    views.append(mv)
+                    rc = lib.llmflash_reader_plan_rows(plan, addr, mv.nbytes, t.file_base_bytes, t.stride_bytes,
+                                                       file_rows, ids.size, array_address(ids),
+                                                       0 if slots is None else array_address(slots), job.dest_row0,
+                                                       max(1, t.max_run_rows))
+                    if rc == -1:
+                        raise ValueError(f"row ids must be sorted, unique and in [0, {file_rows})")
+                    if rc:
+                        raise ValueError(f"destination too small: rows beyond its {mv.nbytes // t.stride_bytes}")
+                    if t.file_base_bytes + file_rows * t.stride_bytes > self.size_bytes:
+                        raise ValueError(f"rows beyond the end of {self.path}")
             if on_sizes is not None:
                 sizes = np.empty(lib.llmflash_reader_plan_sizes(plan, None), dtype=np.int64)
                 lib.llmflash_reader_plan_sizes(plan, sizes.ctypes.data)
@@ -582,6 +603,7 @@ class FlashReader:
         ticket._remaining = 1  # until waited
         ticket._views = tuple(views)
         ticket._native = lib.llmflash_reader_submit_plan(self._pool, plan)
+        del keep
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket

@@ -463,6 +463,45 @@ def test_submit_rows_reads_what_the_python_plans_read(tmp_path, max_run):
             assert reader.stats.bytes_read - before.bytes_read == t.bytes_read
 
 
+def test_submit_rows_jobs_reads_two_sets_in_one_ticket(tmp_path):
+    """submit_rows_jobs (a layer's cache loads into scattered slots and its rows beyond the cache into consecutive
+    rows of another buffer): one ticket whose reads and bytes are those of the two submit_rows calls, every row where
+    they put it; a bad job leaves nothing planned."""
+    from llmflash.layout import FlashLayout
+    from llmflash.storage import RowsJob, RowsTarget
+
+    _needs_native_reader()
+    lay = FlashLayout.build(2, 16, 80, True, "float32", True)
+    data = np.random.default_rng(2).integers(0, 256, lay.file_bytes, dtype=np.uint8).tobytes()
+    path = tmp_path / "ffn.bin"
+    path.write_bytes(data)
+    seg, layer = lay.segments[0], 1
+    a, b = np.array([1, 2, 3, 9, 40], dtype=np.int64), np.array([5, 6, 60, 79], dtype=np.int64)
+    slots = np.array([7, 0, 3, 2, 5], dtype=np.int64)
+
+    def targets(buf):
+        return (RowsTarget(buf, seg.layer_offsets[layer], seg.stride_bytes, 4),)
+
+    with FlashReader(path, n_threads=2) as reader:
+        sep = [aligned_buffer(8 * seg.stride_bytes) for _ in range(2)]
+        t1 = reader.submit_rows(targets(sep[0]), a, lay.d_ffn, slots=slots)
+        t2 = reader.submit_rows(targets(sep[1]), b, lay.d_ffn, dest_row0=1)
+        reader.wait(t1)
+        reader.wait(t2)
+        one = [aligned_buffer(8 * seg.stride_bytes) for _ in range(2)]
+        t = reader.submit_rows_jobs([RowsJob(targets(one[0]), a, slots), RowsJob(targets(one[1]), b, None, 1)],
+                                    lay.d_ffn)
+        reader.wait(t)
+        assert (t.reads, t.bytes_read) == (t1.reads + t2.reads, t1.bytes_read + t2.bytes_read)
+        assert bytes(one[0]) == bytes(sep[0]) and bytes(one[1]) == bytes(sep[1])
+        for nid, row in zip(b.tolist(), range(1, 1 + b.size)):
+            src = seg.layer_offsets[layer] + nid * seg.stride_bytes
+            assert one[1][row * seg.stride_bytes : (row + 1) * seg.stride_bytes] == data[src : src + seg.stride_bytes]
+        with pytest.raises(ValueError, match="sorted"):
+            reader.submit_rows_jobs([RowsJob(targets(one[0]), a, slots), RowsJob(targets(one[1]), b[::-1], None)],
+                                    lay.d_ffn)
+
+
 def test_submit_rows_rejects_bad_ids_and_small_buffers(flash_file):
     from llmflash.storage import RowsTarget
 
