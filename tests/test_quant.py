@@ -345,13 +345,13 @@ def test_int8_linear_takes_weights_at_any_offset():
 @pytest.mark.parametrize("resident", ["int8", "int4"])
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_quantized_resident_weights_every_mode(qdirs, name, resident, tmp_path, monkeypatch):
-    """--resident-dtype int8 / int4: attention, embeddings and the tied head weight-only int8 (one scale per row) or
-    int4 (group-quantized rows: ``QLinear``, ``QEmbedding``, the manifest naming the group size); the resident file
-    (what the engine counts in DRAM) shrinks; every mode gives dense's tokens, the accelerator's code path too;
-    eval-ppl works."""
-    from llmflash.quant import Int8Embedding, Int8Linear, QEmbedding, QLinear
+    """--resident-dtype int8 / int4: attention, embeddings and the tied head weight-only int8 (one scale per row), or
+    attention in int4 (group-quantized rows: ``QLinear``, the manifest naming the group size) with the embedding and
+    the tied head in int8; the resident file (what the engine counts in DRAM) shrinks; every mode gives dense's
+    tokens, the accelerator's code path too; eval-ppl works."""
+    from llmflash.quant import Int8Embedding, Int8Linear, QLinear
 
-    emb_cls, lin_cls = (Int8Embedding, Int8Linear) if resident == "int8" else (QEmbedding, QLinear)
+    emb_cls, lin_cls = (Int8Embedding, Int8Linear if resident == "int8" else QLinear)
     src = qdirs[name, "int8"].parent / name
     path = convert(str(src), tmp_path / resident, dtype="int4", resident_dtype=resident, progress=False,
                    calibration_tokens=0)
