@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(asymmetric where they already sit on 4-bit asymmetric grids: a Q4_1 GGUF's are kept)")
     p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="the resident weights (attention, embeddings, tied head): auto (the compute dtype), int8 "
-                        "(weight-only, one scale per row) or int4 (weight-only, a scale per --group-size values)")
+                        "(weight-only, one scale per row) or int4 (the linear layers, a scale per --group-size values; "
+                        "the embedding and head int8)")
     p.add_argument("--no-bundling", action="store_true", help="store up/gate and down in separate regions (ablation)")
     p.add_argument("--force", action="store_true", help="overwrite a directory holding another model")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",

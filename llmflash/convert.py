@@ -61,7 +61,8 @@ COMPUTE_DTYPE = "float32"  # what a quantized directory's weights are dequantize
 # 1.06-1.11x with 8192: results/quantized)
 GPTQ_TOKENS = 32768
 RESIDENT_DTYPES = ("auto", "int8", "int4")  # ``--resident-dtype``: auto = the compute dtype (float); int8 or int4
-# weight-only (int8: one scale per row; int4: a scale per ``--group-size`` values, ``quant.QLinear``)
+# weight-only (int8: one scale per row; int4: the linear layers with a scale per ``--group-size`` values,
+# ``quant.QLinear``, the embedding and the head int8)
 
 
 INT4_GATE_UP = ("auto", "sym", "asym")  # ``--int4-gate-up``
@@ -91,7 +92,8 @@ def convert(
     refuses the directory); int8 / int4 with calibration also round the FFN codes by GPTQ on ``gptq_tokens``
     tokens (``gptq``; 0: to nearest), else to nearest. ``resident_dtype``: ``auto`` (the resident weights in the compute dtype),
     ``int8`` (every linear layer and plain embedding of the resident part weight-only int8, one scale per row:
-    ``quant``) or ``int4`` (the same in int4, a float16 scale per ``group_size`` values: ``quant.QLinear``).
+    ``quant``) or ``int4`` (the linear layers in int4, a float16 scale per ``group_size`` values: ``quant.QLinear``;
+    the embedding and the head int8: ``quant.int8_under_int4``).
     ``int4_gate_up``: int4's gate and up rows ``sym`` (symmetric, as down), ``asym`` (an offset per group:
     ``quant.quantize_asym``, rounded to nearest) or ``auto`` (asym where they already sit on 4-bit asymmetric grids of
     the group size, as a Q4_1 GGUF's do, so that they are kept, not rounded again; else sym)."""
