@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from llmflash.cache_policy import POLICIES
+from llmflash.convert import RESIDENT_DTYPES
 from llmflash.engine import EngineConfig
 from llmflash.flashdir import open_flash_dir
 from llmflash.report import median
@@ -34,7 +35,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot)")
     p.add_argument("--hot-tokens", type=int, default=64, help="hot: calibration tokens that choose the hot sets")
     p.add_argument("--flash-dir", default=None, help="run this flash directory in oracle mode instead of the real model")
-    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8", "int4"),
+    p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="real model: its resident weights as converted (auto: float32) or in int8 (the demo's and "
                         "Table 3's directory)")
     args = p.parse_args()

@@ -19,6 +19,7 @@ import torch
 
 from llmflash.cache import CacheUpdate, NeuronCache
 from llmflash.cache_policy import POLICIES, make_policy
+from llmflash.convert import RESIDENT_DTYPES
 from llmflash.engine import Engine
 from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
@@ -74,7 +75,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5, help="DRAM budget, a fraction of the model's bytes")
     p.add_argument("--tokens", type=int, default=None, help="generated tokens (default 128, --quick 24)")
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot policies)")
-    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8", "int4"),
+    p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="real model: its resident weights as converted (auto) or in int8 (the demo's directory)")
     args = p.parse_args()
     n = args.tokens or (24 if args.quick else 128)

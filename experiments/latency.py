@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import statistics
 
+from llmflash.convert import RESIDENT_DTYPES
+
 import common
 import engine_runs
 
@@ -53,7 +55,7 @@ def main() -> None:
                    help="real model: alternating naive / sparse repeats for the speedup's median (default 3, full 5)")
     p.add_argument("--compute-threads", type=int, default=None,
                    help="torch threads (default: the engine's auto: see EngineConfig.compute_threads)")
-    p.add_argument("--resident-dtype", default="auto", choices=("auto", "int8", "int4"),
+    p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="real model: its resident weights as converted (auto: float32) or in int8 (the demo's "
                         "directory: convert --resident-dtype int8)")
     args = p.parse_args()

@@ -111,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-relu", choices=DEMO_MODELS,
                    help="smollm2-relu: the sparse model with its trained predictors; smollm2: the original under the "
                         "threshold rule, oracle only")
-    p.add_argument("--resident-dtype", default="int8", choices=("int8", "int4", "auto"),
+    p.add_argument("--resident-dtype", default="int8", choices=RESIDENT_DTYPES,
                    help="the sparse model's resident weights (attention, embeddings, head): int8 (a directory "
                         "converted with --resident-dtype int8, so that the budget leaves more to the neuron cache), "
                         "int4 (the same, a quarter of float32's bytes) or auto (float32, as stored)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .convert import convert
+from .convert import RESIDENT_DTYPES, convert
 from .engine import Engine, EngineConfig
 from .errors import LLMFlashError
 from .flashdir import FlashDir, open_flash_dir
@@ -150,7 +150,7 @@ def demo_rows(model: str, dram_budget: float, progress: Optional[Progress] = Non
     setup = default_setup(model)
     if not 0 < dram_budget <= 1:
         raise LLMFlashError(f"--dram-budget {dram_budget:g} is not a fraction of the model in (0, 1]: use e.g. 0.5")
-    if resident_dtype not in ("auto", "int8", "int4"):
+    if resident_dtype not in RESIDENT_DTYPES:
         raise LLMFlashError(f"--resident-dtype {resident_dtype!r}: choose int8, int4 or auto")
     for m, res in dict.fromkeys(((ORIGINAL, "auto"), (setup["model"], resident_dtype))):
         if not (cache_dir() / "flash" / _cache_name(m, res)).is_dir():

@@ -541,7 +541,6 @@ class SparseFFN(_FlashFFNBase):
         # the cache loads and the rows beyond the cache (into the staging buffer): one hand-over, one ticket
         beyond = 0 < overflow.size <= e.staging.capacity
         pending = self._submit_many([(land, load_ids, dest)] + ([(e.staging, overflow, 0)] if beyond else []))
-        overflow_pending: Optional[list] = [] if beyond else None  # (waited for with the loads)
         if self.ahead_of:  # start later layers' reads before computing this one
             self.start_ahead(x2)
         ids = cache.ids
@@ -561,13 +560,12 @@ class SparseFFN(_FlashFFNBase):
                 for dst, src in zip(cache.store.rows, buf.rows):
                     dst[torch.from_numpy(copy[0])] = src[torch.from_numpy(copy[1])]
                 e.meter.mem_ms += _now_ms() - t0
-        self._wait(pending)
+        self._wait(pending)  # (the loads and the rows beyond the cache)
         if upd.load_ids.size:
             rows = self._upload(land, cache.store, upd.load_ids.size, 0 if isinstance(dest, np.ndarray) else dest,
                                 upd.dest_slots)
             y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
-        if overflow_pending is not None:
-            self._wait(overflow_pending)
+        if beyond:
             rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
             if keep is None:
                 y = self._add(y, rows, overflow, x2)

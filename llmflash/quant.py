@@ -431,10 +431,14 @@ class Int8Embedding(nn.Module):
 QROWS = "{}.qrows"  # a weight's group-quantized rows (``--resident-dtype int4``): uint8 [rows, part_bytes]
 
 
+def part_values(width: int, bits: int, group_size: int) -> int:
+    """Values d of a symmetric part of ``width`` bytes (``layout.part_bytes``' inverse: width = d bits / 8 + 2 d / G)."""
+    return width * 8 * group_size // (bits * group_size + 8 * SCALE_DTYPE.itemsize)
+
+
 def decode_rows(rows: Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Group-quantized rows (``encode_part``'s form: codes, then float16 scales) uint8 [n, part_bytes] -> [n, d]."""
-    n, width = rows.shape
-    d = width * 8 * group_size // (bits * group_size + 8 * SCALE_DTYPE.itemsize)  # width = d bits / 8 + 2 d / G
+    d = part_values(rows.shape[1], bits, group_size)
     cb = code_bytes(d, bits)
     return dequantize(rows[:, :cb], rows[:, cb : cb + 2 * (d // group_size)].view(SCALE_DTYPE), bits, group_size, dtype)
 
@@ -458,7 +462,7 @@ class QLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.bits, self.group_size = bits, group_size
         self.out_features = rows.shape[0]
-        self.in_features = rows.shape[1] * 8 * group_size // (bits * group_size + 8 * SCALE_DTYPE.itemsize)
+        self.in_features = part_values(rows.shape[1], bits, group_size)
 
     def weight_dequantized(self, dtype: torch.dtype) -> Tensor:
         return decode_rows(self.rows, self.bits, self.group_size, dtype)

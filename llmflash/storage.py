@@ -558,8 +558,7 @@ class FlashReader:
         t0 = time.perf_counter_ns()
         lib = self._lib
         views = []
-        keep = []  # the id and slot arrays the plan was made from (alive until it is queued)
-        plan = lib.llmflash_reader_plan_new()
+        plan = lib.llmflash_reader_plan_new()  # (it copies what each plan_rows call reads: ids and slots need not live on)
         try:
             for job in jobs:
                 ids = np.ascontiguousarray(job.ids, dtype=np.int64)
@@ -568,7 +567,6 @@ class FlashReader:
                     slots = np.ascontiguousarray(slots, dtype=np.int64)
                     if slots.size != ids.size:
                         raise ValueError(f"{ids.size} ids but {slots.size} slots")
-                keep += [ids, slots]
                 for t in job.targets:
                     if t.stride_bytes % self.align_bytes or t.file_base_bytes % self.align_bytes or t.file_base_bytes < 0:
                         raise ValueError(f"unaligned rows: stride {t.stride_bytes} and file offset {t.file_base_bytes} "
@@ -603,7 +601,6 @@ class FlashReader:
         ticket._remaining = 1  # until waited
         ticket._views = tuple(views)
         ticket._native = lib.llmflash_reader_submit_plan(self._pool, plan)
-        del keep
         with self._shared.lock:  # type: ignore[union-attr]
             self.stats.wait_ms += (time.perf_counter_ns() - t0) / 1e6
         return ticket

@@ -38,7 +38,7 @@ from llmflash.errors import LLMFlashError
 from llmflash.layout import FlashLayout, part_bytes
 from llmflash.manifest import FFN_FILE, RESIDENT, ModelInfo, Quantization
 from llmflash.paths import cache_dir
-from llmflash.quant import QROWS, QSCALE, QWEIGHT
+from llmflash.quant import QROWS, QSCALE, QWEIGHT, part_values
 
 SIDECAR = "scale.json"
 WEIGHT_STD = 0.02
@@ -275,7 +275,7 @@ def _write_resident(path: Path, g: LlamaGeometry, rng: np.random.Generator, resi
                     crc = zlib.crc32(buf, crc)
                 continue
             if dt == "U8":  # int4 rows: random codes, then constant float16 scales (as ``_int4_rows``)
-                code_b = shape[1] - 2 * (2 * shape[1] // (g.group_size + 4))  # width = d / 2 + 2 d / G
+                code_b = part_values(shape[1], 4, g.group_size) // 2
                 n_scale = (shape[1] - code_b) // 2
                 for a, b in _row_chunks(shape[0], shape[1]):
                     rows = np.empty((b - a, shape[1]), dtype=np.uint8)
