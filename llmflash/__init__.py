@@ -12,6 +12,8 @@ Core (this package)
     ``quant``      group-wise int8/int4 codec of quantized FFN rows, int8 resident weights (``Int8Linear``)
     ``manifest``   the typed ``Manifest`` of a flash directory
     ``flashdir``   the flash format: its one writer (``write_flash_dir``), its reader (``open_flash_dir``), the skeleton
+    ``layer_stream`` streamed layers: decoder layers' resident weights read from flash every token into slot buffers
+                   (budgets below the resident weights' share)
     ``ffn``        FFN math shared by every path: weights, activation, sparsity rules, ``DenseFFN``
     ``arch``       architecture adapters (Llama family, OPT family): where the FFN lives
     ``models``     model resolution (aliases, hub ids, local dirs, GGUF) and loading, a flash directory in memory

@@ -8,13 +8,14 @@ staging buffer, the predictors; on an accelerator the device staging too) and th
   ``reserve`` times the largest cache; on an accelerator a host landing buffer as large as the largest cache (two
   with lookahead: one layer's reads land while the next one's are already in flight);
 - ``hybrid``: as many whole layers resident as fit, the rest streamed;
+- sparse modes below the resident weights' share: decoder layers' attention streamed (``streamed_layer_count``);
 - ``naive`` / ``dense``: nothing more (``dense`` is the reference and has no budget).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .cache import split_rows
 
@@ -84,3 +85,18 @@ def hybrid_resident_layers(budget_bytes: int, fixed_bytes: int, layer_payload_by
     if budget_bytes < fixed_bytes:
         raise ValueError(f"budget {budget_bytes} is below the fixed {fixed_bytes}")
     return min(n_layers, (budget_bytes - fixed_bytes) // layer_payload_bytes)
+
+
+def streamed_layer_count(budget_bytes: int, fixed_bytes: int, want_bytes: int, saved: Callable[[int], int],
+                         n_layers: int) -> int:
+    """Sparse modes (``layer_stream``): how many decoder layers to stream so that the budget holds ``fixed_bytes``
+    (every resident weight, buffers, predictors) less what streaming ``m`` layers saves (``saved(m)``: their bytes
+    less the slots') plus ``want_bytes`` of neuron caches. 0 when it fits as is; else the fewest that fit; else the
+    count that saves the most (the budget check then says whether the minimum fits)."""
+    if budget_bytes >= fixed_bytes + want_bytes:
+        return 0
+    savings = [0] + [saved(m) for m in range(1, n_layers + 1)]
+    for m in range(1, n_layers + 1):
+        if budget_bytes >= fixed_bytes - savings[m] + want_bytes:
+            return m
+    return max(range(n_layers + 1), key=lambda m: (savings[m], -m))

@@ -158,6 +158,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
+    p.add_argument("--stream-layers", type=int, default=-1, metavar="N",
+                   help="sparse modes on the CPU: decoder layers whose attention weights and norms are read from "
+                        "flash every token (two or three slot buffers, the next layer's read in flight while a layer "
+                        "computes) instead of staying resident, for budgets below the resident weights' share; -1 = "
+                        "auto: none while the budget holds them and caches of a token's expected set, else the fewest "
+                        "that leave the caches that; 0 = none")
 
 
 def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> EngineConfig:
@@ -177,6 +183,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         lookahead=args.lookahead, lookahead_depth=args.lookahead_depth, compute_threads=args.compute_threads,
         predictor_dtype=args.predictor_dtype,
         device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form, native=args.native,
+        stream_layers=args.stream_layers,
     )
 
 

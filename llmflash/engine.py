@@ -1,6 +1,8 @@
 """The inference engine: a Hugging Face model whose FFNs are served from flash.
 
-Embeddings, attention and norms are resident (loaded once with direct I/O). Each layer's FFN is one of:
+Embeddings, attention and norms are resident (loaded once with direct I/O), except, in the sparse modes under budgets
+below their share, the streamed layers' attention and norms (``layer_stream``: read every token into slot buffers,
+the next one in flight while the layers before it compute). Each layer's FFN is one of:
 
 - ``ResidentFFN`` (``DenseFFN`` over weights read once into DRAM): ``dense`` mode; the layers that fit in ``hybrid``;
 - ``StreamedFFN``: the whole layer read through a staging buffer every token: ``naive``; the rest of ``hybrid``;
@@ -48,15 +50,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .arch import Adapter, HFModel
+from .arch import Adapter, HFModel, adapter_for
 from .backend import Backend, make_backend
-from .budget import SparseBudget, hybrid_resident_layers
+from .budget import SparseBudget, hybrid_resident_layers, streamed_layer_count
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
+from .layer_stream import LayerStream, StreamPlan, TensorEntry, plan_stream, spread_layers, stream_holes, tensor_index
 from .layout import bridge, read_plan
 from .metrics import GenerationResult, TokenStats
 from .models import default_predictors, predictor_dir
@@ -198,6 +201,14 @@ class EngineConfig:
     # the neuron caches' slot bookkeeping per token (``NeuronCache.update``) in ``native/cache.cpp`` (window, LRU and
     # hot policies), else numpy (the reference it equals exactly)
     native_cache: bool = True
+    # sparse modes on the CPU: decoder layers whose resident tensors (attention projections, norms) are read from
+    # ``resident.safetensors`` every token into two or three slot buffers, the next streamed layer's read in flight
+    # while the layers before it compute (``layer_stream``), so budgets below the resident weights' share run (on
+    # Llama-2-7B's geometry at 4 bits they are 36% of the model). Spread evenly over the layers. -1 = auto
+    # (``budget.streamed_layer_count``): none while the budget holds the resident weights and neuron caches of a
+    # token's expected set (or a tenth of the FFN rows when the provider does not know it), else the fewest that
+    # leave the caches that, at most all; 0 = none
+    stream_layers: int = -1
 
 
 def _now_ms() -> float:
@@ -671,36 +682,64 @@ class Engine:
                                   native=config.native_reader, io_uring=config.io_uring,
                                   uring_depth=config.uring_depth)
         self.resident_reader: Optional[FlashReader] = None
+        self.provider: Optional[ActiveSetProvider] = None
+        budget_bytes = int(config.dram_budget * fd.model_bytes)
+        staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
+        self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
 
-        resident = fd.read_resident()  # tensors viewing one aligned buffer (fd.resident_buffer)
+        # streamed layers (``layer_stream``): planned before the resident weights are read, which then leave them out
+        self.stream: Optional[LayerStream] = None
+        self.stream_reader: Optional[FlashReader] = None
+        if config.stream_layers > 0 and (config.mode not in SPARSE_MODES or self.accelerator):
+            raise LLMFlashError("--stream-layers applies to the sparse modes (oracle, predictor) on the CPU")
+        stream_plan: Optional[StreamPlan] = None
+        index: dict[str, TensorEntry] = {}
+        if config.stream_layers != 0 and config.mode in SPARSE_MODES and not self.accelerator:
+            # (the oracle's provider reads the FFN rows with their biases, which come with the model: later)
+            self.provider = provider if provider is not None else (
+                self._make_provider() if config.mode != "oracle" else None)
+            index = tensor_index(fd.resident_path)
+            stream_plan = self._plan_stream(index, budget_bytes, self.provider)
+        # tensors over one aligned buffer (fd.resident_buffer)
+        resident = fd.read_resident(stream_holes(index, stream_plan) if stream_plan else ())
+        if stream_plan:
+            self.stream_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads,
+                                             native=config.native_reader, io_uring=config.io_uring,
+                                             uring_depth=config.uring_depth)
+            self.stream = LayerStream(stream_plan, index, self.stream_reader)
+            resident.update(self.stream.views())
         self.model, self.adapter, self.biases = build_skeleton(fd, resident)
+        if self.stream is not None:
+            decoder = self.adapter.layers(self.model)
+            for layer in self.stream.plan.layers:
+                decoder[layer].register_forward_pre_hook(functools.partial(self._enter_streamed, layer))
         # the KV cache's argument: ``cache`` in newer transformers (which warn on ``past_key_values``), else the old name
         self._cache_arg = "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
         # naive on an accelerator copies the resident weights again every token: (host view, device tensor) pairs
         self._resident_pairs = self._move_resident() if self.accelerator else []
         if config.mode != "naive":
             self._resident_pairs = []
-        resident_bytes = fd.resident_path.stat().st_size
-        staging_rows = config.staging_rows or (384 if config.mode in SPARSE_MODES else 1024)
-        self.staging = RowStore(layout, min(staging_rows, layout.d_ffn), fd.dtype)
+        resident_bytes = fd.resident_path.stat().st_size - (sum(stream_plan.layer_bytes) if stream_plan else 0)
         self.staging_rows: RowStore | DeviceRows = self.staging  # what streamed chunks are computed from
         # where the caches' reads land apart from the caches (accelerator, or rows dequantized on arrival): one host
         # buffer, or depth + 1 with lookahead (layer l's reads land in landings[l % n] while layers l + 1 .. l + depth's
         # are in flight)
         self.landings: list[RowStore] = []
-        self.provider: Optional[ActiveSetProvider] = None
         self.dram = {"resident": resident_bytes, "staging": self.staging.nbytes}
+        if self.stream is not None:
+            self.dram["layer_slots"] = self.stream.nbytes
         self.aheads: list[RowStore] = []  # lookahead on the CPU: the guessed rows beyond the caches (``SparseFFN``)
         self.gather_scratch: Optional[list[Tensor]] = None  # accelerator: preallocated rows for gathered slots
         if self.offload:
             self.staging_rows = DeviceRows(self.row_layout, self.staging.capacity, fd.dtype, self.device)
             self.dram["staging_device"] = self.staging_rows.nbytes
             self.backend.pin(self.staging.buffers)
-        budget_bytes = int(config.dram_budget * fd.model_bytes)
         mode = config.mode
 
         if mode in SPARSE_MODES:
-            self.provider = active = provider if provider is not None else self._make_provider()
+            if self.provider is None:
+                self.provider = provider if provider is not None else self._make_provider()
+            active = self.provider
             if self.offload and not isinstance(active, GateProvider):
                 active.to_device(self.device)
             self.dram["predictors"] = active.nbytes
@@ -814,6 +853,38 @@ class Engine:
             pairs += [(h, d) for h, d in zip(biases, moved[layer]) if h is not None]
         self.biases = moved
         return pairs
+
+    def _plan_stream(self, index: dict[str, TensorEntry], budget_bytes: int,
+                     active: Optional[ActiveSetProvider]) -> Optional[StreamPlan]:
+        """The streamed layers (``EngineConfig.stream_layers``), or None for none."""
+        fd, lay, cfg = self.fd, self.fd.layout, self.cfg
+        adapter = adapter_for(fd.config())
+        prefixes = [adapter.layer_prefix(layer) for layer in range(lay.n_layers)]
+
+        def plan(m: int) -> StreamPlan:
+            return plan_stream(index, prefixes, spread_layers(lay.n_layers, m))
+
+        if cfg.stream_layers > 0:
+            m = min(cfg.stream_layers, lay.n_layers)
+        else:  # auto: what the budget holds before the caches, as the sparse budget will count it (an estimate)
+            fixed = fd.resident_path.stat().st_size + self.staging.nbytes + (active.nbytes if active else 0) + (
+                int(self.gate.nbytes) if self.gate is not None and not isinstance(active, GateProvider) else 0)
+            demand = active.layer_demand if active else None
+            want_rows = max(cfg.min_cache_rows * lay.n_layers,
+                            round(sum(demand) * lay.d_ffn) if demand else lay.n_layers * lay.d_ffn // 10)
+            m = streamed_layer_count(budget_bytes, fixed, want_rows * self.row_layout.neuron_stride_bytes,
+                                     lambda k: plan(k).saved_bytes, lay.n_layers)
+        if m == 0:
+            return None
+        p = plan(m)
+        log.info("streaming %d layers' resident weights (%s): %.1f MiB fewer resident, %d slots of %.1f MiB, "
+                 "%.1f MiB read per token", len(p.layers), p.layers, sum(p.layer_bytes) / 2**20, p.n_slots,
+                 p.slot_bytes / 2**20, p.read_bytes_per_pass / 2**20)
+        return p
+
+    def _enter_streamed(self, layer: int, module: nn.Module, args: Any) -> None:
+        assert self.stream is not None
+        self.meter.io_ms += self.stream.enter(layer)
 
     def _check_budget(self, budget_bytes: int, minimum: int) -> None:
         if budget_bytes < minimum:
@@ -1019,11 +1090,12 @@ class Engine:
             self.meter.mem_ms += _now_ms() - t0
 
     def reader_totals(self) -> tuple[int, int]:
-        """(bytes, reads) the flash readers (FFN file, and naive mode's resident file) have returned so far."""
+        """(bytes, reads) the flash readers (FFN file; naive mode's resident file; streamed layers') have returned so far."""
         b, r = self.reader.stats.bytes_read, self.reader.stats.reads
-        if self.resident_reader is not None:
-            b += self.resident_reader.stats.bytes_read
-            r += self.resident_reader.stats.reads
+        for extra in (self.resident_reader, self.stream_reader):
+            if extra is not None:
+                b += extra.stats.bytes_read
+                r += extra.stats.reads
         return b, r
 
     @torch.inference_mode()
@@ -1086,6 +1158,7 @@ class Engine:
             config=asdict(self.cfg) | {"compute_threads": self.compute_threads, "io_threads": self.threads.io_threads,
                                        "row_bucket": self.row_bucket, "max_gap_rows": self.max_gap_rows,
                                        "native_step": self.native,
+                                       "streamed_layers": list(self.stream.plan.layers) if self.stream else [],
                                        "native_reader": self.reader.native, "io_uring": self.reader.uring,
                                        "native_plans": self.reader.native and self.cfg.native_plans,
                                        "busy": self.threads.busy,
@@ -1132,8 +1205,11 @@ class Engine:
         """Close the readers and drop the model, caches and staging buffers now (FFN modules refer back to the
         engine, so without this their buffers would wait for the garbage collector)."""
         self.reader.close()
-        if self.resident_reader is not None:
-            self.resident_reader.close()
+        if self.stream is not None:
+            self.stream.drain()
+        for extra in (self.resident_reader, self.stream_reader):
+            if extra is not None:
+                extra.close()
         self.backend.release()
         self.model = None
         self.ffn_modules = []

@@ -53,7 +53,7 @@ from .manifest import (
 )
 from .paths import atomic_dir
 from .quant import QROWS, QSCALE, QWEIGHT, install_quantized_resident, part_rows, storage_dtype
-from .storage import ALIGN_BYTES, read_range
+from .storage import ALIGN_BYTES, READ_RANGE_CHUNK_BYTES, FlashReader, align_up, aligned_buffer, read_range
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +212,63 @@ class FlashDir:
         except OSError:
             pass
 
-    def read_resident(self) -> dict[str, Tensor]:
+    def read_resident(self, holes: Sequence[tuple[int, int]] = ()) -> dict[str, Tensor]:
         """Load resident weights with direct I/O (no page cache), checksum-verified. Tensors view one aligned buffer
-        (naive mode re-reads the file into this same buffer every token)."""
-        if self._resident is not None:
+        (naive mode re-reads the file into this same buffer every token).
+
+        ``holes``: sorted, page-aligned byte ranges [a, b) of the file not to hold (``layer_stream``: streamed
+        layers' tensors). Their pages of the buffer are never touched, so they take no DRAM; the file is still read
+        whole for its checksum (the holes through a small bounce buffer). The tensors over them are not to be used."""
+        if self._resident is not None and not holes:
             return self._resident
         size = self.resident_path.stat().st_size
-        buf = read_range(self.resident_path, 0, size)
-        if _crc(memoryview(buf)[:size]) != self.manifest.checksums.resident_crc32:
-            raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
+        if holes:
+            buf = _read_with_holes(self.resident_path, size, holes, self.manifest.checksums.resident_crc32)
+        else:
+            buf = read_range(self.resident_path, 0, size)
+            if _crc(memoryview(buf)[:size]) != self.manifest.checksums.resident_crc32:
+                raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
         self.resident_buffer = buf
         tensors = parse_safetensors(buf, size)
-        if self.keep_resident:
+        if self.keep_resident and not holes:
             self._resident = tensors
         return tensors
+
+
+def _read_with_holes(path: Path, size: int, holes: Sequence[tuple[int, int]], crc32: int) -> mmap.mmap:
+    """``read_resident`` with holes: the file in order, each part read straight into the (lazily faulted) buffer, or
+    for a hole into a bounce buffer, the checksum taken over every byte."""
+    total = align_up(size)
+    buf = aligned_buffer(total, populate=False)
+    bounce = aligned_buffer(READ_RANGE_CHUNK_BYTES * 4)
+    parts, at = [], 0
+    for a, b in holes:
+        if a % ALIGN_BYTES or b % ALIGN_BYTES or not at <= a < b <= total:
+            raise ValueError(f"holes must be sorted, disjoint, page-aligned ranges within the file: {(a, b)}")
+        parts += [(at, a, False), (a, b, True)]
+        at = b
+    parts.append((at, total, False))
+    crc = 0
+    with FlashReader(path, n_threads=4) as reader:
+        for a, b, hole in parts:
+            for off in range(a, b, len(bounce)):
+                n = min(len(bounce), b - off)
+                dest, base = (bounce, off) if hole else (buf, 0)
+                starts = np.arange(0, n, READ_RANGE_CHUNK_BYTES, dtype=np.int64)
+                reader.read(dest, starts + off, np.minimum(READ_RANGE_CHUNK_BYTES, n - starts), starts + off - base)
+                valid = max(0, min(n, size - off))
+                crc = zlib.crc32(memoryview(dest)[off - base : off - base + valid], crc)
+    bounce.close()
+    if crc & 0xFFFFFFFF != crc32:
+        raise FlashFileError(f"checksum error in {path}: the file is corrupt; re-run convert")
+    return buf
 
 
 def _file_crc_manifest(manifest: Manifest) -> int:
     return _crc(json.dumps(manifest.checksums.to_json(), sort_keys=True).encode())
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I8": torch.int8,
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I8": torch.int8,
               "U8": torch.uint8}
 
 
@@ -246,7 +282,7 @@ def parse_safetensors(buf: Any, size: int) -> dict[str, Tensor]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        dt = _ST_DTYPES[info["dtype"]]
+        dt = SAFETENSORS_DTYPES[info["dtype"]]
         count = (end - start) // torch.empty(0, dtype=dt).element_size()
         t = torch.frombuffer(buf, dtype=dt, count=count, offset=base + start) if count else torch.empty(0, dtype=dt)
         out[name] = t.view(info["shape"])

@@ -49,15 +49,19 @@ def align_up(n: int, a: int = ALIGN_BYTES) -> int:
     return -(-n // a) * a
 
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
+def aligned_buffer(nbytes: int, populate: bool = True) -> mmap.mmap:
     """A zero-filled, page-aligned anonymous buffer of ``align_up(nbytes)`` bytes (at least one page).
 
     Private and prefaulted (MAP_POPULATE, about 0.6-0.9 s/GiB on this VM): O_DIRECT reads into pages never touched
     fault them in one by one under the reads (measured: 4 KiB reads into a fresh 64 MiB buffer ran at half speed),
     and shared anonymous memory (``mmap.mmap(-1, n)``'s default) faults 2-3x slower than private. Transparent huge
     pages were tried: sometimes faster, sometimes 3-5x slower (direct compaction), so not used.
+
+    ``populate=False``: pages fault in when first written, and pages never written take no memory (a buffer with
+    holes: ``FlashDir.read_resident``).
     """
-    return mmap.mmap(-1, max(align_up(nbytes), ALIGN_BYTES), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
+    flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    return mmap.mmap(-1, max(align_up(nbytes), ALIGN_BYTES), flags=flags)
 
 
 def buffer_address(buf: Any) -> int:
