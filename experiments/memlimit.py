@@ -442,7 +442,8 @@ def child_llama_engine(flash_dir: str, tokens: int, budget: float, threads: int,
     times = [t.total_ms for t in res.per_token]
     s = res.summary()
     return {"tokens": res.tokens, "ms_per_token": _median(times[warmup:]), "per_token_ms": times, "summary": s,
-            "dram_bytes": res.dram_bytes, "model_bytes": res.model_bytes, "load_s": load_s, "rss_peak_bytes": _rss()}
+            "dram_bytes": res.dram_bytes, "model_bytes": res.model_bytes, "dram_breakdown": res.dram_breakdown,
+            "streamed_layers": res.config.get("streamed_layers", []), "load_s": load_s, "rss_peak_bytes": _rss()}
 
 
 def main() -> None:
