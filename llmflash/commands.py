@@ -260,8 +260,14 @@ def summary_line(res: GenerationResult) -> str:
         f"[{res.mode}] {len(res.tokens)} tokens, {s['ms_per_token']:.1f} ms/token (io {s['io_ms']:.1f}, "
         f"mem {s['mem_ms']:.1f}, compute {s['compute_ms']:.1f}), {fmt_bytes(s['bytes_read_per_token'])} read/token "
         f"in {s['reads_per_token']:.0f} reads, DRAM {fmt_bytes(res.dram_bytes)} = "
-        f"{res.dram_bytes / res.model_bytes:.0%} of the model" + _cache_line(s)
+        f"{res.dram_bytes / res.model_bytes:.0%} of the model" + _cache_line(s) + _stream_line(res)
     )
+
+
+def _stream_line(res: GenerationResult) -> str:
+    """The streamed layers (``layer_stream``), when the engine streamed any."""
+    n = len(res.config.get("streamed_layers") or [])
+    return f", {n} of {res.config.get('n_layers', '?')} layers' attention streamed" if n else ""
 
 
 def _cache_line(s: dict) -> str:

@@ -1159,6 +1159,7 @@ class Engine:
                                        "row_bucket": self.row_bucket, "max_gap_rows": self.max_gap_rows,
                                        "native_step": self.native,
                                        "streamed_layers": list(self.stream.plan.layers) if self.stream else [],
+                                       "n_layers": self.fd.layout.n_layers,
                                        "native_reader": self.reader.native, "io_uring": self.reader.uring,
                                        "native_plans": self.reader.native and self.cfg.native_plans,
                                        "busy": self.threads.busy,

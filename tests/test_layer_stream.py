@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmflash.budget import streamed_layer_count
+from llmflash.commands import summary_line
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import BudgetError, FlashFileError, LLMFlashError
@@ -105,6 +106,8 @@ def test_streamed_layers_give_the_same_tokens_and_read_their_bytes(dirs, dtype, 
     assert out.dram_breakdown["layer_slots"] == plan.n_slots * plan.slot_bytes
     assert out.dram_breakdown["resident"] == ref.dram_breakdown["resident"] - sum(plan.layer_bytes)
     assert out.config["streamed_layers"] == list(plan.layers)
+    assert f", {m} of {LAYERS} layers' attention streamed" in summary_line(out)
+    assert "streamed" not in summary_line(ref)
 
 
 def test_streamed_scores_equal(dirs):
