@@ -62,6 +62,10 @@ class Adapter:
     def layer_prefix(self, layer: int) -> str:
         raise NotImplementedError
 
+    def attention_prefix(self, layer: int) -> str:
+        """The prefix of a layer's attention weights (the projections, not the norms): what ``layer_stream`` streams."""
+        return self.layer_prefix(layer) + "self_attn."
+
     def ffn_input_norm(self, model: HFModel, layer: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(weight, bias) of the norm whose output enters the FFN (x = normalized(h) * weight + bias); (None, None)
         when unknown. The engine's lookahead rescales one layer's FFN input into a guess of the next one's."""

@@ -159,7 +159,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
     p.add_argument("--stream-layers", type=int, default=-1, metavar="N",
-                   help="sparse modes on the CPU: decoder layers whose attention weights and norms are read from "
+                   help="sparse modes on the CPU: decoder layers whose attention weights are read from "
                         "flash every token (two or three slot buffers, the next layer's read in flight while a layer "
                         "computes) instead of staying resident, for budgets below the resident weights' share; -1 = "
                         "auto: none while the budget holds them and caches of a token's expected set, else the fewest "

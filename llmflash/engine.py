@@ -1,7 +1,7 @@
 """The inference engine: a Hugging Face model whose FFNs are served from flash.
 
 Embeddings, attention and norms are resident (loaded once with direct I/O), except, in the sparse modes under budgets
-below their share, the streamed layers' attention and norms (``layer_stream``: read every token into slot buffers,
+below their share, the streamed layers' attention projections (``layer_stream``: read every token into slot buffers,
 the next one in flight while the layers before it compute). Each layer's FFN is one of:
 
 - ``ResidentFFN`` (``DenseFFN`` over weights read once into DRAM): ``dense`` mode; the layers that fit in ``hybrid``;
@@ -201,7 +201,7 @@ class EngineConfig:
     # the neuron caches' slot bookkeeping per token (``NeuronCache.update``) in ``native/cache.cpp`` (window, LRU and
     # hot policies), else numpy (the reference it equals exactly)
     native_cache: bool = True
-    # sparse modes on the CPU: decoder layers whose resident tensors (attention projections, norms) are read from
+    # sparse modes on the CPU: decoder layers whose attention projections are read from
     # ``resident.safetensors`` every token into two or three slot buffers, the next streamed layer's read in flight
     # while the layers before it compute (``layer_stream``), so budgets below the resident weights' share run (on
     # Llama-2-7B's geometry at 4 bits they are 36% of the model). Spread evenly over the layers. -1 = auto
@@ -859,7 +859,8 @@ class Engine:
         """The streamed layers (``EngineConfig.stream_layers``), or None for none."""
         fd, lay, cfg = self.fd, self.fd.layout, self.cfg
         adapter = adapter_for(fd.config())
-        prefixes = [adapter.layer_prefix(layer) for layer in range(lay.n_layers)]
+        # (the attention's projections only: the norms stay resident, where lookahead's maps read them at start)
+        prefixes = [adapter.attention_prefix(layer) for layer in range(lay.n_layers)]
 
         def plan(m: int) -> StreamPlan:
             return plan_stream(index, prefixes, spread_layers(lay.n_layers, m))

@@ -3,8 +3,8 @@ resident weights' share of the model.
 
 The paper keeps attention resident. On Llama-2-7B's geometry at 4 bits the attention projections, embeddings and
 head are 36% of the model, so a budget of a quarter cannot hold them and the FFN caches too. A streamed layer's
-tensors in ``resident.safetensors`` (everything under the adapter's layer prefix: attention projections and norms;
-the FFN's per-neuron biases stay resident) are not held from the start: just before the layer runs they are read
+tensors in ``resident.safetensors`` (its attention projections: everything under ``Adapter.attention_prefix``; the
+norms, tiny, and the FFN's per-neuron biases stay resident) are not held from the start: just before the layer runs they are read
 with direct I/O into one of a few preallocated slot buffers, while the read of the next streamed layer is already in
 flight. Unlike FFN rows nothing is predicted: the order of the layers is known, so the next read always overlaps the
 compute between two streamed layers (streamed layers are spread evenly over the model to give it the most).
@@ -55,7 +55,7 @@ def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
 
 
 def layer_tensors(index: dict[str, TensorEntry], prefix: str) -> list[str]:
-    """Names of the tensors under a layer's prefix (``Adapter.layer_prefix``), in file order."""
+    """Names of the tensors under a prefix (a layer's ``Adapter.attention_prefix``), in file order."""
     return sorted((n for n in index if n.startswith(prefix)), key=lambda n: index[n].start)
 
 
@@ -113,7 +113,8 @@ class StreamPlan:
 
 def plan_stream(index: dict[str, TensorEntry], prefixes: Sequence[str], layers: Sequence[int],
                 merge_gap_bytes: int = 64 << 10) -> StreamPlan:
-    """The reads and slot offsets of streaming ``layers`` (``prefixes[layer]``: each layer's tensor-name prefix).
+    """The reads and slot offsets of streaming ``layers`` (``prefixes[layer]``: the prefix of each layer's streamed
+    tensors).
     A layer's tensors are grouped into page-aligned spans (neighbours closer than ``merge_gap_bytes`` read as one)."""
     names, spans, nbytes = [], [], []
     slot_bytes = 0

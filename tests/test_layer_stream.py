@@ -18,7 +18,7 @@ from llmflash.flashdir import open_flash_dir
 from llmflash.layer_stream import plan_stream, spread_layers, stream_holes, tensor_index
 from llmflash.storage import ALIGN_BYTES, buffer_address
 
-from tiny import save_tiny, tiny_llama
+from tiny import save_tiny, tiny_llama, tiny_opt
 
 PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 120, 64])
 BIG = 8.0
@@ -29,7 +29,9 @@ LAYERS = 5
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     src = save_tiny(tiny_llama(relu=True, layers=LAYERS, d_model=128, d_ffn=384), root / "llama")
+    opt = save_tiny(tiny_opt(layers=LAYERS, d_model=128, d_ffn=384), root / "opt")
     return {"float32": convert(str(src), root / "f32", progress=False, calibration_tokens=0),
+            "opt": convert(str(opt), root / "opt-f32", progress=False, calibration_tokens=0),
             "int4": convert(str(src), root / "q4", dtype="int4", resident_dtype="int4", progress=False,
                             calibration_tokens=0)}
 
@@ -55,7 +57,7 @@ def test_spread_layers():
 def test_plan_covers_each_layers_tensors_and_holes_stay_inside_them(dirs):
     fd = open_flash_dir(dirs["float32"])
     index = tensor_index(fd.resident_path)
-    prefixes = [f"model.layers.{i}." for i in range(LAYERS)]
+    prefixes = [f"model.layers.{i}.self_attn." for i in range(LAYERS)]
     for m, slots in ((1, 1), (2, 2), (3, 3), (4, 2), (5, 3)):
         plan = plan_stream(index, prefixes, spread_layers(LAYERS, m))
         assert plan.n_slots == slots and len(plan.layers) == m
@@ -63,7 +65,7 @@ def test_plan_covers_each_layers_tensors_and_holes_stay_inside_them(dirs):
         cyc = [plan.slot_of(i) for i in range(m)]
         assert m == 1 or all(cyc[i] != cyc[(i + 1) % m] for i in range(m))
         for layer, names, spans in zip(plan.layers, plan.names, plan.spans):
-            assert names and all(n.startswith(f"model.layers.{layer}.") for n in names)
+            assert names and all(n.startswith(f"model.layers.{layer}.self_attn.") for n in names)  # not the norms
             assert not any(n.startswith("llmflash.ffn.") for n in names)
             for n in names:  # each tensor inside one aligned span, the spans inside the slot
                 e = index[n]
@@ -86,7 +88,7 @@ def test_streamed_count_rule():
     assert streamed_layer_count(100, 200, 50, {1: -3, 2: 0, 3: -3}.__getitem__, 3) == 0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "int4", "opt"])
 @pytest.mark.parametrize("m", [1, 3, 4, 5])
 def test_streamed_layers_give_the_same_tokens_and_read_their_bytes(dirs, dtype, m):
     """Streaming m layers changes nothing computed; every token reads each streamed layer's spans once more (when
@@ -186,3 +188,12 @@ def test_stream_errors(dirs, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(FlashFileError, match="checksum"):
         _engine(bad, stream_layers=4)
+
+
+def test_streamed_layers_with_lookahead(dirs):
+    """Lookahead's maps read each layer's FFN norm at start: those stay resident, so a streamed run guesses (and
+    generates) exactly as one that streams nothing."""
+    _, ref = _run(dirs["float32"], lookahead=True, stream_layers=0)
+    e, out = _run(dirs["float32"], lookahead=True, stream_layers=4)
+    assert e.stream is not None and out.tokens == ref.tokens
+    assert [t.loaded_neurons for t in out.per_token] == [t.loaded_neurons for t in ref.per_token]
