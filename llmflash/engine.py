@@ -700,8 +700,10 @@ class Engine:
                 self._make_provider() if config.mode != "oracle" else None)
             index = tensor_index(fd.resident_path)
             stream_plan = self._plan_stream(index, budget_bytes, self.provider)
-        # tensors over one aligned buffer (fd.resident_buffer)
+        # tensors over one aligned buffer (without streamed layers fd.resident_buffer, which naive mode reads into
+        # again every token)
         resident = fd.read_resident(stream_holes(index, stream_plan) if stream_plan else ())
+        self.resident_buffer = fd.resident_buffer if stream_plan is None else None
         if stream_plan:
             self.stream_reader = FlashReader(fd.resident_path, n_threads=self.threads.io_threads,
                                              native=config.native_reader, io_uring=config.io_uring,
@@ -802,7 +804,7 @@ class Engine:
                                                native=config.native_reader, io_uring=config.io_uring,
                                                uring_depth=config.uring_depth)
             if self.accelerator:  # the resident weights are copied to the accelerator again every token
-                self.backend.pin([fd.resident_buffer])
+                self.backend.pin([self.resident_buffer])
         if self.gate is not None and not isinstance(self.provider, GateProvider):
             self.dram["gate"] = int(self.gate.nbytes)
         for layer, m in enumerate(modules):
@@ -1071,7 +1073,7 @@ class Engine:
         """naive: the resident weights come from flash again (into the same buffer: identical bytes)."""
         assert self.resident_reader is not None
         size = self.fd.resident_path.stat().st_size
-        buf = self.fd.resident_buffer
+        buf = self.resident_buffer
         assert buf is not None  # read_resident ran at construction
         chunk = 1 << 20
         offs = np.arange(0, size, chunk, dtype=np.int64)

@@ -218,7 +218,8 @@ class FlashDir:
 
         ``holes``: sorted, page-aligned byte ranges [a, b) of the file not to hold (``layer_stream``: streamed
         layers' tensors). Their pages of the buffer are never touched, so they take no DRAM; the file is still read
-        whole for its checksum (the holes through a small bounce buffer). The tensors over them are not to be used."""
+        whole for its checksum (the holes through a small bounce buffer). The tensors over them are not to be used, and
+        such a buffer is neither kept (``keep_resident``) nor named ``resident_buffer`` (naive mode's re-reads)."""
         if self._resident is not None and not holes:
             return self._resident
         size = self.resident_path.stat().st_size
@@ -228,10 +229,11 @@ class FlashDir:
             buf = read_range(self.resident_path, 0, size)
             if _crc(memoryview(buf)[:size]) != self.manifest.checksums.resident_crc32:
                 raise FlashFileError(f"checksum error in {self.resident_path}: the file is corrupt; re-run convert")
-        self.resident_buffer = buf
         tensors = parse_safetensors(buf, size)
-        if self.keep_resident and not holes:
-            self._resident = tensors
+        if not holes:
+            self.resident_buffer = buf
+            if self.keep_resident:
+                self._resident = tensors
         return tensors
 
 

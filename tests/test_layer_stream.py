@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import mmap
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from llmflash.engine import Engine, EngineConfig
 from llmflash.errors import BudgetError, FlashFileError, LLMFlashError
 from llmflash.flashdir import open_flash_dir
 from llmflash.layer_stream import plan_stream, spread_layers, stream_holes, tensor_index
-from llmflash.storage import ALIGN_BYTES, buffer_address
+from llmflash.storage import ALIGN_BYTES
 
 from tiny import save_tiny, tiny_llama, tiny_opt
 
@@ -124,12 +123,12 @@ def test_streamed_scores_equal(dirs):
     assert torch.equal(scores[0], scores[1])
 
 
-def _resident_pages(buf: mmap.mmap, a: int, b: int) -> int:
-    """Pages of [a, b) of an anonymous mapping that are in memory (mincore)."""
+def _resident_pages(base: int, a: int, b: int) -> int:
+    """Pages of [base + a, base + b) (an anonymous mapping) that are in memory (mincore)."""
     libc = ctypes.CDLL(None, use_errno=True)
     n = (b - a) // ALIGN_BYTES
     vec = (ctypes.c_ubyte * n)()
-    rc = libc.mincore(ctypes.c_void_p(buffer_address(buf) + a), ctypes.c_size_t(b - a), vec)
+    rc = libc.mincore(ctypes.c_void_p(base + a), ctypes.c_size_t(b - a), vec)
     assert rc == 0, ctypes.get_errno()
     return int(np.frombuffer(vec, np.uint8).astype(bool).sum() if n else 0)
 
@@ -141,13 +140,15 @@ def test_streamed_weights_take_no_dram(dirs):
         e.generate(PROMPT, 4, stop_at_eos=False)
         index = tensor_index(e.fd.resident_path)
         holes = stream_holes(index, e.stream.plan)
-        buf = e.fd.resident_buffer
-        assert holes and sum(b - a for a, b in holes) > 0.5 * sum(e.stream.plan.layer_bytes)
-        assert all(_resident_pages(buf, a, b) == 0 for a, b in holes)
         emb = index["model.embed_tokens.weight"]
+        # the resident buffer holds the file at its own offsets: its address from a resident tensor's
+        base = e.model.get_input_embeddings().weight.data_ptr() - emb.start
+        assert e.fd.resident_buffer is None and e.resident_buffer is None  # (a buffer with holes is not named)
+        assert holes and sum(b - a for a, b in holes) > 0.5 * sum(e.stream.plan.layer_bytes)
+        assert all(_resident_pages(base, a, b) == 0 for a, b in holes)
         a = -(-emb.start // ALIGN_BYTES) * ALIGN_BYTES
         b = emb.end // ALIGN_BYTES * ALIGN_BYTES
-        assert _resident_pages(buf, a, b) == (b - a) // ALIGN_BYTES
+        assert _resident_pages(base, a, b) == (b - a) // ALIGN_BYTES
     finally:
         e.close()
 
@@ -197,3 +198,17 @@ def test_streamed_layers_with_lookahead(dirs):
     e, out = _run(dirs["float32"], lookahead=True, stream_layers=4)
     assert e.stream is not None and out.tokens == ref.tokens
     assert [t.loaded_neurons for t in out.per_token] == [t.loaded_neurons for t in ref.per_token]
+
+
+def test_engines_sharing_a_directory(dirs):
+    """Engines on one FlashDir that keeps its resident tensors (the demo's rows): one streaming layers reads its own
+    buffer with holes and leaves the kept tensors and the named buffer alone, so a naive engine after it re-reads
+    into the full one and generates dense's tokens."""
+    fd = open_flash_dir(dirs["float32"])
+    fd.keep_resident = True
+    _, dense = _run(fd, mode="dense")
+    full = fd.resident_buffer
+    e, streamed = _run(fd, stream_layers=4)
+    assert e.stream is not None and fd.resident_buffer is full
+    e, naive = _run(fd, mode="naive")
+    assert e.resident_buffer is full and naive.tokens == dense.tokens == streamed.tokens
