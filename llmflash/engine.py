@@ -690,6 +690,8 @@ class Engine:
         # streamed layers (``layer_stream``): planned before the resident weights are read, which then leave them out
         self.stream: Optional[LayerStream] = None
         self.stream_reader: Optional[FlashReader] = None
+        if config.stream_layers < -1:
+            raise LLMFlashError("--stream-layers is -1 (auto), 0 (none) or a number of layers")
         if config.stream_layers > 0 and (config.mode not in SPARSE_MODES or self.accelerator):
             raise LLMFlashError("--stream-layers applies to the sparse modes (oracle, predictor) on the CPU")
         stream_plan: Optional[StreamPlan] = None

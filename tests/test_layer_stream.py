@@ -172,6 +172,8 @@ def test_auto_streams_only_below_the_resident_share(dirs):
 def test_stream_errors(dirs, tmp_path):
     with pytest.raises(LLMFlashError, match="sparse modes"):
         _engine(dirs["float32"], mode="dense", stream_layers=2)
+    with pytest.raises(LLMFlashError, match="-1 .auto."):
+        _engine(dirs["float32"], stream_layers=-3)
     # a corrupt byte where no resident tensor is held is still caught by the checksum
     import shutil
 
