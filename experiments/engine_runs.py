@@ -174,7 +174,8 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     finally:
         engine.close()
     extras = {"hybrid_resident_layers": getattr(engine, "hybrid_resident_layers", None),
-              "cache_rows": getattr(engine, "cache_rows", None)}
+              "cache_rows": getattr(engine, "cache_rows", None),
+              "streamed_layers": res.config.get("streamed_layers", [])}
     if cuda:
         extras.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
                       gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())

@@ -237,6 +237,8 @@ END_TO_END = {
                               ("--model", "{relu}", "--ranks", "4", "--recall-targets", "0.9", "--epochs", "1",
                                "--train-tokens", "1024", "--eval-tokens", "512", "--ppl-tokens", "256",
                                "--last-layers", "1", "--window", "2", "--out", "{out}")),
+    "streamed_layers": Run(("streamed_layers.json", "streamed_layers.csv", "streamed_layers.png"),
+                           STANDARD + ("--budgets", "0.9,0.02", "--tokens", "3", "--repeats", "1")),
     "profile_io": Run(("profile.json", "profile.csv", "profile.png"), ("--quick", "--size-gb", "0.002", "--out", "{out}")),
     "quantized": Run(("quantized.json", "groups.csv", "kernels.csv", "quality.csv", "recall.csv", "speed.csv",
                       "quantized.png"),
