@@ -135,3 +135,37 @@ def test_cli_demo_passes_the_resident_dtype(rows, monkeypatch, capsys):
     with pytest.raises(demo.LLMFlashError, match="int8, int4 or auto"):
         real_rows("smollm2-relu", 0.5, resident_dtype="int2")
     capsys.readouterr()
+
+
+def _minimum(path, **kw) -> float:
+    """The smallest --dram-budget the oracle accepts on ``path`` (from the engine's refusal)."""
+    import re
+
+    from llmflash.engine import Engine, EngineConfig
+    from llmflash.errors import BudgetError
+
+    with pytest.raises(BudgetError) as err:
+        Engine(path, EngineConfig(mode="oracle", dram_budget=1e-4, **kw))
+    return float(re.search(r"below the minimum ([0-9.]+)", str(err.value)).group(1))
+
+
+def test_half_budget_row_streams_attention_or_is_dropped(tmp_path):
+    """The half-budget row: below the resident weights' share the engine streams layers' attention and the row says
+    so; below even that minimum the optional row is dropped with a progress line, the demo goes on."""
+    save_tiny(tiny_llama(seed=0, relu=True, layers=5, d_model=128, d_ffn=384), tmp_path / "sparse")
+    kw = {"model": "sparse", "flash_dir": convert(str(tmp_path / "sparse"), tmp_path / "f", progress=False,
+                                                  calibration_tokens=0), "sparsity": "relu"}
+    resident, streamed = _minimum(kw["flash_dir"], stream_layers=0), _minimum(kw["flash_dir"])
+    assert streamed < resident
+    low = (resident + streamed) / 2  # the engine streams, or it cannot run
+    lines: list[str] = []
+    demo_rows = [DemoRow("dense", **kw, dram_budget=1.0, role="reference"),
+                 DemoRow("naive", **kw, dram_budget=BUDGET, role="baseline"),
+                 DemoRow("oracle", **kw, dram_budget=low, role="method", tag="half budget", optional=True),
+                 DemoRow("oracle", **kw, dram_budget=1e-3, role="method", tag="too small", optional=True)]
+    res = run_demo(max_new_tokens=6, prompt="Hello world", dram_budget=BUDGET, rows=demo_rows, progress=lines.append)
+    assert [r["tag"] for r in res["rows"]] == ["", "", "half budget"]
+    assert "of 5 layers' attention read per token)" in res["rows"][-1]["dram_holds"]
+    assert res["rows"][-1]["same_tokens_as_reference"]
+    assert any("too small on sparse: skipped (--dram-budget" in ln for ln in lines), lines
+    assert "half budget" in format_table(res)
