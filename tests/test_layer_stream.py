@@ -214,3 +214,13 @@ def test_engines_sharing_a_directory(dirs):
     assert e.stream is not None and fd.resident_buffer is full
     e, naive = _run(fd, mode="naive")
     assert e.resident_buffer is full and naive.tokens == dense.tokens == streamed.tokens
+
+
+@pytest.mark.parametrize("kw", [{"cache_form": "compute"}, {"cache_policy": "hot", "hot_calibration_tokens": 8},
+                                {"native": False}])
+def test_streamed_layers_with_other_engine_options(dirs, kw):
+    """Rows dequantized on arrival (a landing buffer), a hot set calibrated at start (a scoring pass through the
+    streamed layers), the Python reference path: each gives the same tokens streamed as not."""
+    _, ref = _run(dirs["int4"], stream_layers=0, **kw)
+    e, out = _run(dirs["int4"], stream_layers=4, **kw)
+    assert e.stream is not None and out.tokens == ref.tokens
