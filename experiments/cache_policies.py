@@ -17,7 +17,6 @@ from llmflash.cache_policy import POLICIES
 from llmflash.convert import RESIDENT_DTYPES
 from llmflash.engine import EngineConfig
 from llmflash.flashdir import open_flash_dir
-from llmflash.report import median
 
 import common
 from engine_runs import n_tokens, real_cfg, run
@@ -62,11 +61,7 @@ def main() -> None:
         row = {"policy": pol, "label": "measured", "repeats": len(rs), "dram_bytes": rs[0]["dram_bytes"],
                "dram_fraction": rs[0]["dram_fraction"], "tokens_measured": rs[0]["summary"]["tokens_measured"],
                "same_tokens_as_window": rs[0]["tokens"] == runs["window"][0]["tokens"]}
-        for k in METRICS:
-            vals = [r["summary"][k] for r in rs]
-            row[k] = median(vals)
-            if k.endswith("_ms") or k == "ms_per_token":
-                row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+        row |= common.summary_medians(rs, METRICS)
         rows.append(row)
     data = {"setup": {k: v for k, v in setup.items() if k != "geometry"}, "budget": args.budget, "window": args.window,
             "tokens": n, "warmup": warmup, "hot_calibration_tokens": args.hot_tokens, "rows": rows,

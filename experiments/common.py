@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -102,6 +102,20 @@ def plt():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def summary_medians(runs: list[dict], metrics: Sequence[str]) -> dict:
+    """Each metric's median over the runs' summaries (``engine_runs.run``), and for times (``*_ms``, ``ms_per_token``)
+    its range over them as ``<metric>_min`` / ``<metric>_max``."""
+    from llmflash.report import median
+
+    row: dict = {}
+    for k in metrics:
+        vals = [r["summary"][k] for r in runs]
+        row[k] = median(vals)
+        if k.endswith("_ms") or k == "ms_per_token":
+            row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+    return row
 
 
 def savefig(fig, path: Path) -> None:

@@ -17,7 +17,6 @@ import torch
 
 from llmflash.convert import RESIDENT_DTYPES
 from llmflash.errors import BudgetError
-from llmflash.report import median
 
 import common
 from engine_runs import real_cfg, run
@@ -70,11 +69,7 @@ def main() -> None:
             row |= {"refused": False, "streamed_layers": len(streamed), "repeats": len(rs),
                     "dram_bytes": rs[0]["dram_bytes"], "slots_bytes": rs[0]["dram_breakdown"].get("layer_slots", 0),
                     "cache_bytes": rs[0]["dram_breakdown"].get("neuron_cache", 0)}
-            for k in METRICS:
-                vals = [r["summary"][k] for r in rs]
-                row[k] = median(vals)
-                if k.endswith("_ms") or k == "ms_per_token":
-                    row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+            row |= common.summary_medians(rs, METRICS)
             rows.append(row)
     data = {"setup": setup, "budgets": budgets, "tokens": args.tokens, "warmup": warmup, "rows": rows,
             "refused": {f"{b}/{a}": msg for (b, a), msg in refused.items()},
