@@ -264,6 +264,8 @@ ROWS = {
     "ours_lfu": "ours with the LFU cache policy (decayed use counts, admission; beyond the paper)",
     "ours_coact_lfu": "ours + co-activation order + the LFU cache policy (beyond the paper)",
     "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
+    "ours_masked": "ours, each layer computed over its whole device cache, unneeded rows masked (accelerator)",
+    "ours_lookahead_masked": "ours + lookahead, computed over the whole device cache, unneeded rows masked",
     "ours_python": "ours, Python path (no native step, Python reader threads: the reference)",
 }
 
@@ -307,9 +309,11 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     if io_threads is not None:
         extra["io_threads"] = io_threads
     if row not in ("dense", "naive", "hybrid"):  # the rows keep their meaning whatever the engine's default
-        extra["lookahead"] = row == "ours_lookahead"
-        if row == "ours_lookahead" and lookahead_depth != 1:
+        extra["lookahead"] = row.startswith("ours_lookahead")
+        if extra["lookahead"] and lookahead_depth != 1:
             extra["lookahead_depth"] = lookahead_depth
+    if row.endswith("_masked"):
+        extra["masked_compute"] = True
     if not native_reader or row == "ours_python":
         extra["native_reader"] = False
     if not io_uring:

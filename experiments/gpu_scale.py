@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--lookahead-recall", default="1.0",
                    help="comma-separated recalls of the simulated lookahead guess, one 'ours_lookahead' row each in "
                         "every repeat ('' for none; default 1.0)")
+    p.add_argument("--masked", action="store_true",
+                   help="also run 'ours_masked' and the first lookahead row masked: each layer computed over its whole "
+                        "device cache with the rows not needed masked (EngineConfig.masked_compute)")
     p.add_argument("--lfu", action="store_true",
                    help="also run 'ours_lfu': ours with the LFU cache policy (EngineConfig.cache_policy='lfu')")
     p.add_argument("--io-threads", type=int, default=0,
@@ -190,6 +193,10 @@ def main() -> None:
         if args.python_reader:
             extra += [("ours_pyreader", "ours", 1.0, False, 1, True)]
             extra += [(f"{ahead_keys[0]}_pyreader", "ours_lookahead", aheads[0][1], False, aheads[0][2], True)] \
+                if aheads else []
+        if args.masked:
+            extra += [("ours_masked", "ours_masked", 1.0, True, 1, True)]
+            extra += [(f"{ahead_keys[0]}_masked", "ours_lookahead_masked", aheads[0][1], True, aheads[0][2], True)] \
                 if aheads else []
         if args.lfu:
             extra += [("ours_lfu", "ours_lfu", 1.0, True, 1, True)]

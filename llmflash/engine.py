@@ -56,7 +56,7 @@ from .budget import SparseBudget, hybrid_resident_layers, streamed_layer_count
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
-from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn
+from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn, neuron_outputs
 from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
 from .layer_stream import LayerStream, StreamPlan, TensorEntry, plan_stream, spread_layers, stream_holes, tensor_index
@@ -209,6 +209,11 @@ class EngineConfig:
     # token's expected set (or a tenth of the FFN rows when the provider does not know it), else the fewest that
     # leave the caches that, at most all; 0 = none
     stream_layers: int = -1
+    # sparse modes on an accelerator, float rows, no gated model's own gate: compute each layer's needed rows over the
+    # whole device cache at once, the rows not needed masked to zero (fixed shapes: three matmuls over [capacity, d],
+    # no gathers of slots, one index upload per layer), instead of gathering the cached rows and the loaded rows
+    # apart. The same terms summed in another order (equal within rounding)
+    masked_compute: bool = False
 
 
 def _now_ms() -> float:
@@ -404,6 +409,35 @@ class SparseFFN(_FlashFFNBase):
         # (tickets, ids) of the guessed neurons beyond the cache, read ahead into ``engine.aheads[layer % n]``'s first
         # rows (lookahead on the CPU; n = depth + 1 buffers)
         self._ahead: Optional[tuple[list, np.ndarray]] = None
+        # ``EngineConfig.masked_compute``: each slot's activation bias (set for the needed slots before each use) and
+        # the needed slots' mask, both [capacity] on the device
+        store = self.cache.store
+        self.masked = (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
+                       and engine.gate is None)
+        if self.masked:
+            self.slot_mask = torch.zeros(capacity, dtype=engine.fd.dtype, device=engine.device)
+            self.slot_bias = (None if self.act_bias is None else
+                              torch.zeros(capacity, dtype=engine.fd.dtype, device=engine.device))
+
+    def _masked_add(self, y: Tensor, x: Tensor, slots: np.ndarray) -> Tensor:
+        """y + the contribution of the cached rows in ``slots`` (the layer's needed neurons), computed over every row
+        of the device cache with the others masked to zero (``EngineConfig.masked_compute``)."""
+        if not slots.size:
+            return y
+        store = self.cache.store
+        assert isinstance(store, DeviceRows)
+        ids = self.cache.ids[slots]
+        slots_t, ids_t = self.e.backend.indices([slots, ids])
+        self.slot_mask.zero_()
+        self.slot_mask.index_fill_(0, slots_t, 1)
+        bias = None
+        if self.slot_bias is not None and self.act_bias is not None:
+            self.slot_bias.index_copy_(0, slots_t, self.act_bias[ids_t].to(self.slot_bias.dtype))
+            bias = self.slot_bias
+        a = store.view("gate" if self.e.fd.gated else "up")
+        u = store.view("up") if self.e.fd.gated else None
+        h = neuron_outputs(x.to(a.dtype), a, u, bias, self.act, self.threshold, self.on_act) * self.slot_mask
+        return y + (h @ store.view("down")).to(y.dtype)
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
         """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
@@ -555,10 +589,16 @@ class SparseFFN(_FlashFFNBase):
         if self.ahead_of:  # start later layers' reads before computing this one
             self.start_ahead(x2)
         ids = cache.ids
-        y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
+        masked: list[np.ndarray] = []  # ``masked``: the slots computed at the end, in one pass over the whole cache
+        if self.masked:
+            y, masked = self._acc(x2), [ready]
+        else:
+            y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
             self._land_prefetch(pre)
-            if pre[1].size:
+            if pre[1].size and self.masked:
+                masked.append(pre[1])
+            elif pre[1].size:
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         if ahead is not None:
             self._wait(ahead[0])  # (always: the buffer takes layer + depth + 1's guess next)
@@ -575,7 +615,12 @@ class SparseFFN(_FlashFFNBase):
         if upd.load_ids.size:
             rows = self._upload(land, cache.store, upd.load_ids.size, 0 if isinstance(dest, np.ndarray) else dest,
                                 upd.dest_slots)
-            y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
+            if self.masked:
+                masked.append(upd.dest_slots)
+            else:
+                y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
+        if masked:
+            y = self._masked_add(y, x2, np.concatenate(masked))
         if beyond:
             rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
             if keep is None:

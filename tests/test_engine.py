@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
@@ -752,3 +753,27 @@ def test_keep_resident_reads_the_resident_file_once(flash_dirs):
         assert e.generate(PROMPT, 4, stop_at_eos=False).tokens == _gen(flash_dirs["opt"], "dense", n=4).tokens
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_masked_compute_on_the_accelerator_path(flash_dirs, name, monkeypatch):
+    """``masked_compute`` (the whole device cache computed with the rows not needed masked to zero) gives the gathered
+    path's tokens and log-probabilities within rounding: with overflow into the staging buffer, and with lookahead's
+    rows landing apart (stand-in path)."""
+    monkeypatch.setattr(Engine, "copy_on_cpu", True)
+    ref = _gen(flash_dirs[name], "dense").tokens
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(8))
+    dense_ppl = _ppl(flash_dirs[name], "dense", ids)
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    fixed = fd.resident_path.stat().st_size + 2 * 384 * lay.neuron_stride_bytes
+    budget = (fixed + 20 * lay.neuron_stride_bytes * (lay.n_layers + 1)) / fd.model_bytes  # 20 rows per layer
+    for kw in ({}, {"budget": budget, "staging_rows": 384}, {"window": 2, "lookahead": True}):
+        e = Engine(flash_dirs[name], EngineConfig(mode="oracle", dram_budget=kw.pop("budget", BIG), masked_compute=True,
+                                                 **kw))
+        try:
+            assert all(m.masked for m in e.ffn_modules)
+            assert e.generate(PROMPT, 12, stop_at_eos=False).tokens == ref, kw
+            assert abs(math.exp(-float(e.score(ids).double().mean())) / dense_ppl - 1) < 1e-5
+        finally:
+            e.close()
