@@ -233,6 +233,32 @@ def test_quantized_kernel_equals_the_python_path(dtype, group, activation, thres
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_a_decode_steps_blocked_sums_equal_the_row_by_row_ones(dtype):
+    """One token's rows add their down parts to y four at a time (one pass over y per block); a step of several
+    tokens adds them row by row. Each value takes the same terms in the same order: the first token of a two-token
+    step equals the one-token step to the bit, for any number of rows (blocks and a remainder)."""
+    d, n_ffn = 128, 160
+    lay = FlashLayout.build(1, d, n_ffn, True, dtype, bundled=True, group_size=32 if dtype.startswith("int") else 0)
+    if lay.quantized:
+        store = _quantized_store(lay, n_ffn, seed=3)
+    else:
+        store = RowStore(lay, n_ffn, getattr(torch, dtype))
+        for r in store.rows:
+            r.copy_(torch.randn(r.shape, generator=torch.Generator().manual_seed(3)).to(r.dtype))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, d, generator=g)
+    k = NativeRows.make("silu", torch.float32 if lay.quantized else getattr(torch, dtype), True, None, None)
+    assert k is not None
+    for n in (1, 4, 7, 90):
+        slots = np.sort(np.random.default_rng(n).choice(n_ffn, n, replace=False)).astype(np.int64)
+        one, two = torch.zeros(1, d), torch.zeros(2, d)
+        k.add(one, x[:1].contiguous(), store, slots, slots)
+        k.add(two, x, store, slots, slots)
+        assert torch.equal(one[0], two[0]), n
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
 def test_kernel_with_the_threshold_on_the_activation(dtype):
     """``on_act`` (a CATS-style rule: |act(gate x)| > threshold decides, the up projection does not), float and

@@ -74,6 +74,30 @@ void rows_range(const float* x, int64_t T, int64_t d, const typename W::T* a, co
                 const typename W::T* down, int64_t stride, int64_t stride_down, const int64_t* rows, const int64_t* ids, int64_t lo,
                 int64_t hi, const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind,
                 float threshold, int32_t on_act, float* y) {
+    // a decode step (one token): the down rows added to y in blocks of 4, each value taking the rows' terms in row
+    // order (the same sums, one pass over y per block instead of per row)
+    float bh[4];
+    const typename W::T* bd[4];
+    int nb = 0;
+    auto flush = [&](float* yt) {
+        if (nb == 4) {
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) {
+                float v = yt[k];
+                v += bh[0] * W::get(bd[0], k);
+                v += bh[1] * W::get(bd[1], k);
+                v += bh[2] * W::get(bd[2], k);
+                v += bh[3] * W::get(bd[3], k);
+                yt[k] = v;
+            }
+        } else {
+            for (int j = 0; j < nb; ++j) {
+#pragma omp simd
+                for (int64_t k = 0; k < d; ++k) yt[k] += bh[j] * W::get(bd[j], k);
+            }
+        }
+        nb = 0;
+    };
     for (int64_t r = lo; r < hi; ++r) {
         const int64_t row = rows[r], id = ids[r];
         const typename W::T* ar = a + row * stride;
@@ -88,10 +112,17 @@ void rows_range(const float* x, int64_t T, int64_t d, const typename W::T* a, co
             if (mask && !mask[t * mask_stride + id]) h = 0.f;
             if (h == 0.f) continue;
             float* yt = y + t * d;
+            if (T == 1) {
+                bh[nb] = h;
+                bd[nb++] = dr;
+                if (nb == 4) flush(yt);
+                continue;
+            }
 #pragma omp simd
             for (int64_t k = 0; k < d; ++k) yt[k] += h * W::get(dr, k);
         }
     }
+    if (nb) flush(y);
 }
 
 template <class W>
@@ -345,6 +376,39 @@ inline void qaxpy4(float h, const uint8_t* part, float* ye, float* yo, const QSh
     }
 }
 
+#ifdef LLMFLASH_QVEC
+// y += sum over j < n of h[j] * w_j, the down parts ``parts`` of up to ``kBlock`` rows (fast shapes only), in one pass
+// over y: each of y's values takes the rows' terms in row order with the same fused multiply-adds as ``qaxpy4`` /
+// ``qaxpy8`` row after row (the same result to the bit), loading and storing y once per block instead of per row.
+constexpr int kBlock = 4;
+template <int BITS>
+inline void qaxpy_block(const float* h, const uint8_t* const* parts, int n, float* ye, float* yo, const QShape& s) {
+    const int64_t gb = BITS == 4 ? s.G / 2 : s.G;  // bytes of a group's codes
+    for (int64_t g = 0; g < s.groups; ++g) {
+        V hs[kBlock];
+        for (int j = 0; j < n; ++j) hs[j] = vset(h[j] * scale_at(parts[j] + s.code_bytes, g));
+        for (int64_t c = 0; c < gb; c += W) {
+            if (BITS == 4) {
+                V e = vload(ye + g * gb + c), o = vload(yo + g * gb + c);
+                for (int j = 0; j < n; ++j) {
+                    V lo, hi;
+                    codes4(parts[j] + g * gb + c, lo, hi);
+                    e = vfma(hs[j], lo, e);
+                    o = vfma(hs[j], hi, o);
+                }
+                vstore(ye + g * gb + c, e);
+                vstore(yo + g * gb + c, o);
+            } else {
+                V v = vload(ye + g * gb + c);
+                for (int j = 0; j < n; ++j)
+                    v = vfma(hs[j], codes8(reinterpret_cast<const int8_t*>(parts[j]) + g * gb + c), v);
+                vstore(ye + g * gb + c, v);
+            }
+        }
+    }
+}
+#endif
+
 // Rows [lo, hi) of a quantized set into acc [T, d]: y's own order for int8; for int4 each token's y split into its
 // even values then its odd ones (xs: x split the same way), so that every loop runs over consecutive floats.
 // asym: bit 0, a's parts are asymmetric int4; bit 1, u's (xsums [T, groups]: each token's sums of x over the groups).
@@ -354,6 +418,13 @@ void qrows_range(const float* xs, int64_t T, const QShape& s, const uint8_t* a, 
                  const float* bias, const uint8_t* mask, int64_t mask_stride, int32_t kind, float threshold,
                  int32_t on_act, float* acc, int32_t asym, const float* xsums) {
     const int64_t d = s.d, half = d / 2;
+#ifdef LLMFLASH_QVEC
+    // a decode step (one token): the rows' down parts in blocks (``qaxpy_block``: the same sums, fewer passes over y)
+    const bool block = T == 1 && s.fast;
+    float bh[kBlock];
+    const uint8_t* bd[kBlock];
+    int nb = 0;
+#endif
     for (int64_t r = lo; r < hi; ++r) {
         const int64_t row = rows[r], id = ids[r];
         const uint8_t* ar = a + row * stride;
@@ -376,12 +447,26 @@ void qrows_range(const float* xs, int64_t T, const QShape& s, const uint8_t* a, 
             if (mask && !mask[t * mask_stride + id]) h = 0.f;
             if (h == 0.f) continue;
             float* at = acc + t * d;
+#ifdef LLMFLASH_QVEC
+            if (block) {
+                bh[nb] = h;
+                bd[nb++] = dr;
+                if (nb == kBlock) {
+                    qaxpy_block<BITS>(bh, bd, nb, at, at + half, s);
+                    nb = 0;
+                }
+                continue;
+            }
+#endif
             if (BITS == 8)
                 qaxpy8(h, dr, at, s);
             else
                 qaxpy4(h, dr, at, at + half, s);
         }
     }
+#ifdef LLMFLASH_QVEC
+    if (nb) qaxpy_block<BITS>(bh, bd, nb, acc, acc + half, s);
+#endif
 }
 
 template <int BITS>
