@@ -57,9 +57,9 @@ from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
 from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn, neuron_outputs
-from .flashdir import FlashDir, build_skeleton, ffn_weights_from_rows, open_flash_dir
+from .flashdir import FlashDir, TensorEntry, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
-from .layer_stream import LayerStream, StreamPlan, TensorEntry, plan_stream, spread_layers, stream_holes, tensor_index
+from .layer_stream import LayerStream, StreamPlan, plan_stream, spread_layers, stream_holes, tensor_index
 from .layout import bridge, read_plan
 from .metrics import GenerationResult, TokenStats
 from .models import default_predictors, predictor_dir

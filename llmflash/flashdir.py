@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -270,25 +270,43 @@ def _file_crc_manifest(manifest: Manifest) -> int:
     return _crc(json.dumps(manifest.checksums.to_json(), sort_keys=True).encode())
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I8": torch.int8,
-              "U8": torch.uint8}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                      "I8": torch.int8, "U8": torch.uint8}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: its dtype (safetensors' name: "F32", "U8", ...), shape and absolute byte
+    range [start, end) in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    def view(self, buf: Any, offset: int) -> Tensor:
+        """The tensor over ``buf`` (no copy), its bytes at ``offset`` there."""
+        dt = SAFETENSORS_DTYPES[self.dtype]
+        count = (self.end - self.start) // torch.empty(0, dtype=dt).element_size()
+        t = torch.frombuffer(buf, dtype=dt, count=count, offset=offset) if count else torch.empty(0, dtype=dt)
+        return t.view(self.shape)
+
+
+def safetensors_entries(head: Callable[[int, int], bytes]) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file from its header; ``head(offset, n)`` gives the file's bytes there."""
+    (header_len,) = struct.unpack("<Q", head(0, 8))
+    header = json.loads(head(8, header_len))
+    base = 8 + header_len
+    return {name: TensorEntry(info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
+                              base + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"}
 
 
 def parse_safetensors(buf: Any, size: int) -> dict[str, Tensor]:
     """Zero-copy tensors over a safetensors file held in ``buf`` (the file's first ``size`` bytes)."""
-    (header_len,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
-    header = json.loads(bytes(memoryview(buf)[8 : 8 + header_len]))
-    base = 8 + header_len
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dt = SAFETENSORS_DTYPES[info["dtype"]]
-        count = (end - start) // torch.empty(0, dtype=dt).element_size()
-        t = torch.frombuffer(buf, dtype=dt, count=count, offset=base + start) if count else torch.empty(0, dtype=dt)
-        out[name] = t.view(info["shape"])
-    return out
+    mv = memoryview(buf)
+    entries = safetensors_entries(lambda off, n: bytes(mv[off : off + n]))
+    return {name: e.view(buf, e.start) for name, e in entries.items()}
 
 
 def open_flash_dir(path: str | Path) -> FlashDir:

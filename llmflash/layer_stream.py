@@ -14,49 +14,43 @@ Each streamed layer's tensors view its slot at fixed offsets, so the modules bui
 the last of an odd number, so the next token's first read never waits for the layer in use); a slot that still holds
 its layer is not read again (one or two streamed layers are read once).
 
-Pure file arithmetic (``tensor_index``, ``plan_stream``, ``spread_layers``) is separate from the reading
+Pure file arithmetic (``tensor_index``, ``plan_stream``, ``spread_layers``, ``stream_holes``) is separate from the reading
 (``LayerStream``), so plans are testable without a model.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from .flashdir import SAFETENSORS_DTYPES
+from .flashdir import TensorEntry, safetensors_entries
 from .storage import ALIGN_BYTES, READ_RANGE_CHUNK_BYTES, FlashReader, ReadTicket, align_up, aligned_buffer
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: str  # safetensors' name ("F32", "U8", ...)
-    shape: tuple[int, ...]
-    start: int  # absolute file offsets of the tensor's bytes: [start, end)
-    end: int
 
 
 def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
     """The tensors of a safetensors file with their absolute byte ranges (only the header is read)."""
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    return {name: TensorEntry(info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
-                              base + info["data_offsets"][1])
-            for name, info in header.items() if name != "__metadata__"}
+        def head(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
+        return safetensors_entries(head)
 
 
-def layer_tensors(index: dict[str, TensorEntry], prefix: str) -> list[str]:
-    """Names of the tensors under a prefix (a layer's ``Adapter.attention_prefix``), in file order."""
-    return sorted((n for n in index if n.startswith(prefix)), key=lambda n: index[n].start)
+def _merged(ranges: Sequence[tuple[int, int]], gap: int = 0) -> list[list[int]]:
+    """Sorted ranges [a, b) joined where one starts at most ``gap`` bytes after the previous ends."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 def spread_layers(n_layers: int, m: int) -> tuple[int, ...]:
@@ -119,14 +113,9 @@ def plan_stream(index: dict[str, TensorEntry], prefixes: Sequence[str], layers: 
     names, spans, nbytes = [], [], []
     slot_bytes = 0
     for layer in layers:
-        ts = layer_tensors(index, prefixes[layer])
-        ranges: list[list[int]] = []
-        for n in ts:
-            a, b = index[n].start // ALIGN_BYTES * ALIGN_BYTES, align_up(index[n].end)
-            if ranges and a <= ranges[-1][1] + merge_gap_bytes:
-                ranges[-1][1] = max(ranges[-1][1], b)
-            else:
-                ranges.append([a, b])
+        ts = sorted((n for n in index if n.startswith(prefixes[layer])), key=lambda n: index[n].start)
+        ranges = _merged([(index[n].start // ALIGN_BYTES * ALIGN_BYTES, align_up(index[n].end)) for n in ts],
+                         merge_gap_bytes)
         off, layer_spans = 0, []
         for a, b in ranges:
             layer_spans.append(Span(a, b - a, off))
@@ -141,17 +130,8 @@ def plan_stream(index: dict[str, TensorEntry], prefixes: Sequence[str], layers: 
 def stream_holes(index: dict[str, TensorEntry], plan: StreamPlan) -> list[tuple[int, int]]:
     """Whole pages [a, b) of the file that only the plan's streamed tensors occupy: left out of the resident buffer
     (never touched, so never in DRAM). Pages a streamed tensor shares with a resident one are loaded."""
-    taken = sorted((index[n].start, index[n].end) for names in plan.names for n in names)
-    if not taken:
-        return []
-    merged = [list(taken[0])]
-    for a, b in taken[1:]:
-        if a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
     out = []
-    for a, b in merged:
+    for a, b in _merged([(index[n].start, index[n].end) for names in plan.names for n in names]):
         pa, pb = align_up(a), b // ALIGN_BYTES * ALIGN_BYTES
         if pb > pa:
             out.append((pa, pb))
@@ -171,7 +151,17 @@ class LayerStream:
         self.position = {layer: i for i, layer in enumerate(plan.layers)}
         self.holds = [-1] * plan.n_slots  # the streamed position whose bytes a slot holds (or is receiving)
         self.tickets: list[Optional[ReadTicket]] = [None] * plan.n_slots
-        self.wait_ms = 0.0  # cumulative: time ``enter`` waited for reads
+        # per streamed layer, its reads (file offsets, bytes, slot offsets): a span in chunks, so they spread over the
+        # reader's threads; planned once here, not every token
+        self.reads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for layer_spans in plan.spans:
+            fo, nb, do = [], [], []
+            for s in layer_spans:
+                for off in range(0, s.nbytes, READ_RANGE_CHUNK_BYTES):
+                    fo.append(s.file_offset + off)
+                    nb.append(min(READ_RANGE_CHUNK_BYTES, s.nbytes - off))
+                    do.append(s.slot_offset + off)
+            self.reads.append((np.array(fo, np.int64), np.array(nb, np.int64), np.array(do, np.int64)))
 
     @property
     def nbytes(self) -> int:
@@ -185,12 +175,7 @@ class LayerStream:
             for name in names:
                 e = self.index[name]
                 span = next(s for s in spans if s.file_offset <= e.start and e.end <= s.file_offset + s.nbytes)
-                dt = SAFETENSORS_DTYPES[e.dtype]
-                size = torch.empty(0, dtype=dt).element_size()
-                count = (e.end - e.start) // size
-                offset = span.slot_offset + e.start - span.file_offset
-                t = torch.frombuffer(buf, dtype=dt, count=count, offset=offset) if count else torch.empty(0, dtype=dt)
-                out[name] = t.view(e.shape)
+                out[name] = e.view(buf, span.slot_offset + e.start - span.file_offset)
         return out
 
     def _submit(self, i: int) -> None:
@@ -198,15 +183,8 @@ class LayerStream:
         if self.holds[slot] == i:
             return
         self._wait_slot(slot)
-        fo, nb, do = [], [], []
-        for s in self.plan.spans[i]:
-            for off in range(0, s.nbytes, READ_RANGE_CHUNK_BYTES):
-                fo.append(s.file_offset + off)
-                nb.append(min(READ_RANGE_CHUNK_BYTES, s.nbytes - off))
-                do.append(s.slot_offset + off)
         self.holds[slot] = i
-        self.tickets[slot] = self.reader.submit(self.slots[slot], np.array(fo, np.int64), np.array(nb, np.int64),
-                                                np.array(do, np.int64))
+        self.tickets[slot] = self.reader.submit(self.slots[slot], *self.reads[i])
 
     def _wait_slot(self, slot: int) -> None:
         t = self.tickets[slot]
@@ -228,7 +206,6 @@ class LayerStream:
         self._submit(i)  # (nothing when it is in flight or already there)
         self._wait_slot(self.plan.slot_of(i))
         ms = (time.perf_counter() - t0) * 1e3
-        self.wait_ms += ms
         nxt = (i + 1) % len(self.plan.layers)
         if self.plan.slot_of(nxt) != self.plan.slot_of(i):
             self._submit(nxt)
