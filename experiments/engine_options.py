@@ -21,6 +21,8 @@ prompt) with one change, run alternating (the disk and the machine drift) ``--re
   as lists, instead of from the neuron ids inside the native reader (``EngineConfig.native_plans``);
 - ``python_cache``: the neuron caches' slot bookkeeping in numpy (the reference) instead of ``native/cache.cpp``
   (``EngineConfig.native_cache``);
+- ``python_attention``: each layer's attention for one token through transformers' modules (the reference) instead
+  of the native decode step (``EngineConfig.native_attention``, ``llmflash.decode_step``);
 - ``reader_threads``: the native reader's C++ threads (one blocking read each) instead of io_uring
   (``EngineConfig.io_uring``); ``uring_depth_32``, ``_64``, ``_256``: io_uring with that many reads in flight at most
   (``EngineConfig.uring_depth``; default 128).
@@ -71,6 +73,7 @@ ARMS = {  # name -> EngineConfig changes
     "bridge_4": {"max_gap_rows": 4},
     "python_plans": {"native_plans": False},
     "python_cache": {"native_cache": False},
+    "python_attention": {"native_attention": False},
     "reader_threads": {"io_uring": False},
     "uring_depth_32": {"uring_depth": 32},
     "uring_depth_64": {"uring_depth": 64},

@@ -266,7 +266,7 @@ ROWS = {
     "ours_lookahead": "ours + lookahead (layer l+1's reads in flight while layer l computes)",
     "ours_masked": "ours, each layer computed over its whole device cache, unneeded rows masked (accelerator)",
     "ours_lookahead_masked": "ours + lookahead, computed over the whole device cache, unneeded rows masked",
-    "ours_python": "ours, Python path (no native step, Python reader threads: the reference)",
+    "ours_python": "ours, Python path (no native step or attention, Python reader threads: the reference)",
 }
 
 
@@ -319,7 +319,7 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     if not io_uring:
         extra["io_uring"] = False
     if row == "ours_python":
-        extra["native"] = False
+        extra["native"] = extra["native_attention"] = False
     if row in COACT_ROWS and scale:
         raise ValueError(f"the co-activation order needs real activations: the scale model has no {row} row")
     if row in ROW_POLICIES:

@@ -24,6 +24,7 @@ Core (this package)
     ``native``     the native sparse step's C++ source and its loader (built with g++ on first use, cached; None and
                    one warning where it cannot build)
     ``step``       the sparse step's reads into cache slots (``slot_plan``) and its native compute (``NativeRows``)
+    ``decode_step`` a Llama-family layer's attention for one token in native code, in front of transformers' forward
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict; low-rank and low-bit sets)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``backend``    where the model computes: the CPU, or an accelerator the host copies rows to (pinned buffers,

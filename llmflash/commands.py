@@ -152,9 +152,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8/int4 directories: the neuron caches hold the rows as stored (DRAM per neuron at the "
                         "stored bits, dequantized for every matmul) or dequantized once when read (compute)")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True,
-                   help="flash modes on the CPU: compute the rows with the native sparse step (C++, built with g++ on "
-                        "first use; where it cannot build: one warning and the Python path); --no-native: the Python "
-                        "reference path")
+                   help="on the CPU: compute the FFN rows with the native sparse step and a Llama-family layer's "
+                        "attention for one token with the native decode step (C++, built with g++ on first use; where "
+                        "it cannot build: one warning and the Python path); --no-native: the Python reference path")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
@@ -183,6 +183,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         lookahead=args.lookahead, lookahead_depth=args.lookahead_depth, compute_threads=args.compute_threads,
         predictor_dtype=args.predictor_dtype,
         device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form, native=args.native,
+        native_attention=args.native,
         stream_layers=args.stream_layers,
     )
 

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import decode_step
 from .arch import Adapter, HFModel, adapter_for
 from .backend import Backend, make_backend
 from .budget import SparseBudget, hybrid_resident_layers, streamed_layer_count
@@ -201,6 +202,10 @@ class EngineConfig:
     # the neuron caches' slot bookkeeping per token (``NeuronCache.update``) in ``native/cache.cpp`` (window, LRU and
     # hot policies), else numpy (the reference it equals exactly)
     native_cache: bool = True
+    # on the CPU, a Llama-family decoder layer's attention for one token (norms, projections, rotary embedding, grouped
+    # attention, residual) in two native calls around transformers' cache append (``decode_step``), else transformers'
+    # modules (the reference it equals within float32 rounding)
+    native_attention: bool = True
     # sparse modes on the CPU: decoder layers whose attention projections are read from
     # ``resident.safetensors`` every token into two or three slot buffers, the next streamed layer's read in flight
     # while the layers before it compute (``layer_stream``), so budgets below the resident weights' share run (on
@@ -859,6 +864,8 @@ class Engine:
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
+        self.decode_steps = (decode_step.install(self.model, self.adapter.layers(self.model), torch.get_num_threads)
+                             if config.native_attention and self.device.type == "cpu" else [])
         if mode in SPARSE_MODES and config.cache_policy == "hot":
             self.pin_hot_sets(self.calibrate_hot_sets())
         for o in observers:

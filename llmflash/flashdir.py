@@ -460,7 +460,7 @@ def build_skeleton(fd: FlashDir, resident: dict[str, Tensor]) -> tuple[HFModel, 
 
     config = fd.config()
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=fd.dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=fd.dtype, attn_implementation="sdpa")
     adapter = adapter_for(config)
     biases = {}
     state = {}

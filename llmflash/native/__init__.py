@@ -33,7 +33,7 @@ from ..paths import atomic_file, cache_dir
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 6  # llmflash_step_version() of the library this loader speaks to
+ABI_VERSION = 7  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
 READER_ABI_VERSION = 5  # llmflash_reader_version()
@@ -145,6 +145,12 @@ def _load() -> ctypes.CDLL:
     ql = lib.llmflash_q_linear  # group-quantized weight-only linear (int4 / int8 resident weights)
     ql.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, p, i32]
     ql.restype = i32
+    ai = lib.llmflash_attn_in  # a decoder layer's attention for one token, before the cache append (decode_step)
+    ai.argtypes = [p, i64, p, f32, p, p, p, p, p, i64, i64, i64, p, p, p, p, i32]
+    ai.restype = i32
+    ao = lib.llmflash_attn_out  # ... and after it
+    ao.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, f32, p, p, i64, p, f32, p, p, i32]
+    ao.restype = i32
     return lib
 
 

@@ -602,12 +602,193 @@ void qlinear_rows(const float* xs, int64_t T, const QShape& s, const uint8_t* w,
     }
 }
 
+
+// ------------------------------------------------------------------------ a decoder layer's attention, one token
+//
+// A Llama-family layer's decode step around its feed-forward part (llmflash/decode_step.py), in two calls on either
+// side of the key/value cache's append (transformers' cache keeps the keys and values):
+//   attn_in:  xn = rmsnorm(x) * w_in; q, k, v = Wq xn, Wk xn, Wv xn (+ biases); rotary embedding on q and k
+//   attn_out: per query head h (kv head h / (H / H_kv)): o_h = softmax(q_h K^T * scaling) V;
+//             h = x + Wo o (+ bias); xn = rmsnorm(h) * w_post (the feed-forward part's input)
+// The weights are described by LinearDesc: float32 rows, int8 rows with one float32 scale each (Int8Linear), or
+// group-quantized rows (QLinear); float32 activations and accumulation throughout.
+struct LinearDesc {
+    int64_t kind;  // 0: float32 rows, ``stride`` elements apart; 1: int8 rows [m, k] + float32 scale [m]; 2: group-quantized rows, ``stride`` bytes apart
+    const void* w;
+    const float* scale;
+    const float* bias;  // float32 [m] or NULL
+    int64_t stride;
+    int64_t bits;
+    int64_t group_size;
+    int64_t m;  // outputs
+    int64_t k;  // inputs
+};
+
+void f32rows(const float* x, int64_t k, const float* w, int64_t stride, const float* bias, float* y, int64_t lo,
+             int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+        const float* wr = w + r * stride;
+        int64_t c = 0;
+#ifdef LLMFLASH_QVEC
+        V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+        for (; c + 4 * W <= k; c += 4 * W) {
+            a0 = vfma(vload(wr + c), vload(x + c), a0);
+            a1 = vfma(vload(wr + c + W), vload(x + c + W), a1);
+            a2 = vfma(vload(wr + c + 2 * W), vload(x + c + 2 * W), a2);
+            a3 = vfma(vload(wr + c + 3 * W), vload(x + c + 3 * W), a3);
+        }
+        for (; c + W <= k; c += W) a0 = vfma(vload(wr + c), vload(x + c), a0);
+        float out = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+#else
+        float out = 0.f;
+#endif
+        for (; c < k; ++c) out += wr[c] * x[c];
+        y[r] = out + (bias ? bias[r] : 0.f);
+    }
+}
+
+// y [m] = W x (+ bias): one token through a LinearDesc; rows over ``nt`` threads where there are many. 0, or -1 for a
+// description this build cannot compute.
+int32_t linear_apply(const LinearDesc& L, const float* x, float* y, int32_t nt, std::vector<float>& xs_own) {
+    const int64_t k = L.k, m = L.m;
+    if (L.kind == 2 && (L.bits != 8 && L.bits != 4)) return -1;
+    if (L.kind == 2 && (L.group_size <= 0 || L.group_size % 2 || k % L.group_size)) return -1;
+    if (L.kind < 0 || L.kind > 2) return -1;
+    const QShape s{k, L.group_size > 0 ? L.group_size : 1, L.group_size > 0 ? k / L.group_size : 0,
+                   L.kind == 2 ? k * L.bits / 8 : 0, L.kind == 2 && L.group_size % (L.bits == 8 ? W : 2 * W) == 0};
+    const float* xs = x;
+    if (L.kind == 2 && L.bits == 4) {  // the kernel's order: even values, then odd ones
+        const int64_t half = k / 2;
+        xs_own.resize(static_cast<size_t>(k));
+        for (int64_t j = 0; j < half; ++j) {
+            xs_own[j] = x[2 * j];
+            xs_own[half + j] = x[2 * j + 1];
+        }
+        xs = xs_own.data();
+    }
+    auto rows = [&](int64_t lo, int64_t hi) {
+        if (L.kind == 0)
+            f32rows(x, k, static_cast<const float*>(L.w), L.stride, L.bias, y, lo, hi);
+        else if (L.kind == 1)
+            i8rows(x, 1, k, static_cast<const int8_t*>(L.w), L.scale, L.bias, y, m, lo, hi);
+        else if (L.bits == 8)
+            qlinear_rows<8>(xs, 1, s, static_cast<const uint8_t*>(L.w), L.stride, L.bias, y, m, lo, hi);
+        else
+            qlinear_rows<4>(xs, 1, s, static_cast<const uint8_t*>(L.w), L.stride, L.bias, y, m, lo, hi);
+    };
+#ifdef _OPENMP
+    if (nt > 1 && m >= 256) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int i = omp_get_thread_num(), n = omp_get_num_threads();
+            rows(m * i / n, m * (i + 1) / n);
+        }
+        return 0;
+    }
+#endif
+    (void)nt;
+    rows(0, m);
+    return 0;
+}
+
+// out [d] = x * rsqrt(mean(x^2) + eps) * w (transformers' LlamaRMSNorm in float32)
+void rmsnorm(const float* x, int64_t d, const float* w, float eps, float* out) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// the rotary embedding of ``heads`` heads of ``hd`` values in v, transformers' convention: v * cos + rotate_half(v)
+// * sin, rotate_half(v) = (-v[hd/2:], v[:hd/2]); cos, sin [hd]
+void rope(float* v, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float* p = v + h * hd;
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = p[i], b = p[i + half];
+            p[i] = a * cos[i] - b * sin[i];
+            p[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Version of this ABI: the loader refuses a library of another version.
-int32_t llmflash_step_version() { return 6; }
+int32_t llmflash_step_version() { return 7; }
+
+// A Llama-family layer's attention for one token, before the key/value cache's append (see LinearDesc above): x, w_in
+// [d]; cos, sin [hd]; out: xn [d] (x normalized), q [n_heads * hd], k and v [n_kv * hd] (q and k rotated). Returns 0,
+// or -1 for a weight description this build cannot compute.
+int32_t llmflash_attn_in(const float* x, int64_t d, const float* w_in, float eps, const LinearDesc* wq,
+                         const LinearDesc* wk, const LinearDesc* wv, const float* cos, const float* sin, int64_t hd,
+                         int64_t n_heads, int64_t n_kv, float* xn, float* q, float* k, float* v, int32_t n_threads) {
+    std::vector<float> xs;
+    rmsnorm(x, d, w_in, eps, xn);
+    if (linear_apply(*wq, xn, q, n_threads, xs) || linear_apply(*wk, xn, k, n_threads, xs) ||
+        linear_apply(*wv, xn, v, n_threads, xs))
+        return -1;
+    rope(q, n_heads, hd, cos, sin);
+    rope(k, n_kv, hd, cos, sin);
+    return 0;
+}
+
+// The rest of it, after the append: q [n_heads * hd]; keys, values: T cached positions per kv head, ``head_stride``
+// elements between kv heads and ``pos_stride`` between positions (float32); x: the layer's input [d] (the residual);
+// out: h [d] = x + Wo o (+ bias) (the residual stream after attention) and xn [d] = rmsnorm(h) * w_post. Returns 0, or
+// -1 for a weight description this build cannot compute.
+int32_t llmflash_attn_out(const float* q, const float* keys, const float* values, int64_t T, int64_t head_stride,
+                          int64_t pos_stride, int64_t hd, int64_t n_heads, int64_t n_kv, float scaling,
+                          const LinearDesc* wo, const float* x, int64_t d, const float* w_post, float eps, float* h,
+                          float* xn, int32_t n_threads) {
+    if (n_kv <= 0 || n_heads % n_kv || T <= 0) return -1;
+    const int64_t group = n_heads / n_kv;
+    std::vector<float> o(static_cast<size_t>(n_heads * hd)), scores(static_cast<size_t>(n_heads * T));
+    auto head = [&](int64_t hh) {
+        const float* qh = q + hh * hd;
+        const float* K = keys + (hh / group) * head_stride;
+        const float* Vv = values + (hh / group) * head_stride;
+        float* sc = scores.data() + hh * T;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* kt = K + t * pos_stride;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < hd; ++j) acc += qh[j] * kt[j];
+            sc[t] = acc * scaling;
+            mx = sc[t] > mx ? sc[t] : mx;
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+            sc[t] = std::exp(sc[t] - mx);
+            sum += sc[t];
+        }
+        float* oh = o.data() + hh * hd;
+        for (int64_t j = 0; j < hd; ++j) oh[j] = 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+            const float p = sc[t] / sum;
+            const float* vt = Vv + t * pos_stride;
+#pragma omp simd
+            for (int64_t j = 0; j < hd; ++j) oh[j] += p * vt[j];
+        }
+    };
+#ifdef _OPENMP
+    if (n_threads > 1 && n_heads * T * hd >= (1 << 16)) {
+#pragma omp parallel for num_threads(n_threads)
+        for (int64_t hh = 0; hh < n_heads; ++hh) head(hh);
+    } else
+#endif
+        for (int64_t hh = 0; hh < n_heads; ++hh) head(hh);
+    std::vector<float> xs;
+    if (linear_apply(*wo, o.data(), h, n_threads, xs)) return -1;
+    for (int64_t i = 0; i < d; ++i) h[i] += x[i];
+    rmsnorm(h, d, w_post, eps, xn);
+    return 0;
+}
 
 // y [T, m] = x [T, k] @ (q [m, k] * scale[:, None]).T (+ bias [m], or NULL): int8 weights, one float32 scale per row,
 // float32 activations, accumulation and output; rows split over ``n_threads`` (OpenMP) where there are many.
