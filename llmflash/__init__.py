@@ -27,6 +27,7 @@ Core (this package)
     ``decode_step`` a Llama-family layer's attention for one token in native code, in front of transformers' forward
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict; low-rank and low-bit sets)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
+    ``masked``     a layer's FFN over its whole device cache, unneeded rows masked, as one CUDA graph per layer
     ``backend``    where the model computes: the CPU, or an accelerator the host copies rows to (pinned buffers,
                    asynchronous copies, one wait per layer for the active set)
     ``metrics``, ``hooks``: one per-token record (``TokenStats``) and run result; observer hooks for experiments

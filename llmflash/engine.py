@@ -57,11 +57,12 @@ from .budget import SparseBudget, hybrid_resident_layers, streamed_layer_count
 from .cache import CacheUpdate, DeviceRows, NeuronCache, RowStore
 from .cache_policy import POLICIES, HotPolicy, hot_sets, make_policy
 from .errors import BudgetError, LLMFlashError
-from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn, neuron_outputs
+from .ffn import DenseFFN, FFNWeights, SparsityRule, activation_fn
 from .flashdir import FlashDir, TensorEntry, build_skeleton, ffn_weights_from_rows, open_flash_dir
 from .hooks import EngineObserver
 from .layer_stream import LayerStream, StreamPlan, plan_stream, spread_layers, stream_holes, tensor_index
 from .layout import bridge, read_plan
+from .masked import MASKED_BYTES_PER_NEURON, MaskedRows
 from .metrics import GenerationResult, TokenStats
 from .models import default_predictors, predictor_dir
 from .native import library as native_library
@@ -216,8 +217,8 @@ class EngineConfig:
     stream_layers: int = -1
     # sparse modes on an accelerator, float rows, no gated model's own gate: compute each layer's needed rows over the
     # whole device cache at once, the rows not needed masked to zero (fixed shapes: three matmuls over [capacity, d],
-    # no gathers of slots, one index upload per layer), instead of gathering the cached rows and the loaded rows
-    # apart. The same terms summed in another order (equal within rounding)
+    # no gathers of slots; on CUDA one graph replay per layer: ``masked.MaskedRows``), instead of gathering the cached
+    # rows and the loaded rows apart. The same terms summed in another order (equal within rounding)
     masked_compute: bool = False
 
 
@@ -351,10 +352,12 @@ class _FlashFFNBase(nn.Module):
         dtype = torch.float32 if self._native_ok(x) else x.dtype
         return torch.zeros(x.shape[0], self.e.fd.layout.d_model, dtype=dtype, device=x.device)
 
-    def _add(self, y: Tensor, store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, start: int = 0,
+    def _add(self, y: Optional[Tensor], store: RowStore | DeviceRows, ids: np.ndarray, x: Tensor, start: int = 0,
              slots: Optional[np.ndarray] = None) -> Tensor:
-        """y + the contribution of store rows [start, start + len(ids)) or ``slots`` holding neurons ``ids``: the
-        native step where it runs (y then float32, added in place), the Python reference otherwise."""
+        """y (None: zeros) + the contribution of store rows [start, start + len(ids)) or ``slots`` holding neurons
+        ``ids``: the native step where it runs (y then float32, added in place), the Python reference otherwise."""
+        if y is None:
+            y = self._acc(x)
         if self.native is not None and y.dtype == torch.float32 and store.rows[0].device.type == "cpu" \
                 and x.shape[0] <= MAX_NATIVE_TOKENS:
             rows = slots if slots is not None else self.e.row_range[start : start + ids.size]
@@ -383,9 +386,10 @@ class _FlashFFNBase(nn.Module):
             y = self._add(y, rows, chunk, x, start=start)
         return y
 
-    def _finish(self, y: Tensor, x: Tensor) -> Tensor:
+    def _finish(self, y: Tensor, x: Tensor, biased: bool = False) -> Tensor:
+        """The layer's output from y (``biased``: the output bias already in it)."""
         y = y.to(x.dtype)
-        if self.out_bias is not None:
+        if self.out_bias is not None and not biased:
             y = y + self.out_bias
         return y.view(x.shape)
 
@@ -416,35 +420,14 @@ class SparseFFN(_FlashFFNBase):
         # (tickets, ids) of the guessed neurons beyond the cache, read ahead into ``engine.aheads[layer % n]``'s first
         # rows (lookahead on the CPU; n = depth + 1 buffers)
         self._ahead: Optional[tuple[list, np.ndarray]] = None
-        # ``EngineConfig.masked_compute``: each slot's activation bias (set for the needed slots before each use) and
-        # the needed slots' mask, both [capacity] on the device
+        # ``EngineConfig.masked_compute``: the layer's step over its whole device cache (``masked.MaskedRows``: one CUDA
+        # graph; the layer's output bias included)
         store = self.cache.store
-        self.masked = (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
-                       and engine.gate is None)
-        if self.masked:
-            self.slot_mask = torch.zeros(capacity, dtype=engine.fd.dtype, device=engine.device)
-            self.slot_bias = (None if self.act_bias is None else
-                              torch.zeros(capacity, dtype=engine.fd.dtype, device=engine.device))
-
-    def _masked_add(self, y: Tensor, x: Tensor, slots: np.ndarray) -> Tensor:
-        """y + the contribution of the cached rows in ``slots`` (the layer's needed neurons), computed over every row
-        of the device cache with the others masked to zero (``EngineConfig.masked_compute``)."""
-        if not slots.size:
-            return y
-        store = self.cache.store
-        assert isinstance(store, DeviceRows)
-        ids = self.cache.ids[slots]
-        slots_t, ids_t = self.e.backend.indices([slots, ids])
-        self.slot_mask.zero_()
-        self.slot_mask.index_fill_(0, slots_t, 1)
-        bias = None
-        if self.slot_bias is not None and self.act_bias is not None:
-            self.slot_bias.index_copy_(0, slots_t, self.act_bias[ids_t].to(self.slot_bias.dtype))
-            bias = self.slot_bias
-        a = store.view("gate" if self.e.fd.gated else "up")
-        u = store.view("up") if self.e.fd.gated else None
-        h = neuron_outputs(x.to(a.dtype), a, u, bias, self.act, self.threshold, self.on_act) * self.slot_mask
-        return y + (h @ store.view("down")).to(y.dtype)
+        self.masked: Optional[MaskedRows] = None
+        if (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
+                and engine.gate is None):
+            self.masked = MaskedRows(store, engine.fd.gated, self.act, self.threshold, self.on_act, self.act_bias,
+                                     self.out_bias, graphs=True, pool=engine.graph_pool)
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
         """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
@@ -537,13 +520,13 @@ class SparseFFN(_FlashFFNBase):
         cache = self.cache
         if x2.shape[0] > 1:  # prefill: exact dense output by streaming, then warm the window
             self.drain()
-            y = self._stream(x2, e.all_ids)
+            full = self._stream(x2, e.all_ids)
             need = self._need(x2[-e.cfg.window :])
             upd = self._update(need)
             land, dest = self._landing(upd.dest_slots)
             self._read(land, upd.load_ids, dest)
             self._upload(land, cache.store, upd.load_ids.size, 0, upd.dest_slots)
-            return self._finish(y, x)
+            return self._finish(full, x)
         if not e.cfg.reuse:  # every token loads its whole set
             cache.clear()
         need = self._need(x2)
@@ -597,8 +580,9 @@ class SparseFFN(_FlashFFNBase):
             self.start_ahead(x2)
         ids = cache.ids
         masked: list[np.ndarray] = []  # ``masked``: the slots computed at the end, in one pass over the whole cache
+        y: Optional[Tensor] = None  # (masked: the output bias is in the masked step's part; no zeros to add to)
         if self.masked:
-            y, masked = self._acc(x2), [ready]
+            masked = [ready]
         else:
             y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
@@ -606,6 +590,7 @@ class SparseFFN(_FlashFFNBase):
             if pre[1].size and self.masked:
                 masked.append(pre[1])
             elif pre[1].size:
+                assert y is not None
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         if ahead is not None:
             self._wait(ahead[0])  # (always: the buffer takes layer + depth + 1's guess next)
@@ -626,8 +611,12 @@ class SparseFFN(_FlashFFNBase):
                 masked.append(upd.dest_slots)
             else:
                 y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
-        if masked:
-            y = self._masked_add(y, x2, np.concatenate(masked))
+        biased = False  # the layer's output bias added (by the masked step)
+        if self.masked is not None and masked:
+            slots = np.concatenate(masked)
+            if slots.size:
+                part = self.masked(x2, slots, cache.ids[slots])
+                y, biased = (part if y is None else y + part.to(y.dtype)), True
         if beyond:
             rows = self._upload(e.staging, e.staging_rows, overflow.size, 0, 0)
             if keep is None:
@@ -636,7 +625,7 @@ class SparseFFN(_FlashFFNBase):
                 y = self._add(y, rows, overflow[keep], x2, slots=keep)
         elif overflow.size:
             y = self._stream(x2, overflow, y)
-        return self._finish(y, x)
+        return self._finish(self._acc(x2) if y is None else y, x, biased)
 
 
 # ----------------------------------------------------------------------------------------------------------- engine
@@ -816,6 +805,9 @@ class Engine:
                 if rows > 0:
                     self.aheads = [RowStore(layout, min(rows, layout.d_ffn), fd.dtype) for _ in range(depth + 1)]
                     self.dram["lookahead"] = sum(b.nbytes for b in self.aheads)
+            if config.masked_compute and self.accelerator:  # the masked step's buffers at most (caches of every row)
+                self.dram["masked_buffers"] = layout.n_layers * (layout.d_ffn * MASKED_BYTES_PER_NEURON
+                                                                 + 4 * layout.d_model)
             # (landing rows are counted at the cache's row size: at most that, more than a quantized row needs)
             sb = self._sparse_budget(budget_bytes, reserve, active.layer_demand, depth + 1 if config.lookahead else 1)
             self._check_budget(budget_bytes, sb.minimum_bytes)
@@ -834,8 +826,13 @@ class Engine:
                 self.dram["landing"] = sum(b.nbytes for b in self.landings)
                 for b in self.landings:
                     self.backend.pin(b.buffers)
+            # one memory pool for every layer's CUDA graph (``masked``; they replay one after the other)
+            self.graph_pool = torch.cuda.graph_pool_handle() if config.masked_compute and self.device.type == "cuda" \
+                else None
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
+            if "masked_buffers" in self.dram:  # (what they take, within what the plan set aside)
+                self.dram["masked_buffers"] = sum(m.masked.nbytes for m in sparse if m.masked)
             if config.lookahead and active.supports_guess:
                 self._link_lookahead(sparse, depth)
             modules: list[nn.Module] = list(sparse)

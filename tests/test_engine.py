@@ -485,6 +485,33 @@ def test_cuda_engine_gives_its_dense_tokens(flash_dirs, name):
     assert res.tokens == ref.tokens and res.dram_bytes <= tight * fd.model_bytes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_cuda_masked_compute_replays_one_graph_per_layer(flash_dirs, name):
+    """``masked_compute`` on a GPU: each layer's step captured once as a CUDA graph and replayed (its inputs written
+    into fixed buffers), with the GPU's dense tokens and log-probabilities within rounding; its buffers in the
+    budget."""
+    ref = _gen(flash_dirs[name], "dense", device="cuda")
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(3))
+    dense_ppl = _ppl(flash_dirs[name], "dense", ids, device="cuda")
+    fd = open_flash_dir(flash_dirs[name])
+    lay = fd.layout
+    budget = (fd.resident_path.stat().st_size + 2 * 384 * lay.neuron_stride_bytes
+              + 40 * lay.neuron_stride_bytes * (lay.n_layers + 1)) / fd.model_bytes
+    for kw in ({}, {"budget": budget, "staging_rows": 384}, {"window": 2, "lookahead": True}):
+        b = kw.pop("budget", BIG)
+        e = Engine(flash_dirs[name], EngineConfig(mode="oracle", dram_budget=b, masked_compute=True, device="cuda",
+                                                 **kw))
+        try:
+            res = e.generate(PROMPT, 12, stop_at_eos=False)
+            assert res.tokens == ref.tokens, kw
+            assert all(m.masked is not None and m.masked.graph is not None for m in e.ffn_modules)
+            assert 0 < res.dram_breakdown["masked_buffers"] and res.dram_bytes <= b * fd.model_bytes
+            assert abs(math.exp(-float(e.score(ids).double().mean())) / dense_ppl - 1) < 1e-4
+        finally:
+            e.close()
+
+
 def test_bad_device_is_one_clear_error(flash_dirs):
     with pytest.raises(LLMFlashError, match="--device"):
         Engine(flash_dirs["llama"], EngineConfig(mode="oracle", device="tpu"))
