@@ -135,7 +135,7 @@ def main() -> None:
                    help="only redraw the figure from OUT/gpu_scale.json (no GPU needed)")
     p.add_argument("--prepare-only", action="store_true", help="write the scale model and profile the disk, then stop")
     p.add_argument("--profile", default="",
-                   help="comma-separated rows (ours, dense, or a lookahead row's name, e.g. ours_lookahead_r1) to run "
+                   help="comma-separated rows (ours, ours_masked, dense, or a lookahead row's name, e.g. ours_lookahead_r1) to run "
                         "once more at the end under torch.profiler and cProfile: OUT/profile_ROW.txt (shares of the "
                         "time, not timings)")
     args = p.parse_args()
@@ -228,6 +228,7 @@ def main() -> None:
                 row["x_dense_compute"] = row["compute_ms"] / rows[-1]["compute_ms"]
         write()
     profiled = {"ours": {"row": "ours"}, "dense": {"row": "dense", "budget": 1.0, "n": 10, "warmup": 2},
+                "ours_masked": {"row": "ours_masked"},
                 **{k: {"row": "ours_lookahead", "guess_recall": rc, "lookahead_depth": d} for k, rc, d in aheads}}
     for key in (k.strip() for k in args.profile.split(",") if k.strip()):
         if key not in profiled:

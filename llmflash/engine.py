@@ -427,7 +427,7 @@ class SparseFFN(_FlashFFNBase):
         if (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
                 and engine.gate is None):
             self.masked = MaskedRows(store, engine.fd.gated, self.act, self.threshold, self.on_act, self.act_bias,
-                                     self.out_bias, graphs=True, pool=engine.graph_pool)
+                                     self.out_bias, graphs=True, pool=engine.graph_pool, stream=engine.graph_stream)
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
         """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
@@ -827,8 +827,9 @@ class Engine:
                 for b in self.landings:
                     self.backend.pin(b.buffers)
             # one memory pool for every layer's CUDA graph (``masked``; they replay one after the other)
-            self.graph_pool = torch.cuda.graph_pool_handle() if config.masked_compute and self.device.type == "cuda" \
-                else None
+            graphs = config.masked_compute and self.device.type == "cuda"
+            self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
+            self.graph_stream = torch.cuda.Stream(self.device) if graphs else None
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
             if "masked_buffers" in self.dram:  # (what they take, within what the plan set aside)

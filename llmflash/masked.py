@@ -38,7 +38,9 @@ class MaskedRows:
 
     def __init__(self, store: DeviceRows, gated: bool, act: Callable[[Tensor], Tensor], threshold: Optional[float],
                  on_act: bool, act_bias: Optional[Tensor], out_bias: Optional[Tensor], graphs: bool,
-                 pool: Any = None) -> None:
+                 pool: Any = None, stream: Any = None) -> None:
+        """``pool``, ``stream``: the memory pool and the side stream every layer's graph is captured in (one each for
+        the engine: a stream of its own per layer would get a cuBLAS workspace of its own)."""
         device = store.rows[0].device
         cap, d = store.capacity, store.layout.d_model
         pinned = device.type == "cuda"
@@ -46,6 +48,7 @@ class MaskedRows:
         self.out_bias = out_bias
         self.graphs = graphs and device.type == "cuda"
         self.pool = pool
+        self.stream = stream
         self.mask_host = torch.zeros(cap, dtype=torch.float32, pin_memory=pinned)
         self.mask_np = self.mask_host.numpy()
         self.mask_dev = torch.zeros(cap, dtype=torch.float32, device=device)
@@ -89,14 +92,15 @@ class MaskedRows:
         self.calls += 1
         if not self.graphs or self.calls == 1:  # (the first call on a GPU warms up eagerly)
             return self._body()
-        if self.graph is None:  # warm up on a side stream, then capture (torch.cuda.graph's recipe)
-            side = torch.cuda.Stream(device=self.x.device)
-            side.wait_stream(torch.cuda.current_stream(self.x.device))
+        if self.graph is None:  # warm up on the side stream, then capture there (torch.cuda.graph's recipe)
+            side = self.stream if self.stream is not None else torch.cuda.Stream(device=self.x.device)
+            main = torch.cuda.current_stream(self.x.device)
+            side.wait_stream(main)
             with torch.cuda.stream(side):
                 self._body()
-            torch.cuda.current_stream(self.x.device).wait_stream(side)
+            main.wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
                 self.out = self._body()
         self.graph.replay()
         assert self.out is not None
