@@ -530,6 +530,26 @@ void qrun(const float* x, int64_t T, const QShape& s, const uint8_t* a, const ui
     }
 }
 
+#ifdef LLMFLASH_QVEC
+inline V wload(const float* p) { return vload(p); }
+inline V wload(const int8_t* p) { return codes8(p); }
+
+// w . x over the whole vector steps of k values (float32 or int8 weights), four independent sums: one row of a decode
+// step's stream. Sets c to where the steps end (the caller adds the tail).
+template <class T>
+inline float dot4(const T* w, const float* x, int64_t k, int64_t& c) {
+    V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (c = 0; c + 4 * W <= k; c += 4 * W) {
+        a0 = vfma(wload(w + c), vload(x + c), a0);
+        a1 = vfma(wload(w + c + W), vload(x + c + W), a1);
+        a2 = vfma(wload(w + c + 2 * W), vload(x + c + 2 * W), a2);
+        a3 = vfma(wload(w + c + 3 * W), vload(x + c + 3 * W), a3);
+    }
+    for (; c + W <= k; c += W) a0 = vfma(wload(w + c), vload(x + c), a0);
+    return vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+}
+#endif
+
 // ------------------------------------------------------------------------------------ int8 weight-only linear
 //
 // y[t, r] = scale[r] * (q[r] . x[t]) (+ bias[r]): a resident weight held in int8 with one float32 scale per row
@@ -543,16 +563,8 @@ void i8rows(const float* x, int64_t T, int64_t k, const int8_t* q, const float* 
     if (T == 1) {  // a decode step: one row after the other (a stream), four independent sums per row
         for (; r < hi; ++r) {
             const int8_t* qr = q + r * k;
-            V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
             int64_t c = 0;
-            for (; c + 4 * W <= k; c += 4 * W) {
-                a0 = vfma(codes8(qr + c), vload(x + c), a0);
-                a1 = vfma(codes8(qr + c + W), vload(x + c + W), a1);
-                a2 = vfma(codes8(qr + c + 2 * W), vload(x + c + 2 * W), a2);
-                a3 = vfma(codes8(qr + c + 3 * W), vload(x + c + 3 * W), a3);
-            }
-            for (; c + W <= k; c += W) a0 = vfma(codes8(qr + c), vload(x + c), a0);
-            float out = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+            float out = dot4(qr, x, k, c);
             for (; c < k; ++c) out += static_cast<float>(qr[c]) * x[c];
             y[r] = out * scale[r] + (bias ? bias[r] : 0.f);
         }
@@ -630,15 +642,7 @@ void f32rows(const float* x, int64_t k, const float* w, int64_t stride, const fl
         const float* wr = w + r * stride;
         int64_t c = 0;
 #ifdef LLMFLASH_QVEC
-        V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (; c + 4 * W <= k; c += 4 * W) {
-            a0 = vfma(vload(wr + c), vload(x + c), a0);
-            a1 = vfma(vload(wr + c + W), vload(x + c + W), a1);
-            a2 = vfma(vload(wr + c + 2 * W), vload(x + c + 2 * W), a2);
-            a3 = vfma(vload(wr + c + 3 * W), vload(x + c + 3 * W), a3);
-        }
-        for (; c + W <= k; c += W) a0 = vfma(vload(wr + c), vload(x + c), a0);
-        float out = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+        float out = dot4(wr, x, k, c);
 #else
         float out = 0.f;
 #endif
