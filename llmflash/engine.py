@@ -427,7 +427,7 @@ class SparseFFN(_FlashFFNBase):
         if (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
                 and engine.gate is None):
             self.masked = MaskedRows(store, engine.fd.gated, self.act, self.threshold, self.on_act, self.act_bias,
-                                     self.out_bias, graphs=True, pool=engine.graph_pool, stream=engine.graph_stream)
+                                     self.out_bias, pool=engine.graph_pool, stream=engine.graph_stream)
 
     def _landing(self, slots: np.ndarray, start: int = 0) -> tuple[RowStore, int | np.ndarray]:
         """Where reads meant for cache ``slots`` land: in the cache itself, in those slots (CPU), or in this layer's
@@ -584,13 +584,12 @@ class SparseFFN(_FlashFFNBase):
         if self.masked:
             masked = [ready]
         else:
-            y = self._add(self._acc(x2), cache.store, ids[ready], x2, slots=ready)
+            y = self._add(y, cache.store, ids[ready], x2, slots=ready)
         if pre is not None:
             self._land_prefetch(pre)
             if pre[1].size and self.masked:
                 masked.append(pre[1])
             elif pre[1].size:
-                assert y is not None
                 y = self._add(y, cache.store, ids[pre[1]], x2, slots=pre[1])
         if ahead is not None:
             self._wait(ahead[0])  # (always: the buffer takes layer + depth + 1's guess next)
@@ -612,7 +611,7 @@ class SparseFFN(_FlashFFNBase):
             else:
                 y = self._add(y, rows, upd.load_ids, x2, slots=upd.dest_slots)
         biased = False  # the layer's output bias added (by the masked step)
-        if self.masked is not None and masked:
+        if self.masked is not None:
             slots = np.concatenate(masked)
             if slots.size:
                 part = self.masked(x2, slots, cache.ids[slots])

@@ -37,8 +37,8 @@ class MaskedRows:
     """The masked step of one layer's device cache ``store`` (float rows)."""
 
     def __init__(self, store: DeviceRows, gated: bool, act: Callable[[Tensor], Tensor], threshold: Optional[float],
-                 on_act: bool, act_bias: Optional[Tensor], out_bias: Optional[Tensor], graphs: bool,
-                 pool: Any = None, stream: Any = None) -> None:
+                 on_act: bool, act_bias: Optional[Tensor], out_bias: Optional[Tensor], pool: Any = None,
+                 stream: Any = None) -> None:
         """``pool``, ``stream``: the memory pool and the side stream every layer's graph is captured in (one each for
         the engine: a stream of its own per layer would get a cuBLAS workspace of its own)."""
         device = store.rows[0].device
@@ -46,7 +46,7 @@ class MaskedRows:
         pinned = device.type == "cuda"
         self.store, self.gated, self.act, self.threshold, self.on_act = store, gated, act, threshold, on_act
         self.out_bias = out_bias
-        self.graphs = graphs and device.type == "cuda"
+        self.graphs = device.type == "cuda"  # (elsewhere the same body runs eagerly)
         self.pool = pool
         self.stream = stream
         self.mask_host = torch.zeros(cap, dtype=torch.float32, pin_memory=pinned)
