@@ -288,6 +288,9 @@ def n_tokens(quick: bool, model: str, row: str) -> tuple[int, int]:
     return (24, 2) if quick else (128, 2)
 
 
+EAGER = "_eager"  # a row's name + this: that row with ``native_attention=False`` (transformers' attention)
+
+
 def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=None, n: Optional[int] = None,
                  warmup: Optional[int] = None, window: int = 5, compute_threads: Optional[int] = None,
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
@@ -297,9 +300,14 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
     ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``);
     ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``); ``profile_to``: see ``run``;
-    ``io_uring=False``: the native reader's threads instead (``EngineConfig.io_uring``)."""
+    ``io_uring=False``: the native reader's threads instead (``EngineConfig.io_uring``). A row's name + ``EAGER``: that
+    row with transformers' attention instead of the fixed decode step (``EngineConfig.native_attention=False``)."""
     scale = "geometry" in setup
     model = SCALE if scale else "real"
+    eager = row.endswith(EAGER)  # the row with transformers' attention instead of the fixed decode step
+    row = row[: -len(EAGER)] if eager else row
+    if eager:
+        label = label or ROWS.get(row, row) + ", transformers' attention"
     n0, w0 = n_tokens(quick, model, row)
     n = n0 if n is None else n
     warmup = w0 if warmup is None else warmup
@@ -320,6 +328,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["io_uring"] = False
     if row == "ours_python":
         extra["native"] = extra["native_attention"] = False
+    if eager:
+        extra["native_attention"] = False
     if row in COACT_ROWS and scale:
         raise ValueError(f"the co-activation order needs real activations: the scale model has no {row} row")
     if row in ROW_POLICIES:

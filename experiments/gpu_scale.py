@@ -127,6 +127,9 @@ def main() -> None:
     p.add_argument("--masked", action="store_true",
                    help="also run 'ours_masked' and the first lookahead row masked: each layer computed over its whole "
                         "device cache with the rows not needed masked (EngineConfig.masked_compute)")
+    p.add_argument("--eager", action="store_true",
+                   help="also run 'ours_eager' (and 'ours_masked_eager' with --masked) in every repeat and 'dense_eager' "
+                        "once: transformers' attention instead of the fixed decode step (EngineConfig.native_attention)")
     p.add_argument("--lfu", action="store_true",
                    help="also run 'ours_lfu': ours with the LFU cache policy (EngineConfig.cache_policy='lfu')")
     p.add_argument("--io-threads", type=int, default=0,
@@ -198,6 +201,9 @@ def main() -> None:
             extra += [("ours_masked", "ours_masked", 1.0, True, 1, True)]
             extra += [(f"{ahead_keys[0]}_masked", "ours_lookahead_masked", aheads[0][1], True, aheads[0][2], True)] \
                 if aheads else []
+        if args.eager:
+            extra += [("ours_eager", "ours_eager", 1.0, True, 1, True)]
+            extra += [("ours_masked_eager", "ours_masked_eager", 1.0, True, 1, True)] if args.masked else []
         if args.lfu:
             extra += [("ours_lfu", "ours_lfu", 1.0, True, 1, True)]
         if args.reader_threads:
@@ -215,17 +221,20 @@ def main() -> None:
         write()
     naive_ms = statistics.median(r["summary"]["ms_per_token"] for r in runs["naive"])
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    for key, budget, n in (("hybrid", args.budget, args.naive_tokens), ("dense", 1.0, 10)):
-        if key in skip:
+    finals = [("hybrid", args.budget, args.naive_tokens)] + [("dense_eager", 1.0, 10)] * args.eager + [("dense", 1.0, 10)]
+    for key, budget, n in finals:
+        if key in skip or key == "dense_eager" and "dense" in skip:
             continue
-        r = engine_runs.standard_run(setup, key, False, budget=budget, table=table, n=n, warmup=0 if key != "dense" else 2,
+        r = engine_runs.standard_run(setup, key, False, budget=budget, table=table, n=n, warmup=0 if key == "hybrid" else 2,
                                 share=False, device=args.device, io_threads=io_threads)
         runs[key] = [r]
         rows.append(summary_row(key, 1, r, naive_ms))
         print(f"{key}: {r['summary']['ms_per_token']:,.1f} ms per token ({rows[-1]['speedup_vs_naive']:.1f}x)", flush=True)
-        if key == "dense":
+        if key == "dense":  # (each row against dense on its own attention path: graphs, or transformers')
+            eager = next((r2 for r2 in rows if r2["method"] == "dense_eager"), None)
             for row in rows:
-                row["x_dense_compute"] = row["compute_ms"] / rows[-1]["compute_ms"]
+                ref = eager if eager is not None and row["method"].endswith(engine_runs.EAGER) else rows[-1]
+                row["x_dense_compute"] = row["compute_ms"] / ref["compute_ms"]
         write()
     profiled = {"ours": {"row": "ours"}, "dense": {"row": "dense", "budget": 1.0, "n": 10, "warmup": 2},
                 "ours_masked": {"row": "ours_masked"},
@@ -245,7 +254,8 @@ def main() -> None:
 def short(key: str) -> str:
     """A row's name on the figure's axes."""
     out = key.replace("paper ", "paper\n").replace("ours_lookahead_r", "+ lookahead\nrecall ").replace("_d", "\ndepth ")
-    return out.replace("_pyreader", "\n(Python\nreader)").replace("_threads", "\n(reader\nthreads)")
+    out = out.replace("_pyreader", "\n(Python\nreader)").replace("_threads", "\n(reader\nthreads)")
+    return out.replace("_eager", "\n(transformers'\nattention)")
 
 
 def plot(rows: list[dict], data: dict, png) -> None:
@@ -255,7 +265,8 @@ def plot(rows: list[dict], data: dict, png) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6), gridspec_kw={"width_ratios": [1.3, 0.9, 0.9, 1]})
     ax, ax1, ax2, ax3 = axes
     best = {}
-    methods = ["naive", "hybrid", "ours"] + sorted({r["method"] for r in rows if r["method"].startswith("ours_")}) + ["dense"]
+    methods = (["naive", "hybrid", "ours"] + sorted({r["method"] for r in rows if r["method"].startswith("ours_")})
+               + ["dense_eager", "dense"])
     for key in methods:  # the median repeat of each method (of an even count, the slower of the middle two)
         rs = sorted((r for r in rows if r["method"] == key), key=lambda r: r["total_ms"])
         if rs:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import decode_step
+from . import decode_step, graph_step
 from .arch import Adapter, HFModel, adapter_for
 from .backend import Backend, make_backend
 from .budget import SparseBudget, hybrid_resident_layers, streamed_layer_count
@@ -203,9 +203,10 @@ class EngineConfig:
     # the neuron caches' slot bookkeeping per token (``NeuronCache.update``) in ``native/cache.cpp`` (window, LRU and
     # hot policies), else numpy (the reference it equals exactly)
     native_cache: bool = True
-    # on the CPU, a Llama-family decoder layer's attention for one token (norms, projections, rotary embedding, grouped
-    # attention, residual) in two native calls around transformers' cache append (``decode_step``), else transformers'
-    # modules (the reference it equals within float32 rounding)
+    # a fixed decode step for one token's attention (norms, projections, rotary embedding, grouped attention, residual):
+    # on the CPU a Llama-family layer's in two native calls around transformers' cache append (``decode_step``); on an
+    # accelerator an OPT or Llama-family layer's over a static key/value buffer as one CUDA graph per layer, the
+    # predictor's network in it (``graph_step``); else transformers' modules (the reference it equals within rounding)
     native_attention: bool = True
     # sparse modes on the CPU: decoder layers whose attention projections are read from
     # ``resident.safetensors`` every token into two or three slot buffers, the next streamed layer's read in flight
@@ -424,6 +425,8 @@ class SparseFFN(_FlashFFNBase):
         # graph; the layer's output bias included)
         store = self.cache.store
         self.masked: Optional[MaskedRows] = None
+        # the layer's fixed decode step (``graph_step``) when it computes the predictor's mask with the attention
+        self.graph_step: Optional[graph_step.GraphStep] = None
         if (engine.cfg.masked_compute and isinstance(store, DeviceRows) and not store.layout.quantized
                 and engine.gate is None):
             self.masked = MaskedRows(store, engine.fd.gated, self.act, self.threshold, self.on_act, self.act_bias,
@@ -461,7 +464,8 @@ class SparseFFN(_FlashFFNBase):
         if guess:
             ids = self._ids(provider.guess(self.layer, x))
         elif e.accelerator:  # the mask comes back through page-locked memory: the layer's one wait
-            ids = self._ids(provider.active(self.layer, x))
+            m = self.graph_step.take_mask() if self.graph_step is not None else None  # (computed in its graph)
+            ids = self._ids(provider.active(self.layer, x) if m is None else provider.active_after(self.layer, x, m))
         else:
             ids = provider.active_ids(self.layer, x)  # x [T, d] -> sorted ids of the union over the rows
         dt = _now_ms() - t0
@@ -779,6 +783,10 @@ class Engine:
             self.dram["staging_device"] = self.staging_rows.nbytes
             self.backend.pin(self.staging.buffers)
         mode = config.mode
+        # one memory pool and one side stream for every CUDA graph (``masked``, ``graph_step``; they replay in turn)
+        graphs = self.device.type == "cuda" and (config.masked_compute or config.native_attention)
+        self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.graph_stream = torch.cuda.Stream(self.device) if graphs else None
 
         if mode in SPARSE_MODES:
             if self.provider is None:
@@ -825,10 +833,6 @@ class Engine:
                 self.dram["landing"] = sum(b.nbytes for b in self.landings)
                 for b in self.landings:
                     self.backend.pin(b.buffers)
-            # one memory pool for every layer's CUDA graph (``masked``; they replay one after the other)
-            graphs = config.masked_compute and self.device.type == "cuda"
-            self.graph_pool = torch.cuda.graph_pool_handle() if graphs else None
-            self.graph_stream = torch.cuda.Stream(self.device) if graphs else None
             sparse = [SparseFFN(self, layer, rows) for layer, rows in enumerate(self.cache_rows)]
             self.dram["neuron_cache"] = sum(m.cache.store.nbytes for m in sparse)
             if "masked_buffers" in self.dram:  # (what they take, within what the plan set aside)
@@ -861,8 +865,22 @@ class Engine:
         for layer, m in enumerate(modules):
             self.adapter.install_ffn(self.model, layer, m)
         self.ffn_modules = modules
-        self.decode_steps = (decode_step.install(self.model, self.adapter.layers(self.model), torch.get_num_threads)
-                             if config.native_attention and self.device.type == "cpu" else [])
+        layers = self.adapter.layers(self.model)
+        self.decode_steps: list[decode_step.LayerStep] = []
+        self.graph_steps: list[graph_step.GraphStep] = []
+        if config.native_attention and self.accelerator:  # the attention (and predictor) as one graph per layer
+            sparse_ffns = {i: m for i, m in enumerate(modules) if isinstance(m, SparseFFN)}
+            provider = self.provider
+            masks: list[Optional[graph_step.MaskFn]] = [
+                _device_mask_fn(provider, i) if i in sparse_ffns and provider is not None else None
+                for i in range(len(layers))]
+            self.graph_steps = graph_step.install(self.model, layers, pool=self.graph_pool, stream=self.graph_stream,
+                                                  device_masks=masks, n_neurons=layout.d_ffn)
+            for st in self.graph_steps:
+                if st.idx in sparse_ffns and st.device_mask is not None:
+                    sparse_ffns[st.idx].graph_step = st
+        elif config.native_attention and self.device.type == "cpu":
+            self.decode_steps = decode_step.install(self.model, layers, torch.get_num_threads)
         if mode in SPARSE_MODES and config.cache_policy == "hot":
             self.pin_hot_sets(self.calibrate_hot_sets())
         for o in observers:
@@ -1271,6 +1289,13 @@ class Engine:
         self.model = None
         self.ffn_modules = []
         self.provider = None
+
+
+def _device_mask_fn(provider: ActiveSetProvider, layer: int) -> graph_step.MaskFn:
+    """Layer ``layer``'s predictor network as the fixed decode step captures it (``ActiveSetProvider.device_mask``)."""
+    def fn(x: Tensor) -> Optional[Tensor]:
+        return provider.device_mask(layer, x)
+    return fn
 
 
 class _NeedCounter(EngineObserver):

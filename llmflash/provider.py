@@ -10,6 +10,9 @@ asks whether a method exists:
   a provider without it gets no lookahead;
 - ``pop_replay_ms()``: ms of its calls since the last pop that replayed recorded or simulated sets (a trace standing
   in for a predictor's output), excluded from the token's time like the oracle's (default 0);
+- ``device_mask(layer, x)`` / ``active_after(layer, x, mask)``: the provider's network as device operations alone
+  (captured with the attention in a CUDA graph, ``graph_step``), and the sets given its result on the host (default:
+  no such network / the mask itself);
 - ``to_device(device)``: move what it computes with to the engine's accelerator (default: nothing to move);
 - ``reset()``: start a new sequence (default: nothing);
 - ``nbytes`` (DRAM it holds that counts in the budget), ``counted`` (False: its time is not charged to the token),
@@ -44,6 +47,15 @@ class ActiveSetProvider:
 
     def guess(self, layer: int, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} makes no guesses (supports_guess is False)")
+
+    def device_mask(self, layer: int, x: Tensor) -> Optional[Tensor]:
+        """The provider's network on x [T, d] as device operations alone (no host sync: it may be captured in a CUDA
+        graph, ``graph_step``): bool [T, n] on x's device, or None where the provider has no such network."""
+        return None
+
+    def active_after(self, layer: int, x: Tensor, mask: Tensor) -> Tensor:
+        """The active sets [T, n], given ``device_mask``'s result ``mask`` (brought to the host)."""
+        return mask
 
     def pop_replay_ms(self) -> float:
         return 0.0
@@ -129,6 +141,9 @@ class PredictorProvider(ActiveSetProvider):
     def guess(self, layer: int, x: Tensor) -> Tensor:
         return self.active(layer, x)
 
+    def device_mask(self, layer: int, x: Tensor) -> Optional[Tensor]:
+        return self.p.predict(layer, x)
+
     def to_device(self, device: torch.device) -> None:
         self.p.to_device(device)
 
@@ -143,6 +158,9 @@ class GateProvider(PredictorProvider):
 
     def active(self, layer: int, x: Tensor) -> Tensor:
         return self.mask(layer, x, x)
+
+    def device_mask(self, layer: int, x: Tensor) -> Optional[Tensor]:
+        return None  # (the engine's gate mask is computed and cached per token outside any graph)
 
     def active_ids(self, layer: int, x: Tensor) -> np.ndarray:
         m = self.active(layer, x)

@@ -371,13 +371,27 @@ class TraceProvider(ActiveSetProvider):
         ms, self.replay_ms = self.replay_ms, 0.0
         return ms
 
+    def device_mask(self, layer: int, x: Tensor) -> Optional[Tensor]:
+        """The predictor network's decisions on x (device ops; predicted mode only, else None)."""
+        if not self.pred:
+            return None
+        down, up, bias = self.pred[layer]
+        return torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+
     def _network(self, layer: int, x: Tensor) -> None:
         """The predictor network's compute on x, its decisions brought to the host as a real predictor's would be
         (a sync on a GPU); predicted mode only."""
-        if self.pred:
-            down, up, bias = self.pred[layer]
-            z = torch.nn.functional.linear(torch.nn.functional.linear(x.to(down.dtype), down), up, bias) >= 0
+        z = self.device_mask(layer, x)
+        if z is not None:
             z.cpu()
+
+    def active_after(self, layer: int, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """``active`` once the network's decisions (``mask``) have reached the host (a graph computed them)."""
+        t0 = time.perf_counter()
+        m = self._draw(layer, x.shape[0])
+        self.calls += 1
+        self.replay_ms += (time.perf_counter() - t0) * 1e3
+        return torch.from_numpy(m)
 
     def _draw(self, layer: int, tokens: int) -> np.ndarray:
         """The layer's next sets [tokens, n] (drawn ahead by a guess, else now), in the file's order."""
@@ -394,11 +408,7 @@ class TraceProvider(ActiveSetProvider):
         reach the host, as a real predictor's would; drawing the trace's sets in their place is simulation, timed
         apart (``pop_replay_ms``) and left out of the token's time like the oracle's."""
         self._network(layer, x)
-        t0 = time.perf_counter()
-        m = self._draw(layer, x.shape[0])
-        self.calls += 1
-        self.replay_ms += (time.perf_counter() - t0) * 1e3
-        return torch.from_numpy(m)
+        return self.active_after(layer, x, None)
 
     def guess(self, layer: int, x: Tensor) -> Tensor:
         """Lookahead (simulated, see the class docstring): the layer's next sets drawn now, each neuron kept with

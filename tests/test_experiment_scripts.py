@@ -216,7 +216,7 @@ END_TO_END = {
     "gpu_scale": Run(("gpu_scale.json", "gpu_scale.csv", "gpu_scale.png", "profile_ours.txt",
                       "profile_ours_lookahead_r1.txt"),
                      ("--quick", "--model", "{flash}", "--device", "cpu", "--profile-gb", "0.004", "--repeats", "1",
-                      "--tokens", "6", "--naive-tokens", "2", "--lookahead-depth", "1,2", "--reader-threads",
+                      "--tokens", "6", "--naive-tokens", "2", "--lookahead-depth", "1,2", "--reader-threads", "--eager",
                       "--profile", "ours,ours_lookahead_r1", "--out", "{out}")),
     "latency": Run(("latency.json", "table3.csv", "latency.png")),
     "memlimit": Run((), ("mmap", "{flash}", "--prompt-tokens", "8", "--tokens", "2"),
