@@ -7,6 +7,14 @@ which knows the future: after each token keep the neurons whose next need comes 
 later than all of them. No policy can miss less (a miss is a row read from flash). Per policy: misses per token and
 the share of the gap between LRU and Belady's rule it closes. A replay feeds every policy the same sets; in the engine
 a policy may change the sets slightly (in predictor mode a cached neuron the predictor missed adds its true value).
+
+The read bound (``--lines``, ``read_bound.png``; issue 15's "sparse at half DRAM <= dense" on this disk): Belady's
+rule again over *lines* of B neighbouring rows on flash (a line is needed when any of its neurons is; one read of B
+rows brings it; the cache holds capacity / B lines): whatever the line size, no policy reads fewer lines. Each bound's
+I/O time per token is computed at the disk's profiled throughput for its read size (results/profile_io, 16 threads),
+and set beside the dense model's token and the recording run's own compute + memory management (both measured in this
+run): without overlap a sparse token takes at least floor + compute, with reads fully hidden behind compute at least
+max(floor, compute). ``--coact`` replays the directory reordered by co-activation (neighbours on flash co-activate).
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from llmflash.convert import RESIDENT_DTYPES
 from llmflash.engine import Engine
 from llmflash.flashdir import open_flash_dir
 from llmflash.hooks import EngineObserver
+from llmflash.metrics import profiled_read_ms
 
 import common
-from engine_runs import real_cfg
+from engine_runs import load_bandwidth, real_cfg
 
 BELADY = "belady"  # the replay's bound (not an engine policy)
 
@@ -77,15 +86,19 @@ def main() -> None:
     p.add_argument("--window", type=int, default=5, help="sliding window in tokens (window and hot policies)")
     p.add_argument("--resident-dtype", default="auto", choices=RESIDENT_DTYPES,
                    help="real model: its resident weights as converted (auto) or in int8 (the demo's directory)")
+    p.add_argument("--lines", default="1,2,4,8",
+                   help="comma-separated line sizes (rows read together) for the read bound; '' for none")
+    p.add_argument("--coact", action="store_true", help="replay the directory reordered by co-activation")
     args = p.parse_args()
     n = args.tokens or (24 if args.quick else 128)
     setup = common.real_setup(args.model, resident_dtype=args.resident_dtype)
-    fd = open_flash_dir(setup["flash_dir"])
+    directory = common.real_coact_dir(setup, args.quick) if args.coact else setup["flash_dir"]
+    fd = open_flash_dir(directory)
     cfg = real_cfg(setup, setup["sparse_mode"], dram_budget=args.budget, window=args.window, lookahead=False)
     rec = SetRecorder()
     engine = Engine(fd, cfg, observers=[rec])
     try:
-        engine.generate(common.prompt_ids(engine.tokenizer), n, stop_at_eos=False)
+        res = engine.generate(common.prompt_ids(engine.tokenizer), n, stop_at_eos=False)
         caps = list(engine.cache_rows)
     finally:
         engine.close()
@@ -103,13 +116,85 @@ def main() -> None:
              "needed_per_token": needed / steps, "hit_rate": 1 - m / needed if needed else 0.0,
              "misses_vs_lru": m / lru if lru else float("nan"),
              "gap_closed": (lru - m) / (lru - best) if lru > best else float("nan")} for pol, m in misses.items()]
-    data = {"setup": {k: v for k, v in setup.items() if k != "geometry"}, "budget": args.budget, "window": args.window,
-            "tokens": n, "steps_replayed": steps, "cache_rows": caps, "rows": rows}
+    table = load_bandwidth(16)
+    stride = layout.segments[0].stride_bytes if len(layout.segments) == 1 else sum(g.stride_bytes for g in layout.segments)
+    for r in rows:  # (one read per missed row: what the engine issues, neighbours merged aside)
+        r["io_floor_ms"] = profiled_read_ms({stride: r["misses_per_token"]}, table)
+    bound = read_bound(rec, caps, steps, [int(b) for b in args.lines.split(",") if b.strip()], stride, table,
+                       res, setup, args)
+    data = {"setup": {k: v for k, v in setup.items() if k != "geometry"}, "flash_dir": str(directory),
+            "budget": args.budget, "window": args.window, "tokens": n, "steps_replayed": steps, "cache_rows": caps,
+            "row_stride_bytes": stride, "bandwidth_table_16_threads": table, "rows": rows, "read_bound": bound}
     common.save(args.out, "cache_replay", args, data=data, rows=rows)
     plot(rows, setup["label"], args.budget, args.out / "cache_replay.png")
     for r in rows:
         print(f"{r['policy']:<8} misses/token {r['misses_per_token']:9.1f}  hit rate {r['hit_rate']:.3f}  "
-              f"vs lru {r['misses_vs_lru']:.3f}  gap to Belady closed {r['gap_closed']:.2f}")
+              f"vs lru {r['misses_vs_lru']:.3f}  gap to Belady closed {r['gap_closed']:.2f}  "
+              f"I/O floor {r['io_floor_ms']:.1f} ms")
+    if bound["lines"]:
+        plot_bound(bound, setup["label"], args.budget, args.out / "read_bound.png")
+        for b in bound["lines"]:
+            print(f"Belady over lines of {b['line_rows']}: {b['reads_per_token']:7.1f} reads/token of "
+                  f"{b['read_bytes'] // 1024} KiB, I/O floor {b['io_floor_ms']:.1f} ms")
+        print(f"dense {bound['dense_ms']:.1f} ms/token; the recording run's compute + memory management "
+              f"{bound['compute_mem_ms']:.1f} ms; best floor {bound['best_floor_ms']:.1f} ms: no overlap >= "
+              f"{bound['no_overlap_ms']:.1f} ms, reads fully hidden >= {bound['full_overlap_ms']:.1f} ms")
+
+
+def read_bound(rec: SetRecorder, caps: Sequence[int], steps: int, lines: Sequence[int], stride: int, table,
+               res, setup: dict, args) -> dict:
+    """Belady's misses over lines of each size (computed), their I/O time at the profiled throughput (computed),
+    the dense model's ms per token and the recording run's compute + memory management per token (measured)."""
+    out: list[dict] = []
+    for b in lines:
+        misses = needed = 0
+        for layer, cap in enumerate(caps):
+            sets = [np.unique(s // b) for s in rec.sets[layer][:steps]]
+            needed += sum(int(s.size) for s in sets)
+            misses += belady(sets, max(1, cap // b))
+        per = misses / steps
+        out.append({"line_rows": b, "label": "computed (Belady over lines, replay of measured sets)",
+                    "lines_needed_per_token": needed / steps, "reads_per_token": per, "rows_read_per_token": per * b,
+                    "read_bytes": b * stride, "io_floor_ms": profiled_read_ms({b * stride: per}, table)})
+    pt = res.per_token[min(5, len(res.per_token) - 1):]
+    compute_mem = float(np.median([t.compute_ms + t.mem_ms for t in pt])) if pt else float("nan")
+    dense_ms = float("nan")
+    if out:
+        cfg = real_cfg(setup, "dense", dram_budget=1.0)
+        engine = Engine(open_flash_dir(setup["flash_dir"]), cfg)
+        try:
+            r = engine.generate(common.prompt_ids(engine.tokenizer), max(8, min(args.tokens or 32, 32)),
+                                stop_at_eos=False)
+            dense_ms = float(np.median([t.total_ms for t in r.per_token[2:] or r.per_token]))
+        finally:
+            engine.close()
+    best = min((b["io_floor_ms"] for b in out), default=float("nan"))
+    return {"lines": out, "dense_ms": dense_ms, "dense_label": "measured (this run, all weights in DRAM)",
+            "compute_mem_ms": compute_mem, "compute_mem_label": "measured (the recording run: window policy)",
+            "best_floor_ms": best, "no_overlap_ms": best + compute_mem, "full_overlap_ms": max(best, compute_mem)}
+
+
+def plot_bound(bound: dict, label: str, budget: float, path) -> None:
+    plt = common.plt()
+    fig, ax = plt.subplots(figsize=(7.4, 4.0))
+    names = [f"Belady,\nlines of {b['line_rows']}" for b in bound["lines"]]
+    io = [b["io_floor_ms"] for b in bound["lines"]]
+    x = np.arange(len(names))
+    ax.bar(x, io, 0.6, color="tab:red", label="I/O floor: reads at the profiled throughput (computed)")
+    ax.bar(x, [bound["compute_mem_ms"]] * len(x), 0.6, bottom=io, color="tab:blue", alpha=0.6,
+           label="+ compute and memory management (measured)")
+    for i, b in enumerate(bound["lines"]):
+        ax.annotate(f"{b['reads_per_token']:,.0f} reads", (x[i], io[i] + bound["compute_mem_ms"]),
+                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.axhline(bound["dense_ms"], color="k", ls="--", label=f"dense, all in DRAM ({bound['dense_ms']:.0f} ms, measured)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("ms per token")
+    ax.set_title(f"The least any cache policy can read at {budget:.0%} DRAM, and what it costs\n{label}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    common.savefig(fig, path)
 
 
 def plot(rows: list[dict], label: str, budget: float, path) -> None:
