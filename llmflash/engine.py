@@ -665,6 +665,23 @@ class Engine:
     ) -> None:
         """``provider`` overrides the active-set source of the sparse modes (e.g. a recorded trace); ``observers``
         watch it run (``hooks``)."""
+        try:
+            self._build(flash_dir, config, provider, observers)
+        except BaseException:  # (an engine that failed half-built unpins and closes what it had made)
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        for name in ("reader", "resident_reader", "stream_reader"):
+            r = getattr(self, name, None)
+            if r is not None:
+                r.close()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.release()
+
+    def _build(self, flash_dir: str | Path | FlashDir, config: EngineConfig, provider: Optional[ActiveSetProvider],
+               observers: Sequence[EngineObserver]) -> None:
         if config.mode not in MODES:
             raise LLMFlashError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
         if config.window < 1:

@@ -804,3 +804,27 @@ def test_masked_compute_on_the_accelerator_path(flash_dirs, name, monkeypatch):
             assert abs(math.exp(-float(e.score(ids).double().mean())) / dense_ppl - 1) < 1e-5
         finally:
             e.close()
+
+
+def test_an_engine_that_fails_half_built_closes_what_it_made(flash_dirs, monkeypatch):
+    """An error late in construction closes the readers (and, on a GPU, unpins the host buffers) before it propagates:
+    a buffer left page-locked and then freed made the next engine's pinning fail on the GPU machine."""
+    from llmflash import decode_step, graph_step
+    from llmflash.storage import FlashReader
+
+    closed = []
+    orig = FlashReader.close
+
+    def close(self):
+        closed.append(self)
+        orig(self)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FlashReader, "close", close)
+    monkeypatch.setattr(decode_step, "install", boom)
+    monkeypatch.setattr(graph_step, "install", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        Engine(flash_dirs["llama"], EngineConfig(mode="oracle", dram_budget=BIG))
+    assert closed
