@@ -19,6 +19,7 @@ max(floor, compute). ``--coact`` replays the directory reordered by co-activatio
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Sequence
 
@@ -89,7 +90,15 @@ def main() -> None:
     p.add_argument("--lines", default="1,2,4,8",
                    help="comma-separated line sizes (rows read together) for the read bound; '' for none")
     p.add_argument("--coact", action="store_true", help="replay the directory reordered by co-activation")
+    p.add_argument("--replot", action="store_true", help="only redraw the figures from OUT/cache_replay.json")
     args = p.parse_args()
+    if args.replot:
+        data = json.loads((args.out / "cache_replay.json").read_text())
+        label = data["setup"]["label"] + (", file in co-activation order" if "coact" in data.get("flash_dir", "") else "")
+        plot(data["rows"], label, data["budget"], args.out / "cache_replay.png")
+        if data.get("read_bound", {}).get("lines"):
+            plot_bound(data["read_bound"], label, data["budget"], args.out / "read_bound.png")
+        return
     n = args.tokens or (24 if args.quick else 128)
     setup = common.real_setup(args.model, resident_dtype=args.resident_dtype)
     directory = common.real_coact_dir(setup, args.quick) if args.coact else setup["flash_dir"]
@@ -132,7 +141,8 @@ def main() -> None:
               f"vs lru {r['misses_vs_lru']:.3f}  gap to Belady closed {r['gap_closed']:.2f}  "
               f"I/O floor {r['io_floor_ms']:.1f} ms")
     if bound["lines"]:
-        plot_bound(bound, setup["label"], args.budget, args.out / "read_bound.png")
+        plot_bound(bound, setup["label"] + (", file in co-activation order" if args.coact else ""), args.budget,
+                   args.out / "read_bound.png")
         for b in bound["lines"]:
             print(f"Belady over lines of {b['line_rows']}: {b['reads_per_token']:7.1f} reads/token of "
                   f"{b['read_bytes'] // 1024} KiB, I/O floor {b['io_floor_ms']:.1f} ms")
@@ -191,7 +201,8 @@ def plot_bound(bound: dict, label: str, budget: float, path) -> None:
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel("ms per token")
     ax.set_title(f"The least any cache policy can read at {budget:.0%} DRAM, and what it costs\n{label}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(0, max(io[i] + bound["compute_mem_ms"] for i in range(len(io))) * 1.35)
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     common.savefig(fig, path)
