@@ -12,7 +12,7 @@ from llmflash import decode_step
 from llmflash.convert import convert
 from llmflash.engine import Engine, EngineConfig
 
-from tiny import VOCAB, save_tiny, tiny_llama, tiny_opt
+from tiny import VOCAB, engine_score_and_generate, save_tiny, tiny_llama, tiny_opt
 
 pytestmark = pytest.mark.skipif(decode_step.library() is None, reason="no native library (no C++ compiler)")
 
@@ -33,14 +33,7 @@ def _qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 
 
 def _score(path, native: bool, **config) -> tuple[torch.Tensor, list[int], Engine]:
-    e = Engine(path, EngineConfig(dram_budget=config.pop("budget", 8.0), native_attention=native, sparsity="relu",
-                                  **config))
-    try:
-        lp = e.score(IDS)
-        tokens = e.generate(IDS[:8], 12, stop_at_eos=False).tokens
-    finally:
-        e.close()
-    return lp, tokens, e
+    return engine_score_and_generate(path, IDS, native_attention=native, sparsity="relu", **config)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from llmflash.engine import Engine, EngineConfig
 from llmflash.flashdir import open_flash_dir
 from llmflash.predictor import LowRankPredictor, PredictorSet
 
-from tiny import VOCAB, save_tiny, tiny_llama, tiny_opt
+from tiny import VOCAB, engine_score_and_generate, save_tiny, tiny_llama, tiny_opt
 
 IDS = torch.tensor([0, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101, 32, 113])
 LONG = torch.cat([IDS] * 4)  # 80 positions: the buffer grows past its first CHUNK
@@ -49,14 +49,7 @@ def stand_in(monkeypatch):
 
 
 def _run(path, native: bool, ids=IDS, **config):
-    e = Engine(path, EngineConfig(dram_budget=config.pop("budget", 8.0), native_attention=native, sparsity="relu",
-                                  **config))
-    try:
-        lp = e.score(ids)
-        tokens = e.generate(ids[:8], 12, stop_at_eos=False).tokens
-    finally:
-        e.close()
-    return lp, tokens, e
+    return engine_score_and_generate(path, ids, native_attention=native, sparsity="relu", **config)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "opt"])

@@ -87,3 +87,18 @@ def engine_perplexity(path, ids: torch.Tensor, budget: float = 8.0, **config) ->
         return math.exp(-float(e.score(ids).double().mean()))
     finally:
         e.close()
+
+
+def engine_score_and_generate(path, ids: torch.Tensor, budget: float = 8.0, prompt_tokens: int = 8, n: int = 12,
+                              **config):
+    """One engine's log-probabilities of ``ids`` (token by token) and its greedy tokens after ``ids[:prompt_tokens]``;
+    returns (log-probabilities, tokens, the closed engine)."""
+    from llmflash.engine import Engine, EngineConfig
+
+    e = Engine(path, EngineConfig(dram_budget=budget, **config))
+    try:
+        lp = e.score(ids)
+        tokens = e.generate(ids[:prompt_tokens], n, stop_at_eos=False).tokens
+    finally:
+        e.close()
+    return lp, tokens, e
