@@ -25,6 +25,8 @@ Core (this package)
                    one warning where it cannot build)
     ``step``       the sparse step's reads into cache slots (``slot_plan``) and its native compute (``NativeRows``)
     ``decode_step`` a Llama-family layer's attention for one token in native code, in front of transformers' forward
+    ``graph_step`` on a GPU, an OPT or Llama-family layer's attention and the predictor's network over a static
+                   key/value buffer, one CUDA graph per layer
     ``predictor``  the predictor runtime (``PredictorSet``: load, predict; low-rank and low-bit sets)
     ``provider``   active-set providers (``ActiveSetProvider`` declares every capability; oracle, predictor)
     ``masked``     a layer's FFN over its whole device cache, unneeded rows masked, as one CUDA graph per layer
