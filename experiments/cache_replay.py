@@ -126,7 +126,7 @@ def main() -> None:
              "misses_vs_lru": m / lru if lru else float("nan"),
              "gap_closed": (lru - m) / (lru - best) if lru > best else float("nan")} for pol, m in misses.items()]
     table = load_bandwidth(16)
-    stride = layout.segments[0].stride_bytes if len(layout.segments) == 1 else sum(g.stride_bytes for g in layout.segments)
+    stride = sum(g.stride_bytes for g in layout.segments)  # (a row's bytes in every segment)
     for r in rows:  # (one read per missed row: what the engine issues, neighbours merged aside)
         r["io_floor_ms"] = profiled_read_ms({stride: r["misses_per_token"]}, table)
     bound = read_bound(rec, caps, steps, [int(b) for b in args.lines.split(",") if b.strip()], stride, table,

@@ -894,7 +894,7 @@ class Engine:
             self.graph_steps = graph_step.install(self.model, layers, pool=self.graph_pool, stream=self.graph_stream,
                                                   device_masks=masks, n_neurons=layout.d_ffn)
             for st in self.graph_steps:
-                if st.idx in sparse_ffns and st.device_mask is not None:
+                if st.device_mask is not None:  # (sparse layers only)
                     sparse_ffns[st.idx].graph_step = st
         elif config.native_attention and self.device.type == "cpu":
             self.decode_steps = decode_step.install(self.model, layers, torch.get_num_threads)

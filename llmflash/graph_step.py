@@ -62,6 +62,22 @@ def _kind(config: Any, layer: Any) -> Optional[str]:
     return None
 
 
+def capture(body: Callable[[], Any], device: torch.device, pool: Any = None, stream: Any = None) -> tuple[Any, Any]:
+    """``body`` warmed up once on a side stream (``stream``, else a new one), then captured there as a CUDA graph in
+    ``pool`` (torch.cuda.graph's recipe). Returns (the graph, body's outputs as captured: overwritten by each
+    replay)."""
+    side = stream if stream is not None else torch.cuda.Stream(device=device)
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        body()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=side):
+        outs = body()
+    return graph, outs
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -71,7 +87,9 @@ class GraphStep:
     """One decoder layer's ``forward`` with the fixed decode step in front of transformers' own."""
 
     def __init__(self, layer: Any, layer_idx: int, config: Any, kind: str, pool: Any = None, stream: Any = None,
-                 device_mask: Optional[MaskFn] = None) -> None:
+                 device_mask: Optional[MaskFn] = None, mask_neurons: int = 0) -> None:
+        """``device_mask``: the layer's predictor network as device ops, its mask over ``mask_neurons`` neurons copied
+        out by the graph (sparse modes)."""
         self.layer, self.idx, self.kind = layer, layer_idx, kind
         self.orig: Callable[..., Any] = layer.forward
         attn = layer.self_attn
@@ -80,7 +98,8 @@ class GraphStep:
         self.hd = int(getattr(attn, "head_dim", None) or self.d // self.n_heads)
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads) if kind == "llama" else self.n_heads
         self.pool, self.stream = pool, stream
-        self.device_mask = device_mask  # the predictor's network, captured with the attention (sparse modes)
+        self.device_mask = device_mask if mask_neurons else None
+        self.mask_neurons = mask_neurons
         self.tuple_out: Optional[bool] = None  # transformers' layer returns a tuple (older versions) or a tensor
         self.capacity = 0
         self.k: Optional[Tensor] = None  # [1, n_kv, capacity, hd]
@@ -89,9 +108,9 @@ class GraphStep:
         self.outs: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None  # h, xn2, mask: the graph's outputs
         self.mask_host: Optional[Tensor] = None  # bool [1, n]: the predictor's mask, copied out by the graph
         self.mask_ready: Optional[Any] = None  # torch.cuda.Event recorded after each replay
+        self.pending_mask: Optional[Tensor] = None  # this step's mask (host, bool [1, n]) until the FFN takes it
         self._weights: tuple = ()
         self._tensors: Optional[list[Tensor]] = None
-        self.mask_neurons = 0  # the predictor mask's width (``set_mask_size``)
         self.steps = 0  # decode steps taken through the buffer (tests)
         self.captures = 0  # graphs captured (tests)
 
@@ -115,11 +134,6 @@ class GraphStep:
         self.cos = torch.zeros(1, 1, self.hd, device=dev, dtype=dt)
         self.sin = torch.zeros_like(self.cos)
         self.graph, self.outs = None, None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the key/value buffer (0 before the first step)."""
-        return 0 if self.k is None or self.v is None else 2 * self.k.numel() * self.k.element_size()
 
     # -- the step
 
@@ -164,27 +178,13 @@ class GraphStep:
         return h, xn2, mask
 
     def _run(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The step on the current inputs: eagerly (CPU; a GPU's first step, which warms the libraries up), then
-        captured on the side stream and replayed."""
-        if self.x.device.type != "cuda":
-            return self._body()
-        if self.graph is None and self.outs is None:  # first step with these buffers: eager, on the side stream
-            side = self.stream if self.stream is not None else torch.cuda.Stream(device=self.x.device)
-            main = torch.cuda.current_stream(self.x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out = self._body()
-            main.wait_stream(side)
-            self.outs = out
-            return out
+        """The step on the current inputs: eagerly (CPU; a GPU's first step with these buffers, which warms the
+        libraries up), then captured (``capture``) and replayed."""
+        if self.x.device.type != "cuda" or self.graph is None and self.outs is None:
+            self.outs = self._body()
+            return self.outs
         if self.graph is None:
-            side = self.stream if self.stream is not None else torch.cuda.Stream(device=self.x.device)
-            main = torch.cuda.current_stream(self.x.device)
-            side.wait_stream(main)
-            main.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
-                self.outs = self._body()
+            self.graph, self.outs = capture(self._body, self.x.device, self.pool, self.stream)
             self.captures += 1
         self.graph.replay()
         assert self.outs is not None
@@ -220,10 +220,9 @@ class GraphStep:
         assert entry is not None
         keys, values = entry.keys, entry.values
         n = int(keys.shape[-2])  # positions cached: this token goes to position n
-        if (self.k is None or keys.dtype != self.k.dtype or keys.device != self.k.device
-                or tuple(keys.shape[:2]) != (1, self.n_kv) or hidden.dtype != self.k.dtype):
-            if keys.dtype != hidden.dtype or tuple(keys.shape[:2]) != (1, self.n_kv):
-                return self.orig(*args, **kwargs)
+        if keys.dtype != hidden.dtype or tuple(keys.shape[:2]) != (1, self.n_kv):
+            return self.orig(*args, **kwargs)
+        if self.k is None or keys.dtype != self.k.dtype or keys.device != self.k.device:
             self.k = self.v = None
             self._alloc(keys, n + 1)
         elif n + 1 > self.capacity:
@@ -235,7 +234,7 @@ class GraphStep:
         key = self._weights_key()
         if key != self._weights:  # (weights moved: the graph computes on the old addresses)
             self._weights, self.graph, self.outs = key, None, None
-        if self.device_mask is not None and self.mask_host is None and self.mask_neurons:  # (before the graph)
+        if self.device_mask is not None and self.mask_host is None:  # (made before the graph that writes it)
             pinned = hidden.device.type == "cuda"
             self.mask_host = torch.zeros(1, self.mask_neurons, dtype=torch.bool, pin_memory=pinned)
             self.mask_ready = torch.cuda.Event() if pinned else None
@@ -259,18 +258,12 @@ class GraphStep:
             out = h + layer.mlp(xn2)
         return (out,) if self.tuple_out else out
 
-    pending_mask: Optional[Tensor] = None  # this step's predictor mask (host, bool [1, n]) until the FFN takes it
-
     def take_mask(self) -> Optional[Tensor]:
         """The predictor's mask of the step in progress (host; waits for the graph's copy), once; None without one."""
         m, self.pending_mask = self.pending_mask, None
         if m is not None and self.mask_ready is not None:
             self.mask_ready.synchronize()
         return m
-
-    def set_mask_size(self, n: int) -> None:
-        """Give the step a host buffer for the predictor's mask over ``n`` neurons (made at its first step)."""
-        self.mask_neurons = n
 
 
 def install(model: Any, layers: list[Any], pool: Any = None, stream: Any = None,
@@ -285,9 +278,7 @@ def install(model: Any, layers: list[Any], pool: Any = None, stream: Any = None,
         if kind is None:
             continue
         fn = device_masks[i] if device_masks is not None and i < len(device_masks) else None
-        step = GraphStep(layer, i, config, kind, pool=pool, stream=stream, device_mask=fn)
-        if fn is not None:
-            step.set_mask_size(n_neurons)
+        step = GraphStep(layer, i, config, kind, pool=pool, stream=stream, device_mask=fn, mask_neurons=n_neurons)
         layer.forward = step  # (an instance attribute: nn.Module.__call__ still runs the layer's hooks around it)
         steps.append(step)
     log.debug("graph decode step on %d of %d layers", len(steps), len(layers))

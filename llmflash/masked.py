@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .cache import DeviceRows
 from .ffn import ffn_output, neuron_outputs
+from .graph_step import capture
 
 # bytes per neuron the buffers take at most: the activation bias's host copy, each slot's mask and bias on the host
 # and on the device (float32 each; a cache has at most one slot per neuron)
@@ -92,16 +93,8 @@ class MaskedRows:
         self.calls += 1
         if not self.graphs or self.calls == 1:  # (the first call on a GPU warms up eagerly)
             return self._body()
-        if self.graph is None:  # warm up on the side stream, then capture there (torch.cuda.graph's recipe)
-            side = self.stream if self.stream is not None else torch.cuda.Stream(device=self.x.device)
-            main = torch.cuda.current_stream(self.x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self._body()
-            main.wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
-                self.out = self._body()
+        if self.graph is None:
+            self.graph, self.out = capture(self._body, self.x.device, self.pool, self.stream)
         self.graph.replay()
         assert self.out is not None
         return self.out
