@@ -99,7 +99,7 @@ def summarize(res: GenerationResult, rec: Optional[ReadRecorder], warmup: int, t
         "ms_per_token": median([t.total_ms for t in pt]), "mean_ms_per_token": sum(t.total_ms for t in pt) / n,
         "io_ms": median([t.io_ms for t in pt]), "mem_ms": median([t.mem_ms for t in pt]),
         "compute_ms": median([t.compute_ms for t in pt]), "predictor_ms": median([t.predictor_ms for t in pt]),
-        "queue_ms": median([t.queue_ms for t in pt]),
+        "wait_extra_ms": median([t.wait_extra_ms for t in pt]), "queue_ms": median([t.queue_ms for t in pt]),
         "mean_io_ms": io_ms / n, "mean_read_ms": read_ms / n,
         "bytes_read_per_token": b / n, "reads_per_token": r / n, "mean_read_bytes": b / r if r else 0.0,
         "read_gbps": metrics.read_gbps(b, read_ms), "io_wait_gbps": metrics.io_wait_gbps(b, io_ms),
@@ -130,7 +130,7 @@ def _session_path(key: dict) -> Optional[Path]:
 def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.Tensor] = None,
         provider_factory: Optional[Callable[[], object]] = None, provider_key: Optional[dict] = None,
         no_reuse: bool = False, perm: Optional[list] = None, warmup: int = 0, label: str = "", table=None,
-        share: bool = True, profile_to: Optional[Path] = None) -> dict:
+        share: bool = True, profile_to: Optional[Path] = None, sample_to: Optional[Path] = None) -> dict:
     """One timed generation: Engine(flash_dir, cfg, provider) generating ``n_tokens`` greedy tokens.
 
     ``no_reuse``: each token loads its whole active set (no window reuse: ``EngineConfig.reuse=False``).
@@ -140,7 +140,8 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     ``LLMFLASH_SESSION`` is set (``llmflash reproduce``), a run with the same key made earlier in the session by
     another script is reused instead of measured again (marked ``shared_from``).
     ``profile_to``: the generation also runs under torch.profiler and cProfile, whose top tables are written to this
-    text file (the times then include the profilers' own overhead: shares, not timings).
+    text file (the times then include the profilers' own overhead: shares, not timings). ``sample_to``: the
+    generation runs under py-spy instead (``sampled``: little distortion), its tables written to this text file.
     """
     key = {"dir": str(flash_dir), "cfg": asdict(cfg), "n": n_tokens, "warmup": warmup, "provider": provider_key,
            "prompt": None if prompt is None else prompt.tolist(), "no_reuse": no_reuse,
@@ -166,7 +167,9 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
             engine.provider.reset()
         ids = prompt if prompt is not None else prompt_ids(engine.tokenizer)
         t0 = time.perf_counter()
-        if profile_to is None:
+        if sample_to is not None:
+            res = _sampled(functools.partial(engine.generate, ids, n_tokens, stop_at_eos=False), Path(sample_to))
+        elif profile_to is None:
             res = engine.generate(ids, n_tokens, stop_at_eos=False)
         else:
             res = _profiled(functools.partial(engine.generate, ids, n_tokens, stop_at_eos=False), Path(profile_to), cuda)
@@ -194,6 +197,17 @@ def run(flash_dir, cfg: EngineConfig, n_tokens: int, *, prompt: Optional[torch.T
     if sp is not None:
         write_json(sp, out)
     return out
+
+
+def _sampled(fn: Callable[[], GenerationResult], out: Path) -> GenerationResult:
+    """``fn()`` under py-spy (``sampled.pyspy``); its tables go to ``out``, the raw stacks beside it."""
+    import sampled
+
+    raw = out.with_suffix(".raw")
+    with sampled.pyspy(raw):
+        res = fn()
+    out.write_text(sampled.summarize(raw, res.per_token))
+    return res
 
 
 def _profiled(fn: Callable[[], GenerationResult], out: Path, cuda: bool) -> GenerationResult:
@@ -296,10 +310,10 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
                  perm=None, flash_dir: Optional[str] = None, label: Optional[str] = None, share: bool = True,
                  device: str = "cpu", io_threads: Optional[int] = None, guess_recall: float = 1.0,
                  native_reader: bool = True, lookahead_depth: int = 1, profile_to: Optional[Path] = None,
-                 io_uring: bool = True) -> dict:
+                 io_uring: bool = True, sample_to: Optional[Path] = None) -> dict:
     """One of the ``ROWS`` on the real model (``setup`` from ``real_setup``) or the scale model (``scale_setup``).
     ``guess_recall``: ``ours_lookahead`` on the scale model, the simulated guess's recall (``trace_provider_factory``);
-    ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``); ``profile_to``: see ``run``;
+    ``lookahead_depth``: ``ours_lookahead``'s depth (``EngineConfig.lookahead_depth``); ``profile_to``, ``sample_to``: see ``run``;
     ``io_uring=False``: the native reader's threads instead (``EngineConfig.io_uring``). A row's name + ``EAGER``: that
     row with transformers' attention instead of the fixed decode step (``EngineConfig.native_attention=False``)."""
     scale = "geometry" in setup
@@ -320,8 +334,8 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
         extra["lookahead"] = row.startswith("ours_lookahead")
         if extra["lookahead"] and lookahead_depth != 1:
             extra["lookahead_depth"] = lookahead_depth
-    if row.endswith("_masked"):
-        extra["masked_compute"] = True
+    if row not in ("dense", "naive", "hybrid"):  # (explicit: the rows keep their meaning whatever the engine's default)
+        extra["masked_compute"] = row.endswith("_masked")
     if not native_reader or row == "ours_python":
         extra["native_reader"] = False
     if not io_uring:
@@ -338,7 +352,7 @@ def standard_run(setup: dict, row: str, quick: bool, budget: float = 0.5, table=
                               if row not in ("predictor_noreuse", "predictor_w1", "window_unbundled")
                               else (scale_unbundled_dir() if scale else real_unbundled_dir(setup)))
     kw: dict = dict(table=table, warmup=warmup, label=label or ROWS.get(row, row), perm=perm, share=share,
-                    profile_to=profile_to)
+                    profile_to=profile_to, sample_to=sample_to)
     if row in ("dense", "naive", "hybrid"):
         mode, win = row, window
     else:

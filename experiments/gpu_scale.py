@@ -75,7 +75,7 @@ def summary_row(key: str, repeat: int, r: dict, naive_ms: float) -> dict:
     s = r["summary"]
     return {"method": key, "repeat": repeat, "device": r["config"].get("device", "cpu"), "io_ms": s["io_ms"],
             "mem_ms": s["mem_ms"], "compute_ms": s["compute_ms"], "total_ms": s["ms_per_token"],
-            "predictor_ms": s["predictor_ms"], "speedup_vs_naive": naive_ms / s["ms_per_token"],
+            "predictor_ms": s["predictor_ms"], "wait_extra_ms": s.get("wait_extra_ms"), "speedup_vs_naive": naive_ms / s["ms_per_token"],
             "dram_fraction": r["dram_fraction"], "gb_read_per_token": s["bytes_read_per_token"] / 1e9,
             "mean_read_kib": s["mean_read_bytes"] / 1024, "read_gbps": s["read_gbps"],
             "read_efficiency": s.get("read_efficiency"), "tokens_measured": s["tokens_measured"], "label": "measured",
@@ -141,6 +141,9 @@ def main() -> None:
                    help="comma-separated rows (ours, ours_masked, dense, or a lookahead row's name, e.g. ours_lookahead_r1) to run "
                         "once more at the end under torch.profiler and cProfile: OUT/profile_ROW.txt (shares of the "
                         "time, not timings)")
+    p.add_argument("--sample", default="",
+                   help="comma-separated rows (as --profile's) to run once more at the end under py-spy (a sampling "
+                        "profiler: little distortion; needs py-spy): OUT/sample_ROW.txt")
     args = p.parse_args()
     if args.replot:
         data = json.loads((args.out / "gpu_scale.json").read_text())
@@ -239,13 +242,15 @@ def main() -> None:
     profiled = {"ours": {"row": "ours"}, "dense": {"row": "dense", "budget": 1.0, "n": 10, "warmup": 2},
                 "ours_masked": {"row": "ours_masked"},
                 **{k: {"row": "ours_lookahead", "guess_recall": rc, "lookahead_depth": d} for k, rc, d in aheads}}
-    for key in (k.strip() for k in args.profile.split(",") if k.strip()):
-        if key not in profiled:
-            raise SystemExit(f"--profile: {key} is not one of {', '.join(profiled)}")
-        kw = {"budget": args.budget, "n": args.tokens, "warmup": WARMUP, **profiled[key]}
-        engine_runs.standard_run(setup, kw.pop("row"), False, table=table, share=False, device=args.device,
-                                 io_threads=io_threads, profile_to=args.out / f"profile_{key}.txt", **kw)
-        print(f"profile of {key}: {args.out / f'profile_{key}.txt'}", flush=True)
+    for flag, names in (("profile", args.profile), ("sample", args.sample)):
+        for key in (k.strip() for k in names.split(",") if k.strip()):
+            if key not in profiled:
+                raise SystemExit(f"--{flag}: {key} is not one of {', '.join(profiled)}")
+            kw = {"budget": args.budget, "n": args.tokens, "warmup": WARMUP, **profiled[key]}
+            to = args.out / f"{flag}_{key}.txt"
+            r = engine_runs.standard_run(setup, kw.pop("row"), False, table=table, share=False, device=args.device,
+                                         io_threads=io_threads, **{f"{flag}_to": to}, **kw)
+            print(f"{flag} of {key}: {to} ({r['summary']['ms_per_token']:.1f} ms per token)", flush=True)
     plot(rows, data, args.out / "gpu_scale.png")
     print(f"speedup ours vs naive per repeat: {', '.join(f'{s:.1f}x' for s in data['speedups'])} "
           f"(median {data['speedup_median']:.1f}x); total {time.perf_counter() - t_start:.0f} s")

@@ -316,7 +316,10 @@ class _FlashFFNBase(nn.Module):
         queue = sum(t.queue_ms for t in tickets)
         flight = max(t.elapsed_ms for t in tickets)
         # (the wait's own call overhead after the reads had landed is not I/O: at most their time in flight counts)
-        m.io_ms += max(queue, min(_now_ms() - t0 + queue, flight))
+        waited = _now_ms() - t0 + queue
+        io = max(queue, min(waited, flight))
+        m.io_ms += io
+        m.wait_extra_ms += max(0.0, waited - io)
         m.mem_ms -= queue
         m.queue_ms += queue
         m.read_ms += flight
@@ -1204,6 +1207,12 @@ class Engine:
         self.meter = TokenStats()
         self.step = 0
 
+    def _prefill(self, ids: Tensor, cache: Any) -> Tensor:
+        """The prompt's forward (a method of its own: a sampling profile tells it from the tokens' steps)."""
+        logits = self._forward(ids, cache)
+        self.backend.sync()
+        return logits
+
     @_with_compute_threads
     @torch.inference_mode()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int = 64, stop_at_eos: bool = True) -> GenerationResult:
@@ -1214,8 +1223,7 @@ class Engine:
         cache = DynamicCache()
         ids = prompt_ids.view(1, -1).to(self.device)
         t0 = _now_ms()
-        logits = self._forward(ids, cache)
-        self.backend.sync()
+        logits = self._prefill(ids, cache)
         prefill_ms = _now_ms() - t0
         eos = self.tokenizer.eos_token_id
         tokens: list[int] = []

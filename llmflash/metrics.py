@@ -78,6 +78,7 @@ class TokenStats:
     reads: int = 0
     excluded_ms: float = 0.0  # oracle's cost of finding the true set (not counted: docs/cli.md); a trace's replay
     predictor_ms: float = 0.0  # part of compute_ms
+    wait_extra_ms: float = 0.0  # part of compute_ms: waits for reads that outlasted their time in flight (wake-ups)
     read_ms: float = 0.0  # time the reads were in flight (submit to completion; overlaps compute): read_gbps' divisor
     loaded_neurons: int = 0  # rows read into the neuron caches (misses that fit, preloaded hot rows, lookahead guesses)
     cached_neurons: int = 0
@@ -130,6 +131,7 @@ class GenerationResult:
             "mem_ms": median([t.mem_ms for t in pt]),
             "compute_ms": median([t.compute_ms for t in pt]),
             "predictor_ms": median([t.predictor_ms for t in pt]),
+            "wait_extra_ms": median([t.wait_extra_ms for t in pt]),
             "queue_ms": median([t.queue_ms for t in pt]),
             "bytes_read_per_token": n_bytes / len(pt),
             "reads_per_token": n_reads / len(pt),

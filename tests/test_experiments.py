@@ -150,3 +150,30 @@ def test_belady_replay_is_the_bound_of_every_policy():
     best = cache_replay.belady(sets, 12)
     for pol in ("window", "lru", "lfu"):
         assert best <= cache_replay.replay(sets, pol, 12, 3, lay)
+
+
+def test_sampled_profile_tables_leave_out_the_prompt_and_other_threads(tmp_path, monkeypatch):
+    import sampled
+
+    from llmflash.errors import LLMFlashError
+    from llmflash.metrics import TokenStats
+
+    gen = "thread (7): MainThread;<module> (run.py:1);Engine.generate (llmflash/engine.py:10)"
+    raw = tmp_path / "s.raw"
+    raw.write_text("\n".join([
+        f"{gen};Engine._prefill (llmflash/engine.py:20);f (llmflash/a.py:3) 50",  # the prompt: left out
+        f"{gen};Engine._forward (llmflash/engine.py:30);g (llmflash/b.py:4) 30",
+        f"{gen};Engine._forward (llmflash/engine.py:30);h (torch/x.py:5) 10",
+        "thread (8): Reader;run (threading.py:1) 100",  # not under generate
+    ]) + "\n")
+    # two tokens' steps, 18 ms each counted and 2 excluded: 20 ms of wall time per token over 40 samples
+    text = sampled.summarize(raw, [TokenStats(total_ms=18.0, io_ms=8.0, excluded_ms=2.0)] * 2)
+    assert "40 samples of 2 tokens' steps" in text and "wall 20.0 ms" in text
+    rows = {parts[3]: parts for parts in (line.split(None, 3) for line in text.splitlines() if line.startswith(" "))}
+    assert rows["g (llmflash/b.py)"][2] == "15.00" and rows["g (llmflash/b.py:4)"][0] == "30"
+    assert rows["h (torch/x.py:5)"][2] == "5.00"  # a leaf outside our code
+    assert not any(k.startswith(("f (", "run (")) for k in rows)
+    monkeypatch.setattr(sampled.shutil, "which", lambda name: None)
+    with pytest.raises(LLMFlashError, match="py-spy"):
+        with sampled.pyspy(tmp_path / "x.raw"):
+            pass
