@@ -155,6 +155,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="on the CPU: compute the FFN rows with the native sparse step and a Llama-family layer's "
                         "attention for one token with the native decode step (C++, built with g++ on first use; where "
                         "it cannot build: one warning and the Python path); --no-native: the Python reference path")
+    p.add_argument("--masked-compute", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparse modes on a CUDA device: compute each layer over its whole device cache, the rows not "
+                        "needed masked to zero (one CUDA graph per layer, no gathers; equal within rounding), instead "
+                        "of gathering the needed rows (default: auto, on where the caches hold float rows)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where to compute: cpu or cuda[:N] (resident weights, neuron caches and predictors in "
                         "GPU memory; reads land in host buffers and are copied over)")
@@ -183,7 +187,7 @@ def engine_config(args: argparse.Namespace, fd: Optional[FlashDir] = None) -> En
         lookahead=args.lookahead, lookahead_depth=args.lookahead_depth, compute_threads=args.compute_threads,
         predictor_dtype=args.predictor_dtype,
         device=args.device, cache_policy=args.cache_policy, cache_form=args.cache_form, native=args.native,
-        native_attention=args.native,
+        native_attention=args.native, masked_compute=args.masked_compute,
         stream_layers=args.stream_layers,
     )
 

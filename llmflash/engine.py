@@ -219,8 +219,10 @@ class EngineConfig:
     # sparse modes on an accelerator, float rows, no gated model's own gate: compute each layer's needed rows over the
     # whole device cache at once, the rows not needed masked to zero (fixed shapes: three matmuls over [capacity, d],
     # no gathers of slots; on CUDA one graph replay per layer: ``masked.MaskedRows``), instead of gathering the cached
-    # rows and the loaded rows apart. The same terms summed in another order (equal within rounding)
-    masked_compute: bool = False
+    # rows and the loaded rows apart. The same terms summed in another order (equal within rounding). None = auto: on
+    # on a CUDA device where the caches hold float rows (its compute 22-25 ms per token against 37-45 gathered on the
+    # scale model, the same I/O: results/gpu_scale/run_22nd), off elsewhere
+    masked_compute: Optional[bool] = None
 
 
 def _now_ms() -> float:
@@ -710,6 +712,9 @@ class Engine:
         self.offload = self.accelerator or dequantize_on_read
         # the layout of those compute rows: the file's, or float rows of the compute dtype (no alignment padding)
         self.row_layout = compute_layout(fd.layout, fd.manifest.compute_dtype) if dequantize_on_read else fd.layout
+        if config.masked_compute is None:  # auto (see ``EngineConfig.masked_compute``)
+            masked = self.device.type == "cuda" and not self.row_layout.quantized
+            self.cfg = config = replace(config, masked_compute=masked)
         if config.lookahead and not config.reuse:
             raise LLMFlashError("lookahead fills the window ahead of a token: it needs reuse between tokens")
         if config.lookahead_depth < 1:

@@ -64,18 +64,35 @@ def _kind(config: Any, layer: Any) -> Optional[str]:
 
 def capture(body: Callable[[], Any], device: torch.device, pool: Any = None, stream: Any = None) -> tuple[Any, Any]:
     """``body`` warmed up once on a side stream (``stream``, else a new one), then captured there as a CUDA graph in
-    ``pool`` (torch.cuda.graph's recipe). Returns (the graph, body's outputs as captured: overwritten by each
-    replay)."""
+    ``pool`` (torch.cuda.graph's recipe). Returns (the graph, body's outputs: overwritten by each replay).
+
+    The device tensors among the outputs are copied, inside the graph, into tensors allocated outside any capture.
+    Graphs captured into one pool may be handed memory that graphs captured earlier freed during their capture and
+    still write on every replay; an output left there would be overwritten by such a graph replaying before it is
+    read (the decode step's outputs are read after the masked step's graph of the same layer has replayed, and a step
+    captured again when its key/value buffer grows comes after that graph: tests/test_graph_step.py's CUDA test)."""
     side = stream if stream is not None else torch.cuda.Stream(device=device)
     main = torch.cuda.current_stream(device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        body()
+        warm = body()
     main.wait_stream(side)
+    single = isinstance(warm, Tensor)
+    kept = [_kept_like(t) for t in ((warm,) if single else warm)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=side):
         outs = body()
-    return graph, outs
+        outs = (outs,) if single else outs
+        for dst, src in zip(kept, outs):
+            if dst is not None and dst is not src:
+                dst.copy_(src)
+    final = tuple(dst if dst is not None else src for dst, src in zip(kept, outs))
+    return graph, final[0] if single else final
+
+
+def _kept_like(t: Any) -> Optional[Tensor]:
+    """A tensor outside the graphs' pool for a device tensor output (``capture``), else None (host tensors, None)."""
+    return torch.empty_like(t) if isinstance(t, Tensor) and t.device.type == "cuda" else None
 
 
 def _rotate_half(x: Tensor) -> Tensor:
