@@ -749,7 +749,7 @@ class Engine:
         self._gate_cache: tuple[int, Optional[Tensor], Optional[Tensor]] = (-1, None, None)  # (layer, x, mask)
         self.reader = FlashReader(fd.ffn_path, n_threads=self.threads.io_threads, align_bytes=layout.align_bytes,
                                   native=config.native_reader, io_uring=config.io_uring,
-                                  uring_depth=config.uring_depth)
+                                  uring_depth=config.uring_depth, spin_wait_us=self.threads.spin_wait_us)
         self.resident_reader: Optional[FlashReader] = None
         self.provider: Optional[ActiveSetProvider] = None
         budget_bytes = int(config.dram_budget * fd.model_bytes)
@@ -1266,7 +1266,7 @@ class Engine:
                                        "n_layers": self.fd.layout.n_layers,
                                        "native_reader": self.reader.native, "io_uring": self.reader.uring,
                                        "native_plans": self.reader.native and self.cfg.native_plans,
-                                       "busy": self.threads.busy,
+                                       "busy": self.threads.busy, "spin_wait_us": self.threads.spin_wait_us,
                                        "load_cores": self.threads.load_cores, "cores": self.threads.cores},
         )
 

@@ -432,11 +432,13 @@ class FlashReader:
     computes): with ``io_uring`` (default) one thread keeping up to ``max(n_threads, uring_depth)`` reads in flight in
     an io_uring where the kernel allows it (less CPU per read than a thread's blocking read and wake-up: ``uring``
     says whether it does), else ``n_threads`` C++ threads that take the reads one at a time. The Python workers stay the
-    reference and the fallback (``native=False``, or ``LLMFLASH_NATIVE=0``).
+    reference and the fallback (``native=False``, or ``LLMFLASH_NATIVE=0``). ``spin_wait_us``: the native reader's
+    waits poll (yielding the core) this long before they sleep, so that the last read need not wake the waiter
+    (``threads.SPIN_WAIT_US``, on machines with cores to spare).
     """
 
     def __init__(self, path: Union[str, Path], n_threads: int = 16, direct: bool = True, align_bytes: int = ALIGN_BYTES,
-                 native: bool = True, io_uring: bool = True, uring_depth: int = URING_DEPTH):
+                 native: bool = True, io_uring: bool = True, uring_depth: int = URING_DEPTH, spin_wait_us: int = 0):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if align_bytes < SECTOR_BYTES or align_bytes & (align_bytes - 1) or align_bytes > ALIGN_BYTES:
@@ -444,6 +446,7 @@ class FlashReader:
         self.align_bytes = align_bytes
         self.path = Path(path)
         self.n_threads = n_threads
+        self.spin_wait_us = spin_wait_us  # the native reader's waits poll this long before they sleep (0: none)
         self._shared: Optional[_Shared] = None
         fd, self.direct = _open_flash(self.path, direct)
         self.size_bytes = os.fstat(fd).st_size
@@ -637,7 +640,7 @@ class FlashReader:
         out = np.zeros(5, dtype=np.int64)
         t0 = time.perf_counter_ns()
         assert self._lib is not None
-        self._lib.llmflash_reader_wait(self._pool, ticket._native, out.ctypes.data)
+        self._lib.llmflash_reader_wait(self._pool, ticket._native, out.ctypes.data, self.spin_wait_us * 1000)
         ticket._native = None
         nbytes, nreads, ns, err, queue_ns = out.tolist()
         ticket.bytes_read, ticket.reads, ticket.elapsed_ms, ticket._remaining = nbytes, nreads, ns / 1e6, 0

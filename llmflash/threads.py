@@ -34,6 +34,12 @@ BUSY_IO_THREADS_PER_CORE = 4
 # results/relufy/reruns_c5/engine_options and engine_options_coact, lookahead_one_thread arm), while lookahead with two
 # compute threads was 1.08x. Not measured on more cores, nor on a busy machine: off there
 AUTO_LOOKAHEAD_MAX_CORES = 2
+# a machine with at least this many free cores: a wait for reads polls (yielding its core) for up to SPIN_WAIT_US
+# before it sleeps, so the last read's thread does not have to wake it (on the GPU machine's 16-core host the wake-up
+# took 3.5 ms per token of the scale model, ~110 us per layer: results/gpu_scale/run_22nd, ``wait_extra_ms``); on
+# fewer cores the poll would take a core from the readers and the compute
+SPIN_MIN_FREE_CORES = 8
+SPIN_WAIT_US = 20_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class ThreadPlan:
     cores: int
     load_cores: float
     busy: bool
+    spin_wait_us: int = 0  # a wait for reads polls this long before it sleeps (``SPIN_WAIT_US``)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,7 +97,8 @@ def choose_threads(cpu: CpuState, *, sparse: bool, large: bool, io_threads: int 
     if io_threads <= 0:
         per_core = BUSY_IO_THREADS_PER_CORE if cpu.busy else IO_THREADS_PER_CORE
         io_threads = max(2, min(MAX_IO_THREADS, per_core * free))
-    return ThreadPlan(io_threads, compute_threads, cpu.cores, round(cpu.load_cores, 2), cpu.busy)
+    spin = SPIN_WAIT_US if free >= SPIN_MIN_FREE_CORES else 0
+    return ThreadPlan(io_threads, compute_threads, cpu.cores, round(cpu.load_cores, 2), cpu.busy, spin)
 
 
 def allowed_cpus() -> list[int]:

@@ -105,6 +105,21 @@ def test_reader_reads_exact_bytes_and_counts(flash_file, native):
         assert reader.stats == ReadStats() and snap.reads == total_reads
 
 
+def test_a_polling_wait_gets_the_same_bytes(flash_file):
+    """``spin_wait_us``: the native reader's waits poll before they sleep, with the same reads and accounting."""
+    if reader_library() is None:
+        pytest.skip("the native reader does not build here")
+    path, data = flash_file
+    rng = np.random.default_rng(5)
+    with FlashReader(path, n_threads=4, spin_wait_us=50_000) as reader:
+        for n in (1, 64):
+            fo, nb, do, nbytes = _random_reads(rng, len(data), n)
+            buf = aligned_buffer(nbytes)
+            reader.read(buf, fo, nb, do)
+            _check(buf, data, fo, nb, do)
+        assert reader.stats.reads == 65
+
+
 def test_reader_into_memoryview_and_buffer_released(flash_file, native):
     path, data = flash_file
     buf = aligned_buffer(64 * A)

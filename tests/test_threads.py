@@ -8,6 +8,7 @@ from llmflash.threads import (
     BUSY_IO_THREADS_PER_CORE,
     IO_THREADS_PER_CORE,
     MAX_IO_THREADS,
+    SPIN_WAIT_US,
     CpuState,
     choose_threads,
     load_from_samples,
@@ -56,6 +57,12 @@ def test_lookahead_is_auto_on_a_quiet_cpu_of_two_cores_with_one_compute_thread()
 
 def test_many_cores_cap_the_readers():
     assert choose_threads(CpuState(64, 0.0), sparse=True, large=False).io_threads == MAX_IO_THREADS
+
+
+def test_waits_poll_only_with_cores_to_spare():
+    assert choose_threads(CpuState(2, 0.0), sparse=True, large=False).spin_wait_us == 0
+    assert choose_threads(CpuState(16, 0.0), sparse=True, large=False).spin_wait_us == SPIN_WAIT_US > 0
+    assert choose_threads(CpuState(16, 10.0), sparse=True, large=False).spin_wait_us == 0  # (6 free cores)
 
 
 def test_explicit_settings_win():

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 ABI_VERSION = 7  # llmflash_step_version() of the library this loader speaks to
 SOURCE = Path(__file__).with_name("step.cpp")
 READER_SOURCE = Path(__file__).with_name("reader.cpp")
-READER_ABI_VERSION = 5  # llmflash_reader_version()
+READER_ABI_VERSION = 6  # llmflash_reader_version()
 CACHE_SOURCE = Path(__file__).with_name("cache.cpp")
 CACHE_ABI_VERSION = 3  # llmflash_cache_version()
 READER_FLAG_SETS: tuple[tuple[str, ...], ...] = (("-O2", "-pthread"), ("-O2",))
@@ -195,7 +195,7 @@ def _load_reader() -> ctypes.CDLL:
     lib.llmflash_reader_plan_free.restype = None
     lib.llmflash_reader_plan_sizes.argtypes = [p, p]
     lib.llmflash_reader_plan_sizes.restype = i64
-    lib.llmflash_reader_wait.argtypes = [p, p, p]
+    lib.llmflash_reader_wait.argtypes = [p, p, p, i64]
     lib.llmflash_reader_wait.restype = None
     lib.llmflash_reader_free.argtypes = [p]
     lib.llmflash_reader_free.restype = None

@@ -74,7 +74,7 @@ struct Ticket {
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   int64_t queued_ns = 0;           // when the submit call that queued it returned (written by the submitter)
-  bool done = false;
+  std::atomic<bool> done{false};  // (set under m, after end_ns; read without it by a waiter that spins)
   std::mutex m;
   std::condition_variable cv;
 };
@@ -444,7 +444,7 @@ void* enqueue(Pool* p, Ticket* t) {
 
 extern "C" {
 
-int llmflash_reader_version() { return 5; }
+int llmflash_reader_version() { return 6; }
 
 // A pool reading from fd: with uring_depth > 0 and direct I/O, io_uring with that many reads in flight where the kernel
 // allows it, else (or where it does not) n_threads threads.
@@ -549,12 +549,18 @@ int64_t llmflash_reader_plan_sizes(void* plan, int64_t* out) {
 // Block until a ticket's reads are done, free it and write out[0..4] = bytes, reads, elapsed ns (from its queueing to
 // the later of its last read's end and the submit call's return), errno (0: none), ns the submit call took after
 // queueing it (the hand-over: on few cores mostly the kernel's work of starting the reads, done in the caller's place).
-void llmflash_reader_wait(void* pool, void* ticket, int64_t* out) {
+// spin_ns > 0: first poll for that long, yielding the core between looks, before sleeping on the ticket: where cores
+// are to spare, the waiter is not woken after the last read (tens of microseconds per wait on the GPU machine's host).
+void llmflash_reader_wait(void* pool, void* ticket, int64_t* out, int64_t spin_ns) {
   (void)pool;
   Ticket* t = static_cast<Ticket*>(ticket);
+  if (spin_ns > 0 && !t->done.load()) {
+    const int64_t until = now_ns() + spin_ns;
+    while (!t->done.load() && now_ns() < until) std::this_thread::yield();
+  }
   {
     std::unique_lock<std::mutex> lock(t->m);
-    t->cv.wait(lock, [t] { return t->done; });
+    t->cv.wait(lock, [t] { return t->done.load(); });
   }
   out[0] = t->bytes.load();
   out[1] = t->n > 0 ? t->n : 0;
