@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments"
-LIBRARIES = ("common", "engine_runs")  # the scripts' shared glue, not scripts
+LIBRARIES = ("common", "engine_runs", "sampled")  # the scripts' shared glue, not scripts
 SCRIPTS = sorted(p.stem for p in EXP.glob("*.py") if p.stem not in LIBRARIES)
 OURS = ("llmflash", "predictors", "sparsetrain", "research")
 
