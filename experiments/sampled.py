@@ -96,10 +96,9 @@ def summarize(raw: Path, per_token: Sequence[Any], top: int = 40) -> str:
     tokens = len(per_token)
     if not total or not tokens:
         return f"# {raw}: no samples of the tokens' steps under the engine's generate\n"
-    mean = {k: sum(getattr(t, k) for t in per_token) / tokens
-            for k in ("total_ms", "io_ms", "mem_ms", "compute_ms", "excluded_ms", "predictor_ms",
-                                                            "wait_extra_ms")}
-    wall_ms = mean["total_ms"] + mean["excluded_ms"]
+    m = {k: sum(getattr(t, k) for t in per_token) / tokens
+         for k in ("total_ms", "io_ms", "mem_ms", "compute_ms", "excluded_ms", "predictor_ms", "wait_extra_ms")}
+    wall_ms = m["total_ms"] + m["excluded_ms"]
     by_fn: Counter = Counter()
     by_line: Counter = Counter()
     by_leaf: Counter = Counter()
@@ -111,7 +110,6 @@ def summarize(raw: Path, per_token: Sequence[Any], top: int = 40) -> str:
         fn, file, ln = frames[-1]
         by_leaf[f"{fn} ({file}:{ln})"] += c
     per = wall_ms / total  # a sample's ms per token
-    m = mean
     parts = [f"# py-spy, {RATE_HZ} Hz, idle frames included: {total} samples of {tokens} tokens' steps "
              f"({total / tokens:.0f} per token; the prompt's forward left out)\n"
              f"# the run's meter, mean per token: wall {wall_ms:.1f} ms = total {m['total_ms']:.1f} (I/O {m['io_ms']:.1f}, "

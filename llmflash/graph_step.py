@@ -84,7 +84,7 @@ def capture(body: Callable[[], Any], device: torch.device, pool: Any = None, str
         outs = body()
         outs = (outs,) if single else outs
         for dst, src in zip(kept, outs):
-            if dst is not None and dst is not src:
+            if dst is not None:
                 dst.copy_(src)
     final = tuple(dst if dst is not None else src for dst, src in zip(kept, outs))
     return graph, final[0] if single else final
